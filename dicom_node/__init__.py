@@ -1,0 +1,1 @@
+"""The DICOM AI node: receiving, indexing and routing studies, and serving the admin UI."""

@@ -1,0 +1,3 @@
+from dicom_node.cli import main
+import sys
+sys.exit(main())

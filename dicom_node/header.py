@@ -1,0 +1,200 @@
+"""Read the identifying header of a received dataset without touching its pixel data.
+
+The receiver needs a handful of attributes (UIDs, patient, series) to file and index an
+instance, and must be sure the bytes are a whole dataset before it acknowledges them.
+Parsing stops at Pixel Data; the pixel element itself is checked structurally (length
+against the image size, encapsulated fragments terminated) but never decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian, UID
+
+PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
+
+
+class InvalidDataset(ValueError):
+    """A received dataset the node cannot accept; ``status`` is the C-STORE status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+# C-STORE failure statuses of this node (PS3.4 Table B.2-1 ranges; documented in docs/conformance.md).
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_SOP_CLASS_MISMATCH = 0xA900
+STATUS_CANNOT_PARSE = 0xC210
+STATUS_MISSING_UID = 0xC220
+STATUS_SOP_INSTANCE_MISMATCH = 0xC221
+STATUS_PIXEL_DATA_INCOMPLETE = 0xC230
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """What the receiver files and indexes an instance by."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str | None
+    patient_name: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    body_part_examined: str | None
+    instance_number: int | None
+
+
+def _stop_at_pixels(tag: Any, vr: Any, length: Any) -> bool:
+    return int(tag) in PIXEL_DATA_TAGS
+
+
+def _text(dataset: Dataset, keyword: str) -> str | None:
+    value = dataset.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value).strip() or None
+
+
+def _integer(dataset: Dataset, keyword: str) -> int | None:
+    value = dataset.get(keyword)
+    try:
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_fragments(body: bytes, offset: int, endian: str) -> None:
+    """Walk the items of encapsulated pixel data up to the sequence delimiter."""
+    item_header = struct.Struct(f"{endian}HHI")
+    while True:
+        if offset + 8 > len(body):
+            raise InvalidDataset(
+                STATUS_PIXEL_DATA_INCOMPLETE, "encapsulated pixel data ends before its sequence delimiter"
+            )
+        group, element, length = item_header.unpack_from(body, offset)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return
+        if (group, element) != (0xFFFE, 0xE000):
+            raise InvalidDataset(
+                STATUS_PIXEL_DATA_INCOMPLETE,
+                f"encapsulated pixel data has ({group:04X},{element:04X}) where an item was expected",
+            )
+        offset += 8 + length
+
+
+def _check_pixel_element(body: bytes, offset: int, dataset: Dataset, little_endian: bool, implicit: bool) -> None:
+    """Verify the Pixel Data element starting at ``offset`` is complete.
+
+    Native pixel data must hold at least Rows x Columns x Samples x Frames x Bits/8
+    bytes; encapsulated pixel data must end with its sequence delimiter.
+    """
+    if offset >= len(body):
+        return  # no pixel data element (for example SR or a presentation state)
+    endian = "<" if little_endian else ">"
+    if implicit:
+        if len(body) < offset + 8:
+            raise InvalidDataset(STATUS_PIXEL_DATA_INCOMPLETE, "pixel data element header is truncated")
+        (length,) = struct.unpack(f"{endian}I", body[offset + 4 : offset + 8])
+        value_offset = offset + 8
+    else:
+        if len(body) < offset + 12:
+            raise InvalidDataset(STATUS_PIXEL_DATA_INCOMPLETE, "pixel data element header is truncated")
+        (length,) = struct.unpack(f"{endian}I", body[offset + 8 : offset + 12])
+        value_offset = offset + 12
+    available = len(body) - value_offset
+    if length == 0xFFFFFFFF:
+        _check_fragments(body, value_offset, endian)
+        return
+    if length > available:
+        raise InvalidDataset(
+            STATUS_PIXEL_DATA_INCOMPLETE,
+            f"pixel data declares {length} bytes but only {available} were received",
+        )
+    rows, columns = _integer(dataset, "Rows"), _integer(dataset, "Columns")
+    bits = _integer(dataset, "BitsAllocated")
+    if rows and columns and bits:
+        samples = _integer(dataset, "SamplesPerPixel") or 1
+        frames = _integer(dataset, "NumberOfFrames") or 1
+        expected = rows * columns * samples * frames * bits // 8
+        if length < expected:
+            raise InvalidDataset(
+                STATUS_PIXEL_DATA_INCOMPLETE,
+                f"pixel data holds {length} bytes, {rows}x{columns}x{samples}x{frames} at {bits} bits needs {expected}",
+            )
+
+
+def parse_header(body: bytes, transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
+    """Parse and check the dataset ``body`` (no file meta) sent under ``transfer_syntax_uid``.
+
+    ``sop_class_uid`` and ``sop_instance_uid`` are the ones in the C-STORE request; the
+    dataset must agree with them. Raises :class:`InvalidDataset` with the status to answer.
+    """
+    syntax = UID(transfer_syntax_uid)
+    implicit = syntax == ImplicitVRLittleEndian
+    little_endian = syntax != ExplicitVRBigEndian
+    data = body
+    if syntax == DeflatedExplicitVRLittleEndian:
+        try:
+            data = zlib.decompress(body, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise InvalidDataset(STATUS_CANNOT_PARSE, f"deflated dataset does not inflate: {exc}") from exc
+    stream = io.BytesIO(data)
+    try:
+        dataset = read_dataset(stream, implicit, little_endian, stop_when=_stop_at_pixels)
+        uids = {
+            keyword: _text(dataset, keyword)
+            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+        }
+        header_fields = {
+            "patient_id": _text(dataset, "PatientID"),
+            "patient_name": _text(dataset, "PatientName"),
+            "accession_number": _text(dataset, "AccessionNumber"),
+            "study_date": _text(dataset, "StudyDate"),
+            "study_description": _text(dataset, "StudyDescription"),
+            "modality": _text(dataset, "Modality"),
+            "series_number": _integer(dataset, "SeriesNumber"),
+            "series_description": _text(dataset, "SeriesDescription"),
+            "body_part_examined": _text(dataset, "BodyPartExamined"),
+            "instance_number": _integer(dataset, "InstanceNumber"),
+        }
+    except InvalidDataset:
+        raise
+    except Exception as exc:  # pydicom raises many types on corrupt input; all mean "cannot parse"
+        raise InvalidDataset(STATUS_CANNOT_PARSE, f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
+
+    missing = [keyword for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not uids[keyword]]
+    if missing:
+        raise InvalidDataset(STATUS_MISSING_UID, f"dataset has no {', '.join(missing)}")
+    if uids["SOPInstanceUID"] != sop_instance_uid.strip("\0 "):
+        raise InvalidDataset(
+            STATUS_SOP_INSTANCE_MISMATCH,
+            f"dataset SOP Instance UID {uids['SOPInstanceUID']} differs from the request's {sop_instance_uid}",
+        )
+    if uids["SOPClassUID"] and uids["SOPClassUID"] != sop_class_uid.strip("\0 "):
+        raise InvalidDataset(
+            STATUS_SOP_CLASS_MISMATCH,
+            f"dataset SOP Class UID {uids['SOPClassUID']} differs from the request's {sop_class_uid}",
+        )
+    _check_pixel_element(data, stream.tell(), dataset, little_endian, implicit)
+    return InstanceHeader(
+        sop_class_uid=sop_class_uid.strip("\0 "),
+        sop_instance_uid=uids["SOPInstanceUID"] or "",
+        study_instance_uid=uids["StudyInstanceUID"] or "",
+        series_instance_uid=uids["SeriesInstanceUID"] or "",
+        **header_fields,
+    )

@@ -1,0 +1,266 @@
+"""Group-commit indexing of received instances.
+
+Every C-STORE must be indexed before it is acknowledged, but one transaction per
+instance would make the database the bottleneck when several associations send at
+once. Receiver threads hand their instance to one writer thread and wait; the writer
+commits everything that queued up meanwhile in a single transaction, then wakes them.
+With one association this costs one short transaction per instance; with many, the
+commits are shared.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import Engine, insert, select, update
+from sqlalchemy.engine import Connection
+
+from dicom_node.db.models import AssociationStudy, Instance, Series, Study, StudyEvent, StudyState
+from dicom_node.header import InstanceHeader
+
+logger = logging.getLogger(__name__)
+
+_STUDIES = Study.__table__
+_SERIES = Series.__table__
+_INSTANCES = Instance.__table__
+_LINKS = AssociationStudy.__table__
+_EVENTS = StudyEvent.__table__
+
+
+@dataclass
+class IndexRecord:
+    """One stored instance waiting to be indexed."""
+
+    header: InstanceHeader
+    transfer_syntax_uid: str
+    relative_path: str
+    size_bytes: int
+    received_at: datetime
+    association_id: int | None
+    replace_existing: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+    late: bool = False
+
+
+class IndexerStopped(RuntimeError):
+    """The indexer was stopped; the instance was not indexed."""
+
+
+class InstanceIndexer:
+    """The single writer of instance rows; see the module docstring."""
+
+    def __init__(self, engine: Engine, reopen_on_late_instances: bool, max_batch: int = 256) -> None:
+        self._engine = engine
+        self._reopen = reopen_on_late_instances
+        self._max_batch = max_batch
+        self._queue: queue.Queue[IndexRecord | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+        self._linked: set[tuple[int, int]] = set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="instance-indexer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def index(self, record: IndexRecord) -> IndexRecord:
+        """Index ``record``; returns once it is committed, raises what the commit raised."""
+        if self._stopped.is_set():
+            raise IndexerStopped("the node is shutting down")
+        self._queue.put(record)
+        record.done.wait()
+        if record.error is not None:
+            raise record.error
+        return record
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first] if first is not None else []
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    batch.append(item)
+            if batch:
+                self._commit(batch)
+            if self._stopped.is_set() and self._queue.empty():
+                return
+
+    def _commit(self, batch: list[IndexRecord]) -> None:
+        try:
+            with self._engine.begin() as connection:
+                for record in batch:
+                    self._write(connection, record)
+        except Exception:
+            if len(batch) == 1:
+                logger.exception("indexing %s failed", batch[0].header.sop_instance_uid)
+                batch[0].error = _failure()
+                batch[0].done.set()
+                return
+            # One bad record must not fail the others: retry one transaction each.
+            self._linked.clear()
+            for record in batch:
+                record.late = False
+                self._commit([record])
+            return
+        for record in batch:
+            record.done.set()
+
+    def _write(self, connection: Connection, record: IndexRecord) -> None:
+        header, now = record.header, record.received_at
+        study = connection.execute(
+            select(_STUDIES.c.id, _STUDIES.c.state).where(
+                _STUDIES.c.study_instance_uid == header.study_instance_uid
+            )
+        ).first()
+        if study is None:
+            study_id = connection.execute(
+                insert(_STUDIES).values(
+                    study_instance_uid=header.study_instance_uid,
+                    patient_id=header.patient_id,
+                    patient_name=header.patient_name,
+                    accession_number=header.accession_number,
+                    study_date=header.study_date,
+                    study_description=header.study_description,
+                    state=StudyState.RECEIVING.value,
+                    instance_count=0,
+                    late_instance_count=0,
+                    first_received_at=now,
+                    last_received_at=now,
+                    receiving_since=now,
+                    last_activity_at=now,
+                    state_changed_at=now,
+                )
+            ).inserted_primary_key[0]
+            connection.execute(insert(_EVENTS).values(study_id=study_id, at=now, kind="first_instance", detail=None))
+            state = StudyState.RECEIVING.value
+        else:
+            study_id, state = study
+
+        series_id = connection.execute(
+            select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == header.series_instance_uid)
+        ).scalar()
+        if series_id is None:
+            series_id = connection.execute(
+                insert(_SERIES).values(
+                    study_id=study_id,
+                    series_instance_uid=header.series_instance_uid,
+                    modality=header.modality,
+                    series_number=header.series_number,
+                    series_description=header.series_description,
+                    body_part_examined=header.body_part_examined,
+                    instance_count=0,
+                    first_received_at=now,
+                    last_received_at=now,
+                )
+            ).inserted_primary_key[0]
+
+        late = state != StudyState.RECEIVING.value
+        counted = True
+        if record.replace_existing:
+            previous = connection.execute(
+                select(_INSTANCES.c.id, _INSTANCES.c.series_id).where(
+                    _INSTANCES.c.sop_instance_uid == header.sop_instance_uid
+                )
+            ).first()
+            if previous is not None:
+                counted = previous.series_id != series_id
+                if counted:
+                    self._uncount(connection, previous.series_id)
+                connection.execute(
+                    update(_INSTANCES)
+                    .where(_INSTANCES.c.id == previous.id)
+                    .values(
+                        series_id=series_id,
+                        sop_class_uid=header.sop_class_uid,
+                        transfer_syntax_uid=record.transfer_syntax_uid,
+                        instance_number=header.instance_number,
+                        path=record.relative_path,
+                        size_bytes=record.size_bytes,
+                        received_at=now,
+                        association_id=record.association_id,
+                        late=late,
+                        duplicates_received=_INSTANCES.c.duplicates_received + 1,
+                    )
+                )
+        if not record.replace_existing or previous is None:
+            connection.execute(
+                insert(_INSTANCES).values(
+                    series_id=series_id,
+                    sop_instance_uid=header.sop_instance_uid,
+                    sop_class_uid=header.sop_class_uid,
+                    transfer_syntax_uid=record.transfer_syntax_uid,
+                    instance_number=header.instance_number,
+                    path=record.relative_path,
+                    size_bytes=record.size_bytes,
+                    received_at=now,
+                    association_id=record.association_id,
+                    late=late,
+                    duplicates_received=0,
+                )
+            )
+
+        study_values: dict[str, object] = {"last_received_at": now, "last_activity_at": now}
+        if counted:
+            study_values["instance_count"] = _STUDIES.c.instance_count + 1
+            connection.execute(
+                update(_SERIES)
+                .where(_SERIES.c.id == series_id)
+                .values(instance_count=_SERIES.c.instance_count + 1, last_received_at=now)
+            )
+        if late:
+            record.late = True
+            study_values["late_instance_count"] = _STUDIES.c.late_instance_count + 1
+            detail = f"SOP Instance {header.sop_instance_uid} arrived while the study was {state}"
+            connection.execute(insert(_EVENTS).values(study_id=study_id, at=now, kind="late_instance", detail=detail))
+            if self._reopen:
+                study_values.update(
+                    state=StudyState.RECEIVING.value, state_changed_at=now, receiving_since=now, completed_at=None
+                )
+                connection.execute(
+                    insert(_EVENTS).values(
+                        study_id=study_id, at=now, kind="reopened", detail=f"late instance while {state}"
+                    )
+                )
+        connection.execute(update(_STUDIES).where(_STUDIES.c.id == study_id).values(**study_values))
+
+        if record.association_id is not None and (record.association_id, study_id) not in self._linked:
+            exists = connection.execute(
+                select(_LINKS.c.study_id).where(
+                    _LINKS.c.association_id == record.association_id, _LINKS.c.study_id == study_id
+                )
+            ).first()
+            if exists is None:
+                connection.execute(insert(_LINKS).values(association_id=record.association_id, study_id=study_id))
+            self._linked.add((record.association_id, study_id))
+
+    @staticmethod
+    def _uncount(connection: Connection, series_id: int) -> None:
+        study_id = connection.execute(select(_SERIES.c.study_id).where(_SERIES.c.id == series_id)).scalar_one()
+        connection.execute(
+            update(_SERIES).where(_SERIES.c.id == series_id).values(instance_count=_SERIES.c.instance_count - 1)
+        )
+        connection.execute(
+            update(_STUDIES).where(_STUDIES.c.id == study_id).values(instance_count=_STUDIES.c.instance_count - 1)
+        )
+
+    def forget_association(self, association_id: int) -> None:
+        """Drop the cached links of a finished association."""
+        self._linked = {pair for pair in self._linked if pair[0] != association_id}
+
+
+def _failure() -> RuntimeError:
+    return RuntimeError("the instance could not be indexed; see the node log")

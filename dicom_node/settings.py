@@ -1,0 +1,205 @@
+"""Node settings: one YAML file plus environment overrides, validated once.
+
+Settings are built by :func:`load_settings` in ``main()`` and passed down; nothing in
+the package reads configuration at import time. Precedence, highest first: explicit
+overrides (CLI flags), environment variables (``DICOM_NODE_*``, nested with ``__``, for
+example ``DICOM_NODE_DICOM__PORT=104``), the YAML file, then the defaults below, which
+``config/default.yaml`` documents setting by setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
+
+
+def _check_ae_title(value: str, what: str) -> str:
+    stripped = value.strip()
+    if not stripped or not _AE_TITLE.match(value):
+        raise ValueError(f"{what} {value!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return stripped
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AllowedCaller(_Section):
+    """A calling AE title allowed to associate, optionally only from some addresses."""
+
+    ae_title: str
+    hosts: list[str] = Field(
+        default_factory=list,
+        description="IP addresses or CIDR networks the AE may connect from; empty means any address.",
+    )
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value, "allowed caller")
+
+    @field_validator("hosts")
+    @classmethod
+    def _hosts(cls, value: list[str]) -> list[str]:
+        for host in value:
+            try:
+                ipaddress.ip_network(host, strict=False)
+            except ValueError as exc:
+                raise ValueError(f"allowed caller host {host!r} is not an IP address or CIDR network") from exc
+        return value
+
+
+class TLSSettings(_Section):
+    """DICOM TLS (PS3.15 Annex B) on the SCP port."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    ca_certificates: Path | None = Field(
+        default=None, description="PEM bundle used to verify client certificates."
+    )
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TLSSettings":
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("dicom.tls.enabled needs dicom.tls.certificate and dicom.tls.private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("dicom.tls.require_client_certificate needs dicom.tls.ca_certificates")
+        return self
+
+
+class DicomSettings(_Section):
+    """The DICOM listener: identity, access policy and association limits."""
+
+    ae_title: str = "DICOM_NODE"
+    bind_address: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=1, le=65535)
+    require_called_ae_title: bool = True
+    allowed_callers: list[AllowedCaller] = Field(default_factory=list)
+    max_associations: int = Field(default=16, ge=1)
+    max_pdu_size: int = Field(default=1_048_576, ge=0)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+    duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae(cls, value: str) -> str:
+        return _check_ae_title(value, "dicom.ae_title")
+
+
+class StorageSettings(_Section):
+    """Where received instances live and when the node stops accepting them."""
+
+    min_free_mb: int = Field(default=1024, ge=0)
+    fsync: bool = True
+
+
+class CompletionSettings(_Section):
+    """When a study counts as complete (received in full)."""
+
+    quiet_seconds: float = Field(default=10.0, gt=0)
+    max_wait_seconds: float = Field(default=600.0, gt=0)
+    reopen_on_late_instances: bool = True
+    check_interval_seconds: float = Field(default=1.0, gt=0)
+
+
+class WebSettings(_Section):
+    """The admin web application."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class Settings(BaseSettings):
+    """Everything the node needs to run; see ``config/default.yaml``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DICOM_NODE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    data_dir: Path = Path("./var")
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL; default SQLite file in data_dir."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    completion: CompletionSettings = Field(default_factory=CompletionSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The configured URL, or the default SQLite database under the data dir."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'dicom-node.db').resolve()}"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.data_dir / "quarantine"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        if settings_cls.model_config.get("yaml_file"):
+            sources += (YamlConfigSettingsSource(settings_cls),)
+        return sources
+
+
+def _nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Turn ``{"dicom.port": 104}`` into ``{"dicom": {"port": 104}}``, dropping ``None``."""
+    nested: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+def load_settings(config_file: Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
+    """Build the settings from a YAML file, the environment and dotted overrides.
+
+    Raises ``FileNotFoundError`` for a missing file and pydantic's ``ValidationError``
+    (which names every bad setting and value) for invalid content.
+    """
+    init = _nested(overrides or {})
+    if config_file is None:
+        return Settings(**init)
+    if not config_file.is_file():
+        raise FileNotFoundError(f"configuration file {config_file} does not exist")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    return FileSettings(**init)
