@@ -64,10 +64,31 @@ def _stop_at_pixels(tag: Any, vr: Any, length: Any) -> bool:
 
 
 def _text(dataset: Dataset, keyword: str) -> str | None:
+    """A text value, decoded with the dataset's character set (names, descriptions)."""
     value = dataset.get(keyword)
     if value is None or value == "":
         return None
     return str(value).strip() or None
+
+
+def _raw_ascii(dataset: Dataset, tag: int) -> str | None:
+    """An ASCII-only value (UI, CS, IS, DA) straight from the raw element, skipping conversion."""
+    element = dataset.get_item(tag)
+    if element is None or element.value is None:
+        return None
+    value = element.value
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    text = str(value).strip("\0 ")
+    return text or None
+
+
+def _raw_integer(dataset: Dataset, tag: int) -> int | None:
+    text = _raw_ascii(dataset, tag)
+    try:
+        return None if text is None else int(text)
+    except ValueError:
+        return None
 
 
 def _integer(dataset: Dataset, keyword: str) -> int | None:
@@ -157,20 +178,22 @@ def parse_header(body: bytes, transfer_syntax_uid: str, sop_class_uid: str, sop_
     try:
         dataset = read_dataset(stream, implicit, little_endian, stop_when=_stop_at_pixels)
         uids = {
-            keyword: _text(dataset, keyword)
-            for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+            "SOPClassUID": _raw_ascii(dataset, 0x00080016),
+            "SOPInstanceUID": _raw_ascii(dataset, 0x00080018),
+            "StudyInstanceUID": _raw_ascii(dataset, 0x0020000D),
+            "SeriesInstanceUID": _raw_ascii(dataset, 0x0020000E),
         }
         header_fields = {
             "patient_id": _text(dataset, "PatientID"),
             "patient_name": _text(dataset, "PatientName"),
             "accession_number": _text(dataset, "AccessionNumber"),
-            "study_date": _text(dataset, "StudyDate"),
+            "study_date": _raw_ascii(dataset, 0x00080020),
             "study_description": _text(dataset, "StudyDescription"),
-            "modality": _text(dataset, "Modality"),
-            "series_number": _integer(dataset, "SeriesNumber"),
+            "modality": _raw_ascii(dataset, 0x00080060),
+            "series_number": _raw_integer(dataset, 0x00200011),
             "series_description": _text(dataset, "SeriesDescription"),
-            "body_part_examined": _text(dataset, "BodyPartExamined"),
-            "instance_number": _integer(dataset, "InstanceNumber"),
+            "body_part_examined": _raw_ascii(dataset, 0x00180015),
+            "instance_number": _raw_integer(dataset, 0x00200013),
         }
     except InvalidDataset:
         raise

@@ -2,21 +2,20 @@
 
 Every C-STORE must be indexed before it is acknowledged, but one transaction per
 instance would make the database the bottleneck when several associations send at
-once. Receiver threads hand their instance to one writer thread and wait; the writer
-commits everything that queued up meanwhile in a single transaction, then wakes them.
-With one association this costs one short transaction per instance; with many, the
-commits are shared.
+once. The first receiver thread to arrive commits its own instance and everything that
+queued up while the previous commit ran, in one transaction (the classic group commit);
+the others wait for it. With one association this is one short transaction per
+instance and no thread hand-over; with many, the commits are shared.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
 from dicom_node.db.models import AssociationStudy, Instance, Series, Study, StudyEvent, StudyState
@@ -29,6 +28,21 @@ _SERIES = Series.__table__
 _INSTANCES = Instance.__table__
 _LINKS = AssociationStudy.__table__
 _EVENTS = StudyEvent.__table__
+
+# Statements built once; the writer runs them for every received instance.
+_STUDY_BY_UID = select(_STUDIES.c.id, _STUDIES.c.state).where(_STUDIES.c.study_instance_uid == bindparam("uid"))
+_SERIES_BY_UID = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("uid"))
+_INSTANCE_BY_UID = select(_INSTANCES.c.id, _INSTANCES.c.series_id).where(
+    _INSTANCES.c.sop_instance_uid == bindparam("uid")
+)
+_COUNT_SERIES = (
+    update(_SERIES)
+    .where(_SERIES.c.id == bindparam("sid"))
+    .values(instance_count=_SERIES.c.instance_count + 1, last_received_at=bindparam("now"))
+)
+_LINK_EXISTS = select(_LINKS.c.study_id).where(
+    _LINKS.c.association_id == bindparam("aid"), _LINKS.c.study_id == bindparam("sid")
+)
 
 
 @dataclass
@@ -52,52 +66,46 @@ class IndexerStopped(RuntimeError):
 
 
 class InstanceIndexer:
-    """The single writer of instance rows; see the module docstring."""
+    """The only writer of instance rows; see the module docstring."""
 
     def __init__(self, engine: Engine, reopen_on_late_instances: bool, max_batch: int = 256) -> None:
         self._engine = engine
         self._reopen = reopen_on_late_instances
         self._max_batch = max_batch
-        self._queue: queue.Queue[IndexRecord | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._stopped = threading.Event()
+        self._condition = threading.Condition()
+        self._pending: list[IndexRecord] = []
+        self._committing = False
+        self._stopped = False
         self._linked: set[tuple[int, int]] = set()
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="instance-indexer", daemon=True)
-        self._thread.start()
-
     def stop(self) -> None:
-        self._stopped.set()
-        self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        """Refuse new records; the ones already committing finish."""
+        with self._condition:
+            self._stopped = True
 
     def index(self, record: IndexRecord) -> IndexRecord:
         """Index ``record``; returns once it is committed, raises what the commit raised."""
-        if self._stopped.is_set():
-            raise IndexerStopped("the node is shutting down")
-        self._queue.put(record)
-        record.done.wait()
+        with self._condition:
+            if self._stopped:
+                raise IndexerStopped("the node is shutting down")
+            self._pending.append(record)
+            while not record.done.is_set() and self._committing:
+                self._condition.wait()
+            if record.done.is_set():
+                batch: list[IndexRecord] = []
+            else:
+                self._committing = True
+                batch, self._pending = self._pending[: self._max_batch], self._pending[self._max_batch :]
+        if batch:
+            try:
+                self._commit(batch)
+            finally:
+                with self._condition:
+                    self._committing = False
+                    self._condition.notify_all()
         if record.error is not None:
             raise record.error
         return record
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            batch = [first] if first is not None else []
-            while len(batch) < self._max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None:
-                    batch.append(item)
-            if batch:
-                self._commit(batch)
-            if self._stopped.is_set() and self._queue.empty():
-                return
 
     def _commit(self, batch: list[IndexRecord]) -> None:
         try:
@@ -121,11 +129,7 @@ class InstanceIndexer:
 
     def _write(self, connection: Connection, record: IndexRecord) -> None:
         header, now = record.header, record.received_at
-        study = connection.execute(
-            select(_STUDIES.c.id, _STUDIES.c.state).where(
-                _STUDIES.c.study_instance_uid == header.study_instance_uid
-            )
-        ).first()
+        study = connection.execute(_STUDY_BY_UID, {"uid": header.study_instance_uid}).first()
         if study is None:
             study_id = connection.execute(
                 insert(_STUDIES).values(
@@ -150,9 +154,7 @@ class InstanceIndexer:
         else:
             study_id, state = study
 
-        series_id = connection.execute(
-            select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == header.series_instance_uid)
-        ).scalar()
+        series_id = connection.execute(_SERIES_BY_UID, {"uid": header.series_instance_uid}).scalar()
         if series_id is None:
             series_id = connection.execute(
                 insert(_SERIES).values(
@@ -171,11 +173,7 @@ class InstanceIndexer:
         late = state != StudyState.RECEIVING.value
         counted = True
         if record.replace_existing:
-            previous = connection.execute(
-                select(_INSTANCES.c.id, _INSTANCES.c.series_id).where(
-                    _INSTANCES.c.sop_instance_uid == header.sop_instance_uid
-                )
-            ).first()
+            previous = connection.execute(_INSTANCE_BY_UID, {"uid": header.sop_instance_uid}).first()
             if previous is not None:
                 counted = previous.series_id != series_id
                 if counted:
@@ -216,11 +214,7 @@ class InstanceIndexer:
         study_values: dict[str, object] = {"last_received_at": now, "last_activity_at": now}
         if counted:
             study_values["instance_count"] = _STUDIES.c.instance_count + 1
-            connection.execute(
-                update(_SERIES)
-                .where(_SERIES.c.id == series_id)
-                .values(instance_count=_SERIES.c.instance_count + 1, last_received_at=now)
-            )
+            connection.execute(_COUNT_SERIES, {"sid": series_id, "now": now})
         if late:
             record.late = True
             study_values["late_instance_count"] = _STUDIES.c.late_instance_count + 1
@@ -238,11 +232,7 @@ class InstanceIndexer:
         connection.execute(update(_STUDIES).where(_STUDIES.c.id == study_id).values(**study_values))
 
         if record.association_id is not None and (record.association_id, study_id) not in self._linked:
-            exists = connection.execute(
-                select(_LINKS.c.study_id).where(
-                    _LINKS.c.association_id == record.association_id, _LINKS.c.study_id == study_id
-                )
-            ).first()
+            exists = connection.execute(_LINK_EXISTS, {"aid": record.association_id, "sid": study_id}).first()
             if exists is None:
                 connection.execute(insert(_LINKS).values(association_id=record.association_id, study_id=study_id))
             self._linked.add((record.association_id, study_id))

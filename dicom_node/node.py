@@ -49,7 +49,6 @@ class Node:
         interrupted = repo.interrupt_open_associations(self.sessions, self._clock())
         if interrupted:
             logger.warning("%d association(s) were open when the node last stopped; marked interrupted", interrupted)
-        self.indexer.start()
         self.scp.start()
         self.completion.start()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import bindparam, exists, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.models import (
@@ -148,14 +148,20 @@ def record_ingest_error(
         return error.id
 
 
+# Built once: this runs for every received instance.
+_FIND_INSTANCE = (
+    select(Instance.id, Instance.path, Study.study_instance_uid, Series.series_instance_uid)
+    .join(Series, Instance.series_id == Series.id)
+    .join(Study, Series.study_id == Study.id)
+    .where(Instance.sop_instance_uid == bindparam("uid"))
+)
+
+
 def find_instance(sessions: sessionmaker[Session], sop_instance_uid: str) -> ExistingInstance | None:
-    with sessions() as session:
-        row = session.execute(
-            select(Instance.id, Instance.path, Study.study_instance_uid, Series.series_instance_uid)
-            .join(Series, Instance.series_id == Series.id)
-            .join(Study, Series.study_id == Study.id)
-            .where(Instance.sop_instance_uid == sop_instance_uid)
-        ).first()
+    """The indexed instance with this SOP Instance UID, if any (on the receive hot path)."""
+    engine = sessions.kw["bind"]
+    with engine.connect() as connection:
+        row = connection.execute(_FIND_INSTANCE, {"uid": sop_instance_uid}).first()
     return None if row is None else ExistingInstance(*row)
 
 

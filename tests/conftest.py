@@ -1,0 +1,126 @@
+"""Shared fixtures: databases (SQLite and PostgreSQL), generated CT series, running nodes.
+
+Every peer here is real: PostgreSQL on 127.0.0.1:5432, DCMTK tools, Orthanc. A missing
+peer is a failed test, not a skip: ``make test`` installs them.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from dicom_node.db.session import make_engine, upgrade
+from dicom_node.node import Node
+from dicom_node.settings import Settings, load_settings
+from training.phantoms.ct_series import GeneratedSeries, SeriesGeometry, generate_ct_series
+
+POSTGRES_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def dcmtk_env() -> dict[str, str]:
+    """DCMTK on Debian leaves Nagle on unless told; every DCMTK process gets this."""
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+@pytest.fixture(scope="session")
+def small_series(tmp_path_factory: pytest.TempPathFactory) -> GeneratedSeries:
+    """A 12-slice 64x64 axial CT series, written once per test session."""
+    return generate_ct_series(
+        tmp_path_factory.mktemp("small_series"),
+        geometry=SeriesGeometry(rows=64, columns=64, slices=12, pixel_spacing=(2.0, 2.0), slice_spacing=5.0),
+        seed=11,
+    )
+
+
+@pytest.fixture(scope="session")
+def second_series(tmp_path_factory: pytest.TempPathFactory) -> GeneratedSeries:
+    """Another small study (different seed, so different UIDs)."""
+    return generate_ct_series(
+        tmp_path_factory.mktemp("second_series"),
+        geometry=SeriesGeometry(rows=64, columns=64, slices=6, pixel_spacing=(2.0, 2.0), slice_spacing=5.0),
+        seed=12,
+    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a throw-away PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'node.db'}"
+        return
+    name = f"dicom_node_test_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    try:
+        yield url
+    finally:
+        with admin.connect() as connection:
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name}
+            )
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    engine = make_engine(database_url)
+    upgrade(engine)
+    yield engine
+    engine.dispose()
+
+
+NodeFactory = Callable[..., Node]
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start in-process nodes on free ports; ``overrides`` are dotted settings."""
+    started: list[Node] = []
+
+    def start(**overrides: Any) -> Node:
+        values: dict[str, Any] = {
+            "data_dir": tmp_path / f"node{len(started)}",
+            "dicom.port": free_port(),
+            "dicom.bind_address": "127.0.0.1",
+            "storage.min_free_mb": 0,
+            "completion.quiet_seconds": 1.0,
+            "completion.check_interval_seconds": 0.2,
+        }
+        values.update({key.replace("__", "."): value for key, value in overrides.items()})
+        node = Node(load_settings(None, values))
+        node.start()
+        started.append(node)
+        return node
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+def node_settings(tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"data_dir": tmp_path, "dicom.port": free_port(), "storage.min_free_mb": 0}
+    values.update(overrides)
+    return load_settings(None, values)
+
+
+def run(command: list[str], timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run a peer tool with TCP_NODELAY set, capturing its output as text."""
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=dcmtk_env(), **kwargs)

@@ -1,0 +1,130 @@
+"""Header parsing of received datasets: identification, and refusal of incomplete or inconsistent ones."""
+
+from __future__ import annotations
+
+import copy
+import io
+import zlib
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom import dcmwrite
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+)
+
+from dicom_node.header import (
+    STATUS_CANNOT_PARSE,
+    STATUS_MISSING_UID,
+    STATUS_PIXEL_DATA_INCOMPLETE,
+    STATUS_SOP_CLASS_MISMATCH,
+    STATUS_SOP_INSTANCE_MISMATCH,
+    InvalidDataset,
+    parse_header,
+)
+from training.phantoms.ct_series import GeneratedSeries, encode_series
+
+
+def body_of(dataset: Dataset, syntax: str = ExplicitVRLittleEndian) -> bytes:
+    """The dataset encoded as it travels in a C-STORE: no preamble, no file meta."""
+    buffer = io.BytesIO()
+    dataset = copy.deepcopy(dataset)
+    dataset.file_meta = pydicom.dataset.FileMetaDataset()
+    dataset.preamble = None
+    dcmwrite(buffer, dataset, implicit_vr=syntax == ImplicitVRLittleEndian, little_endian=True)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def ct(small_series: GeneratedSeries) -> Dataset:
+    return pydicom.dcmread(small_series.paths[0])
+
+
+def parse(body: bytes, dataset: Dataset, syntax: str = ExplicitVRLittleEndian):  # type: ignore[no-untyped-def]
+    return parse_header(body, syntax, dataset.SOPClassUID, dataset.SOPInstanceUID)
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_identifies_native_instances(ct: Dataset, small_series: GeneratedSeries, syntax: str) -> None:
+    header = parse(body_of(ct, syntax), ct, syntax)
+    assert header.study_instance_uid == small_series.study_uid
+    assert header.series_instance_uid == small_series.series_uid
+    assert header.sop_instance_uid == ct.SOPInstanceUID
+    assert header.modality == "CT" and header.patient_id == ct.PatientID
+    assert header.instance_number == 1 and header.series_number == ct.SeriesNumber
+
+
+def test_deflated_dataset_is_inflated_for_the_header(ct: Dataset) -> None:
+    plain = body_of(ct)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    deflated = compressor.compress(plain) + compressor.flush()
+    assert parse(deflated, ct, DeflatedExplicitVRLittleEndian).sop_instance_uid == ct.SOPInstanceUID
+    with pytest.raises(InvalidDataset) as raised:
+        parse(b"not deflate data at all", ct, DeflatedExplicitVRLittleEndian)
+    assert raised.value.status == STATUS_CANNOT_PARSE
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless])
+def test_encapsulated_instances_are_checked_to_their_delimiter(ct: Dataset, syntax: str) -> None:
+    encoded = encode_series([ct], syntax)[0]
+    body = body_of(encoded, syntax)
+    assert parse(body, encoded).sop_instance_uid == ct.SOPInstanceUID
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body[: len(body) - 40], encoded)
+    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE
+    assert "delimiter" in raised.value.reason
+
+
+def test_truncated_native_pixel_data_is_refused(ct: Dataset) -> None:
+    body = body_of(ct)
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body[:-100], ct)
+    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE
+    assert "only" in raised.value.reason
+
+
+def test_pixel_data_shorter_than_the_image_is_refused(ct: Dataset) -> None:
+    short = copy.deepcopy(ct)
+    short.PixelData = ct.PixelData[:1000]
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body_of(short), short)
+    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE
+    assert "64x64" in raised.value.reason
+
+
+@pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"])
+def test_missing_uids_are_refused_by_name(ct: Dataset, keyword: str) -> None:
+    damaged = copy.deepcopy(ct)
+    delattr(damaged, keyword)
+    with pytest.raises(InvalidDataset) as raised:
+        parse_header(body_of(damaged), ExplicitVRLittleEndian, ct.SOPClassUID, ct.SOPInstanceUID)
+    assert raised.value.status == STATUS_MISSING_UID
+    assert keyword in raised.value.reason
+
+
+def test_dataset_must_match_the_request(ct: Dataset) -> None:
+    body = body_of(ct)
+    with pytest.raises(InvalidDataset) as raised:
+        parse_header(body, ExplicitVRLittleEndian, ct.SOPClassUID, "1.2.3.999")
+    assert raised.value.status == STATUS_SOP_INSTANCE_MISMATCH
+    with pytest.raises(InvalidDataset) as raised:
+        parse_header(body, ExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.4", ct.SOPInstanceUID)
+    assert raised.value.status == STATUS_SOP_CLASS_MISMATCH
+
+
+@pytest.mark.parametrize("garbage", [b"", b"\x00" * 7, b"\xff" * 4096, bytes(range(256)) * 20])
+def test_garbage_is_refused_not_crashed_on(ct: Dataset, garbage: bytes) -> None:
+    with pytest.raises(InvalidDataset) as raised:
+        parse(garbage, ct)
+    assert raised.value.status in (STATUS_CANNOT_PARSE, STATUS_MISSING_UID)
+
+
+def test_dataset_without_pixel_data_is_accepted(ct: Dataset) -> None:
+    header_only = copy.deepcopy(ct)
+    del header_only.PixelData
+    assert parse(body_of(header_only), header_only).sop_instance_uid == ct.SOPInstanceUID
