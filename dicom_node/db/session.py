@@ -18,10 +18,11 @@ _MIGRATIONS = Path(__file__).with_name("migrations")
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
-    """WAL lets readers (CLI, UI) run beside the receiver; NORMAL sync is safe with WAL."""
+    """WAL lets readers (CLI, UI) run beside the receiver; FULL sync makes every commit
+    durable on power loss, as the acknowledgement of each received instance promises."""
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA synchronous=FULL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()

@@ -1,0 +1,166 @@
+"""Ingest benchmark: our node against DCMTK's storescp, same series, same sender, same run.
+
+Generates a 300-slice 512x512 CT series, then pushes it on loopback with DCMTK
+``storescu`` (TCP_NODELAY=1) to (a) ``dicom-node serve`` with its default durability
+(fsync of every file and directory, indexed before success) and (b) DCMTK ``storescp``
+(writes files, no fsync), with one association and with four parallel associations
+(the series split in four). Prints images/s for each and the ratio ours/storescp.
+
+    python bench/ingest.py [--repeat 3] [--slices 300] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from training.phantoms.ct_series import SeriesGeometry, generate_ct_series  # noqa: E402
+
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_echo(port: int, ae_title: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = subprocess.run(
+            ["echoscu", "-aec", ae_title, "127.0.0.1", str(port)], env=ENV, capture_output=True
+        )
+        if done.returncode == 0:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"nothing answers C-ECHO on port {port} as {ae_title}")
+
+
+@contextmanager
+def our_node(workdir: Path) -> Iterator[tuple[int, str]]:
+    port = free_port()
+    data = workdir / "node-data"
+    log = (workdir / "node.log").open("w")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).with_name("dicom-node")), "serve", "--data-dir", str(data), "--port", str(port)],
+        env={**ENV, "DICOM_NODE_STORAGE__MIN_FREE_MB": "0", "DICOM_NODE_LOG_LEVEL": "WARNING"},
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for_echo(port, "DICOM_NODE")
+        yield port, "DICOM_NODE"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        log.close()
+
+
+@contextmanager
+def storescp(workdir: Path, fork: bool) -> Iterator[tuple[int, str]]:
+    port = free_port()
+    out = workdir / ("storescp-fork" if fork else "storescp")
+    out.mkdir()
+    command = ["storescp", "--output-directory", str(out), "--accept-all"]
+    if fork:
+        command.append("--fork")
+    process = subprocess.Popen([*command, str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_echo(port, "ANY-SCP")
+        yield port, "ANY-SCP"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def push(port: int, ae_title: str, files: list[Path], associations: int) -> float:
+    """Send ``files`` split over ``associations`` parallel storescu processes; return images/s."""
+    parts = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            ["storescu", "-aec", ae_title, "127.0.0.1", str(port), *map(str, part)],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for part in parts
+    ]
+    for sender in senders:
+        _, errors = sender.communicate(timeout=600)
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu failed: {errors.decode(errors='replace')[-500:]}")
+    return len(files) / (time.perf_counter() - started)
+
+
+def measure(target, workdir: Path, files: list[Path], associations: int, repeat: int) -> float:  # type: ignore[no-untyped-def]
+    """Median images/s over ``repeat`` pushes (each to a fresh receiver, after a warm-up)."""
+    rates = []
+    for attempt in range(repeat):
+        run_dir = workdir / f"run-{associations}-{attempt}-{time.monotonic_ns()}"
+        run_dir.mkdir()
+        with target(run_dir) as (port, ae_title):
+            push(port, ae_title, files[:4], 1)  # warm-up: imports, first association
+            rates.append(push(port, ae_title, files, associations))
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return statistics.median(rates)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
+    print(f"generating {args.slices}-slice 512x512 CT series in {workdir} ...", flush=True)
+    series = generate_ct_series(
+        workdir / "series", geometry=SeriesGeometry(rows=512, columns=512, slices=args.slices), seed=2024
+    )
+    files = series.paths
+    size_mb = sum(path.stat().st_size for path in files) / 1e6
+    print(f"{len(files)} files, {size_mb:.0f} MB; median of {args.repeat} runs each\n", flush=True)
+
+    targets = {
+        "dicom-node": our_node,
+        "storescp": lambda d: storescp(d, fork=False),
+        "storescp --fork": lambda d: storescp(d, fork=True),
+    }
+    results: dict[tuple[str, int], float] = {}
+    for associations in (1, 4):
+        for name, target in targets.items():
+            results[name, associations] = measure(target, workdir, files, associations, args.repeat)
+            print(f"  {name:<16} {associations} assoc: {results[name, associations]:7.0f} images/s", flush=True)
+
+    print("\n| associations | dicom-node img/s | storescp img/s | ratio | storescp --fork img/s | ratio |")
+    print("|---|---|---|---|---|---|")
+    for associations in (1, 4):
+        ours = results["dicom-node", associations]
+        plain = results["storescp", associations]
+        forked = results["storescp --fork", associations]
+        print(
+            f"| {associations} | {ours:.0f} | {plain:.0f} | {ours / plain:.2f} | {forked:.0f} | {ours / forked:.2f} |"
+        )
+    if not args.keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

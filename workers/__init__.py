@@ -1,0 +1,1 @@
+"""Celery workers: series to volume, model inference, DICOM SEG/SR encoding and delivery."""
