@@ -13,6 +13,7 @@ from dicom_node.db import repo
 from dicom_node.db.session import make_engine, make_session_factory, upgrade
 from dicom_node.indexer import InstanceIndexer
 from dicom_node.ingest import IngestService, utc_now
+from dicom_node.recovery import CLEAN_STOP_MARKER, reindex_orphans
 from dicom_node.scp import StorageSCP
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
@@ -46,6 +47,11 @@ class Node:
         """Recover from whatever a previous run left behind, then start listening."""
         upgrade(self.engine)
         self.spool.remove_partial_files()
+        marker = self.settings.data_dir / CLEAN_STOP_MARKER
+        if marker.exists():
+            marker.unlink()
+        else:
+            reindex_orphans(self.spool, self.sessions, self.indexer)
         interrupted = repo.interrupt_open_associations(self.sessions, self._clock())
         if interrupted:
             logger.warning("%d association(s) were open when the node last stopped; marked interrupted", interrupted)
@@ -57,6 +63,7 @@ class Node:
         self.completion.stop()
         self.indexer.stop()
         self.engine.dispose()
+        (self.settings.data_dir / CLEAN_STOP_MARKER).touch()
 
     def serve_forever(self) -> None:
         """Run until SIGINT or SIGTERM."""

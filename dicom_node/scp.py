@@ -138,7 +138,7 @@ class StorageSCP:
             evt_handlers=handlers,
             ssl_context=build_ssl_context(self._settings),
         )
-        scp_fastpath.install(self._server)
+        scp_fastpath.install(self._server)  # cheaper association set-up and C-STORE path
         if self._policy.open_to_any_caller:
             logger.warning("dicom.allowed_callers is empty: any calling AE title may store to this node")
         logger.info(
@@ -151,7 +151,7 @@ class StorageSCP:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
+            self.ae.shutdown()  # also aborts associations still open
             self._server = None
 
     # -- handlers (pynetdicom calls these on its threads; they must not raise) --
@@ -160,7 +160,6 @@ class StorageSCP:
         address, port = event.address[0], event.address[1]
         with self._lock:
             self._connections[id(event.assoc)] = _Connection(str(address), int(port))
-        scp_fastpath.accelerate(event.assoc)
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc: Association = event.assoc

