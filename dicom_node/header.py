@@ -63,8 +63,26 @@ def _stop_at_pixels(tag: Any, vr: Any, length: Any) -> bool:
     return int(tag) in PIXEL_DATA_TAGS
 
 
-def _text(dataset: Dataset, keyword: str) -> str | None:
-    """A text value, decoded with the dataset's character set (names, descriptions)."""
+_DEFAULT_CHARSETS = (None, b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 192")
+
+
+def _text(dataset: Dataset, tag: int, keyword: str) -> str | None:
+    """A text value decoded with the dataset's character set (names, descriptions).
+
+    The common character sets are decoded from the raw bytes directly; others (ISO 2022
+    code extensions, for example) go through pydicom's full character set handling.
+    """
+    element = dataset.get_item(tag)
+    if element is None or element.value is None:
+        return None
+    charset = dataset.get_item(0x00080005)
+    charset_value = None if charset is None else charset.value
+    if isinstance(element.value, bytes) and isinstance(charset_value, bytes | None):
+        name = (charset_value or b"").strip(b"\0 ")
+        if name in _DEFAULT_CHARSETS:
+            encoding = "utf-8" if name == b"ISO_IR 192" else "latin-1"
+            text = element.value.decode(encoding, "replace").strip("\0 ")
+            return text or None
     value = dataset.get(keyword)
     if value is None or value == "":
         return None
@@ -91,12 +109,12 @@ def _raw_integer(dataset: Dataset, tag: int) -> int | None:
         return None
 
 
-def _integer(dataset: Dataset, keyword: str) -> int | None:
-    value = dataset.get(keyword)
-    try:
-        return None if value is None or value == "" else int(value)
-    except (TypeError, ValueError):
+def _unsigned_short(dataset: Dataset, tag: int, little_endian: bool) -> int | None:
+    """A US value (Rows, Columns, ...) from its raw two bytes."""
+    element = dataset.get_item(tag)
+    if element is None or not isinstance(element.value, bytes) or len(element.value) != 2:
         return None
+    return int.from_bytes(element.value, "little" if little_endian else "big")
 
 
 def _check_fragments(body: bytes, offset: int, endian: str) -> None:
@@ -146,11 +164,12 @@ def _check_pixel_element(body: bytes, offset: int, dataset: Dataset, little_endi
             STATUS_PIXEL_DATA_INCOMPLETE,
             f"pixel data declares {length} bytes but only {available} were received",
         )
-    rows, columns = _integer(dataset, "Rows"), _integer(dataset, "Columns")
-    bits = _integer(dataset, "BitsAllocated")
+    rows = _unsigned_short(dataset, 0x00280010, little_endian)
+    columns = _unsigned_short(dataset, 0x00280011, little_endian)
+    bits = _unsigned_short(dataset, 0x00280100, little_endian)
     if rows and columns and bits:
-        samples = _integer(dataset, "SamplesPerPixel") or 1
-        frames = _integer(dataset, "NumberOfFrames") or 1
+        samples = _unsigned_short(dataset, 0x00280002, little_endian) or 1
+        frames = _raw_integer(dataset, 0x00280008) or 1
         expected = rows * columns * samples * frames * bits // 8
         if length < expected:
             raise InvalidDataset(
@@ -184,14 +203,14 @@ def parse_header(body: bytes, transfer_syntax_uid: str, sop_class_uid: str, sop_
             "SeriesInstanceUID": _raw_ascii(dataset, 0x0020000E),
         }
         header_fields = {
-            "patient_id": _text(dataset, "PatientID"),
-            "patient_name": _text(dataset, "PatientName"),
-            "accession_number": _text(dataset, "AccessionNumber"),
+            "patient_id": _text(dataset, 0x00100020, "PatientID"),
+            "patient_name": _text(dataset, 0x00100010, "PatientName"),
+            "accession_number": _text(dataset, 0x00080050, "AccessionNumber"),
             "study_date": _raw_ascii(dataset, 0x00080020),
-            "study_description": _text(dataset, "StudyDescription"),
+            "study_description": _text(dataset, 0x00081030, "StudyDescription"),
             "modality": _raw_ascii(dataset, 0x00080060),
             "series_number": _raw_integer(dataset, 0x00200011),
-            "series_description": _text(dataset, "SeriesDescription"),
+            "series_description": _text(dataset, 0x0008103E, "SeriesDescription"),
             "body_part_examined": _raw_ascii(dataset, 0x00180015),
             "instance_number": _raw_integer(dataset, 0x00200013),
         }

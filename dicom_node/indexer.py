@@ -40,6 +40,16 @@ _COUNT_SERIES = (
     .where(_SERIES.c.id == bindparam("sid"))
     .values(instance_count=_SERIES.c.instance_count + 1, last_received_at=bindparam("now"))
 )
+_COUNT_STUDY = (
+    update(_STUDIES)
+    .where(_STUDIES.c.id == bindparam("sid"))
+    .values(
+        instance_count=_STUDIES.c.instance_count + bindparam("n"),
+        last_received_at=bindparam("now"),
+        last_activity_at=bindparam("now"),
+    )
+)
+_INSERT_INSTANCE = insert(_INSTANCES)
 _LINK_EXISTS = select(_LINKS.c.study_id).where(
     _LINKS.c.association_id == bindparam("aid"), _LINKS.c.study_id == bindparam("sid")
 )
@@ -196,46 +206,57 @@ class InstanceIndexer:
                 )
         if not record.replace_existing or previous is None:
             connection.execute(
-                insert(_INSTANCES).values(
-                    series_id=series_id,
-                    sop_instance_uid=header.sop_instance_uid,
-                    sop_class_uid=header.sop_class_uid,
-                    transfer_syntax_uid=record.transfer_syntax_uid,
-                    instance_number=header.instance_number,
-                    path=record.relative_path,
-                    size_bytes=record.size_bytes,
-                    received_at=now,
-                    association_id=record.association_id,
-                    late=late,
-                    duplicates_received=0,
-                )
+                _INSERT_INSTANCE,
+                {
+                    "series_id": series_id,
+                    "sop_instance_uid": header.sop_instance_uid,
+                    "sop_class_uid": header.sop_class_uid,
+                    "transfer_syntax_uid": record.transfer_syntax_uid,
+                    "instance_number": header.instance_number,
+                    "path": record.relative_path,
+                    "size_bytes": record.size_bytes,
+                    "received_at": now,
+                    "association_id": record.association_id,
+                    "late": late,
+                    "duplicates_received": 0,
+                },
             )
 
-        study_values: dict[str, object] = {"last_received_at": now, "last_activity_at": now}
+        if counted:
+            connection.execute(_COUNT_SERIES, {"sid": series_id, "now": now})
+        if not late:
+            connection.execute(_COUNT_STUDY, {"sid": study_id, "now": now, "n": 1 if counted else 0})
+            self._link(connection, record.association_id, study_id)
+            return
+        # A late instance: the study was already complete (or further along).
+        record.late = True
+        study_values: dict[str, object] = {
+            "last_received_at": now,
+            "last_activity_at": now,
+            "late_instance_count": _STUDIES.c.late_instance_count + 1,
+        }
         if counted:
             study_values["instance_count"] = _STUDIES.c.instance_count + 1
-            connection.execute(_COUNT_SERIES, {"sid": series_id, "now": now})
-        if late:
-            record.late = True
-            study_values["late_instance_count"] = _STUDIES.c.late_instance_count + 1
-            detail = f"SOP Instance {header.sop_instance_uid} arrived while the study was {state}"
-            connection.execute(insert(_EVENTS).values(study_id=study_id, at=now, kind="late_instance", detail=detail))
-            if self._reopen:
-                study_values.update(
-                    state=StudyState.RECEIVING.value, state_changed_at=now, receiving_since=now, completed_at=None
-                )
-                connection.execute(
-                    insert(_EVENTS).values(
-                        study_id=study_id, at=now, kind="reopened", detail=f"late instance while {state}"
-                    )
-                )
+        detail = f"SOP Instance {header.sop_instance_uid} arrived while the study was {state}"
+        connection.execute(insert(_EVENTS).values(study_id=study_id, at=now, kind="late_instance", detail=detail))
+        if self._reopen:
+            study_values.update(
+                state=StudyState.RECEIVING.value, state_changed_at=now, receiving_since=now, completed_at=None
+            )
+            connection.execute(
+                insert(_EVENTS).values(study_id=study_id, at=now, kind="reopened", detail=f"late instance while {state}")
+            )
         connection.execute(update(_STUDIES).where(_STUDIES.c.id == study_id).values(**study_values))
+        self._link(connection, record.association_id, study_id)
 
-        if record.association_id is not None and (record.association_id, study_id) not in self._linked:
-            exists = connection.execute(_LINK_EXISTS, {"aid": record.association_id, "sid": study_id}).first()
-            if exists is None:
-                connection.execute(insert(_LINKS).values(association_id=record.association_id, study_id=study_id))
-            self._linked.add((record.association_id, study_id))
+    def _link(self, connection: Connection, association_id: int | None, study_id: int) -> None:
+        """Remember that the association sent to the study (its completion waits for it)."""
+        if association_id is None or (association_id, study_id) in self._linked:
+            return
+        exists = connection.execute(_LINK_EXISTS, {"aid": association_id, "sid": study_id}).first()
+        if exists is None:
+            connection.execute(insert(_LINKS).values(association_id=association_id, study_id=study_id))
+        self._linked.add((association_id, study_id))
 
     @staticmethod
     def _uncount(connection: Connection, series_id: int) -> None:

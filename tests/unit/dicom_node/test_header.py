@@ -128,3 +128,19 @@ def test_dataset_without_pixel_data_is_accepted(ct: Dataset) -> None:
     header_only = copy.deepcopy(ct)
     del header_only.PixelData
     assert parse(body_of(header_only), header_only).sop_instance_uid == ct.SOPInstanceUID
+
+
+@pytest.mark.parametrize(
+    "charset, name",
+    [("ISO_IR 100", "Müller^Jürgen"), ("ISO_IR 192", "Ødegård^李"), ("ISO_IR 144", "Иванов^Иван"), (None, "Plain^Name")],
+)
+def test_names_are_decoded_with_the_specific_character_set(ct: Dataset, charset: str | None, name: str) -> None:
+    labelled = copy.deepcopy(ct)
+    if charset is None:
+        del labelled.SpecificCharacterSet
+    else:
+        labelled.SpecificCharacterSet = charset
+    labelled.PatientName = name
+    labelled.StudyDescription = name.split("^")[0]
+    header = parse(body_of(labelled), labelled)
+    assert header.patient_name == name and header.study_description == name.split("^")[0]
