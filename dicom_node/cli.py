@@ -84,10 +84,17 @@ def _db_upgrade(settings: Settings) -> int:
 
 def _studies(settings: Settings, as_json: bool, limit: int) -> int:
     from dicom_node.db import repo
-    from dicom_node.db.session import make_engine, make_session_factory, upgrade
+    from dicom_node.db.session import current_revision, head_revision, make_engine, make_session_factory
 
     engine = make_engine(settings.resolved_database_url)
-    upgrade(engine)
+    revision, head = current_revision(engine), head_revision()
+    if revision != head:
+        print(
+            f"dicom-node: the database at {engine.url.render_as_string(hide_password=True)} is at revision "
+            f"{revision or 'none'}, this version needs {head}; start the node or run `dicom-node db upgrade`",
+            file=sys.stderr,
+        )
+        return 1
     studies = repo.list_studies(make_session_factory(engine), limit=limit)
     if as_json:
         rows = [

@@ -36,7 +36,21 @@ STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_PARSE = 0xC210
 STATUS_MISSING_UID = 0xC220
 STATUS_SOP_INSTANCE_MISMATCH = 0xC221
+STATUS_INVALID_UID = 0xC222
 STATUS_PIXEL_DATA_INCOMPLETE = 0xC230
+
+
+# The longest value the index keeps of each text field (the VR maximum, PS3.5 6.2).
+_INDEXED_LENGTHS = {
+    "patient_id": 64,
+    "patient_name": 324,
+    "accession_number": 16,
+    "study_date": 8,
+    "study_description": 64,
+    "modality": 16,
+    "series_description": 64,
+    "body_part_examined": 16,
+}
 
 
 @dataclass(frozen=True)
@@ -222,6 +236,9 @@ def parse_header(body: bytes, transfer_syntax_uid: str, sop_class_uid: str, sop_
     missing = [keyword for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not uids[keyword]]
     if missing:
         raise InvalidDataset(STATUS_MISSING_UID, f"dataset has no {', '.join(missing)}")
+    too_long = [keyword for keyword, uid in uids.items() if uid and len(uid) > 64]
+    if too_long:
+        raise InvalidDataset(STATUS_INVALID_UID, f"{', '.join(too_long)} longer than 64 characters")
     if uids["SOPInstanceUID"] != sop_instance_uid.strip("\0 "):
         raise InvalidDataset(
             STATUS_SOP_INSTANCE_MISMATCH,
@@ -233,6 +250,11 @@ def parse_header(body: bytes, transfer_syntax_uid: str, sop_class_uid: str, sop_
             f"dataset SOP Class UID {uids['SOPClassUID']} differs from the request's {sop_class_uid}",
         )
     _check_pixel_element(data, stream.tell(), dataset, little_endian, implicit)
+    for field, limit in _INDEXED_LENGTHS.items():
+        value = header_fields[field]
+        if isinstance(value, str) and len(value) > limit:
+            # Over-long values are common in the wild; the file keeps them whole.
+            header_fields[field] = value[:limit]
     return InstanceHeader(
         sop_class_uid=sop_class_uid.strip("\0 "),
         sop_instance_uid=uids["SOPInstanceUID"] or "",

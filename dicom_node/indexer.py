@@ -274,4 +274,4 @@ class InstanceIndexer:
 
 
 def _failure() -> RuntimeError:
-    return RuntimeError("the instance could not be indexed; see the node log")
+    return RuntimeError("database error while indexing")

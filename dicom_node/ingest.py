@@ -83,12 +83,12 @@ class IngestService:
         free = free_bytes(self._spool.root)
         if free < self._min_free_bytes + len(item.body):
             reason = f"disk space low: {free // 1_048_576} MiB free, minimum {self._min_free_bytes // 1_048_576} MiB"
-            self._record_failure(item, STATUS_OUT_OF_RESOURCES, reason, quarantine=False)
+            self.record_failure(item, STATUS_OUT_OF_RESOURCES, reason, quarantine=False)
             return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
         try:
             header = parse_header(item.body, item.transfer_syntax_uid, item.sop_class_uid, item.sop_instance_uid)
         except InvalidDataset as exc:
-            self._record_failure(item, exc.status, exc.reason, quarantine=True)
+            self.record_failure(item, exc.status, exc.reason, quarantine=True)
             return StoreOutcome(exc.status, exc.reason)
 
         lock = self._sop_locks[hash(header.sop_instance_uid) % len(self._sop_locks)]
@@ -113,7 +113,7 @@ class IngestService:
             except OSError as exc:
                 reason = f"cannot write {relative}: {exc.strerror or exc}"
                 logger.error("%s", reason)
-                self._record_failure(item, STATUS_OUT_OF_RESOURCES, reason, quarantine=False)
+                self.record_failure(item, STATUS_OUT_OF_RESOURCES, reason, quarantine=False)
                 return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
             record = IndexRecord(
                 header=header,
@@ -129,8 +129,8 @@ class IngestService:
             except Exception as exc:
                 if existing is None or existing.path != relative:
                     self._spool.remove(relative)
-                reason = f"instance could not be indexed: {exc}"
-                self._record_failure(item, STATUS_OUT_OF_RESOURCES, reason, quarantine=False)
+                reason = f"index database error ({type(exc).__name__}); see the node log"
+                self.record_failure(item, STATUS_OUT_OF_RESOURCES, reason, quarantine=False)
                 return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
             if existing is not None and existing.path != relative:
                 self._spool.remove(existing.path)
@@ -140,7 +140,7 @@ class IngestService:
         """Let go of what was cached for an association that has ended."""
         self._indexer.forget_association(association_id)
 
-    def _record_failure(self, item: ReceivedInstance, status: int, reason: str, *, quarantine: bool) -> None:
+    def record_failure(self, item: ReceivedInstance, status: int, reason: str, *, quarantine: bool) -> None:
         """Keep the rejected bytes (when there is room) and a row the admin can read."""
         path: str | None = None
         if quarantine:

@@ -32,10 +32,14 @@ _MARGIN = timedelta(minutes=10)
 
 
 def _recent_files(root: Path, since: float) -> list[Path]:
-    """``*.dcm`` files under study/series directories modified at or after ``since``."""
+    """``*.dcm`` files in series directories modified at or after ``since``.
+
+    A file added to an existing series changes only the series directory's time, so
+    every study directory is listed, but only recently changed series are read.
+    """
     found: list[Path] = []
     for study in os.scandir(root):
-        if not study.is_dir() or study.stat().st_mtime < since:
+        if not study.is_dir():
             continue
         for series in os.scandir(study.path):
             if series.is_dir() and series.stat().st_mtime >= since:

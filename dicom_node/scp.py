@@ -29,26 +29,31 @@ from dicom_node.db import repo
 from dicom_node.db.models import AssociationOutcome
 from dicom_node.ingest import STATUS_SUCCESS, IngestService, ReceivedInstance, utc_now
 from dicom_node.settings import DicomSettings
+from dicom_node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 logger = logging.getLogger(__name__)
 
-# Accepted as sent and stored unchanged (PS3.5 Section 10 and Annex A).
+# Accepted as sent and stored unchanged (PS3.5 Section 10 and Annex A), in order of
+# preference when a sender offers several for one SOP class: lossless compression first
+# (the sender keeps its encoding and the link carries less), then uncompressed, and lossy
+# compression last, so the node never asks a sender to compress lossily images it holds
+# uncompressed, which would degrade what the models see.
 SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.201",  # High-Throughput JPEG 2000 Lossless Only
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
+    "1.2.840.10008.1.2.5",  # RLE Lossless
     "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
     "1.2.840.10008.1.2",  # Implicit VR Little Endian
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.203",  # High-Throughput JPEG 2000
     "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
     "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.201",  # High-Throughput JPEG 2000 Lossless Only
-    "1.2.840.10008.1.2.4.203",  # High-Throughput JPEG 2000
-    "1.2.840.10008.1.2.5",  # RLE Lossless
 )
 
 
@@ -105,6 +110,8 @@ class StorageSCP:
 
     def _build_ae(self) -> AE:
         ae = AE(ae_title=self._settings.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_pdu_size = self._settings.max_pdu_size
         ae.acse_timeout = self._settings.acse_timeout_seconds
         ae.dimse_timeout = self._settings.dimse_timeout_seconds
@@ -227,10 +234,23 @@ class StorageSCP:
                     association_id=association_id if association_id and association_id > 0 else None,
                 )
             )
-        except Exception:
+        except Exception as exc:
             logger.exception("storing SOP Instance %s failed", request.AffectedSOPInstanceUID)
             if connection:
                 connection.failed += 1
+            self._ingest.record_failure(
+                ReceivedInstance(
+                    body=b"",
+                    sop_class_uid=str(request.AffectedSOPClassUID),
+                    sop_instance_uid=str(request.AffectedSOPInstanceUID),
+                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                    calling_ae_title=calling,
+                    association_id=association_id if association_id and association_id > 0 else None,
+                ),
+                0xC211,
+                f"unexpected error: {type(exc).__name__}: {exc}",
+                quarantine=False,
+            )
             return 0xC211
         if connection:
             if outcome.status == STATUS_SUCCESS:

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 _SAFE_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 PART_SUFFIX = ".part"
-IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1440.1.1"  # the node's implementation class
+# The node's implementation class: a UUID-derived UID (PS3.5 B.2), unique without a registered root.
+IMPLEMENTATION_CLASS_UID = "2.25.198902813236010109457631078717880827925"
 IMPLEMENTATION_VERSION_NAME = "DICOM_NODE_01"
 
 

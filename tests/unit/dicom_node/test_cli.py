@@ -57,3 +57,10 @@ def test_studies_lists_state_counts_and_timestamps(
     assert main(["studies", "--data-dir", data_dir]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].startswith("STATE") and small_series.study_uid in table[1] and " 5 " in table[1]
+
+
+def test_studies_does_not_create_or_migrate_a_database(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert main(["studies", "--data-dir", str(tmp_path)]) == 1
+    assert "db upgrade" in capsys.readouterr().err
+    assert main(["db", "upgrade", "--data-dir", str(tmp_path)]) == 0
+    assert main(["studies", "--data-dir", str(tmp_path)]) == 0

@@ -144,3 +144,16 @@ def test_names_are_decoded_with_the_specific_character_set(ct: Dataset, charset:
     labelled.StudyDescription = name.split("^")[0]
     header = parse(body_of(labelled), labelled)
     assert header.patient_name == name and header.study_description == name.split("^")[0]
+
+
+def test_over_long_values_are_shortened_for_the_index_and_long_uids_refused(ct: Dataset) -> None:
+    long_values = copy.deepcopy(ct)
+    long_values.AccessionNumber = "A" * 40
+    long_values.StudyDescription = "D" * 100
+    header = parse(body_of(long_values), long_values)
+    assert header.accession_number == "A" * 16 and header.study_description == "D" * 64
+    long_uid = copy.deepcopy(ct)
+    long_uid.StudyInstanceUID = "1." + "2" * 70
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body_of(long_uid), long_uid)
+    assert raised.value.status == 0xC222 and "StudyInstanceUID" in raised.value.reason
