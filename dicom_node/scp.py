@@ -186,16 +186,7 @@ class StorageSCP:
             if not connection.rejected:
                 connection.association_id = -1  # counted as open until the row exists
         try:
-            connection.association_id = repo.open_association(
-                self._sessions,
-                calling_ae_title=calling,
-                called_ae_title=called,
-                peer_address=connection.peer_address,
-                peer_port=connection.peer_port,
-                tls=self._tls,
-                now=self._clock(),
-                reject_reason=decision.reason,
-            )
+            connection.association_id = self._record_association(connection, calling, called, decision.reason)
         except Exception:
             logger.exception("cannot record the association from %s", calling)
         if decision.rejection is not None:
@@ -214,48 +205,46 @@ class StorageSCP:
         else:
             logger.info("association from %s (%s:%d)", calling, connection.peer_address, connection.peer_port)
 
+    def _record_association(self, connection: _Connection, calling: str, called: str, rejection: str | None) -> int:
+        return repo.open_association(
+            self._sessions,
+            calling_ae_title=calling,
+            called_ae_title=called,
+            peer_address=connection.peer_address,
+            peer_port=connection.peer_port,
+            tls=self._tls,
+            now=self._clock(),
+            reject_reason=rejection,
+        )
+
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
     def _on_store(self, event: evt.Event) -> int | Dataset:
         connection = self._connections.get(id(event.assoc))
         request = event.request
-        calling = connection.calling_ae_title if connection else ""
-        association_id = connection.association_id if connection and connection.association_id else None
+        association_id = connection.association_id if connection else None
+        item = ReceivedInstance(
+            body=request.DataSet.getvalue() if request.DataSet is not None else b"",
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            transfer_syntax_uid=str(event.context.transfer_syntax),
+            calling_ae_title=connection.calling_ae_title if connection else "",
+            association_id=association_id if association_id and association_id > 0 else None,
+        )
         try:
-            body = request.DataSet.getvalue() if request.DataSet is not None else b""
-            outcome = self._ingest.store(
-                ReceivedInstance(
-                    body=body,
-                    sop_class_uid=str(request.AffectedSOPClassUID),
-                    sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                    transfer_syntax_uid=str(event.context.transfer_syntax),
-                    calling_ae_title=calling,
-                    association_id=association_id if association_id and association_id > 0 else None,
-                )
-            )
+            outcome = self._ingest.store(item)
         except Exception as exc:
-            logger.exception("storing SOP Instance %s failed", request.AffectedSOPInstanceUID)
+            logger.exception("storing SOP Instance %s failed", item.sop_instance_uid)
             if connection:
                 connection.failed += 1
-            self._ingest.record_failure(
-                ReceivedInstance(
-                    body=b"",
-                    sop_class_uid=str(request.AffectedSOPClassUID),
-                    sop_instance_uid=str(request.AffectedSOPInstanceUID),
-                    transfer_syntax_uid=str(event.context.transfer_syntax),
-                    calling_ae_title=calling,
-                    association_id=association_id if association_id and association_id > 0 else None,
-                ),
-                0xC211,
-                f"unexpected error: {type(exc).__name__}: {exc}",
-                quarantine=False,
-            )
+            reason = f"unexpected error: {type(exc).__name__}: {exc}"
+            self._ingest.record_failure(item, 0xC211, reason, quarantine=False)
             return 0xC211
         if connection:
             if outcome.status == STATUS_SUCCESS:
                 connection.stored += 1
-                connection.bytes_received += len(body)
+                connection.bytes_received += len(item.body)
             else:
                 connection.failed += 1
         if outcome.status == STATUS_SUCCESS:
@@ -284,15 +273,8 @@ class StorageSCP:
         now = self._clock()
         try:
             if connection.association_id is None:
-                repo.open_association(
-                    self._sessions,
-                    calling_ae_title="",
-                    called_ae_title="",
-                    peer_address=connection.peer_address,
-                    peer_port=connection.peer_port,
-                    tls=self._tls,
-                    now=now,
-                    reject_reason="connection closed without a valid association request",
+                self._record_association(
+                    connection, "", "", "connection closed without a valid association request"
                 )
                 logger.warning(
                     "connection from %s:%d closed without a valid association request",
