@@ -69,6 +69,7 @@ class IndexRecord:
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
     late: bool = False
+    series_id: int | None = None  # set by the indexer
 
 
 class IndexerStopped(RuntimeError):
@@ -87,6 +88,8 @@ class InstanceIndexer:
         self._committing = False
         self._stopped = False
         self._linked: set[tuple[int, int]] = set()
+        # Series UID -> id of series this process created or saw; a series never changes study.
+        self._series_ids: dict[str, int] = {}
 
     def stop(self) -> None:
         """Refuse new records; the ones already committing finish."""
@@ -134,7 +137,11 @@ class InstanceIndexer:
                 record.late = False
                 self._commit([record])
             return
+        if len(self._series_ids) > 10_000:
+            self._series_ids.clear()
         for record in batch:
+            if record.series_id is not None:
+                self._series_ids[record.header.series_instance_uid] = record.series_id
             record.done.set()
 
     def _write(self, connection: Connection, record: IndexRecord) -> None:
@@ -164,7 +171,9 @@ class InstanceIndexer:
         else:
             study_id, state = study
 
-        series_id = connection.execute(_SERIES_BY_UID, {"uid": header.series_instance_uid}).scalar()
+        series_id = self._series_ids.get(header.series_instance_uid)
+        if series_id is None:
+            series_id = connection.execute(_SERIES_BY_UID, {"uid": header.series_instance_uid}).scalar()
         if series_id is None:
             series_id = connection.execute(
                 insert(_SERIES).values(
@@ -180,6 +189,7 @@ class InstanceIndexer:
                 )
             ).inserted_primary_key[0]
 
+        record.series_id = series_id
         late = state != StudyState.RECEIVING.value
         counted = True
         if record.replace_existing:

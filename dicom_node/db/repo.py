@@ -29,8 +29,6 @@ from dicom_node.db.models import (
 class ExistingInstance:
     id: int
     path: str
-    study_instance_uid: str
-    series_instance_uid: str
 
 
 def open_association(
@@ -149,12 +147,7 @@ def record_ingest_error(
 
 
 # Built once: this runs for every received instance.
-_FIND_INSTANCE = (
-    select(Instance.id, Instance.path, Study.study_instance_uid, Series.series_instance_uid)
-    .join(Series, Instance.series_id == Series.id)
-    .join(Study, Series.study_id == Study.id)
-    .where(Instance.sop_instance_uid == bindparam("uid"))
-)
+_FIND_INSTANCE = select(Instance.id, Instance.path).where(Instance.sop_instance_uid == bindparam("uid"))
 
 
 def find_instance(sessions: sessionmaker[Session], sop_instance_uid: str) -> ExistingInstance | None:
