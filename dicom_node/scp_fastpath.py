@@ -513,6 +513,16 @@ class _FastPDataTF:
         return p
 
 
+_MAX_CONTROL_PDU = 1 << 20  # A-ASSOCIATE and friends: a few KiB in practice
+
+
+def _max_pdu_body(pdu_type: int, maximum_length: int) -> int:
+    """The largest PDU body accepted: the advertised maximum for P-DATA, 1 MiB otherwise."""
+    if pdu_type != 0x04:
+        return _MAX_CONTROL_PDU
+    return maximum_length if maximum_length else 0xFFFFFFFF
+
+
 def _parse_p_data_tf(body: bytearray) -> list[Any] | None:
     """Split a P-DATA-TF body into ``[context ID, PDV data]`` items.
 
@@ -633,6 +643,13 @@ class _FastDUL(DULServiceProvider):
         pdu_type, _, pdu_length = struct.unpack(">BBL", header)
         if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
             LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            self.event_queue.put("Evt19")
+            return
+        limit = _max_pdu_body(pdu_type, self.assoc.acceptor.maximum_length)
+        if pdu_length > limit:
+            # Never allocate what a peer merely claims: a PDU longer than this node
+            # advertised (or than any association PDU can be) is a protocol error.
+            LOGGER.error(f"PDU of type 0x{pdu_type:02X} claims {pdu_length} bytes, more than {limit} allowed")
             self.event_queue.put("Evt19")
             return
 

@@ -252,11 +252,19 @@ def test_duplicates_never_make_two_copies(node_factory: NodeFactory, small_serie
     assert repo.list_studies(node.sessions)[0].instance_count == 1
 
 
-def test_garbage_on_the_socket_ends_only_that_connection(node_factory: NodeFactory, small_series: GeneratedSeries) -> None:
+def test_garbage_on_the_socket_ends_only_that_connection(
+    node_factory: NodeFactory, small_series: GeneratedSeries, caplog: pytest.LogCaptureFixture
+) -> None:
     node = node_factory()
     good = associate(node, client())
     assert good.is_established
-    for payload in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\x01\x00\x00\x00\x00\x10" + b"\x00" * 16, b"\xff" * 64):
+    payloads = (
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"\x01\x00\x00\x00\x00\x10" + b"\x00" * 16,
+        b"\xff" * 64,
+        b"\x04\x00\xff\xff\xff\xf0" + b"\x00" * 64,  # claims a 4 GiB PDU: refused, never allocated
+    )
+    for payload in payloads:
         with socket.create_connection(("127.0.0.1", node.scp.port), timeout=5) as rogue:
             rogue.sendall(payload)
             rogue.shutdown(socket.SHUT_WR)
@@ -269,7 +277,8 @@ def test_garbage_on_the_socket_ends_only_that_connection(node_factory: NodeFacto
     fresh = associate(node, client())
     assert fresh.send_c_store(pydicom.dcmread(small_series.paths[1])).Status == 0x0000
     fresh.release()
-    wait_for(lambda: sum(r.reject_reason is not None and "without a valid association" in r.reject_reason for r in rows(node, AssociationRecord)) == 3)
+    wait_for(lambda: sum(r.reject_reason is not None and "without a valid association" in r.reject_reason for r in rows(node, AssociationRecord)) == 4)
+    assert "claims 4294967280 bytes" in caplog.text
 
 
 def test_association_limit(node_factory: NodeFactory) -> None:
