@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(studies)
     studies.add_argument("--json", action="store_true", help="machine-readable output")
     studies.add_argument("--limit", type=int, default=500)
+
+    # Making and checking the models the node serves (the training package owns them).
+    from training.cli import add_phantom_command, add_training_commands
+
+    add_phantom_command(commands)
+    add_training_commands(commands)
     return parser
 
 
@@ -132,6 +138,9 @@ def _studies(settings: Settings, as_json: bool, limit: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "handler", None) is not None:  # train, evaluate, phantom: no node settings
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        return int(args.handler(args))
     try:
         settings = _settings(args)
     except (ValidationError, FileNotFoundError) as exc:
