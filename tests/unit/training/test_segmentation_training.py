@@ -1,0 +1,185 @@
+"""Segmentation training, its MONAI bundle and the bundle's use outside the product.
+
+One tiny training run (3 phantoms of 24x48x48 voxels, 3 epochs on 32x32x16
+patches) is shared by the module's tests: the loss must fall, the records and
+plots must be written, and the exported bundle must load through MONAI's bundle
+API, run under ``python -m monai.bundle run`` and carry SNOMED-coded labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from training.bundle import read_bundle_metadata
+from training.labels import CHEST_LABELS
+from training.phantoms.chest import PhantomConfig
+from training.phantoms.dataset import write_phantom_dataset
+from training.segmentation import train_segmentation
+
+PATCH = (32, 32, 16)  # x, y, z voxels
+SPACING_XYZ = (7.3, 7.3, 10.0)  # the phantoms' grid, so resampling is (nearly) the identity
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def torch_threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    config = PhantomConfig(shape=(24, 48, 48), spacing_mm=(SPACING_XYZ[2], SPACING_XYZ[1], SPACING_XYZ[0]))
+    return write_phantom_dataset(tmp_path_factory.mktemp("seg_dataset"), 3, seed=7, config=config, dicom=False)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory, torch_threads: None) -> dict[str, Any]:
+    bundle = tmp_path_factory.mktemp("seg_bundle") / "bundle"
+    record = train_segmentation(
+        tiny_dataset,
+        bundle,
+        epochs=3,
+        seed=0,
+        patch_size=PATCH,
+        batch_size=2,
+        learning_rate=5e-3,
+        val_fraction=0.34,
+        spacing_mm=SPACING_XYZ,
+        init_filters=8,
+        progress=False,
+    )
+    return {"record": record, "bundle": bundle, "dataset": tiny_dataset}
+
+
+def test_training_reduces_loss_and_writes_metrics_and_plots(trained: dict[str, Any]) -> None:
+    bundle: Path = trained["bundle"]
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    losses = [epoch["loss"] for epoch in metrics["epochs"]]
+    assert len(losses) == 3
+    assert losses[-1] < losses[0]
+    assert metrics["device"] == "cpu"
+    assert metrics["training_seconds"] > 0
+    assert len(metrics["train_cases"]) == 2 and len(metrics["validation_cases"]) == 1
+    last = metrics["epochs"][-1]
+    assert set(last["validation_dice"]) == {spec.name for spec in CHEST_LABELS}
+    assert all(0.0 <= v <= 1.0 for v in last["validation_dice"].values())
+    assert metrics["best_epoch"] in (1, 2, 3)
+    for name in ("loss.png", "dice.png", "validation_slices.png"):
+        data = (bundle / "plots" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
+
+
+def test_bundle_loads_with_monai_bundle_api_and_torchscript_matches(trained: dict[str, Any]) -> None:
+    from monai.bundle import ConfigParser
+
+    bundle: Path = trained["bundle"]
+    assert {p.name for p in (bundle / "configs").iterdir()} >= {"inference.json", "metadata.json"}
+    assert (bundle / "docs" / "README.md").read_text().startswith("# ")
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser.read_meta(str(bundle / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(bundle)
+    parser["device"] = "$torch.device('cpu')"
+    network = parser.get_parsed_content("network")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True))
+    network.eval()
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu")
+    scripted.eval()
+    x = torch.rand(1, 1, *PATCH, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected, got = network(x), scripted(x)
+    assert expected.shape == (1, len(CHEST_LABELS) + 1, *PATCH)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # The bundle's own preprocessing and inferer parse too (what a worker uses).
+    assert type(parser.get_parsed_content("inferer")).__name__ == "SlidingWindowInferer"
+
+
+def test_monai_bundle_run_writes_a_label_map_on_the_input_grid(trained: dict[str, Any], tmp_path: Path) -> None:
+    bundle: Path = trained["bundle"]
+    image = sorted((trained["dataset"] / "imagesTr").glob("*.nii.gz"))[0]
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run",
+        "--config_file", str(bundle / "configs" / "inference.json"),
+        "--meta_file", str(bundle / "configs" / "metadata.json"),
+        "--bundle_root", str(bundle),
+        "--datalist", repr([str(image)]),
+        "--output_dir", str(out),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = sorted(out.rglob("*.nii.gz"))
+    assert len(written) == 1, written
+    source, result = nib.load(image), nib.load(written[0])
+    assert result.shape == source.shape
+    np.testing.assert_allclose(result.affine, source.affine, atol=1e-4)
+    values = np.unique(np.asarray(result.dataobj))
+    assert set(values.tolist()) <= set(range(len(CHEST_LABELS) + 1))
+
+
+def test_metadata_carries_snomed_coded_labels_and_monai_fields(trained: dict[str, Any]) -> None:
+    meta = read_bundle_metadata(trained["bundle"])
+    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                "required_packages_version", "task", "description", "authors", "copyright"):
+        assert meta[key], key
+    image = meta["network_data_format"]["inputs"]["image"]
+    assert image["format"] == "hounsfield" and image["modality"] == "CT" and image["num_channels"] == 1
+    assert image["spatial_shape"] == list(PATCH)
+    channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert channels == {"0": "background", **{str(s.value): s.name for s in CHEST_LABELS}}
+    node = meta["dicom_node"]
+    assert node["kind"] == "segmentation"
+    assert node["input"] == {"modality": "CT", "spacing_mm": list(SPACING_XYZ),
+                             "intensity_window_hu": [-1000.0, 500.0]}
+    assert [entry["value"] for entry in node["labels"]] == [s.value for s in CHEST_LABELS]
+    for entry, spec in zip(node["labels"], CHEST_LABELS):
+        assert entry["name"] == spec.name
+        assert entry["code"] == {"value": spec.code_value, "scheme": "SCT", "meaning": spec.code_meaning}
+        assert entry["category"] == {"value": spec.category_value, "scheme": "SCT", "meaning": spec.category_meaning}
+        assert entry["color_rgb"] == list(spec.color_rgb)
+    assert node["evaluation"]["split"] == "validation"
+    assert set(node["evaluation"]["dice"]) == {s.name for s in CHEST_LABELS}
+    assert node["torchscript"] == {"written": True, "method": "script"}
+
+
+def test_evaluate_through_the_cli_scores_every_case_and_records_held_out(trained: dict[str, Any],
+                                                                         tmp_path: Path) -> None:
+    from training.cli import main
+
+    out = tmp_path / "evaluation"
+    code = main(["evaluate", "--bundle", str(trained["bundle"]), "--dataset", str(trained["dataset"]),
+                 "--out", str(out), "--record"])
+    assert code == 0
+    result = json.loads((out / "segmentation_evaluation.json").read_text())
+    assert result["cases"] == 3 and len(result["per_case"]) == 3
+    assert set(result["dice"]) == {s.name for s in CHEST_LABELS}
+    assert (out / "overlay.png").read_bytes().startswith(PNG_MAGIC)
+    held_out = read_bundle_metadata(trained["bundle"])["dicom_node"]["evaluation"]["held_out"]
+    assert held_out["dice"] == result["dice"] and held_out["cases"] == 3
+
+
+def test_training_is_deterministic_for_a_seed(trained: dict[str, Any], tmp_path: Path) -> None:
+    """Same seed, same data: the first optimiser steps see the same patches and weights."""
+    again = train_segmentation(
+        trained["dataset"], tmp_path / "again", epochs=1, seed=0, patch_size=PATCH, batch_size=2,
+        learning_rate=5e-3, val_fraction=0.34, spacing_mm=SPACING_XYZ, init_filters=8, progress=False,
+    )
+    first = trained["record"]["epochs"][0]["step_losses"]
+    assert again["validation_cases"] == trained["record"]["validation_cases"]
+    # The learning-rate schedule depends on the number of epochs, so only the first step must match.
+    assert again["epochs"][0]["step_losses"][0] == pytest.approx(first[0], rel=1e-6)

@@ -1,0 +1,160 @@
+"""Writing and reading MONAI bundles (training.bundle), without any training."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from training.bundle import (
+    dicom_node_section,
+    label_entries,
+    read_bundle_metadata,
+    record_evaluation,
+    write_bundle,
+)
+from training.labels import CHEST_LABELS
+
+SHARED_BUNDLES = Path(__file__).resolve().parents[3].parent / "shared" / "monai-bundles"
+
+
+class Unscriptable(nn.Module):
+    """A module torch.jit.script rejects (``**kwargs``) but torch.jit.trace handles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(1, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.conv(x)
+
+
+def _metadata(**node: Any) -> dict[str, Any]:
+    section = {
+        "kind": "segmentation",
+        "spacing_mm": (1.5, 1.5, 2.0),
+        "intensity_window_hu": (-1000, 500),
+        "labels": CHEST_LABELS[:1],
+        **node,
+    }
+    spec = {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
+            "spatial_shape": [8, 8, 8], "dtype": "float32", "value_range": [0, 1], "is_patch_data": True,
+            "channel_def": {"0": "image"}}
+    return {
+        "task": "test",
+        "description": "a test bundle",
+        "network_data_format": {"inputs": {"image": spec},
+                                "outputs": {"pred": {**spec, "format": "segmentation", "num_channels": 2,
+                                                     "channel_def": {"0": "background", "1": "body"}}}},
+        "dicom_node": dicom_node_section(**section),
+    }
+
+
+def _conv_def() -> dict[str, Any]:
+    return {"_target_": "torch.nn.Conv3d", "in_channels": 1, "out_channels": 2, "kernel_size": 3, "padding": 1}
+
+
+def test_write_bundle_scripts_and_completes_the_metadata(tmp_path: Path) -> None:
+    network = nn.Conv3d(1, 2, 3, padding=1)
+    x = torch.rand(1, 1, 8, 8, 8)
+    bundle = write_bundle(tmp_path / "b", network=network, network_def=_conv_def(),
+                          inference_config={"bundle_root": ".", "network": "$@network_def"},
+                          metadata=_metadata(), example_input=x)
+    meta = read_bundle_metadata(bundle)
+    assert meta["schema"].endswith("meta_schema_20240725.json")
+    assert meta["monai_version"] and meta["pytorch_version"] and meta["numpy_version"]
+    assert "nibabel" in meta["required_packages_version"]
+    assert meta["dicom_node"]["torchscript"] == {"written": True, "method": "script"}
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["network_def"] == _conv_def()
+    state = torch.load(bundle / "models" / "model.pt", weights_only=True)
+    assert set(state) == {"weight", "bias"}
+    extra = {"inference.json": "", "metadata.json": ""}
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"), _extra_files=extra)
+    assert json.loads(extra["inference.json"])["network_def"] == _conv_def()
+    assert json.loads(extra["metadata.json"])["dicom_node"]["kind"] == "segmentation"
+    torch.testing.assert_close(scripted(x), network(x))
+    readme = (bundle / "docs" / "README.md").read_text()
+    assert "38266002" in readme and "monai.bundle run" in readme
+
+
+def test_write_bundle_falls_back_to_tracing(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "b", network=Unscriptable(), network_def=_conv_def(), inference_config={},
+                          metadata=_metadata(), example_input=torch.rand(1, 1, 8, 8, 8))
+    assert read_bundle_metadata(bundle)["dicom_node"]["torchscript"] == {"written": True, "method": "trace"}
+    assert torch.jit.load(str(bundle / "models" / "model.ts"))(torch.rand(1, 1, 4, 4, 4)).shape == (1, 2, 4, 4, 4)
+
+
+def test_write_bundle_skips_torchscript_with_a_logged_reason(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="training.bundle"):
+        bundle = write_bundle(tmp_path / "b", network=Unscriptable(), network_def=_conv_def(),
+                              inference_config={}, metadata=_metadata(), example_input=None)
+    assert not (bundle / "models" / "model.ts").exists()
+    assert (bundle / "models" / "model.pt").exists()
+    ts = read_bundle_metadata(bundle)["dicom_node"]["torchscript"]
+    assert ts["written"] is False and "example_input" in ts["reason"]
+    assert "no TorchScript model written" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kind": "classification"}, "dicom_node.kind"),
+        ({"spacing_mm": (1.0, 1.0)}, "spacing_mm"),
+        ({"intensity_window_hu": (500, -1000)}, "intensity_window_hu"),
+        ({"labels": []}, "dicom_node.labels"),
+    ],
+)
+def test_dicom_node_section_rejects_bad_values(change: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _metadata(**change)
+
+
+def test_write_bundle_rejects_incomplete_metadata(tmp_path: Path) -> None:
+    meta = _metadata()
+    meta["dicom_node"]["labels"][0]["code"] = {"value": "38266002", "meaning": "Entire body"}
+    with pytest.raises(ValueError, match=r"labels\[0\]\.code\.scheme"):
+        write_bundle(tmp_path / "b", network=nn.Identity(), network_def={}, inference_config={}, metadata=meta)
+    meta = _metadata()
+    del meta["network_data_format"]
+    with pytest.raises(ValueError, match="network_data_format"):
+        write_bundle(tmp_path / "c", network=nn.Identity(), network_def={}, inference_config={}, metadata=meta)
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+def test_label_entries_follow_the_label_table() -> None:
+    entries = label_entries(CHEST_LABELS)
+    assert [e["value"] for e in entries] == [1, 2, 3, 4, 5]
+    nodule = entries[-1]
+    assert nodule["code"] == {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"}
+    assert nodule["category"]["scheme"] == "SCT" and nodule["color_rgb"] == [255, 230, 0]
+
+
+def test_record_evaluation_adds_held_out_figures(tmp_path: Path) -> None:
+    bundle = write_bundle(tmp_path / "b", network=nn.Conv3d(1, 2, 1), network_def=_conv_def(), inference_config={},
+                          metadata=_metadata(evaluation={"split": "validation"}))
+    record_evaluation(bundle, "held_out", {"cases": 4, "mean_dice": 0.9})
+    meta = read_bundle_metadata(bundle)
+    assert meta["dicom_node"]["evaluation"] == {"split": "validation", "held_out": {"cases": 4, "mean_dice": 0.9}}
+    assert meta["eval_metrics"]["mean_dice"] == 0.9
+    assert '"mean_dice": 0.9' in (bundle / "docs" / "README.md").read_text()
+
+
+def test_read_bundle_metadata_of_a_model_zoo_bundle() -> None:
+    meta = read_bundle_metadata(SHARED_BUNDLES / "spleen_ct_segmentation")
+    assert "dicom_node" not in meta
+    assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["1"] == "spleen"
+
+
+def test_read_bundle_metadata_reports_malformed_files(tmp_path: Path) -> None:
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "metadata.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_bundle_metadata(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        read_bundle_metadata(tmp_path / "missing")

@@ -1,0 +1,94 @@
+"""The training command line (training.cli) as the product CLI mounts it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from training.cli import (
+    add_phantom_command,
+    add_training_commands,
+    evaluate_command,
+    main,
+    phantom_command,
+    train_command,
+)
+
+SHARED_BUNDLES = Path(__file__).resolve().parents[3].parent / "shared" / "monai-bundles"
+
+
+def _parser() -> argparse.ArgumentParser:
+    """A product-like parser: its own commands plus the mounted training ones."""
+    parser = argparse.ArgumentParser(prog="dicom-node")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("serve")
+    add_training_commands(commands)
+    add_phantom_command(commands)
+    return parser
+
+
+def test_train_parses_common_and_kind_specific_options() -> None:
+    args = _parser().parse_args(
+        ["train", "segmentation", "--dataset", "d", "--out", "b", "--epochs", "3", "--device", "cuda",
+         "--seed", "5", "--batch-size", "4", "--learning-rate", "0.001", "--patch-size", "64", "64", "48",
+         "--spacing", "2.2", "2.2", "2.5", "--init-filters", "16"]
+    )
+    assert args.handler is train_command
+    assert (args.kind, args.dataset, args.out, args.epochs, args.device, args.seed) == (
+        "segmentation", Path("d"), Path("b"), 3, "cuda", 5)
+    assert (args.batch_size, args.learning_rate, args.patch_size, args.spacing, args.init_filters) == (
+        4, 0.001, [64, 64, 48], [2.2, 2.2, 2.5], 16)
+    detection = _parser().parse_args(["train", "detection", "--dataset", "d", "--out", "b", "--steps-per-epoch", "8"])
+    assert (detection.kind, detection.steps_per_epoch, detection.epochs) == ("detection", 8, None)
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["train", "classification", "--dataset", "d", "--out", "b"])
+
+
+def test_evaluate_and_phantom_parse() -> None:
+    args = _parser().parse_args(["evaluate", "--bundle", "b", "--dataset", "d", "--device", "cpu"])
+    assert args.handler is evaluate_command and args.bundle == Path("b") and not args.record
+    args = _parser().parse_args(["phantom", "--out", "o", "--cases", "2"])
+    assert args.handler is phantom_command and (args.cases, args.seed, args.no_dicom) == (2, 0, False)
+
+
+def test_options_of_the_other_kind_are_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["train", "segmentation", "--dataset", str(tmp_path), "--out", str(tmp_path / "b"),
+                 "--steps-per-epoch", "3"])
+    assert code == 2 and "--steps-per-epoch" in capsys.readouterr().err
+    code = main(["train", "detection", "--dataset", str(tmp_path), "--out", str(tmp_path / "b"),
+                 "--patch-size", "32", "32", "32"])
+    assert code == 2 and "--patch-size" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
+def test_missing_dataset_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["train", "segmentation", "--dataset", str(tmp_path / "none"), "--out", str(tmp_path / "b")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_evaluate_needs_a_dicom_node_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["evaluate", "--bundle", str(SHARED_BUNDLES / "spleen_ct_segmentation"), "--dataset", str(tmp_path)])
+    assert code == 2 and "dicom_node.kind" in capsys.readouterr().err
+    assert main(["evaluate", "--bundle", str(tmp_path / "none"), "--dataset", str(tmp_path)]) == 2
+
+
+def test_phantom_writes_a_decathlon_dataset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "phantoms"
+    assert main(["phantom", "--out", str(out), "--cases", "1", "--seed", "3", "--no-dicom"]) == 0
+    assert capsys.readouterr().out.strip() == str(out)
+    dataset = json.loads((out / "dataset.json").read_text())
+    assert dataset["numTraining"] == 1
+    assert (out / dataset["training"][0]["label"]).exists()
+    assert main(["phantom", "--out", str(out), "--cases", "0"]) == 2
+
+
+def test_module_entry_point_shows_help() -> None:
+    done = subprocess.run([sys.executable, "-m", "training.cli", "--help"], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parents[3])
+    assert done.returncode == 0
+    assert "train" in done.stdout and "evaluate" in done.stdout and "phantom" in done.stdout

@@ -1,0 +1,237 @@
+"""Command-line glue for training, evaluation and phantom data, mounted by the product CLI.
+
+Why: ``dicom-node train|evaluate|phantom`` are the user-facing way to make and
+check the bundles the node serves, but the node must not depend on the training
+code (nor the training code on the node). The product CLI calls
+:func:`add_training_commands` and :func:`add_phantom_command` on its subparsers;
+each sub-command sets ``handler`` (``args -> exit code``), so the product's main
+only needs::
+
+    if getattr(args, "handler", None) is not None:
+        return args.handler(args)
+
+Heavy modules (torch, MONAI, the detection code) are imported by the handlers,
+not here, so building the parser stays fast. ``python -m training.cli ...`` runs
+the same commands without the product.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "add_phantom_command",
+    "add_training_commands",
+    "build_parser",
+    "evaluate_command",
+    "main",
+    "phantom_command",
+    "train_command",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def add_training_commands(subparsers: Any) -> None:
+    """Add ``train`` and ``evaluate`` to an ``argparse`` subparsers object."""
+    train = subparsers.add_parser(
+        "train",
+        help="train a segmentation or detection network and export it as a MONAI bundle",
+        description="Train on a Decathlon-layout dataset (e.g. from `phantom`) and write a MONAI bundle "
+        "(configs/, models/model.pt, models/model.ts, docs/) with metrics.json and plots/.",
+    )
+    train.add_argument("kind", choices=("segmentation", "detection"), help="what to train")
+    train.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="Decathlon-layout dataset")
+    train.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR", help="where the bundle is written")
+    train.add_argument("--epochs", type=int, default=None, help="training epochs (default: the trainer's)")
+    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--batch-size", type=int, default=None, help="patches per optimiser step")
+    train.add_argument("--learning-rate", type=float, default=None, help="peak learning rate")
+    train.add_argument("--val-fraction", type=float, default=None, help="share of the cases used for validation")
+    train.add_argument("--val-interval", type=int, default=None, help="validate every N epochs (and after the last)")
+    train.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: PyTorch's)")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    seg = train.add_argument_group("segmentation options")
+    seg.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
+                     help="training patch / sliding window in voxels, multiples of 8")
+    seg.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target voxel spacing in mm")
+    seg.add_argument("--init-filters", type=int, help="SegResNet width (multiple of 8)")
+    det = train.add_argument_group("detection options")
+    det.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch")
+    train.set_defaults(handler=train_command)
+
+    evaluate = subparsers.add_parser(
+        "evaluate",
+        help="measure a bundle on a labelled dataset (Dice for segmentation, FROC for detection)",
+        description="The bundle's metadata (dicom_node.kind) chooses the evaluation; figures go to "
+        "BUNDLE/evaluation/ (or --out) and a summary to standard output.",
+    )
+    evaluate.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="bundle directory")
+    evaluate.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="Decathlon-layout dataset")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    evaluate.add_argument("--out", type=Path, default=None, metavar="DIR", help="where figures and plots go")
+    evaluate.add_argument("--record", action="store_true",
+                          help="store the figures in the bundle's metadata as dicom_node.evaluation.held_out")
+    evaluate.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
+    evaluate.set_defaults(handler=evaluate_command)
+
+
+def add_phantom_command(subparsers: Any) -> None:
+    """Add ``phantom`` (write a synthetic chest CT dataset) to an ``argparse`` subparsers object."""
+    phantom = subparsers.add_parser(
+        "phantom",
+        help="write a synthetic chest CT dataset (Decathlon NIfTI, boxes.json, DICOM CT + SEG)",
+    )
+    phantom.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    phantom.add_argument("--cases", type=int, required=True, metavar="N", help="number of phantoms")
+    phantom.add_argument("--seed", type=int, default=0, help="seed of the first case (case i uses seed + i)")
+    phantom.add_argument("--no-dicom", action="store_true", help="skip the DICOM CT series and SEG")
+    phantom.add_argument("--validation-fraction", type=float, default=0.0,
+                         help="share of cases listed as validation in boxes.json")
+    phantom.set_defaults(handler=phantom_command)
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _accepted(function: Callable[..., Any], options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Split ``options`` (None = not given) into those ``function`` takes and those it does not."""
+    parameters = inspect.signature(function).parameters
+    given = {k: v for k, v in options.items() if v is not None}
+    return {k: v for k, v in given.items() if k in parameters}, [k for k in given if k not in parameters]
+
+
+def train_command(args: argparse.Namespace) -> int:
+    """Handler of ``train``: returns 0 on success, 2 on bad arguments or data."""
+    if not args.dataset.is_dir():
+        return _error(f"--dataset {args.dataset} is not a directory")
+    _set_threads(args.threads)
+    options: dict[str, Any] = {
+        "epochs": args.epochs,
+        "device": args.device,
+        "seed": args.seed,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "val_fraction": args.val_fraction,
+        "val_interval": args.val_interval,
+        "progress": not args.no_progress,
+    }
+    if args.kind == "segmentation":
+        options.update(
+            patch_size=tuple(args.patch_size) if args.patch_size else None,
+            spacing_mm=tuple(args.spacing) if args.spacing else None,
+            init_filters=args.init_filters,
+        )
+        misplaced = ["--steps-per-epoch"] if args.steps_per_epoch is not None else []
+    else:
+        options["steps_per_epoch"] = args.steps_per_epoch
+        given = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters}
+        misplaced = [flag for flag, value in given.items() if value is not None]
+    if misplaced:
+        return _error(f"{', '.join(misplaced)} not supported when training {args.kind}")
+    if args.kind == "segmentation":
+        from training.segmentation import train_segmentation as trainer
+    else:
+        from training.detection import train_detection as trainer
+    kwargs, unknown = _accepted(trainer, options)
+    if unknown:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
+        return _error(f"{flags} not supported when training {args.kind}")
+    try:
+        record = trainer(args.dataset, args.out, **kwargs)
+    except (ValueError, FileNotFoundError) as exc:
+        return _error(str(exc))
+    summary = {
+        k: record[k]
+        for k in ("bundle", "device", "training_seconds", "best_epoch", "best_validation_dice",
+                  "best_validation_mean_dice")
+        if k in record
+    }
+    print(json.dumps(summary or {"bundle": str(args.out)}, indent=2))
+    return 0
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
+    """Handler of ``evaluate``: the bundle's ``dicom_node.kind`` picks Dice or FROC; 0 on success."""
+    from training.bundle import read_bundle_metadata, record_evaluation
+
+    try:
+        meta = read_bundle_metadata(args.bundle)
+    except (FileNotFoundError, ValueError) as exc:
+        return _error(f"--bundle {args.bundle}: {exc}")
+    kind = meta.get("dicom_node", {}).get("kind")
+    if kind not in ("segmentation", "detection"):
+        return _error(f"--bundle {args.bundle}: metadata has no dicom_node.kind (segmentation or detection)")
+    if not args.dataset.is_dir():
+        return _error(f"--dataset {args.dataset} is not a directory")
+    _set_threads(args.threads)
+    try:
+        if kind == "segmentation":
+            from training.segmentation import evaluate_segmentation
+
+            result = evaluate_segmentation(args.bundle, args.dataset, device=args.device, out_dir=args.out,
+                                           record=args.record)
+            summary = {k: result[k] for k in ("kind", "cases", "dice", "mean_dice")}
+        else:
+            from training.detection import evaluate_detection
+
+            result = evaluate_detection(args.bundle, args.dataset, device=args.device, out_dir=args.out)
+            if args.record:
+                record_evaluation(args.bundle, "held_out", result)
+            summary = result
+    except (ValueError, FileNotFoundError) as exc:
+        return _error(str(exc))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def phantom_command(args: argparse.Namespace) -> int:
+    """Handler of ``phantom``: writes the dataset, prints its path; 0 on success."""
+    if args.cases < 1:
+        return _error(f"--cases must be >= 1, got {args.cases}")
+    from training.phantoms.dataset import write_phantom_dataset
+
+    try:
+        out = write_phantom_dataset(args.out, args.cases, args.seed, dicom=not args.no_dicom,
+                                    validation_fraction=args.validation_fraction)
+    except ValueError as exc:
+        return _error(str(exc))
+    print(out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser with ``train``, ``evaluate`` and ``phantom`` (``python -m training.cli``)."""
+    parser = argparse.ArgumentParser(prog="python -m training.cli", description="dicom-node training tools")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    add_training_commands(subparsers)
+    add_phantom_command(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns its exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    return int(args.handler(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

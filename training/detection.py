@@ -1,0 +1,1389 @@
+"""3D lung nodule detection: a CenterNet-style network, its training, export and evaluation.
+
+Why: the node's detection worker runs a MONAI bundle that finds lung nodules in a CT
+and reports each as a box with a class and a confidence. This module trains such a
+network on a Decathlon-layout dataset with a MONAI detection box list (the synthetic
+chest phantoms of :mod:`training.phantoms`, or LUNA16-like data), exports it as a
+bundle with :func:`training.bundle.write_bundle` and measures bundles by LUNA16-style
+FROC (:func:`training.metrics.froc`).
+
+The detector (:class:`CenterNetDetector`, "objects as points" in 3D):
+
+* a strided stem convolution to half resolution (``output_stride`` 2) and a MONAI
+  ``BasicUNet`` trunk (batch norm, so patches and whole volumes see the same
+  statistics at inference);
+* three heads on the trunk's features, concatenated in one output tensor of 7
+  channels at ``1 / output_stride`` resolution: channel 0 the centre heatmap (logits,
+  apply a sigmoid), channels 1-3 the log box size in mm along x, y, z, channels 4-6
+  the sub-voxel offset of the centre (in output voxels, x, y, z);
+* trained with the penalty-reduced focal loss of CenterNet on Gaussian heatmap
+  targets (sigma from the nodule size) plus L1 losses on size and offset at the
+  centre voxels, on patches that mostly contain a nodule, with random flips;
+* decoded by keeping voxels equal to the max-pooled heatmap (``peak_kernel``), the
+  top ``max_detections`` of those above ``score_threshold``, and dropping a
+  detection whose centre lies inside a higher-scoring one (``suppress_inside``).
+
+The network is plain PyTorch/MONAI and scripts with ``torch.jit.script``; the
+bundle's ``models/model.ts`` runs without this package. Everything the product
+needs to reproduce the pre- and post-processing is in ``configs/inference.json``
+(key ``detection``: :class:`DetectorConfig`) and in this module's :func:`detect`.
+
+Conventions:
+
+* Inside the network, images are channel-first, RAS-oriented, spatial axes
+  (x, y, z), as MONAI's ``Orientationd("RAS")`` gives them (the same as the
+  segmentation bundle), resampled to ``spacing_mm`` (x, y, z) and scaled from
+  ``window_hu`` to 0..1 (clipped).
+* :func:`detect` takes what a DICOM series gives: a ``(z, y, x)`` HU array of an
+  axial series (ImageOrientationPatient 1\\0\\0\\0\\1\\0), its spacing ``(z, y, x)`` and
+  the LPS position of the centre of voxel (0, 0, 0). It returns
+  :class:`~training.metrics.Detection` s in DICOM patient coordinates (LPS, mm).
+* Box lists (``boxes.json``) are MONAI detection box lists: ``cccwhd`` in RAS world mm.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.metrics import DEFAULT_FP_RATES, Detection, FrocResult, Reference, froc
+
+__all__ = [
+    "CenterNetDetector",
+    "DetectionCase",
+    "DetectorConfig",
+    "Heads",
+    "build_network",
+    "case_from_volume",
+    "centernet_loss",
+    "centernet_targets",
+    "decode_heads",
+    "detect",
+    "evaluate_detection",
+    "load_detection_cases",
+    "load_detector",
+    "network_def",
+    "predict_heads",
+    "train_detection",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Output channel layout of :class:`CenterNetDetector`.
+HEATMAP_CHANNEL = 0
+SIZE_CHANNELS = (1, 2, 3)
+OFFSET_CHANNELS = (4, 5, 6)
+N_OUTPUT_CHANNELS = 7
+#: Diameter (mm) from which nodules count for the "large" FROC figures (LUNA16's >= 6 mm).
+LARGE_NODULE_MM = 6.0
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Everything that defines the detector: network, targets, pre- and post-processing.
+
+    Spatial tuples are (x, y, z) in the RAS network grid. Written to the bundle's
+    ``configs/inference.json`` under ``detection`` and read back by :func:`load_detector`.
+    """
+
+    # preprocessing
+    spacing_mm: tuple[float, float, float] = (2.2, 2.2, 2.5)
+    window_hu: tuple[float, float] = (-1000.0, 400.0)
+    # network
+    features: tuple[int, int, int, int, int, int] = (16, 24, 32, 48, 64, 24)
+    head_channels: int = 24
+    output_stride: int = 2
+    # targets and loss
+    sigma_scale: float = 0.5  # heatmap sigma = sigma_scale * radius, in output voxels ...
+    min_sigma: float = 0.8  # ... but at least this many output voxels
+    size_loss_weight: float = 1.0
+    offset_loss_weight: float = 1.0
+    # training patches
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    positive_fraction: float = 0.75
+    flip: bool = True
+    intensity_jitter: float = 0.05
+    # inference
+    roi_size: tuple[int, int, int] = (192, 192, 128)  # whole volume up to this size, else sliding window
+    overlap: float = 0.25
+    peak_kernel: int = 3
+    score_threshold: float = 0.3
+    max_detections: int = 20
+    suppress_inside: bool = True
+    # evaluation (FROC needs the low-score tail of the detections)
+    froc_score_threshold: float = 0.02
+    froc_max_detections: int = 50
+
+    def __post_init__(self) -> None:
+        if self.output_stride not in (1, 2):
+            raise ValueError(f"output_stride must be 1 or 2, got {self.output_stride}")
+        div = self.size_divisor
+        if any(int(p) % div for p in self.patch_size) or any(int(r) % div for r in self.roi_size):
+            raise ValueError(f"patch_size and roi_size must be multiples of {div}: {self.patch_size}, {self.roi_size}")
+        if self.peak_kernel < 1 or self.peak_kernel % 2 == 0:
+            raise ValueError(f"peak_kernel must be odd and >= 1, got {self.peak_kernel}")
+        if not self.window_hu[0] < self.window_hu[1]:
+            raise ValueError(f"window_hu must be (lo, hi) with lo < hi, got {self.window_hu}")
+        if len(self.features) != 6:
+            raise ValueError(f"features must have 6 values (BasicUNet), got {self.features}")
+
+    @property
+    def size_divisor(self) -> int:
+        """Input sizes must be multiples of this (stride times BasicUNet's 4 poolings)."""
+        return 16 * self.output_stride
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DetectorConfig:
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in data.items():
+            if key not in names:
+                continue  # written by a newer version: ignore
+            kwargs[key] = tuple(value) if isinstance(value, list) else value
+        return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------- network
+
+
+def _head(in_channels: int, out_channels: int) -> nn.Sequential:
+    # 1x1x1 convolutions: the trunk already has the spatial context, and 3x3x3 heads
+    # would cost as much as the trunk's highest-resolution level on CPU.
+    return nn.Sequential(
+        nn.ReLU(),
+        nn.Conv3d(in_channels, in_channels, kernel_size=1),
+        nn.ReLU(),
+        nn.Conv3d(in_channels, out_channels, kernel_size=1),
+    )
+
+
+class CenterNetDetector(nn.Module):
+    """CenterNet-style 3D detector: strided stem convolution + MONAI BasicUNet trunk + 3 heads.
+
+    ``forward(x)`` maps ``(B, 1, X, Y, Z)`` (sizes multiples of ``16 * output_stride``)
+    to ``(B, 7, X/s, Y/s, Z/s)``: heatmap logits, log size (mm, x y z), offset (output
+    voxels, x y z). Output voxel ``j`` is centred on input voxel ``s * j``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        features: Sequence[int] = (16, 24, 32, 48, 64, 24),
+        head_channels: int = 24,
+        output_stride: int = 2,
+        prior_probability: float = 0.01,
+        initial_size_mm: float = 10.0,
+    ) -> None:
+        super().__init__()
+        from monai.networks.blocks import Convolution
+        from monai.networks.nets import BasicUNet
+
+        features = tuple(int(f) for f in features)
+        if output_stride not in (1, 2):
+            raise ValueError(f"output_stride must be 1 or 2, got {output_stride}")
+        self.output_stride = int(output_stride)
+        self.stem = Convolution(
+            3, in_channels, features[0], strides=output_stride, kernel_size=3, norm="batch", act="relu"
+        )
+        self.trunk = BasicUNet(
+            spatial_dims=3, in_channels=features[0], out_channels=head_channels, features=features, norm="batch"
+        )
+        self.heatmap_head = _head(head_channels, 1)
+        self.size_head = _head(head_channels, 3)
+        self.offset_head = _head(head_channels, 3)
+        heat_out = self.heatmap_head[-1]
+        size_out = self.size_head[-1]
+        assert isinstance(heat_out, nn.Conv3d) and isinstance(size_out, nn.Conv3d)
+        assert heat_out.bias is not None and size_out.bias is not None
+        nn.init.constant_(heat_out.bias, -math.log((1.0 - prior_probability) / prior_probability))
+        nn.init.constant_(size_out.bias, math.log(initial_size_mm))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.trunk(self.stem(x))
+        return torch.cat([self.heatmap_head(features), self.size_head(features), self.offset_head(features)], dim=1)
+
+
+def network_def(config: DetectorConfig) -> dict[str, Any]:
+    """MONAI config that rebuilds the network (the bundle's ``network_def``)."""
+    return {
+        "_target_": "training.detection.CenterNetDetector",
+        "in_channels": 1,
+        "features": [int(f) for f in config.features],
+        "head_channels": int(config.head_channels),
+        "output_stride": int(config.output_stride),
+    }
+
+
+def build_network(config: DetectorConfig) -> CenterNetDetector:
+    """The (untrained) network of ``config``."""
+    return CenterNetDetector(
+        features=config.features,
+        head_channels=config.head_channels,
+        output_stride=config.output_stride,
+    )
+
+
+# --------------------------------------------------------------------------- targets, loss, decoding
+
+
+@dataclass
+class Heads:
+    """Training targets on the output grid (numpy, spatial axes x, y, z)."""
+
+    heatmap: npt.NDArray[np.float32]  # (X, Y, Z) in [0, 1], exactly 1 at centre voxels
+    size: npt.NDArray[np.float32]  # (3, X, Y, Z) log size mm at centre voxels
+    offset: npt.NDArray[np.float32]  # (3, X, Y, Z) centre - centre voxel (output voxels)
+    mask: npt.NDArray[np.float32]  # (X, Y, Z) 1 at centre voxels
+
+
+def centernet_targets(
+    output_shape: Sequence[int],
+    centres_vox: npt.ArrayLike,
+    sizes_mm: npt.ArrayLike,
+    spacing_mm: Sequence[float],
+    *,
+    output_stride: int = 2,
+    sigma_scale: float = 0.5,
+    min_sigma: float = 0.8,
+) -> Heads:
+    """Heatmap, size and offset targets of objects on an output grid.
+
+    ``centres_vox`` (N, 3) are continuous indices of the *input* grid (x, y, z), which
+    may lie outside it (then only the Gaussian's tail is drawn); ``sizes_mm`` (N, 3)
+    are box sizes in mm; ``spacing_mm`` the input grid's spacing. Each object's
+    centre voxel is ``round(centre / output_stride)``; its Gaussian has, per axis,
+    ``sigma = max(min_sigma, sigma_scale * size / 2 / (spacing * stride))`` output voxels.
+    """
+    shape = tuple(int(s) for s in output_shape)
+    heat = np.zeros(shape, dtype=np.float32)
+    size = np.zeros((3, *shape), dtype=np.float32)
+    offset = np.zeros((3, *shape), dtype=np.float32)
+    mask = np.zeros(shape, dtype=np.float32)
+    centres = np.asarray(centres_vox, dtype=np.float64).reshape(-1, 3)
+    sizes = np.asarray(sizes_mm, dtype=np.float64).reshape(-1, 3)
+    spacing = np.asarray(spacing_mm, dtype=np.float64)
+    for centre, extent in zip(centres, sizes):
+        c_out = centre / output_stride
+        peak = np.floor(c_out + 0.5).astype(np.int64)
+        sigma = np.maximum(min_sigma, sigma_scale * (extent / 2.0) / (spacing * output_stride))
+        reach = np.ceil(3.0 * sigma).astype(np.int64)
+        lo = np.maximum(peak - reach, 0)
+        hi = np.minimum(peak + reach + 1, shape)
+        if np.any(hi <= lo):
+            continue
+        axes = [
+            np.exp(-0.5 * ((np.arange(lo[a], hi[a]) - peak[a]) / sigma[a]) ** 2).astype(np.float32) for a in range(3)
+        ]
+        gauss = axes[0][:, None, None] * axes[1][None, :, None] * axes[2][None, None, :]
+        window = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
+        np.maximum(heat[window], gauss, out=heat[window])
+        if np.all(peak >= 0) and np.all(peak < shape):
+            p = (int(peak[0]), int(peak[1]), int(peak[2]))
+            mask[p] = 1.0
+            heat[p] = 1.0
+            offset[(slice(None), *p)] = (c_out - peak).astype(np.float32)
+            size[(slice(None), *p)] = np.log(np.maximum(extent, 1e-3)).astype(np.float32)
+    return Heads(heatmap=heat, size=size, offset=offset, mask=mask)
+
+
+def centernet_loss(
+    output: torch.Tensor,
+    heatmap: torch.Tensor,
+    size: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    size_weight: float = 1.0,
+    offset_weight: float = 1.0,
+    alpha: float = 2.0,
+    beta: float = 4.0,
+) -> dict[str, torch.Tensor]:
+    """CenterNet loss of a batch: penalty-reduced focal loss + L1 on size and offset at centres.
+
+    ``output`` (B, 7, X, Y, Z) as from :class:`CenterNetDetector`; ``heatmap`` and
+    ``mask`` (B, X, Y, Z); ``size``, ``offset`` (B, 3, X, Y, Z). Sums are normalised by
+    the number of centre voxels in the batch (at least 1). Computed in float32.
+    """
+    output = output.float()
+    logits = output[:, HEATMAP_CHANNEL]
+    pos = mask
+    n_pos = pos.sum().clamp(min=1.0)
+    prob = torch.sigmoid(logits)
+    log_p = F.logsigmoid(logits)
+    log_not_p = F.logsigmoid(-logits)
+    pos_term = torch.pow(1.0 - prob, alpha) * log_p * pos
+    neg_term = torch.pow(1.0 - heatmap, beta) * torch.pow(prob, alpha) * log_not_p * (1.0 - pos)
+    heat_loss = -(pos_term.sum() + neg_term.sum()) / n_pos
+    m = pos.unsqueeze(1)
+    size_loss = (torch.abs(output[:, 1:4] - size) * m).sum() / n_pos
+    offset_loss = (torch.abs(output[:, 4:7] - offset) * m).sum() / n_pos
+    total = heat_loss + size_weight * size_loss + offset_weight * offset_loss
+    return {"loss": total, "heatmap": heat_loss, "size": size_loss, "offset": offset_loss}
+
+
+def decode_heads(
+    heads: torch.Tensor,
+    *,
+    output_stride: int = 2,
+    score_threshold: float = 0.3,
+    max_detections: int = 20,
+    peak_kernel: int = 3,
+    heatmap_is_logits: bool = True,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """Peaks of one image's heads ``(7, X, Y, Z)``: (centres, sizes_mm, scores), by score.
+
+    A peak is a voxel equal to the max-pooled heatmap (``peak_kernel`` cube) with a
+    score of at least ``score_threshold``; the ``max_detections`` best are kept.
+    Centres (N, 3) are continuous indices of the *input* grid (x, y, z):
+    ``output_stride * (voxel + offset)``; sizes (N, 3) in mm.
+    """
+    heads = heads.detach().float()
+    heat = torch.sigmoid(heads[HEATMAP_CHANNEL]) if heatmap_is_logits else heads[HEATMAP_CHANNEL]
+    pooled = F.max_pool3d(heat[None, None], kernel_size=peak_kernel, stride=1, padding=peak_kernel // 2)[0, 0]
+    keep = (heat == pooled) & (heat >= score_threshold)
+    index = torch.nonzero(keep)
+    scores = heat[keep]
+    if scores.numel() > max_detections:
+        scores, order = torch.topk(scores, max_detections)
+        index = index[order]
+    else:
+        scores, order = torch.sort(scores, descending=True)
+        index = index[order]
+    ix, iy, iz = index[:, 0], index[:, 1], index[:, 2]
+    offsets = heads[4:7][:, ix, iy, iz].T
+    log_sizes = heads[1:4][:, ix, iy, iz].T
+    centres = output_stride * (index.to(torch.float32) + offsets)
+    sizes = torch.exp(log_sizes)
+    return (
+        centres.cpu().numpy().astype(np.float64),
+        sizes.cpu().numpy().astype(np.float64),
+        scores.cpu().numpy().astype(np.float64),
+    )
+
+
+# --------------------------------------------------------------------------- geometry and preprocessing
+
+
+@dataclass
+class _Grid:
+    """An axis-aligned RAS network grid: world RAS (mm) = origin + index * spacing (x, y, z)."""
+
+    origin_ras: npt.NDArray[np.float64]
+    spacing: npt.NDArray[np.float64]
+
+    def to_world_ras(self, index: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        return self.origin_ras + np.asarray(index, dtype=np.float64) * self.spacing
+
+    def to_index(self, world_ras: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        return (np.asarray(world_ras, dtype=np.float64) - self.origin_ras) / self.spacing
+
+
+def _lps_to_ras(points: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    p = np.array(points, dtype=np.float64)
+    p[..., :2] *= -1.0
+    return p
+
+
+_ras_to_lps = _lps_to_ras  # the same flip of x and y
+
+
+def _to_network_grid(
+    volume_hu: npt.ArrayLike,
+    spacing_zyx: Sequence[float],
+    origin_lps: Sequence[float],
+    config: DetectorConfig,
+) -> tuple[torch.Tensor, _Grid]:
+    """HU ``(z, y, x)`` axial (LPS) array -> normalised RAS ``(X, Y, Z)`` tensor on the model grid."""
+    vol = np.asarray(volume_hu)
+    if vol.ndim != 3:
+        raise ValueError(f"volume must be 3D (z, y, x), got shape {vol.shape}")
+    nz, ny, nx = vol.shape
+    sz, sy, sx = (float(v) for v in spacing_zyx)
+    # RAS array: index a along x runs towards patient right (LPS x decreasing), b towards anterior.
+    ras = np.ascontiguousarray(vol.transpose(2, 1, 0)[::-1, ::-1, :], dtype=np.float32)
+    ox, oy, oz = (float(v) for v in origin_lps)
+    origin_ras = np.array([-(ox + (nx - 1) * sx), -(oy + (ny - 1) * sy), oz])
+    native = np.array([sx, sy, sz])
+    target = np.asarray(config.spacing_mm, dtype=np.float64)
+    image = torch.from_numpy(ras)
+    spacing = native
+    if np.any(np.abs(native - target) > 0.02 * target):
+        shape = np.array(ras.shape)
+        new_shape = np.maximum(np.rint((shape - 1) * native / target).astype(int) + 1, 2)
+        image = F.interpolate(
+            image[None, None], size=tuple(int(s) for s in new_shape), mode="trilinear", align_corners=True
+        )[0, 0]
+        spacing = native * (shape - 1) / (new_shape - 1)
+    lo, hi = config.window_hu
+    image = ((image - lo) / (hi - lo)).clamp_(0.0, 1.0)
+    return image.contiguous(), _Grid(origin_ras=origin_ras, spacing=np.asarray(spacing, dtype=np.float64))
+
+
+def _pad_to(image: torch.Tensor, divisor: int) -> torch.Tensor:
+    """Pad (..., X, Y, Z) at the far end to multiples of ``divisor`` with 0 (air)."""
+    pads: list[int] = []
+    for n in reversed(image.shape[-3:]):
+        pads += [0, (-int(n)) % divisor]
+    return F.pad(image, pads, value=0.0) if any(pads) else image
+
+
+@torch.no_grad()
+def predict_heads(
+    network: nn.Module | torch.jit.ScriptModule,
+    image: torch.Tensor,
+    config: DetectorConfig,
+    *,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
+    """The network's heads ``(7, ceil(X/s), ceil(Y/s), ceil(Z/s))`` for a normalised ``(X, Y, Z)`` image.
+
+    The whole image in one pass when it fits in ``config.roi_size``, else MONAI's
+    sliding-window inference (Gaussian blending, ``config.overlap``).
+    """
+    dev = torch.device(device)
+    network.eval()
+    stride = config.output_stride
+    shape = image.shape[-3:]
+    x = _pad_to(image.reshape(1, 1, *shape).to(dev, torch.float32), config.size_divisor)
+    use_amp = dev.type == "cuda"
+    with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+        if all(int(n) <= int(r) for n, r in zip(x.shape[-3:], config.roi_size)):
+            out = network(x)
+        else:
+            from monai.inferers import sliding_window_inference
+
+            out = sliding_window_inference(
+                x, roi_size=list(config.roi_size), sw_batch_size=1, predictor=network,
+                overlap=config.overlap, mode="gaussian", padding_mode="constant", cval=0.0,
+            )
+    out_shape = [math.ceil(int(n) / stride) for n in shape]
+    return torch.as_tensor(out)[0, :, : out_shape[0], : out_shape[1], : out_shape[2]].float()
+
+
+def _suppress_inside(
+    centres: npt.NDArray[np.float64], sizes: npt.NDArray[np.float64], scores: npt.NDArray[np.float64]
+) -> npt.NDArray[np.int64]:
+    """Indices kept when each detection inside a higher-scoring one's sphere is dropped (by score)."""
+    kept: list[int] = []
+    for i in np.argsort(-scores, kind="stable"):
+        inside = False
+        for k in kept:
+            if np.linalg.norm(centres[i] - centres[k]) <= float(np.mean(sizes[k])) / 2.0:
+                inside = True
+                break
+        if not inside:
+            kept.append(int(i))
+    return np.asarray(kept, dtype=np.int64)
+
+
+def _detections_on_grid(
+    heads: torch.Tensor,
+    grid: _Grid,
+    config: DetectorConfig,
+    score_threshold: float,
+    max_detections: int,
+) -> list[Detection]:
+    centres, sizes, scores = decode_heads(
+        heads,
+        output_stride=config.output_stride,
+        score_threshold=score_threshold,
+        max_detections=max_detections,
+        peak_kernel=config.peak_kernel,
+    )
+    world_lps = _ras_to_lps(grid.to_world_ras(centres)) if len(centres) else np.zeros((0, 3))
+    if config.suppress_inside and len(scores) > 1:
+        keep = _suppress_inside(world_lps, sizes, scores)
+        world_lps, sizes, scores = world_lps[keep], sizes[keep], scores[keep]
+    return [
+        Detection(
+            centre_xyz_mm=(float(c[0]), float(c[1]), float(c[2])),
+            diameter_mm=float(np.mean(s)),
+            score=float(p),
+            label=0,
+            size_xyz_mm=(float(s[0]), float(s[1]), float(s[2])),
+        )
+        for c, s, p in zip(world_lps, sizes, scores)
+    ]
+
+
+def detect(
+    network: nn.Module | torch.jit.ScriptModule,
+    volume_hu: npt.ArrayLike,
+    spacing_mm: Sequence[float],
+    origin_xyz_mm: Sequence[float] = (0.0, 0.0, 0.0),
+    *,
+    config: DetectorConfig | None = None,
+    score_threshold: float | None = None,
+    max_detections: int | None = None,
+    device: str | torch.device = "cpu",
+) -> list[Detection]:
+    """Nodules in one CT: detections (LPS centre mm, diameter, box, score), best first.
+
+    ``volume_hu`` is a ``(z, y, x)`` array of an axial series in Hounsfield units,
+    ``spacing_mm`` its ``(z, y, x)`` spacing and ``origin_xyz_mm`` the LPS position of
+    the centre of voxel (0, 0, 0). ``network`` is a :class:`CenterNetDetector` or the
+    bundle's TorchScript module; ``config`` the bundle's :class:`DetectorConfig`
+    (:func:`load_detector`; default: the defaults). ``score_threshold`` and
+    ``max_detections`` override the config's.
+    """
+    config = config or DetectorConfig()
+    image, grid = _to_network_grid(volume_hu, spacing_mm, origin_xyz_mm, config)
+    heads = predict_heads(network, image, config, device=device)
+    return _detections_on_grid(
+        heads,
+        grid,
+        config,
+        config.score_threshold if score_threshold is None else float(score_threshold),
+        config.max_detections if max_detections is None else int(max_detections),
+    )
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class DetectionCase:
+    """One case on the network grid: normalised RAS image and its nodules."""
+
+    name: str
+    image: torch.Tensor  # (X, Y, Z) float32 in [0, 1]
+    grid: _Grid
+    centres_vox: npt.NDArray[np.float64]  # (N, 3) continuous network-grid indices (x, y, z)
+    sizes_mm: npt.NDArray[np.float64]  # (N, 3) box sizes (x, y, z) in mm
+    references: list[Reference] = field(default_factory=list)  # LPS, for FROC
+    split: str = "training"  # the box-list section it came from
+
+
+def case_from_volume(
+    name: str,
+    volume_hu: npt.ArrayLike,
+    spacing_mm: Sequence[float],
+    origin_xyz_mm: Sequence[float],
+    references: Sequence[Reference],
+    config: DetectorConfig,
+) -> DetectionCase:
+    """A :class:`DetectionCase` from a ``(z, y, x)`` HU array (axial, LPS) and its reference nodules (LPS)."""
+    image, grid = _to_network_grid(volume_hu, spacing_mm, origin_xyz_mm, config)
+    centres_ras = _lps_to_ras(np.asarray([r.centre_xyz_mm for r in references], dtype=np.float64).reshape(-1, 3))
+    sizes = np.asarray([[r.diameter_mm] * 3 for r in references], dtype=np.float64).reshape(-1, 3)
+    return DetectionCase(
+        name=name,
+        image=image,
+        grid=grid,
+        centres_vox=grid.to_index(centres_ras).reshape(-1, 3),
+        sizes_mm=sizes,
+        references=list(references),
+    )
+
+
+def load_detection_cases(
+    dataset_dir: str | Path, config: DetectorConfig, *, splits: Sequence[str] | None = None
+) -> list[DetectionCase]:
+    """The cases of a dataset's box list (``boxes.json``), on the network grid.
+
+    Images are read with :func:`training.data.decathlon.load_case` (paths relative
+    to ``dataset_dir``), boxes (``cccwhd`` RAS world mm, class 0 = nodule) with
+    :func:`training.data.boxes.read_box_list`. ``splits`` picks box-list sections
+    (default: all, in file order). A reference's diameter is the list's
+    ``diameter_mm`` when present, else the mean box extent.
+    """
+    from training.data.boxes import NODULE_CLASS, read_box_list
+    from training.data.decathlon import load_case
+
+    dataset_dir = Path(dataset_dir)
+    box_path = dataset_dir / "boxes.json"
+    box_list = read_box_list(box_path)
+    cases = []
+    for split, entries in box_list.items():
+        if splits is not None and split not in splits:
+            continue
+        for entry in entries:
+            image_path = Path(entry.image)
+            if not image_path.is_absolute():
+                image_path = dataset_dir / image_path
+            loaded = load_case(image_path)
+            image, grid = _to_network_grid(loaded.volume_hu, loaded.spacing_mm, loaded.origin_xyz_mm, config)
+            keep = [i for i, label in enumerate(entry.label) if label == NODULE_CLASS]
+            boxes = np.asarray([entry.box[i] for i in keep], dtype=np.float64).reshape(-1, 6)
+            diameters = [
+                float(entry.diameter_mm[i]) if entry.diameter_mm else float(np.mean(boxes[n, 3:]))
+                for n, i in enumerate(keep)
+            ]
+            references = [
+                Reference(centre_xyz_mm=tuple(float(v) for v in _ras_to_lps(b[:3])), diameter_mm=d)
+                for b, d in zip(boxes, diameters)
+            ]
+            cases.append(
+                DetectionCase(
+                    name=_case_name(image_path),
+                    image=image,
+                    grid=grid,
+                    centres_vox=grid.to_index(boxes[:, :3]).reshape(-1, 3),
+                    sizes_mm=boxes[:, 3:],
+                    references=references,
+                    split=split,
+                )
+            )
+    if not cases:
+        raise ValueError(f"{box_path} lists no case" + (f" in {list(splits)}" if splits else ""))
+    return cases
+
+
+def _case_name(path: str | Path) -> str:
+    name = Path(str(path)).name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def _crop(image: torch.Tensor, start: Sequence[int], size: Sequence[int]) -> torch.Tensor:
+    """``image[start : start + size]`` per axis, padded with 0 (air) outside."""
+    out = torch.zeros(tuple(int(s) for s in size), dtype=image.dtype)
+    src, dst = [], []
+    for a in range(3):
+        lo = max(0, int(start[a]))
+        hi = min(int(image.shape[a]), int(start[a]) + int(size[a]))
+        if hi <= lo:
+            return out
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - int(start[a]), hi - int(start[a])))
+    out[tuple(dst)] = image[tuple(src)]
+    return out
+
+
+class _PatchSampler:
+    """Training batches: patches that mostly contain a nodule, flipped at random, with targets."""
+
+    def __init__(self, cases: Sequence[DetectionCase], config: DetectorConfig, seed: int) -> None:
+        self.cases = list(cases)
+        self.config = config
+        self.rng = np.random.default_rng(seed)
+        self.nodules = [(i, k) for i, c in enumerate(self.cases) for k in range(len(c.centres_vox))]
+        self.patch = np.asarray(config.patch_size, dtype=np.int64)
+        self.out_shape = [math.ceil(int(p) / config.output_stride) for p in config.patch_size]
+
+    def _start(self) -> tuple[int, npt.NDArray[np.int64]]:
+        rng, patch = self.rng, self.patch
+        if self.nodules and rng.random() < self.config.positive_fraction:
+            ci, k = self.nodules[int(rng.integers(len(self.nodules)))]
+            centre = self.cases[ci].centres_vox[k]
+            margin = np.maximum(patch // 6, 1)
+            where = rng.integers(margin, patch - margin)  # the nodule's position inside the patch
+            return ci, np.floor(centre).astype(np.int64) - where
+        ci = int(rng.integers(len(self.cases)))
+        shape = np.asarray(self.cases[ci].image.shape, dtype=np.int64)
+        high = np.maximum(shape - patch, 0) + 1
+        return ci, rng.integers(0, high)
+
+    def batch(self, batch_size: int) -> dict[str, torch.Tensor]:
+        images, heat, size, offset, mask = [], [], [], [], []
+        cfg = self.config
+        for _ in range(batch_size):
+            ci, start = self._start()
+            case = self.cases[ci]
+            image = _crop(case.image, start, self.patch)
+            centres = case.centres_vox - start[None, :]
+            if cfg.flip:
+                for axis in range(3):
+                    if self.rng.random() < 0.5:
+                        image = torch.flip(image, dims=(axis,))
+                        centres[:, axis] = (self.patch[axis] - 1) - centres[:, axis]
+            if cfg.intensity_jitter > 0:
+                scale = 1.0 + self.rng.uniform(-cfg.intensity_jitter, cfg.intensity_jitter)
+                shift = self.rng.uniform(-cfg.intensity_jitter, cfg.intensity_jitter)
+                image = image * float(scale) + float(shift)
+            targets = centernet_targets(
+                self.out_shape,
+                centres,
+                case.sizes_mm,
+                case.grid.spacing,
+                output_stride=cfg.output_stride,
+                sigma_scale=cfg.sigma_scale,
+                min_sigma=cfg.min_sigma,
+            )
+            images.append(image[None])
+            heat.append(torch.from_numpy(targets.heatmap))
+            size.append(torch.from_numpy(targets.size))
+            offset.append(torch.from_numpy(targets.offset))
+            mask.append(torch.from_numpy(targets.mask))
+        return {
+            "image": torch.stack(images),
+            "heatmap": torch.stack(heat),
+            "size": torch.stack(size),
+            "offset": torch.stack(offset),
+            "mask": torch.stack(mask),
+        }
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (train, validation); at least one of each when n >= 2."""
+    if n < 2:
+        raise ValueError(f"need at least 2 cases (training + validation), got {n}")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(n).tolist()
+    n_val = min(n - 1, max(1, round(val_fraction * n)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+# --------------------------------------------------------------------------- training
+
+
+def _froc_pair(
+    detections: Sequence[Sequence[Detection]], references: Sequence[Sequence[Reference]]
+) -> dict[str, FrocResult]:
+    return {
+        "all": froc(detections, references, DEFAULT_FP_RATES),
+        "large": froc(detections, references, DEFAULT_FP_RATES, min_diameter_mm=LARGE_NODULE_MM),
+    }
+
+
+def _evaluate_cases(
+    network: nn.Module | torch.jit.ScriptModule,
+    cases: Sequence[DetectionCase],
+    config: DetectorConfig,
+    device: str | torch.device,
+) -> tuple[list[list[Detection]], dict[str, FrocResult]]:
+    detections = []
+    for case in cases:
+        heads = predict_heads(network, case.image, config, device=device)
+        detections.append(
+            _detections_on_grid(heads, case.grid, config, config.froc_score_threshold, config.froc_max_detections)
+        )
+    return detections, _froc_pair(detections, [c.references for c in cases])
+
+
+def _summary(result: FrocResult) -> dict[str, Any]:
+    d = result.to_dict()
+    return {
+        "sensitivity_at": d["sensitivity_at"],
+        "cpm": d["cpm"],
+        "threshold_at": d["threshold_at"],
+        "n_references": d["n_references"],
+        "n_scans": d["n_scans"],
+    }
+
+
+def train_detection(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    epochs: int = 60,
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 4,
+    learning_rate: float = 2e-3,
+    val_fraction: float | None = 0.2,
+    progress: bool = True,
+    steps_per_epoch: int = 16,
+    val_interval: int = 10,
+    config: DetectorConfig | None = None,
+    cases: Sequence[DetectionCase] | None = None,
+    calibrate_fp_per_scan: float | None = 1.0,
+) -> dict[str, Any]:
+    """Train the CenterNet detector on ``dataset_dir`` and write its bundle to ``out_dir``.
+
+    ``dataset_dir``: Decathlon layout with ``boxes.json``; every listed case is pooled
+    and split at random (``seed``) by ``val_fraction``, or, with ``val_fraction=None``,
+    the box list's own "validation" section is the validation set. An epoch is ``steps_per_epoch``
+    optimiser steps of ``batch_size`` patches (AdamW, warm-up then cosine decay of
+    ``learning_rate``). Every ``val_interval`` epochs (and after the last) the whole
+    validation volumes are run and scored by FROC; the checkpoint with the best
+    CPM on nodules >= 6 mm (ties: all nodules, then the later) is exported.
+    The exported ``score_threshold`` (the product's operating point) is calibrated on
+    that validation: the lowest score with at most ``calibrate_fp_per_scan`` false
+    positives per scan (all nodules counted; None keeps ``config.score_threshold``).
+    Writes ``out_dir``: the bundle, ``metrics.json`` and ``plots/``; returns the
+    metrics. ``cases`` (already loaded :class:`DetectionCase` s) replaces reading the
+    dataset. Deterministic for a given ``seed`` on CPU.
+    """
+    from monai.utils import set_determinism
+    from tqdm.auto import tqdm
+
+    if epochs < 1 or batch_size < 1 or steps_per_epoch < 1 or val_interval < 1:
+        raise ValueError("epochs, batch_size, steps_per_epoch and val_interval must be >= 1")
+    config = config or DetectorConfig()
+    out = Path(out_dir)
+    dev = torch.device(device)
+    use_amp = dev.type == "cuda"
+    amp_dtype = torch.bfloat16 if use_amp and torch.cuda.is_bf16_supported() else torch.float16
+    set_determinism(seed=seed)
+
+    load_start = time.perf_counter()
+    all_cases = list(cases) if cases is not None else load_detection_cases(dataset_dir, config)
+    if val_fraction is None:
+        train_cases = [c for c in all_cases if c.split != "validation"]
+        val_cases = [c for c in all_cases if c.split == "validation"]
+        if not train_cases or not val_cases:
+            raise ValueError("val_fraction=None needs both training and validation cases in boxes.json")
+    else:
+        train_idx, val_idx = _split(len(all_cases), val_fraction, seed)
+        train_cases = [all_cases[i] for i in train_idx]
+        val_cases = [all_cases[i] for i in val_idx]
+    load_seconds = time.perf_counter() - load_start
+    logger.info("detection: %d training, %d validation cases", len(train_cases), len(val_cases))
+
+    network = build_network(config).to(dev)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-4)
+    total_steps = epochs * steps_per_epoch
+    warmup = max(1, min(total_steps // 20, 100))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total_steps - warmup)
+        return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * t))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
+    sampler = _PatchSampler(train_cases, config, seed)
+
+    record: dict[str, Any] = {
+        "kind": "detection",
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+        "dataset": str(dataset_dir),
+        "train_cases": [c.name for c in train_cases],
+        "validation_cases": [c.name for c in val_cases],
+        "settings": {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "steps_per_epoch": steps_per_epoch,
+            "learning_rate": learning_rate,
+            "val_fraction": val_fraction,
+            "val_interval": val_interval,
+            "amp": use_amp,
+            "detector": config.to_dict(),
+        },
+        "load_seconds": load_seconds,
+        "epochs": [],
+        "validations": [],
+    }
+    best_key: tuple[float, float, int] = (-math.inf, -math.inf, 0)
+    best_state: dict[str, torch.Tensor] | None = None
+    best_detections: list[list[Detection]] = []
+    best_froc: dict[str, FrocResult] = {}
+    started = time.perf_counter()
+    bar = tqdm(range(1, epochs + 1), desc="detection", unit="epoch", disable=not progress)
+    for epoch in bar:
+        epoch_start = time.perf_counter()
+        network.train()
+        sums = {"loss": 0.0, "heatmap": 0.0, "size": 0.0, "offset": 0.0}
+        for _ in range(steps_per_epoch):
+            batch = {k: v.to(dev) for k, v in sampler.batch(batch_size).items()}
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=dev.type, dtype=amp_dtype, enabled=use_amp):
+                output = network(batch["image"])
+            losses = centernet_loss(
+                output, batch["heatmap"], batch["size"], batch["offset"], batch["mask"],
+                size_weight=config.size_loss_weight, offset_weight=config.offset_loss_weight,
+            )
+            scaler.scale(losses["loss"]).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(network.parameters(), 10.0)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            for key in sums:
+                sums[key] += float(losses[key].detach())
+        entry: dict[str, Any] = {
+            "epoch": epoch,
+            **{key: value / steps_per_epoch for key, value in sums.items()},
+            "learning_rate": float(scheduler.get_last_lr()[0]),
+            "train_seconds": time.perf_counter() - epoch_start,
+        }
+        if epoch % val_interval == 0 or epoch == epochs:
+            val_start = time.perf_counter()
+            detections, result = _evaluate_cases(network, val_cases, config, dev)
+            validation = {
+                "epoch": epoch,
+                "seconds": time.perf_counter() - val_start,
+                "all": result["all"].to_dict(),
+                "large": result["large"].to_dict(),
+            }
+            record["validations"].append(validation)
+            entry["validation_cpm"] = result["all"].cpm
+            entry["validation_cpm_large"] = result["large"].cpm
+            key = (_nan_low(result["large"].cpm), _nan_low(result["all"].cpm), epoch)
+            if key >= best_key:
+                best_key = key
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()}
+                best_detections, best_froc = detections, result
+        entry["seconds"] = time.perf_counter() - epoch_start
+        record["epochs"].append(entry)
+        logger.info(
+            "detection epoch %d/%d: loss %.4f (heatmap %.4f, size %.4f, offset %.4f), %.1f s%s",
+            epoch, epochs, entry["loss"], entry["heatmap"], entry["size"], entry["offset"], entry["seconds"],
+            f", validation CPM {entry['validation_cpm']:.3f}, >= {LARGE_NODULE_MM:g} mm "
+            f"{entry['validation_cpm_large']:.3f}" if "validation_cpm" in entry else "",
+        )
+        bar.set_postfix(loss=f"{entry['loss']:.3f}", cpm6=f"{entry.get('validation_cpm_large', float('nan')):.3f}")
+    record["training_seconds"] = time.perf_counter() - started
+    train_times = [e["train_seconds"] for e in record["epochs"]]
+    record["seconds_per_epoch"] = float(np.mean(train_times))
+    record["seconds_per_validation"] = float(np.mean([v["seconds"] for v in record["validations"]]))
+    record["best_epoch"] = best_key[2]
+    record["validation"] = {
+        "epoch": best_key[2],
+        "cases": len(val_cases),
+        "all": _summary(best_froc["all"]),
+        "large": _summary(best_froc["large"]),
+        "large_min_diameter_mm": LARGE_NODULE_MM,
+    }
+
+    assert best_state is not None  # the last epoch always validates
+    network.load_state_dict(best_state)
+    network.eval()
+    export_config = config
+    if calibrate_fp_per_scan is not None:
+        threshold = best_froc["all"].threshold_at(calibrate_fp_per_scan)
+        if threshold is not None:
+            threshold = float(min(max(threshold, config.froc_score_threshold), 0.95))
+            export_config = dataclasses.replace(config, score_threshold=threshold)
+    record["operating_point"] = {
+        "fp_per_scan_target": calibrate_fp_per_scan,
+        "score_threshold": export_config.score_threshold,
+        "calibrated": export_config is not config,
+        "validation_sensitivity_all": best_froc["all"].sensitivity_at(calibrate_fp_per_scan or 1.0),
+        "validation_sensitivity_large": best_froc["large"].sensitivity_at(calibrate_fp_per_scan or 1.0),
+    }
+    bundle_info = _write_detection_bundle(out, network.to("cpu"), export_config, record, dataset_dir)
+    record["bundle"] = bundle_info
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(_jsonable(record), indent=2) + "\n")
+    plots = out / "plots"
+    _plot_losses(record, plots / "loss.png")
+    _plot_froc({"all nodules": best_froc["all"], f">= {LARGE_NODULE_MM:g} mm": best_froc["large"]},
+               plots / "froc.png", title=f"validation FROC (epoch {best_key[2]}, {len(val_cases)} scans)")
+    _plot_detections(val_cases, best_detections, plots / "validation_detections.png")
+    return record
+
+
+def _nan_low(value: float) -> float:
+    return -math.inf if value is None or math.isnan(value) else float(value)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.floating, np.integer)):
+        return _jsonable(value.item())
+    return value
+
+
+# --------------------------------------------------------------------------- bundle
+
+
+def inference_config(config: DetectorConfig) -> dict[str, Any]:
+    """The bundle's ``configs/inference.json``: MONAI preprocessing + the detector's settings.
+
+    ``preprocessing`` is the MONAI ``Compose`` that gives the network its input from
+    an image file (RAS, ``spacing_mm``, ``window_hu`` to 0..1); ``inferer`` the
+    sliding window used beyond ``roi_size``; ``postprocessing`` documents the output
+    channels and the peak decoding that :func:`detect` implements; ``detection`` is
+    the full :class:`DetectorConfig` (what :func:`load_detector` reads).
+    """
+    return {
+        "imports": ["$import torch"],
+        "bundle_root": ".",
+        "image_key": "image",
+        "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
+        "network": "$@network_def.to(@device)",
+        "preprocessing": {
+            "_target_": "Compose",
+            "transforms": [
+                {"_target_": "LoadImaged", "keys": "@image_key", "image_only": True},
+                {"_target_": "EnsureChannelFirstd", "keys": "@image_key"},
+                {"_target_": "Orientationd", "keys": "@image_key", "axcodes": "RAS"},
+                {"_target_": "Spacingd", "keys": "@image_key", "pixdim": list(config.spacing_mm), "mode": "bilinear"},
+                {
+                    "_target_": "ScaleIntensityRanged",
+                    "keys": "@image_key",
+                    "a_min": float(config.window_hu[0]),
+                    "a_max": float(config.window_hu[1]),
+                    "b_min": 0.0,
+                    "b_max": 1.0,
+                    "clip": True,
+                },
+                {"_target_": "DivisiblePadd", "keys": "@image_key", "k": config.size_divisor, "method": "end",
+                 "mode": "constant"},
+                {"_target_": "EnsureTyped", "keys": "@image_key"},
+            ],
+        },
+        "inferer": {
+            "_target_": "SlidingWindowInferer",
+            "roi_size": list(config.roi_size),
+            "sw_batch_size": 1,
+            "overlap": float(config.overlap),
+            "mode": "gaussian",
+            "note": "used only when the image exceeds roi_size; otherwise the whole image in one pass",
+        },
+        "postprocessing": {
+            "output_channels": {
+                "heatmap_logits": [HEATMAP_CHANNEL],
+                "log_size_mm_xyz": list(SIZE_CHANNELS),
+                "centre_offset_xyz": list(OFFSET_CHANNELS),
+            },
+            "output_stride": config.output_stride,
+            "decoding": "score = sigmoid(heatmap); peaks = voxels equal to max_pool3d(score, peak_kernel, stride 1); "
+            "keep the max_detections best with score >= score_threshold; centre (input voxels, RAS grid) = "
+            "output_stride * (peak + offset); box size mm = exp(log_size); drop a detection whose centre lies "
+            "within half the mean size of a higher-scoring one (suppress_inside)",
+            "peak_kernel": config.peak_kernel,
+            "score_threshold": config.score_threshold,
+            "max_detections": config.max_detections,
+            "suppress_inside": config.suppress_inside,
+            "box_mode": "cccwhd",
+            "classes": ["nodule"],
+        },
+        "detection": config.to_dict(),
+    }
+
+
+def _metadata(config: DetectorConfig, evaluation: Mapping[str, Any], training: Mapping[str, Any]) -> dict[str, Any]:
+    from training.bundle import dicom_node_section
+    from training.labels import label_by_name
+
+    patch = [int(v) for v in config.patch_size]
+    out_patch = [math.ceil(v / config.output_stride) for v in patch]
+    return {
+        "name": "Lung nodule detection (CenterNet 3D)",
+        "task": "Lung nodule detection in chest CT",
+        "description": (
+            "A CenterNet-style 3D detector (MONAI BasicUNet trunk, heatmap / size / offset heads) that "
+            "reports lung nodules as boxes with a confidence. Trained by the dicom-node training package "
+            "(training/detection.py) with the penalty-reduced focal loss and L1 size/offset losses."
+        ),
+        "data_source": str(training.get("dataset", "synthetic chest CT phantoms (training.phantoms)")),
+        "image_classes": "single channel CT in HU, RAS, resampled to "
+        f"{list(config.spacing_mm)} mm and scaled to [0, 1] from {list(config.window_hu)} HU",
+        "label_classes": "boxes (cccwhd, world mm) of class 0: nodule",
+        "pred_classes": "7 channels at 1/output_stride resolution: heatmap logits, log size mm (x, y, z), "
+        "centre offset (x, y, z)",
+        "eval_metrics": {
+            "cpm": evaluation.get("all", {}).get("cpm"),
+            "cpm_6mm": evaluation.get("large", {}).get("cpm"),
+        },
+        "network_data_format": {
+            "inputs": {
+                "image": {
+                    "type": "image",
+                    "format": "hounsfield",
+                    "modality": "CT",
+                    "num_channels": 1,
+                    "spatial_shape": patch,
+                    "dtype": "float32",
+                    "value_range": [0, 1],
+                    "is_patch_data": True,
+                    "channel_def": {"0": "image"},
+                }
+            },
+            "outputs": {
+                "pred": {
+                    "type": "object",
+                    "format": "centernet",
+                    "num_channels": N_OUTPUT_CHANNELS,
+                    "spatial_shape": out_patch,
+                    "dtype": "float32",
+                    "value_range": [],
+                    "is_patch_data": True,
+                    "channel_def": {
+                        "0": "heatmap logits",
+                        "1": "log size x (mm)",
+                        "2": "log size y (mm)",
+                        "3": "log size z (mm)",
+                        "4": "offset x",
+                        "5": "offset y",
+                        "6": "offset z",
+                    },
+                }
+            },
+        },
+        "training": dict(training),
+        "dicom_node": dicom_node_section(
+            kind="detection",
+            spacing_mm=config.spacing_mm,
+            intensity_window_hu=config.window_hu,
+            labels=[label_by_name("nodule")],
+            evaluation=evaluation,
+            detection={
+                "classes": ["nodule"],
+                "box_mode": "cccwhd",
+                "coordinates": "detect() reports LPS patient mm; box lists are RAS world mm",
+                "score_threshold": config.score_threshold,
+                "max_detections": config.max_detections,
+            },
+        ),
+    }
+
+
+def _write_detection_bundle(
+    out: Path, network: nn.Module, config: DetectorConfig, record: Mapping[str, Any], dataset_dir: Any
+) -> dict[str, Any]:
+    from training.bundle import write_bundle
+
+    evaluation = {
+        "split": "validation",
+        "note": "validation cases of the training run (used to pick the checkpoint and the score threshold)",
+        **_jsonable(record["validation"]),
+        "operating_point": _jsonable(record["operating_point"]),
+    }
+    training = {
+        "dataset": str(dataset_dir),
+        "cases": {"train": len(record["train_cases"]), "validation": len(record["validation_cases"])},
+        "epochs": record["settings"]["epochs"],
+        "best_epoch": record["best_epoch"],
+        "batch_size": record["settings"]["batch_size"],
+        "steps_per_epoch": record["settings"]["steps_per_epoch"],
+        "learning_rate": record["settings"]["learning_rate"],
+        "training_seconds": round(float(record["training_seconds"]), 1),
+        "device": record["device"],
+    }
+    write_bundle(
+        out,
+        network=network,
+        network_def=network_def(config),
+        inference_config=inference_config(config),
+        metadata=_metadata(config, evaluation, training),
+        example_input=torch.rand(1, 1, *config.patch_size),
+    )
+    return {"path": str(out), "torchscript": (out / "models" / "model.ts").exists()}
+
+
+def load_detector(
+    bundle_dir: str | Path, *, device: str | torch.device = "cpu", prefer_torchscript: bool = True
+) -> tuple[nn.Module | torch.jit.ScriptModule, DetectorConfig]:
+    """(network, config) of a detection bundle: ``models/model.ts`` if present (and preferred),
+    else the network rebuilt from ``network_def`` with ``models/model.pt``."""
+    bundle = Path(bundle_dir)
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    config = DetectorConfig.from_dict(inference.get("detection", {}))
+    ts_path = bundle / "models" / "model.ts"
+    dev = torch.device(device)
+    if prefer_torchscript and ts_path.exists():
+        network: Any = torch.jit.load(str(ts_path), map_location=dev)
+    else:
+        net_def = {k: v for k, v in inference["network_def"].items() if k != "_target_"}
+        network = CenterNetDetector(**net_def)
+        state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+        network.load_state_dict(state)
+        network = network.to(dev)
+    network.eval()
+    return network, config
+
+
+def evaluate_detection(
+    bundle_dir: str | Path,
+    dataset_dir: str | Path,
+    *,
+    device: str = "cpu",
+    out_dir: str | Path | None = None,
+    prefer_torchscript: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """FROC of a detection bundle on every case of ``dataset_dir`` (all nodules and >= 6 mm).
+
+    Loads the bundle with :func:`load_detector` (TorchScript by default), runs
+    whole-volume inference on every case listed in the dataset's ``boxes.json``
+    and writes ``metrics.json`` (with the full FROC curves), ``detections.json``
+    and ``froc.png`` to ``out_dir`` (default: ``<bundle_dir>/evaluation``). Returns
+    the summary: sensitivity at 1/8..8 FPs per scan, CPM and the score thresholds of
+    those operating points, for all nodules (``all``) and >= 6 mm (``large``).
+    """
+    from tqdm.auto import tqdm
+
+    network, config = load_detector(bundle_dir, device=device, prefer_torchscript=prefer_torchscript)
+    out = Path(out_dir) if out_dir is not None else Path(bundle_dir) / "evaluation"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    cases = load_detection_cases(dataset_dir, config)
+    detections = []
+    for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
+        heads = predict_heads(network, case.image, config, device=device)
+        detections.append(
+            _detections_on_grid(heads, case.grid, config, config.froc_score_threshold, config.froc_max_detections)
+        )
+    result = _froc_pair(detections, [c.references for c in cases])
+    seconds = time.perf_counter() - started
+    summary = {
+        "kind": "detection",
+        "bundle": str(bundle_dir),
+        "dataset": str(dataset_dir),
+        "device": str(device),
+        "model": "torchscript" if isinstance(network, torch.jit.ScriptModule) else "state_dict",
+        "cases": len(cases),
+        "seconds": round(seconds, 2),
+        "seconds_per_case": round(seconds / len(cases), 3),
+        "large_min_diameter_mm": LARGE_NODULE_MM,
+        "all": _summary(result["all"]),
+        "large": _summary(result["large"]),
+        "metrics": str(out / "metrics.json"),
+    }
+    metrics = {**summary, "froc": {"all": result["all"].to_dict(), "large": result["large"].to_dict()}}
+    (out / "metrics.json").write_text(json.dumps(_jsonable(metrics), indent=2) + "\n")
+    (out / "detections.json").write_text(
+        json.dumps(
+            {c.name: {"detections": [d.to_dict() for d in dets],
+                      "references": [dataclasses.asdict(r) for r in c.references]}
+             for c, dets in zip(cases, detections)},
+            indent=1,
+        )
+        + "\n"
+    )
+    _plot_froc({"all nodules": result["all"], f">= {LARGE_NODULE_MM:g} mm": result["large"]}, out / "froc.png",
+               title=f"FROC on {Path(dataset_dir).name} ({len(cases)} scans)")
+    return _jsonable(summary)
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_losses(record: Mapping[str, Any], path: Path) -> None:
+    plt = _plt()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    epochs = [e["epoch"] for e in record["epochs"]]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "heatmap", "size", "offset"):
+        ax.plot(epochs, [e[key] for e in record["epochs"]], label=key)
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("training loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    vals = record["validations"]
+    ax2.plot([v["epoch"] for v in vals], [v["all"]["cpm"] for v in vals], "o-", label="CPM all")
+    ax2.plot([v["epoch"] for v in vals], [v["large"]["cpm"] for v in vals], "s-", label=f"CPM >= {LARGE_NODULE_MM:g} mm")
+    ax2.plot([v["epoch"] for v in vals], [v["large"]["sensitivity_at"]["1"] for v in vals], "^-",
+             label=f"sens @ 1 FP/scan, >= {LARGE_NODULE_MM:g} mm")
+    ax2.set_ylim(0, 1.02)
+    ax2.set_xlabel("epoch")
+    ax2.set_ylabel("validation")
+    ax2.legend()
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_froc(results: Mapping[str, FrocResult], path: Path, *, title: str) -> None:
+    plt = _plt()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, result in results.items():
+        fps = np.asarray(result.curve_fps_per_scan)
+        sens = np.asarray(result.curve_sensitivity)
+        if fps.size:
+            ax.step(np.maximum(fps, 1 / 16), sens, where="post", label=f"{name}: CPM {result.cpm:.3f}")
+        ax.plot(result.fp_rates, result.sensitivities, "o", color=ax.lines[-1].get_color() if ax.lines else None)
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(1 / 16, 16)
+    ax.set_ylim(0, 1.02)
+    ax.set_xticks(list(DEFAULT_FP_RATES))
+    ax.set_xticklabels([f"{r:g}" for r in DEFAULT_FP_RATES])
+    ax.set_xlabel("average false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_detections(
+    cases: Sequence[DetectionCase], detections: Sequence[Sequence[Detection]], path: Path,
+    *, max_panels: int = 6, min_score: float = 0.1,
+) -> None:
+    """Axial slices through validation nodules: reference circles (green), detected boxes (red, score)."""
+    plt = _plt()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # nodules spread over the size range (smallest to largest), not only the easy large ones
+    panels = sorted(
+        ((ci, k) for ci, case in enumerate(cases) for k in range(len(case.sizes_mm))),
+        key=lambda p: float(cases[p[0]].sizes_mm[p[1]].mean()),
+    )
+    if len(panels) > max_panels:
+        panels = [panels[int(round(i))] for i in np.linspace(0, len(panels) - 1, max_panels)]
+    ordered = panels
+    if not ordered:
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.text(0.5, 0.5, "no nodule in the validation cases", ha="center")
+        ax.axis("off")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return
+    cols = min(3, len(ordered))
+    rows = math.ceil(len(ordered) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    from matplotlib.patches import Circle, Rectangle
+
+    for ax, (ci, k) in zip(axes.ravel(), ordered):
+        case = cases[ci]
+        image = case.image.numpy()
+        nx, ny = image.shape[0], image.shape[1]
+        sx, sy, sz = case.grid.spacing
+        cx, cy, cz = case.centres_vox[k]
+        z = int(np.clip(round(cz), 0, image.shape[2] - 1))
+        # radiological display: patient right on the image's left, anterior up
+        ax.imshow(image[::-1, ::-1, z].T, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ref_d = float(case.sizes_mm[k].mean())
+        dz_mm = (z - cz) * sz
+        r_mm = math.sqrt(max((ref_d / 2) ** 2 - dz_mm**2, 0.25))
+        col, row = nx - 1 - cx, ny - 1 - cy
+        ax.add_patch(Circle((col, row), r_mm / sx, fill=False, color="lime", lw=1.2))
+        for det in detections[ci]:
+            if det.score < min_score:
+                continue
+            idx = case.grid.to_index(_lps_to_ras(det.centre_xyz_mm))
+            size = np.asarray(det.size_xyz_mm or (det.diameter_mm,) * 3)
+            if abs(idx[2] - z) * sz > size[2] / 2:
+                continue
+            w, h = size[0] / sx, size[1] / sy
+            dc, dr = nx - 1 - idx[0], ny - 1 - idx[1]
+            ax.add_patch(Rectangle((dc - w / 2, dr - h / 2), w, h, fill=False, color="red", lw=1.0))
+            ax.text(dc - w / 2, dr - h / 2 - 1, f"{det.score:.2f}", color="red", fontsize=7, clip_on=True)
+        half = max(30.0, 2.5 * ref_d) / sx
+        ax.set_xlim(col - half, col + half)
+        ax.set_ylim(row + half, row - half)
+        ax.set_title(f"{case.name} z={z}: {ref_d:.1f} mm", fontsize=9)
+    fig.suptitle(f"validation: reference (green), detections >= {min_score:g} (red, score)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
