@@ -18,7 +18,9 @@ The detector (:class:`CenterNetDetector`, "objects as points" in 3D):
   the sub-voxel offset of the centre (in output voxels, x, y, z);
 * trained with the penalty-reduced focal loss of CenterNet on Gaussian heatmap
   targets (sigma from the nodule size) plus L1 losses on size and offset at the
-  centre voxels, on patches that mostly contain a nodule, with random flips;
+  centre voxels, on patches that mostly contain a nodule, a quarter centred on
+  false positives mined from the training cases during training (vessels seen
+  end-on are the typical ones), with random flips;
 * decoded by keeping voxels equal to the max-pooled heatmap (``peak_kernel``), the
   top ``max_detections`` of those above ``score_threshold``, and dropping a
   detection whose centre lies inside a higher-scoring one (``suppress_inside``).
@@ -43,7 +45,6 @@ Conventions:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import logging
@@ -117,7 +118,12 @@ class DetectorConfig:
     offset_loss_weight: float = 1.0
     # training patches
     patch_size: tuple[int, int, int] = (64, 64, 64)
-    positive_fraction: float = 0.75
+    positive_fraction: float = 0.6  # patches around a nodule
+    hard_negative_fraction: float = 0.25  # patches around a mined false positive (the rest: random)
+    mine_interval: int = 5  # epochs between hard-negative mining passes
+    mine_cases: int = 8  # training cases run per mining pass (in turn)
+    mine_per_case: int = 8  # false positives kept per mined case
+    mine_min_score: float = 0.1
     flip: bool = True
     intensity_jitter: float = 0.05
     # inference
@@ -673,7 +679,8 @@ def _crop(image: torch.Tensor, start: Sequence[int], size: Sequence[int]) -> tor
 
 
 class _PatchSampler:
-    """Training batches: patches that mostly contain a nodule, flipped at random, with targets."""
+    """Training batches with targets: patches around a nodule (``positive_fraction``), around a
+    mined false positive (``hard_negative_fraction``) or anywhere, flipped at random."""
 
     def __init__(self, cases: Sequence[DetectionCase], config: DetectorConfig, seed: int) -> None:
         self.cases = list(cases)
@@ -682,15 +689,36 @@ class _PatchSampler:
         self.nodules = [(i, k) for i, c in enumerate(self.cases) for k in range(len(c.centres_vox))]
         self.patch = np.asarray(config.patch_size, dtype=np.int64)
         self.out_shape = [math.ceil(int(p) / config.output_stride) for p in config.patch_size]
+        #: case index -> mined false-positive centres (network-grid voxels) of that case
+        self.hard_negatives: dict[int, npt.NDArray[np.float64]] = {}
+        self._hard_list: list[tuple[int, npt.NDArray[np.float64]]] = []
+        self._next_mined = 0
+
+    def set_hard_negatives(self, case_index: int, centres: npt.NDArray[np.float64]) -> None:
+        self.hard_negatives[case_index] = centres
+        self._hard_list = [(ci, c) for ci, cs in sorted(self.hard_negatives.items()) for c in cs]
+
+    def next_cases_to_mine(self, count: int) -> list[int]:
+        """The next ``count`` training cases, round robin."""
+        n = len(self.cases)
+        picked = [(self._next_mined + i) % n for i in range(min(count, n))]
+        self._next_mined = (self._next_mined + len(picked)) % n
+        return picked
+
+    def _around(self, centre: npt.NDArray[np.float64]) -> npt.NDArray[np.int64]:
+        margin = np.maximum(self.patch // 6, 1)
+        where = self.rng.integers(margin, self.patch - margin)  # the point's position inside the patch
+        return np.floor(centre).astype(np.int64) - where
 
     def _start(self) -> tuple[int, npt.NDArray[np.int64]]:
         rng, patch = self.rng, self.patch
-        if self.nodules and rng.random() < self.config.positive_fraction:
+        draw = rng.random()
+        if self.nodules and draw < self.config.positive_fraction:
             ci, k = self.nodules[int(rng.integers(len(self.nodules)))]
-            centre = self.cases[ci].centres_vox[k]
-            margin = np.maximum(patch // 6, 1)
-            where = rng.integers(margin, patch - margin)  # the nodule's position inside the patch
-            return ci, np.floor(centre).astype(np.int64) - where
+            return ci, self._around(self.cases[ci].centres_vox[k])
+        if self._hard_list and draw < self.config.positive_fraction + self.config.hard_negative_fraction:
+            ci, centre = self._hard_list[int(rng.integers(len(self._hard_list)))]
+            return ci, self._around(centre)
         ci = int(rng.integers(len(self.cases)))
         shape = np.asarray(self.cases[ci].image.shape, dtype=np.int64)
         high = np.maximum(shape - patch, 0) + 1
@@ -734,6 +762,41 @@ class _PatchSampler:
             "offset": torch.stack(offset),
             "mask": torch.stack(mask),
         }
+
+
+@torch.no_grad()
+def _mine_hard_negatives(
+    network: nn.Module, sampler: _PatchSampler, config: DetectorConfig, device: torch.device
+) -> int:
+    """Run the network on the next few training cases and remember their best false positives.
+
+    A peak with a score of at least ``mine_min_score`` whose centre is not inside any
+    nodule (radius: half its mean box size, plus one output voxel) is a false positive;
+    the ``mine_per_case`` best of a case replace those mined from it before. Returns
+    how many were found.
+    """
+    found = 0
+    for ci in sampler.next_cases_to_mine(config.mine_cases):
+        case = sampler.cases[ci]
+        heads = predict_heads(network, case.image, config, device=device)
+        centres, _, scores = decode_heads(
+            heads, output_stride=config.output_stride, score_threshold=config.mine_min_score,
+            max_detections=4 * config.mine_per_case, peak_kernel=config.peak_kernel,
+        )
+        spacing = case.grid.spacing
+        keep = []
+        for centre in centres:
+            if len(case.centres_vox):
+                dist = np.linalg.norm((case.centres_vox - centre) * spacing, axis=1)
+                reach = case.sizes_mm.mean(axis=1) / 2 + config.output_stride * float(spacing.max())
+                if np.any(dist <= reach):
+                    continue
+            keep.append(centre)
+            if len(keep) == config.mine_per_case:
+                break
+        sampler.set_hard_negatives(ci, np.asarray(keep, dtype=np.float64).reshape(-1, 3))
+        found += len(keep)
+    return found
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -810,7 +873,10 @@ def train_detection(
     optimiser steps of ``batch_size`` patches (AdamW, warm-up then cosine decay of
     ``learning_rate``). Every ``val_interval`` epochs (and after the last) the whole
     validation volumes are run and scored by FROC; the checkpoint with the best
-    CPM on nodules >= 6 mm (ties: all nodules, then the later) is exported.
+    sum of the CPMs of nodules >= 6 mm and of all nodules (ties: the later) is
+    exported. Every ``config.mine_interval`` epochs the network runs on a few
+    training cases in turn and their best false positives become centres of
+    hard-negative patches.
     The exported ``score_threshold`` (the product's operating point) is calibrated on
     that validation: the lowest score with at most ``calibrate_fp_per_scan`` false
     positives per scan (all nodules counted; None keeps ``config.score_threshold``).
@@ -926,11 +992,17 @@ def train_detection(
             record["validations"].append(validation)
             entry["validation_cpm"] = result["all"].cpm
             entry["validation_cpm_large"] = result["large"].cpm
-            key = (_nan_low(result["large"].cpm), _nan_low(result["all"].cpm), epoch)
+            # CPM >= 6 mm plus CPM of all nodules: the larger count makes the choice less noisy
+            key = (_nan_low(result["large"].cpm) + _nan_low(result["all"].cpm), _nan_low(result["large"].cpm), epoch)
             if key >= best_key:
                 best_key = key
                 best_state = {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()}
                 best_detections, best_froc = detections, result
+        if config.hard_negative_fraction > 0 and epoch % config.mine_interval == 0 and epoch < epochs:
+            mine_start = time.perf_counter()
+            entry["hard_negatives_found"] = _mine_hard_negatives(network, sampler, config, dev)
+            entry["hard_negative_pool"] = len(sampler._hard_list)
+            entry["mining_seconds"] = time.perf_counter() - mine_start
         entry["seconds"] = time.perf_counter() - epoch_start
         record["epochs"].append(entry)
         logger.info(
@@ -1319,7 +1391,8 @@ def _plot_froc(results: Mapping[str, FrocResult], path: Path, *, title: str) -> 
     ax.set_ylabel("sensitivity")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

