@@ -8,7 +8,6 @@ available) DCMTK ``storescu``/``echoscu``.
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -41,10 +40,9 @@ from pydicom.uid import AllTransferSyntaxes
 
 from dicom_node import scp_fastpath
 
-pytestmark = pytest.mark.skipif(
-    not scp_fastpath.is_supported(),
-    reason=f"scp_fastpath does not support pynetdicom {pynetdicom.__version__}",
-)
+
+def test_the_pinned_pynetdicom_is_supported() -> None:
+    assert scp_fastpath.is_supported(), f"scp_fastpath does not support pynetdicom {pynetdicom.__version__}"
 
 # Statuses chosen by the handler, keyed by InstanceNumber
 RAISE = "raise"
@@ -412,7 +410,6 @@ def test_unlimited_pdu_server() -> None:
 _DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
 def test_dcmtk_storescu_and_echoscu(node: _Node, tmp_path: Path) -> None:
     echo = subprocess.run(
         ["echoscu", "-aec", "FASTNODE", "127.0.0.1", str(node.port)],
@@ -444,7 +441,6 @@ def test_dcmtk_storescu_and_echoscu(node: _Node, tmp_path: Path) -> None:
     assert node.released == 2
 
 
-@pytest.mark.skipif(shutil.which("storescu") is None, reason="DCMTK not installed")
 def test_dcmtk_storescu_failure_status(node: _Node, tmp_path: Path) -> None:
     node.plan = {1: 0xA700}
     p = tmp_path / "a.dcm"
