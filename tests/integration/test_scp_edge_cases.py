@@ -25,7 +25,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     RLELossless,
 )
-from pynetdicom import AE, build_context, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, ModalityWorklistInformationFind, Verification
 from sqlalchemy import select
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,10 +24,6 @@ from pydicom.uid import (
     generate_uid,
 )
 
-try:  # repo root on sys.path when pytest is run without -m / rootdir import
-    import dicom_node  # noqa: F401
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 import pynetdicom
 from pynetdicom import AE, AllStoragePresentationContexts, evt

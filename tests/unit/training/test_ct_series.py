@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.pixels import get_encoder
 from pydicom.uid import (
     UID,
     CTImageStorage,
