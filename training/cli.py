@@ -188,7 +188,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
             result = evaluate_segmentation(args.bundle, args.dataset, device=args.device, out_dir=args.out,
                                            record=args.record)
-            summary = {k: result[k] for k in ("kind", "cases", "dice", "mean_dice")}
+            summary = {k: result[k] for k in ("kind", "cases", "dice", "mean_dice", "dice_pooled")}
         else:
             from training.detection import evaluate_detection
 
