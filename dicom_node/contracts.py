@@ -1,0 +1,85 @@
+"""Plain data types shared by the node and the workers (no I/O, no heavy imports).
+
+Why: the router, the job pipeline, the model loaders and the DICOM result
+builders live in different packages and processes; they agree on these types
+instead of on each other's internals. Everything here is a frozen pydantic model
+that validates on construction and serialises to JSON (for the DB and the UI).
+
+Coordinates: world positions are DICOM patient coordinates (LPS, millimetres).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "AlgorithmInfo",
+    "CodedConcept",
+    "Detection",
+    "OutputKind",
+    "SegmentLabel",
+]
+
+#: The DICOM result objects a pipeline can produce and a destination can receive.
+OutputKind = Literal["SEG", "SR", "GSPS"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CodedConcept(_Frozen):
+    """A coded concept as DICOM writes it: (CodeValue, CodingSchemeDesignator, CodeMeaning)."""
+
+    value: str = Field(min_length=1, max_length=64)
+    scheme: str = Field(min_length=1, max_length=16)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class SegmentLabel(_Frozen):
+    """One label value of a model's label map and how it is coded in a DICOM SEG segment."""
+
+    value: int = Field(ge=1, le=255)
+    name: str = Field(min_length=1)
+    property_category: CodedConcept
+    property_type: CodedConcept
+    color_rgb: tuple[int, int, int] = (255, 0, 0)
+
+    @field_validator("color_rgb")
+    @classmethod
+    def _rgb(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(not 0 <= c <= 255 for c in value):
+            raise ValueError(f"color_rgb must be three 0..255 values, got {value}")
+        return value
+
+
+class AlgorithmInfo(_Frozen):
+    """The model that produced a result, as named in SEG/SR/GSPS (algorithm name and version)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    version: str = Field(min_length=1, max_length=64)
+    model_id: str = Field(min_length=1, description="Registry id of the model (config/models.yaml).")
+
+
+class Detection(_Frozen):
+    """One detected finding: an axis-aligned box in patient coordinates with a confidence.
+
+    ``centre_mm`` is the box centre (LPS); ``size_mm`` the box extent along the
+    patient x, y, z axes; ``diameter_mm`` the finding's estimated diameter;
+    ``score`` the model's confidence in [0, 1]; ``label`` what was found.
+    """
+
+    centre_mm: tuple[float, float, float]
+    size_mm: tuple[float, float, float]
+    diameter_mm: float = Field(gt=0)
+    score: float = Field(ge=0.0, le=1.0)
+    label: SegmentLabel
+
+    @field_validator("size_mm")
+    @classmethod
+    def _positive(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(not v > 0 for v in value):
+            raise ValueError(f"size_mm must be three positive extents, got {value}")
+        return value

@@ -1,0 +1,53 @@
+"""What every model the workers run looks like, whatever its format.
+
+Why: the pipeline must not care whether a model is a MONAI bundle, a TorchScript
+file or something else; it calls :meth:`Model.predict` on a :class:`Volume` and
+gets one of the two result types below, in the volume's own voxel grid
+(segmentation) or in patient coordinates (detection).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+from dicom_node.contracts import AlgorithmInfo, Detection, SegmentLabel
+from workers.volume import Volume
+
+__all__ = ["DetectionResult", "Model", "ModelKind", "SegmentationResult"]
+
+ModelKind = Literal["segmentation", "detection"]
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentationResult:
+    """A label map on the source volume's grid (uint8, same shape as ``Volume.array``) and its labels."""
+
+    label_map: npt.NDArray[np.uint8]
+    labels: tuple[SegmentLabel, ...]
+
+
+@dataclass(frozen=True)
+class DetectionResult:
+    """Findings in patient coordinates (LPS mm), best first; empty when nothing was found."""
+
+    detections: tuple[Detection, ...]
+
+
+@runtime_checkable
+class Model(Protocol):
+    """A loaded model, ready to run; loaded once per worker process and reused."""
+
+    @property
+    def kind(self) -> ModelKind: ...
+
+    @property
+    def algorithm(self) -> AlgorithmInfo: ...
+
+    @property
+    def labels(self) -> tuple[SegmentLabel, ...]: ...
+
+    def predict(self, volume: Volume) -> SegmentationResult | DetectionResult: ...

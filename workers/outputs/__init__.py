@@ -1,0 +1,1 @@
+"""DICOM result objects (SEG, TID 1500 SR, GSPS): the only highdicom code, pure functions."""
