@@ -126,6 +126,61 @@ class WebSettings(_Section):
     port: int = Field(default=8080, ge=1, le=65535)
 
 
+class RoutingSettings(_Section):
+    """Where routing rules, destinations and models come from, and how many times a job is tried."""
+
+    rules_file: Path | None = Field(
+        default=None,
+        description="YAML routing rules imported into the DB at start; none: the built-in default rule "
+        "(every complete CT study runs both demo models) when the DB has no rules.",
+    )
+    destinations_file: Path | None = Field(default=None, description="YAML destinations imported at start.")
+    models_file: Path | None = Field(default=None, description="Model registry; none: the two demo models.")
+    job_max_attempts: int = Field(default=3, ge=1)
+    job_lease_seconds: float = Field(default=300.0, gt=0)
+
+
+class QueueSettings(_Section):
+    """The job queue: embedded (one machine, in-process worker) or a Redis broker shared by GPU workers."""
+
+    broker_url: str = Field(default="memory://", description="memory:// (embedded) or redis://host:6379/0")
+    embedded_worker_queues: list[Literal["gpu", "io"]] = Field(
+        default_factory=lambda: ["gpu", "io"],
+        description="Queues the serve process consumes itself; [] when separate workers do all the work.",
+    )
+    sweep_interval_seconds: float = Field(default=1.0, gt=0)
+
+
+class DeliverySettings(_Section):
+    """Sending results to destinations."""
+
+    calling_ae_title: str | None = Field(default=None, description="AE title we call from; none: dicom.ae_title.")
+    max_attempts: int = Field(default=10, ge=1)
+    backoff_initial_seconds: float = Field(default=5.0, gt=0)
+    backoff_max_seconds: float = Field(default=600.0, gt=0)
+    lease_seconds: float = Field(default=300.0, gt=0)
+
+
+class ResultSeriesSettings(_Section):
+    """Series number and description of one kind of result object."""
+
+    series_number: int = Field(ge=1, le=2**31 - 1)
+    series_description: str = Field(min_length=1, max_length=64)
+
+
+class ResultsSettings(_Section):
+    """How result objects are labelled in the PACS (never random)."""
+
+    manufacturer: str = "DICOM AI node"
+    institution_name: str | None = None
+    seg: ResultSeriesSettings = Field(
+        default_factory=lambda: ResultSeriesSettings(series_number=9001, series_description="AI segmentation"))
+    sr: ResultSeriesSettings = Field(
+        default_factory=lambda: ResultSeriesSettings(series_number=9002, series_description="AI findings report"))
+    gsps: ResultSeriesSettings = Field(
+        default_factory=lambda: ResultSeriesSettings(series_number=9003, series_description="AI findings outlines"))
+
+
 class Settings(BaseSettings):
     """Everything the node needs to run; see ``config/default.yaml``."""
 
@@ -142,6 +197,10 @@ class Settings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     completion: CompletionSettings = Field(default_factory=CompletionSettings)
     web: WebSettings = Field(default_factory=WebSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
 
     @property
     def resolved_database_url(self) -> str:
@@ -157,6 +216,11 @@ class Settings(BaseSettings):
     @property
     def quarantine_dir(self) -> Path:
         return self.data_dir / "quarantine"
+
+    @property
+    def outbox_dir(self) -> Path:
+        """Result objects the workers produced, kept until delivered."""
+        return self.data_dir / "outbox"
 
     @classmethod
     def settings_customise_sources(

@@ -189,3 +189,122 @@ class StudyEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)
 
     study: Mapped[Study] = relationship(back_populates="events")
+
+
+class JobState(str, enum.Enum):
+    """Where a job (one pipeline on one series of a study) is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # will be retried (attempts left)
+    DEAD = "dead"  # no attempts left, or an error retrying cannot fix
+    CANCELLED = "cancelled"
+
+
+class DeliveryState(str, enum.Enum):
+    """Where the delivery of one job's results to one destination is."""
+
+    PENDING = "pending"
+    SENDING = "sending"
+    DELIVERED = "delivered"
+    FAILED = "failed"  # waiting for its next attempt (next_attempt_at)
+    DEAD = "dead"
+
+
+class RoutingRuleRow(Base):
+    """A routing rule: its validated definition (:class:`dicom_node.routing.Rule`) as JSON."""
+
+    __tablename__ = "routing_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    position: Mapped[int] = mapped_column(Integer, default=0, doc="Order among rules of equal priority.")
+    definition: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(255), doc="File it was imported from, or cli/ui.")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class DestinationRow(Base):
+    """Where results can be sent: a DICOM AE or a DICOMweb STOW-RS service, as validated JSON."""
+
+    __tablename__ = "destinations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    definition: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Job(Base):
+    """One pipeline (model) run on one series of a study, with its stages timed and its error kept."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    pipeline: Mapped[str] = mapped_column(String(64))
+    rule: Mapped[str] = mapped_column(String(64))
+    destinations: Mapped[str] = mapped_column(Text, doc="JSON list of destination names, or \"default\".")
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(255))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    stage_seconds: Mapped[str | None] = mapped_column(Text, doc="JSON {stage: seconds} of the last attempt.")
+    summary: Mapped[str | None] = mapped_column(Text, doc="JSON summary of the findings.")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    queued_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index("ux_jobs_study_pipeline_series", "study_id", "pipeline", "series_instance_uid", unique=True),
+    )
+
+
+class ResultObject(Base):
+    """A DICOM object a job produced (SEG, SR, GSPS), kept in the outbox until delivered.
+
+    Also how the node recognises its own results when a PACS sends them back.
+    """
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(Text, doc="Relative to the outbox directory.")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Delivery(Base):
+    """Sending one job's results to one destination, with retries and backoff."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=10)
+    next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    error: Mapped[str | None] = mapped_column(Text)
+    objects_sent: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ux_deliveries_job_destination", "job_id", "destination", unique=True),)

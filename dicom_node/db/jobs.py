@@ -1,0 +1,457 @@
+"""Jobs, their result objects and deliveries: every state change as one short transaction.
+
+Why: the database is the source of truth for the pipeline (the queue only carries
+ids), so a process that dies mid-task loses nothing: :func:`requeue_jobs` and
+:func:`due_deliveries` find what is left and it is sent again. Claiming a job or a
+delivery is a conditional UPDATE, so two workers never run the same one, and a
+redelivered message for a finished job is a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    ResultObject,
+    Study,
+    StudyEvent,
+    StudyState,
+)
+from dicom_node.routing import JobSpec, RoutingDecision
+
+__all__ = [
+    "DeliveryClaim",
+    "JobClaim",
+    "JobView",
+    "ResultSpec",
+    "claim_delivery",
+    "claim_job",
+    "due_deliveries",
+    "fail_delivery",
+    "fail_job",
+    "finish_delivery",
+    "finish_job",
+    "heartbeat_job",
+    "list_jobs",
+    "own_result_series",
+    "requeue_jobs",
+    "unfinished_deliveries",
+    "unfinished_jobs",
+    "record_routing",
+    "results_of_job",
+    "retry_delivery",
+    "retry_job",
+    "studies_to_route",
+]
+
+
+@dataclass(frozen=True)
+class JobClaim:
+    """What a worker needs to run a job it has just claimed."""
+
+    job_id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    pipeline: str
+    attempt: int
+    destinations: list[str] | str
+
+
+@dataclass(frozen=True)
+class ResultSpec:
+    """A result object a job wrote to the outbox."""
+
+    kind: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    path: str
+
+
+@dataclass(frozen=True)
+class DeliveryClaim:
+    delivery_id: int
+    job_id: int
+    destination: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job as the CLI and UI list it."""
+
+    id: int
+    study_instance_uid: str
+    series_instance_uid: str
+    pipeline: str
+    rule: str
+    state: str
+    attempts: int
+    max_attempts: int
+    error: str | None
+    stage_seconds: dict[str, float]
+    summary: dict[str, Any]
+    queued_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    deliveries: list[tuple[str, str, int, str | None]]
+
+
+def studies_to_route(sessions: sessionmaker[Session]) -> list[tuple[int, str]]:
+    """(id, Study Instance UID) of every study that is complete and not yet routed."""
+    with sessions() as session:
+        rows = session.execute(
+            select(Study.id, Study.study_instance_uid).where(Study.state == StudyState.COMPLETE.value)
+        ).all()
+    return [(int(i), str(u)) for i, u in rows]
+
+
+def own_result_series(sessions: sessionmaker[Session], series_uids: Iterable[str]) -> set[str]:
+    """Which of ``series_uids`` are series of results this node produced."""
+    uids = list(series_uids)
+    if not uids:
+        return set()
+    with sessions() as session:
+        rows = session.execute(
+            select(ResultObject.series_instance_uid).where(ResultObject.series_instance_uid.in_(uids)).distinct()
+        ).all()
+    return {str(r[0]) for r in rows}
+
+
+def _destinations_json(spec: JobSpec) -> str:
+    return json.dumps(spec.destinations if spec.destinations == "default" else list(spec.destinations))
+
+
+def record_routing(
+    sessions: sessionmaker[Session], study_id: int, decision: RoutingDecision, *, now: datetime, max_attempts: int
+) -> list[int]:
+    """Store the router's decision for a complete study; returns the ids of new jobs to enqueue.
+
+    A job that already exists for the same study, pipeline and series is not created
+    again (a study that completes again, e.g. when our own results come back, does
+    not re-run). The study becomes ``routed`` when it has any job, else ``ignored``
+    with the reason kept as a study event.
+    """
+    new_ids: list[int] = []
+    with sessions.begin() as session:
+        study = session.get(Study, study_id, with_for_update=True)
+        if study is None or study.state != StudyState.COMPLETE.value:
+            return []  # routed meanwhile by someone else, or reopened
+        existing = {
+            (p, s)
+            for p, s in session.execute(
+                select(Job.pipeline, Job.series_instance_uid).where(Job.study_id == study_id)
+            ).all()
+        }
+        for spec in decision.jobs:
+            if (spec.pipeline, spec.series_instance_uid) in existing:
+                continue
+            job = Job(
+                study_id=study_id, series_instance_uid=spec.series_instance_uid, pipeline=spec.pipeline,
+                rule=spec.rule, destinations=_destinations_json(spec), priority=spec.priority,
+                state=JobState.QUEUED.value, attempts=0, max_attempts=max_attempts, created_at=now,
+                queued_at=now, state_changed_at=now,
+            )
+            session.add(job)
+            session.flush()
+            new_ids.append(job.id)
+        has_jobs = bool(decision.jobs) or bool(existing)
+        study.state = (StudyState.ROUTED if has_jobs else StudyState.IGNORED).value
+        study.state_changed_at = now
+        if decision.jobs:
+            detail = ", ".join(f"{j.pipeline} on {j.series_instance_uid} (rule {j.rule})" for j in decision.jobs)
+            if len(new_ids) < len(decision.jobs):
+                detail += f"; {len(decision.jobs) - len(new_ids)} already existed and were not repeated"
+            session.add(StudyEvent(study_id=study_id, at=now, kind="routed", detail=detail))
+        else:
+            session.add(StudyEvent(study_id=study_id, at=now, kind="ignored", detail=decision.ignored_reason))
+    return new_ids
+
+
+def claim_job(
+    sessions: sessionmaker[Session], job_id: int, *, worker: str, now: datetime, lease_seconds: float
+) -> JobClaim | None:
+    """Move a queued job to running for ``worker``; None if it is not queued (a duplicate message)."""
+    with sessions.begin() as session:
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+            .values(
+                state=JobState.RUNNING.value, attempts=Job.attempts + 1, worker=worker[:255], started_at=now,
+                finished_at=None, lease_expires_at=now + timedelta(seconds=lease_seconds), state_changed_at=now,
+            )
+        ).rowcount
+        if not claimed:
+            return None
+        row = session.execute(
+            select(Job.id, Study.study_instance_uid, Job.series_instance_uid, Job.pipeline, Job.attempts,
+                   Job.destinations)
+            .join(Study, Study.id == Job.study_id)
+            .where(Job.id == job_id)
+        ).one()
+    return JobClaim(int(row[0]), str(row[1]), str(row[2]), str(row[3]), int(row[4]), json.loads(row[5]))
+
+
+def heartbeat_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime, lease_seconds: float) -> None:
+    """Extend a running job's lease (a long inference is not taken for a dead worker)."""
+    with sessions.begin() as session:
+        session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+            .values(lease_expires_at=now + timedelta(seconds=lease_seconds))
+        )
+
+
+def finish_job(
+    sessions: sessionmaker[Session],
+    job_id: int,
+    *,
+    now: datetime,
+    stage_seconds: dict[str, float],
+    summary: dict[str, Any],
+    results: Sequence[ResultSpec],
+    destinations: Sequence[str],
+    delivery_max_attempts: int,
+) -> list[int]:
+    """Mark a running job succeeded with its result objects; create one delivery per destination.
+
+    Returns the new delivery ids. A job that is no longer running (reconciled and
+    run elsewhere) is left alone and no deliveries are created.
+    """
+    with sessions.begin() as session:
+        done = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+            .values(
+                state=JobState.SUCCEEDED.value, finished_at=now, lease_expires_at=None, error=None,
+                stage_seconds=json.dumps(stage_seconds), summary=json.dumps(summary), state_changed_at=now,
+            )
+        ).rowcount
+        if not done:
+            return []
+        for result in results:
+            session.add(ResultObject(
+                job_id=job_id, kind=result.kind, sop_class_uid=result.sop_class_uid,
+                sop_instance_uid=result.sop_instance_uid, series_instance_uid=result.series_instance_uid,
+                path=result.path, created_at=now,
+            ))
+        deliveries = []
+        for name in destinations:
+            delivery = Delivery(
+                job_id=job_id, destination=name, state=DeliveryState.PENDING.value, attempts=0,
+                max_attempts=delivery_max_attempts, next_attempt_at=now, created_at=now, state_changed_at=now,
+            )
+            session.add(delivery)
+            deliveries.append(delivery)
+        session.flush()
+        return [d.id for d in deliveries]
+
+
+def fail_job(
+    sessions: sessionmaker[Session], job_id: int, *, now: datetime, error: str, retryable: bool,
+    stage_seconds: dict[str, float] | None = None,
+) -> str | None:
+    """Record a failed attempt: ``failed`` (to be retried) while attempts remain and retrying can help, else ``dead``.
+
+    Returns the new state, or None when the job was not running.
+    """
+    with sessions.begin() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.state != JobState.RUNNING.value:
+            return None
+        state = JobState.FAILED if retryable and job.attempts < job.max_attempts else JobState.DEAD
+        job.state = state.value
+        job.error = error
+        job.finished_at = now
+        job.lease_expires_at = None
+        job.state_changed_at = now
+        if stage_seconds is not None:
+            job.stage_seconds = json.dumps(stage_seconds)
+        return state.value
+
+
+def retry_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime) -> bool:
+    """Manual retry of a failed or dead job: queued again with a fresh attempt budget."""
+    with sessions.begin() as session:
+        return bool(session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state.in_([JobState.FAILED.value, JobState.DEAD.value,
+                                                     JobState.CANCELLED.value]))
+            .values(state=JobState.QUEUED.value, attempts=0, queued_at=now, state_changed_at=now)
+        ).rowcount)
+
+
+def requeue_jobs(sessions: sessionmaker[Session], *, now: datetime) -> list[int]:
+    """Put back to queued, and return, jobs to run again: failed ones with attempts left, and running
+    ones whose worker stopped renewing the lease (that attempt counts; none left: dead)."""
+    with sessions.begin() as session:
+        stale = session.execute(
+            select(Job.id, Job.attempts, Job.max_attempts, Job.worker)
+            .where(Job.state == JobState.RUNNING.value, Job.lease_expires_at < now)
+        ).all()
+        requeued = []
+        for job_id, attempts, max_attempts, worker in stale:
+            lost = f"worker {worker or '?'} stopped during attempt {attempts}"
+            state = JobState.QUEUED if attempts < max_attempts else JobState.DEAD
+            changed = session.execute(
+                update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+                .values(state=state.value, error=lost + ("" if state is JobState.QUEUED else "; no attempts left"),
+                        lease_expires_at=None, queued_at=now, state_changed_at=now)
+            ).rowcount
+            if changed and state is JobState.QUEUED:
+                requeued.append(int(job_id))
+        failed = [int(r[0]) for r in session.execute(
+            select(Job.id).where(Job.state == JobState.FAILED.value).order_by(Job.priority.desc(), Job.id)
+        ).all()]
+        if failed:
+            session.execute(
+                update(Job).where(Job.id.in_(failed), Job.state == JobState.FAILED.value)
+                .values(state=JobState.QUEUED.value, queued_at=now, state_changed_at=now)
+            )
+    return requeued + failed
+
+
+def unfinished_jobs(sessions: sessionmaker[Session], *, now: datetime) -> list[int]:
+    """At start-up: every job that still has to run (queued, failed, or running on a dead worker)."""
+    requeue_jobs(sessions, now=now)
+    with sessions() as session:
+        rows = session.execute(
+            select(Job.id).where(Job.state == JobState.QUEUED.value).order_by(Job.priority.desc(), Job.id)
+        ).all()
+    return [int(r[0]) for r in rows]
+
+
+def results_of_job(sessions: sessionmaker[Session], job_id: int) -> list[ResultSpec]:
+    with sessions() as session:
+        rows = session.execute(
+            select(ResultObject.kind, ResultObject.sop_class_uid, ResultObject.sop_instance_uid,
+                   ResultObject.series_instance_uid, ResultObject.path)
+            .where(ResultObject.job_id == job_id).order_by(ResultObject.id)
+        ).all()
+    return [ResultSpec(*map(str, row)) for row in rows]
+
+
+def claim_delivery(
+    sessions: sessionmaker[Session], delivery_id: int, *, now: datetime, lease_seconds: float
+) -> DeliveryClaim | None:
+    """Move a pending delivery to sending; None if it is not pending (already sent, or waiting for backoff)."""
+    with sessions.begin() as session:
+        claimed = session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id, Delivery.state == DeliveryState.PENDING.value)
+            .values(state=DeliveryState.SENDING.value, attempts=Delivery.attempts + 1,
+                    lease_expires_at=now + timedelta(seconds=lease_seconds), state_changed_at=now)
+        ).rowcount
+        if not claimed:
+            return None
+        row = session.execute(
+            select(Delivery.job_id, Delivery.destination, Delivery.attempts).where(Delivery.id == delivery_id)
+        ).one()
+    return DeliveryClaim(delivery_id, int(row[0]), str(row[1]), int(row[2]))
+
+
+def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, now: datetime, objects_sent: int) -> None:
+    with sessions.begin() as session:
+        session.execute(
+            update(Delivery).where(Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING.value)
+            .values(state=DeliveryState.DELIVERED.value, delivered_at=now, objects_sent=objects_sent, error=None,
+                    lease_expires_at=None, next_attempt_at=None, state_changed_at=now)
+        )
+
+
+def fail_delivery(
+    sessions: sessionmaker[Session], delivery_id: int, *, now: datetime, error: str, retryable: bool,
+    backoff_initial_seconds: float, backoff_max_seconds: float,
+) -> tuple[str, datetime | None]:
+    """Record a failed attempt; exponential backoff while attempts remain, else ``dead``.
+
+    Returns (new state, when the next attempt is due).
+    """
+    with sessions.begin() as session:
+        delivery = session.get(Delivery, delivery_id, with_for_update=True)
+        if delivery is None:
+            raise KeyError(f"delivery {delivery_id} does not exist")
+        delivery.error = error
+        delivery.lease_expires_at = None
+        delivery.state_changed_at = now
+        if retryable and delivery.attempts < delivery.max_attempts:
+            delay = min(backoff_max_seconds, backoff_initial_seconds * 2 ** max(0, delivery.attempts - 1))
+            delivery.state = DeliveryState.FAILED.value
+            delivery.next_attempt_at = now + timedelta(seconds=delay)
+        else:
+            delivery.state = DeliveryState.DEAD.value
+            delivery.next_attempt_at = None
+        return delivery.state, delivery.next_attempt_at
+
+
+def due_deliveries(sessions: sessionmaker[Session], *, now: datetime) -> list[int]:
+    """Deliveries to send again now: failed ones whose backoff expired, and sending ones whose sender
+    stopped renewing the lease; they become pending again."""
+    with sessions.begin() as session:
+        ids = [int(r[0]) for r in session.execute(
+            select(Delivery.id).where(
+                or_((Delivery.state == DeliveryState.FAILED.value) & (Delivery.next_attempt_at <= now),
+                    (Delivery.state == DeliveryState.SENDING.value) & (Delivery.lease_expires_at < now))
+            ).order_by(Delivery.id)
+        ).all()]
+        if ids:
+            session.execute(
+                update(Delivery).where(Delivery.id.in_(ids))
+                .values(state=DeliveryState.PENDING.value, lease_expires_at=None, state_changed_at=now)
+            )
+    return ids
+
+
+def unfinished_deliveries(sessions: sessionmaker[Session], *, now: datetime) -> list[int]:
+    """At start-up: every delivery that is pending (or due again)."""
+    due_deliveries(sessions, now=now)
+    with sessions() as session:
+        rows = session.execute(
+            select(Delivery.id).where(Delivery.state == DeliveryState.PENDING.value).order_by(Delivery.id)
+        ).all()
+    return [int(r[0]) for r in rows]
+
+
+def retry_delivery(sessions: sessionmaker[Session], delivery_id: int, *, now: datetime) -> bool:
+    """Manual retry of a failed or dead delivery (never re-runs inference)."""
+    with sessions.begin() as session:
+        return bool(session.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery_id,
+                   Delivery.state.in_([DeliveryState.FAILED.value, DeliveryState.DEAD.value]))
+            .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=now, state_changed_at=now)
+        ).rowcount)
+
+
+def list_jobs(sessions: sessionmaker[Session], *, limit: int = 200, study_instance_uid: str | None = None) -> list[JobView]:
+    """The newest jobs first, each with its deliveries (destination, state, attempts, error)."""
+    with sessions() as session:
+        query = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
+        if study_instance_uid is not None:
+            query = query.where(Study.study_instance_uid == study_instance_uid)
+        rows = session.execute(query.order_by(Job.id.desc()).limit(limit)).all()
+        ids = [job.id for job, _ in rows]
+        deliveries: dict[int, list[tuple[str, str, int, str | None]]] = {i: [] for i in ids}
+        if ids:
+            for d in session.execute(select(Delivery).where(Delivery.job_id.in_(ids)).order_by(Delivery.id)).scalars():
+                deliveries[d.job_id].append((d.destination, d.state, d.attempts, d.error))
+    return [
+        JobView(
+            id=job.id, study_instance_uid=uid, series_instance_uid=job.series_instance_uid, pipeline=job.pipeline,
+            rule=job.rule, state=job.state, attempts=job.attempts, max_attempts=job.max_attempts, error=job.error,
+            stage_seconds=json.loads(job.stage_seconds) if job.stage_seconds else {},
+            summary=json.loads(job.summary) if job.summary else {}, queued_at=job.queued_at,
+            started_at=job.started_at, finished_at=job.finished_at, deliveries=deliveries[job.id],
+        )
+        for job, uid in rows
+    ]

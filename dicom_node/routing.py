@@ -1,0 +1,419 @@
+"""Routing rules as typed data, and the one pure function that applies them to a complete study.
+
+Why: admins decide which studies go to which AI pipelines and where the results go.
+Rules are data (YAML, the DB, the UI) validated when loaded or saved, never code run
+at routing time (unlike mercure's Python-expression rules), and one function,
+:func:`evaluate`, is used by the router, by ``dicom-node rules test`` and by the UI's
+rule tester, so what an admin tests is what runs.
+
+A rule's ``conditions`` are checked per series, together with the study-level facts
+(calling/called AE title, study description): a series for which the conditions hold
+(``match: all`` - every one; ``any`` - at least one) is a *candidate*. The rule
+matches when some series is a candidate; its ``series`` selector picks which
+candidates feed its pipelines (for example the thinnest axial CT series). Series that
+are not images (SEG, SR, presentation states, ...) and series this node produced
+itself (results coming back through a PACS auto-route) are never candidates.
+
+:func:`evaluate` returns one :class:`JobSpec` per pipeline: when several matching
+rules ask for the same pipeline, the one with the highest ``priority`` (then the
+first in order) decides the series and destinations.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "DEMO_PIPELINES",
+    "SeriesSelector",
+    "default_rules",
+    "RangeCondition",
+    "RoutingDecision",
+    "Rule",
+    "RuleOutcome",
+    "RuleSet",
+    "SeriesFacts",
+    "StudyFacts",
+    "TextCondition",
+    "JobSpec",
+    "evaluate",
+    "orientation_of",
+]
+
+Orientation = Literal["axial", "sagittal", "coronal", "oblique"]
+
+#: Attributes a text condition can test, and whether they belong to the study or the series.
+TEXT_ATTRIBUTES: dict[str, Literal["study", "series"]] = {
+    "calling_ae_title": "study",
+    "called_ae_title": "study",
+    "study_description": "study",
+    "modality": "series",
+    "body_part_examined": "series",
+    "series_description": "series",
+    "manufacturer": "series",
+    "orientation": "series",
+}
+#: Attributes a range condition can test (all per series).
+RANGE_ATTRIBUTES = ("slice_thickness_mm", "instance_count")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TextCondition(_Strict):
+    """A text attribute that must equal one of ``in`` (case-insensitive) and/or match ``regex``.
+
+    ``regex`` is searched (not anchored) case-insensitively, like a PACS admin would
+    expect of "description contains chest"; anchor with ``^...$`` when needed.
+    """
+
+    attribute: Literal[
+        "calling_ae_title", "called_ae_title", "study_description", "modality", "body_part_examined",
+        "series_description", "manufacturer", "orientation",
+    ]
+    in_: list[str] | None = Field(default=None, alias="in")
+    regex: str | None = None
+    negate: bool = False
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @field_validator("regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"regex {value!r} does not compile: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _something(self) -> "TextCondition":
+        if self.in_ is None and self.regex is None:
+            raise ValueError(f"condition on {self.attribute} needs 'in' or 'regex'")
+        if self.in_ is not None and not self.in_:
+            raise ValueError(f"condition on {self.attribute}: 'in' must list at least one value")
+        if self.attribute == "orientation" and self.in_ is not None:
+            unknown = sorted({v.lower() for v in self.in_} - {"axial", "sagittal", "coronal", "oblique"})
+            if unknown:
+                raise ValueError(f"orientation must be axial, sagittal, coronal or oblique, got {unknown}")
+        return self
+
+    def holds(self, value: str | None) -> tuple[bool, str]:
+        """Whether the condition holds for ``value``, and a sentence saying why."""
+        text = value or ""
+        ok = True
+        if self.in_ is not None:
+            ok = text.strip().lower() in {v.strip().lower() for v in self.in_}
+        if ok and self.regex is not None:
+            ok = re.search(self.regex, text, flags=re.IGNORECASE) is not None
+        if self.negate:
+            ok = not ok
+        wanted = []
+        if self.in_ is not None:
+            wanted.append(f"in {self.in_}")
+        if self.regex is not None:
+            wanted.append(f"matching /{self.regex}/")
+        return ok, f"{self.attribute} {text!r} {'is' if ok else 'is not'} {'not ' if self.negate else ''}" + (
+            " and ".join(wanted)
+        )
+
+
+class RangeCondition(_Strict):
+    """A numeric series attribute within ``[min, max]`` (either bound may be omitted)."""
+
+    attribute: Literal["slice_thickness_mm", "instance_count"]
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "RangeCondition":
+        if self.min is None and self.max is None:
+            raise ValueError(f"range condition on {self.attribute} needs min and/or max")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"range condition on {self.attribute}: min {self.min} > max {self.max}")
+        return self
+
+    def holds(self, value: float | None) -> tuple[bool, str]:
+        bounds = f"[{'' if self.min is None else f'{self.min:g}'}, {'' if self.max is None else f'{self.max:g}'}]"
+        if value is None:
+            return False, f"{self.attribute} is unknown, needs {bounds}"
+        ok = (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+        return ok, f"{self.attribute} {value:g} {'is' if ok else 'is not'} in {bounds}"
+
+
+class SeriesSelector(_Strict):
+    """Which of a rule's candidate series feed its pipelines.
+
+    ``thinnest``: the candidate with the smallest slice thickness (ties: more
+    instances, then the lower series number); ``most_instances``: the one with the
+    most instances; ``all``: every candidate, one job per series and pipeline.
+    """
+
+    prefer: Literal["thinnest", "most_instances", "all"] = "thinnest"
+
+
+class Rule(_Strict):
+    """One routing rule: when it applies, and what to do then."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\- ]*$")
+    description: str = ""
+    enabled: bool = True
+    match: Literal["all", "any"] = "all"
+    conditions: list[TextCondition | RangeCondition] = Field(default_factory=list)
+    series: SeriesSelector = Field(default_factory=SeriesSelector)
+    pipelines: list[str] = Field(min_length=1, description="Model ids from the model registry.")
+    destinations: list[str] | Literal["default"] = "default"
+    priority: int = Field(default=0, ge=-1000, le=1000)
+
+    @field_validator("conditions", mode="before")
+    @classmethod
+    def _typed_conditions(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        typed: list[Any] = []
+        for index, item in enumerate(value):
+            if isinstance(item, TextCondition | RangeCondition):
+                typed.append(item)
+                continue
+            if not isinstance(item, dict):
+                raise ValueError(f"condition {index} must be a mapping, got {item!r}")
+            attribute = item.get("attribute")
+            if attribute in RANGE_ATTRIBUTES:
+                typed.append(RangeCondition.model_validate(item))
+            elif attribute in TEXT_ATTRIBUTES:
+                typed.append(TextCondition.model_validate(item))
+            else:
+                known = sorted([*TEXT_ATTRIBUTES, *RANGE_ATTRIBUTES])
+                raise ValueError(f"condition {index}: unknown attribute {attribute!r}; known: {', '.join(known)}")
+        return typed
+
+    @field_validator("pipelines")
+    @classmethod
+    def _unique_pipelines(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"pipelines listed twice: {value}")
+        return value
+
+
+class RuleSet(_Strict):
+    """The rules of one YAML file (``rules: [...]``); names are unique."""
+
+    rules: list[Rule] = Field(default_factory=list)
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_names(cls, value: list[Rule]) -> list[Rule]:
+        seen: set[str] = set()
+        for rule in value:
+            if rule.name in seen:
+                raise ValueError(f"rule name {rule.name!r} is used twice")
+            seen.add(rule.name)
+        return value
+
+
+class SeriesFacts(_Strict):
+    """What routing knows of one series (from the index and one instance's header)."""
+
+    series_instance_uid: str
+    modality: str | None = None
+    body_part_examined: str | None = None
+    series_description: str | None = None
+    manufacturer: str | None = None
+    series_number: int | None = None
+    slice_thickness_mm: float | None = None
+    orientation: Orientation | None = None
+    instance_count: int = 0
+    is_image: bool = True
+    produced_by_node: bool = False
+
+
+class StudyFacts(_Strict):
+    """What routing knows of a complete study."""
+
+    study_instance_uid: str
+    calling_ae_titles: tuple[str, ...] = ()
+    called_ae_titles: tuple[str, ...] = ()
+    study_description: str | None = None
+    series: tuple[SeriesFacts, ...] = ()
+
+
+class JobSpec(_Strict):
+    """One job the router should create: a pipeline on a series, and where the results go."""
+
+    pipeline: str
+    series_instance_uid: str
+    rule: str
+    priority: int
+    destinations: tuple[str, ...] | Literal["default"]
+
+
+class RuleOutcome(_Strict):
+    """Why a rule matched (and which series it chose) or did not."""
+
+    rule: str
+    matched: bool
+    reasons: tuple[str, ...]
+    selected_series: tuple[str, ...] = ()
+
+
+class RoutingDecision(_Strict):
+    """The result of :func:`evaluate`: the jobs to create and every rule's outcome."""
+
+    jobs: tuple[JobSpec, ...]
+    outcomes: tuple[RuleOutcome, ...]
+
+    @property
+    def ignored_reason(self) -> str | None:
+        """Why no job was created (None when there are jobs): the readable record for the UI."""
+        if self.jobs:
+            return None
+        if not self.outcomes:
+            return "no routing rule is enabled"
+        return " | ".join(f"{o.rule}: {'; '.join(o.reasons) or 'no match'}" for o in self.outcomes)
+
+
+def orientation_of(image_orientation: Sequence[float] | None, tolerance_deg: float = 15.0) -> Orientation | None:
+    """Axial, sagittal or coronal from ImageOrientationPatient (normal within ``tolerance_deg``), else oblique."""
+    if image_orientation is None or len(image_orientation) != 6:
+        return None
+    row, col = [float(v) for v in image_orientation[:3]], [float(v) for v in image_orientation[3:]]
+    normal = (
+        row[1] * col[2] - row[2] * col[1],
+        row[2] * col[0] - row[0] * col[2],
+        row[0] * col[1] - row[1] * col[0],
+    )
+    length = sum(v * v for v in normal) ** 0.5
+    if length == 0:
+        return None
+    threshold = math.cos(math.radians(tolerance_deg))
+    axis = max(range(3), key=lambda i: abs(normal[i]))
+    if abs(normal[axis]) / length < threshold:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+def _series_value(study: StudyFacts, series: SeriesFacts, attribute: str) -> Any:
+    return study.study_description if attribute == "study_description" else getattr(series, attribute)
+
+
+def _check(condition: TextCondition | RangeCondition, study: StudyFacts, series: SeriesFacts) -> tuple[bool, str]:
+    if isinstance(condition, TextCondition) and condition.attribute in ("calling_ae_title", "called_ae_title"):
+        titles = study.calling_ae_titles if condition.attribute == "calling_ae_title" else study.called_ae_titles
+        results = [condition.holds(t) for t in titles] or [condition.holds(None)]
+        hit = [r for r in results if r[0]]
+        return hit[0] if hit else results[0]
+    return condition.holds(_series_value(study, series, condition.attribute))
+
+
+def _select(candidates: list[SeriesFacts], prefer: str) -> list[SeriesFacts]:
+    if prefer == "all":
+        return candidates
+    if prefer == "most_instances":
+        key = lambda s: (-s.instance_count, s.series_number if s.series_number is not None else 1 << 30)  # noqa: E731
+    else:
+        key = lambda s: (  # noqa: E731
+            s.slice_thickness_mm if s.slice_thickness_mm is not None else float("inf"),
+            -s.instance_count,
+            s.series_number if s.series_number is not None else 1 << 30,
+        )
+    return [min(candidates, key=key)]
+
+
+def _evaluate_rule(rule: Rule, study: StudyFacts) -> RuleOutcome:
+    reasons: list[str] = []
+    candidates: list[SeriesFacts] = []
+    for series in study.series:
+        label = f"series {series.series_number if series.series_number is not None else '?'} ({series.series_instance_uid})"
+        if series.produced_by_node:
+            reasons.append(f"{label}: a result this node produced, never routed")
+            continue
+        if not series.is_image:
+            reasons.append(f"{label}: not an image series ({series.modality or 'unknown modality'})")
+            continue
+        results = [_check(c, study, series) for c in rule.conditions]
+        ok = all(r[0] for r in results) if rule.match == "all" else any(r[0] for r in results)
+        if not rule.conditions:
+            ok = True
+        if ok:
+            candidates.append(series)
+            reasons.append(f"{label}: candidate ({'; '.join(r[1] for r in results) or 'no conditions'})")
+        else:
+            failed = [r[1] for r in results if not r[0]]
+            reasons.append(f"{label}: {'; '.join(failed)}")
+    if not candidates:
+        reasons.append("no series meets the conditions" if study.series else "the study has no series")
+        return RuleOutcome(rule=rule.name, matched=False, reasons=tuple(reasons))
+    chosen = _select(candidates, rule.series.prefer)
+    reasons.append(
+        f"selected ({rule.series.prefer}): " + ", ".join(s.series_instance_uid for s in chosen)
+    )
+    return RuleOutcome(
+        rule=rule.name, matched=True, reasons=tuple(reasons),
+        selected_series=tuple(s.series_instance_uid for s in chosen),
+    )
+
+
+def evaluate(rules: Iterable[Rule], study: StudyFacts) -> RoutingDecision:
+    """Apply ``rules`` to ``study``: the jobs to create and why each rule did or did not match.
+
+    Pure: no I/O, no clock; the same inputs always give the same decision.
+    Disabled rules are reported as such and never match.
+    """
+    ordered = sorted(enumerate(rules), key=lambda item: (-item[1].priority, item[0]))
+    outcomes: list[RuleOutcome] = []
+    jobs: dict[tuple[str, str], JobSpec] = {}
+    claimed: set[str] = set()
+    for _, rule in ordered:
+        if not rule.enabled:
+            outcomes.append(RuleOutcome(rule=rule.name, matched=False, reasons=("rule is disabled",)))
+            continue
+        outcome = _evaluate_rule(rule, study)
+        outcomes.append(outcome)
+        if not outcome.matched:
+            continue
+        destinations: tuple[str, ...] | Literal["default"] = (
+            "default" if rule.destinations == "default" else tuple(rule.destinations)
+        )
+        for pipeline in rule.pipelines:
+            if pipeline in claimed:
+                continue  # a rule of higher priority already decided this pipeline
+            claimed.add(pipeline)
+            for series_uid in outcome.selected_series:
+                jobs[(pipeline, series_uid)] = JobSpec(
+                    pipeline=pipeline, series_instance_uid=series_uid, rule=rule.name,
+                    priority=rule.priority, destinations=destinations,
+                )
+    return RoutingDecision(jobs=tuple(jobs.values()), outcomes=tuple(outcomes))
+
+
+#: Model ids of the two demo models shipped with the node (see the model registry).
+DEMO_PIPELINES = ("chest-ct-segmentation", "lung-nodule-detection")
+
+
+def default_rules() -> list[Rule]:
+    """The rule the node starts with: every complete CT study runs both demo models.
+
+    The thinnest CT series with at least 10 images is used (localizers and dose
+    reports are left out), and results go to every destination flagged default.
+    ``config/rules.yaml`` holds the same rule for admins to copy and change.
+    """
+    return [
+        Rule(
+            name="ct-default",
+            description="Every CT study: chest segmentation and lung nodule detection on the thinnest CT series",
+            conditions=[
+                TextCondition(attribute="modality", **{"in": ["CT"]}),
+                RangeCondition(attribute="instance_count", min=10),
+            ],
+            series=SeriesSelector(prefer="thinnest"),
+            pipelines=list(DEMO_PIPELINES),
+            destinations="default",
+        )
+    ]
