@@ -1,0 +1,511 @@
+"""A pipeline's findings as a DICOM Comprehensive 3D SR: a TID 1500 Measurement Report.
+
+Why: the SR is the machine- and human-readable account of what the AI found:
+how large each segmented structure is, where each detection lies and how sure
+the model is, which algorithm (name, version) produced it, and - just as
+important - that it looked and found nothing. Viewers (OHIF) show its planar
+groups as annotations; downstream systems read its numbers.
+
+Content tree (TID 1500):
+
+* Observation context: a *device* observer, the node (UID derived from its
+  manufacturer / model / serial number, so it is stable across reports).
+* Procedure reported: ``procedure`` (default LOINC 24627-2 "CT Chest").
+* Image library: every source instance of the volume.
+* One measurement group per finding, each with a Tracking Identifier and a
+  Tracking Unique Identifier, finding type/category (the label's coded
+  property type/category) and TID 4019 Algorithm Identification (name,
+  version, AI family, ``model_id=...`` parameter):
+
+  - **SEG segment** -> volumetric ROI group (TID 1411) referencing the segment
+    (SEG SOP instance + segment number + source series, read from the SEG
+    itself; ``ReferencedSegment.from_segmentation`` fails on highdicom's
+    single-segment SEGs). Measurements: Volume (SCT 118565006) in mL by the
+    sum-of-segmented-voxels method; for CT also Attenuation Coefficient
+    (DCM 112031) mean / minimum / maximum in ``[hnsf'U]``, computed on the
+    label map (:mod:`workers.outputs.measurements`). Anatomy segments carry
+    their structure as finding site.
+  - **Detection** -> two groups sharing one tracking UID:
+    a planar ROI group (TID 1410) on the source image (and frame) of the slice
+    nearest the centre: an image-region SCOORD POLYLINE circle of the
+    detection's diameter around the projected centre (what OHIF draws), a
+    Long Axis measurement in mm and Certainty of Finding (DCM 111012, as CAD
+    SR uses it) in percent = score x 100; and a volumetric ROI group (TID 1411)
+    whose volume surface is a SCOORD3D ELLIPSOID in the frame of reference:
+    its three axes are the box extents along patient x, y, z through the
+    centre, so the centre is the common midpoint of the axes and the box is
+    the ellipsoid's bounding box (TID 1411 allows one volume surface per group
+    and highdicom forbids coordinates on ROI-group measurements, so an
+    ellipsoid is the one SCOORD3D that carries both).
+  - **Declared label not found** (no voxel, no detection) -> a TID 1501 group
+    with finding type = that label and a qualitative evaluation
+    "<label type>" = Absent (SCT 272519000, CID 241 "Present-Absent Only"),
+    so that an empty result is reported explicitly, never silently omitted.
+
+Tracking UIDs are derived from the SR's SOP Instance UID and the group's
+position, so a build with configured UIDs is fully deterministic.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from dicom_node.contracts import AlgorithmInfo, CodedConcept, Detection, SegmentLabel
+from workers.models.base import SegmentationResult
+from workers.outputs.common import (
+    AI_ALGORITHM_FAMILY,
+    SeriesIdentity,
+    coded,
+    image_point,
+    nearest_slice,
+    source_image,
+)
+from workers.outputs.measurements import SegmentMeasurement, measure_segments
+from workers.volume import Volume
+
+__all__ = ["CT_CHEST", "DetectionFindings", "Findings", "SegmentationFindings", "build_sr"]
+
+logger = logging.getLogger(__name__)
+
+#: Default procedure reported: LOINC 24627-2 "CT Chest" (CID 100 is extensible).
+CT_CHEST = CodedConcept(value="24627-2", scheme="LN", meaning="CT Chest")
+
+#: Category of normal anatomy labels (SNOMED CT): their structure is also their finding site.
+_ANATOMY_CATEGORIES = frozenset({("123037004", "SCT"), ("91723000", "SCT")})
+#: UCUM units.
+_ML = hd.sr.CodedConcept(value="mL", scheme_designator="UCUM", meaning="milliliter")
+_MM = codes.UCUM.Millimeter
+_PERCENT = codes.UCUM.Percent
+_HU = codes.UCUM.HounsfieldUnit
+#: Absent, from CID 241 "Present-Absent Only".
+_ABSENT = codes.SCT.Absent
+#: Points on a detection's outline circle (the polyline repeats the first to close it).
+_OUTLINE_POINTS = 36
+
+
+@dataclass(frozen=True, eq=False)
+class SegmentationFindings:
+    """A segmentation model's output as the SR reports it.
+
+    ``seg`` is the DICOM SEG built from ``result`` (``build_seg``), None when
+    no label is present; its segments are the ones the SR references.
+    """
+
+    algorithm: AlgorithmInfo
+    result: SegmentationResult
+    seg: hd.seg.Segmentation | None
+
+
+@dataclass(frozen=True)
+class DetectionFindings:
+    """A detection model's output as the SR reports it.
+
+    ``labels`` are what the detector looks for (``Model.labels``): each one
+    without a detection is reported as absent, which is how an empty result is
+    stated. Every detection's label must be one of them.
+    """
+
+    algorithm: AlgorithmInfo
+    detections: tuple[Detection, ...]
+    labels: tuple[SegmentLabel, ...]
+
+    def __post_init__(self) -> None:
+        """Reject a findings set that could not say what was looked for."""
+        if not self.labels:
+            raise ValueError(f"detection findings of {self.algorithm.name}: labels must name what it looks for")
+        values = {label.value for label in self.labels}
+        stray = sorted({d.label.value for d in self.detections} - values)
+        if stray:
+            raise ValueError(
+                f"detection findings of {self.algorithm.name}: detections with label values {stray} "
+                f"not among the declared labels {sorted(values)}"
+            )
+
+
+#: One model's output, as :func:`build_sr` takes it.
+Findings = SegmentationFindings | DetectionFindings
+_Group = (
+    hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    | hd.sr.MeasurementsAndQualitativeEvaluations
+)
+
+
+def build_sr(
+    volume: Volume,
+    findings: Sequence[Findings],
+    series: SeriesIdentity,
+    *,
+    procedure: CodedConcept = CT_CHEST,
+) -> hd.sr.Comprehensive3DSR:
+    """A Comprehensive 3D SR (TID 1500) of ``findings`` on ``volume``'s source series; see the module docstring.
+
+    Pure: no I/O. Patient and study attributes are copied by highdicom from the
+    source instances (the evidence). Raises ValueError when there is nothing to
+    report on, or when a SEG does not belong to ``volume`` / its segmentation.
+    """
+    if not findings:
+        raise ValueError(f"series {volume.series_instance_uid}: no findings set to report")
+    sop_instance_uid = series.sop_uid()
+    groups: list[_Group] = []
+    evidence: list[Dataset] = list(volume.datasets)
+    for findings_set in findings:
+        if isinstance(findings_set, SegmentationFindings):
+            groups.extend(_segmentation_groups(volume, findings_set, sop_instance_uid, len(groups)))
+            if findings_set.seg is not None:
+                evidence.append(findings_set.seg)
+        else:
+            groups.extend(_detection_groups(volume, findings_set, sop_instance_uid, len(groups)))
+
+    report = hd.sr.MeasurementReport(
+        observation_context=_observation_context(series),
+        procedure_reported=coded(procedure),
+        imaging_measurements=groups,
+        referenced_images=_library_images(volume),
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=evidence,
+        content=report,
+        series_instance_uid=series.series_uid(),
+        series_number=series.series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=series.instance_number,
+        manufacturer=series.manufacturer,
+        manufacturer_model_name=series.manufacturer_model_name,
+        software_versions=series.software_versions,
+        device_serial_number=series.device_serial_number,
+        series_description=series.series_description,
+        is_complete=True,
+    )
+    logger.debug("SR %s of series %s: %d measurement groups", sop_instance_uid, volume.series_instance_uid, len(groups))
+    return sr
+
+
+def _library_images(volume: Volume) -> list[Dataset]:
+    """The headers the image library describes: single-frame ones as they are, multi-frame ones reduced.
+
+    highdicom 0.28 takes an entry's cross-sectional descriptors (pixel spacing,
+    position, orientation) from single-frame attributes and fails on enhanced
+    multi-frame images, whose position differs per frame anyway. Their entry is
+    built from a reduced copy (SOP class and instance, rows, columns, frame of
+    reference, and an empty Modality so that no single-frame descriptor is
+    attempted; the coded modality still comes from the SOP class).
+    """
+    images: list[Dataset] = []
+    for dataset in volume.datasets:
+        if "PerFrameFunctionalGroupsSequence" not in dataset:
+            images.append(dataset)
+            continue
+        reduced = Dataset()
+        for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
+            if keyword in dataset:
+                setattr(reduced, keyword, dataset[keyword].value)
+        reduced.Modality = ""
+        images.append(reduced)
+    return images
+
+
+def _observation_context(series: SeriesIdentity) -> hd.sr.ObservationContext:
+    """Device observer = this node, with a UID that stays the same for the same node configuration."""
+    device_uid = generate_uid(
+        entropy_srcs=[
+            "dicom-ai-node device",
+            series.manufacturer,
+            series.manufacturer_model_name,
+            series.device_serial_number,
+        ]
+    )
+    return hd.sr.ObservationContext(
+        observer_device_context=hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=device_uid,
+                name=series.manufacturer_model_name,
+                manufacturer_name=series.manufacturer,
+                model_name=series.manufacturer_model_name,
+                serial_number=series.device_serial_number,
+            ),
+        )
+    )
+
+
+def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+    """TID 4019: name, version, AI family, and the registry id as a parameter."""
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=[f"model_id={algorithm.model_id}"],
+        family=AI_ALGORITHM_FAMILY,
+    )
+
+
+@dataclass(frozen=True)
+class _Tracking:
+    """Tracking Identifier (text, 64 characters at most) and Tracking Unique Identifier of one finding."""
+
+    uid: str
+    identifier: str
+
+    def item(self) -> hd.sr.TrackingIdentifier:
+        """A fresh TID 4108 content item (each group gets its own datasets)."""
+        return hd.sr.TrackingIdentifier(uid=self.uid, identifier=self.identifier[:64])
+
+
+def _tracking(sop_instance_uid: str, index: int, identifier: str) -> _Tracking:
+    """Tracking of group ``index`` of the SR ``sop_instance_uid``; the UID derives from both (reproducible builds)."""
+    uid = generate_uid(entropy_srcs=[str(sop_instance_uid), "tracking", str(index)])
+    return _Tracking(uid=uid, identifier=identifier)
+
+
+def _absent_group(
+    label: SegmentLabel, algorithm: AlgorithmInfo, tracking: _Tracking
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group stating that ``label`` was looked for and not found."""
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking.item(),
+        finding_type=coded(label.property_type),
+        finding_category=coded(label.property_category),
+        algorithm_id=_algorithm_id(algorithm),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=coded(label.property_type), value=_ABSENT)],
+    )
+
+
+# --- segmentation --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SegSegment:
+    """One segment as the SEG itself describes it."""
+
+    number: int
+    label: str
+    property_type: hd.sr.CodedConcept
+    property_category: hd.sr.CodedConcept
+    anatomic_regions: tuple[hd.sr.CodedConcept, ...]
+
+
+def _seg_segments(seg: Dataset) -> tuple[_SegSegment, ...]:
+    """The SEG's Segment Sequence, read from its own attributes."""
+    segments = []
+    for item in seg.SegmentSequence:
+        segments.append(
+            _SegSegment(
+                number=int(item.SegmentNumber),
+                label=str(item.SegmentLabel),
+                property_type=hd.sr.CodedConcept.from_dataset(item.SegmentedPropertyTypeCodeSequence[0]),
+                property_category=hd.sr.CodedConcept.from_dataset(item.SegmentedPropertyCategoryCodeSequence[0]),
+                anatomic_regions=tuple(
+                    hd.sr.CodedConcept.from_dataset(code) for code in item.get("AnatomicRegionSequence", [])
+                ),
+            )
+        )
+    return tuple(segments)
+
+
+def _matching_label(segment: _SegSegment, labels: Sequence[SegmentLabel], seg_uid: str) -> SegmentLabel:
+    """The declared label a SEG segment was built from: same name and same coded property type."""
+    matches = [
+        label
+        for label in labels
+        if label.name[:64] == segment.label
+        and (label.property_type.value, label.property_type.scheme)
+        == (segment.property_type.value, segment.property_type.scheme_designator)
+    ]
+    if len(matches) != 1:
+        raise ValueError(
+            f"SEG {seg_uid}: segment {segment.number} ({segment.label!r}, {segment.property_type.meaning}) "
+            f"matches {len(matches)} of the segmentation's labels {[label.name for label in labels]}"
+        )
+    return matches[0]
+
+
+def _check_seg_source(volume: Volume, seg: Dataset) -> str:
+    """The SEG's referenced source series UID; it must be ``volume``'s series in ``volume``'s frame of reference."""
+    referenced = [str(item.SeriesInstanceUID) for item in seg.get("ReferencedSeriesSequence", [])]
+    if referenced != [volume.series_instance_uid]:
+        raise ValueError(
+            f"SEG {seg.SOPInstanceUID}: references series {referenced}, "
+            f"not the volume's series {volume.series_instance_uid}"
+        )
+    if str(seg.FrameOfReferenceUID) != volume.frame_of_reference_uid:
+        raise ValueError(
+            f"SEG {seg.SOPInstanceUID}: frame of reference {seg.FrameOfReferenceUID} "
+            f"!= volume's {volume.frame_of_reference_uid}"
+        )
+    return referenced[0]
+
+
+def _segment_measurements(volume: Volume, measured: SegmentMeasurement) -> list[hd.sr.Measurement]:
+    """Volume in mL, and for CT the mean / minimum / maximum attenuation in HU."""
+    result = [
+        hd.sr.Measurement(
+            name=codes.SCT.Volume,
+            value=measured.volume_ml,
+            unit=_ML,
+            method=codes.DCM.SumOfSegmentedVoxelMethodForVolume,
+        )
+    ]
+    if volume.modality == "CT":
+        statistics = (
+            (codes.SCT.Mean, measured.mean),
+            (codes.SCT.Minimum, measured.minimum),
+            (codes.SCT.Maximum, measured.maximum),
+        )
+        result.extend(
+            hd.sr.Measurement(name=codes.DCM.AttenuationCoefficient, value=value, unit=_HU, derivation=derivation)
+            for derivation, value in statistics
+            if value is not None  # always, for a segment with voxels
+        )
+    return result
+
+
+def _segmentation_groups(
+    volume: Volume, findings: SegmentationFindings, sop_instance_uid: str, first_index: int
+) -> list[_Group]:
+    """One volumetric group per SEG segment, one absent group per declared label without voxels."""
+    labels = findings.result.labels
+    if not labels:
+        raise ValueError(f"segmentation findings of {findings.algorithm.name}: no labels declared")
+    measured = {
+        m.label_value: m
+        for m in measure_segments(volume, findings.result.label_map, [label.value for label in labels])
+    }
+    present = {value for value, m in measured.items() if m.present}
+    seg = findings.seg
+    groups: list[_Group] = []
+    referenced_values: set[int] = set()
+    if seg is not None:
+        source_series = _check_seg_source(volume, seg)
+        for segment in _seg_segments(seg):
+            label = _matching_label(segment, labels, str(seg.SOPInstanceUID))
+            if label.value not in present:
+                raise ValueError(
+                    f"SEG {seg.SOPInstanceUID}: segment {segment.number} ({label.name}) has no voxel in the label map"
+                )
+            referenced_values.add(label.value)
+            category = (segment.property_category.value, segment.property_category.scheme_designator)
+            sites = (segment.property_type,) if category in _ANATOMY_CATEGORIES else segment.anatomic_regions
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=_tracking(
+                        sop_instance_uid, first_index + len(groups), f"{label.name} (segment {segment.number})"
+                    ).item(),
+                    referenced_segment=hd.sr.ReferencedSegment(
+                        sop_class_uid=str(seg.SOPClassUID),
+                        sop_instance_uid=str(seg.SOPInstanceUID),
+                        segment_number=segment.number,
+                        source_series=hd.sr.SourceSeriesForSegmentation(source_series),
+                    ),
+                    finding_type=segment.property_type,
+                    finding_category=segment.property_category,
+                    algorithm_id=_algorithm_id(findings.algorithm),
+                    finding_sites=[hd.sr.FindingSite(site) for site in sites] or None,
+                    measurements=_segment_measurements(volume, measured[label.value]),
+                )
+            )
+    unreferenced = sorted(present - referenced_values)
+    if unreferenced:
+        where = f"SEG {seg.SOPInstanceUID} has no segment" if seg is not None else "no SEG was given"
+        raise ValueError(
+            f"segmentation by {findings.algorithm.name}: label values {unreferenced} are present but {where} for them"
+        )
+    for label in labels:
+        if label.value not in present:
+            tracking = _tracking(sop_instance_uid, first_index + len(groups), f"{label.name} (not found)")
+            groups.append(_absent_group(label, findings.algorithm, tracking))
+    return groups
+
+
+# --- detection -----------------------------------------------------------------------------------------------
+
+
+def _outline(volume: Volume, column: float, row: float, diameter_mm: float) -> npt.NDArray[np.float64]:
+    """A closed polyline circle of ``diameter_mm`` around (column, row), in image coordinates (column, row)."""
+    angles = np.linspace(0.0, 2.0 * np.pi, _OUTLINE_POINTS, endpoint=False)
+    radius = diameter_mm / 2.0
+    points = np.stack(
+        [column + radius / volume.spacing_mm[2] * np.cos(angles), row + radius / volume.spacing_mm[1] * np.sin(angles)],
+        axis=1,
+    )
+    return np.vstack([points, points[:1]])
+
+
+def _ellipsoid(detection: Detection) -> npt.NDArray[np.float64]:
+    """Six SCOORD3D points: the box's x, y, z extents as axes through the centre, longest axis first."""
+    centre = np.asarray(detection.centre_mm, dtype=np.float64)
+    order = sorted(range(3), key=lambda axis: -detection.size_mm[axis])
+    points = []
+    for axis in order:
+        half = np.zeros(3)
+        half[axis] = detection.size_mm[axis] / 2.0
+        points.extend([centre - half, centre + half])
+    return np.asarray(points)
+
+
+def _finding_context(tracking: _Tracking, label: SegmentLabel, algorithm: AlgorithmInfo) -> dict[str, Any]:
+    """Keyword arguments every detection group shares; fresh content items for each group (no shared datasets)."""
+    return {
+        "tracking_identifier": tracking.item(),
+        "finding_type": coded(label.property_type),
+        "finding_category": coded(label.property_category),
+        "algorithm_id": _algorithm_id(algorithm),
+    }
+
+
+def _detection_groups(
+    volume: Volume, findings: DetectionFindings, sop_instance_uid: str, first_index: int
+) -> list[_Group]:
+    """Per detection a planar group (outline on its centre slice) and a volumetric group (ellipsoid box)."""
+    groups: list[_Group] = []
+    for number, detection in enumerate(findings.detections, start=1):
+        label = detection.label
+        tracking = _tracking(sop_instance_uid, first_index + len(groups), f"{label.name} {number}")
+        slice_index = nearest_slice(volume, detection.centre_mm)
+        point = image_point(volume, slice_index, detection.centre_mm)
+        dataset, frame_number = source_image(volume, slice_index)
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=_outline(volume, point.column, point.row, detection.diameter_mm),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=str(dataset.SOPClassUID),
+                referenced_sop_instance_uid=str(dataset.SOPInstanceUID),
+                referenced_frame_numbers=[frame_number] if frame_number is not None else None,
+            ),
+        )
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                referenced_region=region,
+                measurements=[
+                    hd.sr.Measurement(name=codes.SCT.LongAxis, value=detection.diameter_mm, unit=_MM),
+                    hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding, value=detection.score * 100.0, unit=_PERCENT),
+                ],
+                **_finding_context(tracking, label, findings.algorithm),
+            )
+        )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                referenced_volume_surface=hd.sr.VolumeSurface(
+                    graphic_type=hd.sr.GraphicTypeValues3D.ELLIPSOID,
+                    graphic_data=_ellipsoid(detection),
+                    frame_of_reference_uid=volume.frame_of_reference_uid,
+                    source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid),
+                ),
+                **_finding_context(tracking, label, findings.algorithm),
+            )
+        )
+    found = {detection.label.value for detection in findings.detections}
+    for label in findings.labels:
+        if label.value not in found:
+            tracking = _tracking(sop_instance_uid, first_index + len(groups), f"{label.name} (not found)")
+            groups.append(_absent_group(label, findings.algorithm, tracking))
+    return groups
