@@ -1,0 +1,473 @@
+"""Serve a MONAI bundle (Model Zoo layout) as a segmentation :class:`~workers.models.base.Model`.
+
+Why: the bundle (``configs/inference.json``, ``configs/metadata.json``, ``models/model.pt``)
+is the contract between training and serving. Re-implementing a bundle's
+preprocessing by hand is how serving drifts from training, so this loader runs the
+bundle's *own* ``network_def``, ``preprocessing``, ``inferer`` and ``postprocessing``
+through MONAI's ``ConfigParser``, leaving out only file I/O (``LoadImaged`` and
+``SaveImaged``): the series arrives as a :class:`~workers.volume.Volume`, and the
+label map goes back to the pipeline instead of to a NIfTI file.
+
+How a :class:`Volume` enters MONAI (:func:`volume_to_metatensor`): as the
+``MetaTensor`` that ``LoadImage`` gives for that series - spatial index order
+(column, row, slice), the RAS affine, ``space`` RAS - with the channel first,
+``(1, X, Y, Z)``, and ``original_channel_dim`` 0 so that the bundle's
+``EnsureChannelFirstd`` leaves it alone. The postprocessing must bring the
+prediction back to that input grid (``Invertd``, as Model Zoo bundles do);
+:func:`label_map_to_volume` checks shape and affine and returns it on the volume's
+``[slice, row, column]`` grid. Any other result is an error naming the bundle.
+
+Labels: a bundle's output values are mapped to coded concepts by a
+``{bundle value: SegmentLabel}`` mapping - from the registry entry
+(``config/models.yaml``) or the metadata's ``dicom_node.labels``. Output values
+without a mapping become background (0), so an admin can serve a subset of a
+large model's labels (e.g. a few organs of a whole-body model).
+
+Trust: a bundle's configs are code (MONAI evaluates their ``$`` expressions and
+imports their ``_target_`` classes), so install only bundles from trusted sources;
+weights are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dicom_node.contracts import AlgorithmInfo, CodedConcept, SegmentLabel
+from workers.models.base import ModelKind, SegmentationResult
+from workers.volume import Volume
+
+__all__ = [
+    "BundleError",
+    "BundleLabel",
+    "InferencePipeline",
+    "MonaiBundleModel",
+    "algorithm_info",
+    "label_map_to_volume",
+    "label_mapping",
+    "metadata_labels",
+    "output_channel_def",
+    "ras_affine",
+    "read_bundle_json",
+    "remap_labels",
+    "resolve_device",
+    "volume_to_metatensor",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Flips LPS (DICOM patient) coordinates to RAS (MONAI/NIfTI world) and back.
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+#: Transforms that read or write files: the node hands volumes in and takes label maps out itself.
+_LOADERS = ("LoadImage", "LoadImaged")
+_SAVERS = ("SaveImage", "SaveImaged")
+#: Largest disagreement (mm) between the input affine and the returned label map's affine.
+_AFFINE_TOLERANCE_MM = 1e-3
+#: Marks a config id that a bundle's inference.json does not have.
+_MISSING = object()
+
+
+class BundleError(ValueError):
+    """A bundle that cannot be served, or a result it cannot give; the message names the bundle and the cause."""
+
+
+class BundleLabel(BaseModel):
+    """One label as ``dicom_node.labels`` in bundle metadata and ``labels`` in ``config/models.yaml`` write it.
+
+    ``value`` is the value in the node's label map (and the SEG segment it becomes);
+    ``bundle_value`` the value the model outputs for it (default: ``value``): a
+    label-map value for a segmentation model, a class index for a detector.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    value: int = Field(ge=1, le=255)
+    name: str = Field(min_length=1)
+    code: CodedConcept
+    category: CodedConcept
+    color_rgb: tuple[int, int, int] = (255, 0, 0)
+    bundle_value: int | None = Field(default=None, ge=0)
+
+    def segment_label(self) -> SegmentLabel:
+        """The shared contract type of this label."""
+        return SegmentLabel(
+            value=self.value,
+            name=self.name,
+            property_category=self.category,
+            property_type=self.code,
+            color_rgb=self.color_rgb,
+        )
+
+
+def label_mapping(entries: Sequence[BundleLabel], where: str) -> dict[int, SegmentLabel]:
+    """``{bundle value: SegmentLabel}`` of label entries; ``where`` names their source in errors.
+
+    Raises :class:`BundleError` when two entries share a ``value`` or a ``bundle_value``.
+    """
+    mapping: dict[int, SegmentLabel] = {}
+    values: set[int] = set()
+    for i, entry in enumerate(entries):
+        source = entry.value if entry.bundle_value is None else entry.bundle_value
+        if source in mapping:
+            raise BundleError(f"{where}: labels[{i}] ({entry.name!r}) maps bundle value {source} a second time")
+        if entry.value in values:
+            raise BundleError(f"{where}: labels[{i}] ({entry.name!r}) uses label value {entry.value} a second time")
+        values.add(entry.value)
+        mapping[source] = entry.segment_label()
+    return mapping
+
+
+def remap_labels(raw: npt.NDArray[np.integer], mapping: Mapping[int, SegmentLabel]) -> npt.NDArray[np.uint8]:
+    """Bundle output values -> the node's label values (uint8); values without a mapping become 0."""
+    top = max(int(raw.max(initial=0)), max(mapping, default=0))
+    lut = np.zeros(top + 1, dtype=np.uint8)
+    for source, label in mapping.items():
+        lut[source] = label.value
+    return lut[raw]
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` or ``"auto"``: the first GPU when CUDA is available, else the CPU; else ``device`` itself.
+
+    Raises ValueError for a CUDA device on a machine without CUDA.
+    """
+    if device is None or str(device) == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r} requested, but CUDA is not available on this machine")
+    return dev
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def ras_affine(volume: Volume) -> npt.NDArray[np.float64]:
+    """4x4 matrix mapping (column, row, slice) indices to RAS mm: the affine ``LoadImage`` gives this series."""
+    spacing = np.asarray(volume.spacing_mm, dtype=np.float64)
+    lps = np.eye(4)
+    # MONAI's readers index (column, row, slice): the Volume's array axes in reverse.
+    for monai_axis, volume_axis in enumerate((2, 1, 0)):
+        lps[:3, monai_axis] = volume.axes[volume_axis] * spacing[volume_axis]
+    lps[:3, 3] = volume.origin_mm
+    return _LPS_TO_RAS @ lps
+
+
+def volume_to_metatensor(volume: Volume) -> Any:
+    """The volume as MONAI's ``LoadImage`` + ``EnsureChannelFirst`` give it: ``(1, X, Y, Z)`` float32, RAS affine."""
+    from monai.data import MetaTensor
+
+    array = np.ascontiguousarray(volume.array.transpose(2, 1, 0), dtype=np.float32)[None]
+    affine = torch.as_tensor(ras_affine(volume), dtype=torch.float64)
+    meta = {
+        "affine": affine,
+        "original_affine": affine.clone(),
+        "spatial_shape": np.asarray(array.shape[1:], dtype=np.int64),
+        "space": "RAS",
+        "original_channel_dim": 0,
+        "filename_or_obj": volume.series_instance_uid,
+    }
+    return MetaTensor(torch.from_numpy(array), affine=affine, meta=meta)
+
+
+def label_map_to_volume(prediction: Any, volume: Volume, source: str) -> npt.NDArray[np.int64]:
+    """A postprocessed ``(1, X, Y, Z)`` label map back on the volume's ``[slice, row, column]`` grid.
+
+    ``source`` names the model in errors. Raises :class:`BundleError` when the
+    prediction has more than one channel, another shape, another affine than the
+    input (postprocessing that does not invert back to the input grid) or
+    negative values.
+    """
+    tensor = prediction if isinstance(prediction, torch.Tensor) else torch.as_tensor(np.asarray(prediction))
+    affine = getattr(tensor, "affine", None)
+    array = tensor.detach().cpu().float().numpy()
+    expected = tuple(reversed(volume.shape))
+    if array.ndim == 4:
+        if array.shape[0] != 1:
+            raise BundleError(
+                f"{source}: postprocessing returned {array.shape[0]} channels; a segmentation model must end in a "
+                "single-channel label map (e.g. AsDiscreted(argmax=True))"
+            )
+        array = array[0]
+    if array.shape != expected:
+        raise BundleError(
+            f"{source}: label map has shape {array.shape} (X, Y, Z) but series {volume.series_instance_uid} has "
+            f"{expected}; the postprocessing must invert the preprocessing back to the input grid (Invertd)"
+        )
+    if affine is not None:
+        got = np.asarray(affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else affine, np.float64)
+        want = ras_affine(volume)
+        if got.shape == (4, 4) and not np.allclose(got, want, atol=_AFFINE_TOLERANCE_MM):
+            worst = float(np.abs(got - want).max())
+            raise BundleError(
+                f"{source}: label map affine differs from the input's by up to {worst:.3g} mm for series "
+                f"{volume.series_instance_uid}; the postprocessing must invert the preprocessing (Invertd)"
+            )
+    labels = np.rint(array).astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise BundleError(f"{source}: label map has negative value {int(labels.min())}")
+    return np.ascontiguousarray(labels.transpose(2, 1, 0))
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class InferencePipeline:
+    """Preprocessing, network, inferer and postprocessing of one segmentation model, without file I/O.
+
+    Why a class of its own: MONAI bundles and TorchScript models differ only in
+    where these four parts come from; how a volume goes through them is the same.
+    ``preprocessing`` and ``postprocessing`` are MONAI dictionary transforms on
+    ``{image_key: image}`` and ``{image_key: image, pred_key: prediction}``.
+    """
+
+    source: str
+    preprocessing: Callable[[dict[str, Any]], dict[str, Any]]
+    network: Callable[..., Any]
+    inferer: Callable[..., Any]
+    postprocessing: Callable[[dict[str, Any]], dict[str, Any]]
+    device: torch.device
+    amp: bool
+    image_key: str = "image"
+    pred_key: str = "pred"
+
+    def label_values(self, volume: Volume) -> npt.NDArray[np.int64]:
+        """The model's output values on the volume's ``[slice, row, column]`` grid (its own label values)."""
+        data = self.preprocessing({self.image_key: volume_to_metatensor(volume)})
+        image = data[self.image_key]
+        with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
+            prediction = self.inferer(image[None].to(self.device), self.network)
+        if not isinstance(prediction, torch.Tensor):
+            raise BundleError(f"{self.source}: inferer returned {type(prediction).__name__}, expected one tensor")
+        data[self.pred_key] = prediction[0].float()
+        with torch.no_grad():
+            data = self.postprocessing(data)
+        return label_map_to_volume(data[self.pred_key], volume, self.source)
+
+
+def _without(compose: Any, names: Sequence[str], source: str, key: str) -> Any:
+    """A copy of the MONAI ``Compose`` ``compose`` without transforms whose class is named in ``names``."""
+    from monai.transforms import Compose
+
+    if not isinstance(compose, Compose):
+        raise BundleError(f"{source}: inference.json '{key}' must be a Compose, got {type(compose).__name__}")
+    kept = [t for t in compose.flatten().transforms if type(t).__name__ not in names]
+    return Compose(
+        kept,
+        map_items=compose.map_items,
+        unpack_items=compose.unpack_items,
+        log_stats=compose.log_stats,
+        lazy=compose.lazy,
+        overrides=compose.overrides,
+    )
+
+
+def read_bundle_json(bundle_dir: Path, name: str) -> dict[str, Any]:
+    """``configs/<name>`` of a bundle as a dict (BundleError when missing or not a JSON object)."""
+    path = bundle_dir / "configs" / name
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"bundle {bundle_dir}: no configs/{name}") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(content, dict):
+        raise BundleError(f"{path} must hold a JSON object, got {type(content).__name__}")
+    return content
+
+
+def metadata_labels(meta: Mapping[str, Any], where: str) -> list[BundleLabel] | None:
+    """The ``dicom_node.labels`` of bundle metadata as entries, or None when there are none."""
+    entries = (meta.get("dicom_node") or {}).get("labels")
+    if not entries:
+        return None
+    try:
+        return [BundleLabel.model_validate(entry) for entry in entries]
+    except ValidationError as exc:
+        raise BundleError(f"{where}: dicom_node.labels is invalid: {exc}") from exc
+
+
+def algorithm_info(meta: Mapping[str, Any], bundle_dir: Path, model_id: str | None, name: str | None,
+                   version: str | None) -> AlgorithmInfo:
+    """Name, version and registry id of a bundle's model; explicit values win over the metadata's."""
+    return AlgorithmInfo(
+        name=(name or str(meta.get("name") or bundle_dir.name))[:64],
+        version=str(version or meta.get("version") or "unknown")[:64],
+        model_id=model_id or bundle_dir.name,
+    )
+
+
+def _load_weights(network: torch.nn.Module, path: Path, source: str) -> None:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):  # CheckpointSaver's {"model": ...}
+        state = state["model"]
+    try:
+        network.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BundleError(f"{source}: {path} does not fit the bundle's network_def: {exc}") from exc
+
+
+class MonaiBundleModel:
+    """A segmentation MONAI bundle, loaded once, run on volumes with its own configs.
+
+    ``bundle_dir``: the bundle folder. ``device``: see :func:`resolve_device`; AMP
+    (float16 autocast) is used on CUDA unless ``amp`` says otherwise. ``labels``:
+    ``{bundle value: SegmentLabel}`` (default: the metadata's ``dicom_node.labels``).
+    ``overrides``: MONAI config ids and values set before parsing, e.g.
+    ``{"inferer#sw_batch_size": 2}`` (what ``monai.bundle run`` takes as overrides).
+    ``random_weights``: keep the network randomly initialised instead of loading
+    ``models/model.pt`` - only to prove that a bundle's configs run (Model Zoo
+    configs without their weights). ``model_id``, ``name``, ``version`` name the
+    model in results (defaults: folder name, metadata ``name`` and ``version``).
+    """
+
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        labels: Mapping[int, SegmentLabel] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        random_weights: bool = False,
+        amp: bool | None = None,
+        model_id: str | None = None,
+        name: str | None = None,
+        version: str | None = None,
+    ) -> None:
+        from monai.bundle import ConfigParser
+
+        started = time.perf_counter()
+        self.bundle_dir = Path(bundle_dir)
+        source = f"bundle {self.bundle_dir}"
+        config_path = self.bundle_dir / "configs" / "inference.json"
+        if not config_path.is_file():
+            raise BundleError(f"{source}: no configs/inference.json")
+        meta = read_bundle_json(self.bundle_dir, "metadata.json")
+        kind = (meta.get("dicom_node") or {}).get("kind", "segmentation")
+        if kind != "segmentation":
+            raise BundleError(f"{source}: dicom_node.kind is {kind!r}; this loader serves segmentation bundles")
+        self._algorithm = algorithm_info(meta, self.bundle_dir, model_id, name, version)
+        self._modality = _declared_modality(meta)
+        self._mapping = dict(labels) if labels is not None else self._metadata_mapping(meta, source)
+        _check_channels(self._mapping, meta, source)
+        self.device = resolve_device(device)
+
+        parser = ConfigParser()
+        parser.read_config(str(config_path))
+        parser.read_meta(str(self.bundle_dir / "configs" / "metadata.json"))
+        parser["bundle_root"] = str(self.bundle_dir)
+        parser["device"] = f"$torch.device({str(self.device)!r})"
+        for key, value in (overrides or {}).items():
+            if parser.get(key, _MISSING) is _MISSING:
+                raise BundleError(f"{source}: override {key!r} names no item of configs/inference.json")
+            parser[key] = value
+        for key in ("network_def", "preprocessing", "inferer", "postprocessing"):
+            if parser.get(key, _MISSING) is _MISSING:
+                raise BundleError(f"{source}: configs/inference.json has no {key!r}")
+
+        network = parser.get_parsed_content("network_def")
+        weights = self.bundle_dir / "models" / "model.pt"
+        if random_weights:
+            logger.warning("%s: serving randomly initialised weights (compatibility testing only)", source)
+        elif weights.is_file():
+            _load_weights(network, weights, source)
+        else:
+            raise BundleError(f"{source}: no models/model.pt")
+        network = network.to(self.device).eval()
+        self._pipeline = InferencePipeline(
+            source=source,
+            preprocessing=_without(parser.get_parsed_content("preprocessing"), _LOADERS, source, "preprocessing"),
+            network=network,
+            inferer=parser.get_parsed_content("inferer"),
+            postprocessing=_without(parser.get_parsed_content("postprocessing"), _SAVERS, source, "postprocessing"),
+            device=self.device,
+            amp=self.device.type == "cuda" if amp is None else bool(amp),
+            image_key=str(parser.get("image_key", "image")),
+        )
+        logger.info(
+            "loaded %s as model %s on %s (AMP %s) in %.1f s",
+            source, self._algorithm.model_id, self.device, self._pipeline.amp, time.perf_counter() - started,
+        )
+
+    @staticmethod
+    def _metadata_mapping(meta: Mapping[str, Any], source: str) -> dict[int, SegmentLabel]:
+        entries = metadata_labels(meta, source)
+        if entries is None:
+            raise BundleError(
+                f"{source}: metadata has no dicom_node.labels; give the model's labels (bundle value -> coded "
+                "concept) in its config/models.yaml entry"
+            )
+        return label_mapping(entries, source)
+
+    @property
+    def kind(self) -> ModelKind:
+        return "segmentation"
+
+    @property
+    def algorithm(self) -> AlgorithmInfo:
+        return self._algorithm
+
+    @property
+    def labels(self) -> tuple[SegmentLabel, ...]:
+        return tuple(sorted(self._mapping.values(), key=lambda label: label.value))
+
+    def predict_values(self, volume: Volume) -> npt.NDArray[np.int64]:
+        """The bundle's own output values on the volume's ``[slice, row, column]`` grid (before label mapping)."""
+        if self._modality and volume.modality and volume.modality != self._modality:
+            raise BundleError(
+                f"{self._pipeline.source}: expects {self._modality}, series {volume.series_instance_uid} is "
+                f"{volume.modality}"
+            )
+        return self._pipeline.label_values(volume)
+
+    def predict(self, volume: Volume) -> SegmentationResult:
+        """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels."""
+        raw = self.predict_values(volume)
+        return SegmentationResult(label_map=remap_labels(raw, self._mapping), labels=self.labels)
+
+
+
+def _declared_modality(meta: Mapping[str, Any]) -> str | None:
+    """The input modality the bundle declares (dicom_node section first, then network_data_format)."""
+    node_modality = ((meta.get("dicom_node") or {}).get("input") or {}).get("modality")
+    if node_modality:
+        return str(node_modality)
+    image = ((meta.get("network_data_format") or {}).get("inputs") or {}).get("image") or {}
+    modality = image.get("modality")
+    return str(modality) if modality else None
+
+
+def output_channel_def(meta: Mapping[str, Any]) -> dict[int, str] | None:
+    """``{value: name}`` of the bundle's ``pred`` output (``network_data_format``), or None if not declared."""
+    pred = ((meta.get("network_data_format") or {}).get("outputs") or {}).get("pred") or {}
+    channel_def = pred.get("channel_def")
+    if not isinstance(channel_def, Mapping) or not channel_def:
+        return None
+    return {int(k): str(v) for k, v in channel_def.items()}
+
+
+def _check_channels(mapping: Mapping[int, SegmentLabel], meta: Mapping[str, Any], source: str) -> None:
+    """Reject labels mapped from background (0) or from values the bundle never outputs (its channel_def)."""
+    for value, label in mapping.items():
+        if value == 0:
+            raise BundleError(f"{source}: label {label.name!r} maps bundle value 0, which is background")
+    channels = output_channel_def(meta)
+    if channels is None:
+        return
+    for value, label in mapping.items():
+        if value not in channels:
+            raise BundleError(
+                f"{source}: label {label.name!r} maps bundle value {value}, but the bundle's outputs are "
+                f"{min(channels)}..{max(channels)} with 0 = {channels.get(0, 'background')!r}"
+            )

@@ -1,0 +1,194 @@
+"""Serve a TorchScript segmentation network (a ``.ts`` file) as a :class:`~workers.models.base.Model`.
+
+Why: a TorchScript file runs without the Python code that defined the network
+(MONAI bundles ship one as ``models/model.ts``; other tools export them too), but
+it carries no preprocessing. The registry entry gives that explicitly
+(:class:`TorchScriptPreprocessing`: target spacing, HU window, sliding-window
+size) and this module builds the standard MONAI chain from it - RAS orientation,
+resampling, intensity window scaled to 0..1, sliding-window inference, softmax,
+argmax, inversion back to the input grid - and runs it with the same
+:class:`~workers.models.monai_bundle.InferencePipeline` as MONAI bundles.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dicom_node.contracts import AlgorithmInfo, SegmentLabel
+from workers.models.base import ModelKind, SegmentationResult
+from workers.models.monai_bundle import BundleError, InferencePipeline, remap_labels, resolve_device
+from workers.volume import Volume
+
+__all__ = ["TorchScriptPreprocessing", "TorchScriptSegmentationModel"]
+
+logger = logging.getLogger(__name__)
+
+
+class TorchScriptPreprocessing(BaseModel):
+    """What a TorchScript segmentation network expects, as ``preprocessing`` in ``config/models.yaml``.
+
+    ``spacing_mm``: voxel spacing (x, y, z after RAS reorientation, mm) the
+    network was trained at. ``window_hu``: HU range scaled to 0..1 (clipped).
+    ``roi_size``: sliding-window size (x, y, z voxels); ``sw_batch_size``,
+    ``overlap``, ``padding_mode`` as MONAI's ``SlidingWindowInferer`` takes them.
+    The network outputs one channel per label value (channel i = value i,
+    softmax + argmax).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    spacing_mm: tuple[float, float, float]
+    window_hu: tuple[float, float]
+    roi_size: tuple[int, int, int]
+    sw_batch_size: int = Field(default=1, ge=1)
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    padding_mode: Literal["constant", "replicate", "reflect", "circular"] = "constant"
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _positive_spacing(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(not v > 0 for v in value):
+            raise ValueError(f"spacing_mm must be three positive values (x, y, z mm), got {value}")
+        return value
+
+    @field_validator("window_hu")
+    @classmethod
+    def _ordered_window(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"window_hu must be [low, high] with low < high, got {list(value)}")
+        return value
+
+    @field_validator("roi_size")
+    @classmethod
+    def _positive_roi(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(v < 1 for v in value):
+            raise ValueError(f"roi_size must be three positive voxel counts (x, y, z), got {value}")
+        return value
+
+
+def _pipeline_transforms(pre: TorchScriptPreprocessing, image_key: str, pred_key: str) -> tuple[Any, Any]:
+    """(preprocessing, postprocessing) MONAI Composes for ``pre``: the layout of the project's bundles."""
+    from monai.transforms import (
+        Activationsd,
+        AsDiscreted,
+        Compose,
+        EnsureTyped,
+        Invertd,
+        Orientationd,
+        ScaleIntensityRanged,
+        Spacingd,
+    )
+
+    preprocessing = Compose([
+        Orientationd(keys=image_key, axcodes="RAS"),
+        Spacingd(keys=image_key, pixdim=list(pre.spacing_mm), mode="bilinear"),
+        ScaleIntensityRanged(
+            keys=image_key, a_min=pre.window_hu[0], a_max=pre.window_hu[1], b_min=0.0, b_max=1.0, clip=True
+        ),
+        EnsureTyped(keys=image_key),
+    ])
+    postprocessing = Compose([
+        Activationsd(keys=pred_key, softmax=True),
+        AsDiscreted(keys=pred_key, argmax=True),
+        Invertd(keys=pred_key, transform=preprocessing, orig_keys=image_key, nearest_interp=True, to_tensor=True),
+    ])
+    return preprocessing, postprocessing
+
+
+class TorchScriptSegmentationModel:
+    """A TorchScript segmentation network with explicit preprocessing, loaded once.
+
+    ``path``: the ``.ts`` file. ``preprocessing``: see :class:`TorchScriptPreprocessing`.
+    ``labels``: ``{network output value: SegmentLabel}``; values without a label
+    become background. ``device`` / ``amp`` as for
+    :class:`~workers.models.monai_bundle.MonaiBundleModel`. ``model_id``,
+    ``name``, ``version`` name the model in results.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        preprocessing: TorchScriptPreprocessing,
+        labels: Mapping[int, SegmentLabel],
+        device: str | torch.device | None = None,
+        amp: bool | None = None,
+        model_id: str | None = None,
+        name: str | None = None,
+        version: str = "unknown",
+    ) -> None:
+        from monai.inferers import SlidingWindowInferer
+
+        started = time.perf_counter()
+        self.path = Path(path)
+        source = f"TorchScript model {self.path}"
+        if not self.path.is_file():
+            raise BundleError(f"{source}: no such file")
+        if not labels:
+            raise BundleError(f"{source}: no labels given")
+        if 0 in labels:
+            raise BundleError(f"{source}: label {labels[0].name!r} maps output value 0, which is background")
+        self.device = resolve_device(device)
+        with warnings.catch_warnings():
+            # torch.jit is deprecated in recent PyTorch, but model.ts is what MONAI bundles ship.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+            try:
+                network = torch.jit.load(str(self.path), map_location=self.device)
+            except RuntimeError as exc:
+                raise BundleError(f"{source}: not a loadable TorchScript file: {exc}") from exc
+        network.eval()
+        self._mapping = dict(labels)
+        self._algorithm = AlgorithmInfo(
+            name=(name or self.path.stem)[:64], version=version[:64], model_id=model_id or self.path.stem
+        )
+        pre, post = _pipeline_transforms(preprocessing, "image", "pred")
+        self._pipeline = InferencePipeline(
+            source=source,
+            preprocessing=pre,
+            network=network,
+            inferer=SlidingWindowInferer(
+                roi_size=list(preprocessing.roi_size),
+                sw_batch_size=preprocessing.sw_batch_size,
+                overlap=preprocessing.overlap,
+                mode="gaussian",
+                padding_mode=preprocessing.padding_mode,
+            ),
+            postprocessing=post,
+            device=self.device,
+            amp=self.device.type == "cuda" if amp is None else bool(amp),
+        )
+        logger.info(
+            "loaded %s as model %s on %s (AMP %s) in %.1f s",
+            source, self._algorithm.model_id, self.device, self._pipeline.amp, time.perf_counter() - started,
+        )
+
+    @property
+    def kind(self) -> ModelKind:
+        return "segmentation"
+
+    @property
+    def algorithm(self) -> AlgorithmInfo:
+        return self._algorithm
+
+    @property
+    def labels(self) -> tuple[SegmentLabel, ...]:
+        return tuple(sorted(self._mapping.values(), key=lambda label: label.value))
+
+    def predict_values(self, volume: Volume) -> npt.NDArray[np.int64]:
+        """The network's argmax output values on the volume's ``[slice, row, column]`` grid."""
+        return self._pipeline.label_values(volume)
+
+    def predict(self, volume: Volume) -> SegmentationResult:
+        """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels."""
+        raw = self.predict_values(volume)
+        return SegmentationResult(label_map=remap_labels(raw, self._mapping), labels=self.labels)
