@@ -47,6 +47,58 @@ def build_parser() -> argparse.ArgumentParser:
     studies.add_argument("--json", action="store_true", help="machine-readable output")
     studies.add_argument("--limit", type=int, default=500)
 
+    worker = commands.add_parser("worker", help="run a Celery worker (GPU inference and/or delivery)")
+    _common(worker)
+    worker.add_argument("--queues", default="gpu", help="comma-separated queues: gpu, io (default gpu)")
+    worker.add_argument("--concurrency", type=int, default=1, help="tasks at a time (1 per GPU for gpu)")
+    worker.add_argument("--broker", help="broker URL (queue.broker_url), e.g. redis://host:6379/0")
+
+    destinations = commands.add_parser("destinations", help="where results are sent")
+    dest_commands = destinations.add_subparsers(dest="sub", required=True)
+    dest_add = dest_commands.add_parser("add", help="add or replace a DICOM destination")
+    _common(dest_add)
+    dest_add.add_argument("name")
+    dest_add.add_argument("--ae-title", required=True, help="the destination's AE title")
+    dest_add.add_argument("--host", required=True)
+    dest_add.add_argument("--port", type=int, required=True)
+    dest_add.add_argument("--default", action="store_true", help="receives the results of default rules")
+    dest_add.add_argument("--outputs", default="SEG,SR,GSPS", help="objects it receives (default SEG,SR,GSPS)")
+    dest_list = dest_commands.add_parser("list", help="list destinations")
+    _common(dest_list)
+    dest_list.add_argument("--json", action="store_true")
+    dest_import = dest_commands.add_parser("import", help="import destinations from a YAML file")
+    _common(dest_import)
+    dest_import.add_argument("file", type=Path)
+    dest_remove = dest_commands.add_parser("remove", help="remove a destination")
+    _common(dest_remove)
+    dest_remove.add_argument("name")
+
+    rules = commands.add_parser("rules", help="routing rules")
+    rule_commands = rules.add_subparsers(dest="sub", required=True)
+    rules_list = rule_commands.add_parser("list", help="list routing rules")
+    _common(rules_list)
+    rules_list.add_argument("--json", action="store_true")
+    rules_import = rule_commands.add_parser("import", help="import rules from a YAML file (validated first)")
+    _common(rules_import)
+    rules_import.add_argument("file", type=Path)
+    rules_test = rule_commands.add_parser("test", help="which rules match a received study, and why the others do not")
+    _common(rules_test)
+    rules_test.add_argument("study_uid")
+
+    jobs_parser = commands.add_parser("jobs", help="jobs and their deliveries")
+    job_commands = jobs_parser.add_subparsers(dest="sub", required=True)
+    jobs_list = job_commands.add_parser("list", help="list jobs, newest first")
+    _common(jobs_list)
+    jobs_list.add_argument("--json", action="store_true")
+    jobs_list.add_argument("--study", help="only this Study Instance UID")
+    jobs_list.add_argument("--limit", type=int, default=100)
+    jobs_retry = job_commands.add_parser("retry", help="run a failed or dead job again")
+    _common(jobs_retry)
+    jobs_retry.add_argument("job_id", type=int)
+    deliveries_retry = job_commands.add_parser("retry-delivery", help="send a failed or dead delivery again")
+    _common(deliveries_retry)
+    deliveries_retry.add_argument("delivery_id", type=int)
+
     # Making and checking the models the node serves (the training package owns them).
     from training.cli import add_phantom_command, add_training_commands
 
@@ -59,6 +111,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {"data_dir": args.data_dir}
     if args.command == "serve":
         overrides.update({"dicom.port": args.port, "web.port": args.web_port, "dicom.ae_title": args.ae_title})
+    if args.command == "worker":
+        overrides.update({"queue.broker_url": args.broker})
     return load_settings(args.config, overrides)
 
 
@@ -153,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         return _db_upgrade(settings)
     if args.command == "studies":
         return _studies(settings, args.json, args.limit)
+    from dicom_node import admin_cli
+
+    if args.command == "worker":
+        return admin_cli.worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.concurrency)
+    if args.command in ("destinations", "rules", "jobs"):
+        return admin_cli.run(settings, args)
     raise AssertionError(f"unhandled command {args.command}")
 
 

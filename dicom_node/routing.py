@@ -345,8 +345,7 @@ def _evaluate_rule(rule: Rule, study: StudyFacts) -> RuleOutcome:
             candidates.append(series)
             reasons.append(f"{label}: candidate ({'; '.join(r[1] for r in results) or 'no conditions'})")
         else:
-            failed = [r[1] for r in results if not r[0]]
-            reasons.append(f"{label}: {'; '.join(failed)}")
+            reasons.append(f"{label}: {'; '.join(r[1] for r in results)}")
     if not candidates:
         reasons.append("no series meets the conditions" if study.series else "the study has no series")
         return RuleOutcome(rule=rule.name, matched=False, reasons=tuple(reasons))

@@ -103,6 +103,7 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
             "storage.min_free_mb": 0,
             "completion.quiet_seconds": 1.0,
             "completion.check_interval_seconds": 0.2,
+            "queue.embedded_worker_queues": [],  # receiving tests run no inference
         }
         values.update({key.replace("__", "."): value for key, value in overrides.items()})
         node = Node(load_settings(None, values))

@@ -96,6 +96,10 @@ def add_phantom_command(subparsers: Any) -> None:
     phantom.add_argument("--no-dicom", action="store_true", help="skip the DICOM CT series and SEG")
     phantom.add_argument("--validation-fraction", type=float, default=0.0,
                          help="share of cases listed as validation in boxes.json")
+    phantom.add_argument("--nodules", type=int, nargs=2, metavar=("MIN", "MAX"), default=None,
+                         help="nodules per case, inclusive range (default 0 4)")
+    phantom.add_argument("--nodule-diameter", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
+                         help="nodule diameters in mm, log-uniform (default 3 30)")
     phantom.set_defaults(handler=phantom_command)
 
 
@@ -206,11 +210,17 @@ def phantom_command(args: argparse.Namespace) -> int:
     """Handler of ``phantom``: writes the dataset, prints its path; 0 on success."""
     if args.cases < 1:
         return _error(f"--cases must be >= 1, got {args.cases}")
+    from training.phantoms.chest import PhantomConfig
     from training.phantoms.dataset import write_phantom_dataset
 
     try:
-        out = write_phantom_dataset(args.out, args.cases, args.seed, dicom=not args.no_dicom,
-                                    validation_fraction=args.validation_fraction)
+        changes: dict[str, Any] = {}
+        if args.nodules is not None:
+            changes["nodule_count"] = tuple(args.nodules)
+        if args.nodule_diameter is not None:
+            changes["nodule_diameter_mm"] = tuple(args.nodule_diameter)
+        out = write_phantom_dataset(args.out, args.cases, args.seed, PhantomConfig(**changes),
+                                    dicom=not args.no_dicom, validation_fraction=args.validation_fraction)
     except ValueError as exc:
         return _error(str(exc))
     print(out)

@@ -160,6 +160,8 @@ NODE_TEST_DEFAULTS: dict[str, Any] = {
     "dicom": {"bind_address": LOCALHOST},
     "storage": {"min_free_mb": 0},
     "completion": {"quiet_seconds": 1.0, "check_interval_seconds": 0.2},
+    # Receiving tests queue jobs but run no inference; the pipeline tests turn the worker on.
+    "queue": {"embedded_worker_queues": []},
 }
 
 

@@ -1,0 +1,228 @@
+"""The admin commands of ``dicom-node``: destinations, rules, jobs, and the worker process.
+
+Why: admins without the web UI manage the node from a shell; these commands use the
+same repository functions, validation and routing evaluator as the node and the UI.
+Commands that change something bring the database schema up to date first (as
+``serve`` does); listing commands refuse to touch a database of another version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db import config_repo, jobs
+from dicom_node.db.session import current_revision, head_revision, make_engine, make_session_factory, upgrade
+from dicom_node.settings import Settings
+
+__all__ = ["run", "worker"]
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _sessions(settings: Settings, *, writes: bool) -> sessionmaker[Session] | None:
+    engine = make_engine(settings.resolved_database_url)
+    if writes:
+        upgrade(engine)
+    elif current_revision(engine) != head_revision():
+        print(f"dicom-node: the database at {engine.url.render_as_string(hide_password=True)} is at revision "
+              f"{current_revision(engine) or 'none'}, this version needs {head_revision()}; start the node or run "
+              "`dicom-node db upgrade`", file=sys.stderr)
+        return None
+    return make_session_factory(engine)
+
+
+def _destinations(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_node.config_files import ConfigFileError, load_destinations_file
+    from dicom_node.destinations import DicomDestination
+
+    writes = args.sub in ("add", "import", "remove")
+    sessions = _sessions(settings, writes=writes)
+    if sessions is None:
+        return 1
+    if args.sub == "add":
+        try:
+            destination = DicomDestination(
+                name=args.name, ae_title=args.ae_title, host=args.host, port=args.port, default=args.default,
+                outputs=frozenset(o.strip().upper() for o in args.outputs.split(",") if o.strip()),
+            )
+        except ValidationError as exc:
+            print(f"dicom-node: invalid destination {args.name!r}: {exc}", file=sys.stderr)
+            return 2
+        config_repo.upsert_destination(sessions, destination, source="cli", now=_now())
+        print(f"destination {destination.name}: {destination.ae_title}@{destination.host}:{destination.port}"
+              f"{' (default)' if destination.default else ''}")
+        return 0
+    if args.sub == "import":
+        try:
+            imported = load_destinations_file(args.file)
+        except ConfigFileError as exc:
+            print(f"dicom-node: {exc}", file=sys.stderr)
+            return 2
+        for destination in imported:
+            config_repo.upsert_destination(sessions, destination, source=str(args.file), now=_now())
+        print(f"imported {len(imported)} destination(s) from {args.file}")
+        return 0
+    if args.sub == "remove":
+        if not config_repo.delete_destination(sessions, args.name):
+            print(f"dicom-node: no destination named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"destination {args.name} removed")
+        return 0
+    listed = config_repo.list_destinations(sessions)
+    if args.json:
+        print(json.dumps([d.model_dump(mode="json", context={"reveal_secrets": False}) for d in listed], indent=2))
+        return 0
+    if not listed:
+        print("no destinations; add one with `dicom-node destinations add NAME --ae-title T --host H --port P --default`")
+        return 0
+    print(f"{'NAME':<20} {'TYPE':<9} {'DEFAULT':<7} {'OUTPUTS':<13} ADDRESS")
+    for d in listed:
+        address = f"{d.ae_title}@{d.host}:{d.port}" if d.type == "dicom" else d.url  # type: ignore[union-attr]
+        print(f"{d.name:<20} {d.type:<9} {'yes' if d.default else 'no':<7} {','.join(sorted(d.outputs)):<13} {address}")
+    return 0
+
+
+def _rules(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_node.config_files import ConfigFileError, load_rules_file
+
+    sessions = _sessions(settings, writes=args.sub == "import")
+    if sessions is None:
+        return 1
+    if args.sub == "import":
+        try:
+            rules = load_rules_file(args.file)
+        except ConfigFileError as exc:
+            print(f"dicom-node: {exc}", file=sys.stderr)
+            return 2
+        config_repo.upsert_rules(sessions, rules, source=str(args.file), now=_now())
+        print(f"imported {len(rules)} rule(s) from {args.file}")
+        return 0
+    if args.sub == "list":
+        rules = config_repo.list_rules(sessions)
+        if args.json:
+            print(json.dumps([r.model_dump(mode="json", by_alias=True) for r in rules], indent=2))
+            return 0
+        if not rules:
+            print("no routing rules (the node installs its default rule when it starts)")
+        for rule in rules:
+            state = "enabled" if rule.enabled else "DISABLED"
+            conditions = f" {rule.match} of: " + "; ".join(_describe(c.model_dump(by_alias=True, exclude_none=True))
+                                                            for c in rule.conditions) if rule.conditions else " always"
+            destinations = rule.destinations if isinstance(rule.destinations, str) else ", ".join(rule.destinations)
+            print(f"{rule.name} [{state}, priority {rule.priority}]:{conditions}\n"
+                  f"    -> {', '.join(rule.pipelines)} on the {rule.series.prefer} series; results to {destinations}")
+        return 0
+    return _rules_test(settings, sessions, args.study_uid)
+
+
+def _describe(condition: dict[str, Any]) -> str:
+    attribute = condition.pop("attribute")
+    negate = condition.pop("negate", False)
+    parts = [f"{k} {v}" for k, v in condition.items()]
+    return f"{'NOT ' if negate else ''}{attribute} " + " ".join(parts)
+
+
+def _rules_test(settings: Settings, sessions: sessionmaker[Session], study_uid: str) -> int:
+    from sqlalchemy import select
+
+    from dicom_node.db.models import Study
+    from dicom_node.routing import evaluate
+    from dicom_node.study_facts import study_facts
+
+    with sessions() as session:
+        study_id = session.execute(select(Study.id).where(Study.study_instance_uid == study_uid)).scalar()
+    if study_id is None:
+        print(f"dicom-node: no study {study_uid} has been received", file=sys.stderr)
+        return 1
+    decision = evaluate(config_repo.list_rules(sessions), study_facts(sessions, settings.spool_dir, study_id))
+    for outcome in decision.outcomes:
+        print(f"{'MATCH   ' if outcome.matched else 'NO MATCH'} {outcome.rule}")
+        for reason in outcome.reasons:
+            print(f"    {reason}")
+    if decision.jobs:
+        print("jobs:")
+        for job in decision.jobs:
+            print(f"    {job.pipeline} on series {job.series_instance_uid} (rule {job.rule})")
+    else:
+        print(f"no job: {decision.ignored_reason}")
+    return 0
+
+
+def _jobs(settings: Settings, args: argparse.Namespace) -> int:
+    sessions = _sessions(settings, writes=args.sub != "list")
+    if sessions is None:
+        return 1
+    if args.sub == "retry":
+        if not jobs.retry_job(sessions, args.job_id, now=_now()):
+            print(f"dicom-node: job {args.job_id} does not exist or is not failed/dead", file=sys.stderr)
+            return 1
+        print(f"job {args.job_id} queued again (the running node picks it up)")
+        return 0
+    if args.sub == "retry-delivery":
+        if not jobs.retry_delivery(sessions, args.delivery_id, now=_now()):
+            print(f"dicom-node: delivery {args.delivery_id} does not exist or is not failed/dead", file=sys.stderr)
+            return 1
+        print(f"delivery {args.delivery_id} pending again (the running node sends it)")
+        return 0
+    listed = jobs.list_jobs(sessions, limit=args.limit, study_instance_uid=args.study)
+    if args.json:
+        print(json.dumps([
+            {"id": j.id, "study_instance_uid": j.study_instance_uid, "series_instance_uid": j.series_instance_uid,
+             "pipeline": j.pipeline, "rule": j.rule, "state": j.state, "attempts": j.attempts,
+             "max_attempts": j.max_attempts, "error": j.error, "stage_seconds": j.stage_seconds,
+             "summary": j.summary, "queued_at": j.queued_at.isoformat(),
+             "started_at": j.started_at.isoformat() if j.started_at else None,
+             "finished_at": j.finished_at.isoformat() if j.finished_at else None,
+             "deliveries": [{"destination": d, "state": s, "attempts": a, "error": e} for d, s, a, e in j.deliveries]}
+            for j in listed
+        ], indent=2))
+        return 0
+    if not listed:
+        print("no jobs yet")
+    for j in listed:
+        deliveries = ", ".join(f"{d}: {s}" for d, s, _, _ in j.deliveries) or "no deliveries"
+        print(f"{j.id:>5} {j.state:<10} {j.pipeline:<24} attempts {j.attempts}/{j.max_attempts}  {deliveries}")
+        print(f"      study {j.study_instance_uid} series {j.series_instance_uid}")
+        if j.error:
+            print(f"      error: {j.error}")
+    return 0
+
+
+def run(settings: Settings, args: argparse.Namespace) -> int:
+    """Run a ``destinations``, ``rules`` or ``jobs`` sub-command; returns the exit code."""
+    handler = {"destinations": _destinations, "rules": _rules, "jobs": _jobs}[args.command]
+    return handler(settings, args)
+
+
+def worker(settings: Settings, queues: list[str], concurrency: int) -> int:
+    """Run a Celery worker on ``queues`` until stopped (distributed mode)."""
+    from dicom_node.node import make_dispatcher
+    from dicom_node.queue import CeleryQueue, GPU_QUEUE, IO_QUEUE
+    from workers.celery_app import make_celery_app
+    from workers.context import build_worker_context
+    from workers.tasks import register_tasks
+
+    unknown = sorted(set(queues) - {GPU_QUEUE, IO_QUEUE})
+    if unknown or not queues:
+        print(f"dicom-node: --queues must list gpu and/or io, got {','.join(queues) or 'nothing'}", file=sys.stderr)
+        return 2
+    sessions = _sessions(settings, writes=False)
+    if sessions is None:
+        return 1
+    app = make_celery_app(settings.queue.broker_url)
+    queue = CeleryQueue(app)
+    context = build_worker_context(settings, sessions, queue)
+    dispatcher = make_dispatcher(settings, sessions, _now)
+    register_tasks(app, lambda: context, lambda: dispatcher)
+    app.Worker(queues=queues, concurrency=concurrency, pool="threads", hostname=f"{'+'.join(queues)}@%h",
+               without_mingle=True, without_gossip=True, loglevel=settings.log_level).start()
+    return 0

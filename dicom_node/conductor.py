@@ -1,0 +1,121 @@
+"""Moves studies from "complete" to jobs, and keeps jobs and deliveries moving.
+
+Why: one loop, in the node process, owns the transitions nobody else triggers:
+routing complete studies (through the same pure :func:`routing.evaluate` the CLI's
+``rules test`` uses), re-enqueueing jobs whose worker died or that failed and may be
+retried, and sending deliveries whose backoff has expired. Because it reads
+everything from the database, it also rebuilds the queue after a restart (the
+embedded ``memory://`` broker keeps nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db import config_repo, jobs
+from dicom_node.queue import JobQueue
+from dicom_node.routing import RoutingDecision, evaluate
+from dicom_node.study_facts import study_facts
+
+__all__ = ["Conductor"]
+
+logger = logging.getLogger(__name__)
+
+
+class Conductor:
+    """Routes complete studies and re-sends due work to the queue, on a timer or on demand."""
+
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        spool_dir: Path,
+        queue: JobQueue,
+        clock: Callable[[], datetime],
+        *,
+        job_max_attempts: int,
+        interval_seconds: float = 1.0,
+    ) -> None:
+        self._sessions = sessions
+        self._spool_dir = spool_dir
+        self._queue = queue
+        self._clock = clock
+        self._job_max_attempts = job_max_attempts
+        self._interval = interval_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def decide(self, study_id: int) -> RoutingDecision:
+        """What the current rules decide for a study (no state change)."""
+        facts = study_facts(self._sessions, self._spool_dir, study_id)
+        return evaluate(config_repo.list_rules(self._sessions), facts)
+
+    def route_complete_studies(self) -> list[int]:
+        """Route every complete, unrouted study; enqueue and return the new job ids."""
+        new_jobs: list[int] = []
+        for study_id, study_uid in jobs.studies_to_route(self._sessions):
+            try:
+                decision = self.decide(study_id)
+            except Exception:  # one broken study must not stop routing of the others
+                logger.exception("routing study %s failed; it stays complete and is retried", study_uid)
+                continue
+            created = jobs.record_routing(
+                self._sessions, study_id, decision, now=self._clock(), max_attempts=self._job_max_attempts
+            )
+            if decision.jobs:
+                logger.info("study %s routed: %d new job(s)", study_uid, len(created))
+            else:
+                logger.info("study %s ignored: %s", study_uid, decision.ignored_reason)
+            for job_id in created:
+                self._queue.enqueue_job(job_id)
+            new_jobs += created
+        return new_jobs
+
+    def sweep(self) -> tuple[list[int], list[int]]:
+        """Re-enqueue jobs to retry or whose worker died, and deliveries that are due."""
+        now = self._clock()
+        job_ids = jobs.requeue_jobs(self._sessions, now=now)
+        delivery_ids = jobs.due_deliveries(self._sessions, now=now)
+        for job_id in job_ids:
+            self._queue.enqueue_job(job_id)
+        for delivery_id in delivery_ids:
+            self._queue.enqueue_delivery(delivery_id)
+        return job_ids, delivery_ids
+
+    def recover(self) -> tuple[list[int], list[int]]:
+        """At start: enqueue everything unfinished (the queue may have lost it)."""
+        now = self._clock()
+        job_ids = jobs.unfinished_jobs(self._sessions, now=now)
+        delivery_ids = jobs.unfinished_deliveries(self._sessions, now=now)
+        for job_id in job_ids:
+            self._queue.enqueue_job(job_id)
+        for delivery_id in delivery_ids:
+            self._queue.enqueue_delivery(delivery_id)
+        if job_ids or delivery_ids:
+            logger.info("re-enqueued %d unfinished job(s) and %d delivery(ies)", len(job_ids), len(delivery_ids))
+        return job_ids, delivery_ids
+
+    def tick(self) -> None:
+        self.route_complete_studies()
+        self.sweep()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="conductor", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.tick()
+            except Exception:
+                logger.exception("conductor pass failed; retrying in %s s", self._interval)
