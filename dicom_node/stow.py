@@ -1,0 +1,311 @@
+"""STOW-RS client: store a set of Part 10 files on a DICOMweb server with one request.
+
+``POST {url}/studies`` with a ``multipart/related; type="application/dicom"`` body,
+one part per file, the file bytes unchanged (PS3.18 Section 10.5). The body is
+streamed from the files (Content-Length computed first), so a large set is not held
+in memory. The standard library is enough (urllib + ssl), so no HTTP client is a
+runtime dependency. Redirects are not followed: a POST redirected to a GET would look
+like success; a 3xx is reported so the admin can configure the final URL.
+
+The response (``application/dicom+json``) lists stored instances in
+ReferencedSOPSequence (0008,1199), with an optional WarningReason (0008,1196), and
+refused ones in FailedSOPSequence (0008,1198) with FailureReason (0008,1197); those
+become per-file outcomes, judged like C-STORE statuses (see
+:mod:`dicom_node.delivery_types`). HTTP 200 means every instance was stored, 202 some
+were not, 409 none was. Other codes raise :class:`DeliveryError`: 5xx, 408, 429 and
+network errors are retryable (with the ``Retry-After`` hint when given), other 4xx
+and 3xx are not.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import json
+import logging
+import ssl
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from email.message import Message
+from http.client import HTTPResponse
+from pathlib import Path
+from typing import Any
+
+from dicom_node.delivery_types import (
+    DeliveryError,
+    InstanceFile,
+    InstanceOutcome,
+    SendReport,
+    Stopwatch,
+    read_instance_files,
+)
+from dicom_node.destinations import BasicAuth, BearerAuth, DicomWebDestination
+
+__all__ = ["multipart_body", "parse_stow_response", "send_dicomweb"]
+
+logger = logging.getLogger(__name__)
+
+USER_AGENT = "dicom-node/0.1 (STOW-RS)"
+_CHUNK = 1 << 20
+_REFERENCED_SOP_SEQUENCE = "00081199"
+_FAILED_SOP_SEQUENCE = "00081198"
+_REFERENCED_SOP_INSTANCE_UID = "00081155"
+_FAILURE_REASON = "00081197"
+_WARNING_REASON = "00081196"
+_RETRYABLE_HTTP = frozenset({408, 429})
+_BODY_EXCERPT = 300
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Turn every redirect into an HTTPError (see the module docstring)."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def multipart_body(paths: Sequence[Path], boundary: str) -> tuple[int, Iterator[bytes]]:
+    """(Content-Length, chunks) of a multipart/related body with one application/dicom part per file."""
+    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode("ascii")
+    tail = f"--{boundary}--\r\n".encode("ascii")
+    sizes = [Path(path).stat().st_size for path in paths]
+    length = sum(len(head) + size + 2 for size in sizes) + len(tail)
+
+    def chunks() -> Iterator[bytes]:
+        for path in paths:
+            yield head
+            with open(path, "rb") as stream:
+                while block := stream.read(_CHUNK):
+                    yield block
+            yield b"\r\n"
+        yield tail
+
+    return length, chunks()
+
+
+def _request_headers(destination: DicomWebDestination, boundary: str, length: int) -> dict[str, str]:
+    headers = {
+        "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+        "Content-Length": str(length),
+        "Accept": "application/dicom+json, application/json;q=0.9",
+        "User-Agent": USER_AGENT,
+    }
+    auth = destination.auth
+    if isinstance(auth, BasicAuth):
+        token = base64.b64encode(f"{auth.username}:{auth.password.get_secret_value()}".encode()).decode("ascii")
+        headers["Authorization"] = f"Basic {token}"
+    elif isinstance(auth, BearerAuth):
+        headers["Authorization"] = f"Bearer {auth.token.get_secret_value()}"
+    return headers
+
+
+def _ssl_context(destination: DicomWebDestination) -> ssl.SSLContext | None:
+    if not destination.url.startswith("https:"):
+        return None
+    if not destination.verify_tls:
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return context
+    cafile = str(destination.ca_certificates) if destination.ca_certificates is not None else None
+    return ssl.create_default_context(cafile=cafile)
+
+
+def _values(dataset: Mapping[str, Any], tag: str) -> list[Any]:
+    element = dataset.get(tag)
+    if not isinstance(element, Mapping):
+        return []
+    values = element.get("Value")
+    return list(values) if isinstance(values, list) else []
+
+
+def _first_int(dataset: Mapping[str, Any], tag: str) -> int | None:
+    for value in _values(dataset, tag):
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def parse_stow_response(body: bytes) -> tuple[dict[str, int], dict[str, int]] | None:
+    """({referenced SOP Instance UID: warning status or 0}, {failed UID: failure status}).
+
+    ``None`` when the body holds neither sequence (empty, not JSON, another format):
+    the HTTP status alone must then be believed.
+    """
+    if not body.strip():
+        return None
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if isinstance(document, list):  # some servers wrap the one response data set in an array
+        document = document[0] if document else {}
+    if not isinstance(document, Mapping) or not (
+        _REFERENCED_SOP_SEQUENCE in document or _FAILED_SOP_SEQUENCE in document
+    ):
+        return None
+    referenced: dict[str, int] = {}
+    for item in _values(document, _REFERENCED_SOP_SEQUENCE):
+        if isinstance(item, Mapping):
+            for uid in _values(item, _REFERENCED_SOP_INSTANCE_UID):
+                referenced[str(uid)] = _first_int(item, _WARNING_REASON) or 0
+    failed: dict[str, int] = {}
+    for item in _values(document, _FAILED_SOP_SEQUENCE):
+        if isinstance(item, Mapping):
+            reason = _first_int(item, _FAILURE_REASON)
+            for uid in _values(item, _REFERENCED_SOP_INSTANCE_UID):
+                failed[str(uid)] = 0x0110 if reason is None else reason  # no reason given: processing failure
+    return referenced, failed
+
+
+def _retry_after(headers: Message | None) -> float | None:
+    """The ``Retry-After`` header in seconds (delta-seconds or an HTTP date), if any."""
+    value = headers.get("Retry-After") if headers is not None else None
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _excerpt(body: bytes) -> str:
+    text = body[:_BODY_EXCERPT].decode("utf-8", "replace")
+    text = " ".join(text.split())
+    return text + ("..." if len(body) > _BODY_EXCERPT else "")
+
+
+def send_dicomweb(destination: DicomWebDestination, files: Sequence[Path]) -> SendReport:
+    """STOW-RS ``files`` to ``destination`` in one request; see the module docstring.
+
+    Returns a :class:`SendReport` (one outcome per file, in order) when the server
+    answered 200, 202 or 409; raises :class:`DeliveryError` otherwise.
+    """
+    stopwatch = Stopwatch()
+    label = f"destination {destination.name!r} ({destination.url}/studies)"
+    entries = read_instance_files(files)
+    items = [entry for entry in entries if isinstance(entry, InstanceFile)]
+
+    def report(outcomes: Sequence[InstanceOutcome], http_status: int | None) -> SendReport:
+        return SendReport(
+            destination=destination.name,
+            peer=destination.peer,
+            outcomes=tuple(outcomes),
+            elapsed_seconds=stopwatch.seconds(),
+            http_status=http_status,
+        )
+
+    if not items:
+        return report([entry for entry in entries if isinstance(entry, InstanceOutcome)], None)
+
+    def error(problem: str, *, retryable: bool, retry_after: float | None = None) -> DeliveryError:
+        message = f"{label}: {problem} ({'will retry' if retryable else 'permanent'})"
+        return DeliveryError(destination.name, message, retryable=retryable, retry_after_seconds=retry_after)
+
+    boundary = f"dicom-node-{uuid.uuid4().hex}"
+    try:
+        length, body = multipart_body([item.path for item in items], boundary)
+    except OSError as exc:
+        raise error(f"cannot read a file to send: {exc}", retryable=False) from exc
+    request = urllib.request.Request(
+        f"{destination.url}/studies",
+        data=body,
+        headers=_request_headers(destination, boundary, length),
+        method="POST",
+    )
+    logger.info("%s: posting %d instances (%d bytes)", label, len(items), length)
+    status, headers, answer = _exchange(destination, request, error)
+
+    if status not in (200, 202, 409):
+        problem = f"HTTP {status}"
+        if 300 <= status < 400:
+            problem += f" redirect to {headers.get('Location') if headers else None!r}; configure the final URL"
+        elif status in (401, 403):
+            problem += " (the credentials were refused)" if status == 401 else " (not allowed to store)"
+        if answer:
+            problem += f": {_excerpt(answer)}"
+        retryable = status >= 500 or status in _RETRYABLE_HTTP
+        raise error(problem, retryable=retryable, retry_after=_retry_after(headers) if retryable else None)
+
+    outcomes = _outcomes(entries, status, parse_stow_response(answer), label)
+    result = report(outcomes, status)
+    if result.ok:
+        logger.info("%s", result.summary())
+    else:
+        logger.warning("%s (HTTP %d)", result.summary(), status)
+    return result
+
+
+def _exchange(
+    destination: DicomWebDestination, request: urllib.request.Request, error: Callable[..., DeliveryError]
+) -> tuple[int, Message | None, bytes]:
+    """Send ``request``; (HTTP status, headers, body), HTTP errors included. DeliveryError when no answer came."""
+    handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
+    context = _ssl_context(destination)
+    if context is not None:
+        handlers.append(urllib.request.HTTPSHandler(context=context))
+    opener = urllib.request.build_opener(*handlers)
+    try:
+        response: HTTPResponse = opener.open(request, timeout=destination.timeout_seconds)
+        with response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        try:
+            return exc.code, exc.headers, exc.read()
+        except OSError:
+            return exc.code, exc.headers, b""
+        finally:
+            exc.close()
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            message = f"the server's TLS certificate is not trusted: {reason.verify_message}"
+            raise error(message, retryable=False) from exc
+        if isinstance(reason, ssl.SSLError):
+            raise error(f"TLS handshake failed: {reason.reason or reason}", retryable=False) from exc
+        if isinstance(reason, ConnectionRefusedError):
+            raise error("connection refused (nothing listening, or a firewall)", retryable=True) from exc
+        if isinstance(reason, TimeoutError):
+            raise error(f"no answer within {destination.timeout_seconds:g} s", retryable=True) from exc
+        raise error(f"cannot reach the server: {reason}", retryable=True) from exc
+    except TimeoutError as exc:
+        raise error(f"no answer within {destination.timeout_seconds:g} s", retryable=True) from exc
+    except OSError as exc:  # reset or closed while sending or reading
+        raise error(f"the connection failed: {exc}", retryable=True) from exc
+
+
+def _outcomes(
+    entries: Sequence[InstanceFile | InstanceOutcome],
+    http_status: int,
+    parsed: tuple[dict[str, int], dict[str, int]] | None,
+    label: str,
+) -> list[InstanceOutcome]:
+    """Per-file outcomes from the response lists, the HTTP status deciding for unlisted files."""
+    referenced, failed = parsed if parsed is not None else ({}, {})
+    if parsed is None and http_status != 200:
+        logger.warning("%s: HTTP %d without a readable STOW-RS response body", label, http_status)
+    outcomes: list[InstanceOutcome] = []
+    for entry in entries:
+        if isinstance(entry, InstanceOutcome):
+            outcomes.append(entry)
+        elif entry.sop_instance_uid in failed:
+            outcomes.append(InstanceOutcome.from_status(entry, failed[entry.sop_instance_uid]))
+        elif entry.sop_instance_uid in referenced:
+            outcomes.append(InstanceOutcome.from_status(entry, referenced[entry.sop_instance_uid]))
+        elif http_status == 200:  # "every instance was stored"
+            outcomes.append(InstanceOutcome.from_status(entry, 0x0000))
+        elif http_status == 409:  # "no instance was stored", and this one is not explained
+            outcomes.append(InstanceOutcome.not_sent(entry, "refused (HTTP 409) without a reason", retryable=False))
+        else:
+            outcomes.append(
+                InstanceOutcome.not_sent(
+                    entry, f"not acknowledged in the STOW-RS response (HTTP {http_status})", retryable=True
+                )
+            )
+    return outcomes
