@@ -42,6 +42,7 @@ from workers.outputs.common import (
     copy_body_part,
     slice_sources,
 )
+from workers.outputs.measurements import label_counts
 from workers.volume import Volume
 
 __all__ = ["build_seg", "present_labels"]
@@ -69,7 +70,7 @@ def present_labels(volume: Volume, result: SegmentationResult) -> tuple[SegmentL
         if label.value in declared:
             raise ValueError(f"label value {label.value} declared twice ({declared[label.value].name}, {label.name})")
         declared[label.value] = label
-    values = [int(v) for v in np.unique(label_map) if v != 0]
+    values = [int(v) for v in np.flatnonzero(label_counts(label_map)[1:]) + 1]
     unknown = [v for v in values if v not in declared]
     if unknown:
         raise ValueError(
@@ -126,6 +127,22 @@ def _source_arrangement(
     return [dataset], by_frame
 
 
+def _segment_map(label_map: npt.NDArray[np.integer], labels: Sequence[SegmentLabel]) -> npt.NDArray[np.uint8]:
+    """``label_map`` with every present label value replaced by its segment number (1..N, in ``labels`` order).
+
+    When the present values already are 1..N (the usual case) the map is
+    returned as it is (uint8, not copied: highdicom only reads it), which
+    saves a pass over every voxel.
+    """
+    array = np.asarray(label_map)
+    if array.dtype == np.uint8 and [label.value for label in labels] == list(range(1, len(labels) + 1)):
+        return array
+    lut = np.zeros(256, dtype=np.uint8)  # present_labels checked: every value is a declared 1..255 label or 0
+    for number, label in enumerate(labels, start=1):
+        lut[label.value] = number
+    return lut[array]
+
+
 def build_seg(
     volume: Volume,
     result: SegmentationResult,
@@ -143,10 +160,7 @@ def build_seg(
     if not labels:
         logger.info("segmentation by %s %s found no label; no SEG built", algorithm.name, algorithm.version)
         return None
-    lut = np.zeros(256, dtype=np.uint8)
-    for number, label in enumerate(labels, start=1):
-        lut[label.value] = number
-    source_images, pixel_array = _source_arrangement(volume, lut[np.asarray(result.label_map)])
+    source_images, pixel_array = _source_arrangement(volume, _segment_map(result.label_map, labels))
     seg = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=pixel_array,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.outputs.measurements import measure_segments, voxel_volume_ml
+from workers.outputs.measurements import label_counts, measure_segments, voxel_volume_ml
 from workers.volume import FrameRef, Volume
 
 
@@ -97,3 +97,51 @@ def test_non_integer_label_map_is_rejected() -> None:
     volume = _volume((2, 2, 2), (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="dtype float32"):
         measure_segments(volume, np.zeros(volume.shape, dtype=np.float32))  # type: ignore[arg-type]
+
+
+def test_statistics_stay_exact_across_chunks_and_for_many_short_runs() -> None:
+    """More voxels than one chunk of the run walk (2**20), noisy labels (runs of 1-3 voxels), a block across chunks."""
+    volume = _volume((18, 256, 256), (1.25, 0.7, 0.7))
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 4, size=volume.shape, dtype=np.uint8)
+    labels[14:17, 100:200, 50:220] = 9  # 1 << 20 voxels = 16 slices: this block straddles the first chunk boundary
+    assert labels.size > 1 << 20
+
+    results = {m.label_value: m for m in measure_segments(volume, labels)}
+
+    assert sorted(results) == [1, 2, 3, 9]
+    for value, measurement in results.items():
+        inside = volume.array[labels == value].astype(np.float64)
+        assert measurement.voxel_count == inside.size
+        assert measurement.mean == pytest.approx(inside.mean(), rel=1e-12)
+        assert (measurement.minimum, measurement.maximum) == (inside.min(), inside.max())
+
+
+def test_label_counts_match_numpy_for_any_integer_map() -> None:
+    rng = np.random.default_rng(3)
+    for dtype in (np.uint8, np.int16, np.uint16, np.int64):
+        labels = rng.integers(0, 6, size=(5, 40, 30)).astype(dtype)
+        labels[2, 7, 3] = 200
+        if dtype in (np.uint16, np.int64):
+            labels[4, 39, 29] = 300  # beyond 255: the table grows to hold it
+        counts = label_counts(labels)
+        expected = np.bincount(labels.ravel().astype(np.int64), minlength=256)
+        assert np.array_equal(counts, expected), dtype
+    assert np.array_equal(label_counts(np.zeros((0, 4, 4), np.uint8)), np.zeros(256, np.int64))
+
+
+def test_label_values_above_255_are_measured_by_default() -> None:
+    volume = _volume((2, 3, 4), (1.0, 1.0, 1.0))
+    labels = np.zeros(volume.shape, dtype=np.uint16)
+    labels[1, 2, 3] = 300
+    (only,) = measure_segments(volume, labels)
+    assert (only.label_value, only.voxel_count, only.mean) == (300, 1, pytest.approx(float(volume.array[1, 2, 3])))
+
+
+def test_negative_label_values_are_rejected_with_the_value() -> None:
+    labels = np.zeros((2, 2, 2), dtype=np.int16)
+    labels[1, 1, 1] = -3
+    with pytest.raises(ValueError, match="label map holds negative value -3"):
+        label_counts(labels)
+    with pytest.raises(ValueError, match=r"series 1\.2\.3\.4: label map holds negative value -3"):
+        measure_segments(_volume((2, 2, 2), (1.0, 1.0, 1.0)), labels)

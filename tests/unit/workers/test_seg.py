@@ -240,3 +240,29 @@ def test_series_identity_is_validated() -> None:
         SeriesIdentity(series_number=1, series_description="x" * 65)
     with pytest.raises(pydantic.ValidationError, match="series_instance_uid"):
         SeriesIdentity(series_number=1, series_description="AI", series_instance_uid="1.02.x")
+
+
+@pytest.mark.parametrize("values", [(1, 2, 3), (2, 4, 5)], ids=["consecutive", "gaps"])
+def test_segments_read_back_as_the_label_map_which_is_left_untouched(written: Written, values: tuple[int, ...]) -> None:
+    """Label values 1..N are already segment numbers (the map is passed on as it is); others are renumbered."""
+    labels = np.zeros(written.volume.shape, dtype=np.uint8)
+    labels[2:10, 8:30, 6:26] = values[0]
+    labels[5:8, 12:20, 10:20] = values[1]  # nested inside the first
+    labels[12:15, 30:40, 30:40] = values[2]
+    before = labels.copy()
+
+    seg = build_seg(written.volume, SegmentationResult(labels, LABELS), ALGORITHM, IDENTITY)
+
+    assert seg is not None
+    assert np.array_equal(labels, before)
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == [LABELS[v - 1].name for v in values]
+    buffer = io.BytesIO()
+    seg.save_as(buffer, enforce_file_format=True)
+    back = hd.seg.segread(io.BytesIO(buffer.getvalue()))
+    numbers = back.get_pixels_by_source_instance(
+        source_sop_instance_uids=[f.sop_instance_uid for f in written.volume.frames],
+        combine_segments=True,
+        relabel=False,
+        dtype=np.uint8,
+    )
+    assert np.array_equal(np.array((0, *values), dtype=np.uint8)[numbers], labels)

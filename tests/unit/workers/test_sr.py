@@ -20,6 +20,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
 from dicom_node.contracts import AlgorithmInfo, Detection
 from tests.unit.workers.outputs_fixtures import (
@@ -39,7 +41,7 @@ from training.phantoms.ct_series import SeriesGeometry
 from workers.models.base import SegmentationResult
 from workers.outputs.common import SeriesIdentity
 from workers.outputs.seg import build_seg
-from workers.outputs.sr import DetectionFindings, SegmentationFindings, build_sr
+from workers.outputs.sr import DetectionFindings, SegmentationFindings, _library_images, build_sr
 from workers.volume import Volume
 
 DETECTOR = AlgorithmInfo(name="Nodule detector test net", version="0.9.1", model_id="nodule-detector-test")
@@ -50,6 +52,7 @@ LUNG, NODULE = LABELS[1], LABELS[4]
 # Concept name codes looked up in the content tree.
 ALGORITHM_NAME, ALGORITHM_VERSION = "111001", "111003"
 REFERENCED_SEGMENT = "121191"
+IMAGE_LIBRARY, IMAGING_MEASUREMENTS = "111028", "126010"
 ABSENT = ("272519000", "SCT")
 
 
@@ -398,3 +401,35 @@ def test_inconsistent_inputs_are_rejected_with_the_culprit_named(sources: dict[s
         DetectionFindings(DETECTOR, (), ())
     with pytest.raises(ValueError, match="no findings set to report"):
         build_sr(axial, [], SR_SERIES)
+
+
+def _encoded(item: Dataset) -> bytes:
+    """One content item with everything under it, encoded as Explicit VR Little Endian (for byte comparisons)."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, False
+    write_dataset(buffer, item)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("source_name", ["axial", "oblique", "oblique-multiframe"])
+def test_image_library_is_byte_for_byte_highdicoms_and_sits_before_the_measurements(
+    sources: dict[str, Source], source_name: str
+) -> None:
+    """build_sr makes the library faster than hd.sr.ImageLibrary (shared descriptor items): same bytes, same place."""
+    volume = sources[source_name].volume
+    sr = build_sr(volume, [DetectionFindings(DETECTOR, _detections(volume), (NODULE,))], SR_SERIES)
+
+    names = [item.ConceptNameCodeSequence[0].CodeValue for item in sr.ContentSequence]
+    assert names[-2:] == [IMAGE_LIBRARY, IMAGING_MEASUREMENTS]  # where MeasurementReport(referenced_images=...) puts it
+    assert [item.ConceptNameCodeSequence[0].CodeValue for item in sr.content[0].ContentSequence] == names
+    expected = hd.sr.ImageLibrary(_library_images(volume))[0]
+    assert _encoded(sr.ContentSequence[-2]) == _encoded(expected)
+    assert _encoded(sr.content[0].ContentSequence[-2]) == _encoded(expected)
+    entries = sr.ContentSequence[-2].ContentSequence[0].ContentSequence
+    assert len(entries) == len(volume.datasets)
+    if source_name == "oblique":  # every slice has its own position: its entries must differ in X, Y and Z
+        positions = {
+            tuple(str(item.MeasuredValueSequence[0].NumericValue) for item in entry.ContentSequence[7:10])
+            for entry in entries
+        }
+        assert len(positions) == len(entries)
