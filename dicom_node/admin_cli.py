@@ -208,7 +208,7 @@ def worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     from dicom_node.node import make_dispatcher
     from dicom_node.queue import CeleryQueue, GPU_QUEUE, IO_QUEUE
     from workers.celery_app import make_celery_app
-    from workers.context import build_worker_context
+    from workers.context import build_worker_context, preload_models
     from workers.tasks import register_tasks
 
     unknown = sorted(set(queues) - {GPU_QUEUE, IO_QUEUE})
@@ -220,9 +220,12 @@ def worker(settings: Settings, queues: list[str], concurrency: int) -> int:
         return 1
     app = make_celery_app(settings.queue.broker_url)
     queue = CeleryQueue(app)
-    context = build_worker_context(settings, sessions, queue)
+    context = build_worker_context(settings, sessions, queue, job_concurrency=concurrency)
     dispatcher = make_dispatcher(settings, sessions, _now)
     register_tasks(app, lambda: context, lambda: dispatcher)
-    app.Worker(queues=queues, concurrency=concurrency, pool="threads", hostname=f"{'+'.join(queues)}@%h",
+    if GPU_QUEUE in queues:
+        preload_models(context.models)
+    app.set_default()  # the pool threads look tasks up in the default app
+    app.Worker(queues=queues, concurrency=concurrency + (1 if IO_QUEUE in queues else 0), pool="threads", hostname=f"{'+'.join(queues)}@%h",
                without_mingle=True, without_gossip=True, loglevel=settings.log_level).start()
     return 0

@@ -8,11 +8,17 @@ import threading
 from collections.abc import Callable
 from datetime import datetime
 
+from sqlalchemy.orm import Session, sessionmaker
+
 from dicom_node.completion import CompletionMonitor
+from dicom_node.conductor import Conductor
+from dicom_node.config_files import import_configuration
 from dicom_node.db import repo
 from dicom_node.db.session import make_engine, make_session_factory, upgrade
 from dicom_node.indexer import InstanceIndexer
+from dicom_node.dispatch import Dispatcher
 from dicom_node.ingest import IngestService, utc_now
+from dicom_node.queue import GPU_QUEUE, CeleryQueue
 from dicom_node.recovery import CLEAN_STOP_MARKER, reindex_orphans
 from dicom_node.scp import StorageSCP
 from dicom_node.settings import Settings
@@ -22,7 +28,11 @@ logger = logging.getLogger(__name__)
 
 
 class Node:
-    """The running node: database, spool, indexer, DICOM listener and completion monitor."""
+    """The running node: database, spool, indexer, DICOM listener, completion, routing and the queue.
+
+    With ``queue.embedded_worker_queues`` the node also runs the Celery workers in its
+    own process (embedded mode); otherwise ``dicom-node worker`` processes do.
+    """
 
     def __init__(self, settings: Settings, clock: Callable[[], datetime] = utc_now) -> None:
         self.settings = settings
@@ -41,6 +51,24 @@ class Node:
         )
         self.scp = StorageSCP(settings.dicom, self.ingest, self.sessions, clock)
         self.completion = CompletionMonitor(self.sessions, settings.completion, clock)
+        from workers.celery_app import EmbeddedWorker, make_celery_app
+
+        self.celery = make_celery_app(settings.queue.broker_url)
+        self.queue = CeleryQueue(self.celery)
+        self.conductor = Conductor(
+            self.sessions, settings.spool_dir, self.queue, clock,
+            job_max_attempts=settings.routing.job_max_attempts,
+            interval_seconds=settings.queue.sweep_interval_seconds,
+        )
+        self.worker: EmbeddedWorker | None = None
+        if settings.queue.embedded_worker_queues:
+            from workers.context import build_worker_context
+            from workers.tasks import register_tasks
+
+            context = self._context = build_worker_context(settings, self.sessions, self.queue)
+            dispatcher = make_dispatcher(settings, self.sessions, clock)
+            register_tasks(self.celery, lambda: context, lambda: dispatcher)
+            self.worker = EmbeddedWorker(self.celery, settings.queue.embedded_worker_queues)
         self._clock = clock
 
     def start(self) -> None:
@@ -55,12 +83,29 @@ class Node:
         interrupted = repo.interrupt_open_associations(self.sessions, self._clock())
         if interrupted:
             logger.warning("%d association(s) were open when the node last stopped; marked interrupted", interrupted)
+        import_configuration(self.sessions, self.settings.routing, now=self._clock())
+        if self.worker is not None:
+            threading.Thread(target=self._start_worker, name="worker-start", daemon=True).start()
+        self.conductor.recover()
         self.scp.start()
         self.completion.start()
+        self.conductor.start()
+
+    def _start_worker(self) -> None:
+        """Load the models first (the first study must not wait for them), then consume the queues."""
+        assert self.worker is not None
+        if GPU_QUEUE in self.settings.queue.embedded_worker_queues:
+            from workers.context import preload_models
+
+            preload_models(self._context.models)
+        self.worker.start()
 
     def stop(self) -> None:
         self.scp.stop()
         self.completion.stop()
+        self.conductor.stop()
+        if self.worker is not None:
+            self.worker.stop()
         self.indexer.stop()
         self.engine.dispose()
         (self.settings.data_dir / CLEAN_STOP_MARKER).touch()
@@ -77,3 +122,12 @@ class Node:
         finally:
             logger.info("stopping")
             self.stop()
+
+
+def make_dispatcher(settings: Settings, sessions: sessionmaker[Session], clock: Callable[[], datetime]) -> Dispatcher:
+    """The delivery sender of this process, from the settings."""
+    return Dispatcher(
+        sessions=sessions, outbox_dir=settings.outbox_dir,
+        calling_ae_title=settings.delivery.calling_ae_title or settings.dicom.ae_title,
+        policy=settings.delivery, clock=clock,
+    )

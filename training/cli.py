@@ -64,6 +64,10 @@ def add_training_commands(subparsers: Any) -> None:
                      help="training patch / sliding window in voxels, multiples of 8")
     seg.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target voxel spacing in mm")
     seg.add_argument("--init-filters", type=int, help="SegResNet width (multiple of 8)")
+    seg.add_argument("--class-ratios", type=float, nargs="+", metavar="R",
+                     help="how often patches centre on each label value 0..N (default: nodules 6x)")
+    seg.add_argument("--class-weights", type=float, nargs="+", metavar="W",
+                     help="loss weight of each label value 0..N (default: all 1)")
     det = train.add_argument_group("detection options")
     det.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch")
     train.set_defaults(handler=train_command)
@@ -142,11 +146,14 @@ def train_command(args: argparse.Namespace) -> int:
             patch_size=tuple(args.patch_size) if args.patch_size else None,
             spacing_mm=tuple(args.spacing) if args.spacing else None,
             init_filters=args.init_filters,
+            class_ratios=args.class_ratios,
+            class_weights=args.class_weights,
         )
         misplaced = ["--steps-per-epoch"] if args.steps_per_epoch is not None else []
     else:
         options["steps_per_epoch"] = args.steps_per_epoch
-        given = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters}
+        given = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,
+                 "--class-ratios": args.class_ratios, "--class-weights": args.class_weights}
         misplaced = [flag for flag, value in given.items() if value is not None]
     if misplaced:
         return _error(f"{', '.join(misplaced)} not supported when training {args.kind}")

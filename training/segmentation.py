@@ -751,7 +751,9 @@ def evaluate_segmentation(
     prediction is compared with the reference label map in the case's original
     grid. ``dice`` is the mean over cases of each case's Dice (a label absent from
     both scores 1, see :func:`training.metrics.dice_per_label`); ``dice_pooled`` the
-    Dice of all cases' voxels taken together. Writes ``segmentation_evaluation.json`` and ``overlay.png`` to ``out_dir``
+    Dice of all cases' voxels taken together; ``dice_cases_with_label`` the mean over
+    the cases whose reference holds the label, and ``false_positive_cases`` how many
+    cases without it got some of it predicted. Writes ``segmentation_evaluation.json`` and ``overlay.png`` to ``out_dir``
     (default ``BUNDLE/evaluation``); with ``record`` the figures also go into the
     bundle's metadata (``dicom_node.evaluation.held_out``).
     """
@@ -806,6 +808,11 @@ def evaluate_segmentation(
             rows.append((case["name"], np.asarray(ras(load(case["image"]))[0]), pred_ras,
                          np.asarray(ras(ref)[0]).round().astype(np.uint8)))
     dice = {n: float(np.mean([c["dice"][n] for c in per_case])) for _, n, _ in labels}
+    # Per-case Dice only over the cases whose reference has the label (the usual lesion Dice), and how
+    # many cases without it got some predicted anyway (false-positive cases).
+    with_label = {
+        n: [c["dice"][n] for c in per_case if c["reference_voxels"][n] > 0] for _, n, _ in labels
+    }
     result = {
         "kind": "segmentation",
         "bundle": str(bundle),
@@ -816,6 +823,11 @@ def evaluate_segmentation(
         "mean_dice": float(np.mean(list(dice.values()))),
         # Dice of all cases' voxels together: large structures weigh more; no case is "empty".
         "dice_pooled": {n: float(a / b) if b else 1.0 for n, (a, b) in pooled.items()},
+        "dice_cases_with_label": {n: float(np.mean(v)) if v else None for n, v in with_label.items()},
+        "cases_with_label": {n: len(v) for n, v in with_label.items()},
+        "false_positive_cases": {
+            n: sum(1 for c in per_case if c["reference_voxels"][n] == 0 and c["dice"][n] < 1.0) for _, n, _ in labels
+        },
         "per_case": per_case,
         "seconds": time.perf_counter() - started,
     }
@@ -826,7 +838,9 @@ def evaluate_segmentation(
         from training.bundle import record_evaluation
 
         record_evaluation(bundle, "held_out",
-                          {k: result[k] for k in ("dataset", "cases", "dice", "mean_dice", "dice_pooled")})
+                          {k: result[k] for k in ("dataset", "cases", "dice", "mean_dice", "dice_pooled",
+                                                  "dice_cases_with_label", "cases_with_label",
+                                                  "false_positive_cases")})
     return result
 
 

@@ -1,0 +1,92 @@
+"""Deliveries: send one job's result objects to one destination, with retries and a dead letter.
+
+Why: delivery is separate from inference (queue ``io``) so a destination that is
+down for minutes costs only retries, never a re-run of the model: the objects wait
+in the outbox, the delivery row carries attempts, the last error and when to try
+next (exponential backoff), and after ``max_attempts`` it is ``dead`` until an admin
+retries it. Each destination receives only the kinds of objects it asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db import config_repo, jobs
+from dicom_node.delivery_types import DeliveryError, SendReport
+from dicom_node.destinations import DicomDestination, DicomWebDestination
+from dicom_node.settings import DeliverySettings
+
+__all__ = ["Dispatcher"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Dispatcher:
+    """Sends deliveries by id; everything it needs is read from the database and the outbox."""
+
+    sessions: sessionmaker[Session]
+    outbox_dir: Path
+    calling_ae_title: str
+    policy: DeliverySettings
+    clock: Callable[[], datetime]
+
+    def deliver(self, delivery_id: int) -> str | None:
+        """Send delivery ``delivery_id`` if it is pending; returns its new state (None if not ours)."""
+        claim = jobs.claim_delivery(self.sessions, delivery_id, now=self.clock(),
+                                    lease_seconds=self.policy.lease_seconds)
+        if claim is None:
+            return None
+        destination = config_repo.get_destination(self.sessions, claim.destination)
+        if destination is None:
+            return self._fail(claim.delivery_id, f"destination {claim.destination!r} no longer exists",
+                              retryable=False)
+        wanted = [r for r in jobs.results_of_job(self.sessions, claim.job_id) if r.kind in destination.outputs]
+        if not wanted:
+            jobs.finish_delivery(self.sessions, delivery_id, now=self.clock(), objects_sent=0)
+            logger.info("delivery %d to %s: nothing of kinds %s to send", delivery_id, destination.name,
+                        sorted(destination.outputs))
+            return "delivered"
+        files = [self.outbox_dir / r.path for r in wanted]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            return self._fail(delivery_id, f"result file(s) missing from the outbox: {', '.join(missing)}",
+                              retryable=False)
+        try:
+            report = self._send(destination, files)
+        except DeliveryError as exc:
+            return self._fail(delivery_id, str(exc), retryable=exc.retryable)
+        except Exception as exc:  # a sender bug must not kill the io worker; keep it visible and retry
+            logger.exception("delivery %d to %s failed unexpectedly", delivery_id, destination.name)
+            return self._fail(delivery_id, f"{type(exc).__name__}: {exc}", retryable=True)
+        if not report.ok:
+            return self._fail(delivery_id, report.summary(), retryable=report.retryable)
+        jobs.finish_delivery(self.sessions, delivery_id, now=self.clock(), objects_sent=len(report.stored))
+        logger.info("delivery %d: %d object(s) stored at %s in %.2f s", delivery_id, len(report.stored),
+                    destination.name, report.elapsed_seconds)
+        return "delivered"
+
+    def _send(self, destination: DicomDestination | DicomWebDestination, files: list[Path]) -> SendReport:
+        if isinstance(destination, DicomDestination):
+            from dicom_node.scu import send_dicom
+
+            return send_dicom(destination, files, calling_ae_title=self.calling_ae_title)
+        from dicom_node.stow import send_dicomweb
+
+        return send_dicomweb(destination, files)
+
+    def _fail(self, delivery_id: int, error: str, *, retryable: bool) -> str:
+        state, next_at = jobs.fail_delivery(
+            self.sessions, delivery_id, now=self.clock(), error=error, retryable=retryable,
+            backoff_initial_seconds=self.policy.backoff_initial_seconds,
+            backoff_max_seconds=self.policy.backoff_max_seconds,
+        )
+        logger.warning("delivery %d %s%s: %s", delivery_id, state,
+                       f" (next attempt {next_at:%H:%M:%S})" if next_at else "", error)
+        return state

@@ -1,0 +1,175 @@
+"""The whole product, unattended: a PACS (real Orthanc) auto-routes a chest CT to the node,
+the node runs both demo models and the results come back into the same study in Orthanc.
+
+Orthanc forwards every stable study with a Lua ``OnStableStudy`` (as a PACS would), so
+our own results are forwarded back to the node as well: the node must keep them and
+never run a job for them. Run in embedded mode (one process, ``memory://`` broker,
+results by C-STORE) and in Redis mode (a separate ``dicom-node worker`` process on a
+real Redis, results by DICOMweb STOW-RS).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import redis
+import yaml
+
+from peers import NODE_COMMAND, PEER_LOGS, NodeProcess, Orthanc, run_tool, wait_for
+from training.data.dicom_pair import write_dicom_case
+from training.phantoms.chest import ChestPhantom, PhantomConfig, generate_chest_phantom
+
+FORWARD_STABLE_STUDIES = """
+function OnStableStudy(studyId, tags, metadata)
+  RestApiPost('/modalities/node/store', '{"Resources": ["' .. studyId .. '"], "Synchronous": false}')
+end
+"""
+REDIS_URL = "redis://127.0.0.1:6379/7"
+SEG, SR, PR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.11.1"
+
+
+@pytest.fixture(scope="module")
+def chest_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[ChestPhantom, list[Path]]:
+    """A chest CT phantom with two nodules of 12-18 mm, as a DICOM series."""
+    phantom = generate_chest_phantom(PhantomConfig(nodule_count=(2, 2), nodule_diameter_mm=(12.0, 18.0)), seed=4242)
+    series_dir, _ = write_dicom_case(phantom, tmp_path_factory.mktemp("chest") / "case", seed=4242)
+    return phantom, sorted(series_dir.glob("*.dcm"))
+
+
+def finding_centres(dataset: pydicom.Dataset) -> list[np.ndarray]:
+    """The centre of every SCOORD3D ELLIPSOID (a detection's box) in an SR content tree."""
+    found = []
+    for item in dataset.get("ContentSequence", []):
+        if item.get("ValueType") == "SCOORD3D" and item.get("GraphicType") == "ELLIPSOID":
+            found.append(np.asarray(item.GraphicData, dtype=float).reshape(6, 3).mean(axis=0))
+        found += finding_centres(item)
+    return found
+
+
+def dciodvfy_errors(data: bytes, work: Path, name: str) -> list[str]:
+    path = work / f"{name}.dcm"
+    path.write_bytes(data)
+    result = run_tool(["dciodvfy", str(path)])
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+def start_worker(node: NodeProcess, work: Path) -> subprocess.Popen[bytes]:
+    log_path = work / "worker.log"
+    log = log_path.open("ab")
+    process = subprocess.Popen(
+        [NODE_COMMAND, "worker", "--config", str(node.config_path), "--data-dir", str(node.data_dir),
+         "--queues", "gpu,io", "--concurrency", "1"],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=work,
+    )
+    PEER_LOGS[f"worker log ({log_path})"] = log_path
+    return process
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["embedded", "redis"])
+def test_orthanc_study_comes_back_with_seg_sr_and_gsps(
+    mode: str, tmp_path: Path, chest_study: tuple[ChestPhantom, list[Path]], request: pytest.FixtureRequest
+) -> None:
+    phantom, files = chest_study
+    orthanc = Orthanc(tmp_path / "orthanc", aet="PACS", lua_scripts={"forward.lua": FORWARD_STABLE_STUDIES},
+                      plugins=["libOrthancDicomWeb.so"], extra_config={"StableAge": 2}, label=f"orthanc-{mode}")
+    orthanc.start()
+    worker: subprocess.Popen[bytes] | None = None
+    node: NodeProcess | None = None
+    try:
+        if mode == "embedded":
+            destination = {"type": "dicom", "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
+                           "port": orthanc.dicom_port, "default": True}
+            queue = {"broker_url": "memory://", "embedded_worker_queues": ["gpu", "io"], "sweep_interval_seconds": 0.2}
+        else:
+            destination = {"type": "dicomweb", "name": "pacs-web", "url": f"{orthanc.url}/dicom-web", "default": True}
+            queue = {"broker_url": request.getfixturevalue("redis_db"), "embedded_worker_queues": [],
+                     "sweep_interval_seconds": 0.2}
+        destinations_file = tmp_path / "destinations.yaml"
+        destinations_file.write_text(yaml.safe_dump({"destinations": [destination]}))
+        node = NodeProcess(tmp_path / "node", overrides={
+            "queue": queue, "routing.destinations_file": str(destinations_file),
+            "dicom.allowed_callers": [{"ae_title": "PACS"}],
+        }, label=f"node-{mode}").start()
+        if mode == "redis":
+            worker = start_worker(node, tmp_path)
+        orthanc.set_modality("node", node.ae_title, node.port)
+
+        orthanc.upload_files(files)
+        study_uid = str(pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+        orthanc_study = orthanc.lookup_study(study_uid)
+        assert orthanc_study is not None
+
+        def results() -> dict[str, list[str]] | None:
+            found: dict[str, list[str]] = {SEG: [], SR: [], PR: []}
+            for instance in orthanc.study_instances(orthanc_study):
+                sop_class = orthanc.get(f"/instances/{instance['ID']}/metadata/SopClassUid")
+                if sop_class in found:
+                    found[sop_class].append(instance["ID"])
+            # segmentation: SEG + SR; detection: SR + GSPS
+            return found if len(found[SEG]) == 1 and len(found[SR]) == 2 and len(found[PR]) == 1 else None
+
+        found = wait_for("SEG, 2 SR and GSPS in the study in Orthanc", results, timeout=240, interval=1.0)
+
+        # Every object valid, in the same study, patient attributes copied from the source.
+        source = pydicom.dcmread(files[0], stop_before_pixels=True)
+        datasets = {}
+        for sop_class, ids in found.items():
+            for n, orthanc_id in enumerate(ids):
+                data = orthanc.instance_file(orthanc_id)
+                assert dciodvfy_errors(data, tmp_path, f"{sop_class}-{n}") == []
+                ds = pydicom.dcmread(io.BytesIO(data))
+                assert ds.StudyInstanceUID == study_uid
+                assert (ds.PatientID, ds.PatientName) == (source.PatientID, source.PatientName)
+                datasets.setdefault(sop_class, []).append(ds)
+        assert {int(ds.SeriesNumber) for ds in datasets[SEG]} == {9001}
+        assert {int(ds.SeriesNumber) for ds in datasets[SR]} == {9002}
+        assert {int(ds.SeriesNumber) for ds in datasets[PR]} == {9003}
+        segments = {str(s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning) for s in datasets[SEG][0].SegmentSequence}
+        assert {"Lung", "Heart", "Bone structure"} <= segments
+
+        # The nodules the phantom placed are found where they are.
+        points = [p for ds in datasets[SR] for p in finding_centres(ds)]
+        for nodule in phantom.nodules:
+            distance = min(float(np.linalg.norm(p - np.asarray(nodule.centre_xyz_mm))) for p in points)
+            assert distance < nodule.diameter_mm / 2, (nodule, distance)
+
+        # Orthanc forwarded our results back to the node: kept, but no new job.
+        def results_came_back() -> bool:
+            rows = node.query("SELECT COUNT(*) FROM instances i JOIN series s ON s.id = i.series_id "
+                              "WHERE s.modality IN ('SEG', 'SR', 'PR')")
+            return rows[0][0] >= 4
+        wait_for("our results forwarded back to the node by Orthanc", results_came_back, timeout=60)
+        time.sleep(3)  # completion (1 s quiet) and routing (0.2 s sweep) of the returned results
+        jobs = node.query("SELECT pipeline, state, attempts FROM jobs ORDER BY pipeline")
+        assert jobs == [("chest-ct-segmentation", "succeeded", 1), ("lung-nodule-detection", "succeeded", 1)]
+        deliveries = node.query("SELECT state, objects_sent FROM deliveries ORDER BY id")
+        assert sorted(deliveries) == [("delivered", 2), ("delivered", 2)]
+        stages = [json.loads(r[0]) for r in node.query("SELECT stage_seconds FROM jobs")]
+        assert all({"load", "model_load", "inference", "encoding"} <= set(s) for s in stages)
+    finally:
+        if worker is not None:
+            worker.terminate()
+            worker.wait(timeout=30)
+        if node is not None:
+            node.close()
+        orthanc.stop()
+

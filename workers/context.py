@@ -1,0 +1,98 @@
+"""Everything a worker process needs, built once from the settings and passed to every task.
+
+Why: tasks take only ids and re-read everything; what they read it with (the
+database, the study store, the model registry, the outbox, the queue for follow-up
+work) lives here instead of in module globals, so tests, the embedded worker and
+GPU workers build the same thing from their own settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.queue import JobQueue
+from dicom_node.settings import ResultsSettings, Settings
+from dicom_node.spool import Spool
+from dicom_node.study_store import FileStudyStore, StudyStore
+from workers.models.base import Model
+
+__all__ = ["ModelProvider", "WorkerContext", "build_worker_context", "preload_models"]
+
+logger = logging.getLogger(__name__)
+
+
+class ModelProvider(Protocol):
+    """Loads a model by registry id (once per process) and hands it out."""
+
+    def load(self, model_id: str) -> Model: ...
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass
+class WorkerContext:
+    sessions: sessionmaker[Session]
+    store: StudyStore
+    models: ModelProvider
+    outbox: Spool
+    queue: JobQueue
+    results: ResultsSettings
+    calling_ae_title: str
+    job_lease_seconds: float = 300.0
+    delivery_max_attempts: int = 10
+    delivery_lease_seconds: float = 300.0
+    backoff_initial_seconds: float = 5.0
+    backoff_max_seconds: float = 600.0
+    clock: Callable[[], datetime] = _utc_now
+    worker_name: str = socket.gethostname()
+    job_slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
+
+
+def build_worker_context(
+    settings: Settings, sessions: sessionmaker[Session], queue: JobQueue, models: ModelProvider | None = None,
+    *, job_concurrency: int = 1,
+) -> WorkerContext:
+    """The context of a worker (embedded or separate) from the node's settings; at most ``job_concurrency``
+    jobs run at once in this process (one per GPU)."""
+    if models is None:
+        from workers.models.registry import default_registry, load_model_registry
+
+        models_file: Path | None = settings.routing.models_file
+        models = default_registry() if models_file is None else load_model_registry(models_file)
+    return WorkerContext(
+        sessions=sessions,
+        store=FileStudyStore(sessions, settings.spool_dir),
+        models=models,
+        outbox=Spool(settings.outbox_dir, fsync=settings.storage.fsync),
+        queue=queue,
+        results=settings.results,
+        calling_ae_title=settings.delivery.calling_ae_title or settings.dicom.ae_title,
+        job_lease_seconds=settings.routing.job_lease_seconds,
+        delivery_max_attempts=settings.delivery.max_attempts,
+        delivery_lease_seconds=settings.delivery.lease_seconds,
+        backoff_initial_seconds=settings.delivery.backoff_initial_seconds,
+        backoff_max_seconds=settings.delivery.backoff_max_seconds,
+        worker_name=f"{socket.gethostname()}:{os.getpid()}",
+        job_slots=threading.Semaphore(job_concurrency),
+    )
+
+
+def preload_models(models: ModelProvider) -> None:
+    """Load every model of the registry now, so the first study does not wait for it; failures are logged."""
+    for model_id in getattr(models, "ids", ()):
+        try:
+            models.load(model_id)
+        except Exception as exc:  # a broken entry must not stop the worker; its jobs fail with the reason
+            logger.error("model %s cannot be loaded: %s", model_id, exc)

@@ -1,0 +1,43 @@
+"""The Celery tasks: thin wrappers that take an id and call the pipeline or the dispatcher.
+
+Why thin: everything worth testing lives in :mod:`workers.pipeline` and
+:mod:`dicom_node.dispatch`, which run without Celery. The tasks are ``acks_late``
+with ``reject_on_worker_lost``: a worker that dies mid-task leaves the message to be
+redelivered, and the database claim makes the redelivery harmless. The context is
+handed in (no module globals), built once per worker process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from celery import Celery
+
+from dicom_node.dispatch import Dispatcher
+from dicom_node.queue import DELIVER_TASK, RUN_JOB_TASK
+from workers.context import WorkerContext
+
+__all__ = ["register_tasks"]
+
+logger = logging.getLogger(__name__)
+
+
+def register_tasks(
+    app: Celery, context: Callable[[], WorkerContext], dispatcher: Callable[[], Dispatcher]
+) -> None:
+    """Register ``run_job`` and ``deliver`` on ``app``; ``context``/``dispatcher`` give this process's instances."""
+
+    @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True, shared=False)
+    def run_job(job_id: int) -> str | None:
+        from workers.pipeline import run_job as run
+
+        return run(context(), int(job_id))
+
+    @app.task(name=DELIVER_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True, shared=False)
+    def deliver(delivery_id: int) -> str | None:
+        return dispatcher().deliver(int(delivery_id))
+
+    # Register now: Celery adds decorated tasks lazily, and a worker that receives a message waiting in
+    # the queue before that happens reports the task as never registered.
+    app.finalize(auto=True)
