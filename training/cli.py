@@ -68,6 +68,8 @@ def add_training_commands(subparsers: Any) -> None:
                      help="how often patches centre on each label value 0..N (default: nodules 6x)")
     seg.add_argument("--class-weights", type=float, nargs="+", metavar="W",
                      help="loss weight of each label value 0..N (default: all 1)")
+    seg.add_argument("--init-bundle", type=Path, metavar="BUNDLE_DIR",
+                     help="start from this bundle's weights (fine-tuning) instead of random ones")
     det = train.add_argument_group("detection options")
     det.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch")
     train.set_defaults(handler=train_command)
@@ -148,12 +150,14 @@ def train_command(args: argparse.Namespace) -> int:
             init_filters=args.init_filters,
             class_ratios=args.class_ratios,
             class_weights=args.class_weights,
+            init_bundle=args.init_bundle,
         )
         misplaced = ["--steps-per-epoch"] if args.steps_per_epoch is not None else []
     else:
         options["steps_per_epoch"] = args.steps_per_epoch
         given = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,
-                 "--class-ratios": args.class_ratios, "--class-weights": args.class_weights}
+                 "--class-ratios": args.class_ratios, "--class-weights": args.class_weights,
+                 "--init-bundle": args.init_bundle}
         misplaced = [flag for flag, value in given.items() if value is not None]
     if misplaced:
         return _error(f"{', '.join(misplaced)} not supported when training {args.kind}")

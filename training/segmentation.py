@@ -377,8 +377,13 @@ def train_segmentation(
     val_interval: int = 1,
     sw_batch_size: int = 2,
     progress: bool = True,
+    init_bundle: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train a SegResNet on ``dataset_dir`` (Decathlon layout) and write its bundle to ``out_dir``.
+
+    ``init_bundle``: start from the weights of an earlier bundle of the same network
+    (fine-tuning, e.g. a second stage that teaches small lesions to a network that
+    already knows the anatomy) instead of random ones.
 
     One epoch visits every training case once; each optimiser step uses
     ``batch_size`` patches of ``patch_size`` voxels cropped from one case, their
@@ -435,6 +440,14 @@ def train_segmentation(
 
     net_config = network_def(out_channels=n_classes, init_filters=init_filters)
     network = _parse(net_config).to(dev)
+    if init_bundle is not None:
+        weights = Path(init_bundle) / "models" / "model.pt"
+        if not weights.is_file():
+            raise FileNotFoundError(f"init_bundle {init_bundle} has no models/model.pt")
+        try:
+            network.load_state_dict(torch.load(weights, map_location=dev, weights_only=True))
+        except RuntimeError as exc:
+            raise ValueError(f"init_bundle {init_bundle}: weights do not fit this network ({exc})") from exc
     weight = torch.as_tensor(list(class_weights), dtype=torch.float32, device=dev) if class_weights else None
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
     optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-5)
@@ -466,6 +479,7 @@ def train_segmentation(
             "class_weights": [float(v) for v in class_weights] if class_weights else None,
             "val_fraction": val_fraction,
             "amp": use_amp,
+            "init_bundle": str(init_bundle) if init_bundle is not None else None,
         },
         "epochs": [],
     }

@@ -183,3 +183,15 @@ def test_training_is_deterministic_for_a_seed(trained: dict[str, Any], tmp_path:
     assert again["validation_cases"] == trained["record"]["validation_cases"]
     # The learning-rate schedule depends on the number of epochs, so only the first step must match.
     assert again["epochs"][0]["step_losses"][0] == pytest.approx(first[0], rel=1e-6)
+
+
+def test_fine_tuning_starts_from_the_given_bundle(trained: dict[str, Any], tmp_path: Path) -> None:
+    """A second stage starts where the first ended: its first loss is the trained network's, not a random one's."""
+    kwargs: dict[str, Any] = dict(epochs=1, seed=0, patch_size=PATCH, batch_size=2, learning_rate=1e-3,
+                                  val_fraction=0.34, spacing_mm=SPACING_XYZ, init_filters=8, progress=False)
+    scratch = train_segmentation(trained["dataset"], tmp_path / "scratch", **kwargs)
+    tuned = train_segmentation(trained["dataset"], tmp_path / "tuned", init_bundle=trained["bundle"], **kwargs)
+    assert tuned["epochs"][0]["step_losses"][0] < scratch["epochs"][0]["step_losses"][0]
+    assert tuned["settings"]["init_bundle"] == str(trained["bundle"])
+    with pytest.raises(FileNotFoundError, match="has no models/model.pt"):
+        train_segmentation(trained["dataset"], tmp_path / "bad", init_bundle=tmp_path, **kwargs)
