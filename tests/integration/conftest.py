@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from peers import PEER_LOGS, NodeProcess, Orthanc, tail
 
@@ -54,3 +55,15 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """A real Redis database (number 8), emptied before and after the test."""
+    url = "redis://127.0.0.1:6379/8"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+
+

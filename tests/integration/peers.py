@@ -452,6 +452,36 @@ class NodeProcess:
 # -- Orthanc ---------------------------------------------------------------------------
 
 
+class WorkerProcess:
+    """``dicom-node worker`` on the node's config and data, as its own process."""
+
+    def __init__(self, node: NodeProcess, work: Path, label: str) -> None:
+        self.log_path = work / f"{label}.log"
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [NODE_COMMAND, "worker", "--config", str(node.config_path), "--data-dir", str(node.data_dir),
+                 "--queues", "gpu,io"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=work,
+            )
+        PEER_LOGS[f"{label} log ({self.log_path})"] = self.log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill9(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
 class Orthanc:
     """A real Orthanc with its own configuration, storage, DICOM and HTTP ports.
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from dicom_node.cli import main
-from peers import NodeProcess, Orthanc, free_port, wait_for
+from peers import NodeProcess, Orthanc, WorkerProcess, free_port, wait_for
 from training.phantoms.ct_series import SeriesGeometry, generate_ct_series
 
 DETECTION_ONLY = {"rules": [{"name": "ct", "pipelines": ["lung-nodule-detection"],
@@ -72,5 +72,31 @@ def test_a_destination_down_for_a_while_gets_the_results_when_it_returns(tmp_pat
         assert len(orthanc.instances()) == sent  # the SR (and GSPS when something was found)
         assert node.query("SELECT attempts FROM jobs") == [(1,)]  # inference ran once
     finally:
+        node.close()
+        orthanc.stop()
+
+
+def test_a_worker_killed_mid_job_loses_nothing(tmp_path: Path, redis_url: str) -> None:
+    """Redis mode: kill -9 the only worker while it runs a job; another worker finishes it after the lease."""
+    orthanc = Orthanc(tmp_path / "orthanc", aet="PACS", label="pacs").start()
+    node = start_node(tmp_path, orthanc.dicom_port, **{
+        "queue": {"broker_url": redis_url, "embedded_worker_queues": [], "sweep_interval_seconds": 0.2},
+        "routing.job_lease_seconds": 3.0})
+    first = second = None
+    try:
+        first = WorkerProcess(node, tmp_path, "worker-1")
+        wait_for("the first worker to load its model", lambda: "loaded bundle" in first.log(), timeout=60)
+        assert node.storescu(small_ct(tmp_path, seed=73)).returncode == 0
+        wait_for("the job to run", lambda: node.query("SELECT 1 FROM jobs WHERE state = 'running'"), timeout=30)
+        first.kill9()
+        second = WorkerProcess(node, tmp_path, "worker-2")
+        [(state, attempts, error)] = wait_for("the job to finish on the second worker", lambda: node.query(
+            "SELECT state, attempts, error FROM jobs WHERE state IN ('succeeded', 'dead')"), timeout=120)
+        assert (state, attempts) == ("succeeded", 2), error
+        wait_for("the delivery", lambda: node.query("SELECT 1 FROM deliveries WHERE state = 'delivered'"), timeout=60)
+    finally:
+        for worker in (first, second):
+            if worker is not None:
+                worker.stop()
         node.close()
         orthanc.stop()

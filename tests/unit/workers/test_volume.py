@@ -40,7 +40,7 @@ from training.phantoms.ct_series import (
     simple_body_phantom,
     write_series,
 )
-from workers.volume import FrameRef, Volume, VolumeError, load_series, volume_from_datasets
+from workers.volume import Volume, VolumeError, load_series, volume_from_datasets
 
 Orientation = tuple[float, float, float, float, float, float]
 
