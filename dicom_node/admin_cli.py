@@ -94,9 +94,15 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
 def _rules(settings: Settings, args: argparse.Namespace) -> int:
     from dicom_node.config_files import ConfigFileError, load_rules_file
 
-    sessions = _sessions(settings, writes=args.sub == "import")
+    sessions = _sessions(settings, writes=args.sub in ("import", "remove"))
     if sessions is None:
         return 1
+    if args.sub == "remove":
+        if not config_repo.delete_rule(sessions, args.name):
+            print(f"dicom-node: no rule named {args.name!r}", file=sys.stderr)
+            return 1
+        print(f"rule {args.name} removed")
+        return 0
     if args.sub == "import":
         try:
             rules = load_rules_file(args.file)
@@ -165,13 +171,13 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
         if not jobs.retry_job(sessions, args.job_id, now=_now()):
             print(f"dicom-node: job {args.job_id} does not exist or is not failed/dead", file=sys.stderr)
             return 1
-        print(f"job {args.job_id} queued again (the running node picks it up)")
+        print(f"job {args.job_id} will run again (the running node enqueues it within a second)")
         return 0
     if args.sub == "retry-delivery":
         if not jobs.retry_delivery(sessions, args.delivery_id, now=_now()):
             print(f"dicom-node: delivery {args.delivery_id} does not exist or is not failed/dead", file=sys.stderr)
             return 1
-        print(f"delivery {args.delivery_id} pending again (the running node sends it)")
+        print(f"delivery {args.delivery_id} will be sent again (the running node sends it within a second)")
         return 0
     listed = jobs.list_jobs(sessions, limit=args.limit, study_instance_uid=args.study)
     if args.json:
@@ -182,18 +188,22 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
              "summary": j.summary, "queued_at": j.queued_at.isoformat(),
              "started_at": j.started_at.isoformat() if j.started_at else None,
              "finished_at": j.finished_at.isoformat() if j.finished_at else None,
-             "deliveries": [{"destination": d, "state": s, "attempts": a, "error": e} for d, s, a, e in j.deliveries]}
+             "deliveries": [{"id": i, "destination": d, "state": s, "attempts": a, "error": e}
+                            for d, s, a, e, i in j.deliveries]}
             for j in listed
         ], indent=2))
         return 0
     if not listed:
         print("no jobs yet")
     for j in listed:
-        deliveries = ", ".join(f"{d}: {s}" for d, s, _, _ in j.deliveries) or "no deliveries"
+        deliveries = ", ".join(f"{d}: {s} (delivery {i})" for d, s, _, _, i in j.deliveries) or "no deliveries"
         print(f"{j.id:>5} {j.state:<10} {j.pipeline:<24} attempts {j.attempts}/{j.max_attempts}  {deliveries}")
         print(f"      study {j.study_instance_uid} series {j.series_instance_uid}")
         if j.error:
             print(f"      error: {j.error}")
+        for destination, state, _, error, delivery_id in j.deliveries:
+            if error and state != "delivered":
+                print(f"      delivery {delivery_id} to {destination}: {error}")
     return 0
 
 

@@ -172,7 +172,6 @@ class ResultsSettings(_Section):
     """How result objects are labelled in the PACS (never random)."""
 
     manufacturer: str = "DICOM AI node"
-    institution_name: str | None = None
     seg: ResultSeriesSettings = Field(
         default_factory=lambda: ResultSeriesSettings(series_number=9001, series_description="AI segmentation"))
     sr: ResultSeriesSettings = Field(

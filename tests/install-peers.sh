@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the real DICOM peers the tests talk to (Debian packages) when missing, and
+# Installs the real DICOM peers and data the tests use (Debian packages) when missing, and
 # starts PostgreSQL and Redis when they are not running.
 set -euo pipefail
 
@@ -9,6 +9,8 @@ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+# A real head CT (InVesalius example project) for the real-CT check of the segmentation model.
+[ -e /usr/share/doc/invesalius-examples/examples/Cranium.inv3 ] || need+=(invesalius-examples)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   SUDO=""

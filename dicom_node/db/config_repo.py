@@ -72,7 +72,7 @@ def upsert_destination(
     sessions: sessionmaker[Session], destination: Destination, *, source: str, now: datetime
 ) -> None:
     """Insert or replace a destination by name."""
-    definition = _DESTINATION.dump_json(destination).decode()
+    definition = _DESTINATION.dump_json(destination, context={"reveal_secrets": True}).decode()
     with sessions.begin() as session:
         row = session.execute(
             select(DestinationRow).where(DestinationRow.name == destination.name)

@@ -105,7 +105,7 @@ class JobView:
     queued_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    deliveries: list[tuple[str, str, int, str | None]]
+    deliveries: list[tuple[str, str, int, str | None, int]]  # destination, state, attempts, error, id
 
 
 def studies_to_route(sessions: sessionmaker[Session]) -> list[tuple[int, str]]:
@@ -281,13 +281,13 @@ def fail_job(
 
 
 def retry_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime) -> bool:
-    """Manual retry of a failed or dead job: queued again with a fresh attempt budget."""
+    """Manual retry of a failed or dead job with a fresh attempt budget; the node's next sweep enqueues it."""
     with sessions.begin() as session:
         return bool(session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state.in_([JobState.FAILED.value, JobState.DEAD.value,
                                                      JobState.CANCELLED.value]))
-            .values(state=JobState.QUEUED.value, attempts=0, queued_at=now, state_changed_at=now)
+            .values(state=JobState.FAILED.value, attempts=0, state_changed_at=now)
         ).rowcount)
 
 
@@ -423,13 +423,13 @@ def unfinished_deliveries(sessions: sessionmaker[Session], *, now: datetime) -> 
 
 
 def retry_delivery(sessions: sessionmaker[Session], delivery_id: int, *, now: datetime) -> bool:
-    """Manual retry of a failed or dead delivery (never re-runs inference)."""
+    """Manual retry of a failed or dead delivery, due now (the node's next sweep sends it; never re-runs inference)."""
     with sessions.begin() as session:
         return bool(session.execute(
             update(Delivery)
             .where(Delivery.id == delivery_id,
                    Delivery.state.in_([DeliveryState.FAILED.value, DeliveryState.DEAD.value]))
-            .values(state=DeliveryState.PENDING.value, attempts=0, next_attempt_at=now, state_changed_at=now)
+            .values(state=DeliveryState.FAILED.value, attempts=0, next_attempt_at=now, state_changed_at=now)
         ).rowcount)
 
 
@@ -441,10 +441,10 @@ def list_jobs(sessions: sessionmaker[Session], *, limit: int = 200, study_instan
             query = query.where(Study.study_instance_uid == study_instance_uid)
         rows = session.execute(query.order_by(Job.id.desc()).limit(limit)).all()
         ids = [job.id for job, _ in rows]
-        deliveries: dict[int, list[tuple[str, str, int, str | None]]] = {i: [] for i in ids}
+        deliveries: dict[int, list[tuple[str, str, int, str | None, int]]] = {i: [] for i in ids}
         if ids:
             for d in session.execute(select(Delivery).where(Delivery.job_id.in_(ids)).order_by(Delivery.id)).scalars():
-                deliveries[d.job_id].append((d.destination, d.state, d.attempts, d.error))
+                deliveries[d.job_id].append((d.destination, d.state, d.attempts, d.error, d.id))
     return [
         JobView(
             id=job.id, study_instance_uid=uid, series_instance_uid=job.series_instance_uid, pipeline=job.pipeline,

@@ -93,7 +93,8 @@ def test_failures_retry_until_attempts_run_out(engine: Engine) -> None:
     assert jobs.claim_job(sessions, job_id, worker="w", now=T0, lease_seconds=60) is not None
     assert jobs.fail_job(sessions, job_id, now=T0, error="again", retryable=True) == "dead"
     assert jobs.requeue_jobs(sessions, now=T0) == []
-    assert jobs.retry_job(sessions, job_id, now=T0)  # manual retry from the CLI/UI
+    assert jobs.retry_job(sessions, job_id, now=T0)  # manual retry from the CLI/UI: the next sweep enqueues it
+    assert jobs.requeue_jobs(sessions, now=T0) == [job_id]
     assert jobs.claim_job(sessions, job_id, worker="w", now=T0, lease_seconds=60).attempt == 1  # type: ignore[union-attr]
 
 
@@ -165,7 +166,8 @@ def test_delivery_backs_off_exponentially_then_dies_and_can_be_retried(engine: E
                                         backoff_initial_seconds=5, backoff_max_seconds=600)
     assert (state, next_at) == ("dead", None)
     assert jobs.due_deliveries(sessions, now=now + timedelta(days=1)) == []
-    assert jobs.retry_delivery(sessions, delivery_id, now=now)
+    assert jobs.retry_delivery(sessions, delivery_id, now=now)  # the next sweep sends it
+    assert jobs.due_deliveries(sessions, now=now) == [delivery_id]
     assert jobs.unfinished_deliveries(sessions, now=now) == [delivery_id]
 
 
@@ -178,7 +180,7 @@ def test_a_sender_that_dies_mid_delivery_is_replaced_after_its_lease(engine: Eng
     jobs.claim_delivery(sessions, delivery_id, now=T0 + timedelta(seconds=31), lease_seconds=30)
     jobs.finish_delivery(sessions, delivery_id, now=T0 + timedelta(seconds=32), objects_sent=2)
     [view] = jobs.list_jobs(sessions)
-    assert view.deliveries == [("pacs", "delivered", 2, None)]
+    assert view.deliveries == [("pacs", "delivered", 2, None, delivery_id)]
 
 
 def test_permanent_delivery_errors_are_dead_at_once(engine: Engine) -> None:

@@ -12,13 +12,14 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from dicom_node.cli import main
+from dicom_node.db.session import head_revision
 from tests.conftest import NodeFactory
 from training.phantoms.ct_series import GeneratedSeries
 
 
 def test_db_upgrade_creates_the_database(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     assert main(["db", "upgrade", "--data-dir", str(tmp_path)]) == 0
-    assert "revision 0001" in capsys.readouterr().out
+    assert f"revision {head_revision()}" in capsys.readouterr().out
     assert (tmp_path / "dicom-node.db").is_file()
 
 
