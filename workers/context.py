@@ -12,12 +12,13 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.queue import JobQueue
@@ -25,6 +26,7 @@ from dicom_node.settings import ResultsSettings, Settings
 from dicom_node.spool import Spool
 from dicom_node.study_store import FileStudyStore, StudyStore
 from workers.models.base import Model
+from workers.volume import FrameRef, Volume, load_series
 
 __all__ = ["ModelProvider", "WorkerContext", "build_worker_context", "preload_models"]
 
@@ -39,6 +41,29 @@ class ModelProvider(Protocol):
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class VolumeCache:
+    """The last series this worker loaded: the jobs of one study (segmentation, then detection) share it.
+
+    Keyed by Series Instance UID and the exact list of files, so a series that
+    received more instances since is loaded again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple[str, tuple[str, ...]] | None = None
+        self._volume: Volume | None = None
+
+    def load(self, series_instance_uid: str, files: Sequence[Path]) -> Volume:
+        key = (series_instance_uid, tuple(str(f) for f in files))
+        with self._lock:
+            if self._key == key and self._volume is not None:
+                return self._volume
+            self._key, self._volume = None, None  # release the old one before loading the next
+            volume = load_series(files)
+            self._key, self._volume = key, volume
+            return volume
 
 
 @dataclass
@@ -58,6 +83,7 @@ class WorkerContext:
     clock: Callable[[], datetime] = _utc_now
     worker_name: str = socket.gethostname()
     job_slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
+    volumes: VolumeCache = field(default_factory=VolumeCache)
 
 
 def build_worker_context(
@@ -90,9 +116,23 @@ def build_worker_context(
 
 
 def preload_models(models: ModelProvider) -> None:
-    """Load every model of the registry now, so the first study does not wait for it; failures are logged."""
+    """Load every model of the registry now and run it once on a small synthetic CT, so the first study
+    waits neither for loading nor for first-call initialisation; failures are logged, not raised."""
+    warm_up = _warm_up_volume()
     for model_id in getattr(models, "ids", ()):
         try:
-            models.load(model_id)
+            models.load(model_id).predict(warm_up)
         except Exception as exc:  # a broken entry must not stop the worker; its jobs fail with the reason
             logger.error("model %s cannot be loaded: %s", model_id, exc)
+
+
+def _warm_up_volume() -> Volume:
+    """A 24-slice 64x64 axial volume of air, soft tissue and bone at 5 mm (what a model's first call needs)."""
+    array = np.full((24, 64, 64), -1000.0, dtype=np.float32)
+    array[:, 12:52, 8:56] = 40.0
+    array[:, 28:36, 30:34] = 700.0
+    return Volume(
+        array=array, spacing_mm=(5.0, 5.0, 5.0), origin_mm=(-160.0, -160.0, -60.0), axes=np.eye(3)[::-1].copy(),
+        series_instance_uid="2.25.1", study_instance_uid="2.25.2", frame_of_reference_uid="2.25.3", modality="CT",
+        frames=tuple(FrameRef(f"2.25.4.{k}") for k in range(24)), datasets=(),
+    )

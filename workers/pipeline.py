@@ -29,7 +29,7 @@ from workers.context import WorkerContext
 from workers.models.base import DetectionResult, Model, SegmentationResult
 from workers.models.registry import UnknownModel
 from workers.outputs.common import SeriesIdentity
-from workers.volume import Volume, VolumeError, load_series
+from workers.volume import Volume, VolumeError
 
 __all__ = ["ResultObjects", "encode_results", "run_job"]
 
@@ -167,7 +167,7 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> str | None:
     try:
         with _lease_kept(ctx, job_id):
             with stages.stage("load"):
-                volume = load_series(ctx.store.series_files(claim.series_instance_uid))
+                volume = ctx.volumes.load(claim.series_instance_uid, ctx.store.series_files(claim.series_instance_uid))
             with stages.stage("model_load"):
                 model = ctx.models.load(claim.pipeline)
             with stages.stage("inference"):
