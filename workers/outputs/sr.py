@@ -11,10 +11,13 @@ Content tree (TID 1500):
 * Observation context: a *device* observer, the node (UID derived from its
   manufacturer / model / serial number, so it is stable across reports).
 * Procedure reported: ``procedure`` (default LOINC 24627-2 "CT Chest").
-* Image library: every source instance of the volume, with highdicom's
-  descriptors (TID 1602/1604), built with shared items and added after the
-  SR is constructed (:func:`_image_library`, :func:`_add_image_library`):
-  built the plain way it cost seconds on a 300-slice series.
+* Image library (TID 1600), before Imaging Measurements: one group holding
+  one bare TID 1601 entry per source instance of the volume - the IMAGE
+  reference (SOP class and instance, and the frames used for a multi-frame
+  instance), without the optional TID 1602 descriptors (modality, frame of
+  reference, spacing, position, orientation...), which made up most of a
+  300-slice SR and of the time to write it (:func:`_image_library`). It is
+  added after the SR is constructed (:func:`_add_image_library`).
 * One measurement group per finding, each with a Tracking Identifier and a
   Tracking Unique Identifier, finding type/category (the label's coded
   property type/category) and TID 4019 Algorithm Identification (name,
@@ -61,7 +64,6 @@ import numpy as np
 import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from dicom_node.contracts import AlgorithmInfo, CodedConcept, Detection, SegmentLabel
@@ -191,175 +193,69 @@ def build_sr(
         series_description=series.series_description,
         is_complete=True,
     )
-    _add_image_library(sr, _image_library(_library_images(volume)))
+    _add_image_library(sr, _image_library(volume))
     logger.debug("SR %s of series %s: %d measurement groups", sop_instance_uid, volume.series_instance_uid, len(groups))
     return sr
 
 
-def _library_images(volume: Volume) -> list[Dataset]:
-    """The headers the image library describes: single-frame ones as they are, multi-frame ones reduced.
-
-    highdicom 0.28 takes an entry's cross-sectional descriptors (pixel spacing,
-    position, orientation) from single-frame attributes and fails on enhanced
-    multi-frame images, whose position differs per frame anyway. Their entry is
-    built from a reduced copy (SOP class and instance, rows, columns, frame of
-    reference, and an empty Modality so that no single-frame descriptor is
-    attempted; the coded modality still comes from the SOP class).
-    """
-    images: list[Dataset] = []
-    for dataset in volume.datasets:
-        if "PerFrameFunctionalGroupsSequence" not in dataset:
-            images.append(dataset)
-            continue
-        reduced = Dataset()
-        for keyword in ("SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID"):
-            if keyword in dataset:
-                setattr(reduced, keyword, dataset[keyword].value)
-        reduced.Modality = ""
-        images.append(reduced)
-    return images
-
-
-#: Units of the TID 1602 / 1604 descriptors, coded as highdicom 0.28 codes them.
-_PIXELS = Code(value="{pixels}", scheme_designator="UCUM", meaning="Pixels")
-_COSINE = Code(value="{-1:1}", scheme_designator="UCUM", meaning="{-1:1}")
-#: TID 1604 descriptors of a cross-sectional image, in highdicom's order: concept, attribute, value index, unit.
-_CROSS_SECTIONAL_DESCRIPTORS: tuple[tuple[Code, str, int | None, Code], ...] = (
-    (codes.DCM.HorizontalPixelSpacing, "PixelSpacing", 1, _MM),
-    (codes.DCM.VerticalPixelSpacing, "PixelSpacing", 0, _MM),
-    (codes.DCM.SliceThickness, "SliceThickness", None, _MM),
-    (codes.DCM.ImagePositionPatientX, "ImagePositionPatient", 0, _MM),
-    (codes.DCM.ImagePositionPatientY, "ImagePositionPatient", 1, _MM),
-    (codes.DCM.ImagePositionPatientZ, "ImagePositionPatient", 2, _MM),
-    (codes.DCM.ImageOrientationPatientRowX, "ImageOrientationPatient", 0, _COSINE),
-    (codes.DCM.ImageOrientationPatientRowY, "ImageOrientationPatient", 1, _COSINE),
-    (codes.DCM.ImageOrientationPatientRowZ, "ImageOrientationPatient", 2, _COSINE),
-    (codes.DCM.ImageOrientationPatientColumnX, "ImageOrientationPatient", 3, _COSINE),
-    (codes.DCM.ImageOrientationPatientColumnY, "ImageOrientationPatient", 4, _COSINE),
-    (codes.DCM.ImageOrientationPatientColumnZ, "ImageOrientationPatient", 5, _COSINE),
-)
-#: Modalities whose library entries get the cross-sectional descriptors (highdicom's rule).
-_CROSS_SECTIONAL = frozenset({"CT", "MR", "PT"})
-_ACQ_CONTEXT = hd.sr.RelationshipTypeValues.HAS_ACQ_CONTEXT
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
-#: Concept name of an image library entry.
-_SOURCE = Code(value="260753009", scheme_designator="SCT", meaning="Source")
+#: Concept name of an image library entry, as highdicom's ``ImageLibrary`` names it.
+_SOURCE = hd.sr.CodedConcept(value="260753009", scheme_designator="SCT", meaning="Source")
 
 
-class _LibraryDescriptors:
-    """TID 1602 descriptors of library entries, each distinct item (concept and value) built once and shared.
+def _image_library(volume: Volume) -> hd.sr.ContainerContentItem:
+    """The TID 1600 Image Library of ``volume``'s source instances: bare image references, no descriptors.
 
-    Why: highdicom's ``ImageLibrary`` builds about 18 content items per image
-    (3 ms each image, about 1 s for 300 slices) although almost all of them
-    (modality, frame of reference, matrix, spacing, thickness, orientation)
-    are the same on every slice of a series. Here each distinct item is built
-    by highdicom once and the entries share it, so a 300-slice library costs
-    roughly 300 position items. The items are exactly highdicom's (same
-    constructors, values, order); ``test_sr`` compares the whole library with
-    ``hd.sr.ImageLibrary`` item by item. A shared item is written once per
-    entry, as if it were separate: the encoded document is the same.
+    Structure: Image Library > one Image Library Group (the volume is one
+    series: one modality, one frame of reference, checked by ``load_series``)
+    > one TID 1601 entry per source instance, in ``volume.datasets`` order: an
+    IMAGE item "Source" (SCT 260753009) with the instance's SOP class and
+    instance UIDs and, for a multi-frame instance, the numbers of the frames
+    the volume uses (ascending).
+
+    Why no descriptors: in PS3.16 TID 1601 the IMAGE reference (row 1) is the
+    only mandatory row; row 2, ``HAS ACQ CONTEXT INCLUDE DTID 1602 "Image
+    Library Entry Descriptors"``, has Requirement Type U (user option) and no
+    condition, as has the group-level inclusion of TID 1602 (TID 1600 row 3);
+    TID 1602 (modality, frame of reference, matrix) includes TID 1604 for
+    cross-sectional images (spacing, thickness, position, orientation). Those
+    descriptors, about 18 content items per image, repeat what the referenced
+    images say themselves; with them a 300-slice SR was 1.25 MiB and pydicom
+    took 1.5 s to write it, without them 0.16 MiB and 0.13 s (bench/encode.py).
     """
-
-    def __init__(self) -> None:
-        self._items: dict[tuple[object, ...], hd.sr.ContentItem] = {}
-        self._modality: dict[str, hd.sr.ContentItem] = {}
-        self._concepts: dict[Code, hd.sr.CodedConcept] = {}
-
-    def concept(self, code: Code) -> hd.sr.CodedConcept:
-        """``code`` as a CodedConcept made once per library (highdicom would convert it for every item)."""
-        concept = self._concepts.get(code)
-        if concept is None:
-            concept = self._concepts[code] = hd.sr.CodedConcept.from_code(code)
-        return concept
-
-    def _num(self, name: Code, value: Any, unit: Code) -> hd.sr.ContentItem:
-        key = ("NUM", name, unit, type(value), str(value))
-        item = self._items.get(key)
-        if item is None:
-            item = hd.sr.NumContentItem(
-                name=self.concept(name), value=value, relationship_type=_ACQ_CONTEXT, unit=self.concept(unit)
+    frames: dict[str, list[int]] = {}
+    for frame in volume.frames:
+        if frame.frame_number is not None:
+            frames.setdefault(frame.sop_instance_uid, []).append(frame.frame_number)
+    entries = []
+    for dataset in volume.datasets:
+        uid = str(dataset.SOPInstanceUID)
+        entries.append(
+            hd.sr.ImageContentItem(
+                name=_SOURCE,
+                referenced_sop_class_uid=str(dataset.SOPClassUID),
+                referenced_sop_instance_uid=uid,
+                referenced_frame_numbers=sorted(frames[uid]) if uid in frames else None,
+                relationship_type=_CONTAINS,
             )
-            self._items[key] = item
-        return item
-
-    def _frame_of_reference(self, uid: str) -> hd.sr.ContentItem:
-        key = ("UIDREF", uid)
-        item = self._items.get(key)
-        if item is None:
-            item = hd.sr.UIDRefContentItem(
-                name=codes.DCM.FrameOfReferenceUID, value=uid, relationship_type=_ACQ_CONTEXT
-            )
-            self._items[key] = item
-        return item
-
-    def modality(self, image: Dataset) -> hd.sr.ContentItem:
-        """The coded modality item of ``image``'s SOP class (highdicom checks that it is an image class)."""
-        sop_class = str(image.SOPClassUID)
-        if sop_class not in self._modality:
-            self._modality[sop_class] = hd.sr.ImageLibraryEntryDescriptors(image)[0]
-        return self._modality[sop_class]
-
-    def of(self, image: Dataset) -> list[hd.sr.ContentItem]:
-        """The descriptor items of one image, in the order ``hd.sr.ImageLibraryEntryDescriptors`` gives them."""
-        modality = str(image.get("Modality", ""))
-        if modality and modality not in _CROSS_SECTIONAL:
-            return list(hd.sr.ImageLibraryEntryDescriptors(image))  # e.g. projection images: highdicom's own rules
-        items = [self.modality(image)]
-        if "FrameOfReferenceUID" in image:
-            items.append(self._frame_of_reference(str(image.FrameOfReferenceUID)))
-        items.append(self._num(codes.DCM.PixelDataRows, image.Rows, _PIXELS))
-        items.append(self._num(codes.DCM.PixelDataColumns, image.Columns, _PIXELS))
-        if modality in _CROSS_SECTIONAL:
-            for name, keyword, index, unit in _CROSS_SECTIONAL_DESCRIPTORS:
-                value = image[keyword].value
-                items.append(self._num(name, value if index is None else value[index], unit))
-            if "SpacingBetweenSlices" in image:
-                items.append(self._num(codes.DCM.SpacingBetweenSlices, image.SpacingBetweenSlices, _MM))
-        return items
-
-
-def _image_library(images: Sequence[Dataset]) -> hd.sr.ContainerContentItem:
-    """The TID 1600 Image Library container that ``hd.sr.ImageLibrary(images)`` builds, built in a fraction of the time.
-
-    Same structure as highdicom 0.28: one Image Library Group per (coded
-    modality, frame of reference), in order of first appearance, each holding
-    the IMAGE entries (concept "Source") with their descriptors; see
-    :class:`_LibraryDescriptors` for what is shared.
-    """
-    if not images:
-        raise ValueError("image library: no images")
-    descriptors = _LibraryDescriptors()
-    groups: dict[tuple[object, ...], list[hd.sr.ContentItem]] = {}
-    for image in images:
-        entry = hd.sr.ImageContentItem(
-            name=descriptors.concept(_SOURCE),
-            referenced_sop_instance_uid=image.SOPInstanceUID,
-            referenced_sop_class_uid=image.SOPClassUID,
-            relationship_type=_CONTAINS,
         )
-        entry.ContentSequence = descriptors.of(image)  # a ContentItem wraps the list in a ContentSequence
-        code = descriptors.modality(image).value
-        key = (code.value, code.scheme_designator, str(image.get("FrameOfReferenceUID", "")))
-        groups.setdefault(key, []).append(entry)
-    library_groups = []
-    for entries in groups.values():
-        group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=_CONTAINS)
-        group.ContentSequence = entries
-        library_groups.append(group)
+    group = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibraryGroup, relationship_type=_CONTAINS)
+    group.ContentSequence = entries  # a ContentItem wraps the list in a ContentSequence
     library = hd.sr.ContainerContentItem(name=codes.DCM.ImageLibrary, relationship_type=_CONTAINS)
-    library.ContentSequence = library_groups
+    library.ContentSequence = [group]
     return library
 
 
 def _add_image_library(sr: hd.sr.Comprehensive3DSR, library: hd.sr.ContainerContentItem) -> None:
     """Put the Image Library where ``MeasurementReport(referenced_images=...)`` puts it: before Imaging Measurements.
 
-    Why after construction: highdicom's SR constructor deep-copies the whole
-    content tree and parses the copy back (``sr.content``), which for a
-    300-entry library (about 5,000 content items) takes several seconds.
-    The library references only the volume's own instances, which are all in
-    the evidence, so nothing the constructor checks is skipped. It is
-    inserted in the document (``sr.ContentSequence``) and in the parsed view
+    Why after construction: ``MeasurementReport(referenced_images=...)``
+    would build highdicom's own library, with every descriptor, and the SR
+    constructor deep-copies the whole content tree and parses the copy back
+    (``sr.content``), a cost that grows with the library. The library
+    references only the volume's own instances, which are all in the
+    evidence, so nothing the constructor checks is skipped. It is inserted in
+    the document (``sr.ContentSequence``) and in the parsed view
     (``sr.content``), so both describe the same document.
     """
     for sequence in (sr.ContentSequence, sr.content[0].ContentSequence):

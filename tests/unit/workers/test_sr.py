@@ -20,8 +20,6 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 
 from dicom_node.contracts import AlgorithmInfo, Detection
 from tests.unit.workers.outputs_fixtures import (
@@ -41,7 +39,7 @@ from training.phantoms.ct_series import SeriesGeometry
 from workers.models.base import SegmentationResult
 from workers.outputs.common import SeriesIdentity
 from workers.outputs.seg import build_seg
-from workers.outputs.sr import DetectionFindings, SegmentationFindings, _library_images, build_sr
+from workers.outputs.sr import DetectionFindings, SegmentationFindings, build_sr
 from workers.volume import Volume
 
 DETECTOR = AlgorithmInfo(name="Nodule detector test net", version="0.9.1", model_id="nodule-detector-test")
@@ -403,33 +401,60 @@ def test_inconsistent_inputs_are_rejected_with_the_culprit_named(sources: dict[s
         build_sr(axial, [], SR_SERIES)
 
 
-def _encoded(item: Dataset) -> bytes:
-    """One content item with everything under it, encoded as Explicit VR Little Endian (for byte comparisons)."""
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, False
-    write_dataset(buffer, item)
-    return buffer.getvalue()
+_SOURCE = ("260753009", "SCT")
+_Reference = tuple[str, str, tuple[int, ...] | None]  # SOP class UID, SOP instance UID, frame numbers
+
+
+def _library_references(library: Dataset) -> list[_Reference]:
+    """What an Image Library references, after asserting that it holds nothing but bare references.
+
+    One Image Library Group, whose only children are IMAGE "Source" entries,
+    each with exactly one referenced SOP (class, instance, and frame numbers
+    when given) and no content of its own (no TID 1602 descriptors).
+    """
+    assert library.ConceptNameCodeSequence[0].CodeValue == IMAGE_LIBRARY
+    (group,) = library.ContentSequence
+    assert (group.ValueType, group.ConceptNameCodeSequence[0].CodeValue) == ("CONTAINER", "126200")
+    references: list[_Reference] = []
+    for entry in group.ContentSequence:
+        assert set(entry.dir()) == {"RelationshipType", "ValueType", "ConceptNameCodeSequence", "ReferencedSOPSequence"}
+        assert (entry.RelationshipType, entry.ValueType) == ("CONTAINS", "IMAGE")
+        name = entry.ConceptNameCodeSequence[0]
+        assert (name.CodeValue, name.CodingSchemeDesignator) == _SOURCE
+        (referenced,) = entry.ReferencedSOPSequence
+        uids = {"ReferencedSOPClassUID", "ReferencedSOPInstanceUID"}
+        assert set(referenced.dir()) - {"ReferencedFrameNumber"} == uids
+        frames = (
+            tuple(int(f) for f in np.atleast_1d(referenced.ReferencedFrameNumber))
+            if "ReferencedFrameNumber" in referenced
+            else None
+        )
+        references.append((str(referenced.ReferencedSOPClassUID), str(referenced.ReferencedSOPInstanceUID), frames))
+    return references
 
 
 @pytest.mark.parametrize("source_name", ["axial", "oblique", "oblique-multiframe"])
-def test_image_library_is_byte_for_byte_highdicoms_and_sits_before_the_measurements(
-    sources: dict[str, Source], source_name: str
+def test_image_library_lists_exactly_the_source_instances_before_the_measurements(
+    sources: dict[str, Source], tmp_path: Path, source_name: str
 ) -> None:
-    """build_sr makes the library faster than hd.sr.ImageLibrary (shared descriptor items): same bytes, same place."""
-    volume = sources[source_name].volume
+    """One bare TID 1601 entry per source file (all frames of a multi-frame one), no optional descriptors."""
+    source = sources[source_name]
+    volume = source.volume
     sr = build_sr(volume, [DetectionFindings(DETECTOR, _detections(volume), (NODULE,))], SR_SERIES)
+    dataset, _ = _write_and_read(sr, tmp_path / "sr.dcm")
 
-    names = [item.ConceptNameCodeSequence[0].CodeValue for item in sr.ContentSequence]
+    names = [item.ConceptNameCodeSequence[0].CodeValue for item in dataset.ContentSequence]
     assert names[-2:] == [IMAGE_LIBRARY, IMAGING_MEASUREMENTS]  # where MeasurementReport(referenced_images=...) puts it
+    assert names.count(IMAGE_LIBRARY) == 1
     assert [item.ConceptNameCodeSequence[0].CodeValue for item in sr.content[0].ContentSequence] == names
-    expected = hd.sr.ImageLibrary(_library_images(volume))[0]
-    assert _encoded(sr.ContentSequence[-2]) == _encoded(expected)
-    assert _encoded(sr.content[0].ContentSequence[-2]) == _encoded(expected)
-    entries = sr.ContentSequence[-2].ContentSequence[0].ContentSequence
-    assert len(entries) == len(volume.datasets)
-    if source_name == "oblique":  # every slice has its own position: its entries must differ in X, Y and Z
-        positions = {
-            tuple(str(item.MeasuredValueSequence[0].NumericValue) for item in entry.ContentSequence[7:10])
-            for entry in entries
-        }
-        assert len(positions) == len(entries)
+    expected = sorted(
+        (
+            str(header.SOPClassUID),
+            str(header.SOPInstanceUID),
+            tuple(range(1, int(header.NumberOfFrames) + 1)) if "PerFrameFunctionalGroupsSequence" in header else None,
+        )
+        for header in source.headers
+    )
+    written = _library_references(dataset.ContentSequence[-2])
+    assert sorted(written) == expected
+    assert _library_references(sr.content[0].ContentSequence[-2]) == written  # the parsed view is the document
