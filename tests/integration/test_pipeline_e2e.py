@@ -119,7 +119,7 @@ def test_orthanc_study_comes_back_with_seg_sr_and_gsps(
         assert {int(ds.SeriesNumber) for ds in datasets[SR]} == {9002}
         assert {int(ds.SeriesNumber) for ds in datasets[PR]} == {9003}
         segments = {str(s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning) for s in datasets[SEG][0].SegmentSequence}
-        assert {"Lung", "Bone structure"} <= segments  # TEMP
+        assert {"Lung", "Heart", "Bone structure"} <= segments
 
         # The nodules the phantom placed are found where they are.
         points = [p for ds in datasets[SR] for p in finding_centres(ds)]
