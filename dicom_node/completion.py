@@ -8,13 +8,13 @@ state change in the database (with a study event); the router picks it up from t
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import repo
+from dicom_node.periodic import Periodic
 from dicom_node.settings import CompletionSettings
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,7 @@ class CompletionMonitor:
         self._sessions = sessions
         self._settings = settings
         self._clock = clock
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("completion-monitor", settings.check_interval_seconds, self.check_once)
 
     def check_once(self) -> list[str]:
         """Complete every study that is due now; returns their Study Instance UIDs."""
@@ -45,17 +44,7 @@ class CompletionMonitor:
         return completed
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="completion-monitor", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._settings.check_interval_seconds):
-            try:
-                self.check_once()
-            except Exception:
-                logger.exception("completion check failed; retrying in %s s", self._settings.check_interval_seconds)
+        self._loop.stop()

@@ -11,7 +11,6 @@ embedded ``memory://`` broker keeps nothing).
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import config_repo, jobs
+from dicom_node.periodic import Periodic
 from dicom_node.queue import JobQueue
 from dicom_node.routing import RoutingDecision, evaluate
 from dicom_node.study_facts import study_facts
@@ -46,9 +46,7 @@ class Conductor:
         self._queue = queue
         self._clock = clock
         self._job_max_attempts = job_max_attempts
-        self._interval = interval_seconds
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = Periodic("conductor", interval_seconds, self.tick)
 
     def decide(self, study_id: int) -> RoutingDecision:
         """What the current rules decide for a study (no state change)."""
@@ -105,17 +103,7 @@ class Conductor:
         self.sweep()
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="conductor", daemon=True)
-        self._thread.start()
+        self._loop.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                self.tick()
-            except Exception:
-                logger.exception("conductor pass failed; retrying in %s s", self._interval)
+        self._loop.stop()

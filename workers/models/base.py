@@ -8,6 +8,7 @@ gets one of the two result types below, in the volume's own voxel grid
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol, runtime_checkable
 
@@ -17,7 +18,7 @@ import numpy.typing as npt
 from dicom_node.contracts import AlgorithmInfo, Detection, SegmentLabel
 from workers.volume import Volume
 
-__all__ = ["DetectionResult", "Model", "ModelKind", "SegmentationResult"]
+__all__ = ["DetectionResult", "LabelledModel", "Model", "ModelKind", "SegmentationResult"]
 
 ModelKind = Literal["segmentation", "detection"]
 
@@ -35,6 +36,21 @@ class DetectionResult:
     """Findings in patient coordinates (LPS mm), best first; empty when nothing was found."""
 
     detections: tuple[Detection, ...]
+
+
+class LabelledModel:
+    """What every loader shares: the algorithm identity and the ``{value: label}`` mapping set when loaded."""
+
+    _algorithm: AlgorithmInfo
+    _mapping: Mapping[int, SegmentLabel]
+
+    @property
+    def algorithm(self) -> AlgorithmInfo:
+        return self._algorithm
+
+    @property
+    def labels(self) -> tuple[SegmentLabel, ...]:
+        return tuple(sorted(self._mapping.values(), key=lambda label: label.value))
 
 
 @runtime_checkable

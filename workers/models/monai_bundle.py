@@ -44,7 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dicom_node.contracts import AlgorithmInfo, CodedConcept, SegmentLabel
-from workers.models.base import ModelKind, SegmentationResult
+from workers.models.base import LabelledModel, ModelKind, SegmentationResult
 from workers.volume import Volume
 
 __all__ = [
@@ -318,7 +318,7 @@ def _load_weights(network: torch.nn.Module, path: Path, source: str) -> None:
         raise BundleError(f"{source}: {path} does not fit the bundle's network_def: {exc}") from exc
 
 
-class MonaiBundleModel:
+class MonaiBundleModel(LabelledModel):
     """A segmentation MONAI bundle, loaded once, run on volumes with its own configs.
 
     ``bundle_dir``: the bundle folder. ``device``: see :func:`resolve_device`; AMP
@@ -413,14 +413,6 @@ class MonaiBundleModel:
     @property
     def kind(self) -> ModelKind:
         return "segmentation"
-
-    @property
-    def algorithm(self) -> AlgorithmInfo:
-        return self._algorithm
-
-    @property
-    def labels(self) -> tuple[SegmentLabel, ...]:
-        return tuple(sorted(self._mapping.values(), key=lambda label: label.value))
 
     def predict_values(self, volume: Volume) -> npt.NDArray[np.int64]:
         """The bundle's own output values on the volume's ``[slice, row, column]`` grid (before label mapping)."""

@@ -26,8 +26,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from dicom_node.contracts import AlgorithmInfo, Detection, SegmentLabel
-from workers.models.base import DetectionResult, ModelKind
+from dicom_node.contracts import Detection, SegmentLabel
+from workers.models.base import DetectionResult, LabelledModel, ModelKind
 from workers.models.monai_bundle import (
     BundleError,
     algorithm_info,
@@ -134,7 +134,7 @@ def _resample_oblique(volume: Volume, spacing_zyx: tuple[float, float, float]) -
     )
 
 
-class NoduleDetectorModel:
+class NoduleDetectorModel(LabelledModel):
     """A CenterNet detection bundle written by :mod:`training.detection`, loaded once.
 
     ``bundle_dir``: the bundle. ``device``: see :func:`~workers.models.monai_bundle.resolve_device`
@@ -192,14 +192,6 @@ class NoduleDetectorModel:
     @property
     def kind(self) -> ModelKind:
         return "detection"
-
-    @property
-    def algorithm(self) -> AlgorithmInfo:
-        return self._algorithm
-
-    @property
-    def labels(self) -> tuple[SegmentLabel, ...]:
-        return tuple(sorted(self._mapping.values(), key=lambda label: label.value))
 
     def predict(self, volume: Volume) -> DetectionResult:
         """Nodules in ``volume``: boxes in LPS mm with scores, best first."""

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dicom_node.contracts import AlgorithmInfo, SegmentLabel
-from workers.models.base import ModelKind, SegmentationResult
+from workers.models.base import LabelledModel, ModelKind, SegmentationResult
 from workers.models.monai_bundle import BundleError, InferencePipeline, remap_labels, resolve_device
 from workers.volume import Volume
 
@@ -105,7 +105,7 @@ def _pipeline_transforms(pre: TorchScriptPreprocessing, image_key: str, pred_key
     return preprocessing, postprocessing
 
 
-class TorchScriptSegmentationModel:
+class TorchScriptSegmentationModel(LabelledModel):
     """A TorchScript segmentation network with explicit preprocessing, loaded once.
 
     ``path``: the ``.ts`` file. ``preprocessing``: see :class:`TorchScriptPreprocessing`.
@@ -175,14 +175,6 @@ class TorchScriptSegmentationModel:
     @property
     def kind(self) -> ModelKind:
         return "segmentation"
-
-    @property
-    def algorithm(self) -> AlgorithmInfo:
-        return self._algorithm
-
-    @property
-    def labels(self) -> tuple[SegmentLabel, ...]:
-        return tuple(sorted(self._mapping.values(), key=lambda label: label.value))
 
     def predict_values(self, volume: Volume) -> npt.NDArray[np.int64]:
         """The network's argmax output values on the volume's ``[slice, row, column]`` grid."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -30,6 +31,7 @@ from dicom_node.contracts import AlgorithmInfo, CodedConcept
 from workers.volume import Volume
 
 __all__ = [
+    "content_identity",
     "AI_ALGORITHM_FAMILY",
     "ImagePoint",
     "SeriesIdentity",
@@ -211,3 +213,20 @@ def image_point(volume: Volume, slice_index: int, point_mm: tuple[float, float, 
         row=float(offset @ down) / volume.spacing_mm[1] + 0.5,
         distance_mm=float(offset @ normal),
     )
+
+
+def content_identity(series: SeriesIdentity, algorithm: AlgorithmInfo) -> dict[str, Any]:
+    """The series, instance, equipment and content-label arguments highdicom's SEG and GSPS constructors share."""
+    return {
+        "series_instance_uid": series.series_uid(),
+        "series_number": series.series_number,
+        "sop_instance_uid": series.sop_uid(),
+        "instance_number": series.instance_number,
+        "manufacturer": series.manufacturer,
+        "manufacturer_model_name": series.manufacturer_model_name,
+        "software_versions": series.software_versions,
+        "device_serial_number": series.device_serial_number,
+        "series_description": series.series_description,
+        "content_label": code_string(algorithm.name),
+        "content_description": f"{algorithm.name} {algorithm.version}"[:64],
+    }

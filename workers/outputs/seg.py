@@ -37,8 +37,8 @@ from workers.models.base import SegmentationResult
 from workers.outputs.common import (
     SeriesIdentity,
     algorithm_identification,
-    code_string,
     coded,
+    content_identity,
     copy_body_part,
     slice_sources,
 )
@@ -166,17 +166,7 @@ def build_seg(
         pixel_array=pixel_array,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[_segment_description(n, label, algorithm) for n, label in enumerate(labels, start=1)],
-        series_instance_uid=series.series_uid(),
-        series_number=series.series_number,
-        sop_instance_uid=series.sop_uid(),
-        instance_number=series.instance_number,
-        manufacturer=series.manufacturer,
-        manufacturer_model_name=series.manufacturer_model_name,
-        software_versions=series.software_versions,
-        device_serial_number=series.device_serial_number,
-        series_description=series.series_description,
-        content_label=code_string(algorithm.name),
-        content_description=f"{algorithm.name} {algorithm.version}"[:64],
+        **content_identity(series, algorithm),
         omit_empty_frames=False,
     )
     copy_body_part(seg, source_images[0])
