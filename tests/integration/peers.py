@@ -155,6 +155,9 @@ def _nested(dotted: Mapping[str, Any]) -> dict[str, Any]:
 
 #: Settings every test node gets unless a test overrides them: fast completion, no
 #: free-space floor (CI disks are small), listening on loopback only.
+#: States of a study that has been judged complete (routing moves it on from "complete").
+COMPLETED_STATES = {"complete", "routed", "ignored"}
+
 NODE_TEST_DEFAULTS: dict[str, Any] = {
     "log_level": "INFO",
     "dicom": {"bind_address": LOCALHOST},
@@ -360,13 +363,18 @@ class NodeProcess:
         instances: int | None = None,
         timeout: float = 20.0,
     ) -> dict[str, Any]:
-        """Poll the studies CLI until the study is in ``state`` with ``instances`` instances."""
+        """Poll the studies CLI until the study is in ``state`` with ``instances`` instances.
+
+        ``state="complete"`` means completion was reached: the router moves a complete
+        study on to ``routed`` or ``ignored`` within a sweep, so those count too.
+        """
+        wanted = COMPLETED_STATES if state == "complete" else {state}
 
         def probe() -> dict[str, Any] | None:
             study = self.study(study_instance_uid)
             if study is None:
                 return None
-            if state is not None and study["state"] != state:
+            if state is not None and study["state"] not in wanted:
                 return None
             if instances is not None and study["instances"] != instances:
                 return None

@@ -32,6 +32,7 @@ from sqlalchemy import select
 from dicom_node.db import repo
 from dicom_node.db.models import AssociationRecord, IngestError, Instance
 from dicom_node.node import Node
+from peers import COMPLETED_STATES
 from tests.conftest import NodeFactory
 from training.phantoms.ct_series import GeneratedSeries, encode_series
 
@@ -79,7 +80,7 @@ def test_store_success_means_on_disk_and_indexed(node_factory: NodeFactory, smal
         assert kept.PixelData == sent.PixelData and kept.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert kept.file_meta.SourceApplicationEntityTitle.strip() == "TEST_SCU"
     assoc.release()
-    wait_for(lambda: [s.state for s in repo.list_studies(node.sessions)] == ["complete"])
+    wait_for(lambda: [s.state in COMPLETED_STATES for s in repo.list_studies(node.sessions)] == [True])
     [study] = repo.list_studies(node.sessions)
     assert study.instance_count == len(small_series.paths)
     [record] = rows(node, AssociationRecord)
@@ -320,7 +321,7 @@ def test_many_parallel_associations(node_factory: NodeFactory, small_series: Gen
     for thread in threads:
         thread.join()
     assert results and set(results) == {0x0000}
-    wait_for(lambda: sorted(s.state for s in repo.list_studies(node.sessions)) == ["complete", "complete"])
+    wait_for(lambda: [s.state in COMPLETED_STATES for s in repo.list_studies(node.sessions)] == [True, True])
     counts = sorted(s.instance_count for s in repo.list_studies(node.sessions))
     assert counts == sorted([len(small_series.paths), len(second_series.paths)])
     assert len(list(node.spool.root.rglob("*.dcm"))) == len(files)

@@ -53,7 +53,7 @@ def test_studies_lists_state_counts_and_timestamps(
     [study] = json.loads(capsys.readouterr().out)
     assert study["study_instance_uid"] == small_series.study_uid
     assert (study["instances"], study["series"], study["modalities"]) == (5, 1, ["CT"])
-    assert study["state"] in ("receiving", "complete") and study["first_received_at"].endswith("+00:00")
+    assert study["state"] in ("receiving", "complete", "routed") and study["first_received_at"].endswith("+00:00")
 
     assert main(["studies", "--data-dir", data_dir]) == 0
     table = capsys.readouterr().out.splitlines()
