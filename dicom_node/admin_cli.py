@@ -140,16 +140,15 @@ def _describe(condition: dict[str, Any]) -> str:
 def _rules_test(settings: Settings, sessions: sessionmaker[Session], study_uid: str) -> int:
     from sqlalchemy import select
 
+    from dicom_node.conductor import decide
     from dicom_node.db.models import Study
-    from dicom_node.routing import evaluate
-    from dicom_node.study_facts import study_facts
 
     with sessions() as session:
         study_id = session.execute(select(Study.id).where(Study.study_instance_uid == study_uid)).scalar()
     if study_id is None:
         print(f"dicom-node: no study {study_uid} has been received", file=sys.stderr)
         return 1
-    decision = evaluate(config_repo.list_rules(sessions), study_facts(sessions, settings.spool_dir, study_id))
+    decision = decide(sessions, settings.spool_dir, study_id)
     for outcome in decision.outcomes:
         print(f"{'MATCH   ' if outcome.matched else 'NO MATCH'} {outcome.rule}")
         for reason in outcome.reasons:

@@ -23,9 +23,17 @@ from dicom_node.queue import JobQueue
 from dicom_node.routing import RoutingDecision, evaluate
 from dicom_node.study_facts import study_facts
 
-__all__ = ["Conductor"]
+__all__ = ["Conductor", "decide"]
 
 logger = logging.getLogger(__name__)
+
+
+def decide(sessions: sessionmaker[Session], spool_dir: Path, study_id: int) -> RoutingDecision:
+    """What the rules stored now decide for the study with database id ``study_id`` (no state change).
+
+    The router and ``dicom-node rules test`` both call this, so what an admin tests is what runs.
+    """
+    return evaluate(config_repo.list_rules(sessions), study_facts(sessions, spool_dir, study_id))
 
 
 class Conductor:
@@ -50,8 +58,7 @@ class Conductor:
 
     def decide(self, study_id: int) -> RoutingDecision:
         """What the current rules decide for a study (no state change)."""
-        facts = study_facts(self._sessions, self._spool_dir, study_id)
-        return evaluate(config_repo.list_rules(self._sessions), facts)
+        return decide(self._sessions, self._spool_dir, study_id)
 
     def route_complete_studies(self) -> list[int]:
         """Route every complete, unrouted study; enqueue and return the new job ids."""

@@ -10,12 +10,14 @@ Coordinates: world positions are DICOM patient coordinates (LPS, millimetres).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
     "AlgorithmInfo",
+    "require_unique_names",
     "CodedConcept",
     "Detection",
     "OutputKind",
@@ -83,3 +85,21 @@ class Detection(_Frozen):
         if any(not v > 0 for v in value):
             raise ValueError(f"size_mm must be three positive extents, got {value}")
         return value
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+_N = TypeVar("_N", bound=_Named)
+
+
+def require_unique_names(items: Sequence[_N], what: str) -> Sequence[_N]:
+    """``items`` unchanged; ValueError naming the first ``what`` name used twice (for pydantic validators)."""
+    seen: set[str] = set()
+    for item in items:
+        if item.name in seen:
+            raise ValueError(f"{what} name {item.name!r} is used twice")
+        seen.add(item.name)
+    return items

@@ -30,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from dicom_node.contracts import OutputKind
+from dicom_node.contracts import OutputKind, require_unique_names
 from dicom_node.settings import _check_ae_title
 
 __all__ = [
@@ -258,11 +258,7 @@ class DestinationSet(_Definition):
     @field_validator("destinations")
     @classmethod
     def _unique_names(cls, value: list[Any]) -> list[Any]:
-        seen: set[str] = set()
-        for destination in value:
-            if destination.name in seen:
-                raise ValueError(f"destination name {destination.name!r} is used twice")
-            seen.add(destination.name)
+        require_unique_names(value, "destination")
         return value
 
     def by_name(self, name: str) -> DicomDestination | DicomWebDestination:

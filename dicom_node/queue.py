@@ -29,7 +29,7 @@ DELIVER_TASK = "dicom_node.deliver"
 class JobQueue(Protocol):
     """Hands job and delivery ids to whoever runs them."""
 
-    def enqueue_job(self, job_id: int, priority: int = 0) -> None: ...
+    def enqueue_job(self, job_id: int) -> None: ...
 
     def enqueue_delivery(self, delivery_id: int) -> None: ...
 
@@ -40,7 +40,7 @@ class CeleryQueue:
     def __init__(self, app: Celery) -> None:
         self._app = app
 
-    def enqueue_job(self, job_id: int, priority: int = 0) -> None:
+    def enqueue_job(self, job_id: int) -> None:
         self._app.send_task(RUN_JOB_TASK, args=[int(job_id)], queue=GPU_QUEUE)
         logger.debug("job %d enqueued", job_id)
 

@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from dicom_node.contracts import require_unique_names
+
 __all__ = [
     "DEMO_PIPELINES",
     "SeriesSelector",
@@ -210,11 +212,7 @@ class RuleSet(_Strict):
     @field_validator("rules")
     @classmethod
     def _unique_names(cls, value: list[Rule]) -> list[Rule]:
-        seen: set[str] = set()
-        for rule in value:
-            if rule.name in seen:
-                raise ValueError(f"rule name {rule.name!r} is used twice")
-            seen.add(rule.name)
+        require_unique_names(value, "rule")
         return value
 
 

@@ -68,18 +68,16 @@ class VolumeCache:
 
 @dataclass
 class WorkerContext:
+    """What :func:`workers.pipeline.run_job` reads and writes with (delivery has its own Dispatcher)."""
+
     sessions: sessionmaker[Session]
     store: StudyStore
     models: ModelProvider
     outbox: Spool
     queue: JobQueue
     results: ResultsSettings
-    calling_ae_title: str
     job_lease_seconds: float = 300.0
     delivery_max_attempts: int = 10
-    delivery_lease_seconds: float = 300.0
-    backoff_initial_seconds: float = 5.0
-    backoff_max_seconds: float = 600.0
     clock: Callable[[], datetime] = _utc_now
     worker_name: str = socket.gethostname()
     job_slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
@@ -104,12 +102,8 @@ def build_worker_context(
         outbox=Spool(settings.outbox_dir, fsync=settings.storage.fsync),
         queue=queue,
         results=settings.results,
-        calling_ae_title=settings.delivery.calling_ae_title or settings.dicom.ae_title,
         job_lease_seconds=settings.routing.job_lease_seconds,
         delivery_max_attempts=settings.delivery.max_attempts,
-        delivery_lease_seconds=settings.delivery.lease_seconds,
-        backoff_initial_seconds=settings.delivery.backoff_initial_seconds,
-        backoff_max_seconds=settings.delivery.backoff_max_seconds,
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
         job_slots=threading.Semaphore(job_concurrency),
     )

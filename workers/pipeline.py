@@ -113,12 +113,12 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
 
 def _summary(result: Any, volume: Volume) -> dict[str, Any]:
     if isinstance(result, SegmentationResult):
-        from workers.outputs.measurements import measure_segments
+        # Voxel counts only (one pass): the SR already carries the full measurements.
+        from workers.outputs.measurements import label_counts, voxel_volume_ml
 
-        names = {label.value: label.name for label in result.labels}
+        counts, voxel_ml = label_counts(result.label_map), voxel_volume_ml(volume)
         return {"kind": "segmentation",
-                "volumes_ml": {names[m.label_value]: round(m.volume_ml, 2)
-                               for m in measure_segments(volume, result.label_map, list(names))}}
+                "volumes_ml": {label.name: round(float(counts[label.value]) * voxel_ml, 2) for label in result.labels}}
     return {
         "kind": "detection",
         "findings": len(result.detections),
