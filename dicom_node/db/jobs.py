@@ -35,6 +35,7 @@ __all__ = [
     "JobClaim",
     "JobView",
     "ResultSpec",
+    "cancel_job",
     "claim_delivery",
     "claim_job",
     "due_deliveries",
@@ -222,11 +223,11 @@ def finish_job(
     results: Sequence[ResultSpec],
     destinations: Sequence[str],
     delivery_max_attempts: int,
-) -> list[int]:
+) -> list[int] | None:
     """Mark a running job succeeded with its result objects; create one delivery per destination.
 
-    Returns the new delivery ids. A job that is no longer running (reconciled and
-    run elsewhere) is left alone and no deliveries are created.
+    Returns the new delivery ids, or None when the job is no longer running (cancelled,
+    or reconciled and run elsewhere): it is left alone and nothing is recorded.
     """
     with sessions.begin() as session:
         done = session.execute(
@@ -238,7 +239,7 @@ def finish_job(
             )
         ).rowcount
         if not done:
-            return []
+            return None
         for result in results:
             session.add(ResultObject(
                 job_id=job_id, kind=result.kind, sop_class_uid=result.sop_class_uid,
@@ -289,6 +290,29 @@ def retry_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime) ->
                                                      JobState.CANCELLED.value]))
             .values(state=JobState.FAILED.value, attempts=0, state_changed_at=now)
         ).rowcount)
+
+
+def cancel_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime) -> str | None:
+    """Manual cancel of a queued, failed (awaiting retry) or running job; returns the state it had, or None
+    when it does not exist or is in no state to cancel.
+
+    A running attempt is not interrupted on its worker, but everything the worker
+    does next is conditional on the job still being ``running`` (:func:`finish_job`,
+    :func:`fail_job`, :func:`heartbeat_job`, :func:`requeue_jobs`), so its outcome is
+    discarded: no result objects are recorded, no deliveries are created and
+    ``cancelled`` stays. A cancelled job can be retried (:func:`retry_job`).
+    """
+    cancellable = (JobState.QUEUED.value, JobState.FAILED.value, JobState.RUNNING.value)
+    with sessions.begin() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.state not in cancellable:
+            return None
+        before = job.state
+        job.state = JobState.CANCELLED.value
+        job.lease_expires_at = None
+        job.finished_at = now
+        job.state_changed_at = now
+        return before
 
 
 def requeue_jobs(sessions: sessionmaker[Session], *, now: datetime) -> list[int]:

@@ -308,3 +308,124 @@ class Delivery(Base):
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ux_deliveries_job_destination", "job_id", "destination", unique=True),)
+
+
+class Role(str, enum.Enum):
+    """What a user of the web app and API may do; each role includes the ones before it."""
+
+    VIEWER = "viewer"  # read everything (patient identifiers included)
+    OPERATOR = "operator"  # + retry and cancel jobs, re-send deliveries, test connections
+    ADMIN = "admin"  # + routing rules, destinations, models, users, API tokens, audit log
+
+    @property
+    def level(self) -> int:
+        return _ROLE_LEVELS[self]
+
+
+_ROLE_LEVELS = {Role.VIEWER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
+
+
+class User(Base):
+    """A person (or automation account) who logs in to the web app or holds API tokens."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_login_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class WebSession(Base):
+    """A logged-in browser session; the cookie carries the token, the table only its SHA-256."""
+
+    __tablename__ = "web_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+
+
+class ApiToken(Base):
+    """A bearer token for automation; acts with its user's role. Only its SHA-256 is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(64))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16), doc="First characters of the token, to recognise it.")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+
+class AuditEntry(Base):
+    """Who did what, when, with the state before and after (append-only: triggers refuse changes)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    actor: Mapped[str] = mapped_column(String(64), index=True, doc="Username, or 'anonymous' / 'system' / 'cli'.")
+    action: Mapped[str] = mapped_column(String(64), index=True, doc="For example login, rule.update, job.retry.")
+    target_kind: Mapped[str | None] = mapped_column(String(32))
+    target: Mapped[str | None] = mapped_column(String(255))
+    before: Mapped[str | None] = mapped_column(Text, doc="JSON of the state before the change.")
+    after: Mapped[str | None] = mapped_column(Text, doc="JSON of the state after the change.")
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+class LoginAttempt(Base):
+    """A login attempt, kept for rate limiting (the audit log keeps the history)."""
+
+    __tablename__ = "login_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    username: Mapped[str] = mapped_column(String(64), index=True)
+    remote_addr: Mapped[str | None] = mapped_column(String(64))
+    succeeded: Mapped[bool] = mapped_column(Boolean)
+
+
+class WorkerStatus(Base):
+    """A worker process's heartbeat: its queues, device, models and what it is doing."""
+
+    __tablename__ = "worker_status"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True, doc="host:pid")
+    queues: Mapped[str] = mapped_column(String(64), doc="Comma-separated queue names.")
+    device: Mapped[str | None] = mapped_column(String(64))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    models: Mapped[str | None] = mapped_column(
+        Text, doc="JSON {model name: {state: loading|loaded|failed, device, error}}.")
+    current_job_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class ModelSetting(Base):
+    """An admin's choice for one model of the registry; a model without a row is enabled.
+
+    The registry (a YAML file or the built-in demo models) says which models exist; this
+    row says whether the router may create jobs for one, and who decided so and why.
+    """
+
+    __tablename__ = "model_settings"
+
+    model_id: Mapped[str] = mapped_column(String(64), primary_key=True, doc="Model id of the registry.")
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    note: Mapped[str | None] = mapped_column(Text, doc="The admin's reason, at most 500 characters.")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_by: Mapped[str] = mapped_column(String(64), doc="Username (or 'cli') of who changed it last.")

@@ -119,7 +119,7 @@ def test_a_worker_that_dies_loses_its_job_to_another_after_the_lease(engine: Eng
     assert view.state == "queued" and "worker gpu-1 stopped during attempt 1" in view.error  # type: ignore[operator]
     # The late finish of the lost worker changes nothing.
     assert jobs.finish_job(sessions, job_id, now=T0, stage_seconds={}, summary={}, results=[], destinations=["x"],
-                           delivery_max_attempts=3) == []
+                           delivery_max_attempts=3) is None
     assert jobs.unfinished_jobs(sessions, now=T0 + timedelta(seconds=112)) == [job_id]
 
 

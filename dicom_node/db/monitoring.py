@@ -1,0 +1,554 @@
+"""What the dashboard, ``/metrics`` and ``/readyz`` read: aggregates over studies, jobs, deliveries,
+associations, ingest errors and workers, all computed from the database.
+
+Why from the database: it is the source of truth and the one thing every process
+shares (the queue may be ``memory://`` inside the node or Redis between machines),
+so queue depths, throughput and errors mean the same in the embedded and the
+distributed mode, and survive restarts.
+
+Study outcome, for a study (see :func:`classify_study`):
+
+* ``failed``: any of its jobs or deliveries is ``dead`` (needs a person);
+* ``waiting``: not routed yet (``receiving`` or ``complete``);
+* ``ignored``: no rule matched, or every job was cancelled;
+* ``in_progress``: routed, with a job or delivery not finished yet (queued, running,
+  failed and waiting for a retry, pending, sending);
+* ``done``: routed, every job succeeded (cancelled ones aside) and every delivery delivered.
+
+The dashboard counts the studies *first received* in a window by their outcome now,
+so ``received = waiting + in_progress + done + failed + ignored``.
+
+Cost: these run on every dashboard refresh and scrape. Time windows over the two
+big, ever-growing tables (instances, studies) are found through the primary key
+(:func:`_first_id_since`: a binary search, ids grow with the receive time) rather
+than by scanning them.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from sqlalchemy import ColumnElement, func, or_, select, text
+from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
+
+from dicom_node.db.models import (
+    AssociationOutcome,
+    AssociationRecord,
+    Delivery,
+    DeliveryState,
+    IngestError,
+    Instance,
+    Job,
+    JobState,
+    Study,
+    StudyState,
+    WorkerStatus,
+)
+
+__all__ = [
+    "OUTCOMES",
+    "DatabaseStatus",
+    "MetricsSnapshot",
+    "QueueDepth",
+    "RecentError",
+    "StudyCounts",
+    "Throughput",
+    "classify_study",
+    "database_status",
+    "job_briefs",
+    "metrics_snapshot",
+    "normalise_reject_reason",
+    "queue_depths",
+    "recent_errors",
+    "study_counts",
+    "succeeded_job_stages",
+    "throughput",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Study outcomes, in the order the dashboard shows them.
+OUTCOMES = ("waiting", "in_progress", "done", "failed", "ignored")
+
+_UNFINISHED_JOB = {JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value}
+_UNFINISHED_DELIVERY = {DeliveryState.PENDING.value, DeliveryState.SENDING.value, DeliveryState.FAILED.value}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _first_id_since(session: Session, id_column: InstrumentedAttribute[int],
+                    time_column: InstrumentedAttribute[datetime], since: datetime) -> int | None:
+    """The smallest id whose row has ``time_column >= since``, by binary search on the primary key.
+
+    Rows are written in time order, so time grows with the id; the search costs
+    about log2(ids) index lookups instead of a scan. Rows written out of order
+    (a replaced duplicate instance keeps its old id) may be missed - a few, for a
+    dashboard figure. None when no row is that new.
+    """
+    low, high = session.execute(select(func.min(id_column), func.max(id_column))).one()
+    if high is None:
+        return None
+    newest = session.scalar(select(time_column).where(id_column == high))
+    if newest is None or newest < since:
+        return None
+    low, high = int(low), int(high)
+
+    def new_enough(x: int) -> bool:
+        at = session.scalar(select(time_column).where(id_column >= x).order_by(id_column).limit(1))
+        return at is not None and at >= since
+
+    while low < high:
+        middle = (low + high) // 2
+        if new_enough(middle):
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def _window_filter(id_column: InstrumentedAttribute[int], time_column: InstrumentedAttribute[datetime],
+                   first_id: int | None, since: datetime) -> ColumnElement[bool]:
+    if first_id is None:
+        return time_column >= since
+    return (id_column >= first_id) & (time_column >= since)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value if value.tzinfo is not None else value.replace(tzinfo=timezone.utc)
+
+
+# --------------------------------------------------------------------------- study outcomes
+
+
+def classify_study(study_state: str, jobs: Counter[str], deliveries: Counter[str]) -> str:
+    """The outcome of one study from its state and the states of its jobs and deliveries (module docstring)."""
+    if jobs[JobState.DEAD.value] or deliveries[DeliveryState.DEAD.value]:
+        return "failed"
+    if study_state in (StudyState.RECEIVING.value, StudyState.COMPLETE.value):
+        return "waiting"
+    if study_state == StudyState.IGNORED.value:
+        return "ignored"
+    if any(jobs[s] for s in _UNFINISHED_JOB) or any(deliveries[s] for s in _UNFINISHED_DELIVERY):
+        return "in_progress"
+    if jobs[JobState.SUCCEEDED.value]:
+        return "done"
+    if jobs[JobState.CANCELLED.value]:
+        return "ignored"
+    return "in_progress"  # routed, jobs not recorded yet
+
+
+@dataclass
+class _StudyOutcome:
+    id: int
+    state: str
+    first_received_at: datetime
+    jobs: Counter[str] = field(default_factory=Counter)
+    deliveries: Counter[str] = field(default_factory=Counter)
+    finished_at: datetime | None = None  # last job finish or delivery
+
+    @property
+    def outcome(self) -> str:
+        return classify_study(self.state, self.jobs, self.deliveries)
+
+
+def _study_outcomes(session: Session, condition: ColumnElement[bool]) -> list[_StudyOutcome]:
+    """Outcome of every study matching ``condition``, with three grouped queries."""
+    rows = session.execute(select(Study.id, Study.state, Study.first_received_at).where(condition)).all()
+    studies = {int(i): _StudyOutcome(int(i), str(s), t) for i, s, t in rows}
+    if not studies:
+        return []
+    ids = select(Study.id).where(condition).scalar_subquery()
+    for study_id, state, count, finished in session.execute(
+        select(Job.study_id, Job.state, func.count(), func.max(Job.finished_at))
+        .where(Job.study_id.in_(ids)).group_by(Job.study_id, Job.state)
+    ).all():
+        study = studies.get(int(study_id))
+        if study is None:
+            continue
+        study.jobs[str(state)] += int(count)
+        if state == JobState.SUCCEEDED.value:
+            study.finished_at = max(filter(None, (study.finished_at, _aware(finished))), default=None)
+    for study_id, state, count, delivered in session.execute(
+        select(Job.study_id, Delivery.state, func.count(), func.max(Delivery.delivered_at))
+        .join(Job, Job.id == Delivery.job_id)
+        .where(Job.study_id.in_(ids)).group_by(Job.study_id, Delivery.state)
+    ).all():
+        study = studies.get(int(study_id))
+        if study is None:
+            continue
+        study.deliveries[str(state)] += int(count)
+        if state == DeliveryState.DELIVERED.value:
+            study.finished_at = max(filter(None, (study.finished_at, _aware(delivered))), default=None)
+    return list(studies.values())
+
+
+@dataclass(frozen=True)
+class StudyCounts:
+    """Studies first received in a window, by outcome now (``received`` is their sum)."""
+
+    received: int = 0
+    waiting: int = 0
+    in_progress: int = 0
+    done: int = 0
+    failed: int = 0
+    ignored: int = 0
+
+
+def study_counts(sessions: sessionmaker[Session], *, now: datetime,
+                 windows: dict[str, timedelta]) -> dict[str, StudyCounts]:
+    """``{window name: StudyCounts}`` of the studies first received within each window before ``now``."""
+    if not windows:
+        return {}
+    widest = now - max(windows.values())
+    with sessions() as session:
+        first = _first_id_since(session, Study.id, Study.first_received_at, widest)
+        outcomes = _study_outcomes(session, _window_filter(Study.id, Study.first_received_at, first, widest))
+    result = {}
+    for name, length in windows.items():
+        since = now - length
+        counted = Counter(s.outcome for s in outcomes if s.first_received_at >= since)
+        result[name] = StudyCounts(received=sum(counted.values()), **{o: counted[o] for o in OUTCOMES})
+    return result
+
+
+# --------------------------------------------------------------------------- queues
+
+
+@dataclass(frozen=True)
+class QueueDepth:
+    """Work waiting on a queue (``waiting``: queued or waiting for a retry) and being done (``active``)."""
+
+    queue: str
+    waiting: int
+    active: int
+    retrying: int  # of waiting: failed once, waiting for the next attempt
+    dead: int
+
+
+def _queue_depths(session: Session) -> list[QueueDepth]:
+    jobs = Counter({str(s): int(n) for s, n in session.execute(
+        select(Job.state, func.count()).where(Job.state.in_([
+            JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value, JobState.DEAD.value]))
+        .group_by(Job.state)).all()})
+    deliveries = Counter({str(s): int(n) for s, n in session.execute(
+        select(Delivery.state, func.count()).where(Delivery.state.in_([
+            DeliveryState.PENDING.value, DeliveryState.SENDING.value, DeliveryState.FAILED.value,
+            DeliveryState.DEAD.value]))
+        .group_by(Delivery.state)).all()})
+    return [
+        QueueDepth("gpu", waiting=jobs[JobState.QUEUED.value] + jobs[JobState.FAILED.value],
+                   active=jobs[JobState.RUNNING.value], retrying=jobs[JobState.FAILED.value],
+                   dead=jobs[JobState.DEAD.value]),
+        QueueDepth("io", waiting=deliveries[DeliveryState.PENDING.value] + deliveries[DeliveryState.FAILED.value],
+                   active=deliveries[DeliveryState.SENDING.value], retrying=deliveries[DeliveryState.FAILED.value],
+                   dead=deliveries[DeliveryState.DEAD.value]),
+    ]
+
+
+def queue_depths(sessions: sessionmaker[Session]) -> list[QueueDepth]:
+    """Depth of the ``gpu`` (jobs) and ``io`` (deliveries) queues, from the job and delivery states."""
+    with sessions() as session:
+        return _queue_depths(session)
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Studies done per hour (last 24 h) and instances received per minute (last hour), oldest first.
+
+    Each list holds (bucket start, count) for every bucket, empty ones included.
+    """
+
+    studies_per_hour: list[tuple[datetime, int]]
+    instances_per_minute: list[tuple[datetime, int]]
+
+
+def _minute_key(session: Session) -> Any:
+    dialect = session.get_bind().dialect.name
+    if dialect == "sqlite":
+        return func.strftime("%Y-%m-%d %H:%M", Instance.received_at)
+    if dialect == "postgresql":
+        return func.to_char(Instance.received_at, "YYYY-MM-DD HH24:MI")
+    return None
+
+
+def throughput(sessions: sessionmaker[Session], *, now: datetime, hours: int = 24, minutes: int = 60) -> Throughput:
+    """See :class:`Throughput`; a study counts in the hour its last job finished or delivery was delivered."""
+    now = now.astimezone(timezone.utc)
+    hour0 = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
+    minute0 = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
+    with sessions() as session:
+        touched = or_(
+            Study.id.in_(select(Job.study_id).where(Job.finished_at >= hour0)),
+            Study.id.in_(select(Job.study_id).join(Delivery, Delivery.job_id == Job.id)
+                         .where(Delivery.delivered_at >= hour0)),
+        )
+        done = [s.finished_at for s in _study_outcomes(session, touched)
+                if s.outcome == "done" and s.finished_at is not None and s.finished_at >= hour0]
+        first = _first_id_since(session, Instance.id, Instance.received_at, minute0)
+        window = _window_filter(Instance.id, Instance.received_at, first, minute0)
+        key = _minute_key(session)
+        per_minute: Counter[str] = Counter()
+        if first is not None:
+            if key is not None:
+                per_minute.update({str(k): int(n) for k, n in session.execute(
+                    select(key, func.count()).where(window).group_by(key)).all()})
+            else:
+                per_minute.update(f"{_aware(t):%Y-%m-%d %H:%M}" for t in session.scalars(
+                    select(Instance.received_at).where(window)))
+    hours_count = Counter(int((t - hour0).total_seconds() // 3600) for t in done)
+    return Throughput(
+        studies_per_hour=[(hour0 + timedelta(hours=h), hours_count[h]) for h in range(hours)],
+        instances_per_minute=[
+            (minute0 + timedelta(minutes=m), per_minute[f"{minute0 + timedelta(minutes=m):%Y-%m-%d %H:%M}"])
+            for m in range(minutes)
+        ],
+    )
+
+
+def job_briefs(sessions: sessionmaker[Session], job_ids: Iterable[int]) -> dict[int, tuple[str, str]]:
+    """``{job id: (Study Instance UID, pipeline)}`` of the given jobs (the dashboard's "running now")."""
+    ids = sorted({int(i) for i in job_ids})
+    if not ids:
+        return {}
+    with sessions() as session:
+        rows = session.execute(select(Job.id, Study.study_instance_uid, Job.pipeline)
+                               .join(Study, Study.id == Job.study_id).where(Job.id.in_(ids))).all()
+    return {int(i): (str(uid), str(pipeline)) for i, uid, pipeline in rows}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True)
+class RecentError:
+    """Something that went wrong, for the dashboard's error list.
+
+    ``kind``: job, delivery, ingest (a refused instance) or association (a refused association).
+    """
+
+    at: datetime
+    kind: str
+    state: str
+    what: str
+    error: str
+    study_instance_uid: str | None = None
+    job_id: int | None = None
+    delivery_id: int | None = None
+
+
+def recent_errors(sessions: sessionmaker[Session], *, limit: int = 20) -> list[RecentError]:
+    """The newest failed/dead jobs and deliveries, refused instances and rejected associations, newest first."""
+    found: list[RecentError] = []
+    with sessions() as session:
+        for job_id, uid, pipeline, state, error, at, attempts, max_attempts in session.execute(
+            select(Job.id, Study.study_instance_uid, Job.pipeline, Job.state, Job.error, Job.state_changed_at,
+                   Job.attempts, Job.max_attempts)
+            .join(Study, Study.id == Job.study_id)
+            .where(Job.state.in_([JobState.FAILED.value, JobState.DEAD.value]))
+            .order_by(Job.state_changed_at.desc()).limit(limit)
+        ).all():
+            found.append(RecentError(at, "job", state, f"job {job_id}: {pipeline} (attempt {attempts}/{max_attempts})",
+                                     error or "(no error text)", uid, job_id=job_id))
+        for delivery_id, job_id, uid, destination, state, error, at, attempts, max_attempts in session.execute(
+            select(Delivery.id, Delivery.job_id, Study.study_instance_uid, Delivery.destination, Delivery.state,
+                   Delivery.error, Delivery.state_changed_at, Delivery.attempts, Delivery.max_attempts)
+            .join(Job, Job.id == Delivery.job_id).join(Study, Study.id == Job.study_id)
+            .where(Delivery.state.in_([DeliveryState.FAILED.value, DeliveryState.DEAD.value]))
+            .order_by(Delivery.state_changed_at.desc()).limit(limit)
+        ).all():
+            found.append(RecentError(
+                at, "delivery", state, f"delivery {delivery_id} of job {job_id} to {destination} "
+                f"(attempt {attempts}/{max_attempts})", error or "(no error text)", uid, job_id=job_id,
+                delivery_id=delivery_id))
+        for at, calling, status, reason, sop in session.execute(
+            select(IngestError.at, IngestError.calling_ae_title, IngestError.status, IngestError.reason,
+                   IngestError.sop_instance_uid)
+            .order_by(IngestError.at.desc(), IngestError.id.desc()).limit(limit)
+        ).all():
+            found.append(RecentError(at, "ingest", f"0x{int(status):04X}",
+                                     f"instance {sop or '?'} from {calling or '?'} refused", reason))
+        for at, calling, address, reason in session.execute(
+            select(AssociationRecord.started_at, AssociationRecord.calling_ae_title, AssociationRecord.peer_address,
+                   AssociationRecord.reject_reason)
+            .where(AssociationRecord.outcome == AssociationOutcome.REJECTED.value)
+            .order_by(AssociationRecord.started_at.desc(), AssociationRecord.id.desc()).limit(limit)
+        ).all():
+            found.append(RecentError(at, "association", "rejected",
+                                     f"association from {calling or '?'} ({address})", reason or "(no reason)"))
+    found.sort(key=lambda e: e.at, reverse=True)
+    return found[:limit]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+#: reject_reason text (as dicom_node.access and dicom_node.scp write it) -> a small set of metric labels.
+_REJECT_REASONS = (
+    (re.compile(r"called AE title"), "called_ae_title"),
+    (re.compile(r"is not allowed from address"), "calling_address"),
+    (re.compile(r"calling AE title"), "calling_ae_title"),
+    (re.compile(r"associations open"), "too_many_associations"),
+    (re.compile(r"without a valid association request"), "invalid_request"),
+)
+
+
+def normalise_reject_reason(reason: str | None) -> str:
+    """One of called_ae_title, calling_ae_title, calling_address, too_many_associations, invalid_request, other."""
+    for pattern, label in _REJECT_REASONS:
+        if reason and pattern.search(reason):
+            return label
+    return "other"
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    """The aggregates ``/metrics`` exposes, read in one database session (no patient identifiers)."""
+
+    instances_received: int
+    bytes_received: int
+    associations: dict[str, int]  # finished associations by outcome
+    associations_open: int
+    rejected: dict[str, int]  # by normalised reason
+    ingest_errors: dict[str, int]  # by status, 0xNNNN
+    studies: dict[str, int]  # by state
+    jobs: dict[tuple[str, str], int]  # (state, pipeline)
+    deliveries: dict[tuple[str, str], int]  # (state, destination)
+    delivery_failures: dict[str, int]  # failed attempts by destination
+    queues: list[QueueDepth]
+    workers_online: int
+
+
+def metrics_snapshot(sessions: sessionmaker[Session], *, now: datetime, worker_stale_seconds: float) -> MetricsSnapshot:
+    """Everything for one scrape.
+
+    Received instances and bytes come from finished associations (the SCP writes them
+    when an association ends). Failed delivery attempts are counted from the delivery
+    rows (attempts that did not end delivered or still sending); a manual retry resets
+    a delivery's attempts, which Prometheus sees as a counter reset.
+    """
+    with sessions() as session:
+        associations: dict[str, int] = {}
+        instances = received_bytes = open_count = 0
+        for outcome, count, stored, size in session.execute(
+            select(AssociationRecord.outcome, func.count(), func.coalesce(func.sum(AssociationRecord.instances_stored), 0),
+                   func.coalesce(func.sum(AssociationRecord.bytes_received), 0))
+            .group_by(AssociationRecord.outcome)
+        ).all():
+            instances += int(stored)
+            received_bytes += int(size)
+            if outcome == AssociationOutcome.OPEN.value:
+                open_count = int(count)
+            else:
+                associations[str(outcome)] = int(count)
+        rejected: Counter[str] = Counter()
+        for reason, count in session.execute(
+            select(AssociationRecord.reject_reason, func.count())
+            .where(AssociationRecord.outcome == AssociationOutcome.REJECTED.value)
+            .group_by(AssociationRecord.reject_reason)
+        ).all():
+            rejected[normalise_reject_reason(reason)] += int(count)
+        ingest = {f"0x{int(status):04X}": int(count) for status, count in session.execute(
+            select(IngestError.status, func.count()).group_by(IngestError.status)).all()}
+        studies = {str(state): int(count) for state, count in session.execute(
+            select(Study.state, func.count()).group_by(Study.state)).all()}
+        jobs = {(str(state), str(pipeline)): int(count) for state, pipeline, count in session.execute(
+            select(Job.state, Job.pipeline, func.count()).group_by(Job.state, Job.pipeline)).all()}
+        deliveries: dict[tuple[str, str], int] = {}
+        failures: Counter[str] = Counter()
+        for state, destination, count, attempts in session.execute(
+            select(Delivery.state, Delivery.destination, func.count(), func.coalesce(func.sum(Delivery.attempts), 0))
+            .group_by(Delivery.state, Delivery.destination)
+        ).all():
+            deliveries[(str(state), str(destination))] = int(count)
+            in_flight_or_done = state in (DeliveryState.DELIVERED.value, DeliveryState.SENDING.value)
+            failures[str(destination)] += max(0, int(attempts) - (int(count) if in_flight_or_done else 0))
+        queues = _queue_depths(session)
+        online = int(session.scalar(select(func.count()).select_from(WorkerStatus).where(
+            WorkerStatus.last_seen_at >= now - timedelta(seconds=worker_stale_seconds))) or 0)
+    return MetricsSnapshot(
+        instances_received=instances, bytes_received=received_bytes, associations=associations,
+        associations_open=open_count, rejected=dict(rejected), ingest_errors=ingest, studies=studies, jobs=jobs,
+        deliveries=deliveries, delivery_failures=dict(failures), queues=queues, workers_online=online,
+    )
+
+
+def succeeded_job_stages(
+    sessions: sessionmaker[Session], *, finished_since: datetime | None = None, exclude: Iterable[int] = ()
+) -> list[tuple[int, str, datetime, dict[str, float]]]:
+    """(job id, pipeline, finished_at, {stage: seconds}) of succeeded jobs finished at or after ``finished_since``.
+
+    A succeeded job never changes again, so a caller can count each once (``exclude``: ids it has seen).
+    """
+    skip = set(exclude)
+    query = select(Job.id, Job.pipeline, Job.finished_at, Job.stage_seconds).where(
+        Job.state == JobState.SUCCEEDED.value, Job.finished_at.is_not(None))
+    if finished_since is not None:
+        query = query.where(Job.finished_at >= finished_since)
+    result = []
+    with sessions() as session:
+        for job_id, pipeline, finished, raw in session.execute(query.order_by(Job.finished_at, Job.id)).all():
+            if int(job_id) in skip:
+                continue
+            try:
+                stages = json.loads(raw) if raw else {}
+            except json.JSONDecodeError:
+                logger.warning("job %s: stage_seconds is not JSON; left out of the metrics", job_id)
+                stages = {}
+            clean = {str(k): float(v) for k, v in stages.items() if isinstance(v, (int, float))} \
+                if isinstance(stages, dict) else {}
+            result.append((int(job_id), str(pipeline), finished, clean))
+    return result
+
+
+# --------------------------------------------------------------------------- readiness
+
+
+@dataclass(frozen=True)
+class DatabaseStatus:
+    """Whether the database answers and whether its schema is the one this version needs."""
+
+    reachable: bool
+    current_revision: str | None
+    head_revision: str | None
+    error: str | None = None
+
+    @property
+    def at_head(self) -> bool:
+        return self.reachable and self.current_revision == self.head_revision
+
+
+@functools.lru_cache(maxsize=1)
+def _head_revision() -> str | None:
+    from dicom_node.db.session import head_revision
+
+    return head_revision()
+
+
+def database_status(sessions: sessionmaker[Session]) -> DatabaseStatus:
+    """Ping the database and read its migration revision; errors are reported, not raised."""
+    from dicom_node.db.session import current_revision
+
+    head = _head_revision()
+    engine = sessions.kw["bind"]
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+        current = current_revision(engine)
+    except Exception as exc:  # any driver error means "not ready"; the message says which
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return DatabaseStatus(False, None, head, f"{type(exc).__name__}: {first_line[:200]}")
+    return DatabaseStatus(True, current, head)
