@@ -11,19 +11,19 @@ embedded ``memory://`` broker keeps nothing).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import config_repo, jobs
+from dicom_node.db import config_repo, jobs, model_settings
 from dicom_node.periodic import Periodic
 from dicom_node.queue import JobQueue
-from dicom_node.routing import RoutingDecision, evaluate
+from dicom_node.routing import Rule, RoutingDecision, StudyFacts, evaluate
 from dicom_node.study_facts import study_facts
 
-__all__ = ["Conductor", "decide"]
+__all__ = ["Conductor", "decide", "evaluate_with"]
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,17 @@ def decide(sessions: sessionmaker[Session], spool_dir: Path, study_id: int) -> R
     """What the rules stored now decide for the study with database id ``study_id`` (no state change).
 
     The router and ``dicom-node rules test`` both call this, so what an admin tests is what runs.
+    Models an admin disabled (:mod:`dicom_node.db.model_settings`) get no job.
     """
-    return evaluate(config_repo.list_rules(sessions), study_facts(sessions, spool_dir, study_id))
+    return evaluate_with(sessions, config_repo.list_rules(sessions), study_facts(sessions, spool_dir, study_id))
+
+
+def evaluate_with(sessions: sessionmaker[Session], rules: Sequence[Rule], facts: StudyFacts) -> RoutingDecision:
+    """:func:`routing.evaluate` of ``rules`` on ``facts`` in the router's context (models admins disabled).
+
+    The router uses it for the stored rules; the UI's rule tester for a rule being edited.
+    """
+    return evaluate(rules, facts, disabled_pipelines=frozenset(model_settings.disabled_models(sessions)))
 
 
 class Conductor:

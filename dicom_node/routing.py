@@ -16,14 +16,15 @@ itself (results coming back through a PACS auto-route) are never candidates.
 
 :func:`evaluate` returns one :class:`JobSpec` per pipeline: when several matching
 rules ask for the same pipeline, the one with the highest ``priority`` (then the
-first in order) decides the series and destinations.
+first in order) decides the series and destinations. A pipeline (model) an admin
+disabled gets no job; the matching rule's reasons name it.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -43,6 +44,8 @@ __all__ = [
     "StudyFacts",
     "TextCondition",
     "JobSpec",
+    "check_condition",
+    "disabled_pipeline_reason",
     "evaluate",
     "orientation_of",
 ]
@@ -143,11 +146,16 @@ class RangeCondition(_Strict):
         return self
 
     def holds(self, value: float | None) -> tuple[bool, str]:
-        bounds = f"[{'' if self.min is None else f'{self.min:g}'}, {'' if self.max is None else f'{self.max:g}'}]"
+        if self.min is not None and self.max is not None:
+            bounds = f"in [{self.min:g}, {self.max:g}]"
+        elif self.min is not None:
+            bounds = f">= {self.min:g}"
+        else:
+            bounds = f"<= {self.max:g}"
         if value is None:
             return False, f"{self.attribute} is unknown, needs {bounds}"
         ok = (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
-        return ok, f"{self.attribute} {value:g} {'is' if ok else 'is not'} in {bounds}"
+        return ok, f"{self.attribute} {value:g} {'is' if ok else 'is not'} {bounds}"
 
 
 class SeriesSelector(_Strict):
@@ -301,7 +309,10 @@ def _series_value(study: StudyFacts, series: SeriesFacts, attribute: str) -> Any
     return study.study_description if attribute == "study_description" else getattr(series, attribute)
 
 
-def _check(condition: TextCondition | RangeCondition, study: StudyFacts, series: SeriesFacts) -> tuple[bool, str]:
+def check_condition(
+    condition: TextCondition | RangeCondition, study: StudyFacts, series: SeriesFacts
+) -> tuple[bool, str]:
+    """Whether one condition holds for a series of the study, and why (the rule tester shows it per condition)."""
     if isinstance(condition, TextCondition) and condition.attribute in ("calling_ae_title", "called_ae_title"):
         titles = study.calling_ae_titles if condition.attribute == "calling_ae_title" else study.called_ae_titles
         results = [condition.holds(t) for t in titles] or [condition.holds(None)]
@@ -335,7 +346,7 @@ def _evaluate_rule(rule: Rule, study: StudyFacts) -> RuleOutcome:
         if not series.is_image:
             reasons.append(f"{label}: not an image series ({series.modality or 'unknown modality'})")
             continue
-        results = [_check(c, study, series) for c in rule.conditions]
+        results = [check_condition(c, study, series) for c in rule.conditions]
         ok = all(r[0] for r in results) if rule.match == "all" else any(r[0] for r in results)
         if not rule.conditions:
             ok = True
@@ -357,11 +368,21 @@ def _evaluate_rule(rule: Rule, study: StudyFacts) -> RuleOutcome:
     )
 
 
-def evaluate(rules: Iterable[Rule], study: StudyFacts) -> RoutingDecision:
+def disabled_pipeline_reason(pipeline: str) -> str:
+    """The reason a matching rule gives for a pipeline it does not run (the UI and the CLI show it)."""
+    return f"pipeline {pipeline} is disabled by an admin"
+
+
+def evaluate(
+    rules: Iterable[Rule], study: StudyFacts, *, disabled_pipelines: Collection[str] = frozenset()
+) -> RoutingDecision:
     """Apply ``rules`` to ``study``: the jobs to create and why each rule did or did not match.
 
     Pure: no I/O, no clock; the same inputs always give the same decision.
-    Disabled rules are reported as such and never match.
+    Disabled rules are reported as such and never match. ``disabled_pipelines``: model
+    ids an admin disabled (:func:`dicom_node.db.model_settings.disabled_models`); a
+    matching rule creates no job for them and its reasons say so, so when every
+    pipeline of every matching rule is disabled the study is ignored with that reason.
     """
     ordered = sorted(enumerate(rules), key=lambda item: (-item[1].priority, item[0]))
     outcomes: list[RuleOutcome] = []
@@ -372,6 +393,11 @@ def evaluate(rules: Iterable[Rule], study: StudyFacts) -> RoutingDecision:
             outcomes.append(RuleOutcome(rule=rule.name, matched=False, reasons=("rule is disabled",)))
             continue
         outcome = _evaluate_rule(rule, study)
+        if outcome.matched:
+            off = [p for p in rule.pipelines if p in disabled_pipelines]
+            if off:
+                outcome = outcome.model_copy(
+                    update={"reasons": (*outcome.reasons, *(disabled_pipeline_reason(p) for p in off))})
         outcomes.append(outcome)
         if not outcome.matched:
             continue
@@ -379,6 +405,8 @@ def evaluate(rules: Iterable[Rule], study: StudyFacts) -> RoutingDecision:
             "default" if rule.destinations == "default" else tuple(rule.destinations)
         )
         for pipeline in rule.pipelines:
+            if pipeline in disabled_pipelines:
+                continue
             if pipeline in claimed:
                 continue  # a rule of higher priority already decided this pipeline
             claimed.add(pipeline)

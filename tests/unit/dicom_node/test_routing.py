@@ -123,6 +123,42 @@ def test_disabled_rules_never_match() -> None:
     assert decision.jobs == () and decision.outcomes[0].reasons == ("rule is disabled",)
 
 
+def test_a_disabled_pipeline_gets_no_job_and_the_rule_says_why() -> None:
+    facts = study(series("1.2.3.1", slice_thickness_mm=5.0), series("1.2.3.2", slice_thickness_mm=1.0))
+    decision = evaluate(default_rules(), facts, disabled_pipelines=frozenset({"chest-ct-segmentation"}))
+    assert [(j.pipeline, j.series_instance_uid) for j in decision.jobs] == [("lung-nodule-detection", "1.2.3.2")]
+    [outcome] = decision.outcomes
+    assert outcome.matched and outcome.selected_series == ("1.2.3.2",)
+    assert outcome.reasons[-1] == "pipeline chest-ct-segmentation is disabled by an admin"
+    assert decision.ignored_reason is None
+    # the default argument and an unrelated disabled model change nothing
+    assert evaluate(default_rules(), facts) == evaluate(default_rules(), facts, disabled_pipelines={"other-model"})
+    assert len(evaluate(default_rules(), facts).jobs) == 2
+
+
+def test_every_pipeline_disabled_ignores_the_study_with_that_reason() -> None:
+    facts = study(series("1.2.3.1"))
+    mr_only = rule(name="mr", pipelines=["mr-model"], conditions=[{"attribute": "modality", "in": ["MR"]}])
+    decision = evaluate([*default_rules(), mr_only], facts,
+                        disabled_pipelines={"chest-ct-segmentation", "lung-nodule-detection", "mr-model"})
+    assert decision.jobs == ()
+    reason = decision.ignored_reason
+    assert reason is not None
+    assert "ct-default:" in reason and "pipeline chest-ct-segmentation is disabled by an admin" in reason
+    assert "pipeline lung-nodule-detection is disabled by an admin" in reason
+    # a rule that does not match says why it does not match, not that its pipeline is disabled
+    [mr] = [o for o in decision.outcomes if o.rule == "mr"]
+    assert not mr.matched and not any("disabled by an admin" in r for r in mr.reasons)
+
+
+def test_a_disabled_pipeline_is_not_taken_over_by_a_lower_priority_rule() -> None:
+    high = rule(name="high", priority=10, pipelines=["seg", "det"], destinations=["pacs"])
+    low = rule(name="low", priority=0, pipelines=["seg", "other"], destinations=["archive"])
+    decision = evaluate([low, high], study(series("1.2.3.1")), disabled_pipelines=frozenset({"seg"}))
+    assert sorted((j.pipeline, j.rule) for j in decision.jobs) == [("det", "high"), ("other", "low")]
+    assert all("pipeline seg is disabled by an admin" in o.reasons for o in decision.outcomes)
+
+
 @pytest.mark.parametrize(
     ("definition", "message"),
     [
