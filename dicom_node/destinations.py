@@ -230,6 +230,11 @@ class DicomWebDestination(_DestinationBase):
             raise ValueError(f"url {value!r} must be an http:// or https:// URL with a host")
         if parts.query or parts.fragment:
             raise ValueError(f"url {value!r} must be the DICOMweb service root, without query or fragment")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError(
+                f"url {parts.scheme}://***@{parts.hostname}... must not carry credentials; "
+                "give them as auth (basic or bearer), which is kept secret"
+            )
         return value.rstrip("/")
 
     @model_validator(mode="after")

@@ -45,6 +45,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification
 
 from dicom_node.delivery_types import (
     DeliveryError,
@@ -57,7 +58,7 @@ from dicom_node.delivery_types import (
 from dicom_node.destinations import DicomDestination, DicomTLS
 from dicom_node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
-__all__ = ["SocketObserver", "build_client_ssl_context", "requested_contexts", "send_dicom"]
+__all__ = ["SocketObserver", "build_client_ssl_context", "echo", "requested_contexts", "send_dicom"]
 
 logger = logging.getLogger(__name__)
 
@@ -240,15 +241,18 @@ def send_dicom(
     ssl_context = _ssl_context(sender)
     connection = _Connection()
     started = time.monotonic()
-    assoc = ae.associate(
-        destination.host,
-        destination.port,
-        contexts,
-        ae_title=destination.ae_title,
-        max_pdu=destination.max_pdu,
-        tls_args=(ssl_context, destination.host) if ssl_context is not None else None,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open, [connection, on_connect])],
-    )
+    try:
+        assoc = ae.associate(
+            destination.host,
+            destination.port,
+            contexts,
+            ae_title=destination.ae_title,
+            max_pdu=destination.max_pdu,
+            tls_args=(ssl_context, destination.host) if ssl_context is not None else None,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open, [connection, on_connect])],
+        )
+    except socket.gaierror as exc:  # pynetdicom resolves the host itself, before connecting
+        raise sender.error(f"cannot resolve host {destination.host!r}: {exc.strerror or exc}", retryable=True) from exc
     if not assoc.is_established:
         return _not_established(sender, assoc, connection, ssl_context, entries, time.monotonic() - started)
     logger.info("%s: association established, sending %d instances", sender.label, len(items))
@@ -276,6 +280,77 @@ def send_dicom(
     else:
         logger.warning("%s", report.summary())
     return report
+
+
+class _EchoSender(_Sender):
+    """A :class:`_Sender` whose errors read as a connection test: the problem, without "will retry"."""
+
+    def error(self, problem: str, *, retryable: bool, report: SendReport | None = None) -> DeliveryError:
+        return DeliveryError(self.destination.name, f"{self.label}: {problem}", retryable=retryable, report=report)
+
+
+def echo(destination: DicomDestination, calling_ae_title: str, timeout: float) -> tuple[bool, str, float]:
+    """C-ECHO ``destination`` (the admin's "Test connection"): (ok, what happened, seconds taken).
+
+    Uses the same AE titles, TLS settings and socket options as :func:`send_dicom`, and
+    explains a failure the same way (refused connection, rejected association with the
+    reason, TLS trouble, time-out), so a passing test means deliveries can get through.
+    ``timeout`` replaces the destination's ``timeout_seconds`` for this one test. Never
+    raises for network trouble: the failure is the answer.
+    """
+    probe = destination.model_copy(update={"timeout_seconds": timeout})
+    sender = _EchoSender(probe, calling_ae_title)
+    started = time.monotonic()
+
+    def answer(ok: bool, detail: str) -> tuple[bool, str, float]:
+        seconds = time.monotonic() - started
+        (logger.info if ok else logger.warning)("connection test: %s", detail)
+        return ok, detail, seconds
+
+    try:
+        ssl_context = _ssl_context(sender)
+    except DeliveryError as exc:
+        return answer(False, exc.message)
+    ae = AE(ae_title=sender.calling)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    for attribute in ("connection_timeout", "acse_timeout", "dimse_timeout", "network_timeout"):
+        setattr(ae, attribute, timeout)
+    connection = _Connection()
+    try:
+        assoc = ae.associate(
+            probe.host,
+            probe.port,
+            [build_context(Verification)],
+            ae_title=probe.ae_title,
+            max_pdu=probe.max_pdu,
+            tls_args=(ssl_context, probe.host) if ssl_context is not None else None,
+            evt_handlers=[(evt.EVT_CONN_OPEN, _on_connection_open, [connection, None])],
+        )
+    except socket.gaierror as exc:  # pynetdicom resolves the host itself, before connecting
+        return answer(False, f"{sender.label}: cannot resolve host {probe.host!r}: {exc.strerror or exc}")
+    except OSError as exc:
+        return answer(False, f"{sender.label}: cannot connect: {exc.strerror or exc}")
+    if not assoc.is_established:
+        try:
+            _not_established(sender, assoc, connection, ssl_context, [], time.monotonic() - started)
+        except DeliveryError as exc:
+            return answer(False, exc.message)
+        return answer(False, f"{sender.label}: the peer accepted the association but refused the Verification "
+                             "SOP class (C-ECHO); it may still accept C-STORE")
+    try:
+        status = assoc.send_c_echo()
+    except (RuntimeError, OSError, ValueError) as exc:
+        assoc.abort()
+        return answer(False, f"{sender.label}: C-ECHO failed: {exc}")
+    if "Status" not in status:
+        assoc.abort()
+        return answer(False, f"{sender.label}: no C-ECHO response within {timeout:g} s (the association broke off)")
+    code = int(status.Status)
+    assoc.release()
+    if code != 0x0000:
+        return answer(False, f"{sender.label}: C-ECHO answered with status 0x{code:04X}")
+    return answer(True, f"{sender.label}: C-ECHO succeeded (status 0x0000)")
 
 
 def _ssl_context(sender: _Sender) -> ssl.SSLContext | None:

@@ -44,7 +44,7 @@ from dicom_node.delivery_types import (
 )
 from dicom_node.destinations import BasicAuth, BearerAuth, DicomWebDestination
 
-__all__ = ["multipart_body", "parse_stow_response", "send_dicomweb"]
+__all__ = ["check_dicomweb", "multipart_body", "parse_stow_response", "send_dicomweb"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,11 @@ def _request_headers(destination: DicomWebDestination, boundary: str, length: in
         "Accept": "application/dicom+json, application/json;q=0.9",
         "User-Agent": USER_AGENT,
     }
+    return _with_auth(destination, headers)
+
+
+def _with_auth(destination: DicomWebDestination, headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` plus the destination's Authorization header, if it has credentials."""
     auth = destination.auth
     if isinstance(auth, BasicAuth):
         token = base64.b64encode(f"{auth.username}:{auth.password.get_secret_value()}".encode()).decode("ascii")
@@ -278,6 +283,55 @@ def _exchange(
         raise error(f"no answer within {destination.timeout_seconds:g} s", retryable=True) from exc
     except OSError as exc:  # reset or closed while sending or reading
         raise error(f"the connection failed: {exc}", retryable=True) from exc
+
+
+def check_dicomweb(destination: DicomWebDestination, timeout: float | None = None) -> tuple[bool, str, float]:
+    """Probe ``destination`` (the admin's "Test connection"): (ok, what happened, seconds taken).
+
+    A QIDO-RS ``GET {url}/studies?limit=1`` with the destination's credentials and TLS
+    settings: the cheapest request a DICOMweb server must answer, and one that proves
+    the URL, the certificate and the credentials (a server that takes STOW-RS but not
+    QIDO-RS is reported as such, not as a failure to reach it). Nothing is stored.
+    ``timeout`` replaces the destination's ``timeout_seconds``. Never raises for
+    network or HTTP trouble: the failure is the answer.
+    """
+    probe = destination.model_copy(update={"timeout_seconds": timeout}) if timeout is not None else destination
+    url = f"{probe.url}/studies?limit=1"
+    label = f"destination {probe.name!r} (GET {url})"
+    stopwatch = Stopwatch()
+
+    def error(problem: str, *, retryable: bool, retry_after: float | None = None) -> DeliveryError:
+        return DeliveryError(probe.name, f"{label}: {problem}", retryable=retryable, retry_after_seconds=retry_after)
+
+    request = urllib.request.Request(
+        url, headers=_with_auth(probe, {"Accept": "application/dicom+json, application/json;q=0.9",
+                                        "User-Agent": USER_AGENT}), method="GET",
+    )
+    try:
+        status, headers, body = _exchange(probe, request, error)
+    except DeliveryError as exc:
+        logger.warning("DICOMweb test: %s", exc.message)
+        return False, exc.message, stopwatch.seconds()
+    seconds = stopwatch.seconds()
+    if status in (200, 204):
+        detail = f"{label}: HTTP {status} in {seconds * 1000:.0f} ms; the server answers QIDO-RS"
+        if probe.auth.type != "none":
+            detail += f" and accepted the {probe.auth.type} credentials"
+        logger.info("DICOMweb test: %s", detail)
+        return True, detail, seconds
+    problem = f"HTTP {status}"
+    if 300 <= status < 400:
+        problem += f" redirect to {headers.get('Location') if headers else None!r}; configure the final URL"
+    elif status == 401:
+        problem += " (the credentials were refused)" if probe.auth.type != "none" else " (the server wants credentials)"
+    elif status == 403:
+        problem += " (not allowed)"
+    elif status == 404:
+        problem += " (no DICOMweb service at this URL: check the service root, e.g. http://host:8042/dicom-web)"
+    if body:
+        problem += f": {_excerpt(body)}"
+    logger.warning("DICOMweb test: %s: %s", label, problem)
+    return False, f"{label}: {problem}", seconds
 
 
 def _outcomes(

@@ -25,6 +25,7 @@ from dicom_node.queue import JobQueue
 from dicom_node.settings import ResultsSettings, Settings
 from dicom_node.spool import Spool
 from dicom_node.study_store import FileStudyStore, StudyStore
+from workers.heartbeat import TrackedModels
 from workers.models.base import Model
 from workers.volume import FrameRef, Volume, load_series
 
@@ -95,6 +96,8 @@ def build_worker_context(
 
         models_file: Path | None = settings.routing.models_file
         models = default_registry() if models_file is None else load_model_registry(models_file)
+    if not isinstance(models, TrackedModels):  # load states for the worker's heartbeat (dashboard, models page)
+        models = TrackedModels(models)
     return WorkerContext(
         sessions=sessions,
         store=FileStudyStore(sessions, settings.spool_dir),
@@ -118,6 +121,8 @@ def preload_models(models: ModelProvider) -> None:
             models.load(model_id).predict(warm_up)
         except Exception as exc:  # a broken entry must not stop the worker; its jobs fail with the reason
             logger.error("model %s cannot be loaded: %s", model_id, exc)
+            if isinstance(models, TrackedModels):  # a warm-up run that fails after loading counts too
+                models.record_failure(model_id, exc)
 
 
 def _warm_up_volume() -> Volume:

@@ -192,6 +192,11 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> str | None:
         ctx.sessions, job_id, now=ctx.clock(), stage_seconds=stages.seconds, summary=_summary(result, volume),
         results=specs, destinations=destinations, delivery_max_attempts=ctx.delivery_max_attempts,
     )
+    if delivery_ids is None:
+        for spec in specs:
+            ctx.outbox.remove(spec.path)
+        logger.info("job %d was cancelled or taken over while it ran; its results are discarded", job_id)
+        return None
     for delivery_id in delivery_ids:
         ctx.queue.enqueue_delivery(delivery_id)
     logger.info("job %d succeeded: %s; stages %s; %d delivery(ies)", job_id,

@@ -212,6 +212,16 @@ def test_nothing_listening_is_retryable(tmp_path_factory: pytest.TempPathFactory
     assert caught_web.value.retryable is True and "refused" in str(caught_web.value)
 
 
+def test_a_host_name_that_does_not_resolve_is_a_readable_retryable_error(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    series = _series(tmp_path_factory, seed=36)
+    destination = DicomDestination(name="typo", ae_title="PACS", host="pacs.invalid", port=104, timeout_seconds=5)
+    with pytest.raises(DeliveryError) as caught:
+        send_dicom(destination, series.paths[:1], calling_ae_title=NODE_AE)
+    assert caught.value.retryable is True and "cannot resolve host 'pacs.invalid'" in str(caught.value)
+
+
 def test_a_peer_that_never_answers_times_out_retryable(tmp_path_factory: pytest.TempPathFactory) -> None:
     series = _series(tmp_path_factory, seed=43)
     with socket.create_server((LOCALHOST, 0)) as silent:  # accepts the TCP connection, never answers
@@ -644,6 +654,7 @@ def test_destination_definitions_validate_and_name_the_wrong_value() -> None:
         (dicom(host="pacs local"), "'pacs local'"),
         (dicom(tls={"certificate": "node.pem"}), "node.pem"),
         (web(url="ftp://x/dicom-web"), "'ftp://x/dicom-web'"),
+        (web(url="https://admin:s3cret@dw.local/dicom-web"), "must not carry credentials"),
         (web(outputs=["SEG", "PDF"]), "'PDF'"),
         (web(outputs=[]), "outputs is empty"),
         (web(retries=3), "retries"),
