@@ -1,4 +1,4 @@
-"""The admin commands of ``dicom-node``: destinations, rules, jobs, and the worker process.
+"""The admin commands of ``dicom-node``: destinations, rules, jobs, models, and the worker process.
 
 Why: admins without the web UI manage the node from a shell; these commands use the
 same repository functions, validation and routing evaluator as the node and the UI.
@@ -40,6 +40,22 @@ def _sessions(settings: Settings, *, writes: bool) -> sessionmaker[Session] | No
     return make_session_factory(engine)
 
 
+def _audit(sessions: sessionmaker[Session], action: str, target_kind: str, target: str, *,
+           before: Any = None, after: Any = None, detail: str | None = None) -> None:
+    """Append an audit entry for a change made from the shell (actor ``cli``), as the web app does for its users."""
+    from dicom_node.db import audit
+
+    audit.record(sessions, at=_now(), actor="cli", action=action, target_kind=target_kind, target=target,
+                 before=before, after=after, detail=detail)
+
+
+def _destination_state(destination: Any) -> dict[str, Any] | None:
+    """A destination as the audit log keeps it: secrets redacted."""
+    if destination is None:
+        return None
+    return destination.model_dump(mode="json", context={"reveal_secrets": False})  # type: ignore[no-any-return]
+
+
 def _destinations(settings: Settings, args: argparse.Namespace) -> int:
     from dicom_node.config_files import ConfigFileError, load_destinations_file
     from dicom_node.destinations import DicomDestination
@@ -57,7 +73,10 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
         except ValidationError as exc:
             print(f"dicom-node: invalid destination {args.name!r}: {exc}", file=sys.stderr)
             return 2
+        before = config_repo.get_destination(sessions, destination.name)
         config_repo.upsert_destination(sessions, destination, source="cli", now=_now())
+        _audit(sessions, "destination.update" if before else "destination.create", "destination", destination.name,
+               before=_destination_state(before), after=_destination_state(destination))
         print(f"destination {destination.name}: {destination.ae_title}@{destination.host}:{destination.port}"
               f"{' (default)' if destination.default else ''}")
         return 0
@@ -68,13 +87,19 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
             print(f"dicom-node: {exc}", file=sys.stderr)
             return 2
         for destination in imported:
+            before = config_repo.get_destination(sessions, destination.name)
             config_repo.upsert_destination(sessions, destination, source=str(args.file), now=_now())
+            _audit(sessions, "destination.update" if before else "destination.create", "destination",
+                   destination.name, before=_destination_state(before), after=_destination_state(destination),
+                   detail=f"imported from {args.file}")
         print(f"imported {len(imported)} destination(s) from {args.file}")
         return 0
     if args.sub == "remove":
+        before = config_repo.get_destination(sessions, args.name)
         if not config_repo.delete_destination(sessions, args.name):
             print(f"dicom-node: no destination named {args.name!r}", file=sys.stderr)
             return 1
+        _audit(sessions, "destination.delete", "destination", args.name, before=_destination_state(before))
         print(f"destination {args.name} removed")
         return 0
     listed = config_repo.list_destinations(sessions)
@@ -97,10 +122,13 @@ def _rules(settings: Settings, args: argparse.Namespace) -> int:
     sessions = _sessions(settings, writes=args.sub in ("import", "remove"))
     if sessions is None:
         return 1
+    stored = ({rule.name: rule.model_dump(mode="json", by_alias=True) for rule in config_repo.list_rules(sessions)}
+              if args.sub in ("import", "remove") else {})  # the state before a change, for the audit log
     if args.sub == "remove":
         if not config_repo.delete_rule(sessions, args.name):
             print(f"dicom-node: no rule named {args.name!r}", file=sys.stderr)
             return 1
+        _audit(sessions, "rule.delete", "rule", args.name, before=stored.get(args.name))
         print(f"rule {args.name} removed")
         return 0
     if args.sub == "import":
@@ -110,6 +138,10 @@ def _rules(settings: Settings, args: argparse.Namespace) -> int:
             print(f"dicom-node: {exc}", file=sys.stderr)
             return 2
         config_repo.upsert_rules(sessions, rules, source=str(args.file), now=_now())
+        for rule in rules:
+            _audit(sessions, "rule.update" if rule.name in stored else "rule.create", "rule", rule.name,
+                   before=stored.get(rule.name), after=rule.model_dump(mode="json", by_alias=True),
+                   detail=f"imported from {args.file}")
         print(f"imported {len(rules)} rule(s) from {args.file}")
         return 0
     if args.sub == "list":
@@ -138,13 +170,9 @@ def _describe(condition: dict[str, Any]) -> str:
 
 
 def _rules_test(settings: Settings, sessions: sessionmaker[Session], study_uid: str) -> int:
-    from sqlalchemy import select
-
     from dicom_node.conductor import decide
-    from dicom_node.db.models import Study
 
-    with sessions() as session:
-        study_id = session.execute(select(Study.id).where(Study.study_instance_uid == study_uid)).scalar()
+    study_id = config_repo.study_id_for_uid(sessions, study_uid)
     if study_id is None:
         print(f"dicom-node: no study {study_uid} has been received", file=sys.stderr)
         return 1
@@ -170,12 +198,14 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
         if not jobs.retry_job(sessions, args.job_id, now=_now()):
             print(f"dicom-node: job {args.job_id} does not exist or is not failed/dead", file=sys.stderr)
             return 1
+        _audit(sessions, "job.retry", "job", str(args.job_id), after={"state": "failed", "attempts": 0})
         print(f"job {args.job_id} will run again (the running node enqueues it within a second)")
         return 0
     if args.sub == "retry-delivery":
         if not jobs.retry_delivery(sessions, args.delivery_id, now=_now()):
             print(f"dicom-node: delivery {args.delivery_id} does not exist or is not failed/dead", file=sys.stderr)
             return 1
+        _audit(sessions, "delivery.retry", "delivery", str(args.delivery_id), after={"state": "failed", "attempts": 0})
         print(f"delivery {args.delivery_id} will be sent again (the running node sends it within a second)")
         return 0
     listed = jobs.list_jobs(sessions, limit=args.limit, study_instance_uid=args.study)
@@ -206,15 +236,57 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _models(settings: Settings, args: argparse.Namespace) -> int:
+    """List the registry's models with their enabled state, or enable/disable one (audited as ``cli``)."""
+    from dicom_node.db import model_settings
+    from workers.models.registry import ModelRegistryError, default_registry, load_model_registry
+
+    models_file = settings.routing.models_file
+    try:
+        registry = default_registry() if models_file is None else load_model_registry(models_file)
+    except (ModelRegistryError, OSError) as exc:
+        print(f"dicom-node: cannot read the model registry: {exc}", file=sys.stderr)
+        return 1
+    sessions = _sessions(settings, writes=args.sub != "list")
+    if sessions is None:
+        return 1
+    if args.sub == "list":
+        stored = model_settings.model_settings(sessions)
+        rows = [model_settings.setting_of(stored, model_id).as_dict() | {"kind": registry.entry(model_id).kind}
+                for model_id in registry.ids]
+        if args.json:
+            print(json.dumps(rows, indent=2, default=str))
+        for row in [] if args.json else rows:
+            state = "enabled" if row["enabled"] else "DISABLED"
+            print(f"{row['model_id']:<28} {row['kind']:<13} {state:<9} {row['note'] or ''}")
+        return 0
+    if args.model_id not in registry.ids:
+        print(f"dicom-node: no model {args.model_id!r} in the registry (known: {', '.join(registry.ids)})",
+              file=sys.stderr)
+        return 1
+    enabled = args.sub == "enable"
+    try:
+        before, after = model_settings.set_model_enabled(sessions, args.model_id, enabled, note=args.note, by="cli",
+                                                         now=_now())
+    except ValueError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    _audit(sessions, f"model.{args.sub}", "model", args.model_id, before=before.audit_state(),
+           after=after.audit_state())
+    print(f"model {args.model_id} {'enabled' if enabled else 'disabled'}"
+          + ("" if enabled else ": routing creates no new jobs for it"))
+    return 0
+
+
 def run(settings: Settings, args: argparse.Namespace) -> int:
-    """Run a ``destinations``, ``rules`` or ``jobs`` sub-command; returns the exit code."""
-    handler = {"destinations": _destinations, "rules": _rules, "jobs": _jobs}[args.command]
+    """Run a ``destinations``, ``rules``, ``jobs`` or ``models`` sub-command; returns the exit code."""
+    handler = {"destinations": _destinations, "rules": _rules, "jobs": _jobs, "models": _models}[args.command]
     return handler(settings, args)
 
 
 def worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     """Run a Celery worker on ``queues`` until stopped (distributed mode)."""
-    from dicom_node.node import make_dispatcher
+    from dicom_node.node import make_dispatcher, worker_heartbeat
     from dicom_node.queue import CeleryQueue, GPU_QUEUE, IO_QUEUE
     from workers.celery_app import make_celery_app
     from workers.context import build_worker_context, preload_models
@@ -232,9 +304,14 @@ def worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     context = build_worker_context(settings, sessions, queue, job_concurrency=concurrency)
     dispatcher = make_dispatcher(settings, sessions, _now)
     register_tasks(app, lambda: context, lambda: dispatcher)
-    if GPU_QUEUE in queues:
-        preload_models(context.models)
-    app.set_default()  # the pool threads look tasks up in the default app
-    app.Worker(queues=queues, concurrency=concurrency + (1 if IO_QUEUE in queues else 0), pool="threads", hostname=f"{'+'.join(queues)}@%h",
-               without_mingle=True, without_gossip=True, loglevel=settings.log_level).start()
+    heartbeat = worker_heartbeat(sessions, context, queues, _now)
+    heartbeat.start()  # the dashboard shows this worker (and its models loading) from now on
+    try:
+        if GPU_QUEUE in queues:
+            preload_models(context.models)
+        app.set_default()  # the pool threads look tasks up in the default app
+        app.Worker(queues=queues, concurrency=concurrency + (1 if IO_QUEUE in queues else 0), pool="threads", hostname=f"{'+'.join(queues)}@%h",
+                   without_mingle=True, without_gossip=True, loglevel=settings.log_level).start()
+    finally:
+        heartbeat.stop()
     return 0

@@ -102,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     _common(deliveries_retry)
     deliveries_retry.add_argument("delivery_id", type=int)
 
+    from dicom_node.users_cli import add_commands as add_user_commands
+
+    add_user_commands(commands, _common)
+
+    models = commands.add_parser("models", help="the model registry: list, enable or disable a model")
+    model_commands = models.add_subparsers(dest="sub", required=True)
+    models_list = model_commands.add_parser("list", help="models of the registry and whether routing may use them")
+    _common(models_list)
+    models_list.add_argument("--json", action="store_true")
+    for name, text in (("enable", "let routing create jobs for a model again"),
+                       ("disable", "stop routing from creating jobs for a model (queued jobs still run)")):
+        command = model_commands.add_parser(name, help=text)
+        _common(command)
+        command.add_argument("model_id")
+        command.add_argument("--note", help="why (shown on the models page and kept in the audit log)")
+
     # Making and checking the models the node serves (the training package owns them).
     from training.cli import add_phantom_command, add_training_commands
 
@@ -132,7 +148,11 @@ def _configure_logging(level: str) -> None:
 def _serve(settings: Settings) -> int:
     from dicom_node.node import Node
 
-    Node(settings).serve_forever()
+    try:
+        Node(settings).serve_forever()
+    except (RuntimeError, OSError) as exc:  # a port in use, an unreadable TLS key, ...
+        print(f"dicom-node: cannot start: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -214,7 +234,11 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "worker":
         return admin_cli.worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.concurrency)
-    if args.command in ("destinations", "rules", "jobs"):
+    if args.command in ("users", "tokens"):
+        from dicom_node import users_cli
+
+        return users_cli.run(settings, args)
+    if args.command in ("destinations", "rules", "jobs", "models"):
         return admin_cli.run(settings, args)
     raise AssertionError(f"unhandled command {args.command}")
 

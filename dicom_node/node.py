@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +24,11 @@ from dicom_node.recovery import CLEAN_STOP_MARKER, reindex_orphans
 from dicom_node.scp import StorageSCP
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
+
+if TYPE_CHECKING:
+    from dicom_node.web.server import WebServer
+    from workers.context import WorkerContext
+    from workers.heartbeat import WorkerHeartbeat
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +67,7 @@ class Node:
             interval_seconds=settings.queue.sweep_interval_seconds,
         )
         self.worker: EmbeddedWorker | None = None
+        self.heartbeat: WorkerHeartbeat | None = None
         if settings.queue.embedded_worker_queues:
             from workers.context import build_worker_context
             from workers.tasks import register_tasks
@@ -69,7 +76,29 @@ class Node:
             dispatcher = make_dispatcher(settings, self.sessions, clock)
             register_tasks(self.celery, lambda: context, lambda: dispatcher)
             self.worker = EmbeddedWorker(self.celery, settings.queue.embedded_worker_queues)
+            self.heartbeat = worker_heartbeat(self.sessions, context, settings.queue.embedded_worker_queues, clock)
         self._clock = clock
+        self.web_servers = self._web_servers() if settings.web.enabled else []
+
+    def _web_servers(self) -> list["WebServer"]:
+        """The admin app on web.host:port, and the monitoring endpoints on web.ops_port if set."""
+        from dicom_node.web.app import create_app, create_ops_app
+        from dicom_node.web.server import WebServer
+
+        web = self.settings.web
+        readiness = [("dicom listener", self._listener_ready)]
+        app = create_app(self.settings, sessions=self.sessions, clock=self._clock, readiness=readiness)
+        servers = [WebServer(app, web.host, web.port)]
+        if web.ops_port is not None:
+            ops = create_ops_app(self.settings, sessions=self.sessions, clock=self._clock, readiness=readiness)
+            servers.append(WebServer(ops, web.ops_host or web.host, web.ops_port, name="monitoring"))
+        return servers
+
+    def _listener_ready(self) -> tuple[bool, str]:
+        try:
+            return True, f"accepting associations on port {self.scp.port}"
+        except RuntimeError as exc:
+            return False, str(exc)
 
     def start(self) -> None:
         """Recover from whatever a previous run left behind, then start listening."""
@@ -84,6 +113,8 @@ class Node:
         if interrupted:
             logger.warning("%d association(s) were open when the node last stopped; marked interrupted", interrupted)
         import_configuration(self.sessions, self.settings.routing, now=self._clock())
+        for server in self.web_servers:  # first: a web port in use stops the start before anything else runs
+            server.start()
         if self.worker is not None:
             threading.Thread(target=self._start_worker, name="worker-start", daemon=True).start()
         self.conductor.recover()
@@ -94,6 +125,8 @@ class Node:
     def _start_worker(self) -> None:
         """Load the models first (the first study must not wait for them), then consume the queues."""
         assert self.worker is not None
+        if self.heartbeat is not None:
+            self.heartbeat.start()  # before loading, so the models page shows them loading
         if GPU_QUEUE in self.settings.queue.embedded_worker_queues:
             from workers.context import preload_models
 
@@ -101,11 +134,15 @@ class Node:
         self.worker.start()
 
     def stop(self) -> None:
+        for server in self.web_servers:
+            server.stop()
         self.scp.stop()
         self.completion.stop()
         self.conductor.stop()
         if self.worker is not None:
             self.worker.stop()
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         self.indexer.stop()
         self.engine.dispose()
         (self.settings.data_dir / CLEAN_STOP_MARKER).touch()
@@ -131,3 +168,13 @@ def make_dispatcher(settings: Settings, sessions: sessionmaker[Session], clock: 
         calling_ae_title=settings.delivery.calling_ae_title or settings.dicom.ae_title,
         policy=settings.delivery, clock=clock,
     )
+
+
+def worker_heartbeat(sessions: sessionmaker[Session], context: "WorkerContext", queues: Sequence[str],
+                     clock: Callable[[], datetime]) -> "WorkerHeartbeat":
+    """The heartbeat of a worker process (embedded or ``dicom-node worker``), named like its job claims."""
+    from workers.heartbeat import TrackedModels, WorkerHeartbeat, describe_device
+
+    models = context.models if isinstance(context.models, TrackedModels) else None
+    return WorkerHeartbeat(sessions, name=context.worker_name, queues=queues,
+                           device=describe_device() if GPU_QUEUE in queues else None, models=models, clock=clock)

@@ -120,10 +120,38 @@ class CompletionSettings(_Section):
 
 
 class WebSettings(_Section):
-    """The admin web application."""
+    """The admin web application, its REST API and the monitoring endpoints."""
 
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=1, le=65535)
+    secret_key_file: Path | None = Field(
+        default=None,
+        description="File holding the key that signs session cookies; none: data_dir/web-secret.key, "
+        "created with a random key on first start.",
+    )
+    session_hours: float = Field(default=12.0, gt=0, description="A login lasts this long.")
+    secure_cookies: bool = Field(
+        default=False, description="Mark cookies Secure (only sent over HTTPS): set when behind a TLS proxy."
+    )
+    login_max_failures: int = Field(default=5, ge=1, description="Failed logins allowed per user name or per address within login_window_seconds; then 429.")
+    login_window_seconds: float = Field(default=900.0, gt=0, description="The window over which failed logins are counted.")
+    metrics_token: str | None = Field(
+        default=None, description="Bearer token /metrics requires; none: /metrics is open (no patient data in it)."
+    )
+    health_token: str | None = Field(default=None, description="Bearer token /healthz and /readyz require.")
+    ops_host: str | None = Field(
+        default=None, description="Serve /metrics, /healthz and /readyz on this address (with ops_port) only.")
+    ops_port: int | None = Field(default=None, ge=1, le=65535)
+    worker_stale_seconds: float = Field(
+        default=60.0, gt=0, description="A worker whose heartbeat is older than this is shown as offline."
+    )
+
+    @model_validator(mode="after")
+    def _ops_pair(self) -> "WebSettings":
+        if self.ops_host is not None and self.ops_port is None:
+            raise ValueError("web.ops_host needs web.ops_port")
+        return self
 
 
 class RoutingSettings(_Section):

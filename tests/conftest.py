@@ -100,6 +100,7 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
             "data_dir": tmp_path / f"node{len(started)}",
             "dicom.port": free_port(),
             "dicom.bind_address": "127.0.0.1",
+            "web.port": free_port(),
             "storage.min_free_mb": 0,
             "completion.quiet_seconds": 1.0,
             "completion.check_interval_seconds": 0.2,
@@ -117,7 +118,8 @@ def node_factory(tmp_path: Path) -> Iterator[NodeFactory]:
 
 
 def node_settings(tmp_path: Path, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"data_dir": tmp_path, "dicom.port": free_port(), "storage.min_free_mb": 0}
+    values: dict[str, Any] = {"data_dir": tmp_path, "dicom.port": free_port(), "web.port": free_port(),
+                              "storage.min_free_mb": 0}
     values.update(overrides)
     return load_settings(None, values)
 

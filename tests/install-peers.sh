@@ -11,6 +11,9 @@ command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # A real head CT (InVesalius example project) for the real-CT check of the segmentation model.
 [ -e /usr/share/doc/invesalius-examples/examples/Cranium.inv3 ] || need+=(invesalius-examples)
+# Headless Chromium and its driver for the browser tests of the admin web UI.
+[ -x /usr/bin/chromium ] || need+=(chromium)
+[ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   SUDO=""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,79 @@ def test_studies_does_not_create_or_migrate_a_database(tmp_path: Path, capsys) -
     assert "db upgrade" in capsys.readouterr().err
     assert main(["db", "upgrade", "--data-dir", str(tmp_path)]) == 0
     assert main(["studies", "--data-dir", str(tmp_path)]) == 0
+
+
+def test_models_disable_enable_list_and_audit(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from dicom_node.db import audit
+    from dicom_node.db.session import make_engine, make_session_factory
+
+    data = ["--data-dir", str(tmp_path)]
+    assert main(["models", "list", *data]) == 1  # listing never creates or migrates a database
+    assert "needs" in capsys.readouterr().err
+    assert main(["db", "upgrade", *data]) == 0
+    assert main(["models", "disable", "lung-nodule-detection", "--note", "<b>recall</b>", *data]) == 0
+    assert "disabled" in capsys.readouterr().out
+    assert main(["models", "list", "--json", *data]) == 0
+    rows = {row["model_id"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["lung-nodule-detection"]["enabled"] is False and rows["lung-nodule-detection"]["note"] == "<b>recall</b>"
+    assert rows["chest-ct-segmentation"]["enabled"] is True and rows["chest-ct-segmentation"]["kind"] == "segmentation"
+    assert main(["models", "enable", "no-such-model", *data]) == 1
+    assert "no model 'no-such-model' in the registry" in capsys.readouterr().err
+    assert main(["models", "enable", "lung-nodule-detection", *data]) == 0
+
+    sessions = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'dicom-node.db'}"))
+    entries = audit.list_entries(sessions, action="model.")
+    assert [(e.actor, e.action, e.target) for e in entries] == [
+        ("cli", "model.enable", "lung-nodule-detection"), ("cli", "model.disable", "lung-nodule-detection")]
+    assert entries[1].before == {"enabled": True, "note": None} and entries[1].after["enabled"] is False
+
+
+def test_serve_with_the_web_port_in_use_exits_1_naming_it(tmp_path: Path) -> None:
+    import socket
+
+    from tests.conftest import free_port
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        web_port = busy.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "dicom_node", "serve", "--data-dir", str(tmp_path), "--port", str(free_port()),
+             "--web-port", str(web_port)],
+            capture_output=True, text=True, timeout=120,
+            env={**os.environ, "DICOM_NODE_STORAGE__MIN_FREE_MB": "0",
+                 "DICOM_NODE_QUEUE__EMBEDDED_WORKER_QUEUES": "[]"},
+        )
+    assert done.returncode == 1
+    assert f"cannot start: the web server could not start on http://127.0.0.1:{web_port} (port in use?)" in done.stderr
+
+
+def test_configuration_changes_from_the_shell_are_audited_without_secrets(tmp_path: Path) -> None:
+    from dicom_node.db import audit
+    from dicom_node.db.session import make_engine, make_session_factory
+
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert main(["destinations", "add", "pacs", "--ae-title", "PACS", "--host", "10.0.0.5", "--port", "104",
+                 *data]) == 0
+    assert main(["destinations", "add", "pacs", "--ae-title", "PACS2", "--host", "10.0.0.5", "--port", "104",
+                 *data]) == 0
+    archive = tmp_path / "destinations.yaml"
+    archive.write_text("destinations:\n  - {type: dicomweb, name: archive, url: 'https://dw.example/dicom-web',\n"
+                       "     auth: {type: basic, username: node, password: hunter2-secret}}\n")
+    assert main(["destinations", "import", str(archive), *data]) == 0
+    assert main(["destinations", "remove", "pacs", *data]) == 0
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - {name: chest, pipelines: [chest-ct-segmentation]}\n")
+    assert main(["rules", "import", str(rules), *data]) == 0
+    assert main(["rules", "remove", "chest", *data]) == 0
+
+    sessions = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'data' / 'dicom-node.db'}"))
+    entries = list(reversed(audit.list_entries(sessions)))
+    assert [(e.actor, e.action, e.target) for e in entries] == [
+        ("cli", "destination.create", "pacs"), ("cli", "destination.update", "pacs"),
+        ("cli", "destination.create", "archive"), ("cli", "destination.delete", "pacs"),
+        ("cli", "rule.create", "chest"), ("cli", "rule.delete", "chest")]
+    assert entries[1].before["ae_title"] == "PACS" and entries[1].after["ae_title"] == "PACS2"
+    assert entries[2].detail == f"imported from {archive}"
+    assert "hunter2-secret" not in json.dumps([(e.before, e.after) for e in entries])
+    assert entries[5].before["pipelines"] == ["chest-ct-segmentation"] and entries[5].after is None

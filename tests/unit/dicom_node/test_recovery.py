@@ -21,7 +21,8 @@ from training.phantoms.ct_series import GeneratedSeries
 
 
 def test_unclean_stop_recovers_orphans_and_drops_partials(tmp_path: Path, small_series: GeneratedSeries) -> None:
-    settings = load_settings(None, {"data_dir": tmp_path, "dicom.port": free_port(), "storage.min_free_mb": 0})
+    settings = load_settings(None, {"data_dir": tmp_path, "dicom.port": free_port(), "web.port": free_port(),
+                                    "storage.min_free_mb": 0})
     node = Node(settings)
     node.start()
     ae = AE("RECOVERY")

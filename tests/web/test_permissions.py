@@ -1,0 +1,237 @@
+"""The permission matrix: every route of the app x every principal, against an explicit table.
+
+The table below is the access policy written down independently of the code (viewer: read;
+operator: + retry/cancel jobs, re-send deliveries, test connections; admin: + routing rules,
+destinations, models, users, API tokens, audit log). The test fails when the app has a route
+the table lacks or the table names a route the app lacks, so a new route cannot ship without
+someone deciding who may use it.
+
+TO ADD A ROUTE: add ``("METHOD", "/path/{param}"): "viewer" | "operator" | "admin" | "public"``
+to ``POLICY``. If its path parameter has a new name, teach ``Seeded.value`` in
+``tests/web/security_support.py`` which seeded object to use (the CSRF test fails until then).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from dicom_node.db.models import Role
+from tests.web.conftest import ROLES, LoggedIn, WebEnv
+from tests.web.security_support import STATE_CHANGING, app_routes, seed
+
+V, O, A = "viewer", "operator", "admin"
+#: "public": anybody, logged in or not. "login": the login form, which has its own CSRF check
+#: (a post without the login-form cookie is refused with 403 for everybody, never redirected).
+POLICY: dict[tuple[str, str], str] = {
+    # login, monitoring, API docs (FastAPI's docs describe the API and hold no data: public by design)
+    ("GET", "/login"): "public",
+    ("POST", "/login"): "login",
+    ("POST", "/logout"): V,
+    ("GET", "/api/v1/me"): V,
+    ("GET", "/healthz"): "public",
+    ("GET", "/readyz"): "public",
+    ("GET", "/metrics"): "public",
+    ("GET", "/api/docs"): "public",
+    ("GET", "/docs/oauth2-redirect"): "public",
+    ("GET", "/api/v1/openapi.json"): "public",
+    # dashboard
+    ("GET", "/"): V,
+    ("GET", "/dashboard/live"): V,
+    ("GET", "/api/v1/dashboard"): V,
+    ("GET", "/api/v1/workers"): V,
+    # studies, jobs, deliveries
+    ("GET", "/studies"): V,
+    ("GET", "/studies/{study_instance_uid}"): V,
+    ("GET", "/studies/{study_instance_uid}/live"): V,
+    ("GET", "/studies/{study_instance_uid}/preview.png"): V,
+    ("GET", "/api/v1/studies"): V,
+    ("GET", "/api/v1/studies/{study_instance_uid}"): V,
+    ("GET", "/api/v1/studies/{study_instance_uid}/preview.png"): V,
+    ("GET", "/api/v1/jobs"): V,
+    ("GET", "/api/v1/jobs/{job_id}"): V,
+    ("POST", "/jobs/{job_id}/retry"): O,
+    ("POST", "/jobs/{job_id}/cancel"): O,
+    ("POST", "/deliveries/{delivery_id}/retry"): O,
+    ("POST", "/api/v1/jobs/{job_id}/retry"): O,
+    ("POST", "/api/v1/jobs/{job_id}/cancel"): O,
+    ("POST", "/api/v1/deliveries/{delivery_id}/retry"): O,
+    # routing rules: read by all, changed by admins. Testing a STORED rule against a study changes
+    # nothing: anybody. Testing an unsaved draft is part of the rule editor: admins (like the editor).
+    ("GET", "/rules"): V,
+    ("GET", "/rules/new"): A,
+    ("POST", "/rules"): A,
+    ("POST", "/rules/test"): A,  # the new-rule form's draft
+    ("GET", "/rules/{name}"): V,
+    ("POST", "/rules/{name}"): A,
+    ("GET", "/rules/{name}/test"): V,  # the stored rule
+    ("POST", "/rules/{name}/test"): A,  # the edit form's draft
+    ("POST", "/rules/{name}/delete"): A,
+    ("POST", "/rules/{name}/enable"): A,
+    ("POST", "/rules/{name}/disable"): A,
+    ("POST", "/rules/{name}/move"): A,
+    ("GET", "/api/v1/rules"): V,
+    ("POST", "/api/v1/rules"): A,
+    ("PUT", "/api/v1/rules/order"): A,
+    ("POST", "/api/v1/rules/test"): A,  # any definition, i.e. a draft
+    ("GET", "/api/v1/rules/{name}"): V,
+    ("PUT", "/api/v1/rules/{name}"): A,
+    ("DELETE", "/api/v1/rules/{name}"): A,
+    ("POST", "/api/v1/rules/{name}/test"): V,  # the stored rule
+    # destinations: read by all, connection test by operators, changes by admins
+    ("GET", "/destinations"): V,
+    ("GET", "/destinations/new"): A,
+    ("POST", "/destinations"): A,
+    ("GET", "/destinations/{name}"): V,
+    ("POST", "/destinations/{name}"): A,
+    ("POST", "/destinations/{name}/delete"): A,
+    ("POST", "/destinations/{name}/test"): O,
+    ("GET", "/api/v1/destinations"): V,
+    ("POST", "/api/v1/destinations"): A,
+    ("GET", "/api/v1/destinations/{name}"): V,
+    ("PUT", "/api/v1/destinations/{name}"): A,
+    ("DELETE", "/api/v1/destinations/{name}"): A,
+    ("POST", "/api/v1/destinations/{name}/test"): O,
+    # models
+    ("GET", "/models"): V,
+    ("GET", "/api/v1/models"): V,
+    ("GET", "/api/v1/models/{model_id}"): V,
+    ("POST", "/models/{model_id}/enable"): A,
+    ("POST", "/models/{model_id}/disable"): A,
+    ("PUT", "/api/v1/models/{model_id}"): A,
+    # users, API tokens, audit log: admins only
+    ("GET", "/users"): A,
+    ("GET", "/users/new"): A,
+    ("POST", "/users"): A,
+    ("GET", "/users/{username}"): A,
+    ("POST", "/users/{username}"): A,
+    ("GET", "/tokens"): A,
+    ("POST", "/tokens"): A,
+    ("POST", "/tokens/{token_id}/revoke"): A,
+    ("GET", "/api/v1/users"): A,
+    ("POST", "/api/v1/users"): A,
+    ("GET", "/api/v1/users/{username}"): A,
+    ("PATCH", "/api/v1/users/{username}"): A,
+    ("GET", "/api/v1/tokens"): A,
+    ("POST", "/api/v1/tokens"): A,
+    ("DELETE", "/api/v1/tokens/{token_id}"): A,
+    ("GET", "/audit"): A,
+    ("GET", "/api/v1/audit"): A,
+}
+
+
+@dataclass
+class Principal:
+    """Who sends a request: nobody, a browser session of a role, or an API token of a role."""
+
+    label: str
+    role: Role | None
+    kind: str  # anonymous, session, bearer, bad-bearer
+    session: LoggedIn | None = None
+    token: str | None = None
+    client: TestClient | None = None
+
+
+@dataclass
+class Outcome:
+    failures: list[str] = field(default_factory=list)
+    crashes: list[str] = field(default_factory=list)
+    not_found: list[str] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    requests: int = 0
+
+
+def _expectation(least: str, principal: Principal, path: str) -> str:
+    if least == "login":
+        return "login-form"
+    if least == "public":
+        return "allowed"
+    if principal.role is None:
+        return "401" if path.startswith("/api/") else "to-login"
+    return "allowed" if principal.role.level >= Role(least).level else "403"
+
+
+def _verdict(answer: Any) -> str:
+    location = answer.headers.get("location", "")
+    if answer.status_code in (302, 303, 307) and location.startswith("/login?next="):
+        return "to-login"  # what the app answers an anonymous page request (logout's plain /login is not)
+    if answer.status_code == 401:
+        return "401"
+    if answer.status_code == 403:
+        return "login-form" if "The login form expired" in answer.text else "403"
+    return "allowed"
+
+
+def test_policy_table_lists_exactly_the_apps_routes(web: WebEnv) -> None:
+    served = set(app_routes(web.app))
+    missing = sorted(served - set(POLICY), key=lambda mp: (mp[1], mp[0]))
+    stale = sorted(set(POLICY) - served, key=lambda mp: (mp[1], mp[0]))
+    assert not missing, f"routes without an entry in POLICY (decide their least role): {missing}"
+    assert not stale, f"POLICY names routes the app does not have: {stale}"
+
+
+def test_permission_matrix(web: WebEnv) -> None:
+    seeded = seed(web.sessions)
+    raw = TestClient(web.app, follow_redirects=False, raise_server_exceptions=False)
+    principals = [Principal("anonymous", None, "anonymous", client=raw),
+                  Principal("bad token", None, "bad-bearer", token="dnt_not-a-real-token", client=raw)]
+    for role in ROLES:
+        session = web.login(role.value)
+        principals.append(Principal(f"{role.value} session", role, "session", session=session,
+                                    client=_checked_client(web, session)))
+    for role in ROLES:
+        principals.append(Principal(f"{role.value} token", role, "bearer", token=web.token(role.value), client=raw))
+
+    routes = [r for r in app_routes(web.app) if r in POLICY]
+    # Reads first, destructive requests last, so that fewer allowed requests meet an object already deleted.
+    routes.sort(key=lambda mp: (mp[0] != "GET", mp[0] == "DELETE" or mp[1].endswith("/delete"), mp[1]))
+    outcome = Outcome()
+    for method, path in routes:
+        url = seeded.fill(path)
+        for principal in principals:
+            if principal.kind in ("bearer", "bad-bearer") and not path.startswith("/api/"):
+                continue
+            _check(web, outcome, method, path, url, POLICY[(method, path)], principal)
+
+    per_route = Counter(p for _, p in routes)
+    print(f"\npermission matrix: {len(routes)} routes ({len(per_route)} paths) x {len(principals)} principals "
+          f"(tokens only on /api routes) = {outcome.requests} requests; statuses {dict(sorted(outcome.statuses.items()))}")
+    if outcome.not_found:
+        print("allowed but 404 (object gone or never there; counted as allowed):\n  " + "\n  ".join(outcome.not_found))
+    assert not outcome.failures, "permission matrix mismatches:\n" + "\n".join(outcome.failures)
+    assert not outcome.crashes, "server errors:\n" + "\n".join(outcome.crashes)
+    assert outcome.requests >= len(routes) * 5
+
+
+def _checked_client(web: WebEnv, session: LoggedIn) -> TestClient:
+    client = TestClient(web.app, follow_redirects=False, raise_server_exceptions=False)
+    client.cookies = session.client.cookies
+    return client
+
+
+def _check(web: WebEnv, outcome: Outcome, method: str, path: str, url: str, least: str, who: Principal) -> None:
+    headers: dict[str, str] = {}
+    if who.kind in ("bearer", "bad-bearer"):
+        headers["Authorization"] = f"Bearer {who.token}"
+    if who.kind == "session" and method in STATE_CHANGING:
+        assert who.session is not None
+        headers["X-CSRF-Token"] = who.session.csrf
+    assert who.client is not None
+    answer = who.client.request(method, url, headers=headers)
+    outcome.requests += 1
+    outcome.statuses[answer.status_code] += 1
+    expected, got = _expectation(least, who, path), _verdict(answer)
+    if got != expected:
+        outcome.failures.append(f"{method} {path} as {who.label}: expected {expected}, got {answer.status_code} "
+                                f"{answer.headers.get('location', '')} {answer.text[:120]!r}")
+    if answer.status_code >= 500:
+        outcome.crashes.append(f"{method} {url} as {who.label}: {answer.status_code}")
+    if got == "allowed" and answer.status_code == 404:
+        outcome.not_found.append(f"{method} {url} as {who.label}")
+    if who.kind == "session" and method in STATE_CHANGING and who.client.get("/api/v1/me").status_code == 401:
+        assert who.role is not None  # this request ended the session (logout): log in again
+        who.session = web.login(who.role.value)
+        who.client = _checked_client(web, who.session)
