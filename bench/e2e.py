@@ -61,12 +61,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pydicom
-import requests
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.integration.peers import Orthanc  # noqa: E402
 from training.data.dicom_pair import write_dicom_case  # noqa: E402
 from training.phantoms.chest import ChestPhantom, PhantomConfig, generate_chest_phantom  # noqa: E402
 
@@ -173,97 +173,15 @@ def check_models(pipelines: Sequence[str]) -> None:
 # -- peers -----------------------------------------------------------------------
 
 
-class OrthancPeer:
-    """A real Orthanc with its own JSON config and storage, driven over its REST API."""
-
-    def __init__(self, work_dir: Path) -> None:
-        self.work_dir = work_dir
-        self.dicom_port = free_port()
-        self.http_port = free_port()
-        self.log_path = work_dir / "orthanc.log"
-        self.http = requests.Session()
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.http_port}"
-
-    def start(self, timeout: float = 60.0) -> None:
-        """Write the config, start ``Orthanc config_dir/`` and wait until /system answers."""
-        config_dir = self.work_dir / "config"
-        config_dir.mkdir(parents=True)
-        config = {
-            "Name": "e2e-bench",
-            "StorageDirectory": str(self.work_dir / "storage"),
-            "IndexDirectory": str(self.work_dir / "index"),
-            "StorageCompression": False,
-            "HttpServerEnabled": True,
-            "HttpPort": self.http_port,
-            "HttpCompressionEnabled": False,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "DicomServerEnabled": True,
-            "DicomAet": ORTHANC_AE,
-            "DicomPort": self.dicom_port,
-            "DicomCheckCalledAet": False,
-            "DicomModalities": {},
-            "DicomModalitiesInDatabase": False,
-            "DicomAssociationCloseDelay": 0,
-            "TcpNoDelay": True,
-            "SaveJobs": False,
-        }
-        (config_dir / "orthanc.json").write_text(json.dumps(config, indent=2))
-        orthanc = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [orthanc, f"{config_dir}/"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=ENV, cwd=self.work_dir,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise BenchError(f"Orthanc exited with status {self.process.returncode}:\n{tail(self.log_path)}")
-            try:
-                if self.http.get(f"{self.url}/system", timeout=1).ok:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise BenchError(f"Orthanc did not answer {self.url}/system within {timeout:g} s:\n{tail(self.log_path)}")
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
-        self.http.close()
-
-    def lookup_instance(self, sop_instance_uid: str) -> str | None:
-        """Orthanc's ID of the instance with this SOP Instance UID, None while it does not hold it."""
-        response = self.http.post(f"{self.url}/tools/lookup", data=sop_instance_uid, timeout=10)
-        response.raise_for_status()
-        for match in response.json():
-            if match.get("Type") == "Instance":
-                return str(match["ID"])
-        return None
-
-    def sop_class(self, orthanc_id: str) -> str:
-        response = self.http.get(f"{self.url}/instances/{orthanc_id}/metadata/SopClassUid", timeout=10)
-        response.raise_for_status()
-        return response.text.strip()
-
-    def delete_instance(self, orthanc_id: str) -> None:
-        self.http.delete(f"{self.url}/instances/{orthanc_id}", timeout=30).raise_for_status()
-
-
 @contextmanager
-def orthanc_running(work_dir: Path) -> Iterator[OrthancPeer]:
-    peer = OrthancPeer(work_dir)
+def orthanc_running(work_dir: Path) -> Iterator[Orthanc]:
+    """The tests' real Orthanc peer (its own config, storage and ports), without verbose logging."""
+    peer = Orthanc(work_dir, aet=ORTHANC_AE, label="e2e-bench", verbose=False)
     try:
-        peer.start()
+        try:
+            peer.start(timeout=60.0)
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from exc
         yield peer
     finally:
         peer.stop()
@@ -318,7 +236,7 @@ def wait_for_echo(node: NodePeer, timeout: float = 90.0) -> None:
 
 @contextmanager
 def node_running(
-    work_dir: Path, orthanc: OrthancPeer, pipelines: Sequence[str], quiet_seconds: float
+    work_dir: Path, orthanc: Orthanc, pipelines: Sequence[str], quiet_seconds: float
 ) -> Iterator[NodePeer]:
     """Start the node with Orthanc as its default destination and a rule running ``pipelines`` on CT."""
     work_dir.mkdir(parents=True)
@@ -348,7 +266,7 @@ def node_running(
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [node_command(), "serve", "--config", str(config), "--data-dir", str(data_dir), "--port", str(port),
-             "--ae-title", NODE_AE],
+             "--web-port", str(free_port()), "--ae-title", NODE_AE],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=ENV, cwd=work_dir,
         )
     node = NodePeer(data_dir, port, log_path, process)
@@ -420,7 +338,7 @@ def study_row(node: NodePeer, study_uid: str) -> tuple[int, str, str | None] | N
     return (int(rows[0][0]), str(rows[0][1]), rows[0][2]) if rows else None
 
 
-def wait_for_results(node: NodePeer, orthanc: OrthancPeer, study_uid: str, timeout: float) -> tuple[float, int]:
+def wait_for_results(node: NodePeer, orthanc: Orthanc, study_uid: str, timeout: float) -> tuple[float, int]:
     """Poll the node's DB and Orthanc every 50 ms until Orthanc holds every result of the study.
 
     Returns (wall time the last object was seen, the study's row id). Fails at once,
@@ -515,7 +433,7 @@ def breakdown(acknowledged: float, seen: float, completed_at: float, jobs: Seque
     return stages
 
 
-def results_in_orthanc(node: NodePeer, orthanc: OrthancPeer, study_id: int) -> tuple[dict[str, int], dict[str, float]]:
+def results_in_orthanc(node: NodePeer, orthanc: Orthanc, study_id: int) -> tuple[dict[str, int], dict[str, float]]:
     """Count the study's result objects in Orthanc by kind (checking Orthanc's SOP Class UID of each); MB by kind."""
     counts: dict[str, int] = {}
     megabytes: dict[str, float] = {}
@@ -547,14 +465,14 @@ def last_delivery_files(node: NodePeer, study_id: int) -> list[tuple[str, Path]]
             node.query("SELECT sop_instance_uid, path FROM result_objects WHERE job_id = ?", [rows[0][0]])]
 
 
-def remove_from_orthanc(orthanc: OrthancPeer, uids: Sequence[str]) -> None:
+def remove_from_orthanc(orthanc: Orthanc, uids: Sequence[str]) -> None:
     for uid in uids:
         orthanc_id = orthanc.lookup_instance(uid)
         if orthanc_id is not None:
             orthanc.delete_instance(orthanc_id)
 
 
-def time_storescu(orthanc: OrthancPeer, files: Sequence[Path]) -> float:
+def time_storescu(orthanc: Orthanc, files: Sequence[Path]) -> float:
     """Seconds for DCMTK storescu (required contexts only, one association) to store ``files`` in Orthanc."""
     started = time.perf_counter()
     done = subprocess.run(
@@ -567,7 +485,7 @@ def time_storescu(orthanc: OrthancPeer, files: Sequence[Path]) -> float:
     return elapsed
 
 
-def time_echoscu(orthanc: OrthancPeer) -> float:
+def time_echoscu(orthanc: Orthanc) -> float:
     """Seconds for DCMTK echoscu to Orthanc: the process start and association that storescu's time includes."""
     started = time.perf_counter()
     done = subprocess.run(["echoscu", "-aec", ORTHANC_AE, LOCALHOST, str(orthanc.dicom_port)], env=ENV,
@@ -578,7 +496,7 @@ def time_echoscu(orthanc: OrthancPeer) -> float:
     return elapsed
 
 
-def time_our_scu(orthanc: OrthancPeer, files: Sequence[Path]) -> float:
+def time_our_scu(orthanc: Orthanc, files: Sequence[Path]) -> float:
     """Seconds for the node's C-STORE SCU (``dicom_node.scu.send_dicom``), in this process, to store ``files``."""
     from dicom_node.destinations import DicomDestination
     from dicom_node.scu import send_dicom
@@ -617,7 +535,7 @@ def timed(call: Callable[[], Any]) -> float:
     return time.perf_counter() - started
 
 
-def compare_with_peers(node: NodePeer, orthanc: OrthancPeer, study_id: int) -> dict[str, float]:
+def compare_with_peers(node: NodePeer, orthanc: Orthanc, study_id: int) -> dict[str, float]:
     """Time storescu and our SCU on the last delivery's files, pydicom and load_series on the spool files."""
     from workers.volume import load_series
 
@@ -635,7 +553,7 @@ def compare_with_peers(node: NodePeer, orthanc: OrthancPeer, study_id: int) -> d
     return peers
 
 
-def measure(node: NodePeer, orthanc: OrthancPeer, files: Sequence[Path], study_uid: str, timeout: float) -> RunResult:
+def measure(node: NodePeer, orthanc: Orthanc, files: Sequence[Path], study_uid: str, timeout: float) -> RunResult:
     """Push one study, wait for its results in Orthanc, break the time down, run the peer comparisons."""
     acknowledged = push(node, files)
     seen, study_id = wait_for_results(node, orthanc, study_uid, timeout)

@@ -59,7 +59,8 @@ def our_node(workdir: Path, fsync: bool = True) -> Iterator[tuple[int, str]]:
     data = workdir / "node-data"
     log = (workdir / "node.log").open("w")
     process = subprocess.Popen(
-        [str(Path(sys.executable).with_name("dicom-node")), "serve", "--data-dir", str(data), "--port", str(port)],
+        [str(Path(sys.executable).with_name("dicom-node")), "serve", "--data-dir", str(data), "--port", str(port),
+         "--web-port", str(free_port())],
         env={
             **ENV,
             "DICOM_NODE_STORAGE__MIN_FREE_MB": "0",

@@ -192,6 +192,7 @@ class NodeProcess:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = Path(data_dir) if data_dir is not None else self.work_dir / "data"
         self.port = port or free_port()
+        self.web_port = free_port()
         self.ae_title = ae_title
         self.label = label
         self.config_path = self.work_dir / "node.yaml"
@@ -240,6 +241,8 @@ class NodeProcess:
                     str(self.data_dir),
                     "--port",
                     str(self.port),
+                    "--web-port",
+                    str(self.web_port),
                     "--ae-title",
                     self.ae_title,
                 ],
@@ -509,8 +512,10 @@ class Orthanc:
         plugins: Iterable[str] = (),
         extra_config: Mapping[str, Any] | None = None,
         label: str = "orthanc",
+        verbose: bool = True,
     ) -> None:
         self.work_dir = Path(work_dir)
+        self.verbose = verbose  # benchmarks turn it off: logging every request costs Orthanc time
         self.config_dir = self.work_dir / "config"
         self.config_dir.mkdir(parents=True, exist_ok=True)
         self.aet = aet
@@ -560,7 +565,7 @@ class Orthanc:
     def start(self, timeout: float = 30.0) -> "Orthanc":
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [ORTHANC_COMMAND, "--verbose", str(self.config_dir) + "/"],
+                [ORTHANC_COMMAND, *(["--verbose"] if self.verbose else []), str(self.config_dir) + "/"],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -638,6 +643,23 @@ class Orthanc:
             if match.get("Type") == "Study":
                 return str(match["ID"])
         return None
+
+    def lookup_instance(self, sop_instance_uid: str) -> str | None:
+        """Orthanc's ID of the instance with this SOP Instance UID, None while it does not hold it."""
+        response = self.http.post(f"{self.url}/tools/lookup", data=sop_instance_uid, timeout=10)
+        response.raise_for_status()
+        for match in response.json():
+            if match.get("Type") == "Instance":
+                return str(match["ID"])
+        return None
+
+    def sop_class(self, orthanc_instance_id: str) -> str:
+        response = self.http.get(f"{self.url}/instances/{orthanc_instance_id}/metadata/SopClassUid", timeout=10)
+        response.raise_for_status()
+        return response.text.strip()
+
+    def delete_instance(self, orthanc_instance_id: str) -> None:
+        self.http.delete(f"{self.url}/instances/{orthanc_instance_id}", timeout=30).raise_for_status()
 
     def set_modality(self, name: str, aet: str, port: int, host: str = LOCALHOST, **options: Any) -> None:
         """Add or replace a DICOM modality (PUT /modalities/{name}); options like LocalAet."""
