@@ -34,5 +34,6 @@ models: $(BIN)/dicom-node
 	$(BIN)/dicom-node phantom --out $(DATA)/heldout --cases 32 --seed 100000 --no-dicom
 	$(BIN)/dicom-node train detection --dataset $(DATA)/train --out workers/bundles/lung_nodule_detection --seed 0 --threads 1
 	$(BIN)/dicom-node evaluate --bundle workers/bundles/lung_nodule_detection --dataset $(DATA)/heldout --record --threads 1
-	$(BIN)/dicom-node train segmentation --dataset $(DATA)/train --out workers/bundles/chest_ct_segmentation --epochs 12 --val-fraction 0.15 --val-interval 3 --seed 0 --threads 1
+	$(BIN)/dicom-node train segmentation --dataset $(DATA)/train --out build/chest_ct_anatomy --epochs 12 --val-fraction 0.15 --val-interval 3 --seed 0 --threads 1
+	$(BIN)/dicom-node train nodule-branch --dataset $(DATA)/train --base-bundle build/chest_ct_anatomy --out workers/bundles/chest_ct_segmentation --epochs 40 --val-fraction 0.15 --val-interval 4 --seed 0 --threads 2
 	$(BIN)/dicom-node evaluate --bundle workers/bundles/chest_ct_segmentation --dataset $(DATA)/heldout --record --threads 1

@@ -47,7 +47,8 @@ def add_training_commands(subparsers: Any) -> None:
         description="Train on a Decathlon-layout dataset (e.g. from `phantom`) and write a MONAI bundle "
         "(configs/, models/model.pt, models/model.ts, docs/) with metrics.json and plots/.",
     )
-    train.add_argument("kind", choices=("segmentation", "detection"), help="what to train")
+    train.add_argument("kind", choices=("segmentation", "nodule-branch", "detection"),
+                       help="what to train (nodule-branch: the binary nodule stage of a segmentation bundle)")
     train.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="Decathlon-layout dataset")
     train.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR", help="where the bundle is written")
     train.add_argument("--epochs", type=int, default=None, help="training epochs (default: the trainer's)")
@@ -70,6 +71,9 @@ def add_training_commands(subparsers: Any) -> None:
                      help="loss weight of each label value 0..N (default: all 1)")
     seg.add_argument("--init-bundle", type=Path, metavar="BUNDLE_DIR",
                      help="start from this bundle's weights (fine-tuning) instead of random ones")
+    branch = train.add_argument_group("nodule-branch options")
+    branch.add_argument("--base-bundle", type=Path, metavar="BUNDLE_DIR",
+                        help="segmentation bundle whose anatomy network the branch joins (required)")
     det = train.add_argument_group("detection options")
     det.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch")
     train.set_defaults(handler=train_command)
@@ -152,17 +156,27 @@ def train_command(args: argparse.Namespace) -> int:
             class_weights=args.class_weights,
             init_bundle=args.init_bundle,
         )
-        misplaced = ["--steps-per-epoch"] if args.steps_per_epoch is not None else []
+        misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--base-bundle": args.base_bundle}
+    elif args.kind == "nodule-branch":
+        if args.base_bundle is None:
+            return _error("--base-bundle is required when training nodule-branch")
+        options.update(base_bundle=args.base_bundle, class_ratios=args.class_ratios,
+                       patch_size=tuple(args.patch_size) if args.patch_size else None)
+        misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--spacing": args.spacing,
+                     "--init-filters": args.init_filters, "--class-weights": args.class_weights,
+                     "--init-bundle": args.init_bundle}
     else:
         options["steps_per_epoch"] = args.steps_per_epoch
-        given = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,
-                 "--class-ratios": args.class_ratios, "--class-weights": args.class_weights,
-                 "--init-bundle": args.init_bundle}
-        misplaced = [flag for flag, value in given.items() if value is not None]
-    if misplaced:
-        return _error(f"{', '.join(misplaced)} not supported when training {args.kind}")
+        misplaced = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,
+                     "--class-ratios": args.class_ratios, "--class-weights": args.class_weights,
+                     "--init-bundle": args.init_bundle, "--base-bundle": args.base_bundle}
+    given = [flag for flag, value in misplaced.items() if value is not None]
+    if given:
+        return _error(f"{', '.join(given)} not supported when training {args.kind}")
     if args.kind == "segmentation":
         from training.segmentation import train_segmentation as trainer
+    elif args.kind == "nodule-branch":
+        from training.nodule_branch import train_nodule_branch as trainer
     else:
         from training.detection import train_detection as trainer
     kwargs, unknown = _accepted(trainer, options)

@@ -195,3 +195,94 @@ def test_fine_tuning_starts_from_the_given_bundle(trained: dict[str, Any], tmp_p
     assert tuned["settings"]["init_bundle"] == str(trained["bundle"])
     with pytest.raises(FileNotFoundError, match="has no models/model.pt"):
         train_segmentation(trained["dataset"], tmp_path / "bad", init_bundle=tmp_path, **kwargs)
+
+
+# --------------------------------------------------------------------------- nodule branch
+
+
+@pytest.fixture(scope="module")
+def branched(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The tiny bundle above with a nodule branch trained on the same phantoms."""
+    from training.nodule_branch import train_nodule_branch
+
+    bundle = tmp_path_factory.mktemp("branch_bundle") / "bundle"
+    record = train_nodule_branch(trained["dataset"], bundle, base_bundle=trained["bundle"], epochs=3, seed=0,
+                                 patch_size=PATCH, batch_size=2, learning_rate=5e-3, val_fraction=0.34,
+                                 progress=False)
+    return {"record": record, "bundle": bundle, "dataset": trained["dataset"]}
+
+
+def _parsed_network(bundle: Path) -> torch.nn.Module:
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    network = parser.get_parsed_content("network_def")
+    network.load_state_dict(torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True))
+    return network.eval()
+
+
+def test_nodule_branch_learns_and_leaves_the_anatomy_network_as_it_was(
+    trained: dict[str, Any], branched: dict[str, Any]
+) -> None:
+    from training.networks import AnatomyWithNoduleBranch
+
+    bundle: Path = branched["bundle"]
+    metrics = json.loads((bundle / "metrics.json").read_text())
+    losses = [epoch["loss"] for epoch in metrics["epochs"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert metrics["base_bundle"] == str(trained["bundle"])
+    assert set(metrics["epochs"][-1]["validation_dice"]) == {"nodule"}
+    for name in ("loss.png", "dice.png", "validation_slices.png"):
+        assert (bundle / "plots" / name).read_bytes().startswith(PNG_MAGIC), name
+
+    joined, base = _parsed_network(bundle), _parsed_network(trained["bundle"])
+    assert isinstance(joined, AnatomyWithNoduleBranch)
+    for name, value in base.state_dict().items():
+        torch.testing.assert_close(joined.anatomy.state_dict()[name], value, rtol=0, atol=0)
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu").eval()
+    x = torch.rand(1, 1, *PATCH, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), joined(x), rtol=1e-5, atol=1e-5)
+        assert joined(x).shape == base(x).shape
+        # Everything but the nodule channel is the anatomy network's own ranking.
+        torch.testing.assert_close(joined(x)[:, :5].softmax(1), base(x)[:, :5].softmax(1), rtol=1e-4, atol=1e-5)
+
+    meta = read_bundle_metadata(bundle)
+    assert [label["name"] for label in meta["dicom_node"]["labels"]] == [s.name for s in CHEST_LABELS]
+    assert meta["training"]["nodule_branch"]["epochs"] == 3 and "anatomy" in meta["training"]
+    assert "held_out" not in meta["dicom_node"]["evaluation"]  # the base's figures describe another network
+
+
+def test_joined_bundle_runs_in_the_node_and_under_monai_bundle_run(branched: dict[str, Any], tmp_path: Path) -> None:
+    from workers.models.monai_bundle import MonaiBundleModel
+
+    bundle: Path = branched["bundle"]
+    model = MonaiBundleModel(bundle)
+    assert [label.name for label in model.labels] == [s.name for s in CHEST_LABELS]
+    image = sorted((branched["dataset"] / "imagesTr").glob("*.nii.gz"))[0]
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs" / "inference.json"),
+               "--meta_file", str(bundle / "configs" / "metadata.json"), "--bundle_root", str(bundle),
+               "--datalist", repr([str(image)]), "--output_dir", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    [written] = sorted(tmp_path.rglob("*.nii.gz"))
+    assert nib.load(written).shape == nib.load(image).shape
+
+
+def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
+    branched: dict[str, Any], tmp_path: Path
+) -> None:
+    from training.cli import main
+    from training.nodule_branch import train_nodule_branch
+
+    again = train_nodule_branch(branched["dataset"], tmp_path / "again", base_bundle=branched["bundle"], epochs=1,
+                                seed=0, patch_size=PATCH, batch_size=2, val_fraction=0.34, progress=False)
+    first = branched["record"]["epochs"][0]["step_losses"][0]
+    assert again["epochs"][0]["step_losses"][0] == pytest.approx(first, rel=1e-6)  # same anatomy, fresh branch
+    with pytest.raises(FileNotFoundError, match="has no configs/inference.json"):
+        train_nodule_branch(branched["dataset"], tmp_path / "bad", base_bundle=tmp_path, epochs=1, progress=False)
+    args = ["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "cli")]
+    assert main(args) == 2
+    assert main([*args, "--base-bundle", str(branched["bundle"]), "--init-filters", "16"]) == 2

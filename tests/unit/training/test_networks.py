@@ -1,0 +1,61 @@
+"""The joined anatomy + nodule-branch network: its output is an ordinary multi-class softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from monai.bundle import ConfigParser
+
+from training.networks import AnatomyWithNoduleBranch, nodule_branch_def
+
+
+class Constant(torch.nn.Module):
+    """A network whose logits are fixed per channel, the same at every voxel."""
+
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.register_buffer("logits", torch.tensor(logits).view(1, -1, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(x.shape[0], -1, *x.shape[2:])
+
+
+def test_nodule_probability_is_the_branch_sigmoid_and_the_rest_shares_what_is_left() -> None:
+    anatomy = [0.5, 2.0, -1.0, 0.0, 1.0, 7.0]  # channel 5 (nodule) is ignored whatever it says
+    joined = AnatomyWithNoduleBranch(Constant(anatomy), Constant([0.3]), nodule_channel=5)
+    probabilities = torch.softmax(joined(torch.zeros(1, 1, 2, 2, 2)), dim=1)[0, :, 0, 0, 0]
+    p_nodule = torch.sigmoid(torch.tensor(0.3))
+    assert probabilities[5] == pytest.approx(float(p_nodule), abs=1e-6)
+    others = torch.softmax(torch.tensor(anatomy[:5]), dim=0) * (1 - p_nodule)
+    torch.testing.assert_close(probabilities[:5], others, rtol=1e-6, atol=1e-6)
+
+
+def test_a_confident_branch_wins_the_argmax_and_a_doubtful_one_does_not() -> None:
+    anatomy = Constant([0.0, 1.0, 6.0, 0.0, 0.0, 0.0])  # clearly lung
+    sure = AnatomyWithNoduleBranch(anatomy, Constant([2.0]), nodule_channel=5)
+    doubtful = AnatomyWithNoduleBranch(anatomy, Constant([-0.5]), nodule_channel=5)
+    x = torch.zeros(1, 1, 1, 1, 1)
+    assert int(sure(x).argmax(1)) == 5
+    assert int(doubtful(x).argmax(1)) == 2
+
+
+def test_built_from_a_monai_config_scripts_and_rejects_a_missing_channel() -> None:
+    parser = ConfigParser({"net": {
+        "_target_": "training.networks.AnatomyWithNoduleBranch",
+        "anatomy": {"_target_": "SegResNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 6,
+                    "init_filters": 8},
+        "nodule": nodule_branch_def(channels=(4, 8, 16, 32)),
+        "nodule_channel": 5,
+    }})
+    network = parser.get_parsed_content("net").eval()
+    assert isinstance(network, AnatomyWithNoduleBranch)
+    x = torch.rand(1, 1, 16, 16, 8, generator=torch.Generator().manual_seed(0))
+    scripted = torch.jit.script(network)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), network(x))
+    assert network(x).shape == (1, 6, 16, 16, 8)
+    too_few = AnatomyWithNoduleBranch(Constant([0.0, 1.0]), Constant([0.0]), nodule_channel=5)
+    with pytest.raises(ValueError, match="nodule channel 5 is missing"):
+        too_few(x)
+    with pytest.raises(ValueError, match="nodule_channel must be a foreground label value"):
+        AnatomyWithNoduleBranch(Constant([0.0]), Constant([0.0]), nodule_channel=0)

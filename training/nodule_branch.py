@@ -1,0 +1,327 @@
+"""Train the binary nodule branch of the chest CT segmentation model and export the joined bundle.
+
+Why: the anatomy SegResNet (:mod:`training.segmentation`) segments body, lungs,
+heart and bone well but, trained as one softmax over all labels, never learns
+the nodule class (about 1e-4 of the voxels). This second stage trains a small
+binary network on nodule-rich patches with its own Dice+BCE loss, keeps the
+anatomy network frozen, and exports both as one
+:class:`training.networks.AnatomyWithNoduleBranch` bundle: same input, same
+preprocessing, same multi-class output, so the node serves it like any other
+segmentation bundle.
+
+What: :func:`train_nodule_branch` - data, preprocessing and patch sampling as in
+:func:`training.segmentation.train_segmentation` (patch centres drawn per label,
+nodules and lung most often, so the branch sees nodules and the vessels it
+must not call nodules); validation by sliding window over whole validation
+cases, Dice of the branch's ``sigmoid > 0.5`` against the nodule label per case
+(a case without nodules scores 1 only if nothing is predicted); the best
+checkpoint is joined with the base bundle's anatomy network and written with
+:func:`training.bundle.write_bundle`, with ``metrics.json`` and plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.bundle import read_bundle_metadata, write_bundle
+from training.labels import LabelSpec, label_by_name
+from training.metrics import dice_per_label
+from training.networks import AnatomyWithNoduleBranch, nodule_branch_def
+from training.segmentation import (
+    _cases,
+    _load_bundle,
+    _parse,
+    _plain,
+    _plot_training,
+    _plot_validation_slices,
+    _split,
+    _train_transforms,
+    preprocessing_config,
+)
+
+__all__ = ["DEFAULT_BRANCH_PATCH_SIZE", "train_nodule_branch"]
+
+logger = logging.getLogger(__name__)
+
+#: Training patch of the branch (x, y, z voxels): 10.5 x 10.5 x 8 cm at the default spacing, room for the
+#: largest (30 mm) nodule and its surroundings; inference uses the base bundle's sliding window.
+DEFAULT_BRANCH_PATCH_SIZE: tuple[int, int, int] = (48, 48, 32)
+#: How often a patch centres on each label value: background, body, lung, heart, bone, nodule.
+_DEFAULT_RATIOS: tuple[float, ...] = (0.0, 1.0, 3.0, 0.5, 0.5, 5.0)
+
+
+def _base_network(bundle_dir: Path, device: torch.device) -> tuple[dict[str, Any], torch.nn.Module, dict[str, Any]]:
+    """(inference.json, anatomy network with weights, its network_def) of the base bundle.
+
+    A base bundle that already has a nodule branch gives its anatomy part, so the
+    branch can be retrained on a shipped model.
+    """
+    inference = json.loads((bundle_dir / "configs" / "inference.json").read_text())
+    _, network = _load_bundle(bundle_dir, device)
+    network_def = copy.deepcopy(inference["network_def"])
+    if isinstance(network, AnatomyWithNoduleBranch):
+        network, network_def = network.anatomy, network_def["anatomy"]
+    for parameter in network.parameters():
+        parameter.requires_grad_(False)
+    return inference, network.eval(), network_def
+
+
+@torch.no_grad()
+def _branch_dice(
+    branch: torch.nn.Module, val_ds: Any, inferer: Any, nodule_value: int, dev: torch.device
+) -> tuple[float, float | None]:
+    """(mean nodule Dice over all validation cases, mean over the cases that have nodules)."""
+    branch.eval()
+    every, with_nodules = [], []
+    for item in val_ds:
+        logits = inferer(_plain(item["image"])[None].to(dev), branch)
+        pred = (logits[0, 0] > 0).cpu().numpy()
+        ref = np.asarray(item["label"][0]).round().astype(np.uint8) == nodule_value
+        score = dice_per_label(pred, ref, [True])[1]
+        every.append(score)
+        if ref.any():
+            with_nodules.append(score)
+    return float(np.mean(every)), (float(np.mean(with_nodules)) if with_nodules else None)
+
+
+def train_nodule_branch(
+    dataset_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base_bundle: str | Path,
+    epochs: int = 30,
+    device: str = "cpu",
+    seed: int = 0,
+    patch_size: Sequence[int] = DEFAULT_BRANCH_PATCH_SIZE,
+    batch_size: int = 4,
+    learning_rate: float = 3e-3,
+    val_fraction: float = 0.15,
+    class_ratios: Sequence[float] | None = None,
+    val_interval: int = 1,
+    sw_batch_size: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train a nodule branch on ``dataset_dir`` for ``base_bundle``'s anatomy network; bundle to ``out_dir``.
+
+    The base bundle gives the preprocessing (spacing, intensity window), the
+    sliding window, the labels and the frozen anatomy network; only the branch
+    learns. One epoch visits every training case once with ``batch_size`` patches
+    per step. The checkpoint with the best mean validation nodule Dice is
+    exported. Returns the training record, also in ``out_dir/metrics.json``.
+    Deterministic for a given ``seed`` on CPU.
+    """
+    from monai.data import CacheDataset, DataLoader
+    from monai.inferers import SlidingWindowInferer
+    from monai.losses import DiceCELoss
+    from monai.transforms import Compose
+    from monai.utils import set_determinism
+    from tqdm.auto import tqdm
+
+    dataset_dir, out, base = Path(dataset_dir), Path(out_dir), Path(base_bundle)
+    patch_size = tuple(int(v) for v in patch_size)
+    if len(patch_size) != 3 or any(v <= 0 or v % 8 for v in patch_size):
+        raise ValueError(f"patch_size must be 3 positive multiples of 8 (x, y, z), got {patch_size}")
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not (base / "configs" / "inference.json").is_file():
+        raise FileNotFoundError(f"base bundle {base} has no configs/inference.json")
+    meta = read_bundle_metadata(base)
+    node = meta["dicom_node"]
+    if node.get("kind") != "segmentation":
+        raise ValueError(f"base bundle {base} is a {node.get('kind')!r} bundle, not a segmentation one")
+    labels = [label_by_name(str(entry["name"])) for entry in node["labels"]]
+    nodules = [spec for spec in labels if spec.name == "nodule"]
+    if not nodules:
+        raise ValueError(f"base bundle {base} has no 'nodule' label (labels: {[s.name for s in labels]})")
+    nodule: LabelSpec = nodules[0]
+    n_classes = 1 + max(spec.value for spec in labels)
+    ratios = list(class_ratios) if class_ratios is not None else list(_DEFAULT_RATIOS)
+    if len(ratios) != n_classes:
+        raise ValueError(f"class_ratios needs {n_classes} values (one per label value), got {len(ratios)}")
+    spacing_mm = node["input"]["spacing_mm"]
+    window_hu = node["input"]["intensity_window_hu"]
+    dev = torch.device(device)
+    use_amp = dev.type == "cuda"
+
+    set_determinism(seed=seed)
+    torch.manual_seed(seed)
+    inference, anatomy, anatomy_def = _base_network(base, dev)
+    cases = _cases(dataset_dir)
+    train_idx, val_idx = _split(len(cases), val_fraction, seed)
+    train_cases, val_cases = [cases[i] for i in train_idx], [cases[i] for i in val_idx]
+    logger.info("nodule branch: %d training, %d validation cases", len(train_cases), len(val_cases))
+
+    preprocess = _parse(preprocessing_config(image_key="image", label_key="label", spacing_mm=spacing_mm,
+                                             window_hu=window_hu))
+    det, rnd = _train_transforms(patch_size, n_classes, ratios, batch_size)
+    files = lambda cs: [{"image": c["image"], "label": c["label"]} for c in cs]  # noqa: E731
+    train_transform = Compose([*preprocess.transforms, *det, *rnd])
+    train_transform.set_random_state(seed=seed)
+    train_ds = CacheDataset(files(train_cases), transform=train_transform, num_workers=0, progress=False)
+    val_ds = CacheDataset(files(val_cases), transform=preprocess, num_workers=0, progress=False)
+    train_loader = DataLoader(train_ds, batch_size=1, shuffle=True, num_workers=0,
+                              generator=torch.Generator().manual_seed(seed))
+
+    branch_def = nodule_branch_def()
+    torch.manual_seed(seed)  # the branch's start must not depend on what building the base network drew
+    branch = _parse(branch_def).to(dev)
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    optimizer = torch.optim.AdamW(branch.parameters(), lr=learning_rate, weight_decay=1e-5)
+    total_steps = epochs * len(train_loader)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=total_steps, pct_start=min(0.1, 50 / total_steps + 0.01),
+    )
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    window = inference["inferer"]
+    inferer = SlidingWindowInferer(roi_size=list(window["roi_size"]), sw_batch_size=sw_batch_size,
+                                   overlap=float(window.get("overlap", 0.25)), mode="gaussian",
+                                   padding_mode="replicate")
+
+    record: dict[str, Any] = {
+        "kind": "nodule-branch",
+        "device": str(dev),
+        "torch_threads": torch.get_num_threads(),
+        "seed": seed,
+        "dataset": str(dataset_dir),
+        "base_bundle": str(base),
+        "train_cases": [c["name"] for c in train_cases],
+        "validation_cases": [c["name"] for c in val_cases],
+        "settings": {
+            "epochs": epochs,
+            "patch_size": list(patch_size),
+            "batch_size": batch_size,
+            "learning_rate": learning_rate,
+            "class_ratios": [float(v) for v in ratios],
+            "val_fraction": val_fraction,
+            "network": branch_def,
+            "loss": "Dice + BCE (sigmoid, batch Dice)",
+            "amp": use_amp,
+        },
+        "epochs": [],
+    }
+    best_score, best_state, best_epoch, best_with = -math.inf, None, 0, None
+    started = time.perf_counter()
+    epoch_bar = tqdm(range(1, epochs + 1), desc="nodule branch", unit="epoch", disable=not progress)
+    for epoch in epoch_bar:
+        epoch_start = time.perf_counter()
+        branch.train()
+        losses = []
+        for batch in tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress):
+            images = _plain(batch["image"]).to(dev)
+            targets = (_plain(batch["label"]).round() == nodule.value).float().to(dev)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
+                loss = loss_fn(branch(images), targets)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+        entry: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "step_losses": losses,
+            "learning_rate": float(scheduler.get_last_lr()[0]),
+            "train_seconds": time.perf_counter() - epoch_start,
+        }
+        if epoch % val_interval == 0 or epoch == epochs:
+            val_start = time.perf_counter()
+            every, with_nodules = _branch_dice(branch, val_ds, inferer, nodule.value, dev)
+            entry["validation_dice"] = {nodule.name: every}
+            entry["validation_mean_dice"] = every
+            entry["validation_dice_cases_with_nodules"] = with_nodules
+            entry["validation_seconds"] = time.perf_counter() - val_start
+            if every > best_score:
+                best_score, best_epoch, best_with = every, epoch, with_nodules
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in branch.state_dict().items()}
+        entry["seconds"] = time.perf_counter() - epoch_start
+        record["epochs"].append(entry)
+        logger.info("epoch %d/%d: loss %.4f, %.1f s, validation nodule Dice %s", epoch, epochs, entry["loss"],
+                    entry["seconds"], entry.get("validation_mean_dice"))
+        epoch_bar.set_postfix(loss=f"{entry['loss']:.3f}", dice=f"{entry.get('validation_mean_dice', math.nan):.3f}")
+    record["training_seconds"] = time.perf_counter() - started
+    record["best_epoch"] = best_epoch
+    record["best_validation_dice"] = {nodule.name: best_score}
+    record["best_validation_mean_dice"] = best_score
+    record["best_validation_dice_cases_with_nodules"] = best_with
+
+    assert best_state is not None  # the last epoch always validates
+    branch.load_state_dict(best_state)
+    joined = AnatomyWithNoduleBranch(anatomy, branch, nodule.value).to(dev).eval()
+    joined_def = {
+        "_target_": "training.networks.AnatomyWithNoduleBranch",
+        "anatomy": anatomy_def,
+        "nodule": branch_def,
+        "nodule_channel": nodule.value,
+    }
+    write_bundle(
+        out,
+        network=joined,
+        network_def=joined_def,
+        inference_config={k: v for k, v in inference.items() if k != "network_def"},
+        metadata=_joined_metadata(meta, record, nodule, len(val_cases)),
+        example_input=torch.rand(1, 1, *(int(v) for v in window["roi_size"])),
+    )
+    record["bundle"] = str(out)
+    (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
+    _plot_training(record, [nodule], out / "plots")
+    _plot_validation_slices(joined, val_ds, inferer, labels, dev, out / "plots" / "validation_slices.png",
+                            window_hu=window_hu)
+    return record
+
+
+def _joined_metadata(
+    base_meta: Mapping[str, Any], record: Mapping[str, Any], nodule: LabelSpec, validation_cases: int
+) -> dict[str, Any]:
+    """The base bundle's metadata, describing the joined network, its training and validation figures.
+
+    Held-out figures of the base are dropped: they describe another network.
+    """
+    meta = copy.deepcopy(dict(base_meta))
+    for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
+                "optional_packages_version", "required_packages_version", "schema"):
+        meta.pop(key, None)
+    meta["name"] = "Chest CT segmentation (SegResNet + nodule branch)"
+    meta["description"] = (
+        str(base_meta.get("description", "")).rstrip()
+        + f" The {nodule.name} channel comes from a binary 3D UNet branch (training.networks."
+        "AnatomyWithNoduleBranch) trained on nodule-rich patches with Dice+BCE while the anatomy network "
+        "stayed frozen (training/nodule_branch.py)."
+    )
+    anatomy_training = dict(meta.get("training", {}))
+    meta["training"] = {
+        "anatomy": anatomy_training,
+        "nodule_branch": {
+            "dataset": record["dataset"],
+            **record["settings"],
+            "seed": record["seed"],
+            "best_epoch": record["best_epoch"],
+            "training_seconds": round(record["training_seconds"], 1),
+            "device": record["device"],
+        },
+    }
+    evaluation = dict(meta["dicom_node"].get("evaluation", {}))
+    evaluation.pop("held_out", None)
+    dice = dict(evaluation.get("dice", {}))
+    dice[nodule.name] = record["best_validation_mean_dice"]
+    evaluation.update({
+        "split": "validation",
+        "note": "anatomy labels: the base network's validation figures; nodule: the branch's validation "
+        "cases (used to pick its checkpoint); see held_out for figures on data never seen in training",
+        "dice": dice,
+        "mean_dice": float(np.mean(list(dice.values()))),
+        "nodule_branch_validation_cases": validation_cases,
+        "nodule_dice_cases_with_nodules": record["best_validation_dice_cases_with_nodules"],
+    })
+    meta["dicom_node"]["evaluation"] = evaluation
+    return meta
