@@ -39,6 +39,7 @@ from training.metrics import dice_per_label
 from training.networks import AnatomyWithNoduleBranch, nodule_branch_def
 from training.segmentation import (
     _cases,
+    _Optimisation,
     _load_bundle,
     _parse,
     _plain,
@@ -176,12 +177,8 @@ def train_nodule_branch(
     torch.manual_seed(seed)  # the branch's start must not depend on what building the base network drew
     branch = _parse(branch_def).to(dev)
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
-    optimizer = torch.optim.AdamW(branch.parameters(), lr=learning_rate, weight_decay=1e-5)
-    total_steps = epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=learning_rate, total_steps=total_steps, pct_start=min(0.1, 50 / total_steps + 0.01),
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    optimisation = _Optimisation.for_network(branch, learning_rate, epochs * len(train_loader), use_amp)
+    is_nodule = lambda labels: (labels.round() == nodule.value).float()  # noqa: E731
     window = inference["inferer"]
     inferer = SlidingWindowInferer(roi_size=list(window["roi_size"]), sw_batch_size=sw_batch_size,
                                    overlap=float(window.get("overlap", 0.25)), mode="gaussian",
@@ -214,26 +211,7 @@ def train_nodule_branch(
     epoch_bar = tqdm(range(1, epochs + 1), desc="nodule branch", unit="epoch", disable=not progress)
     for epoch in epoch_bar:
         epoch_start = time.perf_counter()
-        branch.train()
-        losses = []
-        for batch in tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress):
-            images = _plain(batch["image"]).to(dev)
-            targets = (_plain(batch["label"]).round() == nodule.value).float().to(dev)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(branch(images), targets)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-        entry: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "step_losses": losses,
-            "learning_rate": float(scheduler.get_last_lr()[0]),
-            "train_seconds": time.perf_counter() - epoch_start,
-        }
+        entry = optimisation.epoch(branch, train_loader, loss_fn, is_nodule, dev, epoch=epoch, progress=progress)
         if epoch % val_interval == 0 or epoch == epochs:
             val_start = time.perf_counter()
             every, with_nodules = _branch_dice(branch, val_ds, inferer, nodule.value, dev)
@@ -296,7 +274,8 @@ def _joined_metadata(
         str(base_meta.get("description", "")).rstrip()
         + f" The {nodule.name} channel comes from a binary 3D UNet branch (training.networks."
         "AnatomyWithNoduleBranch) trained on nodule-rich patches with Dice+BCE while the anatomy network "
-        "stayed frozen (training/nodule_branch.py)."
+        "stayed frozen (training/nodule_branch.py). configs/inference.json builds that class, so "
+        "`python -m monai.bundle run` needs the dicom-node package importable; models/model.ts does not."
     )
     anatomy_training = dict(meta.get("training", {}))
     meta["training"] = {

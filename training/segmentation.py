@@ -30,7 +30,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -450,12 +450,7 @@ def train_segmentation(
             raise ValueError(f"init_bundle {init_bundle}: weights do not fit this network ({exc})") from exc
     weight = torch.as_tensor(list(class_weights), dtype=torch.float32, device=dev) if class_weights else None
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True, weight=weight)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-5)
-    total_steps = epochs * len(train_loader)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=learning_rate, total_steps=total_steps, pct_start=min(0.1, 50 / total_steps + 0.01),
-    )
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    optimisation = _Optimisation.for_network(network, learning_rate, epochs * len(train_loader), use_amp)
     inferer = SlidingWindowInferer(roi_size=list(patch_size), sw_batch_size=sw_batch_size, overlap=0.25,
                                    mode="gaussian", padding_mode="replicate")
 
@@ -489,26 +484,8 @@ def train_segmentation(
     epoch_bar = tqdm(range(1, epochs + 1), desc="segmentation", unit="epoch", disable=not progress)
     for epoch in epoch_bar:
         epoch_start = time.perf_counter()
-        network.train()
-        losses = []
-        for batch in tqdm(train_loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress):
-            # Plain tensors: MetaTensor's per-operation metadata handling costs ~10% of a CPU step.
-            images, targets = _plain(batch["image"]).to(dev), _plain(batch["label"]).to(dev)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
-                loss = loss_fn(network(images), targets)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(float(loss.detach()))
-        entry: dict[str, Any] = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "step_losses": losses,
-            "learning_rate": float(scheduler.get_last_lr()[0]),
-            "train_seconds": time.perf_counter() - epoch_start,
-        }
+        entry = optimisation.epoch(network, train_loader, loss_fn, lambda labels: labels, dev, epoch=epoch,
+                                   progress=progress)
         if epoch % val_interval == 0 or epoch == epochs:
             val_start = time.perf_counter()
             dice = _validate(network, val_ds, inferer, labels, dev, use_amp)
@@ -566,6 +543,62 @@ def train_segmentation(
     _plot_training(record, labels, out / "plots")
     _plot_validation_slices(network, val_ds, inferer, labels, dev, out / "plots" / "validation_slices.png")
     return record
+
+
+class _Optimisation:
+    """AdamW with a one-cycle learning rate (and AMP loss scaling on CUDA): one training epoch at a time."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any, use_amp: bool) -> None:
+        self.optimizer, self.scheduler, self.scaler, self.use_amp = optimizer, scheduler, scaler, use_amp
+
+    @classmethod
+    def for_network(
+        cls, network: torch.nn.Module, learning_rate: float, total_steps: int, use_amp: bool
+    ) -> "_Optimisation":
+        optimizer = torch.optim.AdamW(network.parameters(), lr=learning_rate, weight_decay=1e-5)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=learning_rate, total_steps=total_steps, pct_start=min(0.1, 50 / total_steps + 0.01),
+        )
+        return cls(optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=use_amp), use_amp)
+
+    def epoch(
+        self,
+        network: torch.nn.Module,
+        loader: Any,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        targets_of: Callable[[torch.Tensor], torch.Tensor],
+        dev: torch.device,
+        *,
+        epoch: int,
+        progress: bool,
+    ) -> dict[str, Any]:
+        """One pass over ``loader``; ``targets_of`` turns a batch's label patches into the loss's targets.
+
+        Returns the epoch's record entry (losses, learning rate, seconds).
+        """
+        from tqdm.auto import tqdm
+
+        started = time.perf_counter()
+        network.train()
+        losses = []
+        for batch in tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, disable=not progress):
+            # Plain tensors: MetaTensor's per-operation metadata handling costs ~10% of a CPU step.
+            images, targets = _plain(batch["image"]).to(dev), targets_of(_plain(batch["label"])).to(dev)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=self.use_amp):
+                loss = loss_fn(network(images), targets)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            losses.append(float(loss.detach()))
+        return {
+            "epoch": epoch,
+            "loss": float(np.mean(losses)),
+            "step_losses": losses,
+            "learning_rate": float(self.scheduler.get_last_lr()[0]),
+            "train_seconds": time.perf_counter() - started,
+        }
 
 
 def _plain(tensor: Any) -> torch.Tensor:
