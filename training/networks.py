@@ -19,6 +19,7 @@ softmax(a_others)_k``: P(label) = P(not nodule) x P(label | not nodule).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,17 +49,25 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
 
     ``anatomy`` maps ``(B, 1, X, Y, Z)`` to ``(B, C, X, Y, Z)`` logits, one per
     label value; ``nodule`` maps the same input to ``(B, 1, X, Y, Z)`` nodule
-    logits; ``nodule_channel`` is the nodule's label value. The output has the
-    anatomy network's shape, for softmax/argmax postprocessing.
+    logits; ``nodule_channel`` is the nodule's label value. ``nodule_threshold``: the
+    branch probability at which a voxel becomes nodule (its softmax reaches 0.5),
+    chosen on validation data by the trainer. The output has the anatomy network's
+    shape, for softmax/argmax postprocessing.
     """
 
-    def __init__(self, anatomy: torch.nn.Module, nodule: torch.nn.Module, nodule_channel: int) -> None:
+    def __init__(
+        self, anatomy: torch.nn.Module, nodule: torch.nn.Module, nodule_channel: int, nodule_threshold: float = 0.5
+    ) -> None:
         super().__init__()
         if nodule_channel < 1:
             raise ValueError(f"nodule_channel must be a foreground label value (>= 1), got {nodule_channel}")
+        if not 0.0 < nodule_threshold < 1.0:
+            raise ValueError(f"nodule_threshold must be a probability in (0, 1), got {nodule_threshold}")
         self.anatomy = anatomy
         self.nodule = nodule
         self.nodule_channel = int(nodule_channel)
+        # Shifts the branch's logit so that its probability `nodule_threshold` becomes 0.5 at the softmax.
+        self.nodule_offset = float(-math.log(nodule_threshold / (1.0 - nodule_threshold)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.anatomy(x)
@@ -66,5 +75,5 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
         if logits.shape[1] <= k:
             raise ValueError(f"anatomy network gives {logits.shape[1]} channels, nodule channel {k} is missing")
         others = torch.cat([logits[:, :k], logits[:, k + 1:]], dim=1)
-        nodule = torch.logsumexp(others, dim=1, keepdim=True) + self.nodule(x)
+        nodule = torch.logsumexp(others, dim=1, keepdim=True) + self.nodule(x) + self.nodule_offset
         return torch.cat([logits[:, :k], nodule, logits[:, k + 1:]], dim=1)
