@@ -28,15 +28,17 @@ def test_models_page_shows_the_shipped_bundles_with_held_out_figures(web: WebEnv
     page = viewer.client.get("/models")
     assert page.status_code == 200
     html = page.text
-    assert "Chest CT segmentation (SegResNet)" in html and "Lung nodule detection (CenterNet 3D)" in html
+    assert "Chest CT segmentation (SegResNet + nodule branch)" in html and "Lung nodule detection (CenterNet 3D)" in html
     seg = html.split('data-model="chest-ct-segmentation"')[1].split('data-model="lung-nodule-detection"')[0]
     det = html.split('data-model="lung-nodule-detection"')[1]
     # Held-out figures first, validation beside them.
     assert re.search(r'<th class="num" data-split="held_out">Held-out test set<br><span class="muted small">32 cases'
                      r'</span></th><th class="num" data-split="validation">Validation', seg)
     assert '<th scope="row">Dice lung</th><td class="num">0.975</td><td class="num">0.951</td>' in seg
+    assert '<th scope="row">Dice nodule</th><td class="num">0.594</td><td class="num">0.530</td>' in seg
     assert '<th scope="row">Dice heart</th><td class="num">0.952</td><td class="num">0.954</td>' in seg
-    assert '<th scope="row">Mean Dice</th><td class="num">0.825</td>' in seg
+    assert '<th scope="row">Mean Dice</th><td class="num">0.894</td>' in seg
+    assert '<th scope="row">Dice nodule, 24 cases with nodule</th><td class="num">0.541</td>' in seg
     assert "2.2 × 2.2 × 2.5" in seg and "-1000.0 to 500.0" in seg
     assert 'fill="#80aee7"' in seg and "SCT:39607008" in seg  # lung: colour swatch and code
     det_held_out = det.split('data-split="held_out"')[1].split('data-split="validation"')[0]
@@ -67,8 +69,9 @@ def test_models_api_gives_the_same_figures(web: WebEnv) -> None:
     held_out = seg["evaluations"][0]
     assert held_out["split"] == "held_out" and held_out["cases"] == 32
     figures = dict(held_out["figures"])
-    assert figures["Dice lung"] == pytest.approx(0.9752, abs=1e-4)
-    assert figures["Mean Dice"] == pytest.approx(0.8248, abs=1e-4)
+    assert figures["Dice lung"] == pytest.approx(0.9754, abs=1e-4)
+    assert figures["Mean Dice"] == pytest.approx(0.8935, abs=1e-4)
+    assert figures["Dice nodule, 24 cases with nodule"] == pytest.approx(0.5414, abs=1e-4)
     assert seg["evaluations"][1]["split"] == "validation"
     froc = {f["subset"]: f for f in det["evaluations"][0]["froc"]}
     assert det["evaluations"][0]["split"] == "held_out"

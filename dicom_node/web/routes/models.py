@@ -129,6 +129,12 @@ def _evaluation(raw: Mapping[str, Any], split: str) -> EvaluationOut:
         figures += [(f"Dice {name}", v) for name, value in dice.items() if (v := _number(value)) is not None]
     if (mean := _number(raw.get("mean_dice"))) is not None:
         figures.append(("Mean Dice", mean))
+    # A lesion label absent from some cases: its Dice over the cases that have it (the usual lesion figure).
+    with_label, counts = raw.get("dice_cases_with_label"), raw.get("cases_with_label")
+    if isinstance(with_label, Mapping) and isinstance(counts, Mapping):
+        figures += [(f"Dice {name}, {counts[name]} cases with {name}", v) for name, value in with_label.items()
+                    if (v := _number(value)) is not None and isinstance(counts.get(name), int)
+                    and counts[name] != raw.get("cases")]
     froc = []
     for subset in ("all", "large"):
         block = raw.get(subset)
