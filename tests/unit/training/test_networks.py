@@ -59,3 +59,14 @@ def test_built_from_a_monai_config_scripts_and_rejects_a_missing_channel() -> No
         too_few(x)
     with pytest.raises(ValueError, match="nodule_channel must be a foreground label value"):
         AnatomyWithNoduleBranch(Constant([0.0]), Constant([0.0]), nodule_channel=0)
+
+
+def test_the_validation_threshold_moves_the_decision_and_must_be_a_probability() -> None:
+    anatomy = Constant([0.0, 0.0, 9.0, 0.0, 0.0, 0.0])  # clearly lung
+    branch = Constant([float(torch.logit(torch.tensor(0.45)))])  # the branch says 0.45
+    x = torch.zeros(1, 1, 1, 1, 1)
+    assert int(AnatomyWithNoduleBranch(anatomy, branch, 5)(x).argmax(1)) == 2
+    assert int(AnatomyWithNoduleBranch(anatomy, branch, 5, nodule_threshold=0.4)(x).argmax(1)) == 5
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="nodule_threshold must be a probability"):
+            AnatomyWithNoduleBranch(anatomy, branch, 5, nodule_threshold=bad)
