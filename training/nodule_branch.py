@@ -126,7 +126,8 @@ def train_nodule_branch(
     sliding window, the labels and the frozen anatomy network; only the branch
     learns. One epoch visits every training case once with ``batch_size`` patches
     per step. The checkpoint with the best mean validation nodule Dice is
-    exported. Returns the training record, also in ``out_dir/metrics.json``.
+    exported, with the decision threshold (branch probability) that scores best on
+    the same validation cases built into the joined network. Returns the training record, also in ``out_dir/metrics.json``.
     Deterministic for a given ``seed`` on CPU.
     """
     from monai.data import CacheDataset, DataLoader
@@ -148,7 +149,10 @@ def train_nodule_branch(
     node = meta["dicom_node"]
     if node.get("kind") != "segmentation":
         raise ValueError(f"base bundle {base} is a {node.get('kind')!r} bundle, not a segmentation one")
-    labels = [label_by_name(str(entry["name"])) for entry in node["labels"]]
+    try:
+        labels = [label_by_name(str(entry["name"])) for entry in node["labels"]]
+    except KeyError as exc:
+        raise ValueError(f"base bundle {base} has a label this trainer does not know: {exc}") from exc
     nodules = [spec for spec in labels if spec.name == "nodule"]
     if not nodules:
         raise ValueError(f"base bundle {base} has no 'nodule' label (labels: {[s.name for s in labels]})")
