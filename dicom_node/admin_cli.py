@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import config_repo, jobs
+from dicom_node.db import config_repo, jobs, study_views
 from dicom_node.db.session import current_revision, head_revision, make_engine, make_session_factory, upgrade
 from dicom_node.settings import Settings
 
@@ -208,7 +208,7 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
         _audit(sessions, "delivery.retry", "delivery", str(args.delivery_id), after={"state": "failed", "attempts": 0})
         print(f"delivery {args.delivery_id} will be sent again (the running node sends it within a second)")
         return 0
-    listed = jobs.list_jobs(sessions, limit=args.limit, study_instance_uid=args.study)
+    listed = study_views.list_jobs(sessions, limit=args.limit, study_instance_uid=args.study).items
     if args.json:
         print(json.dumps([
             {"id": j.id, "study_instance_uid": j.study_instance_uid, "series_instance_uid": j.series_instance_uid,
@@ -217,22 +217,22 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
              "summary": j.summary, "queued_at": j.queued_at.isoformat(),
              "started_at": j.started_at.isoformat() if j.started_at else None,
              "finished_at": j.finished_at.isoformat() if j.finished_at else None,
-             "deliveries": [{"id": i, "destination": d, "state": s, "attempts": a, "error": e}
-                            for d, s, a, e, i in j.deliveries]}
+             "deliveries": [{"id": d.id, "destination": d.destination, "state": d.state, "attempts": d.attempts,
+                             "error": d.error} for d in j.deliveries]}
             for j in listed
         ], indent=2))
         return 0
     if not listed:
         print("no jobs yet")
     for j in listed:
-        deliveries = ", ".join(f"{d}: {s} (delivery {i})" for d, s, _, _, i in j.deliveries) or "no deliveries"
+        deliveries = ", ".join(f"{d.destination}: {d.state} (delivery {d.id})" for d in j.deliveries) or "no deliveries"
         print(f"{j.id:>5} {j.state:<10} {j.pipeline:<24} attempts {j.attempts}/{j.max_attempts}  {deliveries}")
         print(f"      study {j.study_instance_uid} series {j.series_instance_uid}")
         if j.error:
             print(f"      error: {j.error}")
-        for destination, state, _, error, delivery_id in j.deliveries:
-            if error and state != "delivered":
-                print(f"      delivery {delivery_id} to {destination}: {error}")
+        for d in j.deliveries:
+            if d.error and d.state != "delivered":
+                print(f"      delivery {d.id} to {d.destination}: {d.error}")
     return 0
 
 

@@ -33,7 +33,6 @@ from dicom_node.routing import JobSpec, RoutingDecision
 __all__ = [
     "DeliveryClaim",
     "JobClaim",
-    "JobView",
     "ResultSpec",
     "cancel_job",
     "claim_delivery",
@@ -44,7 +43,6 @@ __all__ = [
     "finish_delivery",
     "finish_job",
     "heartbeat_job",
-    "list_jobs",
     "own_result_series",
     "requeue_jobs",
     "unfinished_deliveries",
@@ -86,27 +84,6 @@ class DeliveryClaim:
     job_id: int
     destination: str
     attempt: int
-
-
-@dataclass(frozen=True)
-class JobView:
-    """A job as the CLI and UI list it."""
-
-    id: int
-    study_instance_uid: str
-    series_instance_uid: str
-    pipeline: str
-    rule: str
-    state: str
-    attempts: int
-    max_attempts: int
-    error: str | None
-    stage_seconds: dict[str, float]
-    summary: dict[str, Any]
-    queued_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    deliveries: list[tuple[str, str, int, str | None, int]]  # destination, state, attempts, error, id
 
 
 def studies_to_route(sessions: sessionmaker[Session]) -> list[tuple[int, str]]:
@@ -455,27 +432,3 @@ def retry_delivery(sessions: sessionmaker[Session], delivery_id: int, *, now: da
                    Delivery.state.in_([DeliveryState.FAILED.value, DeliveryState.DEAD.value]))
             .values(state=DeliveryState.FAILED.value, attempts=0, next_attempt_at=now, state_changed_at=now)
         ).rowcount)
-
-
-def list_jobs(sessions: sessionmaker[Session], *, limit: int = 200, study_instance_uid: str | None = None) -> list[JobView]:
-    """The newest jobs first, each with its deliveries (destination, state, attempts, error)."""
-    with sessions() as session:
-        query = select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
-        if study_instance_uid is not None:
-            query = query.where(Study.study_instance_uid == study_instance_uid)
-        rows = session.execute(query.order_by(Job.id.desc()).limit(limit)).all()
-        ids = [job.id for job, _ in rows]
-        deliveries: dict[int, list[tuple[str, str, int, str | None, int]]] = {i: [] for i in ids}
-        if ids:
-            for d in session.execute(select(Delivery).where(Delivery.job_id.in_(ids)).order_by(Delivery.id)).scalars():
-                deliveries[d.job_id].append((d.destination, d.state, d.attempts, d.error, d.id))
-    return [
-        JobView(
-            id=job.id, study_instance_uid=uid, series_instance_uid=job.series_instance_uid, pipeline=job.pipeline,
-            rule=job.rule, state=job.state, attempts=job.attempts, max_attempts=job.max_attempts, error=job.error,
-            stage_seconds=json.loads(job.stage_seconds) if job.stage_seconds else {},
-            summary=json.loads(job.summary) if job.summary else {}, queued_at=job.queued_at,
-            started_at=job.started_at, finished_at=job.finished_at, deliveries=deliveries[job.id],
-        )
-        for job, uid in rows
-    ]

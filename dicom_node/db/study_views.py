@@ -530,17 +530,20 @@ def study_detail(sessions: sessionmaker[Session], study_instance_uid: str) -> St
 
 
 def list_jobs(
-    sessions: sessionmaker[Session], *, state: str | None = None, pipeline: str | None = None, limit: int = 100,
-    offset: int = 0,
+    sessions: sessionmaker[Session], *, state: str | None = None, pipeline: str | None = None,
+    study_instance_uid: str | None = None, limit: int = 100, offset: int = 0,
 ) -> JobPage:
-    """The newest jobs first, optionally of one state and/or pipeline, with results and deliveries."""
+    """The newest jobs first, optionally of one state, pipeline and/or study, with results and deliveries."""
     conditions = []
     if state:
         conditions.append(Job.state == state)
     if pipeline:
         conditions.append(Job.pipeline == pipeline)
+    if study_instance_uid:
+        conditions.append(Study.study_instance_uid == study_instance_uid)
     with sessions() as session:
-        total = int(session.scalar(select(func.count()).select_from(Job).where(*conditions)) or 0)
+        total = int(session.scalar(select(func.count()).select_from(Job).join(Study, Study.id == Job.study_id)
+                                   .where(*conditions)) or 0)
         items = _job_rows(session, _jobs_query().where(*conditions).order_by(Job.id.desc()).limit(limit).offset(offset))
     return JobPage(items=items, total=total, limit=limit, offset=offset)
 
