@@ -74,6 +74,9 @@ def add_training_commands(subparsers: Any) -> None:
     branch = train.add_argument_group("nodule-branch options")
     branch.add_argument("--base-bundle", type=Path, metavar="BUNDLE_DIR",
                         help="segmentation bundle whose anatomy network the branch joins (required)")
+    branch.add_argument("--nodule-sampling", choices=("per-nodule", "per-voxel"), default=None,
+                        help="centre nodule patches on every nodule equally often (per-nodule, the default) "
+                        "or on every nodule voxel equally often, which favours large nodules")
     det = train.add_argument_group("detection options")
     det.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch")
     train.set_defaults(handler=train_command)
@@ -156,12 +159,15 @@ def train_command(args: argparse.Namespace) -> int:
             class_weights=args.class_weights,
             init_bundle=args.init_bundle,
         )
-        misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--base-bundle": args.base_bundle}
+        misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--base-bundle": args.base_bundle,
+                     "--nodule-sampling": args.nodule_sampling}
     elif args.kind == "nodule-branch":
         if args.base_bundle is None:
             return _error("--base-bundle is required when training nodule-branch")
         options.update(base_bundle=args.base_bundle, class_ratios=args.class_ratios,
                        patch_size=tuple(args.patch_size) if args.patch_size else None)
+        if args.nodule_sampling is not None:
+            options["balance_nodules"] = args.nodule_sampling == "per-nodule"
         misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--spacing": args.spacing,
                      "--init-filters": args.init_filters, "--class-weights": args.class_weights,
                      "--init-bundle": args.init_bundle}
@@ -169,7 +175,8 @@ def train_command(args: argparse.Namespace) -> int:
         options["steps_per_epoch"] = args.steps_per_epoch
         misplaced = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,
                      "--class-ratios": args.class_ratios, "--class-weights": args.class_weights,
-                     "--init-bundle": args.init_bundle, "--base-bundle": args.base_bundle}
+                     "--init-bundle": args.init_bundle, "--base-bundle": args.base_bundle,
+                     "--nodule-sampling": args.nodule_sampling}
     given = [flag for flag, value in misplaced.items() if value is not None]
     if given:
         return _error(f"{', '.join(given)} not supported when training {args.kind}")

@@ -61,6 +61,8 @@ DEFAULT_BRANCH_PATCH_SIZE: tuple[int, int, int] = (48, 48, 32)
 _DEFAULT_RATIOS: tuple[float, ...] = (0.0, 1.0, 3.0, 0.5, 0.5, 5.0)
 #: Branch probabilities tried as the nodule decision threshold on the validation cases.
 _THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
+#: Smallest nodule components (voxels) tried as the postprocessing's size filter on the validation cases.
+_MIN_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6)
 
 
 def _base_network(bundle_dir: Path, device: torch.device) -> tuple[dict[str, Any], torch.nn.Module, dict[str, Any]]:
@@ -82,25 +84,33 @@ def _base_network(bundle_dir: Path, device: torch.device) -> tuple[dict[str, Any
 @torch.no_grad()
 def _branch_dice(
     branch: torch.nn.Module, val_ds: Any, inferer: Any, nodule_value: int, dev: torch.device,
-    thresholds: Sequence[float] = (0.5,),
-) -> dict[float, tuple[float, float | None]]:
-    """``{threshold: (mean nodule Dice over all validation cases, mean over the cases with nodules)}``.
+    thresholds: Sequence[float] = (0.5,), min_sizes: Sequence[int] = (1,),
+) -> dict[tuple[float, int], tuple[float, float | None]]:
+    """``{(threshold, min size): (mean nodule Dice over all validation cases, mean over the cases with nodules)}``.
 
-    A voxel is nodule where the branch's probability exceeds the threshold.
+    A voxel is nodule where the branch's probability exceeds the threshold and
+    its 26-connected component of such voxels has at least ``min size`` voxels.
     """
+    from scipy import ndimage
+
     branch.eval()
-    every: dict[float, list[float]] = {t: [] for t in thresholds}
-    with_nodules: dict[float, list[float]] = {t: [] for t in thresholds}
+    every: dict[tuple[float, int], list[float]] = {(t, m): [] for t in thresholds for m in min_sizes}
+    with_nodules: dict[tuple[float, int], list[float]] = {key: [] for key in every}
     for item in val_ds:
         probability = torch.sigmoid(inferer(_plain(item["image"])[None].to(dev), branch)[0, 0]).cpu().numpy()
         ref = np.asarray(item["label"][0]).round().astype(np.uint8) == nodule_value
         for t in thresholds:
-            score = dice_per_label(probability > t, ref, [True])[1]
-            every[t].append(score)
-            if ref.any():
-                with_nodules[t].append(score)
-    return {t: (float(np.mean(every[t])), float(np.mean(with_nodules[t])) if with_nodules[t] else None)
-            for t in thresholds}
+            components, count = ndimage.label(probability > t, structure=np.ones((3, 3, 3), dtype=bool))
+            sizes = np.bincount(components.ravel(), minlength=count + 1)
+            for m in min_sizes:
+                keep = sizes >= m
+                keep[0] = False
+                score = dice_per_label(keep[components], ref, [True])[1]
+                every[(t, m)].append(score)
+                if ref.any():
+                    with_nodules[(t, m)].append(score)
+    return {key: (float(np.mean(every[key])), float(np.mean(with_nodules[key])) if with_nodules[key] else None)
+            for key in every}
 
 
 def train_nodule_branch(
@@ -118,6 +128,7 @@ def train_nodule_branch(
     class_ratios: Sequence[float] | None = None,
     val_interval: int = 1,
     sw_batch_size: int = 2,
+    balance_nodules: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train a nodule branch on ``dataset_dir`` for ``base_bundle``'s anatomy network; bundle to ``out_dir``.
@@ -125,7 +136,8 @@ def train_nodule_branch(
     The base bundle gives the preprocessing (spacing, intensity window), the
     sliding window, the labels and the frozen anatomy network; only the branch
     learns. One epoch visits every training case once with ``batch_size`` patches
-    per step. The checkpoint with the best mean validation nodule Dice is
+    per step. With ``balance_nodules`` the nodule patches centre on every nodule of
+    a case equally often, so 3 mm nodules are trained on as often as 30 mm ones. The checkpoint with the best mean validation nodule Dice is
     exported, with the decision threshold (branch probability) that scores best on
     the same validation cases built into the joined network. Returns the training record, also in ``out_dir/metrics.json``.
     Deterministic for a given ``seed`` on CPU.
@@ -176,7 +188,8 @@ def train_nodule_branch(
 
     preprocess = _parse(preprocessing_config(image_key="image", label_key="label", spacing_mm=spacing_mm,
                                              window_hu=window_hu))
-    det, rnd = _train_transforms(patch_size, n_classes, ratios, batch_size)
+    det, rnd = _train_transforms(patch_size, n_classes, ratios, batch_size,
+                                 balance_label=nodule.value if balance_nodules else None)
     files = lambda cs: [{"image": c["image"], "label": c["label"]} for c in cs]  # noqa: E731
     train_transform = Compose([*preprocess.transforms, *det, *rnd])
     train_transform.set_random_state(seed=seed)
@@ -213,6 +226,7 @@ def train_nodule_branch(
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "class_ratios": [float(v) for v in ratios],
+            "nodule_patch_centres": "each nodule equally often" if balance_nodules else "each nodule voxel equally often",
             "val_fraction": val_fraction,
             "network": branch_def,
             "loss": "Dice + BCE (sigmoid, batch Dice)",
@@ -228,7 +242,7 @@ def train_nodule_branch(
         entry = optimisation.epoch(branch, train_loader, loss_fn, is_nodule, dev, epoch=epoch, progress=progress)
         if epoch % val_interval == 0 or epoch == epochs:
             val_start = time.perf_counter()
-            every, with_nodules = _branch_dice(branch, val_ds, inferer, nodule.value, dev)[0.5]
+            every, with_nodules = _branch_dice(branch, val_ds, inferer, nodule.value, dev)[(0.5, 1)]
             entry["validation_dice"] = {nodule.name: every}
             entry["validation_mean_dice"] = every
             entry["validation_dice_cases_with_nodules"] = with_nodules
@@ -246,13 +260,16 @@ def train_nodule_branch(
 
     assert best_state is not None  # the last epoch always validates
     branch.load_state_dict(best_state)
-    # The decision threshold of the best checkpoint, picked on the validation cases (ties: nearest 0.5).
-    by_threshold = _branch_dice(branch, val_ds, inferer, nodule.value, dev, _THRESHOLDS)
-    threshold = max(_THRESHOLDS, key=lambda t: (by_threshold[t][0], -abs(t - 0.5)))
-    best_score, best_with = by_threshold[threshold]
-    record["validation_dice_by_threshold"] = {str(t): {"all_cases": a, "cases_with_nodules": w}
-                                              for t, (a, w) in by_threshold.items()}
+    # The decision threshold and size filter of the best checkpoint, picked on the validation cases (ties:
+    # the threshold nearest 0.5, then the smallest filter).
+    by_choice = _branch_dice(branch, val_ds, inferer, nodule.value, dev, _THRESHOLDS, _MIN_SIZES)
+    threshold, min_voxels = max(by_choice, key=lambda k: (by_choice[k][0], -abs(k[0] - 0.5), -k[1]))
+    best_score, best_with = by_choice[(threshold, min_voxels)]
+    record["validation_dice_by_threshold"] = {
+        f"{t} min {m}": {"all_cases": a, "cases_with_nodules": w} for (t, m), (a, w) in by_choice.items()
+    }
     record["nodule_threshold"] = threshold
+    record["nodule_min_voxels"] = min_voxels
     record["best_validation_dice"] = {nodule.name: best_score}
     record["best_validation_mean_dice"] = best_score
     record["best_validation_dice_cases_with_nodules"] = best_with
@@ -268,7 +285,8 @@ def train_nodule_branch(
         out,
         network=joined,
         network_def=joined_def,
-        inference_config={k: v for k, v in inference.items() if k != "network_def"},
+        inference_config=_with_size_filter({k: v for k, v in inference.items() if k != "network_def"},
+                                           nodule.value, min_voxels),
         metadata=_joined_metadata(meta, record, nodule, len(val_cases)),
         example_input=torch.rand(1, 1, *(int(v) for v in window["roi_size"])),
     )
@@ -278,6 +296,26 @@ def train_nodule_branch(
     _plot_validation_slices(joined, val_ds, inferer, labels, dev, out / "plots" / "validation_slices.png",
                             window_hu=window_hu)
     return record
+
+
+_SIZE_FILTER = "training.postprocessing.DropSmallComponentsd"
+
+
+def _with_size_filter(inference: dict[str, Any], channel: int, min_voxels: int) -> dict[str, Any]:
+    """``inference`` whose postprocessing drops nodule components under ``min_voxels`` before the argmax.
+
+    A filter already there (a base that was itself a joined bundle) is replaced;
+    ``min_voxels`` 1 means no filter.
+    """
+    out = copy.deepcopy(inference)
+    steps = [step for step in out["postprocessing"]["transforms"] if step.get("_target_") != _SIZE_FILTER]
+    if min_voxels > 1:
+        after = next((i + 1 for i, step in enumerate(steps) if step.get("_target_") == "Activationsd"), None)
+        if after is None:
+            raise ValueError("the base bundle's postprocessing has no Activationsd to put the nodule size filter after")
+        steps.insert(after, {"_target_": _SIZE_FILTER, "keys": "pred", "channel": channel, "min_voxels": min_voxels})
+    out["postprocessing"]["transforms"] = steps
+    return out
 
 
 def _joined_metadata(

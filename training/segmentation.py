@@ -319,9 +319,15 @@ def _parse(config: Mapping[str, Any]) -> Any:
 
 
 def _train_transforms(
-    patch_size: Sequence[int], n_classes: int, class_ratios: Sequence[float], num_samples: int
+    patch_size: Sequence[int], n_classes: int, class_ratios: Sequence[float], num_samples: int,
+    balance_label: int | None = None,
 ) -> tuple[list[Any], list[Any]]:
-    """(deterministic part, cached; random part) of the training transform chain."""
+    """(deterministic part, cached; random part) of the training transform chain.
+
+    With ``balance_label``, patches drawn for that label centre on each of its
+    connected components equally often (:class:`training.sampling.BalanceComponentIndicesd`)
+    instead of on each of its voxels.
+    """
     from monai.transforms import (
         ClassesToIndicesd,
         RandCropByLabelClassesd,
@@ -336,6 +342,10 @@ def _train_transforms(
         # Class voxel indices once per case, so each random crop need not scan the volume.
         ClassesToIndicesd("label", num_classes=n_classes, max_samples_per_class=20_000),
     ]
+    if balance_label is not None:
+        from training.sampling import BalanceComponentIndicesd
+
+        deterministic.append(BalanceComponentIndicesd("label", "label_cls_indices", balance_label))
     random = [
         RandCropByLabelClassesd(
             keys,

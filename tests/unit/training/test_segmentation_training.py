@@ -251,7 +251,18 @@ def test_nodule_branch_learns_and_leaves_the_anatomy_network_as_it_was(
     meta = read_bundle_metadata(bundle)
     assert [label["name"] for label in meta["dicom_node"]["labels"]] == [s.name for s in CHEST_LABELS]
     assert meta["training"]["nodule_branch"]["epochs"] == 3 and "anatomy" in meta["training"]
+    assert meta["training"]["nodule_branch"]["nodule_patch_centres"] == "each nodule equally often"
     assert "held_out" not in meta["dicom_node"]["evaluation"]  # the base's figures describe another network
+
+    # The size filter chosen on validation is in the bundle's postprocessing, before the argmax, when it filters.
+    steps = [step["_target_"] for step in
+             json.loads((bundle / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]]
+    chosen = metrics["validation_dice_by_threshold"][f"{metrics['nodule_threshold']} min {metrics['nodule_min_voxels']}"]
+    assert chosen["all_cases"] == pytest.approx(metrics["best_validation_mean_dice"])
+    if metrics["nodule_min_voxels"] > 1:
+        assert steps[:3] == ["Activationsd", "training.postprocessing.DropSmallComponentsd", "AsDiscreted"]
+    else:
+        assert "training.postprocessing.DropSmallComponentsd" not in steps
 
 
 def test_joined_bundle_runs_in_the_node_and_under_monai_bundle_run(branched: dict[str, Any], tmp_path: Path) -> None:
@@ -286,3 +297,13 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     args = ["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "cli")]
     assert main(args) == 2
     assert main([*args, "--base-bundle", str(branched["bundle"]), "--init-filters", "16"]) == 2
+    per_voxel = [*args, "--base-bundle", str(branched["bundle"]), "--nodule-sampling", "per-voxel", "--epochs", "1",
+                 "--patch-size", *map(str, PATCH), "--batch-size", "2", "--val-fraction", "0.34"]
+    assert main(per_voxel) == 0
+    settings = json.loads((tmp_path / "cli" / "metrics.json").read_text())["settings"]
+    assert settings["nodule_patch_centres"] == "each nodule voxel equally often"
+    steps = [step["_target_"] for step in
+             json.loads((tmp_path / "cli" / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]]
+    assert steps.count("training.postprocessing.DropSmallComponentsd") <= 1  # a filter of the base is replaced
+    segmentation = ["train", "segmentation", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "seg")]
+    assert main([*segmentation, "--nodule-sampling", "per-nodule"]) == 2
