@@ -27,7 +27,7 @@ bench: peers $(BIN)/dicom-node
 
 # Retrain the shipped demo models from scratch on synthetic chest CT phantoms and record their held-out
 # figures in the bundles: detection about 30 minutes (1 thread), segmentation anatomy about 25 minutes
-# (1 thread), its nodule branch about 25 minutes (2 threads), each evaluation about 5 minutes.
+# (1 thread), its nodule branch about 25-50 minutes (2 threads), each evaluation about 5 minutes.
 DATA ?= build/phantoms
 models: $(BIN)/dicom-node
 	$(BIN)/dicom-node phantom --out $(DATA)/train --cases 56 --seed 1000 --no-dicom
