@@ -12,10 +12,10 @@ segmentation bundle.
 What: :func:`train_nodule_branch` - data, preprocessing and patch sampling as in
 :func:`training.segmentation.train_segmentation` (patch centres drawn per label,
 nodules and lung most often, so the branch sees nodules and the vessels it
-must not call nodules); validation by sliding window over whole validation
+must not call nodules; nodule patches per nodule, not per nodule voxel); validation by sliding window over whole validation
 cases, Dice of the branch's ``sigmoid > 0.5`` against the nodule label per case
 (a case without nodules scores 1 only if nothing is predicted); the best
-checkpoint is joined with the base bundle's anatomy network and written with
+checkpoint, its threshold and size filter, is joined with the base bundle's anatomy network and written with
 :func:`training.bundle.write_bundle`, with ``metrics.json`` and plots.
 """
 
@@ -137,9 +137,11 @@ def train_nodule_branch(
     sliding window, the labels and the frozen anatomy network; only the branch
     learns. One epoch visits every training case once with ``batch_size`` patches
     per step. With ``balance_nodules`` the nodule patches centre on every nodule of
-    a case equally often, so 3 mm nodules are trained on as often as 30 mm ones. The checkpoint with the best mean validation nodule Dice is
-    exported, with the decision threshold (branch probability) that scores best on
-    the same validation cases built into the joined network. Returns the training record, also in ``out_dir/metrics.json``.
+    a case equally often, so 3 mm nodules are trained on as often as 30 mm ones.
+    The checkpoint with the best mean validation nodule Dice is exported with the
+    decision threshold (branch probability, built into the joined network) and the
+    nodule size filter (in the bundle's postprocessing) that together score best on
+    the same validation cases. Returns the training record, also in ``out_dir/metrics.json``.
     Deterministic for a given ``seed`` on CPU.
     """
     from monai.data import CacheDataset, DataLoader
