@@ -325,21 +325,27 @@ def _joined_metadata(
 ) -> dict[str, Any]:
     """The base bundle's metadata, describing the joined network, its training and validation figures.
 
-    Held-out figures of the base are dropped: they describe another network.
+    Held-out figures of the base are dropped: they describe another network. A
+    base that is itself a joined bundle contributes its anatomy's description and
+    training only, not its old branch's.
     """
     meta = copy.deepcopy(dict(base_meta))
+    branch_note = f" The {nodule.name} channel comes from a binary 3D UNet branch"
+    anatomy_description = str(base_meta.get("description", "")).split(branch_note)[0].rstrip()
+    anatomy_training = dict(meta.get("training", {}))
+    while "nodule_branch" in anatomy_training:  # a joined base; loop: an older re-export nested it twice
+        anatomy_training = dict(anatomy_training.get("anatomy", {}))
     for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
                 "optional_packages_version", "required_packages_version", "schema"):
         meta.pop(key, None)
     meta["name"] = "Chest CT segmentation (SegResNet + nodule branch)"
     meta["description"] = (
-        str(base_meta.get("description", "")).rstrip()
-        + f" The {nodule.name} channel comes from a binary 3D UNet branch (training.networks."
+        anatomy_description
+        + branch_note + " (training.networks."
         "AnatomyWithNoduleBranch) trained on nodule-rich patches with Dice+BCE while the anatomy network "
         "stayed frozen (training/nodule_branch.py). configs/inference.json builds that class, so "
         "`python -m monai.bundle run` needs the dicom-node package importable; models/model.ts does not."
     )
-    anatomy_training = dict(meta.get("training", {}))
     meta["training"] = {
         "anatomy": anatomy_training,
         "nodule_branch": {

@@ -305,5 +305,9 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     steps = [step["_target_"] for step in
              json.loads((tmp_path / "cli" / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]]
     assert steps.count("training.postprocessing.DropSmallComponentsd") <= 1  # a filter of the base is replaced
+    # The joined base's own branch leaves no trace in the new metadata.
+    meta = read_bundle_metadata(tmp_path / "cli")
+    assert meta["description"].count("binary 3D UNet branch") == 1
+    assert set(meta["training"]) == {"anatomy", "nodule_branch"} and "nodule_branch" not in meta["training"]["anatomy"]
     segmentation = ["train", "segmentation", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "seg")]
     assert main([*segmentation, "--nodule-sampling", "per-nodule"]) == 2
