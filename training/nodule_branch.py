@@ -12,8 +12,8 @@ segmentation bundle.
 What: :func:`train_nodule_branch` - data, preprocessing and patch sampling as in
 :func:`training.segmentation.train_segmentation` (patch centres drawn per label,
 nodules and lung most often, so the branch sees nodules and the vessels it
-must not call nodules; nodule patches per nodule, not per nodule voxel); validation by sliding window over whole validation
-cases, Dice of the branch's ``sigmoid > 0.5`` against the nodule label per case
+must not call nodules; nodule patches per nodule, not per nodule voxel);
+validation by sliding window over whole validation cases, Dice of the branch's ``sigmoid > 0.5`` against the nodule label per case
 (a case without nodules scores 1 only if nothing is predicted); the best
 checkpoint, its threshold and size filter, is joined with the base bundle's anatomy network and written with
 :func:`training.bundle.write_bundle`, with ``metrics.json`` and plots.
@@ -37,6 +37,7 @@ from training.bundle import read_bundle_metadata, write_bundle
 from training.labels import LabelSpec, label_by_name
 from training.metrics import dice_per_label
 from training.networks import AnatomyWithNoduleBranch, nodule_branch_def
+from training.postprocessing import component_sizes
 from training.segmentation import (
     _cases,
     _Optimisation,
@@ -91,8 +92,6 @@ def _branch_dice(
     A voxel is nodule where the branch's probability exceeds the threshold and
     its 26-connected component of such voxels has at least ``min size`` voxels.
     """
-    from scipy import ndimage
-
     branch.eval()
     every: dict[tuple[float, int], list[float]] = {(t, m): [] for t in thresholds for m in min_sizes}
     with_nodules: dict[tuple[float, int], list[float]] = {key: [] for key in every}
@@ -100,12 +99,9 @@ def _branch_dice(
         probability = torch.sigmoid(inferer(_plain(item["image"])[None].to(dev), branch)[0, 0]).cpu().numpy()
         ref = np.asarray(item["label"][0]).round().astype(np.uint8) == nodule_value
         for t in thresholds:
-            components, count = ndimage.label(probability > t, structure=np.ones((3, 3, 3), dtype=bool))
-            sizes = np.bincount(components.ravel(), minlength=count + 1)
+            components, sizes = component_sizes(probability > t)
             for m in min_sizes:
-                keep = sizes >= m
-                keep[0] = False
-                score = dice_per_label(keep[components], ref, [True])[1]
+                score = dice_per_label(sizes[components] >= m, ref, [True])[1]
                 every[(t, m)].append(score)
                 if ref.any():
                     with_nodules[(t, m)].append(score)
@@ -228,7 +224,8 @@ def train_nodule_branch(
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "class_ratios": [float(v) for v in ratios],
-            "nodule_patch_centres": "each nodule equally often" if balance_nodules else "each nodule voxel equally often",
+            "nodule_patch_centres": ("each nodule equally often" if balance_nodules
+                                     else "each nodule voxel equally often"),
             "val_fraction": val_fraction,
             "network": branch_def,
             "loss": "Dice + BCE (sigmoid, batch Dice)",

@@ -15,7 +15,21 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["DropSmallComponentsd", "drop_small_components"]
+__all__ = ["DropSmallComponentsd", "component_sizes", "drop_small_components"]
+
+
+def component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(component number per voxel, voxel count per component number) of ``mask``'s 26-connected regions.
+
+    Background is component 0, whose count is set to 0, so ``sizes[components] >= m``
+    is the mask's voxels in components of at least ``m`` voxels for any ``m >= 1``.
+    """
+    from scipy import ndimage
+
+    components, count = ndimage.label(np.asarray(mask, dtype=bool), structure=np.ones((3,) * np.ndim(mask), dtype=bool))
+    sizes = np.bincount(components.ravel(), minlength=count + 1)
+    sizes[0] = 0
+    return components, sizes
 
 
 def drop_small_components(probabilities: torch.Tensor, channel: int, min_voxels: int) -> torch.Tensor:
@@ -25,8 +39,6 @@ def drop_small_components(probabilities: torch.Tensor, channel: int, min_voxels:
     with fewer than ``min_voxels`` voxels are cleared. A copy is returned; the
     input is not changed. ``min_voxels`` 1 or less changes nothing.
     """
-    from scipy import ndimage
-
     if probabilities.ndim != 4:
         raise ValueError(f"probabilities must be (channels, x, y, z), got shape {tuple(probabilities.shape)}")
     if not 0 <= channel < probabilities.shape[0]:
@@ -35,13 +47,8 @@ def drop_small_components(probabilities: torch.Tensor, channel: int, min_voxels:
     if min_voxels <= 1:
         return out
     wins = (probabilities.argmax(0) == channel).cpu().numpy()
-    components, count = ndimage.label(wins, structure=np.ones((3, 3, 3), dtype=bool))
-    if count == 0:
-        return out
-    sizes = np.bincount(components.ravel(), minlength=count + 1)
-    small = sizes < min_voxels
-    small[0] = False
-    drop = torch.from_numpy(small[components]).to(out.device)
+    components, sizes = component_sizes(wins)
+    drop = torch.from_numpy(wins & (sizes[components] < min_voxels)).to(out.device)
     out[channel][drop] = 0
     return out
 

@@ -27,12 +27,13 @@ def component_balanced_indices(mask: npt.ArrayLike, per_component: int) -> npt.N
     evenly spaced voxels of its own (in flat order). Deterministic; an empty
     mask gives an empty array.
     """
-    from scipy import ndimage
+    from training.postprocessing import component_sizes
 
     if per_component < 1:
         raise ValueError(f"per_component must be >= 1, got {per_component}")
     mask = np.asarray(mask, dtype=bool)
-    components, count = ndimage.label(mask, structure=np.ones((3,) * mask.ndim, dtype=bool))
+    components, sizes = component_sizes(mask)
+    count = sizes.size - 1
     if count == 0:
         return np.zeros(0, dtype=np.int64)
     flat = components.ravel()

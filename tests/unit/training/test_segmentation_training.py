@@ -257,7 +257,8 @@ def test_nodule_branch_learns_and_leaves_the_anatomy_network_as_it_was(
     # The size filter chosen on validation is in the bundle's postprocessing, before the argmax, when it filters.
     steps = [step["_target_"] for step in
              json.loads((bundle / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]]
-    chosen = metrics["validation_dice_by_threshold"][f"{metrics['nodule_threshold']} min {metrics['nodule_min_voxels']}"]
+    choice = f"{metrics['nodule_threshold']} min {metrics['nodule_min_voxels']}"
+    chosen = metrics["validation_dice_by_threshold"][choice]
     assert chosen["all_cases"] == pytest.approx(metrics["best_validation_mean_dice"])
     if metrics["nodule_min_voxels"] > 1:
         assert steps[:3] == ["Activationsd", "training.postprocessing.DropSmallComponentsd", "AsDiscreted"]
