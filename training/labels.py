@@ -31,8 +31,9 @@ SCT = "SCT"
 
 #: SNOMED CT category shared by the normal anatomy labels.
 _ANATOMY = ("123037004", "Anatomical Structure")
-#: SNOMED CT category of lesions.
+#: SNOMED CT category of lesions: labels in it get lesion-wise evaluation figures.
 _ALTERED = ("49755003", "Morphologically Altered Structure")
+LESION_CATEGORY_VALUE = _ALTERED[0]
 
 
 @dataclass(frozen=True)

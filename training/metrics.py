@@ -1,4 +1,4 @@
-"""Evaluation metrics: Dice per label and LUNA16-style FROC for nodule detection.
+"""Evaluation metrics: Dice per label, lesion-wise Dice by size and LUNA16-style FROC for nodule detection.
 
 Why: the segmentation and detection trainings, their held-out evaluation and the
 bundle's ``dicom_node.evaluation`` section all report the same figures, computed
@@ -7,6 +7,11 @@ one way, here.
 What:
 
 * :func:`dice_per_label` - Dice coefficient of every requested label.
+* :func:`lesion_matches`, :func:`lesion_summary` - lesion-wise segmentation figures: each
+  reference lesion (a 26-connected region of the label) found or not, its own Dice and
+  its size; predicted regions that touch no reference lesion (false-positive lesions);
+  sensitivity and mean lesion Dice per size band. A voxel Dice averaged over cases
+  hides which lesions a model misses; this says it by size.
 * :class:`Detection`, :class:`Reference` - a detected / a reference nodule: a centre in
   world millimetres, a diameter, and (for a detection) a confidence score.
 * :func:`froc` - the FROC curve over a set of scans, the sensitivity at given average
@@ -17,6 +22,10 @@ Conventions (the choices that change the numbers):
 
 * Dice: ``2 |P ∩ R| / (|P| + |R|)``; a label absent from both prediction and
   reference scores **1.0** (nothing to find, nothing found), so results never hold NaN.
+* Lesion-wise Dice (as BraTS 2023's lesion-wise metrics, without their dilation): a
+  reference lesion's Dice is taken against the union of the predicted regions that
+  overlap it; a lesion no predicted region overlaps is missed and scores 0. Its size is
+  the diameter of the sphere of its volume (voxels x voxel volume).
 * FROC hit criterion (LUNA16): a detection hits a reference nodule when the Euclidean
   distance between their centres is at most the nodule's radius (``diameter / 2``).
   Both must be in the same world frame (any frame: distances do not depend on it).
@@ -48,15 +57,24 @@ import numpy.typing as npt
 
 __all__ = [
     "DEFAULT_FP_RATES",
+    "LESION_SIZE_BANDS_MM",
     "Detection",
     "FrocResult",
+    "LesionMatch",
     "Reference",
     "dice_per_label",
     "froc",
+    "lesion_band",
+    "lesion_matches",
+    "lesion_summary",
 ]
 
 #: The seven operating points of LUNA16's CPM: 1/8 .. 8 average false positives per scan.
 DEFAULT_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+#: Size bands (mm, lesion diameter) of the lesion-wise figures: the Fleischner Society's thresholds for
+#: solid lung nodules (under 6 mm no routine follow-up; 6-8 mm; over 8 mm).
+LESION_SIZE_BANDS_MM: tuple[tuple[float, float], ...] = ((0.0, 6.0), (6.0, 8.0), (8.0, math.inf))
 
 Vec3 = tuple[float, float, float]
 
@@ -84,6 +102,112 @@ def dice_per_label(
         else:
             result[int(label)] = 2.0 * int(np.logical_and(p, r).sum()) / denominator
     return result
+
+
+@dataclass(frozen=True)
+class LesionMatch:
+    """One reference lesion: its size (voxels, equivalent-sphere diameter in mm) and how it was segmented.
+
+    ``dice`` is 0 and ``found`` False when no predicted region overlaps it.
+    ``centre_voxel`` is its centre of mass (array indices, rounded).
+    """
+
+    voxels: int
+    diameter_mm: float
+    dice: float
+    found: bool
+    centre_voxel: tuple[int, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"voxels": self.voxels, "diameter_mm": round(self.diameter_mm, 2), "dice": self.dice,
+                "found": self.found}
+
+
+def lesion_matches(
+    prediction: npt.ArrayLike, reference: npt.ArrayLike, spacing_mm: Sequence[float]
+) -> tuple[list[LesionMatch], int]:
+    """(each reference lesion's match, number of false-positive lesions) of two masks of one label.
+
+    Lesions are 26-connected regions of ``reference``; ``spacing_mm`` is the voxel
+    size along the masks' axes. A predicted region (26-connected, of ``prediction``)
+    that overlaps no reference lesion is a false-positive lesion. Convention: see the
+    module docstring.
+    """
+    from scipy import ndimage
+
+    from training.postprocessing import component_sizes
+
+    pred, ref = np.asarray(prediction, dtype=bool), np.asarray(reference, dtype=bool)
+    if pred.shape != ref.shape:
+        raise ValueError(f"prediction shape {pred.shape} != reference shape {ref.shape}")
+    if len(spacing_mm) != pred.ndim or min(spacing_mm) <= 0:
+        raise ValueError(f"spacing_mm must be {pred.ndim} positive sizes, got {tuple(spacing_mm)}")
+    voxel_mm3 = float(np.prod([float(v) for v in spacing_mm]))
+    pred_regions, pred_sizes = component_sizes(pred)
+    ref_regions, ref_sizes = component_sizes(ref)
+    matches = []
+    for number, where in enumerate(ndimage.find_objects(ref_regions), start=1):
+        inside = ref_regions[where] == number
+        overlapping = np.unique(pred_regions[where][inside])
+        overlapping = overlapping[overlapping > 0]
+        hit = int(np.count_nonzero(pred_regions[where][inside]))
+        voxels = int(ref_sizes[number])
+        centre = np.argwhere(inside).mean(axis=0) + [box.start for box in where]
+        matches.append(LesionMatch(
+            voxels=voxels,
+            diameter_mm=float((6.0 * voxels * voxel_mm3 / math.pi) ** (1.0 / 3.0)),
+            dice=2.0 * hit / (int(pred_sizes[overlapping].sum()) + voxels),
+            found=hit > 0,
+            centre_voxel=tuple(int(v) for v in np.round(centre)),
+        ))
+    touched = np.unique(pred_regions[ref])
+    false_positives = int(np.count_nonzero(pred_sizes)) - int(np.count_nonzero(touched))
+    return matches, false_positives
+
+
+def _band_name(low: float, high: float) -> str:
+    if low <= 0:
+        return f"< {high:g} mm"
+    return f">= {low:g} mm" if math.isinf(high) else f"{low:g}-{high:g} mm"
+
+
+def lesion_band(diameter_mm: float, bands_mm: Sequence[tuple[float, float]] = LESION_SIZE_BANDS_MM) -> str | None:
+    """The name of the size band (``"< 6 mm"``, ``"6-8 mm"``, ...) holding ``diameter_mm``; None: no band does."""
+    return next((_band_name(low, high) for low, high in bands_mm if low <= diameter_mm < high), None)
+
+
+def lesion_summary(
+    matches: Iterable[LesionMatch],
+    false_positive_lesions: Sequence[int],
+    bands_mm: Sequence[tuple[float, float]] = LESION_SIZE_BANDS_MM,
+) -> dict[str, Any]:
+    """Lesion-wise figures of a set of cases: overall and per size band.
+
+    ``matches`` are every case's reference lesions; ``false_positive_lesions`` one
+    count per case. A band holds the lesions with ``low <= diameter < high``; its
+    ``sensitivity`` (found / lesions) and ``mean_dice`` are None when it has no lesion.
+    """
+    found = list(matches)
+
+    def figures(group: list[LesionMatch]) -> dict[str, Any]:
+        return {
+            "lesions": len(group),
+            "found": sum(m.found for m in group),
+            "sensitivity": sum(m.found for m in group) / len(group) if group else None,
+            "mean_dice": float(np.mean([m.dice for m in group])) if group else None,
+        }
+
+    cases = len(false_positive_lesions)
+    return {
+        **figures(found),
+        "size_bands": [
+            {"band": _band_name(low, high), "min_mm": low, "max_mm": None if math.isinf(high) else high,
+             **figures([m for m in found if low <= m.diameter_mm < high])}
+            for low, high in bands_mm
+        ],
+        "false_positive_lesions": int(sum(false_positive_lesions)),
+        "false_positive_lesions_per_case": sum(false_positive_lesions) / cases if cases else None,
+    }
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,16 @@ import numpy as np
 import torch
 
 from training.bundle import dicom_node_section, read_bundle_metadata, write_bundle
-from training.labels import BACKGROUND, CHEST_LABELS, LabelSpec
-from training.metrics import dice_per_label
+from training.labels import BACKGROUND, CHEST_LABELS, LESION_CATEGORY_VALUE, LabelSpec
+from training.lesion_plots import LesionCrop, lesion_crop, plot_lesion_gallery
+from training.metrics import (
+    LESION_SIZE_BANDS_MM,
+    LesionMatch,
+    dice_per_label,
+    lesion_band,
+    lesion_matches,
+    lesion_summary,
+)
 
 __all__ = [
     "DEFAULT_PATCH_SIZE",
@@ -810,7 +818,10 @@ def evaluate_segmentation(
     both scores 1, see :func:`training.metrics.dice_per_label`); ``dice_pooled`` the
     Dice of all cases' voxels taken together; ``dice_cases_with_label`` the mean over
     the cases whose reference holds the label, and ``false_positive_cases`` how many
-    cases without it got some of it predicted. Writes ``segmentation_evaluation.json`` and ``overlay.png`` to ``out_dir``
+    cases without it got some of it predicted. Labels of the lesion category
+    (SNOMED CT 49755003) also get lesion-wise figures (``lesions``, see
+    :func:`training.metrics.lesion_summary`): which lesions were found, their own Dice
+    and the false-positive lesions, by lesion size. Writes ``segmentation_evaluation.json`` and ``overlay.png`` to ``out_dir``
     (default ``BUNDLE/evaluation``); with ``record`` the figures also go into the
     bundle's metadata (``dicom_node.evaluation.held_out``).
     """
@@ -828,6 +839,8 @@ def evaluate_segmentation(
     if not labels:
         channels = meta["network_data_format"]["outputs"]["pred"]["channel_def"]
         labels = [(int(k), str(v), (255, 0, 0)) for k, v in channels.items() if int(k) != 0]
+    lesion_names = [str(e["name"]) for e in node.get("labels", [])
+                    if (e.get("category") or {}).get("value") == LESION_CATEGORY_VALUE]
     specs = [_PlotLabel(v, n, c) for v, n, c in labels]
     parser, network = _load_bundle(bundle, dev)
     preprocessing = parser.get_parsed_content("preprocessing")
@@ -840,6 +853,9 @@ def evaluate_segmentation(
 
     cases = _cases(dataset_dir, include_test=True)
     per_case = []
+    lesions: dict[str, list[LesionMatch]] = {name: [] for name in lesion_names}
+    gallery: dict[str, list[LesionCrop]] = {band: [] for band in (lesion_band(low) for low, _ in LESION_SIZE_BANDS_MM)
+                                            if band is not None}
     pooled = {name: np.zeros(2, dtype=np.int64) for _, name, _ in labels}  # (2 |P & R|, |P| + |R|) summed
     rows = []
     started = time.perf_counter()
@@ -856,7 +872,10 @@ def evaluate_segmentation(
         ref_np = np.asarray(ref[0]).round().astype(np.uint8)
         scores = dice_per_label(pred_np, ref_np, [v for v, _, _ in labels])
         per_case.append({"case": case["name"], "dice": {n: scores[v] for v, n, _ in labels},
-                         "reference_voxels": {n: int((ref_np == v).sum()) for v, n, _ in labels}})
+                         "reference_voxels": {n: int((ref_np == v).sum()) for v, n, _ in labels},
+                         "lesions": {}, "false_positive_lesions": {}})
+        _record_lesions(case, pred, ref, lambda path=case["image"]: ras(load(path)), labels, lesions, per_case[-1],
+                        gallery)
         for value, name, _ in labels:
             p, r = pred_np == value, ref_np == value
             pooled[name] += np.array([2 * np.logical_and(p, r).sum(), p.sum() + r.sum()], dtype=np.int64)
@@ -885,20 +904,66 @@ def evaluate_segmentation(
         "false_positive_cases": {
             n: sum(1 for c in per_case if c["reference_voxels"][n] == 0 and c["dice"][n] < 1.0) for _, n, _ in labels
         },
+        "lesions": {n: lesion_summary(found, [c["false_positive_lesions"][n] for c in per_case])
+                    for n, found in lesions.items()},
         "per_case": per_case,
         "seconds": time.perf_counter() - started,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "segmentation_evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     _overlay_figure(rows, specs, out / "overlay.png")
+    if lesion_names:
+        plot_lesion_gallery([(f"{lesion_names[0]}s {band}", crops) for band, crops in gallery.items()],
+                            out / "lesions.png", color_rgb=next(c for _, n, c in labels if n == lesion_names[0]))
     if record:
         from training.bundle import record_evaluation
 
         record_evaluation(bundle, "held_out",
                           {k: result[k] for k in ("dataset", "cases", "dice", "mean_dice", "dice_pooled",
                                                   "dice_cases_with_label", "cases_with_label",
-                                                  "false_positive_cases")})
+                                                  "false_positive_cases", "lesions")})
     return result
+
+
+def _record_lesions(
+    case: Mapping[str, str], pred: Any, ref: Any, load_ct: Callable[[], Any], labels: Sequence[tuple[int, str, Any]],
+    lesions: dict[str, list[LesionMatch]], case_record: dict[str, Any], gallery: dict[str, list[LesionCrop]],
+    per_band: int = 4,
+) -> None:
+    """One case's lesion-wise matches of every lesion label into ``lesions`` and ``case_record``.
+
+    Computed on the RAS-oriented label maps so each lesion's centre is given in RAS
+    millimetres; the first lesion label's first ``per_band`` lesions of each size band
+    go to ``gallery`` as crops (the CT is loaded only then, by ``load_ct``).
+    """
+    from monai.transforms import Orientation
+
+    ras = Orientation(axcodes="RAS")
+    pred_ras, ref_ras = ras(pred.cpu()), ras(ref)
+    pred_np = np.asarray(pred_ras[0]).round().astype(np.uint8)
+    ref_np = np.asarray(ref_ras[0]).round().astype(np.uint8)
+    affine = np.asarray(ref_ras.affine, dtype=np.float64)
+    ct = None
+    for value, name, _ in labels:
+        if name not in lesions:
+            continue
+        matches, false_positives = lesion_matches(pred_np == value, ref_np == value,
+                                                  [float(v) for v in ref_ras.pixdim])
+        lesions[name] += matches
+        case_record["lesions"][name] = [
+            {**m.to_dict(), "centre_ras_mm": [round(float(v), 1) for v in (affine @ [*m.centre_voxel, 1.0])[:3]]}
+            for m in matches
+        ]
+        case_record["false_positive_lesions"][name] = false_positives
+        if name != next(iter(lesions)):
+            continue
+        for m in matches:
+            band = gallery.get(lesion_band(m.diameter_mm) or "")
+            if band is None or len(band) >= per_band:
+                continue
+            ct = ct if ct is not None else np.asarray(load_ct()[0])
+            band.append(lesion_crop(ct, ref_np == value, pred_np == value, m.centre_voxel,
+                                    f"{case['name']} {m.diameter_mm:.1f} mm, Dice {m.dice:.2f}"))
 
 
 class _PlotLabel:

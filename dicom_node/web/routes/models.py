@@ -135,6 +135,10 @@ def _evaluation(raw: Mapping[str, Any], split: str) -> EvaluationOut:
         figures += [(f"Dice {name}, {counts[name]} cases with {name}", v) for name, value in with_label.items()
                     if (v := _number(value)) is not None and isinstance(counts.get(name), int)
                     and counts[name] != raw.get("cases")]
+    lesions = raw.get("lesions")
+    if isinstance(lesions, Mapping):
+        figures += [figure for name, block in lesions.items() if isinstance(block, Mapping)
+                    for figure in _lesion_figures(str(name), block)]
     froc = []
     for subset in ("all", "large"):
         block = raw.get(subset)
@@ -153,6 +157,21 @@ def _evaluation(raw: Mapping[str, Any], split: str) -> EvaluationOut:
     return EvaluationOut(split=split, cases=cases if isinstance(cases, int) else None,
                          dataset=str(raw["dataset"]) if raw.get("dataset") else None,
                          note=str(raw["note"]) if raw.get("note") else None, figures=figures, froc=froc)
+
+
+def _lesion_figures(name: str, block: Mapping[str, Any]) -> list[tuple[str, float]]:
+    """Lesion-wise figures of one label (``training.metrics.lesion_summary``): found and Dice per size band."""
+    figures: list[tuple[str, float]] = []
+    for band in block.get("size_bands") or []:
+        if not isinstance(band, Mapping) or not isinstance(band.get("lesions"), int) or not band["lesions"]:
+            continue
+        if (sensitivity := _number(band.get("sensitivity"))) is not None:
+            figures.append((f"Found, {name}s {band.get('band')} ({band['lesions']})", sensitivity))
+        if (dice := _number(band.get("mean_dice"))) is not None:
+            figures.append((f"Dice per {name}, {name}s {band.get('band')}", dice))
+    if (false_positives := _number(block.get("false_positive_lesions_per_case"))) is not None:
+        figures.append((f"False {name}s per case", false_positives))
+    return figures
 
 
 def _evaluations(meta: Mapping[str, Any]) -> list[EvaluationOut]:

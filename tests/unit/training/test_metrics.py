@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from training.metrics import Detection, Reference, dice_per_label, froc
+from training.metrics import Detection, LesionMatch, Reference, dice_per_label, froc, lesion_matches, lesion_summary
 
 
 def test_dice_known_values() -> None:
@@ -122,3 +122,70 @@ def test_detection_box() -> None:
     det = Detection((1.0, 2.0, 3.0), 6.0, 0.7)
     assert det.box_cccwhd == (1.0, 2.0, 3.0, 6.0, 6.0, 6.0)
     assert Detection((0.0, 0.0, 0.0), 6.0, 0.7, size_xyz_mm=(4.0, 5.0, 6.0)).box_cccwhd[3:] == (4.0, 5.0, 6.0)
+
+
+# --------------------------------------------------------------------------- lesion-wise Dice
+
+
+def _lesion_masks() -> tuple[np.ndarray, np.ndarray]:
+    """Reference: a 27-voxel cube, a 1-voxel speck, a 2-voxel pair touching diagonally. Prediction: the cube
+    shifted by one voxel along x (18 of 27 overlap) and grown by a 9-voxel slab, the pair's one voxel, and two
+    stray regions (a voxel and a diagonal pair)."""
+    ref = np.zeros((20, 20, 20), dtype=bool)
+    ref[2:5, 2:5, 2:5] = True                       # cube, 27
+    ref[10, 10, 10] = True                          # speck, 1 (missed)
+    ref[15, 15, 15] = ref[16, 16, 16] = True        # diagonal neighbours: one lesion of 2 (26-connectivity)
+    pred = np.zeros_like(ref)
+    pred[3:6, 2:5, 2:5] = True                      # 27 voxels, 18 on the cube
+    pred[6, 2:5, 2:5] = True                        # 9 more, same region
+    pred[16, 16, 16] = True                         # half of the pair
+    pred[0, 19, 19] = True                          # stray
+    pred[18, 0, 0] = pred[19, 1, 1] = True          # stray pair: one region
+    return pred, ref
+
+
+def test_lesion_matches_scores_each_reference_lesion_on_its_own() -> None:
+    pred, ref = _lesion_masks()
+    matches, false_positives = lesion_matches(pred, ref, (1.0, 1.0, 1.0))
+    by_size = {m.voxels: m for m in matches}
+    assert sorted(by_size) == [1, 2, 27] and false_positives == 2
+    assert by_size[27].dice == pytest.approx(2 * 18 / (36 + 27)) and by_size[27].found
+    assert by_size[1].dice == 0.0 and not by_size[1].found
+    assert by_size[2].dice == pytest.approx(2 * 1 / (1 + 2)) and by_size[2].found
+    assert by_size[27].centre_voxel == (3, 3, 3) and by_size[1].centre_voxel == (10, 10, 10)
+    # Diameter of the sphere of the lesion's volume: 27 voxels of 2 x 1 x 1 mm -> 54 mm^3.
+    big = lesion_matches(pred, ref, (2.0, 1.0, 1.0))[0]
+    assert max(m.diameter_mm for m in big) == pytest.approx((6 * 54 / math.pi) ** (1 / 3))
+
+
+def test_lesion_matches_edge_cases_and_errors() -> None:
+    empty = np.zeros((4, 4, 4), dtype=bool)
+    assert lesion_matches(empty, empty, (1, 1, 1)) == ([], 0)
+    one = empty.copy()
+    one[1, 1, 1] = True
+    assert lesion_matches(one, empty, (1, 1, 1)) == ([], 1)
+    # A predicted region bridging two lesions counts, whole, for each.
+    ref = np.zeros((1, 1, 5), dtype=bool)
+    ref[0, 0, [0, 4]] = True
+    bridge = np.ones_like(ref)
+    assert [m.dice for m in lesion_matches(bridge, ref, (1, 1, 1))[0]] == [pytest.approx(2 / 6)] * 2
+    with pytest.raises(ValueError, match=r"prediction shape \(4, 4, 4\) != reference shape \(1, 1, 5\)"):
+        lesion_matches(one, ref, (1, 1, 1))
+    with pytest.raises(ValueError, match=r"spacing_mm must be 3 positive sizes, got \(1, 0, 1\)"):
+        lesion_matches(one, one, (1, 0, 1))
+
+
+def test_lesion_summary_by_size_band() -> None:
+    matches = [LesionMatch(1, 3.0, 0.0, False), LesionMatch(2, 5.9, 0.5, True),
+               LesionMatch(9, 6.0, 0.8, True), LesionMatch(500, 12.0, 0.9, True)]
+    summary = lesion_summary(matches, [1, 0, 2, 0])
+    assert (summary["lesions"], summary["found"]) == (4, 3)
+    assert summary["sensitivity"] == 0.75 and summary["mean_dice"] == pytest.approx(2.2 / 4)
+    assert summary["false_positive_lesions"] == 3 and summary["false_positive_lesions_per_case"] == 0.75
+    bands = {b["band"]: b for b in summary["size_bands"]}
+    assert list(bands) == ["< 6 mm", "6-8 mm", ">= 8 mm"]
+    assert (bands["< 6 mm"]["lesions"], bands["< 6 mm"]["found"], bands["< 6 mm"]["mean_dice"]) == (2, 1, 0.25)
+    assert bands["6-8 mm"]["sensitivity"] == 1.0 and bands[">= 8 mm"]["max_mm"] is None
+    nothing = lesion_summary([], [], bands_mm=((0.0, 10.0),))
+    assert nothing["sensitivity"] is None and nothing["size_bands"][0]["mean_dice"] is None
+    assert nothing["false_positive_lesions_per_case"] is None
