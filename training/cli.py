@@ -70,13 +70,17 @@ def add_training_commands(subparsers: Any) -> None:
     seg.add_argument("--class-weights", type=float, nargs="+", metavar="W",
                      help="loss weight of each label value 0..N (default: all 1)")
     seg.add_argument("--init-bundle", type=Path, metavar="BUNDLE_DIR",
-                     help="start from this bundle's weights (fine-tuning) instead of random ones")
+                     help="start from this bundle's weights (fine-tuning; nodule-branch: its branch) instead of "
+                     "random ones")
     branch = train.add_argument_group("nodule-branch options")
     branch.add_argument("--base-bundle", type=Path, metavar="BUNDLE_DIR",
                         help="segmentation bundle whose anatomy network the branch joins (required)")
     branch.add_argument("--nodule-sampling", choices=("per-nodule", "per-voxel"), default=None,
                         help="centre nodule patches on every nodule equally often (per-nodule, the default) "
                         "or on every nodule voxel equally often, which favours large nodules")
+    branch.add_argument("--lesion-loss-weight", type=float, default=None, metavar="W",
+                        help="add W x the per-lesion Dice loss, which weighs small nodules as much as large "
+                        "ones (default 0)")
     det = train.add_argument_group("detection options")
     det.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch")
     train.set_defaults(handler=train_command)
@@ -160,23 +164,23 @@ def train_command(args: argparse.Namespace) -> int:
             init_bundle=args.init_bundle,
         )
         misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--base-bundle": args.base_bundle,
-                     "--nodule-sampling": args.nodule_sampling}
+                     "--nodule-sampling": args.nodule_sampling, "--lesion-loss-weight": args.lesion_loss_weight}
     elif args.kind == "nodule-branch":
         if args.base_bundle is None:
             return _error("--base-bundle is required when training nodule-branch")
         options.update(base_bundle=args.base_bundle, class_ratios=args.class_ratios,
-                       patch_size=tuple(args.patch_size) if args.patch_size else None)
+                       patch_size=tuple(args.patch_size) if args.patch_size else None,
+                       lesion_loss_weight=args.lesion_loss_weight, init_bundle=args.init_bundle)
         if args.nodule_sampling is not None:
             options["balance_nodules"] = args.nodule_sampling == "per-nodule"
         misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--spacing": args.spacing,
-                     "--init-filters": args.init_filters, "--class-weights": args.class_weights,
-                     "--init-bundle": args.init_bundle}
+                     "--init-filters": args.init_filters, "--class-weights": args.class_weights}
     else:
         options["steps_per_epoch"] = args.steps_per_epoch
         misplaced = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,
                      "--class-ratios": args.class_ratios, "--class-weights": args.class_weights,
                      "--init-bundle": args.init_bundle, "--base-bundle": args.base_bundle,
-                     "--nodule-sampling": args.nodule_sampling}
+                     "--nodule-sampling": args.nodule_sampling, "--lesion-loss-weight": args.lesion_loss_weight}
     given = [flag for flag, value in misplaced.items() if value is not None]
     if given:
         return _error(f"{', '.join(given)} not supported when training {args.kind}")
@@ -224,7 +228,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
             result = evaluate_segmentation(args.bundle, args.dataset, device=args.device, out_dir=args.out,
                                            record=args.record)
-            summary = {k: result[k] for k in ("kind", "cases", "dice", "mean_dice", "dice_pooled")}
+            summary = {k: result[k] for k in ("kind", "cases", "dice", "mean_dice", "dice_pooled", "lesions")}
         else:
             from training.detection import evaluate_detection
 

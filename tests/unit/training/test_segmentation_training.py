@@ -20,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from training.bundle import read_bundle_metadata
 from training.labels import CHEST_LABELS
@@ -171,6 +172,29 @@ def test_evaluate_through_the_cli_scores_every_case_and_records_held_out(trained
     assert (out / "overlay.png").read_bytes().startswith(PNG_MAGIC)
     held_out = read_bundle_metadata(trained["bundle"])["dicom_node"]["evaluation"]["held_out"]
     assert held_out["dice"] == result["dice"] and held_out["cases"] == 3
+    # Lesion-wise figures for the lesion label only, one entry per reference nodule (26-connected region).
+    assert set(result["lesions"]) == {"nodule"} and held_out["lesions"] == result["lesions"]
+    expected = 0
+    for case in result["per_case"]:
+        reference = np.asarray(nib.load(trained["dataset"] / "labelsTr" / f"{case['case']}.nii.gz").dataobj) == 5
+        count = ndimage.label(reference, structure=np.ones((3, 3, 3)))[1]
+        assert len(case["lesions"]["nodule"]) == count
+        expected += count
+    nodules = result["lesions"]["nodule"]
+    assert nodules["lesions"] == expected > 0
+    # Each lesion's centre is given in RAS mm, the world of boxes.json: a phantom nodule's centre lies there.
+    boxes = json.loads((trained["dataset"] / "boxes.json").read_text())
+    centres = {Path(e["image"]).name.split(".")[0]: np.array([b[:3] for b in e["box"]]).reshape(-1, 3)
+               for split in boxes.values() for e in split}
+    wide = [(case["case"], lesion) for case in result["per_case"] for lesion in case["lesions"]["nodule"]
+            if lesion["voxels"] >= 8]  # a centre of mass a few voxels wide is a fair estimate of the centre
+    assert wide
+    for name, lesion in wide:
+        distance = np.linalg.norm(centres[name] - lesion["centre_ras_mm"], axis=1).min()
+        assert distance < np.linalg.norm(SPACING_XYZ)  # within a voxel's diagonal
+    assert (out / "lesions.png").read_bytes().startswith(PNG_MAGIC)
+    assert sum(band["lesions"] for band in nodules["size_bands"]) == expected
+    assert 0 <= nodules["found"] <= expected
 
 
 def test_training_is_deterministic_for_a_seed(trained: dict[str, Any], tmp_path: Path) -> None:
@@ -312,3 +336,34 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     assert set(meta["training"]) == {"anatomy", "nodule_branch"} and "nodule_branch" not in meta["training"]["anatomy"]
     segmentation = ["train", "segmentation", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "seg")]
     assert main([*segmentation, "--nodule-sampling", "per-nodule"]) == 2
+    assert main([*segmentation, "--lesion-loss-weight", "1"]) == 2
+
+
+def test_nodule_branch_fine_tunes_from_a_joined_bundle_with_the_per_lesion_loss(
+    trained: dict[str, Any], branched: dict[str, Any], tmp_path: Path
+) -> None:
+    from training.cli import main
+    from training.nodule_branch import train_nodule_branch
+
+    common: dict[str, Any] = dict(base_bundle=branched["bundle"], epochs=1, seed=0, patch_size=PATCH, batch_size=2,
+                                  val_fraction=0.34, progress=False)
+    fresh = train_nodule_branch(branched["dataset"], tmp_path / "fresh", **common)
+    tuned = train_nodule_branch(branched["dataset"], tmp_path / "tuned", init_bundle=branched["bundle"], **common)
+    # Same patches (same seed); the trained branch starts with a lower loss than a random one.
+    assert tuned["epochs"][0]["step_losses"][0] < fresh["epochs"][0]["step_losses"][0]
+    assert tuned["settings"]["init_bundle"] == str(branched["bundle"]) and fresh["settings"]["init_bundle"] is None
+    with pytest.raises(ValueError, match="has no nodule branch to start from"):
+        train_nodule_branch(branched["dataset"], tmp_path / "bad", init_bundle=trained["bundle"], **common)
+    with pytest.raises(ValueError, match="lesion_loss_weight must be a finite number >= 0, got -1"):
+        train_nodule_branch(branched["dataset"], tmp_path / "bad", lesion_loss_weight=-1, **common)
+
+    out = tmp_path / "cli"
+    assert main(["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(out),
+                 "--base-bundle", str(branched["bundle"]), "--init-bundle", str(branched["bundle"]),
+                 "--lesion-loss-weight", "2", "--epochs", "1", "--patch-size", *map(str, PATCH),
+                 "--batch-size", "2", "--val-fraction", "0.34", "--no-progress"]) == 0
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert settings["lesion_loss_weight"] == 2.0 and settings["loss"].endswith("+ 2 x per-lesion Dice")
+    meta = read_bundle_metadata(out)
+    assert "and a per-lesion Dice term" in meta["description"]
+    assert meta["training"]["nodule_branch"]["init_bundle"] == str(branched["bundle"])
