@@ -55,15 +55,14 @@ def plot_lesion_gallery(
     color_rgb: Sequence[int] = (255, 230, 0),
 ) -> None:
     """One row per (title, crops): the CT in a lung window, the prediction filled, the reference outlined."""
-    from training.segmentation import _display, _plt
+    from training.segmentation import _display, _draw_ct, _label_rgba, _PlotLabel, _plt
 
     plt = _plt()
     rows = [(title, crops) for title, crops in rows if crops]
     if not rows:
         return
     columns = max(len(crops) for _, crops in rows)
-    level, width = window
-    colour = np.asarray(color_rgb, dtype=np.float32) / 255.0
+    fill = [_PlotLabel(1, "prediction", color_rgb)]
     fig, axes = plt.subplots(len(rows), columns, figsize=(2.4 * columns, 2.6 * len(rows)), squeeze=False)
     for r, (title, crops) in enumerate(rows):
         for c in range(columns):
@@ -72,11 +71,8 @@ def plot_lesion_gallery(
             if c >= len(crops):
                 continue
             crop = crops[c]
-            ax.imshow(_display(crop.ct), cmap="gray", vmin=level - width / 2, vmax=level + width / 2,
-                      interpolation="nearest")
-            fill = np.zeros((*crop.prediction.shape, 4), dtype=np.float32)
-            fill[crop.prediction] = (*colour, 0.45)
-            ax.imshow(_display(fill), interpolation="nearest")
+            _draw_ct(ax, crop.ct, window)
+            ax.imshow(_display(_label_rgba(crop.prediction.astype(np.uint8), fill)), interpolation="nearest")
             if crop.reference.any():
                 ax.contour(_display(crop.reference.astype(np.float32)), levels=[0.5], colors=["red"],
                            linewidths=1.0)

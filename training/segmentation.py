@@ -696,6 +696,13 @@ def _display(slice_xy: np.ndarray) -> np.ndarray:
     return np.swapaxes(np.asarray(slice_xy), 0, 1)[::-1, ::-1]
 
 
+def _draw_ct(ax: Any, slice_xy: np.ndarray, window: tuple[float, float]) -> None:
+    """An axial RAS slice of HU on ``ax``, radiologically, in the (level, width) window."""
+    level, width = window
+    ax.imshow(_display(slice_xy), cmap="gray", vmin=level - width / 2, vmax=level + width / 2,
+              interpolation="nearest")
+
+
 def _label_rgba(labelmap: np.ndarray, labels: Sequence[LabelSpec], alpha: float = 0.45) -> np.ndarray:
     rgba = np.zeros((*labelmap.shape, 4), dtype=np.float32)
     for spec in labels:
@@ -735,7 +742,6 @@ def _overlay_figure(
     from matplotlib.patches import Patch
 
     nodule = next((s.value for s in labels if s.name == "nodule"), None)
-    level, width = window
     fig, axes = plt.subplots(len(rows), slices_per_row, figsize=(3.2 * slices_per_row, 3.4 * len(rows)),
                              squeeze=False)
     for r, (title, ct, pred, ref) in enumerate(rows):
@@ -746,8 +752,7 @@ def _overlay_figure(
             if c >= len(zs):
                 continue
             z = zs[c]
-            ax.imshow(_display(ct[:, :, z]), cmap="gray", vmin=level - width / 2, vmax=level + width / 2,
-                      interpolation="nearest")
+            _draw_ct(ax, ct[:, :, z], window)
             ax.imshow(_display(_label_rgba(pred[:, :, z], labels)), interpolation="nearest")
             ref_slice = _display(ref[:, :, z])
             for spec in labels:
