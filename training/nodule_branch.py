@@ -225,7 +225,7 @@ def train_nodule_branch(
     # the tiny nodules and validated worse (best 0.47 in 220 epochs, against 0.52 on the same cases).
     dice_ce = DiceCELoss(sigmoid=True, batch=True)
     lesion_dice = LesionDiceLoss()
-    loss_fn = (dice_ce if lesion_loss_weight == 0  # noqa: E731
+    loss_fn = (dice_ce if lesion_loss_weight == 0
                else lambda logits, target: dice_ce(logits, target) + lesion_loss_weight * lesion_dice(logits, target))
     optimisation = _Optimisation.for_network(branch, learning_rate, epochs * len(train_loader), use_amp)
     is_nodule = lambda labels: (labels.round() == nodule.value).float()  # noqa: E731
