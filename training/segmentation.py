@@ -826,8 +826,8 @@ def evaluate_segmentation(
     cases without it got some of it predicted. Labels of the lesion category
     (SNOMED CT 49755003) also get lesion-wise figures (``lesions``, see
     :func:`training.metrics.lesion_summary`): which lesions were found, their own Dice
-    and the false-positive lesions, by lesion size. Writes ``segmentation_evaluation.json`` and ``overlay.png`` to ``out_dir``
-    (default ``BUNDLE/evaluation``); with ``record`` the figures also go into the
+    and the false-positive lesions, by lesion size. Writes ``segmentation_evaluation.json``,
+    ``overlay.png`` and (with a lesion label) ``lesions.png`` to ``out_dir`` (default ``BUNDLE/evaluation``); with ``record`` the figures also go into the
     bundle's metadata (``dicom_node.evaluation.held_out``).
     """
     from monai.transforms import Compose, LoadImage, Orientation, SaveImaged
