@@ -13,8 +13,9 @@ What: :func:`train_nodule_branch` - data, preprocessing and patch sampling as in
 :func:`training.segmentation.train_segmentation` (patch centres drawn per label,
 nodules and lung most often, so the branch sees nodules and the vessels it
 must not call nodules; nodule patches per nodule, not per nodule voxel);
-validation by sliding window over whole validation cases, Dice of the branch's ``sigmoid > 0.5`` against the nodule label per case
-(a case without nodules scores 1 only if nothing is predicted); the best
+validation by sliding window over whole validation cases, Dice of the branch's
+``sigmoid > 0.5`` against the nodule label per case (a case without nodules
+scores 1 only if nothing is predicted); the best
 checkpoint, its threshold and size filter, is joined with the base bundle's anatomy network and written with
 :func:`training.bundle.write_bundle`, with ``metrics.json`` and plots.
 """
@@ -87,7 +88,10 @@ def _branch_state(bundle_dir: Path, device: torch.device) -> dict[str, torch.Ten
     """The nodule branch weights of a joined bundle (one this trainer wrote), to start from."""
     if not (bundle_dir / "models" / "model.pt").is_file():
         raise FileNotFoundError(f"init bundle {bundle_dir} has no models/model.pt")
-    _, network = _load_bundle(bundle_dir, device)
+    try:
+        _, network = _load_bundle(bundle_dir, device)
+    except RuntimeError as exc:  # weights that do not fit the network its inference.json builds
+        raise ValueError(f"init bundle {bundle_dir} cannot be loaded: {str(exc).splitlines()[0]}") from exc
     if not isinstance(network, AnatomyWithNoduleBranch):
         raise ValueError(f"init bundle {bundle_dir} has no nodule branch to start from "
                          f"(its network is a {type(network).__name__})")
@@ -220,7 +224,11 @@ def train_nodule_branch(
     torch.manual_seed(seed)  # the branch's start must not depend on what building the base network drew
     branch = _parse(branch_def).to(dev)
     if init_bundle is not None:
-        branch.load_state_dict(_branch_state(Path(init_bundle), dev))
+        try:
+            branch.load_state_dict(_branch_state(Path(init_bundle), dev))
+        except RuntimeError as exc:
+            raise ValueError(f"init bundle {init_bundle}'s nodule branch does not fit this trainer's branch "
+                             f"network: {str(exc).splitlines()[0]}") from exc
     # Dice over the whole batch: per-patch Dice (each small nodule weighing as much as a large one) overfitted
     # the tiny nodules and validated worse (best 0.47 in 220 epochs, against 0.52 on the same cases).
     dice_ce = DiceCELoss(sigmoid=True, batch=True)
@@ -369,8 +377,8 @@ def _joined_metadata(
         + branch_note + " (training.networks."
         "AnatomyWithNoduleBranch) trained on nodule-rich patches with Dice+BCE"
         + (" and a per-lesion Dice term" if record["settings"].get("lesion_loss_weight") else "")
-        + " while the anatomy network stayed frozen (training/nodule_branch.py). configs/inference.json builds that class, so "
-        "`python -m monai.bundle run` needs the dicom-node package importable; models/model.ts does not."
+        + " while the anatomy network stayed frozen (training/nodule_branch.py). configs/inference.json builds "
+        "that class, so `python -m monai.bundle run` needs the dicom-node package importable; models/model.ts does not."
     )
     meta["training"] = {
         "anatomy": anatomy_training,

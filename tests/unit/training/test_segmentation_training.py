@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -342,6 +343,8 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
 def test_nodule_branch_fine_tunes_from_a_joined_bundle_with_the_per_lesion_loss(
     trained: dict[str, Any], branched: dict[str, Any], tmp_path: Path
 ) -> None:
+    from monai.bundle import ConfigParser
+
     from training.cli import main
     from training.nodule_branch import train_nodule_branch
 
@@ -354,6 +357,19 @@ def test_nodule_branch_fine_tunes_from_a_joined_bundle_with_the_per_lesion_loss(
     assert tuned["settings"]["init_bundle"] == str(branched["bundle"]) and fresh["settings"]["init_bundle"] is None
     with pytest.raises(ValueError, match="has no nodule branch to start from"):
         train_nodule_branch(branched["dataset"], tmp_path / "bad", init_bundle=trained["bundle"], **common)
+    # A joined bundle whose branch is another network: named, not a traceback.
+    narrow = tmp_path / "narrow"
+    shutil.copytree(branched["bundle"], narrow)
+    inference = json.loads((narrow / "configs" / "inference.json").read_text())
+    inference["network_def"]["nodule"]["channels"] = [8, 16, 32, 64]
+    (narrow / "configs" / "inference.json").write_text(json.dumps(inference))
+    with pytest.raises(ValueError, match=f"init bundle {narrow} cannot be loaded: Error"):
+        train_nodule_branch(branched["dataset"], tmp_path / "bad", init_bundle=narrow, **common)
+    parser = ConfigParser()
+    parser.read_config(str(narrow / "configs" / "inference.json"))
+    torch.save(parser.get_parsed_content("network_def").state_dict(), narrow / "models" / "model.pt")  # consistent
+    with pytest.raises(ValueError, match=f"init bundle {narrow}'s nodule branch does not fit this trainer's"):
+        train_nodule_branch(branched["dataset"], tmp_path / "bad", init_bundle=narrow, **common)
     with pytest.raises(ValueError, match="lesion_loss_weight must be a finite number >= 0, got -1"):
         train_nodule_branch(branched["dataset"], tmp_path / "bad", lesion_loss_weight=-1, **common)
 
