@@ -55,7 +55,7 @@ def plot_lesion_gallery(
     color_rgb: Sequence[int] = (255, 230, 0),
 ) -> None:
     """One row per (title, crops): the CT in a lung window, the prediction filled, the reference outlined."""
-    from training.segmentation import _display, _draw_ct, _label_rgba, _PlotLabel, _plt
+    from training.segmentation import _blank_grid, _display, _draw_ct, _label_rgba, _PlotLabel, _plt, _save_figure
 
     plt = _plt()
     rows = [(title, crops) for title, crops in rows if crops]
@@ -63,14 +63,10 @@ def plot_lesion_gallery(
         return
     columns = max(len(crops) for _, crops in rows)
     fill = [_PlotLabel(1, "prediction", color_rgb)]
-    fig, axes = plt.subplots(len(rows), columns, figsize=(2.4 * columns, 2.6 * len(rows)), squeeze=False)
+    fig, axes = _blank_grid(plt, len(rows), columns, (2.4, 2.6))
     for r, (title, crops) in enumerate(rows):
-        for c in range(columns):
+        for c, crop in enumerate(crops):
             ax = axes[r][c]
-            ax.axis("off")
-            if c >= len(crops):
-                continue
-            crop = crops[c]
             _draw_ct(ax, crop.ct, window)
             ax.imshow(_display(_label_rgba(crop.prediction.astype(np.uint8), fill)), interpolation="nearest")
             if crop.reference.any():
@@ -79,6 +75,4 @@ def plot_lesion_gallery(
             ax.set_title(f"{title}\n{crop.caption}" if c == 0 else crop.caption, fontsize=7)
     fig.suptitle("fill: prediction, red line: reference", fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_figure(plt, fig, path)

@@ -65,6 +65,7 @@ __all__ = [
     "dice_per_label",
     "froc",
     "lesion_band",
+    "lesion_band_names",
     "lesion_matches",
     "lesion_summary",
 ]
@@ -148,9 +149,9 @@ def lesion_matches(
     matches = []
     for number, where in enumerate(ndimage.find_objects(ref_regions), start=1):
         inside = ref_regions[where] == number
-        overlapping = np.unique(pred_regions[where][inside])
-        overlapping = overlapping[overlapping > 0]
-        hit = int(np.count_nonzero(pred_regions[where][inside]))
+        under = pred_regions[where][inside]  # predicted region numbers over the lesion's voxels
+        overlapping = np.unique(under[under > 0])
+        hit = int(np.count_nonzero(under))
         voxels = int(ref_sizes[number])
         centre = np.argwhere(inside).mean(axis=0) + [box.start for box in where]
         matches.append(LesionMatch(
@@ -171,8 +172,13 @@ def _band_name(low: float, high: float) -> str:
     return f">= {low:g} mm" if math.isinf(high) else f"{low:g}-{high:g} mm"
 
 
+def lesion_band_names(bands_mm: Sequence[tuple[float, float]] = LESION_SIZE_BANDS_MM) -> list[str]:
+    """The names of the size bands, in order: ``"< 6 mm"``, ``"6-8 mm"``, ``">= 8 mm"``."""
+    return [_band_name(low, high) for low, high in bands_mm]
+
+
 def lesion_band(diameter_mm: float, bands_mm: Sequence[tuple[float, float]] = LESION_SIZE_BANDS_MM) -> str | None:
-    """The name of the size band (``"< 6 mm"``, ``"6-8 mm"``, ...) holding ``diameter_mm``; None: no band does."""
+    """The name of the size band holding ``diameter_mm`` (``low <= diameter < high``); None: no band does."""
     return next((_band_name(low, high) for low, high in bands_mm if low <= diameter_mm < high), None)
 
 
@@ -187,23 +193,24 @@ def lesion_summary(
     count per case. A band holds the lesions with ``low <= diameter < high``; its
     ``sensitivity`` (found / lesions) and ``mean_dice`` are None when it has no lesion.
     """
-    found = list(matches)
+    every = list(matches)
 
     def figures(group: list[LesionMatch]) -> dict[str, Any]:
+        found = sum(m.found for m in group)
         return {
             "lesions": len(group),
-            "found": sum(m.found for m in group),
-            "sensitivity": sum(m.found for m in group) / len(group) if group else None,
+            "found": found,
+            "sensitivity": found / len(group) if group else None,
             "mean_dice": float(np.mean([m.dice for m in group])) if group else None,
         }
 
     cases = len(false_positive_lesions)
     return {
-        **figures(found),
+        **figures(every),
         "size_bands": [
-            {"band": _band_name(low, high), "min_mm": low, "max_mm": None if math.isinf(high) else high,
-             **figures([m for m in found if low <= m.diameter_mm < high])}
-            for low, high in bands_mm
+            {"band": name, "min_mm": low, "max_mm": None if math.isinf(high) else high,
+             **figures([m for m in every if lesion_band(m.diameter_mm, bands_mm) == name])}
+            for name, (low, high) in zip(lesion_band_names(bands_mm), bands_mm, strict=True)
         ],
         "false_positive_lesions": int(sum(false_positive_lesions)),
         "false_positive_lesions_per_case": sum(false_positive_lesions) / cases if cases else None,

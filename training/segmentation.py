@@ -41,10 +41,10 @@ from training.bundle import dicom_node_section, read_bundle_metadata, write_bund
 from training.labels import BACKGROUND, CHEST_LABELS, LESION_CATEGORY_VALUE, LabelSpec
 from training.lesion_plots import LesionCrop, lesion_crop, plot_lesion_gallery
 from training.metrics import (
-    LESION_SIZE_BANDS_MM,
     LesionMatch,
     dice_per_label,
     lesion_band,
+    lesion_band_names,
     lesion_matches,
     lesion_summary,
 )
@@ -696,6 +696,21 @@ def _display(slice_xy: np.ndarray) -> np.ndarray:
     return np.swapaxes(np.asarray(slice_xy), 0, 1)[::-1, ::-1]
 
 
+def _blank_grid(plt: Any, rows: int, columns: int, cell_inches: tuple[float, float]) -> tuple[Any, Any]:
+    """(figure, axes[row][column]) of a grid of panels, axes hidden: panels left empty stay blank."""
+    width, height = cell_inches
+    fig, axes = plt.subplots(rows, columns, figsize=(width * columns, height * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    return fig, axes
+
+
+def _save_figure(plt: Any, fig: Any, path: Path, dpi: int = 90) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
 def _draw_ct(ax: Any, slice_xy: np.ndarray, window: tuple[float, float]) -> None:
     """An axial RAS slice of HU on ``ax``, radiologically, in the (level, width) window."""
     level, width = window
@@ -742,16 +757,10 @@ def _overlay_figure(
     from matplotlib.patches import Patch
 
     nodule = next((s.value for s in labels if s.name == "nodule"), None)
-    fig, axes = plt.subplots(len(rows), slices_per_row, figsize=(3.2 * slices_per_row, 3.4 * len(rows)),
-                             squeeze=False)
+    fig, axes = _blank_grid(plt, len(rows), slices_per_row, (3.2, 3.4))
     for r, (title, ct, pred, ref) in enumerate(rows):
-        zs = _slices_of_interest(ref, slices_per_row, nodule)
-        for c in range(slices_per_row):
+        for c, z in enumerate(_slices_of_interest(ref, slices_per_row, nodule)):
             ax = axes[r][c]
-            ax.axis("off")
-            if c >= len(zs):
-                continue
-            z = zs[c]
             _draw_ct(ax, ct[:, :, z], window)
             ax.imshow(_display(_label_rgba(pred[:, :, z], labels)), interpolation="nearest")
             ref_slice = _display(ref[:, :, z])
@@ -764,9 +773,7 @@ def _overlay_figure(
     fig.legend(handles=handles, loc="lower center", ncol=len(labels), fontsize=8,
                title="fill: prediction, line: reference", title_fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save_figure(plt, fig, path)
 
 
 def _plot_validation_slices(
@@ -859,8 +866,7 @@ def evaluate_segmentation(
     cases = _cases(dataset_dir, include_test=True)
     per_case = []
     lesions: dict[str, list[LesionMatch]] = {name: [] for name in lesion_names}
-    gallery: dict[str, list[LesionCrop]] = {band: [] for band in (lesion_band(low) for low, _ in LESION_SIZE_BANDS_MM)
-                                            if band is not None}
+    gallery: dict[str, list[LesionCrop]] = {band: [] for band in lesion_band_names()}
     pooled = {name: np.zeros(2, dtype=np.int64) for _, name, _ in labels}  # (2 |P & R|, |P| + |R|) summed
     rows = []
     started = time.perf_counter()
@@ -879,15 +885,16 @@ def evaluate_segmentation(
         per_case.append({"case": case["name"], "dice": {n: scores[v] for v, n, _ in labels},
                          "reference_voxels": {n: int((ref_np == v).sum()) for v, n, _ in labels},
                          "lesions": {}, "false_positive_lesions": {}})
-        _record_lesions(case, pred, ref, lambda path=case["image"]: ras(load(path)), labels, lesions, per_case[-1],
-                        gallery)
+        pred_ras, ref_ras = ras(pred.cpu()), ras(ref)
+        _record_lesions(case["name"], pred_ras, ref_ras, lambda path=case["image"]: ras(load(path)), labels,
+                        lesions, per_case[-1], gallery, lesion_names[0] if lesion_names else None)
         for value, name, _ in labels:
             p, r = pred_np == value, ref_np == value
             pooled[name] += np.array([2 * np.logical_and(p, r).sum(), p.sum() + r.sum()], dtype=np.int64)
         if len(rows) < 3:
-            pred_ras = np.asarray(ras(pred.cpu())[0]).round().astype(np.uint8)
-            rows.append((case["name"], np.asarray(ras(load(case["image"]))[0]), pred_ras,
-                         np.asarray(ras(ref)[0]).round().astype(np.uint8)))
+            rows.append((case["name"], np.asarray(ras(load(case["image"]))[0]),
+                         np.asarray(pred_ras[0]).round().astype(np.uint8),
+                         np.asarray(ref_ras[0]).round().astype(np.uint8)))
     dice = {n: float(np.mean([c["dice"][n] for c in per_case])) for _, n, _ in labels}
     # Per-case Dice only over the cases whose reference has the label (the usual lesion Dice), and how
     # many cases without it got some predicted anyway (false-positive cases).
@@ -931,20 +938,17 @@ def evaluate_segmentation(
 
 
 def _record_lesions(
-    case: Mapping[str, str], pred: Any, ref: Any, load_ct: Callable[[], Any], labels: Sequence[tuple[int, str, Any]],
+    case_name: str, pred_ras: Any, ref_ras: Any, load_ct: Callable[[], Any], labels: Sequence[tuple[int, str, Any]],
     lesions: dict[str, list[LesionMatch]], case_record: dict[str, Any], gallery: dict[str, list[LesionCrop]],
-    per_band: int = 4,
+    gallery_label: str | None, per_band: int = 4,
 ) -> None:
     """One case's lesion-wise matches of every lesion label into ``lesions`` and ``case_record``.
 
-    Computed on the RAS-oriented label maps so each lesion's centre is given in RAS
-    millimetres; the first lesion label's first ``per_band`` lesions of each size band
-    go to ``gallery`` as crops (the CT is loaded only then, by ``load_ct``).
+    ``pred_ras`` and ``ref_ras`` are the RAS-oriented label maps (MetaTensors), so each
+    lesion's centre is given in RAS millimetres. The first ``per_band`` lesions of
+    ``gallery_label`` in each size band go to ``gallery`` as crops (the CT is loaded
+    only then, by ``load_ct``).
     """
-    from monai.transforms import Orientation
-
-    ras = Orientation(axcodes="RAS")
-    pred_ras, ref_ras = ras(pred.cpu()), ras(ref)
     pred_np = np.asarray(pred_ras[0]).round().astype(np.uint8)
     ref_np = np.asarray(ref_ras[0]).round().astype(np.uint8)
     affine = np.asarray(ref_ras.affine, dtype=np.float64)
@@ -960,7 +964,7 @@ def _record_lesions(
             for m in matches
         ]
         case_record["false_positive_lesions"][name] = false_positives
-        if name != next(iter(lesions)):
+        if name != gallery_label:
             continue
         for m in matches:
             band = gallery.get(lesion_band(m.diameter_mm) or "")
@@ -968,7 +972,7 @@ def _record_lesions(
                 continue
             ct = ct if ct is not None else np.asarray(load_ct()[0])
             band.append(lesion_crop(ct, ref_np == value, pred_np == value, m.centre_voxel,
-                                    f"{case['name']} {m.diameter_mm:.1f} mm, Dice {m.dice:.2f}"))
+                                    f"{case_name} {m.diameter_mm:.1f} mm, Dice {m.dice:.2f}"))
 
 
 class _PlotLabel:
