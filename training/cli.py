@@ -63,7 +63,9 @@ def add_training_commands(subparsers: Any) -> None:
     seg = train.add_argument_group("segmentation options")
     seg.add_argument("--patch-size", type=int, nargs=3, metavar=("X", "Y", "Z"),
                      help="training patch / sliding window in voxels, multiples of 8")
-    seg.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), help="target voxel spacing in mm")
+    seg.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"),
+                     help="target voxel spacing in mm (nodule-branch: the branch's grid, the base bundle's "
+                     "spacing divided by whole numbers; default the base's)")
     seg.add_argument("--init-filters", type=int, help="SegResNet width (multiple of 8)")
     seg.add_argument("--class-ratios", type=float, nargs="+", metavar="R",
                      help="how often patches centre on each label value 0..N (default: nodules 6x)")
@@ -117,6 +119,9 @@ def add_phantom_command(subparsers: Any) -> None:
                          help="nodules per case, inclusive range (default 0 4)")
     phantom.add_argument("--nodule-diameter", type=float, nargs=2, metavar=("MIN", "MAX"), default=None,
                          help="nodule diameters in mm, log-uniform (default 3 30)")
+    phantom.add_argument("--spacing", type=float, nargs=3, metavar=("X", "Y", "Z"), default=None,
+                         help="voxel spacing in mm (default 2.2 2.2 2.5); the field of view stays 352 x 352 x 240 mm")
+    phantom.add_argument("--workers", type=int, default=1, help="processes generating cases side by side")
     phantom.set_defaults(handler=phantom_command)
 
 
@@ -170,11 +175,11 @@ def train_command(args: argparse.Namespace) -> int:
             return _error("--base-bundle is required when training nodule-branch")
         options.update(base_bundle=args.base_bundle, class_ratios=args.class_ratios,
                        patch_size=tuple(args.patch_size) if args.patch_size else None,
-                       lesion_loss_weight=args.lesion_loss_weight, init_bundle=args.init_bundle)
+                       lesion_loss_weight=args.lesion_loss_weight, init_bundle=args.init_bundle,
+                       spacing_mm=tuple(args.spacing) if args.spacing else None)
         if args.nodule_sampling is not None:
             options["balance_nodules"] = args.nodule_sampling == "per-nodule"
-        misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--spacing": args.spacing,
-                     "--init-filters": args.init_filters, "--class-weights": args.class_weights}
+        misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--init-filters": args.init_filters, "--class-weights": args.class_weights}
     else:
         options["steps_per_epoch"] = args.steps_per_epoch
         misplaced = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,
@@ -255,8 +260,11 @@ def phantom_command(args: argparse.Namespace) -> int:
             changes["nodule_count"] = tuple(args.nodules)
         if args.nodule_diameter is not None:
             changes["nodule_diameter_mm"] = tuple(args.nodule_diameter)
-        out = write_phantom_dataset(args.out, args.cases, args.seed, PhantomConfig(**changes),
-                                    dicom=not args.no_dicom, validation_fraction=args.validation_fraction)
+        config = PhantomConfig(**changes)
+        if args.spacing is not None:
+            config = config.with_spacing(tuple(reversed(args.spacing)))
+        out = write_phantom_dataset(args.out, args.cases, args.seed, config, dicom=not args.no_dicom,
+                                    validation_fraction=args.validation_fraction, workers=args.workers)
     except ValueError as exc:
         return _error(str(exc))
     print(out)

@@ -15,14 +15,28 @@ the nodule channel unused) and the branch's nodule logit ``n``, the nodule
 channel becomes ``logsumexp(a_others) + n``. Its softmax is then exactly
 ``sigmoid(n)``, and every other label ``k`` gets ``(1 - sigmoid(n)) *
 softmax(a_others)_k``: P(label) = P(not nodule) x P(label | not nodule).
+
+Two grids: nodules of 3-6 mm are one to eight voxels on the anatomy network's
+2.2 x 2.2 x 2.5 mm grid, too few to tell from a vessel. With ``anatomy_pool``
+the joined network takes a finer grid (an integer fraction of the anatomy's,
+e.g. 1.1 x 1.1 x 1.25 mm): the branch sees every fine voxel, the anatomy network
+an average-pooled copy on its own grid, and its logits are interpolated back.
+With ``lung_channel`` the branch runs only on windows where the anatomy network
+sees lung: every nodule lies in the lungs, and on a thin-slice grid the branch
+is most of the cost.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+
+#: Branch logit of the windows :class:`AnatomyWithNoduleBranch` skips: sigmoid(-30) ~ 1e-13.
+SKIPPED_LOGIT = -30.0
 
 __all__ = ["AnatomyWithNoduleBranch", "nodule_branch_def"]
 
@@ -51,18 +65,31 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
     label value; ``nodule`` maps the same input to ``(B, 1, X, Y, Z)`` nodule
     logits; ``nodule_channel`` is the nodule's label value. ``nodule_threshold``: the
     branch probability at which a voxel becomes nodule (its softmax reaches 0.5),
-    chosen on validation data by the trainer. The output has the anatomy network's
-    shape, for softmax/argmax postprocessing.
+    chosen on validation data by the trainer. ``anatomy_pool`` (x, y, z): how many
+    input voxels make one anatomy voxel per axis; (1, 1, 1) runs both on the input
+    grid. ``lung_channel``: the lung's label value; a batch item without a voxel
+    ranked lung gets nodule probability ~1e-13 without running the branch. The
+    output has the input's spatial shape, one channel per label value, for
+    softmax/argmax postprocessing.
     """
 
     def __init__(
-        self, anatomy: torch.nn.Module, nodule: torch.nn.Module, nodule_channel: int, nodule_threshold: float = 0.5
+        self, anatomy: torch.nn.Module, nodule: torch.nn.Module, nodule_channel: int, nodule_threshold: float = 0.5,
+        anatomy_pool: Sequence[int] = (1, 1, 1), lung_channel: int | None = None,
     ) -> None:
         super().__init__()
         if nodule_channel < 1:
             raise ValueError(f"nodule_channel must be a foreground label value (>= 1), got {nodule_channel}")
         if not 0.0 < nodule_threshold < 1.0:
             raise ValueError(f"nodule_threshold must be a probability in (0, 1), got {nodule_threshold}")
+        pool = tuple(int(v) for v in anatomy_pool)
+        if len(pool) != 3 or min(pool) < 1 or any(p != v for p, v in zip(pool, anatomy_pool)):
+            raise ValueError(f"anatomy_pool must be 3 integers >= 1 (x, y, z), got {tuple(anatomy_pool)}")
+        self.anatomy_pool: tuple[int, int, int] = pool  # type: ignore[assignment]
+        if lung_channel is not None and (lung_channel < 0 or lung_channel == nodule_channel):
+            raise ValueError(f"lung_channel must be a label value other than the nodule's, got {lung_channel}")
+        self.lung_channel = -1 if lung_channel is None else int(lung_channel)
+        self.skipped_logit = SKIPPED_LOGIT
         self.anatomy = anatomy
         self.nodule = nodule
         self.nodule_channel = int(nodule_channel)
@@ -70,10 +97,26 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
         self.nodule_offset = float(-math.log(nodule_threshold / (1.0 - nodule_threshold)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.anatomy(x)
+        if self.anatomy_pool == (1, 1, 1):
+            logits = self.anatomy(x)
+        else:
+            coarse = self.anatomy(F.avg_pool3d(x, kernel_size=self.anatomy_pool, stride=self.anatomy_pool))
+            logits = F.interpolate(coarse, size=x.shape[2:], mode="trilinear", align_corners=False)
         k = self.nodule_channel
         if logits.shape[1] <= k:
             raise ValueError(f"anatomy network gives {logits.shape[1]} channels, nodule channel {k} is missing")
         others = torch.cat([logits[:, :k], logits[:, k + 1:]], dim=1)
-        nodule = torch.logsumexp(others, dim=1, keepdim=True) + self.nodule(x) + self.nodule_offset
+        nodule = torch.logsumexp(others, dim=1, keepdim=True) + self._nodule_logits(x, logits) + self.nodule_offset
         return torch.cat([logits[:, :k], nodule, logits[:, k + 1:]], dim=1)
+
+    def _nodule_logits(self, x: torch.Tensor, anatomy_logits: torch.Tensor) -> torch.Tensor:
+        """The branch's logits, computed only for the batch items with lung when ``lung_channel`` is set."""
+        if self.lung_channel < 0:
+            return self.nodule(x)
+        has_lung = (anatomy_logits.argmax(dim=1) == self.lung_channel).flatten(1).any(dim=1)
+        if bool(has_lung.all()):
+            return self.nodule(x)
+        out = torch.full_like(x[:, :1], self.skipped_logit)
+        if bool(has_lung.any()):
+            out[has_lung] = self.nodule(x[has_lung])
+        return out

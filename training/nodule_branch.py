@@ -68,20 +68,24 @@ _THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
 _MIN_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6)
 
 
-def _base_network(bundle_dir: Path, device: torch.device) -> tuple[dict[str, Any], torch.nn.Module, dict[str, Any]]:
-    """(inference.json, anatomy network with weights, its network_def) of the base bundle.
+def _base_network(
+    bundle_dir: Path, device: torch.device
+) -> tuple[dict[str, Any], torch.nn.Module, dict[str, Any], tuple[int, int, int]]:
+    """(inference.json, anatomy network with weights, its network_def, input voxels per anatomy voxel) of the base.
 
-    A base bundle that already has a nodule branch gives its anatomy part, so the
-    branch can be retrained on a shipped model.
+    A base bundle that already has a nodule branch gives its anatomy part (and
+    its pool, when its input grid is finer than the anatomy's), so the branch can
+    be retrained on a shipped model.
     """
     inference = json.loads((bundle_dir / "configs" / "inference.json").read_text())
     _, network = _load_bundle(bundle_dir, device)
     network_def = copy.deepcopy(inference["network_def"])
+    pool: tuple[int, int, int] = (1, 1, 1)
     if isinstance(network, AnatomyWithNoduleBranch):
-        network, network_def = network.anatomy, network_def["anatomy"]
+        network, network_def, pool = network.anatomy, network_def["anatomy"], network.anatomy_pool
     for parameter in network.parameters():
         parameter.requires_grad_(False)
-    return inference, network.eval(), network_def
+    return inference, network.eval(), network_def, pool
 
 
 def _branch_state(bundle_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
@@ -143,6 +147,7 @@ def train_nodule_branch(
     balance_nodules: bool = True,
     lesion_loss_weight: float = 0.0,
     init_bundle: str | Path | None = None,
+    spacing_mm: Sequence[float] | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train a nodule branch on ``dataset_dir`` for ``base_bundle``'s anatomy network; bundle to ``out_dir``.
@@ -155,7 +160,12 @@ def train_nodule_branch(
     ``lesion_loss_weight`` adds that multiple of the per-lesion Dice loss
     (:class:`training.losses.LesionDiceLoss`), which weighs a 7 mm nodule as much as a
     25 mm one. ``init_bundle`` (a joined bundle) starts the branch from its branch
-    instead of random weights, for fine-tuning.
+    instead of random weights, for fine-tuning. ``spacing_mm`` (x, y, z) puts the
+    branch, and the joined bundle's input, on a finer grid than the base's: each
+    base spacing divided by a whole number (the anatomy network then sees the
+    input average-pooled by those numbers, see :class:`AnatomyWithNoduleBranch`);
+    the sliding window grows by the same numbers. Training and validation use the
+    lungs' bounding box of each case (with a margin), where every nodule lies.
     The checkpoint with the best mean validation nodule Dice is exported with the
     decision threshold (branch probability, built into the joined network) and the
     nodule size filter (in the bundle's postprocessing) that together score best on
@@ -195,14 +205,15 @@ def train_nodule_branch(
     ratios = list(class_ratios) if class_ratios is not None else list(_DEFAULT_RATIOS)
     if len(ratios) != n_classes:
         raise ValueError(f"class_ratios needs {n_classes} values (one per label value), got {len(ratios)}")
-    spacing_mm = node["input"]["spacing_mm"]
     window_hu = node["input"]["intensity_window_hu"]
     dev = torch.device(device)
     use_amp = dev.type == "cuda"
 
     set_determinism(seed=seed)
     torch.manual_seed(seed)
-    inference, anatomy, anatomy_def = _base_network(base, dev)
+    inference, anatomy, anatomy_def, base_pool = _base_network(base, dev)
+    spacing_mm, pool = _branch_grid([float(s) * p for s, p in zip(node["input"]["spacing_mm"], base_pool)],
+                                    spacing_mm)
     cases = _cases(dataset_dir)
     train_idx, val_idx = _split(len(cases), val_fraction, seed)
     train_cases, val_cases = [cases[i] for i in train_idx], [cases[i] for i in val_idx]
@@ -210,6 +221,7 @@ def train_nodule_branch(
 
     preprocess = _parse(preprocessing_config(image_key="image", label_key="label", spacing_mm=spacing_mm,
                                              window_hu=window_hu))
+    preprocess = Compose([*preprocess.transforms, *_lung_box(labels, nodule, patch_size)])
     det, rnd = _train_transforms(patch_size, n_classes, ratios, batch_size,
                                  balance_label=nodule.value if balance_nodules else None)
     files = lambda cs: [{"image": c["image"], "label": c["label"]} for c in cs]  # noqa: E731
@@ -237,6 +249,7 @@ def train_nodule_branch(
                else lambda logits, target: dice_ce(logits, target) + lesion_loss_weight * lesion_dice(logits, target))
     optimisation = _Optimisation.for_network(branch, learning_rate, epochs * len(train_loader), use_amp)
     is_nodule = lambda labels: (labels.round() == nodule.value).float()  # noqa: E731
+    inference = _on_grid(inference, spacing_mm, [p / b for p, b in zip(pool, base_pool)])
     window = inference["inferer"]
     inferer = SlidingWindowInferer(roi_size=list(window["roi_size"]), sw_batch_size=sw_batch_size,
                                    overlap=float(window.get("overlap", 0.25)), mode="gaussian",
@@ -265,6 +278,8 @@ def train_nodule_branch(
             + (f" + {lesion_loss_weight:g} x per-lesion Dice" if lesion_loss_weight else ""),
             "lesion_loss_weight": lesion_loss_weight,
             "init_bundle": str(init_bundle) if init_bundle is not None else None,
+            "spacing_mm": spacing_mm,
+            "anatomy_pool": list(pool),
             "amp": use_amp,
         },
         "epochs": [],
@@ -308,13 +323,16 @@ def train_nodule_branch(
     record["best_validation_dice"] = {nodule.name: best_score}
     record["best_validation_mean_dice"] = best_score
     record["best_validation_dice_cases_with_nodules"] = best_with
-    joined = AnatomyWithNoduleBranch(anatomy, branch, nodule.value, threshold).to(dev).eval()
+    lung = next((spec.value for spec in labels if spec.name == "lung"), None)
+    joined = AnatomyWithNoduleBranch(anatomy, branch, nodule.value, threshold, pool, lung).to(dev).eval()
     joined_def = {
         "_target_": "training.networks.AnatomyWithNoduleBranch",
         "anatomy": anatomy_def,
         "nodule": branch_def,
         "nodule_channel": nodule.value,
         "nodule_threshold": threshold,
+        **({"anatomy_pool": list(pool)} if pool != (1, 1, 1) else {}),
+        **({"lung_channel": lung} if lung is not None else {}),
     }
     write_bundle(
         out,
@@ -322,7 +340,7 @@ def train_nodule_branch(
         network_def=joined_def,
         inference_config=_with_size_filter({k: v for k, v in inference.items() if k != "network_def"},
                                            nodule.value, min_voxels),
-        metadata=_joined_metadata(meta, record, nodule, len(val_cases)),
+        metadata=_joined_metadata(meta, record, nodule, len(val_cases), window["roi_size"]),
         example_input=torch.rand(1, 1, *(int(v) for v in window["roi_size"])),
     )
     record["bundle"] = str(out)
@@ -334,6 +352,69 @@ def train_nodule_branch(
 
 
 _SIZE_FILTER = "training.postprocessing.DropSmallComponentsd"
+
+
+def _branch_grid(
+    base_spacing: Sequence[float], spacing: Sequence[float] | None
+) -> tuple[list[float], tuple[int, int, int]]:
+    """(branch spacing x, y, z in mm, anatomy pool per axis); the base's grid and (1, 1, 1) without ``spacing``.
+
+    Each base spacing must be a whole multiple of the branch's, so that average
+    pooling gives the anatomy network exactly the grid it was trained on.
+    """
+    base = [float(v) for v in base_spacing]
+    if spacing is None:
+        return base, (1, 1, 1)
+    fine = [float(v) for v in spacing]
+    if len(fine) != 3 or min(fine) <= 0:
+        raise ValueError(f"spacing must be 3 positive values in mm (x, y, z), got {tuple(spacing)}")
+    ratios = [b / f for b, f in zip(base, fine)]
+    pool = tuple(round(r) for r in ratios)
+    if any(p < 1 or abs(r - p) > 1e-3 for r, p in zip(ratios, pool)):
+        raise ValueError(f"spacing {tuple(fine)} mm must divide the base bundle's spacing {tuple(base)} mm "
+                         f"by whole numbers (ratios {tuple(round(r, 3) for r in ratios)})")
+    return fine, pool  # type: ignore[return-value]
+
+
+def _on_grid(inference: dict[str, Any], spacing_mm: Sequence[float], scale: Sequence[float]) -> dict[str, Any]:
+    """``inference`` resampling to ``spacing_mm``, its sliding window ``scale`` times as large per axis.
+
+    The anatomy network inside the window then sees the window it was trained on.
+    """
+    out = copy.deepcopy(inference)
+    steps = out["preprocessing"]["transforms"]
+    resample = [step for step in steps if step.get("_target_") == "Spacingd"]
+    if len(resample) != 1:
+        raise ValueError(f"the base bundle's preprocessing needs exactly one Spacingd, it has {len(resample)}")
+    resample[0]["pixdim"] = [float(v) for v in spacing_mm]
+    out["inferer"]["roi_size"] = [round(int(v) * f) for v, f in zip(out["inferer"]["roi_size"], scale)]
+    return out
+
+
+class _InLabels:
+    """``select_fn`` of a foreground crop: voxels whose label value is one of ``values``."""
+
+    def __init__(self, values: Sequence[int]) -> None:
+        self.values = [float(v) for v in values]
+
+    def __call__(self, label: Any) -> Any:
+        return sum((label == v) for v in self.values) > 0
+
+
+def _lung_box(labels: Sequence[LabelSpec], nodule: LabelSpec, patch_size: Sequence[int]) -> list[Any]:
+    """Transforms cropping image and label to the lungs and nodules plus half a patch (none without a lung label).
+
+    Why: on a thin-slice grid whole chests are ~20 M voxels; the lungs' box is
+    about a third of that and holds every nodule and the vessels the branch must
+    learn to leave alone.
+    """
+    from monai.transforms import CropForegroundd
+
+    lungs = [spec.value for spec in labels if spec.name == "lung"]
+    if not lungs:
+        return []
+    return [CropForegroundd(["image", "label"], source_key="label", select_fn=_InLabels([*lungs, nodule.value]),
+                            margin=[int(v) // 2 for v in patch_size], allow_smaller=True)]
 
 
 def _with_size_filter(inference: dict[str, Any], channel: int, min_voxels: int) -> dict[str, Any]:
@@ -353,8 +434,17 @@ def _with_size_filter(inference: dict[str, Any], channel: int, min_voxels: int) 
     return out
 
 
+def _grid_note(spacing_mm: Sequence[float], pool: Sequence[int]) -> str:
+    """The description's sentence on the two grids of a joined network."""
+    fine = " x ".join(f"{v:g}" for v in spacing_mm)
+    coarse = " x ".join(f"{v * p:g}" for v, p in zip(spacing_mm, pool))
+    return (f" Input and branch are on a {fine} mm grid (thin-slice CT); the anatomy network sees the input "
+            f"average-pooled to its own {coarse} mm grid and its logits are interpolated back.")
+
+
 def _joined_metadata(
-    base_meta: Mapping[str, Any], record: Mapping[str, Any], nodule: LabelSpec, validation_cases: int
+    base_meta: Mapping[str, Any], record: Mapping[str, Any], nodule: LabelSpec, validation_cases: int,
+    roi_size: Sequence[int],
 ) -> dict[str, Any]:
     """The base bundle's metadata, describing the joined network, its training and validation figures.
 
@@ -368,6 +458,11 @@ def _joined_metadata(
     anatomy_training = dict(meta.get("training", {}))
     while "nodule_branch" in anatomy_training:  # a joined base; loop: an older re-export nested it twice
         anatomy_training = dict(anatomy_training.get("anatomy", {}))
+    meta["dicom_node"]["input"]["spacing_mm"] = record["settings"]["spacing_mm"]
+    for side in ("inputs", "outputs"):
+        for entry in meta.get("network_data_format", {}).get(side, {}).values():
+            if "spatial_shape" in entry:
+                entry["spatial_shape"] = [int(v) for v in roi_size]
     for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
                 "optional_packages_version", "required_packages_version", "schema"):
         meta.pop(key, None)
@@ -377,7 +472,10 @@ def _joined_metadata(
         + branch_note + " (training.networks."
         "AnatomyWithNoduleBranch) trained on nodule-rich patches with Dice+BCE"
         + (" and a per-lesion Dice term" if record["settings"].get("lesion_loss_weight") else "")
-        + " while the anatomy network stayed frozen (training/nodule_branch.py). configs/inference.json builds "
+        + " while the anatomy network stayed frozen (training/nodule_branch.py)."
+        + (_grid_note(record["settings"]["spacing_mm"], record["settings"]["anatomy_pool"])
+           if any(p != 1 for p in record["settings"]["anatomy_pool"]) else "")
+        + " configs/inference.json builds "
         "that class, so `python -m monai.bundle run` needs the dicom-node package importable; models/model.ts does not."
     )
     meta["training"] = {

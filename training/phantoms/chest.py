@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -147,6 +147,17 @@ class PhantomConfig:
             raise ValueError("noise_sd_hu and blur_sigma_mm must be >= 0")
         if self.slice_thickness_mm is not None and self.slice_thickness_mm <= 0:
             raise ValueError("slice_thickness_mm must be positive")
+
+    def with_spacing(self, spacing_mm: Sequence[float]) -> PhantomConfig:
+        """This configuration on another grid (``spacing_mm`` z, y, x) covering about the same field of view.
+
+        Why: a thin-slice chest CT (the grid nodules are read on) is the same
+        patient on a finer grid; the shape follows so the anatomy keeps its size.
+        """
+        if len(spacing_mm) != 3 or min(spacing_mm) <= 0:
+            raise ValueError(f"spacing_mm must be 3 positive values, got {tuple(spacing_mm)}")
+        shape = tuple(max(4, round(fov / s)) for fov, s in zip(self.field_of_view_mm, spacing_mm))
+        return replace(self, shape=shape, spacing_mm=tuple(float(s) for s in spacing_mm))
 
     @property
     def field_of_view_mm(self) -> tuple[float, float, float]:

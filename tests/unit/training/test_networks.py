@@ -70,3 +70,34 @@ def test_the_validation_threshold_moves_the_decision_and_must_be_a_probability()
     for bad in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match="nodule_threshold must be a probability"):
             AnatomyWithNoduleBranch(anatomy, branch, 5, nodule_threshold=bad)
+
+
+def test_branch_runs_only_on_windows_with_lung() -> None:
+    """Windows without lung skip the branch; with lung, the output is the branch's as without the skip."""
+    from training.networks import AnatomyWithNoduleBranch
+
+    calls: list[int] = []
+
+    class Branch(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            calls.append(x.shape[0])
+            return x[:, :1] * 4.0 - 2.0
+
+    class Anatomy(torch.nn.Module):  # lung (channel 2) wherever the input exceeds 0.9
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            lung = (x > 0.9).float() * 10.0
+            return torch.cat([torch.zeros_like(x), torch.ones_like(x), lung, torch.zeros_like(x),
+                              torch.zeros_like(x), torch.zeros_like(x)], dim=1)
+
+    x = torch.rand(3, 1, 8, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.8
+    x[1, 0, 2, 2, 2] = 0.95  # only the second window has a lung voxel
+    skipping = AnatomyWithNoduleBranch(Anatomy(), Branch(), nodule_channel=5, lung_channel=2)
+    always = AnatomyWithNoduleBranch(Anatomy(), Branch(), nodule_channel=5)
+    with torch.no_grad():
+        y, reference = skipping(x), always(x)
+    assert calls == [1, 3]  # the skipping network ran the branch on one window
+    torch.testing.assert_close(y[1], reference[1])
+    nodule_probability = y.softmax(1)[:, 5]
+    assert float(nodule_probability[[0, 2]].max()) < 1e-12 < float(reference.softmax(1)[[0, 2], 5].min())
+    with pytest.raises(ValueError, match="lung_channel must be a label value other than the nodule's, got 5"):
+        AnatomyWithNoduleBranch(Anatomy(), Branch(), nodule_channel=5, lung_channel=5)

@@ -383,3 +383,63 @@ def test_nodule_branch_fine_tunes_from_a_joined_bundle_with_the_per_lesion_loss(
     meta = read_bundle_metadata(out)
     assert "and a per-lesion Dice term" in meta["description"]
     assert meta["training"]["nodule_branch"]["init_bundle"] == str(branched["bundle"])
+
+
+def test_nodule_branch_on_a_finer_grid_pools_for_the_anatomy_network(
+    trained: dict[str, Any], branched: dict[str, Any], tmp_path: Path
+) -> None:
+    from training.cli import main
+    from training.networks import AnatomyWithNoduleBranch
+    from training.nodule_branch import train_nodule_branch
+
+    fine = tuple(v / 2 for v in SPACING_XYZ)
+    out = tmp_path / "fine"
+    assert main(["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(out),
+                 "--base-bundle", str(branched["bundle"]), "--spacing", *map(str, fine), "--epochs", "1",
+                 "--patch-size", *map(str, PATCH), "--batch-size", "2", "--val-fraction", "0.34",
+                 "--no-progress"]) == 0
+    meta = read_bundle_metadata(out)
+    assert meta["dicom_node"]["input"]["spacing_mm"] == list(fine)
+    assert "average-pooled to its own 7.3 x 7.3 x 10 mm grid" in meta["description"]
+    inference = json.loads((out / "configs" / "inference.json").read_text())
+    base_roi = json.loads((trained["bundle"] / "configs" / "inference.json").read_text())["inferer"]["roi_size"]
+    assert inference["inferer"]["roi_size"] == [2 * v for v in base_roi]
+    assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [2 * v for v in base_roi]
+    [resample] = [s for s in inference["preprocessing"]["transforms"] if s["_target_"] == "Spacingd"]
+    assert resample["pixdim"] == list(fine)
+
+    joined, base = _parsed_network(out), _parsed_network(trained["bundle"])
+    assert isinstance(joined, AnatomyWithNoduleBranch) and joined.anatomy_pool == (2, 2, 2)
+    x = torch.rand(1, 1, *(2 * v for v in PATCH), generator=torch.Generator().manual_seed(5))
+    scripted = torch.jit.load(str(out / "models" / "model.ts"), map_location="cpu").eval()
+    with torch.no_grad():
+        y = joined(x)
+        torch.testing.assert_close(scripted(x), y, rtol=1e-5, atol=1e-5)
+        assert y.shape == (1, 6, *x.shape[2:])
+        # The anatomy channels are the base network's on the pooled input, interpolated back to the fine grid.
+        coarse = base(torch.nn.functional.avg_pool3d(x, 2))
+        upsampled = torch.nn.functional.interpolate(coarse, size=x.shape[2:], mode="trilinear")
+        torch.testing.assert_close(y[:, :5].softmax(1), upsampled[:, :5].softmax(1), rtol=1e-4, atol=1e-5)
+
+    # MONAI runs it on a NIfTI; the label map comes back on the input's own grid.
+    image = sorted((branched["dataset"] / "imagesTr").glob("*.nii.gz"))[0]
+    command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(out / "configs" / "inference.json"),
+               "--meta_file", str(out / "configs" / "metadata.json"), "--bundle_root", str(out),
+               "--datalist", repr([str(image)]), "--output_dir", str(tmp_path / "run")]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    [written] = sorted((tmp_path / "run").rglob("*.nii.gz"))
+    assert nib.load(written).shape == nib.load(image).shape
+
+    # Retraining on the fine joined bundle finds the anatomy's own grid under it; a grid that does not divide it
+    # is named.
+    again = tmp_path / "again"
+    assert main(["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(again),
+                 "--base-bundle", str(out), "--epochs", "1", "--patch-size", *map(str, PATCH), "--batch-size",
+                 "2", "--val-fraction", "0.34", "--no-progress"]) == 0
+    assert read_bundle_metadata(again)["dicom_node"]["input"]["spacing_mm"] == list(SPACING_XYZ)
+    assert _parsed_network(again).anatomy_pool == (1, 1, 1)
+    with pytest.raises(ValueError, match=r"must divide the base bundle's spacing \(7.3, 7.3, 10.0\) mm by whole"):
+        train_nodule_branch(branched["dataset"], tmp_path / "bad", base_bundle=out, spacing_mm=(3.0, 3.65, 5.0),
+                            epochs=1, patch_size=PATCH, progress=False)

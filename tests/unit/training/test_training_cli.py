@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from training.cli import (
@@ -85,6 +86,30 @@ def test_phantom_writes_a_decathlon_dataset(tmp_path: Path, capsys: pytest.Captu
     assert dataset["numTraining"] == 1
     assert (out / dataset["training"][0]["label"]).exists()
     assert main(["phantom", "--out", str(out), "--cases", "0"]) == 2
+
+
+def test_phantom_on_a_thin_slice_grid_keeps_the_field_of_view(tmp_path: Path) -> None:
+    """--spacing X Y Z: the same patient (same seed, same nodules) on a finer grid; --workers does not change it."""
+    import nibabel as nib
+
+    from training.data.boxes import read_box_list
+
+    common = ["--cases", "2", "--seed", "3", "--no-dicom", "--nodules", "1", "1"]
+    assert main(["phantom", "--out", str(tmp_path / "coarse"), *common, "--spacing", "11", "11", "12.5"]) == 0
+    assert main(["phantom", "--out", str(tmp_path / "fine"), *common, "--spacing", "5.5", "5.5", "6.25",
+                 "--workers", "2"]) == 0
+    assert main(["phantom", "--out", str(tmp_path / "serial"), *common, "--spacing", "5.5", "5.5", "6.25"]) == 0
+    coarse, fine = (nib.load(tmp_path / d / "imagesTr" / "chest_0001.nii.gz") for d in ("coarse", "fine"))
+    assert fine.shape == (64, 64, 38) and coarse.shape == (32, 32, 19)  # x, y, z: 352 x 352 x 240 mm
+    np.testing.assert_allclose(fine.header.get_zooms(), (5.5, 5.5, 6.25))
+    boxes = {d: read_box_list(tmp_path / d / "boxes.json")["training"] for d in ("coarse", "fine", "serial")}
+    assert boxes["fine"] == boxes["serial"]
+    assert [e.diameter_mm for e in boxes["coarse"]] == [e.diameter_mm for e in boxes["fine"]]
+    for name in ("imagesTr/chest_0000.nii.gz", "labelsTr/chest_0001.nii.gz"):
+        np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "fine" / name).dataobj),
+                                      np.asarray(nib.load(tmp_path / "serial" / name).dataobj))
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--cases", "1", "--spacing", "0", "1", "1"]) == 2
+    assert main(["phantom", "--out", str(tmp_path / "bad"), "--cases", "1", "--workers", "0"]) == 2
 
 
 def test_module_entry_point_shows_help() -> None:
