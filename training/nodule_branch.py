@@ -64,8 +64,15 @@ DEFAULT_BRANCH_PATCH_SIZE: tuple[int, int, int] = (48, 48, 32)
 _DEFAULT_RATIOS: tuple[float, ...] = (0.0, 1.0, 3.0, 0.5, 0.5, 5.0)
 #: Branch probabilities tried as the nodule decision threshold on the validation cases.
 _THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
-#: Smallest nodule components (voxels) tried as the postprocessing's size filter on the validation cases.
-_MIN_SIZES: tuple[int, ...] = (1, 2, 3, 4, 6)
+#: Smallest nodule components (mm³) tried as the postprocessing's size filter on the validation cases: up to
+#: 72 mm³, a 5 mm sphere; on the 2.2 x 2.2 x 2.5 mm grid 1, 2, 3, 4 and 6 voxels.
+_MIN_VOLUMES_MM3: tuple[float, ...] = (0.0, 12.0, 24.0, 36.0, 48.0, 72.0)
+
+
+def _min_sizes(spacing_mm: Sequence[float]) -> list[int]:
+    """:data:`_MIN_VOLUMES_MM3` in voxels of ``spacing_mm`` (at least 1, each once)."""
+    voxel_mm3 = float(np.prod([float(v) for v in spacing_mm]))
+    return sorted({max(1, math.ceil(v / voxel_mm3 - 1e-6)) for v in _MIN_VOLUMES_MM3})
 
 
 def _base_network(
@@ -312,7 +319,7 @@ def train_nodule_branch(
     branch.load_state_dict(best_state)
     # The decision threshold and size filter of the best checkpoint, picked on the validation cases (ties:
     # the threshold nearest 0.5, then the smallest filter).
-    by_choice = _branch_dice(branch, val_ds, inferer, nodule.value, dev, _THRESHOLDS, _MIN_SIZES)
+    by_choice = _branch_dice(branch, val_ds, inferer, nodule.value, dev, _THRESHOLDS, _min_sizes(spacing_mm))
     threshold, min_voxels = max(by_choice, key=lambda k: (by_choice[k][0], -abs(k[0] - 0.5), -k[1]))
     best_score, best_with = by_choice[(threshold, min_voxels)]
     record["validation_dice_by_threshold"] = {

@@ -407,6 +407,9 @@ def test_nodule_branch_on_a_finer_grid_pools_for_the_anatomy_network(
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [2 * v for v in base_roi]
     [resample] = [s for s in inference["preprocessing"]["transforms"] if s["_target_"] == "Spacingd"]
     assert resample["pixdim"] == list(fine)
+    # Size filters are tried in mm³: up to 72 mm³, here 1 and 2 voxels of 66.6 mm³.
+    tried = json.loads((out / "metrics.json").read_text())["validation_dice_by_threshold"]
+    assert {int(key.split(" min ")[1]) for key in tried} == {1, 2}
 
     joined, base = _parsed_network(out), _parsed_network(trained["bundle"])
     assert isinstance(joined, AnatomyWithNoduleBranch) and joined.anatomy_pool == (2, 2, 2)
