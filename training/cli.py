@@ -179,7 +179,8 @@ def train_command(args: argparse.Namespace) -> int:
                        spacing_mm=tuple(args.spacing) if args.spacing else None)
         if args.nodule_sampling is not None:
             options["balance_nodules"] = args.nodule_sampling == "per-nodule"
-        misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--init-filters": args.init_filters, "--class-weights": args.class_weights}
+        misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--init-filters": args.init_filters,
+                     "--class-weights": args.class_weights}
     else:
         options["steps_per_epoch"] = args.steps_per_epoch
         misplaced = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,

@@ -171,8 +171,9 @@ def train_nodule_branch(
     branch, and the joined bundle's input, on a finer grid than the base's: each
     base spacing divided by a whole number (the anatomy network then sees the
     input average-pooled by those numbers, see :class:`AnatomyWithNoduleBranch`);
-    the sliding window grows by the same numbers. Training and validation use the
-    lungs' bounding box of each case (with a margin), where every nodule lies.
+    the sliding window grows by the same numbers, training and validation use the
+    lungs' bounding box of each case (with a margin), where every nodule lies, and
+    the joined network skips the branch on windows without lung.
     The checkpoint with the best mean validation nodule Dice is exported with the
     decision threshold (branch probability, built into the joined network) and the
     nodule size filter (in the bundle's postprocessing) that together score best on
@@ -228,7 +229,9 @@ def train_nodule_branch(
 
     preprocess = _parse(preprocessing_config(image_key="image", label_key="label", spacing_mm=spacing_mm,
                                              window_hu=window_hu))
-    preprocess = Compose([*preprocess.transforms, *_lung_box(labels, nodule, patch_size)])
+    finer = pool != (1, 1, 1)
+    if finer:  # ~20 M voxels per thin-slice chest: keep the lungs' box only
+        preprocess = Compose([*preprocess.transforms, *_lung_box(labels, nodule, patch_size)])
     det, rnd = _train_transforms(patch_size, n_classes, ratios, batch_size,
                                  balance_label=nodule.value if balance_nodules else None)
     files = lambda cs: [{"image": c["image"], "label": c["label"]} for c in cs]  # noqa: E731
@@ -330,7 +333,8 @@ def train_nodule_branch(
     record["best_validation_dice"] = {nodule.name: best_score}
     record["best_validation_mean_dice"] = best_score
     record["best_validation_dice_cases_with_nodules"] = best_with
-    lung = next((spec.value for spec in labels if spec.name == "lung"), None)
+    # On a finer grid the branch is most of the inference cost: skip it where the anatomy sees no lung.
+    lung = next((spec.value for spec in labels if spec.name == "lung"), None) if finer else None
     joined = AnatomyWithNoduleBranch(anatomy, branch, nodule.value, threshold, pool, lung).to(dev).eval()
     joined_def = {
         "_target_": "training.networks.AnatomyWithNoduleBranch",
