@@ -229,9 +229,11 @@ def train_nodule_branch(
 
     preprocess = _parse(preprocessing_config(image_key="image", label_key="label", spacing_mm=spacing_mm,
                                              window_hu=window_hu))
-    finer = pool != (1, 1, 1)
-    if finer:  # ~20 M voxels per thin-slice chest: keep the lungs' box only
-        preprocess = Compose([*preprocess.transforms, *_lung_box(labels, nodule, patch_size)])
+    # On a finer grid (~20 M voxels per chest) train on the lungs' box only, and let the exported network skip
+    # the branch where the anatomy sees no lung: there the branch is most of the inference cost.
+    lung = next((spec.value for spec in labels if spec.name == "lung"), None) if pool != (1, 1, 1) else None
+    if lung is not None:
+        preprocess = Compose([*preprocess.transforms, _lung_box(lung, nodule.value, patch_size)])
     det, rnd = _train_transforms(patch_size, n_classes, ratios, batch_size,
                                  balance_label=nodule.value if balance_nodules else None)
     files = lambda cs: [{"image": c["image"], "label": c["label"]} for c in cs]  # noqa: E731
@@ -333,8 +335,6 @@ def train_nodule_branch(
     record["best_validation_dice"] = {nodule.name: best_score}
     record["best_validation_mean_dice"] = best_score
     record["best_validation_dice_cases_with_nodules"] = best_with
-    # On a finer grid the branch is most of the inference cost: skip it where the anatomy sees no lung.
-    lung = next((spec.value for spec in labels if spec.name == "lung"), None) if finer else None
     joined = AnatomyWithNoduleBranch(anatomy, branch, nodule.value, threshold, pool, lung).to(dev).eval()
     joined_def = {
         "_target_": "training.networks.AnatomyWithNoduleBranch",
@@ -412,8 +412,8 @@ class _InLabels:
         return sum((label == v) for v in self.values) > 0
 
 
-def _lung_box(labels: Sequence[LabelSpec], nodule: LabelSpec, patch_size: Sequence[int]) -> list[Any]:
-    """Transforms cropping image and label to the lungs and nodules plus half a patch (none without a lung label).
+def _lung_box(lung: int, nodule: int, patch_size: Sequence[int]) -> Any:
+    """A transform cropping image and label to the box of the ``lung`` and ``nodule`` labels plus half a patch.
 
     Why: on a thin-slice grid whole chests are ~20 M voxels; the lungs' box is
     about a third of that and holds every nodule and the vessels the branch must
@@ -421,11 +421,8 @@ def _lung_box(labels: Sequence[LabelSpec], nodule: LabelSpec, patch_size: Sequen
     """
     from monai.transforms import CropForegroundd
 
-    lungs = [spec.value for spec in labels if spec.name == "lung"]
-    if not lungs:
-        return []
-    return [CropForegroundd(["image", "label"], source_key="label", select_fn=_InLabels([*lungs, nodule.value]),
-                            margin=[int(v) // 2 for v in patch_size], allow_smaller=True)]
+    return CropForegroundd(["image", "label"], source_key="label", select_fn=_InLabels([lung, nodule]),
+                           margin=[int(v) // 2 for v in patch_size], allow_smaller=True)
 
 
 def _with_size_filter(inference: dict[str, Any], channel: int, min_voxels: int) -> dict[str, Any]:

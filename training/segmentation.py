@@ -26,6 +26,7 @@ Conventions: arrays inside MONAI are channel-first and RAS-oriented, spatial axe
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -834,8 +835,9 @@ def evaluate_segmentation(
     (SNOMED CT 49755003) also get lesion-wise figures (``lesions``, see
     :func:`training.metrics.lesion_summary`): which lesions were found, their own Dice
     and the false-positive lesions, by lesion size. Writes ``segmentation_evaluation.json``,
-    ``overlay.png`` and (with a lesion label) ``lesions.png`` to ``out_dir`` (default ``BUNDLE/evaluation``); with ``record`` the figures also go into the
-    bundle's metadata (``dicom_node.evaluation.held_out``).
+    ``overlay.png`` and (with a lesion label) ``lesions.png`` to ``out_dir`` (default
+    ``BUNDLE/evaluation``); with ``record`` the figures also go into the bundle's metadata
+    (``dicom_node.evaluation.held_out``).
     """
     from monai.transforms import Compose, LoadImage, Orientation, SaveImaged
     from tqdm.auto import tqdm
@@ -886,13 +888,15 @@ def evaluate_segmentation(
                          "reference_voxels": {n: int((ref_np == v).sum()) for v, n, _ in labels},
                          "lesions": {}, "false_positive_lesions": {}})
         pred_ras, ref_ras = ras(pred.cpu()), ras(ref)
-        _record_lesions(case["name"], pred_ras, ref_ras, lambda path=case["image"]: ras(load(path)), labels,
+        # The CT is read only for pictures (lesion crops, the first overlays), and then once per case.
+        ct_ras = functools.cache(lambda path=case["image"]: np.asarray(ras(load(path))[0]))
+        _record_lesions(case["name"], pred_ras, ref_ras, ct_ras, labels,
                         lesions, per_case[-1], gallery, lesion_names[0] if lesion_names else None)
         for value, name, _ in labels:
             p, r = pred_np == value, ref_np == value
             pooled[name] += np.array([2 * np.logical_and(p, r).sum(), p.sum() + r.sum()], dtype=np.int64)
         if len(rows) < 3:
-            rows.append((case["name"], np.asarray(ras(load(case["image"]))[0]),
+            rows.append((case["name"], ct_ras(),
                          np.asarray(pred_ras[0]).round().astype(np.uint8),
                          np.asarray(ref_ras[0]).round().astype(np.uint8)))
     dice = {n: float(np.mean([c["dice"][n] for c in per_case])) for _, n, _ in labels}
@@ -938,21 +942,20 @@ def evaluate_segmentation(
 
 
 def _record_lesions(
-    case_name: str, pred_ras: Any, ref_ras: Any, load_ct: Callable[[], Any], labels: Sequence[tuple[int, str, Any]],
-    lesions: dict[str, list[LesionMatch]], case_record: dict[str, Any], gallery: dict[str, list[LesionCrop]],
-    gallery_label: str | None, per_band: int = 4,
+    case_name: str, pred_ras: Any, ref_ras: Any, load_ct: Callable[[], np.ndarray],
+    labels: Sequence[tuple[int, str, Any]], lesions: dict[str, list[LesionMatch]], case_record: dict[str, Any],
+    gallery: dict[str, list[LesionCrop]], gallery_label: str | None, per_band: int = 4,
 ) -> None:
     """One case's lesion-wise matches of every lesion label into ``lesions`` and ``case_record``.
 
     ``pred_ras`` and ``ref_ras`` are the RAS-oriented label maps (MetaTensors), so each
     lesion's centre is given in RAS millimetres. The first ``per_band`` lesions of
-    ``gallery_label`` in each size band go to ``gallery`` as crops (the CT is loaded
-    only then, by ``load_ct``).
+    ``gallery_label`` in each size band go to ``gallery`` as crops of the RAS CT
+    array that ``load_ct`` gives (called only then).
     """
     pred_np = np.asarray(pred_ras[0]).round().astype(np.uint8)
     ref_np = np.asarray(ref_ras[0]).round().astype(np.uint8)
     affine = np.asarray(ref_ras.affine, dtype=np.float64)
-    ct = None
     for value, name, _ in labels:
         if name not in lesions:
             continue
@@ -970,8 +973,7 @@ def _record_lesions(
             band = gallery.get(lesion_band(m.diameter_mm) or "")
             if band is None or len(band) >= per_band:
                 continue
-            ct = ct if ct is not None else np.asarray(load_ct()[0])
-            band.append(lesion_crop(ct, ref_np == value, pred_np == value, m.centre_voxel,
+            band.append(lesion_crop(load_ct(), ref_np == value, pred_np == value, m.centre_voxel,
                                     f"{case_name} {m.diameter_mm:.1f} mm, Dice {m.dice:.2f}"))
 
 
