@@ -77,9 +77,11 @@ def add_training_commands(subparsers: Any) -> None:
     branch = train.add_argument_group("nodule-branch options")
     branch.add_argument("--base-bundle", type=Path, metavar="BUNDLE_DIR",
                         help="segmentation bundle whose anatomy network the branch joins (required)")
-    branch.add_argument("--nodule-sampling", choices=("per-nodule", "per-voxel"), default=None,
-                        help="centre nodule patches on every nodule equally often (per-nodule, the default) "
-                        "or on every nodule voxel equally often, which favours large nodules")
+    branch.add_argument("--nodule-sampling", choices=("per-nodule", "per-nodule-anywhere", "per-voxel"),
+                        default=None,
+                        help="centre nodule patches on every nodule equally often (per-nodule, the default), "
+                        "as often but up to half a patch from it (per-nodule-anywhere), or on every nodule "
+                        "voxel equally often, which favours large nodules (per-voxel)")
     branch.add_argument("--lesion-loss-weight", type=float, default=None, metavar="W",
                         help="add W x the per-lesion Dice loss, which weighs small nodules as much as large "
                         "ones (default 0)")
@@ -178,7 +180,7 @@ def train_command(args: argparse.Namespace) -> int:
                        lesion_loss_weight=args.lesion_loss_weight, init_bundle=args.init_bundle,
                        spacing_mm=tuple(args.spacing) if args.spacing else None)
         if args.nodule_sampling is not None:
-            options["balance_nodules"] = args.nodule_sampling == "per-nodule"
+            options["nodule_sampling"] = args.nodule_sampling
         misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--init-filters": args.init_filters,
                      "--class-weights": args.class_weights}
     else:

@@ -53,7 +53,7 @@ from training.segmentation import (
     preprocessing_config,
 )
 
-__all__ = ["DEFAULT_BRANCH_PATCH_SIZE", "train_nodule_branch"]
+__all__ = ["DEFAULT_BRANCH_PATCH_SIZE", "NODULE_SAMPLINGS", "train_nodule_branch"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +62,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_BRANCH_PATCH_SIZE: tuple[int, int, int] = (48, 48, 32)
 #: How often a patch centres on each label value: background, body, lung, heart, bone, nodule.
 _DEFAULT_RATIOS: tuple[float, ...] = (0.0, 1.0, 3.0, 0.5, 0.5, 5.0)
+#: Where nodule patches are drawn (see :func:`train_nodule_branch`); the first is the default.
+NODULE_SAMPLINGS: tuple[str, ...] = ("per-nodule", "per-nodule-anywhere", "per-voxel")
+#: Voxels between a nodule patch's edge and the nodule voxel it was drawn for: the patch centre moves up to
+#: half the patch less this margin from that voxel, so the branch learns nodules anywhere in a window.
+_NODULE_PATCH_MARGIN = 4
 #: Branch probabilities tried as the nodule decision threshold on the validation cases.
 _THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
 #: Smallest nodule components (mm³) tried as the postprocessing's size filter on the validation cases: up to
@@ -151,7 +156,7 @@ def train_nodule_branch(
     class_ratios: Sequence[float] | None = None,
     val_interval: int = 1,
     sw_batch_size: int = 2,
-    balance_nodules: bool = True,
+    nodule_sampling: str = NODULE_SAMPLINGS[0],
     lesion_loss_weight: float = 0.0,
     init_bundle: str | Path | None = None,
     spacing_mm: Sequence[float] | None = None,
@@ -162,8 +167,12 @@ def train_nodule_branch(
     The base bundle gives the preprocessing (spacing, intensity window), the
     sliding window, the labels and the frozen anatomy network; only the branch
     learns. One epoch visits every training case once with ``batch_size`` patches
-    per step. With ``balance_nodules`` the nodule patches centre on every nodule of
-    a case equally often, so 3 mm nodules are trained on as often as 30 mm ones.
+    per step. ``nodule_sampling`` "per-nodule": the nodule patches centre on every
+    nodule of a case equally often, so 3 mm nodules are trained on as often as
+    30 mm ones; "per-nodule-anywhere": as often, but each patch centre up to half
+    a patch (less a 4-voxel margin) from the nodule, so a small nodule is not
+    always at the exact patch centre, as it never is in a sliding window;
+    "per-voxel": on every nodule voxel equally often, which favours large nodules.
     ``lesion_loss_weight`` adds that multiple of the per-lesion Dice loss
     (:class:`training.losses.LesionDiceLoss`), which weighs a 7 mm nodule as much as a
     25 mm one. ``init_bundle`` (a joined bundle) starts the branch from its branch
@@ -193,6 +202,8 @@ def train_nodule_branch(
         raise ValueError(f"patch_size must be 3 positive multiples of 8 (x, y, z), got {patch_size}")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if nodule_sampling not in NODULE_SAMPLINGS:
+        raise ValueError(f"nodule_sampling must be one of {NODULE_SAMPLINGS}, got {nodule_sampling!r}")
     if not (lesion_loss_weight >= 0 and math.isfinite(lesion_loss_weight)):
         raise ValueError(f"lesion_loss_weight must be a finite number >= 0, got {lesion_loss_weight}")
     if not (base / "configs" / "inference.json").is_file():
@@ -234,8 +245,10 @@ def train_nodule_branch(
     lung = next((spec.value for spec in labels if spec.name == "lung"), None) if pool != (1, 1, 1) else None
     if lung is not None:
         preprocess = Compose([*preprocess.transforms, _lung_box(lung, nodule.value, patch_size)])
+    offset = [v // 2 - _NODULE_PATCH_MARGIN for v in patch_size] if nodule_sampling == "per-nodule-anywhere" else None
     det, rnd = _train_transforms(patch_size, n_classes, ratios, batch_size,
-                                 balance_label=nodule.value if balance_nodules else None)
+                                 balance_label=None if nodule_sampling == "per-voxel" else nodule.value,
+                                 balance_offset=offset)
     files = lambda cs: [{"image": c["image"], "label": c["label"]} for c in cs]  # noqa: E731
     train_transform = Compose([*preprocess.transforms, *det, *rnd])
     train_transform.set_random_state(seed=seed)
@@ -282,8 +295,11 @@ def train_nodule_branch(
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "class_ratios": [float(v) for v in ratios],
-            "nodule_patch_centres": ("each nodule equally often" if balance_nodules
-                                     else "each nodule voxel equally often"),
+            "nodule_patch_centres": {
+                "per-nodule": "each nodule equally often",
+                "per-nodule-anywhere": f"each nodule equally often, up to {offset} voxels from it",
+                "per-voxel": "each nodule voxel equally often",
+            }[nodule_sampling],
             "val_fraction": val_fraction,
             "network": branch_def,
             "loss": "Dice + BCE (sigmoid, batch Dice)"

@@ -329,13 +329,14 @@ def _parse(config: Mapping[str, Any]) -> Any:
 
 def _train_transforms(
     patch_size: Sequence[int], n_classes: int, class_ratios: Sequence[float], num_samples: int,
-    balance_label: int | None = None,
+    balance_label: int | None = None, balance_offset: Sequence[int] | None = None,
 ) -> tuple[list[Any], list[Any]]:
     """(deterministic part, cached; random part) of the training transform chain.
 
     With ``balance_label``, patches drawn for that label centre on each of its
     connected components equally often (:class:`training.sampling.BalanceComponentIndicesd`)
-    instead of on each of its voxels.
+    instead of on each of its voxels, and with ``balance_offset`` (voxels per axis)
+    up to that far from the component, so it is not always at the patch centre.
     """
     from monai.transforms import (
         ClassesToIndicesd,
@@ -354,7 +355,8 @@ def _train_transforms(
     if balance_label is not None:
         from training.sampling import BalanceComponentIndicesd
 
-        deterministic.append(BalanceComponentIndicesd("label", "label_cls_indices", balance_label))
+        deterministic.append(BalanceComponentIndicesd("label", "label_cls_indices", balance_label,
+                                                      offset=balance_offset))
     random = [
         RandCropByLabelClassesd(
             keys,

@@ -63,3 +63,44 @@ def test_the_transform_names_a_missing_class_and_a_wrong_label_shape() -> None:
     data["label"] = torch.zeros(2, 4, 4, 4)
     with pytest.raises(ValueError, match="one channel-first 3D label, got shape \\(2, 4, 4, 4\\)"):
         BalanceComponentIndicesd("label", "label_cls_indices", label_value=1)(data)
+
+
+def test_offset_moves_each_index_at_most_that_far_from_its_component_and_inside_the_volume() -> None:
+    mask = _two_nodules()[0] == 5
+    plain = component_balanced_indices(mask, per_component=400)
+    moved = component_balanced_indices(mask, per_component=400, offset=(3, 2, 0), seed=7)
+    assert moved.shape == plain.shape
+    steps = np.stack(np.unravel_index(moved, mask.shape)) - np.stack(np.unravel_index(plain, mask.shape))
+    assert np.abs(steps[0]).max() == 3 and np.abs(steps[1]).max() == 2 and not steps[2].any()
+    assert set(np.unique(steps[0])) == {-3, -2, -1, 0, 1, 2, 3}  # every offset in the range is drawn
+    single = plain == np.ravel_multi_index((16, 16, 16), mask.shape)
+    assert (~mask.ravel()[moved[single]]).mean() > 0.5  # most centres drawn for the 1-voxel nodule are off it
+    edge = np.zeros((6, 6, 6), dtype=bool)
+    edge[0, 0, 0] = True
+    corner = np.stack(np.unravel_index(component_balanced_indices(edge, 50, offset=(4, 4, 4)), edge.shape))
+    assert corner.min() == 0 and corner.max() <= 4  # clipped into the volume
+    again = component_balanced_indices(mask, per_component=400, offset=(3, 2, 0), seed=7)
+    assert np.array_equal(moved, again)
+    assert not np.array_equal(moved, component_balanced_indices(mask, per_component=400, offset=(3, 2, 0), seed=8))
+    with pytest.raises(ValueError, match=r"offset must be 3 voxel counts >= 0, got \(1, -1, 0\)"):
+        component_balanced_indices(mask, per_component=4, offset=(1, -1, 0))
+
+
+def test_with_an_offset_a_one_voxel_nodule_lies_anywhere_in_its_patches_not_only_at_the_centre() -> None:
+    # A patch of 9^3 voxels centred up to 3 voxels from the nodule: the nodule is inside every patch,
+    # at many positions; without the offset it is always the centre voxel (4, 4, 4).
+    label = np.full((1, 20, 20, 20), 2, dtype=np.uint8)
+    label[0, 10, 10, 10] = 5
+    positions: dict[bool, set[tuple[int, ...]]] = {}
+    for offset in (None, (3, 3, 3)):
+        data = ClassesToIndicesd("label", num_classes=6)({"label": torch.from_numpy(label)})
+        data = BalanceComponentIndicesd("label", "label_cls_indices", label_value=5, offset=offset)(data)
+        crop = RandCropByLabelClassesd(["label"], "label", spatial_size=[9, 9, 9], ratios=[0, 0, 0, 0, 0, 1],
+                                       num_classes=6, num_samples=200, indices_key="label_cls_indices", warn=False)
+        crop.set_random_state(seed=0)
+        found = [tuple(int(i) for i in np.argwhere(np.asarray(out["label"][0]) == 5)[0]) for out in crop(data)]
+        positions[offset is not None] = set(found)
+    assert positions[False] == {(4, 4, 4)}
+    assert len(positions[True]) > 100 and all(1 <= v <= 7 for p in positions[True] for v in p)
+    with pytest.raises(ValueError, match=r"offset must be 3 voxel counts >= 0 \(x, y, z\), got \(1, 1\)"):
+        BalanceComponentIndicesd("label", "label_cls_indices", label_value=5, offset=(1, 1))

@@ -323,11 +323,19 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     args = ["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "cli")]
     assert main(args) == 2
     assert main([*args, "--base-bundle", str(branched["bundle"]), "--init-filters", "16"]) == 2
-    per_voxel = [*args, "--base-bundle", str(branched["bundle"]), "--nodule-sampling", "per-voxel", "--epochs", "1",
-                 "--patch-size", *map(str, PATCH), "--batch-size", "2", "--val-fraction", "0.34"]
-    assert main(per_voxel) == 0
+    one_epoch = ["--base-bundle", str(branched["bundle"]), "--epochs", "1", "--patch-size", *map(str, PATCH),
+                 "--batch-size", "2", "--val-fraction", "0.34"]
+    assert main([*args, *one_epoch, "--nodule-sampling", "per-voxel"]) == 0
     settings = json.loads((tmp_path / "cli" / "metrics.json").read_text())["settings"]
     assert settings["nodule_patch_centres"] == "each nodule voxel equally often"
+    anywhere = ["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "anywhere")]
+    assert main([*anywhere, *one_epoch, "--nodule-sampling", "per-nodule-anywhere"]) == 0
+    # Nodule patch centres up to half the patch (32, 32, 16) less 4 voxels from the nodule.
+    settings = json.loads((tmp_path / "anywhere" / "metrics.json").read_text())["settings"]
+    assert settings["nodule_patch_centres"] == "each nodule equally often, up to [12, 12, 4] voxels from it"
+    with pytest.raises(ValueError, match="nodule_sampling must be one of .*, got 'centred'"):
+        train_nodule_branch(branched["dataset"], tmp_path / "bad", base_bundle=branched["bundle"], epochs=1,
+                            nodule_sampling="centred", progress=False)
     steps = [step["_target_"] for step in
              json.loads((tmp_path / "cli" / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]]
     assert steps.count("training.postprocessing.DropSmallComponentsd") <= 1  # a filter of the base is replaced
