@@ -66,15 +66,15 @@ def test_segmentation_bundle_metadata_declares_labels_and_held_out_figures() -> 
     assert [label["name"] for label in node["labels"]] == ["body", "lung", "heart", "bone", "nodule"]
     held_out = node["evaluation"]["held_out"]
     assert held_out["cases"] == 32 and held_out["dice"]["lung"] >= 0.95  # the shipped lung target
-    assert held_out["cases_with_label"]["nodule"] == 24 and held_out["dice_pooled"]["nodule"] >= 0.85
-    assert held_out["dice_cases_with_label"]["nodule"] >= 0.6
-    assert held_out["false_positive_cases"]["nodule"] <= 3  # of the 8 cases without nodules
+    assert held_out["cases_with_label"]["nodule"] == 24 and held_out["dice_pooled"]["nodule"] >= 0.88
+    assert held_out["dice_cases_with_label"]["nodule"] >= 0.64
+    assert held_out["false_positive_cases"]["nodule"] <= 4  # of the 8 cases without nodules
     # Lesion-wise: the nodules >= 8 mm are found, each segmented on its own; the model's grid limit is recorded.
     nodules = held_out["lesions"]["nodule"]
     bands = {band["band"]: band for band in nodules["size_bands"]}
     assert nodules["lesions"] == sum(band["lesions"] for band in bands.values()) > 0
-    assert bands[">= 8 mm"]["sensitivity"] >= 0.9 and bands[">= 8 mm"]["mean_dice"] >= 0.75
-    assert nodules["false_positive_lesions_per_case"] <= 0.5
+    assert bands[">= 8 mm"]["sensitivity"] >= 0.9 and bands[">= 8 mm"]["mean_dice"] >= 0.8
+    assert nodules["found"] >= 35 and nodules["false_positive_lesions_per_case"] <= 0.35
 
 
 def test_segmentation_bundle_runs_with_monai_and_finds_the_lungs_and_nodule_of_a_new_phantom(tmp_path: Path) -> None:
