@@ -35,5 +35,5 @@ models: $(BIN)/dicom-node
 	$(BIN)/dicom-node train detection --dataset $(DATA)/train --out workers/bundles/lung_nodule_detection --seed 0 --threads 1
 	$(BIN)/dicom-node evaluate --bundle workers/bundles/lung_nodule_detection --dataset $(DATA)/heldout --record --threads 1
 	$(BIN)/dicom-node train segmentation --dataset $(DATA)/train --out build/chest_ct_anatomy --epochs 12 --val-fraction 0.15 --val-interval 3 --seed 0 --threads 1
-	$(BIN)/dicom-node train nodule-branch --dataset $(DATA)/train --base-bundle build/chest_ct_anatomy --out workers/bundles/chest_ct_segmentation --epochs 250 --val-fraction 0.15 --val-interval 10 --seed 0 --threads 2 --nodule-sampling per-nodule-anywhere --class-ratios 0 1 6 0.5 0.5 5
+	$(BIN)/dicom-node train nodule-branch --dataset $(DATA)/train --base-bundle build/chest_ct_anatomy --out workers/bundles/chest_ct_segmentation --epochs 250 --val-fraction 0.15 --val-interval 10 --seed 0 --threads 2
 	$(BIN)/dicom-node evaluate --bundle workers/bundles/chest_ct_segmentation --dataset $(DATA)/heldout --record --threads 1

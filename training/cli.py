@@ -68,7 +68,8 @@ def add_training_commands(subparsers: Any) -> None:
                      "spacing divided by whole numbers; default the base's)")
     seg.add_argument("--init-filters", type=int, help="SegResNet width (multiple of 8)")
     seg.add_argument("--class-ratios", type=float, nargs="+", metavar="R",
-                     help="how often patches centre on each label value 0..N (default: nodules 6x)")
+                     help="how often patches centre on each label value 0..N (default: nodules 6x; nodule-branch: "
+                     "0 1 6 0.5 0.5 5)")
     seg.add_argument("--class-weights", type=float, nargs="+", metavar="W",
                      help="loss weight of each label value 0..N (default: all 1)")
     seg.add_argument("--init-bundle", type=Path, metavar="BUNDLE_DIR",
@@ -77,10 +78,10 @@ def add_training_commands(subparsers: Any) -> None:
     branch = train.add_argument_group("nodule-branch options")
     branch.add_argument("--base-bundle", type=Path, metavar="BUNDLE_DIR",
                         help="segmentation bundle whose anatomy network the branch joins (required)")
-    branch.add_argument("--nodule-sampling", choices=("per-nodule", "per-nodule-anywhere", "per-voxel"),
+    branch.add_argument("--nodule-sampling", choices=("per-nodule-anywhere", "per-nodule", "per-voxel"),
                         default=None,
-                        help="centre nodule patches on every nodule equally often (per-nodule, the default), "
-                        "as often but up to half a patch from it (per-nodule-anywhere), or on every nodule "
+                        help="draw nodule patches for every nodule equally often, centred up to half a patch "
+                        "from it (per-nodule-anywhere, the default) or on it (per-nodule), or for every nodule "
                         "voxel equally often, which favours large nodules (per-voxel)")
     branch.add_argument("--lesion-loss-weight", type=float, default=None, metavar="W",
                         help="add W x the per-lesion Dice loss, which weighs small nodules as much as large "

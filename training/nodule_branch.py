@@ -61,9 +61,9 @@ logger = logging.getLogger(__name__)
 #: largest (30 mm) nodule and its surroundings; inference uses the base bundle's sliding window.
 DEFAULT_BRANCH_PATCH_SIZE: tuple[int, int, int] = (48, 48, 32)
 #: How often a patch centres on each label value: background, body, lung, heart, bone, nodule.
-_DEFAULT_RATIOS: tuple[float, ...] = (0.0, 1.0, 3.0, 0.5, 0.5, 5.0)
+_DEFAULT_RATIOS: tuple[float, ...] = (0.0, 1.0, 6.0, 0.5, 0.5, 5.0)
 #: Where nodule patches are drawn (see :func:`train_nodule_branch`); the first is the default.
-NODULE_SAMPLINGS: tuple[str, ...] = ("per-nodule", "per-nodule-anywhere", "per-voxel")
+NODULE_SAMPLINGS: tuple[str, ...] = ("per-nodule-anywhere", "per-nodule", "per-voxel")
 #: Voxels between a nodule patch's edge and the nodule voxel it was drawn for: the patch centre moves up to
 #: half the patch less this margin from that voxel, so the branch learns nodules anywhere in a window.
 _NODULE_PATCH_MARGIN = 4
@@ -167,11 +167,11 @@ def train_nodule_branch(
     The base bundle gives the preprocessing (spacing, intensity window), the
     sliding window, the labels and the frozen anatomy network; only the branch
     learns. One epoch visits every training case once with ``batch_size`` patches
-    per step. ``nodule_sampling`` "per-nodule": the nodule patches centre on every
-    nodule of a case equally often, so 3 mm nodules are trained on as often as
-    30 mm ones; "per-nodule-anywhere": as often, but each patch centre up to half
-    a patch (less a 4-voxel margin) from the nodule, so a small nodule is not
-    always at the exact patch centre, as it never is in a sliding window;
+    per step. ``nodule_sampling`` "per-nodule-anywhere" (the default): nodule patches
+    are drawn for every nodule of a case equally often, so 3 mm nodules are trained
+    on as often as 30 mm ones, each centred up to half a patch (less a 4-voxel
+    margin) from the nodule, so a small nodule is not always at the exact patch
+    centre, as it never is in a sliding window; "per-nodule": centred on the nodule;
     "per-voxel": on every nodule voxel equally often, which favours large nodules.
     ``lesion_loss_weight`` adds that multiple of the per-lesion Dice loss
     (:class:`training.losses.LesionDiceLoss`), which weighs a 7 mm nodule as much as a

@@ -276,7 +276,9 @@ def test_nodule_branch_learns_and_leaves_the_anatomy_network_as_it_was(
     meta = read_bundle_metadata(bundle)
     assert [label["name"] for label in meta["dicom_node"]["labels"]] == [s.name for s in CHEST_LABELS]
     assert meta["training"]["nodule_branch"]["epochs"] == 3 and "anatomy" in meta["training"]
-    assert meta["training"]["nodule_branch"]["nodule_patch_centres"] == "each nodule equally often"
+    # By default nodule patches are centred up to half the patch (32, 32, 16) less 4 voxels from the nodule.
+    assert (meta["training"]["nodule_branch"]["nodule_patch_centres"]
+            == "each nodule equally often, up to [12, 12, 4] voxels from it")
     assert "held_out" not in meta["dicom_node"]["evaluation"]  # the base's figures describe another network
 
     # The size filter chosen on validation is in the bundle's postprocessing, before the argmax, when it filters.
@@ -328,11 +330,10 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     assert main([*args, *one_epoch, "--nodule-sampling", "per-voxel"]) == 0
     settings = json.loads((tmp_path / "cli" / "metrics.json").read_text())["settings"]
     assert settings["nodule_patch_centres"] == "each nodule voxel equally often"
-    anywhere = ["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "anywhere")]
-    assert main([*anywhere, *one_epoch, "--nodule-sampling", "per-nodule-anywhere"]) == 0
-    # Nodule patch centres up to half the patch (32, 32, 16) less 4 voxels from the nodule.
-    settings = json.loads((tmp_path / "anywhere" / "metrics.json").read_text())["settings"]
-    assert settings["nodule_patch_centres"] == "each nodule equally often, up to [12, 12, 4] voxels from it"
+    centred = ["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "centred")]
+    assert main([*centred, *one_epoch, "--nodule-sampling", "per-nodule"]) == 0
+    settings = json.loads((tmp_path / "centred" / "metrics.json").read_text())["settings"]
+    assert settings["nodule_patch_centres"] == "each nodule equally often"
     with pytest.raises(ValueError, match="nodule_sampling must be one of .*, got 'centred'"):
         train_nodule_branch(branched["dataset"], tmp_path / "bad", base_bundle=branched["bundle"], epochs=1,
                             nodule_sampling="centred", progress=False)
