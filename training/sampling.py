@@ -9,7 +9,7 @@ nodule class's voxel indices (as ``ClassesToIndicesd`` stored them) so that each
 connected component contributes the same number of entries.
 
 Why the ``offset``: a small nodule's few voxels, repeated, put it at the exact
-centre of every patch drawn for it. A branch trained that way finds a 4 mm
+centre of every patch drawn for it. A branch trained that way finds a 4.9 mm
 nodule with probability 0.98 at the patch centre and 0.02 sixteen voxels off
 it, so the sliding window, which sees each nodule anywhere in its windows,
 missed every nodule under 6 mm. Moving each centre by a random offset puts the
