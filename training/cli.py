@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from training.sampling import NODULE_SAMPLINGS
+
 __all__ = [
     "add_phantom_command",
     "add_training_commands",
@@ -78,8 +80,7 @@ def add_training_commands(subparsers: Any) -> None:
     branch = train.add_argument_group("nodule-branch options")
     branch.add_argument("--base-bundle", type=Path, metavar="BUNDLE_DIR",
                         help="segmentation bundle whose anatomy network the branch joins (required)")
-    branch.add_argument("--nodule-sampling", choices=("per-nodule-anywhere", "per-nodule", "per-voxel"),
-                        default=None,
+    branch.add_argument("--nodule-sampling", choices=NODULE_SAMPLINGS, default=None,
                         help="draw nodule patches for every nodule equally often, centred up to half a patch "
                         "from it (per-nodule-anywhere, the default) or on it (per-nodule), or for every nodule "
                         "voxel equally often, which favours large nodules (per-voxel)")

@@ -40,6 +40,7 @@ from training.losses import LesionDiceLoss
 from training.metrics import dice_per_label
 from training.networks import AnatomyWithNoduleBranch, nodule_branch_def
 from training.postprocessing import component_sizes
+from training.sampling import NODULE_SAMPLINGS
 from training.segmentation import (
     _cases,
     _Optimisation,
@@ -53,7 +54,7 @@ from training.segmentation import (
     preprocessing_config,
 )
 
-__all__ = ["DEFAULT_BRANCH_PATCH_SIZE", "NODULE_SAMPLINGS", "train_nodule_branch"]
+__all__ = ["DEFAULT_BRANCH_PATCH_SIZE", "train_nodule_branch"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_BRANCH_PATCH_SIZE: tuple[int, int, int] = (48, 48, 32)
 #: How often a patch centres on each label value: background, body, lung, heart, bone, nodule.
 _DEFAULT_RATIOS: tuple[float, ...] = (0.0, 1.0, 6.0, 0.5, 0.5, 5.0)
-#: Where nodule patches are drawn (see :func:`train_nodule_branch`); the first is the default.
-NODULE_SAMPLINGS: tuple[str, ...] = ("per-nodule-anywhere", "per-nodule", "per-voxel")
 #: Voxels between a nodule patch's edge and the nodule voxel it was drawn for: the patch centre moves up to
 #: half the patch less this margin from that voxel, so the branch learns nodules anywhere in a window.
 _NODULE_PATCH_MARGIN = 4

@@ -24,7 +24,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["BalanceComponentIndicesd", "component_balanced_indices"]
+__all__ = ["NODULE_SAMPLINGS", "BalanceComponentIndicesd", "component_balanced_indices"]
+
+#: Where a nodule branch's nodule patches are drawn (see :func:`training.nodule_branch.train_nodule_branch`):
+#: per nodule with an offset, per nodule centred, per nodule voxel. The first is the default.
+NODULE_SAMPLINGS: tuple[str, ...] = ("per-nodule-anywhere", "per-nodule", "per-voxel")
 
 
 def component_balanced_indices(
