@@ -87,6 +87,9 @@ def add_training_commands(subparsers: Any) -> None:
     branch.add_argument("--lesion-loss-weight", type=float, default=None, metavar="W",
                         help="add W x the per-lesion Dice loss, which weighs small nodules as much as large "
                         "ones (default 0)")
+    branch.add_argument("--mirror-axes", type=int, nargs="*", choices=(0, 1, 2), default=None, metavar="AXIS",
+                        help="the exported network also runs the branch on the input mirrored along each of "
+                        "these axes (0 x, 1 y, 2 z) and averages; default 0 1 2, none with no value")
     det = train.add_argument_group("detection options")
     det.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch")
     train.set_defaults(handler=train_command)
@@ -173,7 +176,8 @@ def train_command(args: argparse.Namespace) -> int:
             init_bundle=args.init_bundle,
         )
         misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--base-bundle": args.base_bundle,
-                     "--nodule-sampling": args.nodule_sampling, "--lesion-loss-weight": args.lesion_loss_weight}
+                     "--nodule-sampling": args.nodule_sampling, "--lesion-loss-weight": args.lesion_loss_weight,
+                     "--mirror-axes": args.mirror_axes}
     elif args.kind == "nodule-branch":
         if args.base_bundle is None:
             return _error("--base-bundle is required when training nodule-branch")
@@ -183,6 +187,8 @@ def train_command(args: argparse.Namespace) -> int:
                        spacing_mm=tuple(args.spacing) if args.spacing else None)
         if args.nodule_sampling is not None:
             options["nodule_sampling"] = args.nodule_sampling
+        if args.mirror_axes is not None:
+            options["nodule_mirror_axes"] = tuple(args.mirror_axes)
         misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--init-filters": args.init_filters,
                      "--class-weights": args.class_weights}
     else:
@@ -190,7 +196,8 @@ def train_command(args: argparse.Namespace) -> int:
         misplaced = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,
                      "--class-ratios": args.class_ratios, "--class-weights": args.class_weights,
                      "--init-bundle": args.init_bundle, "--base-bundle": args.base_bundle,
-                     "--nodule-sampling": args.nodule_sampling, "--lesion-loss-weight": args.lesion_loss_weight}
+                     "--nodule-sampling": args.nodule_sampling, "--lesion-loss-weight": args.lesion_loss_weight,
+                     "--mirror-axes": args.mirror_axes}
     given = [flag for flag, value in misplaced.items() if value is not None]
     if given:
         return _error(f"{', '.join(given)} not supported when training {args.kind}")

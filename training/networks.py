@@ -24,6 +24,12 @@ an average-pooled copy on its own grid, and its logits are interpolated back.
 With ``lung_channel`` the branch runs only on windows where the anatomy network
 sees lung: every nodule lies in the lungs, and on a thin-slice grid the branch
 is most of the cost.
+
+Mirroring: with ``nodule_mirror_axes`` the branch's probability is the mean over
+the input and its mirror images along those axes (test-time augmentation, as
+nnU-Net mirrors). A vessel crossing that the branch takes for a nodule from one
+side seldom looks like one from every side, and the averaged boundary of a true
+nodule is smoother than any single pass.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ import torch.nn.functional as F
 #: Branch logit of the windows :class:`AnatomyWithNoduleBranch` skips: sigmoid(-30) ~ 1e-13.
 SKIPPED_LOGIT = -30.0
 
-__all__ = ["AnatomyWithNoduleBranch", "nodule_branch_def"]
+#: Probabilities are clamped to [eps, 1 - eps] before the logit of a mirrored mean: logits within +-13.8.
+_MIRROR_EPS = 1e-6
+
+__all__ = ["AnatomyWithNoduleBranch", "mirror_axes", "nodule_branch_def"]
 
 
 def nodule_branch_def(*, channels: tuple[int, ...] = (16, 32, 64, 128)) -> dict[str, Any]:
@@ -58,6 +67,14 @@ def nodule_branch_def(*, channels: tuple[int, ...] = (16, 32, 64, 128)) -> dict[
     }
 
 
+def mirror_axes(axes: Sequence[int]) -> tuple[int, ...]:
+    """``axes`` checked as distinct spatial axes (0 x, 1 y, 2 z) of a 3D volume, as a tuple."""
+    out = tuple(int(a) for a in axes)
+    if any(a not in (0, 1, 2) or a != b for a, b in zip(out, axes)) or len(set(out)) != len(out):
+        raise ValueError(f"mirror axes must be distinct spatial axes 0 (x), 1 (y), 2 (z), got {tuple(axes)}")
+    return out
+
+
 class AnatomyWithNoduleBranch(torch.nn.Module):
     """An anatomy network whose nodule channel is replaced by a binary nodule branch.
 
@@ -70,12 +87,14 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
     grid. ``lung_channel``: the lung's label value; a batch item without a voxel
     ranked lung gets nodule probability ~1e-13 without running the branch. The
     output has the input's spatial shape, one channel per label value, for
-    softmax/argmax postprocessing.
+    softmax/argmax postprocessing. ``nodule_mirror_axes`` (0 x, 1 y, 2 z): the branch
+    also runs on the input mirrored along each, and its probabilities are averaged.
     """
 
     def __init__(
         self, anatomy: torch.nn.Module, nodule: torch.nn.Module, nodule_channel: int, nodule_threshold: float = 0.5,
         anatomy_pool: Sequence[int] = (1, 1, 1), lung_channel: int | None = None,
+        nodule_mirror_axes: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if nodule_channel < 1:
@@ -90,6 +109,10 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
             raise ValueError(f"lung_channel must be a label value other than the nodule's, got {lung_channel}")
         self.lung_channel = -1 if lung_channel is None else int(lung_channel)
         self.skipped_logit = SKIPPED_LOGIT
+        self.nodule_mirror_axes = mirror_axes(nodule_mirror_axes)
+        # One flag per spatial axis: TorchScript types a list of 3 bools, not an empty list of axes.
+        self.mirrored = [axis in self.nodule_mirror_axes for axis in range(3)]
+        self.mirror_eps = _MIRROR_EPS
         self.anatomy = anatomy
         self.nodule = nodule
         self.nodule_channel = int(nodule_channel)
@@ -112,11 +135,25 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
     def _nodule_logits(self, x: torch.Tensor, anatomy_logits: torch.Tensor) -> torch.Tensor:
         """The branch's logits, computed only for the batch items with lung when ``lung_channel`` is set."""
         if self.lung_channel < 0:
-            return self.nodule(x)
+            return self.branch_logits(x)
         has_lung = (anatomy_logits.argmax(dim=1) == self.lung_channel).flatten(1).any(dim=1)
         if bool(has_lung.all()):
-            return self.nodule(x)
+            return self.branch_logits(x)
         out = torch.full_like(x[:, :1], self.skipped_logit)
         if bool(has_lung.any()):
-            out[has_lung] = self.nodule(x[has_lung])
+            out[has_lung] = self.branch_logits(x[has_lung]).to(out.dtype)
         return out
+
+    def branch_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The branch's nodule logits (B, 1, X, Y, Z) of ``x``: the logit of its mean probability over ``x`` and
+        ``x`` mirrored along each of ``nodule_mirror_axes``, or its plain logits without mirror axes."""
+        logits = self.nodule(x)
+        probability, passes = torch.sigmoid(logits.float()), 1
+        for axis in range(3):
+            if self.mirrored[axis]:
+                dims = [axis + 2]
+                probability = probability + torch.sigmoid(torch.flip(self.nodule(torch.flip(x, dims)), dims).float())
+                passes += 1
+        if passes == 1:
+            return logits
+        return torch.logit(probability / passes, eps=self.mirror_eps)

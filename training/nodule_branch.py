@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,7 @@ from training.bundle import read_bundle_metadata, write_bundle
 from training.labels import LabelSpec, label_by_name
 from training.losses import LesionDiceLoss
 from training.metrics import dice_per_label
-from training.networks import AnatomyWithNoduleBranch, nodule_branch_def
+from training.networks import AnatomyWithNoduleBranch, mirror_axes, nodule_branch_def
 from training.postprocessing import component_sizes
 from training.sampling import NODULE_SAMPLINGS
 from training.segmentation import (
@@ -54,7 +54,7 @@ from training.segmentation import (
     preprocessing_config,
 )
 
-__all__ = ["DEFAULT_BRANCH_PATCH_SIZE", "train_nodule_branch"]
+__all__ = ["DEFAULT_BRANCH_PATCH_SIZE", "DEFAULT_MIRROR_AXES", "train_nodule_branch"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,10 @@ _DEFAULT_RATIOS: tuple[float, ...] = (0.0, 1.0, 6.0, 0.5, 0.5, 5.0)
 #: Voxels between a nodule patch's edge and the nodule voxel it was drawn for: the patch centre moves up to
 #: half the patch less this margin from that voxel, so the branch learns nodules anywhere in a window.
 _NODULE_PATCH_MARGIN = 4
+#: Axes (0 x, 1 y, 2 z) along which the exported network also runs the branch on the mirrored input: on 16
+#: development phantoms (seeds 300000-), four passes instead of one raised the nodule Dice per case with
+#: nodules from 0.58 to 0.63, and per nodule of 8 mm or more from 0.81 to 0.88.
+DEFAULT_MIRROR_AXES: tuple[int, ...] = (0, 1, 2)
 #: Branch probabilities tried as the nodule decision threshold on the validation cases.
 _THRESHOLDS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6)
 #: Smallest nodule components (mm³) tried as the postprocessing's size filter on the validation cases: up to
@@ -115,15 +119,15 @@ def _branch_state(bundle_dir: Path, device: torch.device) -> dict[str, torch.Ten
 
 @torch.no_grad()
 def _branch_dice(
-    branch: torch.nn.Module, val_ds: Any, inferer: Any, nodule_value: int, dev: torch.device,
+    branch: Callable[[torch.Tensor], torch.Tensor], val_ds: Any, inferer: Any, nodule_value: int, dev: torch.device,
     thresholds: Sequence[float] = (0.5,), min_sizes: Sequence[int] = (1,),
 ) -> dict[tuple[float, int], tuple[float, float | None]]:
     """``{(threshold, min size): (mean nodule Dice over all validation cases, mean over the cases with nodules)}``.
 
+    ``branch`` gives nodule logits (B, 1, X, Y, Z) of an image batch, in eval mode.
     A voxel is nodule where the branch's probability exceeds the threshold and
     its 26-connected component of such voxels has at least ``min size`` voxels.
     """
-    branch.eval()
     every: dict[tuple[float, int], list[float]] = {(t, m): [] for t in thresholds for m in min_sizes}
     with_nodules: dict[tuple[float, int], list[float]] = {key: [] for key in every}
     for item in val_ds:
@@ -159,6 +163,7 @@ def train_nodule_branch(
     lesion_loss_weight: float = 0.0,
     init_bundle: str | Path | None = None,
     spacing_mm: Sequence[float] | None = None,
+    nodule_mirror_axes: Sequence[int] = DEFAULT_MIRROR_AXES,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train a nodule branch on ``dataset_dir`` for ``base_bundle``'s anatomy network; bundle to ``out_dir``.
@@ -185,8 +190,12 @@ def train_nodule_branch(
     The checkpoint with the best mean validation nodule Dice is exported with the
     decision threshold (branch probability, built into the joined network) and the
     nodule size filter (in the bundle's postprocessing) that together score best on
-    the same validation cases. Returns the training record, also in ``out_dir/metrics.json``.
-    Deterministic for a given ``seed`` on CPU.
+    the same validation cases. ``nodule_mirror_axes`` (0 x, 1 y, 2 z; default all
+    three): the exported network averages the branch's probability over the input
+    and its mirror images along these axes, and threshold and size filter are chosen
+    with that averaging; the checkpoint itself is picked without it (4x cheaper).
+    Returns the training record, also in ``out_dir/metrics.json``. Deterministic
+    for a given ``seed`` on CPU.
     """
     from monai.data import CacheDataset, DataLoader
     from monai.inferers import SlidingWindowInferer
@@ -203,6 +212,7 @@ def train_nodule_branch(
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if nodule_sampling not in NODULE_SAMPLINGS:
         raise ValueError(f"nodule_sampling must be one of {NODULE_SAMPLINGS}, got {nodule_sampling!r}")
+    mirrors = mirror_axes(nodule_mirror_axes)
     if not (lesion_loss_weight >= 0 and math.isfinite(lesion_loss_weight)):
         raise ValueError(f"lesion_loss_weight must be a finite number >= 0, got {lesion_loss_weight}")
     if not (base / "configs" / "inference.json").is_file():
@@ -307,6 +317,7 @@ def train_nodule_branch(
             "init_bundle": str(init_bundle) if init_bundle is not None else None,
             "spacing_mm": spacing_mm,
             "anatomy_pool": list(pool),
+            "nodule_mirror_axes": list(mirrors),
             "amp": use_amp,
         },
         "epochs": [],
@@ -319,6 +330,7 @@ def train_nodule_branch(
         entry = optimisation.epoch(branch, train_loader, loss_fn, is_nodule, dev, epoch=epoch, progress=progress)
         if epoch % val_interval == 0 or epoch == epochs:
             val_start = time.perf_counter()
+            branch.eval()
             every, with_nodules = _branch_dice(branch, val_ds, inferer, nodule.value, dev)[(0.5, 1)]
             entry["validation_dice"] = {nodule.name: every}
             entry["validation_mean_dice"] = every
@@ -338,8 +350,10 @@ def train_nodule_branch(
     assert best_state is not None  # the last epoch always validates
     branch.load_state_dict(best_state)
     # The decision threshold and size filter of the best checkpoint, picked on the validation cases (ties:
-    # the threshold nearest 0.5, then the smallest filter).
-    by_choice = _branch_dice(branch, val_ds, inferer, nodule.value, dev, _THRESHOLDS, _min_sizes(spacing_mm))
+    # the threshold nearest 0.5, then the smallest filter) with the mirroring the exported network does.
+    mirrored = AnatomyWithNoduleBranch(anatomy, branch, nodule.value, nodule_mirror_axes=mirrors).to(dev).eval()
+    by_choice = _branch_dice(mirrored.branch_logits, val_ds, inferer, nodule.value, dev, _THRESHOLDS,
+                             _min_sizes(spacing_mm))
     threshold, min_voxels = max(by_choice, key=lambda k: (by_choice[k][0], -abs(k[0] - 0.5), -k[1]))
     best_score, best_with = by_choice[(threshold, min_voxels)]
     record["validation_dice_by_threshold"] = {
@@ -350,7 +364,7 @@ def train_nodule_branch(
     record["best_validation_dice"] = {nodule.name: best_score}
     record["best_validation_mean_dice"] = best_score
     record["best_validation_dice_cases_with_nodules"] = best_with
-    joined = AnatomyWithNoduleBranch(anatomy, branch, nodule.value, threshold, pool, lung).to(dev).eval()
+    joined = AnatomyWithNoduleBranch(anatomy, branch, nodule.value, threshold, pool, lung, mirrors).to(dev).eval()
     joined_def = {
         "_target_": "training.networks.AnatomyWithNoduleBranch",
         "anatomy": anatomy_def,
@@ -359,6 +373,7 @@ def train_nodule_branch(
         "nodule_threshold": threshold,
         **({"anatomy_pool": list(pool)} if pool != (1, 1, 1) else {}),
         **({"lung_channel": lung} if lung is not None else {}),
+        **({"nodule_mirror_axes": list(mirrors)} if mirrors else {}),
     }
     write_bundle(
         out,

@@ -101,3 +101,43 @@ def test_branch_runs_only_on_windows_with_lung() -> None:
     assert float(nodule_probability[[0, 2]].max()) < 1e-12 < float(reference.softmax(1)[[0, 2], 5].min())
     with pytest.raises(ValueError, match="lung_channel must be a label value other than the nodule's, got 5"):
         AnatomyWithNoduleBranch(Anatomy(), Branch(), nodule_channel=5, lung_channel=5)
+
+
+class LeftEdge(torch.nn.Module):
+    """A branch that sees a nodule only where the voxel to its left (x - 1) is bright: not mirror-symmetric."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shifted = torch.nn.functional.pad(x, (0, 0, 0, 0, 1, 0))[:, :, :-1]
+        return shifted[:, :1] * 8.0 - 4.0
+
+
+class LungEverywhere(torch.nn.Module):
+    """Anatomy logits ranking lung (channel 2 of 6) first at every voxel; scriptable, unlike :class:`Constant`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        zero = torch.zeros_like(x)
+        return torch.cat([zero, zero, zero + 9.0, zero, zero, zero], dim=1)
+
+
+def test_mirrored_branch_averages_the_probability_over_the_mirror_images() -> None:
+    anatomy = LungEverywhere()
+    x = torch.zeros(1, 1, 5, 3, 3)
+    x[0, 0, 2, 1, 1] = 1.0
+    plain = AnatomyWithNoduleBranch(anatomy, LeftEdge(), 5)
+    mirrored = AnatomyWithNoduleBranch(anatomy, LeftEdge(), 5, nodule_mirror_axes=(0, 1, 2))
+    with torch.no_grad():
+        p_plain, p_mirrored = (net(x).softmax(1)[0, 5] for net in (plain, mirrored))
+    high, low = float(torch.sigmoid(torch.tensor(4.0))), float(torch.sigmoid(torch.tensor(-4.0)))
+    # One pass: only the voxel right of the bright one. Mirrored in x, the left one; mirrored in y or z, the right.
+    assert float(p_plain[3, 1, 1]) == pytest.approx(high, abs=1e-6)
+    assert float(p_plain[1, 1, 1]) == pytest.approx(low, abs=1e-6)
+    assert float(p_mirrored[3, 1, 1]) == pytest.approx((3 * high + low) / 4, abs=1e-5)
+    assert float(p_mirrored[1, 1, 1]) == pytest.approx((high + 3 * low) / 4, abs=1e-5)
+    assert float(p_mirrored[0, 0, 0]) == pytest.approx(low, abs=1e-5)
+    assert plain.state_dict().keys() == mirrored.state_dict().keys()  # weights of either load into the other
+    scripted = torch.jit.script(mirrored)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), mirrored(x))
+    for bad in ((3,), (0, 0), (-1,)):
+        with pytest.raises(ValueError, match="mirror axes must be distinct spatial axes"):
+            AnatomyWithNoduleBranch(anatomy, LeftEdge(), 5, nodule_mirror_axes=bad)

@@ -280,6 +280,12 @@ def test_nodule_branch_learns_and_leaves_the_anatomy_network_as_it_was(
     assert (meta["training"]["nodule_branch"]["nodule_patch_centres"]
             == "each nodule equally often, up to [12, 12, 4] voxels from it")
     assert "held_out" not in meta["dicom_node"]["evaluation"]  # the base's figures describe another network
+    # By default the exported network averages the branch over the input and its mirror images in x, y and z
+    # (model.ts above agrees with it), and records that.
+    assert joined.nodule_mirror_axes == (0, 1, 2)
+    assert json.loads((bundle / "configs" / "inference.json").read_text())["network_def"]["nodule_mirror_axes"] == [
+        0, 1, 2]
+    assert meta["training"]["nodule_branch"]["nodule_mirror_axes"] == [0, 1, 2]
 
     # The size filter chosen on validation is in the bundle's postprocessing, before the argmax, when it filters.
     steps = [step["_target_"] for step in
@@ -327,13 +333,23 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     assert main([*args, "--base-bundle", str(branched["bundle"]), "--init-filters", "16"]) == 2
     one_epoch = ["--base-bundle", str(branched["bundle"]), "--epochs", "1", "--patch-size", *map(str, PATCH),
                  "--batch-size", "2", "--val-fraction", "0.34"]
-    assert main([*args, *one_epoch, "--nodule-sampling", "per-voxel"]) == 0
+    assert main([*args, *one_epoch, "--nodule-sampling", "per-voxel", "--mirror-axes"]) == 0
     settings = json.loads((tmp_path / "cli" / "metrics.json").read_text())["settings"]
     assert settings["nodule_patch_centres"] == "each nodule voxel equally often"
+    assert settings["nodule_mirror_axes"] == []  # --mirror-axes without a value: no mirroring, nothing exported
+    assert "nodule_mirror_axes" not in json.loads((tmp_path / "cli" / "configs" / "inference.json").read_text())[
+        "network_def"]
     centred = ["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "centred")]
-    assert main([*centred, *one_epoch, "--nodule-sampling", "per-nodule"]) == 0
+    assert main([*centred, *one_epoch, "--nodule-sampling", "per-nodule", "--mirror-axes", "2"]) == 0
     settings = json.loads((tmp_path / "centred" / "metrics.json").read_text())["settings"]
     assert settings["nodule_patch_centres"] == "each nodule equally often"
+    assert _parsed_network(tmp_path / "centred").nodule_mirror_axes == (2,)
+    with pytest.raises(SystemExit) as refused:  # argparse names the choices
+        main([*centred, *one_epoch, "--mirror-axes", "3"])
+    assert refused.value.code == 2
+    with pytest.raises(ValueError, match=r"mirror axes must be distinct spatial axes .*, got \(0, 0\)"):
+        train_nodule_branch(branched["dataset"], tmp_path / "bad", base_bundle=branched["bundle"], epochs=1,
+                            nodule_mirror_axes=(0, 0), progress=False)
     with pytest.raises(ValueError, match="nodule_sampling must be one of .*, got 'centred'"):
         train_nodule_branch(branched["dataset"], tmp_path / "bad", base_bundle=branched["bundle"], epochs=1,
                             nodule_sampling="centred", progress=False)
@@ -347,6 +363,7 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     segmentation = ["train", "segmentation", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "seg")]
     assert main([*segmentation, "--nodule-sampling", "per-nodule"]) == 2
     assert main([*segmentation, "--lesion-loss-weight", "1"]) == 2
+    assert main([*segmentation, "--mirror-axes", "0"]) == 2
 
 
 def test_nodule_branch_fine_tunes_from_a_joined_bundle_with_the_per_lesion_loss(
