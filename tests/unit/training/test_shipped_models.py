@@ -66,15 +66,42 @@ def test_segmentation_bundle_metadata_declares_labels_and_held_out_figures() -> 
     assert [label["name"] for label in node["labels"]] == ["body", "lung", "heart", "bone", "nodule"]
     held_out = node["evaluation"]["held_out"]
     assert held_out["cases"] == 32 and held_out["dice"]["lung"] >= 0.95  # the shipped lung target
-    assert held_out["cases_with_label"]["nodule"] == 24 and held_out["dice_pooled"]["nodule"] >= 0.88
-    assert held_out["dice_cases_with_label"]["nodule"] >= 0.64
-    assert held_out["false_positive_cases"]["nodule"] <= 4  # of the 8 cases without nodules
+    assert held_out["cases_with_label"]["nodule"] == 24 and held_out["dice_pooled"]["nodule"] >= 0.9
+    assert held_out["dice_cases_with_label"]["nodule"] >= 0.65
+    assert held_out["dice"]["nodule"] >= 0.7  # over all 32 cases, a nodule-free case scoring 1 when left empty
+    assert held_out["false_positive_cases"]["nodule"] <= 1  # of the 8 cases without nodules
     # Lesion-wise: the nodules >= 8 mm are found, each segmented on its own; the model's grid limit is recorded.
     nodules = held_out["lesions"]["nodule"]
     bands = {band["band"]: band for band in nodules["size_bands"]}
     assert nodules["lesions"] == sum(band["lesions"] for band in bands.values()) > 0
     assert bands[">= 8 mm"]["sensitivity"] >= 0.9 and bands[">= 8 mm"]["mean_dice"] >= 0.8
-    assert nodules["found"] >= 35 and nodules["false_positive_lesions_per_case"] <= 0.35
+    assert nodules["found"] >= 35 and nodules["false_positive_lesions_per_case"] <= 0.1
+
+
+def test_segmentation_bundle_mirrors_its_nodule_branch_unless_overridden() -> None:
+    """The shipped network averages the branch over x, y and z mirror images; a MONAI override turns that off."""
+    from training.networks import AnatomyWithNoduleBranch
+
+    def network(overrides: dict[str, object]) -> AnatomyWithNoduleBranch:
+        parser = ConfigParser()
+        parser.read_config(str(SEGMENTER / "configs" / "inference.json"))
+        for key, value in overrides.items():
+            parser[key] = value
+        built = parser.get_parsed_content("network_def")
+        assert isinstance(built, AnatomyWithNoduleBranch)
+        return built
+
+    assert network({}).nodule_mirror_axes == (0, 1, 2)
+    assert network({"network_def#nodule_mirror_axes": []}).nodule_mirror_axes == ()
+    metrics = json.loads((SEGMENTER / "metrics.json").read_text())
+    # Threshold and size filter are the ones the trainer's selection picks with mirroring on its validation cases.
+    inference = json.loads((SEGMENTER / "configs" / "inference.json").read_text())
+    assert inference["network_def"]["nodule_threshold"] == metrics["nodule_threshold"]
+    [size_filter] = [step for step in inference["postprocessing"]["transforms"] if "min_voxels" in step]
+    assert size_filter["min_voxels"] == metrics["nodule_min_voxels"]
+    table = metrics["validation_dice_by_threshold"]
+    chosen = table[f"{metrics['nodule_threshold']} min {metrics['nodule_min_voxels']}"]["all_cases"]
+    assert chosen == max(entry["all_cases"] for entry in table.values())
 
 
 def test_segmentation_bundle_runs_with_monai_and_finds_the_lungs_and_nodule_of_a_new_phantom(tmp_path: Path) -> None:
