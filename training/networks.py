@@ -112,6 +112,7 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
         self.nodule_mirror_axes = mirror_axes(nodule_mirror_axes)
         # One flag per spatial axis: TorchScript types a list of 3 bools, not an empty list of axes.
         self.mirrored = [axis in self.nodule_mirror_axes for axis in range(3)]
+        self.passes = 1 + len(self.nodule_mirror_axes)
         self.mirror_eps = _MIRROR_EPS
         self.anatomy = anatomy
         self.nodule = nodule
@@ -147,13 +148,11 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
     def branch_logits(self, x: torch.Tensor) -> torch.Tensor:
         """The branch's nodule logits (B, 1, X, Y, Z) of ``x``: the logit of its mean probability over ``x`` and
         ``x`` mirrored along each of ``nodule_mirror_axes``, or its plain logits without mirror axes."""
-        logits = self.nodule(x)
-        probability, passes = torch.sigmoid(logits.float()), 1
+        if self.passes == 1:
+            return self.nodule(x)
+        probability = torch.sigmoid(self.nodule(x).float())
         for axis in range(3):
             if self.mirrored[axis]:
                 dims = [axis + 2]
                 probability = probability + torch.sigmoid(torch.flip(self.nodule(torch.flip(x, dims)), dims).float())
-                passes += 1
-        if passes == 1:
-            return logits
-        return torch.logit(probability / passes, eps=self.mirror_eps)
+        return torch.logit(probability / self.passes, eps=self.mirror_eps)
