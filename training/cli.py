@@ -90,6 +90,9 @@ def add_training_commands(subparsers: Any) -> None:
     branch.add_argument("--mirror-axes", type=int, nargs="*", choices=(0, 1, 2), default=None, metavar="AXIS",
                         help="the exported network also runs the branch on the input mirrored along each of "
                         "these axes (0 x, 1 y, 2 z) and averages; default 0 1 2, none with no value")
+    branch.add_argument("--full-resolution-channels", type=int, default=None, metavar="C",
+                        help="give the branch a first level of C channels on the input grid (MONAI's UNet "
+                        "otherwise starts at half resolution; default none)")
     det = train.add_argument_group("detection options")
     det.add_argument("--steps-per-epoch", type=int, help="optimiser steps per epoch")
     train.set_defaults(handler=train_command)
@@ -177,7 +180,7 @@ def train_command(args: argparse.Namespace) -> int:
         )
         misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--base-bundle": args.base_bundle,
                      "--nodule-sampling": args.nodule_sampling, "--lesion-loss-weight": args.lesion_loss_weight,
-                     "--mirror-axes": args.mirror_axes}
+                     "--mirror-axes": args.mirror_axes, "--full-resolution-channels": args.full_resolution_channels}
     elif args.kind == "nodule-branch":
         if args.base_bundle is None:
             return _error("--base-bundle is required when training nodule-branch")
@@ -189,6 +192,8 @@ def train_command(args: argparse.Namespace) -> int:
             options["nodule_sampling"] = args.nodule_sampling
         if args.mirror_axes is not None:
             options["nodule_mirror_axes"] = tuple(args.mirror_axes)
+        if args.full_resolution_channels is not None:
+            options["full_resolution_channels"] = args.full_resolution_channels
         misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--init-filters": args.init_filters,
                      "--class-weights": args.class_weights}
     else:
@@ -197,7 +202,7 @@ def train_command(args: argparse.Namespace) -> int:
                      "--class-ratios": args.class_ratios, "--class-weights": args.class_weights,
                      "--init-bundle": args.init_bundle, "--base-bundle": args.base_bundle,
                      "--nodule-sampling": args.nodule_sampling, "--lesion-loss-weight": args.lesion_loss_weight,
-                     "--mirror-axes": args.mirror_axes}
+                     "--mirror-axes": args.mirror_axes, "--full-resolution-channels": args.full_resolution_channels}
     given = [flag for flag, value in misplaced.items() if value is not None]
     if given:
         return _error(f"{', '.join(given)} not supported when training {args.kind}")

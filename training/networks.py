@@ -50,19 +50,29 @@ _MIRROR_EPS = 1e-6
 __all__ = ["AnatomyWithNoduleBranch", "mirror_axes", "nodule_branch_def"]
 
 
-def nodule_branch_def(*, channels: tuple[int, ...] = (16, 32, 64, 128)) -> dict[str, Any]:
+def nodule_branch_def(*, channels: tuple[int, ...] = (16, 32, 64, 128),
+                      full_resolution_channels: int = 0) -> dict[str, Any]:
     """MONAI config of the binary nodule branch: a residual 3D UNet with one output logit.
 
     Three stride-2 levels: patches and sliding windows must be multiples of 8, as
-    for the anatomy network.
+    for the anatomy network. MONAI's UNet downsamples in its first convolution, so
+    its finest features lie on a grid twice as coarse as the input's, coarser than a
+    3-5 mm nodule; ``full_resolution_channels`` > 0 adds a level of that many
+    channels on the input grid above the others (stride 1, same multiples of 8).
     """
+    if full_resolution_channels < 0:
+        raise ValueError(f"full_resolution_channels must be >= 0, got {full_resolution_channels}")
+    levels = [int(c) for c in channels]
+    strides = [2] * (len(levels) - 1)
+    if full_resolution_channels:
+        levels, strides = [int(full_resolution_channels), *levels], [1, *strides]
     return {
         "_target_": "UNet",
         "spatial_dims": 3,
         "in_channels": 1,
         "out_channels": 1,
-        "channels": list(channels),
-        "strides": [2] * (len(channels) - 1),
+        "channels": levels,
+        "strides": strides,
         "num_res_units": 1,
     }
 

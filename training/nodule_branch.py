@@ -164,6 +164,7 @@ def train_nodule_branch(
     init_bundle: str | Path | None = None,
     spacing_mm: Sequence[float] | None = None,
     nodule_mirror_axes: Sequence[int] = DEFAULT_MIRROR_AXES,
+    full_resolution_channels: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Train a nodule branch on ``dataset_dir`` for ``base_bundle``'s anatomy network; bundle to ``out_dir``.
@@ -194,6 +195,8 @@ def train_nodule_branch(
     three): the exported network averages the branch's probability over the input
     and its mirror images along these axes, and threshold and size filter are chosen
     with that averaging; the checkpoint itself is picked without it (4x cheaper).
+    ``full_resolution_channels`` > 0 gives the branch a first level of that many
+    channels on the input grid (see :func:`training.networks.nodule_branch_def`).
     Returns the training record, also in ``out_dir/metrics.json``. Deterministic
     for a given ``seed`` on CPU.
     """
@@ -266,7 +269,7 @@ def train_nodule_branch(
     train_loader = DataLoader(train_ds, batch_size=1, shuffle=True, num_workers=0,
                               generator=torch.Generator().manual_seed(seed))
 
-    branch_def = nodule_branch_def()
+    branch_def = nodule_branch_def(full_resolution_channels=full_resolution_channels)
     torch.manual_seed(seed)  # the branch's start must not depend on what building the base network drew
     branch = _parse(branch_def).to(dev)
     if init_bundle is not None:

@@ -61,6 +61,21 @@ def test_built_from_a_monai_config_scripts_and_rejects_a_missing_channel() -> No
         AnatomyWithNoduleBranch(Constant([0.0]), Constant([0.0]), nodule_channel=0)
 
 
+def test_a_full_resolution_branch_keeps_its_first_features_on_the_input_grid() -> None:
+    x = torch.rand(1, 1, 16, 16, 8, generator=torch.Generator().manual_seed(0))
+    half = ConfigParser({"net": nodule_branch_def(channels=(4, 8, 16, 32))}).get_parsed_content("net").eval()
+    full_def = nodule_branch_def(channels=(4, 8, 16, 32), full_resolution_channels=2)
+    assert full_def["channels"] == [2, 4, 8, 16, 32] and full_def["strides"] == [1, 2, 2, 2]
+    full = ConfigParser({"net": full_def}).get_parsed_content("net").eval()
+    with torch.no_grad():
+        assert half.model[0](x).shape[2:] == (8, 8, 4)  # MONAI's UNet halves the grid in its first layer
+        assert full.model[0](x).shape[2:] == (16, 16, 8)
+        torch.testing.assert_close(torch.jit.script(full)(x), full(x))
+        assert full(x).shape == (1, 1, 16, 16, 8)
+    with pytest.raises(ValueError, match="full_resolution_channels must be >= 0, got -1"):
+        nodule_branch_def(full_resolution_channels=-1)
+
+
 def test_the_validation_threshold_moves_the_decision_and_must_be_a_probability() -> None:
     anatomy = Constant([0.0, 0.0, 9.0, 0.0, 0.0, 0.0])  # clearly lung
     branch = Constant([float(torch.logit(torch.tensor(0.45)))])  # the branch says 0.45

@@ -344,6 +344,11 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     settings = json.loads((tmp_path / "centred" / "metrics.json").read_text())["settings"]
     assert settings["nodule_patch_centres"] == "each nodule equally often"
     assert _parsed_network(tmp_path / "centred").nodule_mirror_axes == (2,)
+    full = ["train", "nodule-branch", "--dataset", str(branched["dataset"]), "--out", str(tmp_path / "full")]
+    assert main([*full, *one_epoch, "--mirror-axes", "--full-resolution-channels", "4"]) == 0
+    branch_def = json.loads((tmp_path / "full" / "configs" / "inference.json").read_text())["network_def"]["nodule"]
+    assert branch_def["channels"][0] == 4 and branch_def["strides"][0] == 1
+    assert read_bundle_metadata(tmp_path / "full")["training"]["nodule_branch"]["network"] == branch_def
     with pytest.raises(SystemExit) as refused:  # argparse names the choices
         main([*centred, *one_epoch, "--mirror-axes", "3"])
     assert refused.value.code == 2
@@ -364,6 +369,7 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     assert main([*segmentation, "--nodule-sampling", "per-nodule"]) == 2
     assert main([*segmentation, "--lesion-loss-weight", "1"]) == 2
     assert main([*segmentation, "--mirror-axes", "0"]) == 2
+    assert main([*segmentation, "--full-resolution-channels", "8"]) == 2
 
 
 def test_nodule_branch_fine_tunes_from_a_joined_bundle_with_the_per_lesion_loss(
