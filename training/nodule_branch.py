@@ -216,6 +216,7 @@ def train_nodule_branch(
     if nodule_sampling not in NODULE_SAMPLINGS:
         raise ValueError(f"nodule_sampling must be one of {NODULE_SAMPLINGS}, got {nodule_sampling!r}")
     mirrors = mirror_axes(nodule_mirror_axes)
+    branch_def = nodule_branch_def(full_resolution_channels=full_resolution_channels)  # refuses a bad count early
     if not (lesion_loss_weight >= 0 and math.isfinite(lesion_loss_weight)):
         raise ValueError(f"lesion_loss_weight must be a finite number >= 0, got {lesion_loss_weight}")
     if not (base / "configs" / "inference.json").is_file():
@@ -269,7 +270,6 @@ def train_nodule_branch(
     train_loader = DataLoader(train_ds, batch_size=1, shuffle=True, num_workers=0,
                               generator=torch.Generator().manual_seed(seed))
 
-    branch_def = nodule_branch_def(full_resolution_channels=full_resolution_channels)
     torch.manual_seed(seed)  # the branch's start must not depend on what building the base network drew
     branch = _parse(branch_def).to(dev)
     if init_bundle is not None:

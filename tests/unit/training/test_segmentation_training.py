@@ -317,7 +317,7 @@ def test_joined_bundle_runs_in_the_node_and_under_monai_bundle_run(branched: dic
 
 
 def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
-    branched: dict[str, Any], tmp_path: Path
+    branched: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from training.cli import main
     from training.nodule_branch import train_nodule_branch
@@ -349,6 +349,9 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     branch_def = json.loads((tmp_path / "full" / "configs" / "inference.json").read_text())["network_def"]["nodule"]
     assert branch_def["channels"][0] == 4 and branch_def["strides"][0] == 1
     assert read_bundle_metadata(tmp_path / "full")["training"]["nodule_branch"]["network"] == branch_def
+    refused_out = tmp_path / "negative"
+    assert main([*args[:-1], str(refused_out), *one_epoch, "--full-resolution-channels", "-1"]) == 2
+    assert "full_resolution_channels must be >= 0, got -1" in capsys.readouterr().err and not refused_out.exists()
     with pytest.raises(SystemExit) as refused:  # argparse names the choices
         main([*centred, *one_epoch, "--mirror-axes", "3"])
     assert refused.value.code == 2
