@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
@@ -100,10 +100,20 @@ def submit(driver: WebDriver, css: str) -> None:
 
 
 def _stale(element: WebElement) -> bool:
+    """Whether ``element``'s page has been replaced.
+
+    While the old document is being torn down, chromedriver may answer "Node with
+    given id does not belong to the document" instead of a stale-element error;
+    both mean the page is gone.
+    """
     try:
         element.is_enabled()
     except StaleElementReferenceException:
         return True
+    except WebDriverException as exc:
+        if "does not belong to the document" in str(exc):
+            return True
+        raise
     return False
 
 
