@@ -25,6 +25,15 @@ With ``lung_channel`` the branch runs only on windows where the anatomy network
 sees lung: every nodule lies in the lungs, and on a thin-slice grid the branch
 is most of the cost.
 
+Small nodules: with ``small_nodules`` (a
+:class:`training.nodule_candidates.SmallNoduleStage`) the voxels that stage paints
+become nodule with probability ``sigmoid(PAINTED_LOGIT)`` (1 to 17 digits) whatever the
+branch says, and the
+branch's own probability is capped at :data:`BRANCH_MAX_PROBABILITY`: the
+bundle's size filter then keeps a painted nodule of one voxel (its probability
+reaches :data:`CERTAIN_NODULE_PROBABILITY`) while it still drops the branch's
+specks.
+
 Mirroring: with ``nodule_mirror_axes`` the branch's probability is the mean over
 the input and its mirror images along those axes (test-time augmentation, as
 nnU-Net mirrors). A vessel crossing that the branch takes for a nodule from one
@@ -44,10 +53,19 @@ import torch.nn.functional as F
 #: Branch logit of the windows :class:`AnatomyWithNoduleBranch` skips: sigmoid(-30) ~ 1e-13.
 SKIPPED_LOGIT = -30.0
 
+#: Nodule logit (after the offset) of the voxels the small-nodule stage paints: far above any other window's
+#: logit, so Gaussian blending of overlapping windows keeps them nodule.
+PAINTED_LOGIT = 40.0
+#: Cap of the branch's nodule probability in a network with a small-nodule stage.
+BRANCH_MAX_PROBABILITY = 0.999
+#: Nodule probability that only painted voxels reach: the size filter's ``keep_probability``.
+CERTAIN_NODULE_PROBABILITY = 0.9999
+
 #: Probabilities are clamped to [eps, 1 - eps] before the logit of a mirrored mean: logits within +-13.8.
 _MIRROR_EPS = 1e-6
 
-__all__ = ["AnatomyWithNoduleBranch", "mirror_axes", "nodule_branch_def"]
+__all__ = ["BRANCH_MAX_PROBABILITY", "CERTAIN_NODULE_PROBABILITY", "AnatomyWithNoduleBranch", "mirror_axes",
+           "nodule_branch_def"]
 
 
 def nodule_branch_def(*, channels: tuple[int, ...] = (16, 32, 64, 128),
@@ -99,12 +117,14 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
     output has the input's spatial shape, one channel per label value, for
     softmax/argmax postprocessing. ``nodule_mirror_axes`` (0 x, 1 y, 2 z): the branch
     also runs on the input mirrored along each, and its probabilities are averaged.
+    ``small_nodules``: a module ``(x, anatomy logits) -> painted mask (B, 1, X, Y, Z)``
+    on the input grid, whose voxels become nodule (see the module docstring).
     """
 
     def __init__(
         self, anatomy: torch.nn.Module, nodule: torch.nn.Module, nodule_channel: int, nodule_threshold: float = 0.5,
         anatomy_pool: Sequence[int] = (1, 1, 1), lung_channel: int | None = None,
-        nodule_mirror_axes: Sequence[int] = (),
+        nodule_mirror_axes: Sequence[int] = (), small_nodules: torch.nn.Module | None = None,
     ) -> None:
         super().__init__()
         if nodule_channel < 1:
@@ -129,6 +149,10 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
         self.nodule_channel = int(nodule_channel)
         # Shifts the branch's logit so that its probability `nodule_threshold` becomes 0.5 at the softmax.
         self.nodule_offset = float(-math.log(nodule_threshold / (1.0 - nodule_threshold)))
+        self.has_small_nodules = small_nodules is not None
+        self.small_nodules = small_nodules if small_nodules is not None else _NoSmallNodules()
+        self.branch_max_logit = float(math.log(BRANCH_MAX_PROBABILITY / (1.0 - BRANCH_MAX_PROBABILITY)))
+        self.painted_logit = PAINTED_LOGIT
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.anatomy_pool == (1, 1, 1):
@@ -140,7 +164,12 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
         if logits.shape[1] <= k:
             raise ValueError(f"anatomy network gives {logits.shape[1]} channels, nodule channel {k} is missing")
         others = torch.cat([logits[:, :k], logits[:, k + 1:]], dim=1)
-        nodule = torch.logsumexp(others, dim=1, keepdim=True) + self._nodule_logits(x, logits) + self.nodule_offset
+        branch = self._nodule_logits(x, logits) + self.nodule_offset
+        if self.has_small_nodules:
+            painted = self.small_nodules(x, logits)
+            branch = torch.where(painted, torch.full_like(branch, self.painted_logit),
+                                 torch.clamp(branch, max=self.branch_max_logit))
+        nodule = torch.logsumexp(others, dim=1, keepdim=True) + branch
         return torch.cat([logits[:, :k], nodule, logits[:, k + 1:]], dim=1)
 
     def _nodule_logits(self, x: torch.Tensor, anatomy_logits: torch.Tensor) -> torch.Tensor:
@@ -166,3 +195,10 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
                 dims = [axis + 2]
                 probability = probability + torch.sigmoid(torch.flip(self.nodule(torch.flip(x, dims)), dims).float())
         return torch.logit(probability / self.passes, eps=self.mirror_eps)
+
+
+class _NoSmallNodules(torch.nn.Module):
+    """The small-nodule stage of a network without one: paints nothing (TorchScript needs a module there)."""
+
+    def forward(self, x: torch.Tensor, anatomy_logits: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x, dtype=torch.bool)

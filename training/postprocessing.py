@@ -32,13 +32,19 @@ def component_sizes(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return components, sizes
 
 
-def drop_small_components(probabilities: torch.Tensor, channel: int, min_voxels: int) -> torch.Tensor:
+def drop_small_components(probabilities: torch.Tensor, channel: int, min_voxels: int,
+                          keep_probability: float | None = None) -> torch.Tensor:
     """``probabilities`` (C, X, Y, Z) with ``channel`` set to 0 where it wins the argmax in a component too small.
 
     Components are 26-connected regions where ``channel`` is the argmax; those
-    with fewer than ``min_voxels`` voxels are cleared. A copy is returned; the
-    input is not changed. ``min_voxels`` 1 or less changes nothing.
+    with fewer than ``min_voxels`` voxels are cleared, unless one of their voxels
+    has a probability of at least ``keep_probability`` (a network that marks the
+    lesions it is sure of, such as a small-nodule stage, keeps them whatever their
+    size). A copy is returned; the input is not changed. ``min_voxels`` 1 or less
+    changes nothing.
     """
+    if keep_probability is not None and not 0.0 < keep_probability <= 1.0:
+        raise ValueError(f"keep_probability must be a probability in (0, 1], got {keep_probability}")
     if probabilities.ndim != 4:
         raise ValueError(f"probabilities must be (channels, x, y, z), got shape {tuple(probabilities.shape)}")
     if not 0 <= channel < probabilities.shape[0]:
@@ -46,12 +52,14 @@ def drop_small_components(probabilities: torch.Tensor, channel: int, min_voxels:
     out = probabilities.clone()
     if min_voxels <= 1:
         return out
-    out[channel][_small_wins(probabilities, channel, min_voxels)] = 0
+    out[channel][_small_wins(probabilities, channel, min_voxels, keep_probability)] = 0
     return out
 
 
-def _small_wins(probabilities: torch.Tensor, channel: int, min_voxels: int) -> torch.Tensor:
-    """Where ``channel`` wins the argmax (first maximum, as ``argmax``) in a component under ``min_voxels``."""
+def _small_wins(probabilities: torch.Tensor, channel: int, min_voxels: int,
+                keep_probability: float | None) -> torch.Tensor:
+    """Where ``channel`` wins the argmax (first maximum, as ``argmax``) in a component under ``min_voxels``
+    without a voxel of ``keep_probability``."""
     p = probabilities[channel]
     wins = torch.ones_like(p, dtype=torch.bool)
     # Max over the other channels instead of a channel-wise argmax: 15x faster on a 6 x 160 x 160 x 140 volume.
@@ -61,7 +69,11 @@ def _small_wins(probabilities: torch.Tensor, channel: int, min_voxels: int) -> t
         wins &= p >= probabilities[channel + 1:].amax(0)
     wins_np = wins.cpu().numpy()
     components, sizes = component_sizes(wins_np)
-    return torch.from_numpy(wins_np & (sizes[components] < min_voxels)).to(probabilities.device)
+    small = sizes < min_voxels
+    if keep_probability is not None:
+        certain = np.unique(components[wins_np & (p >= keep_probability).cpu().numpy()])
+        small[certain[certain > 0]] = False
+    return torch.from_numpy(wins_np & small[components]).to(probabilities.device)
 
 
 class DropSmallComponentsd:
@@ -71,9 +83,11 @@ class DropSmallComponentsd:
     Keeps the MetaTensor's metadata (needed by ``Invertd``).
     """
 
-    def __init__(self, keys: str | Sequence[str], channel: int, min_voxels: int) -> None:
+    def __init__(self, keys: str | Sequence[str], channel: int, min_voxels: int,
+                 keep_probability: float | None = None) -> None:
         self.keys = [keys] if isinstance(keys, str) else list(keys)
         self.channel, self.min_voxels = int(channel), int(min_voxels)
+        self.keep_probability = None if keep_probability is None else float(keep_probability)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         out = dict(data)
@@ -83,5 +97,5 @@ class DropSmallComponentsd:
                 value = torch.as_tensor(value)
             # drop_small_components checks the arguments and clones; a MetaTensor's clone keeps its metadata
             # (affine and applied operations, which Invertd needs).
-            out[key] = drop_small_components(value, self.channel, self.min_voxels)
+            out[key] = drop_small_components(value, self.channel, self.min_voxels, self.keep_probability)
         return out
