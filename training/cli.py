@@ -49,8 +49,10 @@ def add_training_commands(subparsers: Any) -> None:
         description="Train on a Decathlon-layout dataset (e.g. from `phantom`) and write a MONAI bundle "
         "(configs/, models/model.pt, models/model.ts, docs/) with metrics.json and plots/.",
     )
-    train.add_argument("kind", choices=("segmentation", "nodule-branch", "detection"),
-                       help="what to train (nodule-branch: the binary nodule stage of a segmentation bundle)")
+    train.add_argument("kind", choices=("segmentation", "nodule-branch", "small-nodules", "detection"),
+                       help="what to train (nodule-branch: the binary nodule stage of a segmentation bundle; "
+                       "small-nodules: the candidate classifier that adds nodules under 6 mm to a bundle with a "
+                       "nodule branch)")
     train.add_argument("--dataset", type=Path, required=True, metavar="DIR", help="Decathlon-layout dataset")
     train.add_argument("--out", type=Path, required=True, metavar="BUNDLE_DIR", help="where the bundle is written")
     train.add_argument("--epochs", type=int, default=None, help="training epochs (default: the trainer's)")
@@ -77,9 +79,10 @@ def add_training_commands(subparsers: Any) -> None:
     seg.add_argument("--init-bundle", type=Path, metavar="BUNDLE_DIR",
                      help="start from this bundle's weights (fine-tuning; nodule-branch: its branch) instead of "
                      "random ones")
-    branch = train.add_argument_group("nodule-branch options")
+    branch = train.add_argument_group("nodule-branch and small-nodules options")
     branch.add_argument("--base-bundle", type=Path, metavar="BUNDLE_DIR",
-                        help="segmentation bundle whose anatomy network the branch joins (required)")
+                        help="segmentation bundle whose anatomy network the branch joins, or (small-nodules) the "
+                        "bundle with a nodule branch the stage is added to (required)")
     branch.add_argument("--nodule-sampling", choices=NODULE_SAMPLINGS, default=None,
                         help="draw nodule patches for every nodule equally often, centred up to half a patch "
                         "from it (per-nodule-anywhere, the default) or on it (per-nodule), or for every nodule "
@@ -196,6 +199,16 @@ def train_command(args: argparse.Namespace) -> int:
             options["full_resolution_channels"] = args.full_resolution_channels
         misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--init-filters": args.init_filters,
                      "--class-weights": args.class_weights}
+    elif args.kind == "small-nodules":
+        if args.base_bundle is None:
+            return _error("--base-bundle is required when training small-nodules")
+        options["base_bundle"] = args.base_bundle
+        misplaced = {"--steps-per-epoch": args.steps_per_epoch, "--val-interval": args.val_interval,
+                     "--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,
+                     "--class-ratios": args.class_ratios, "--class-weights": args.class_weights,
+                     "--init-bundle": args.init_bundle, "--nodule-sampling": args.nodule_sampling,
+                     "--lesion-loss-weight": args.lesion_loss_weight, "--mirror-axes": args.mirror_axes,
+                     "--full-resolution-channels": args.full_resolution_channels}
     else:
         options["steps_per_epoch"] = args.steps_per_epoch
         misplaced = {"--patch-size": args.patch_size, "--spacing": args.spacing, "--init-filters": args.init_filters,
@@ -210,6 +223,8 @@ def train_command(args: argparse.Namespace) -> int:
         from training.segmentation import train_segmentation as trainer
     elif args.kind == "nodule-branch":
         from training.nodule_branch import train_nodule_branch as trainer
+    elif args.kind == "small-nodules":
+        from training.candidate_classifier import train_small_nodule_stage as trainer
     else:
         from training.detection import train_detection as trainer
     kwargs, unknown = _accepted(trainer, options)

@@ -481,3 +481,56 @@ def test_nodule_branch_on_a_finer_grid_pools_for_the_anatomy_network(
     with pytest.raises(ValueError, match=r"must divide the base bundle's spacing \(7.3, 7.3, 10.0\) mm by whole"):
         train_nodule_branch(branched["dataset"], tmp_path / "bad", base_bundle=out, spacing_mm=(3.0, 3.65, 5.0),
                             epochs=1, patch_size=PATCH, progress=False)
+
+
+def test_small_nodule_stage_trains_on_a_joined_bundle_and_exports_with_it(
+    trained: dict[str, Any], branched: dict[str, Any], tmp_path: Path
+) -> None:
+    from training.candidate_classifier import train_small_nodule_stage
+    from training.networks import CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranch
+    from training.nodule_candidates import SmallNoduleStage
+    from workers.models.monai_bundle import MonaiBundleModel
+
+    # Phantoms with 2-3 nodules of 10-20 mm each: on this coarse grid (7.3 mm) they are the blobs that the
+    # stage's candidates need; the stage resamples them to the base bundle's grid as any dataset.
+    config = PhantomConfig(shape=(24, 48, 48), spacing_mm=(SPACING_XYZ[2], SPACING_XYZ[1], SPACING_XYZ[0]),
+                           nodule_count=(2, 3), nodule_diameter_mm=(10.0, 20.0))
+    dataset = write_phantom_dataset(tmp_path / "nodules", 4, seed=11, config=config, dicom=False)
+    bundle = tmp_path / "staged"
+    record = train_small_nodule_stage(dataset, bundle, base_bundle=branched["bundle"], epochs=3,
+                                      batch_size=8, val_fraction=0.25, seed=0, progress=False)
+    losses = [epoch["loss"] for epoch in record["epochs"]]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert 0 < record["candidates"]["nodules"] < record["candidates"]["total"]
+    chosen = record["validation_dice_by_thresholds"][f"{record['candidate_threshold']} accept "
+                                                     f"{record['accept_threshold']}"]
+    assert chosen == record["best_validation_dice"]
+    # The stage is picked by its validation Dice, so it never scores below the bundle without it.
+    assert chosen["all_cases"] >= record["validation_dice_without_stage"]["all_cases"]
+
+    joined, base = _parsed_network(bundle), _parsed_network(branched["bundle"])
+    assert isinstance(joined, AnatomyWithNoduleBranch) and isinstance(joined.small_nodules, SmallNoduleStage)
+    assert joined.small_nodules.candidate_threshold == record["candidate_threshold"]
+    for name, value in base.state_dict().items():  # anatomy and branch are the base's
+        torch.testing.assert_close(joined.state_dict()[name], value, rtol=0, atol=0)
+    scripted = torch.jit.load(str(bundle / "models" / "model.ts"), map_location="cpu").eval()
+    x = torch.rand(1, 1, *PATCH, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), joined(x), rtol=1e-5, atol=1e-5)
+    inference = json.loads((bundle / "configs" / "inference.json").read_text())
+    assert inference["network_def"]["small_nodules"]["accept_threshold"] == record["accept_threshold"]
+    for step in inference["postprocessing"]["transforms"]:
+        if step["_target_"] == "training.postprocessing.DropSmallComponentsd":
+            assert step["keep_probability"] == CERTAIN_NODULE_PROBABILITY
+    meta = read_bundle_metadata(bundle)
+    assert meta["training"]["small_nodule_stage"]["candidates"] == record["candidates"]
+    assert "nodule_branch" in meta["training"] and "held_out" not in meta["dicom_node"]["evaluation"]
+    assert "small-nodule stage" in meta["description"]
+    # The branch's own training record goes along.
+    assert (bundle / "metrics_nodule_branch.json").read_text() == (branched["bundle"] / "metrics.json").read_text()
+    assert [label.name for label in MonaiBundleModel(bundle).labels] == [s.name for s in CHEST_LABELS]
+
+    with pytest.raises(ValueError, match="has no nodule branch"):
+        train_small_nodule_stage(dataset, tmp_path / "bad", base_bundle=trained["bundle"], epochs=1, progress=False)
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        train_small_nodule_stage(dataset, tmp_path / "bad", base_bundle=bundle, batch_size=1, progress=False)

@@ -64,6 +64,12 @@ def test_options_of_the_other_kind_are_refused(tmp_path: Path, capsys: pytest.Ca
     code = main(["train", "detection", "--dataset", str(tmp_path), "--out", str(tmp_path / "b"),
                  "--patch-size", "32", "32", "32"])
     assert code == 2 and "--patch-size" in capsys.readouterr().err
+    code = main(["train", "small-nodules", "--dataset", str(tmp_path), "--out", str(tmp_path / "b")])
+    assert code == 2 and "--base-bundle is required when training small-nodules" in capsys.readouterr().err
+    code = main(["train", "small-nodules", "--dataset", str(tmp_path), "--out", str(tmp_path / "b"),
+                 "--base-bundle", str(tmp_path), "--val-interval", "2", "--mirror-axes", "0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--mirror-axes" in err and "--val-interval" in err and "small-nodules" in err
     assert not (tmp_path / "b").exists()
 
 
