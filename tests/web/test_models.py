@@ -35,14 +35,14 @@ def test_models_page_shows_the_shipped_bundles_with_held_out_figures(web: WebEnv
     assert re.search(r'<th class="num" data-split="held_out">Held-out test set<br><span class="muted small">32 cases'
                      r'</span></th><th class="num" data-split="validation">Validation', seg)
     assert '<th scope="row">Dice lung</th><td class="num">0.975</td><td class="num">0.951</td>' in seg
-    assert '<th scope="row">Dice nodule</th><td class="num">0.708</td><td class="num">0.653</td>' in seg
+    assert '<th scope="row">Dice nodule</th><td class="num">0.732</td><td class="num">0.653</td>' in seg
     assert '<th scope="row">Dice heart</th><td class="num">0.952</td><td class="num">0.954</td>' in seg
-    assert '<th scope="row">Mean Dice</th><td class="num">0.916</td><td class="num">0.901</td>' in seg
-    assert '<th scope="row">Dice nodule, 24 cases with nodule</th><td class="num">0.652</td>' in seg
+    assert '<th scope="row">Mean Dice</th><td class="num">0.921</td><td class="num">0.901</td>' in seg
+    assert '<th scope="row">Dice nodule, 24 cases with nodule</th><td class="num">0.726</td>' in seg
     # Nodule by nodule, by size: held-out only (the validation split has no lesion-wise figures).
-    assert '<th scope="row">Found, nodules &gt;= 8 mm (35)</th><td class="num">0.943</td><td class="num">-</td>' in seg
-    assert '<th scope="row">Found, nodules &lt; 6 mm (25)</th><td class="num">0.040</td>' in seg
-    assert '<th scope="row">False nodules per case</th><td class="num">0.094</td>' in seg
+    assert '<th scope="row">Found, nodules &gt;= 8 mm (35)</th><td class="num">0.971</td><td class="num">-</td>' in seg
+    assert '<th scope="row">Found, nodules &lt; 6 mm (25)</th><td class="num">0.400</td>' in seg
+    assert '<th scope="row">False nodules per case</th><td class="num">0.188</td>' in seg
     assert "2.2 × 2.2 × 2.5" in seg and "-1000.0 to 500.0" in seg
     assert 'fill="#80aee7"' in seg and "SCT:39607008" in seg  # lung: colour swatch and code
     det_held_out = det.split('data-split="held_out"')[1].split('data-split="validation"')[0]
@@ -74,9 +74,9 @@ def test_models_api_gives_the_same_figures(web: WebEnv) -> None:
     assert held_out["split"] == "held_out" and held_out["cases"] == 32
     figures = dict(held_out["figures"])
     assert figures["Dice lung"] == pytest.approx(0.9754, abs=1e-4)
-    assert figures["Mean Dice"] == pytest.approx(0.9164, abs=1e-4)
-    assert figures["Dice nodule, 24 cases with nodule"] == pytest.approx(0.6519, abs=1e-4)
-    assert figures["Dice per nodule, nodules >= 8 mm"] == pytest.approx(0.8149, abs=1e-4)
+    assert figures["Mean Dice"] == pytest.approx(0.9212, abs=1e-4)
+    assert figures["Dice nodule, 24 cases with nodule"] == pytest.approx(0.7258, abs=1e-4)
+    assert figures["Dice per nodule, nodules >= 8 mm"] == pytest.approx(0.8190, abs=1e-4)
     assert figures["Found, nodules 6-8 mm (3)"] == pytest.approx(1 / 3)
     assert seg["evaluations"][1]["split"] == "validation"
     froc = {f["subset"]: f for f in det["evaluations"][0]["froc"]}
