@@ -118,7 +118,7 @@ def _train_classifier(
             loss.backward()
             optimizer.step()
             scheduler.step()
-            total += float(loss)
+            total += float(loss.detach())
         history.append({"epoch": epoch, "loss": total / steps, "seconds": time.perf_counter() - started})
         logger.info("candidate classifier epoch %d/%d: loss %.4f", epoch, epochs, total / steps)
     return history
