@@ -36,7 +36,6 @@ from training.networks import CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranc
 from training.nodule_branch import _SIZE_FILTER
 from training.nodule_candidates import (
     DEFAULT_CANDIDATE_PATCH,
-    SmallNoduleStage,
     candidate_classifier_def,
     candidate_patches,
     candidate_peaks,
@@ -68,15 +67,14 @@ def _case_candidates(
     image: torch.Tensor, allowed: np.ndarray, nodule: np.ndarray, blobness: HessianBlobness, threshold: float,
     patch: Sequence[int], max_candidates: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(peaks (N, 4), patches (N, 2, *patch), strengths (N,), is nodule (N,)) of one preprocessed image (1, X, Y, Z)."""
+    """(peaks (N, 4), patches (N, 2, *patch), strength (X, Y, Z), is nodule (N,)) of a preprocessed image (1, X, Y, Z)."""
     x = image[None].float()
     strength = blobness(x)
     peaks = candidate_peaks(strength, torch.from_numpy(allowed)[None, None], threshold, max_candidates)
     patches = candidate_patches(x, strength, peaks, list(patch)).half()
     near = torch.from_numpy(_dilate(nodule))
     is_nodule = near[peaks[:, 1], peaks[:, 2], peaks[:, 3]] if len(peaks) else torch.zeros(0, dtype=torch.bool)
-    values = strength[0, 0][peaks[:, 1], peaks[:, 2], peaks[:, 3]] if len(peaks) else torch.zeros(0)
-    return peaks, patches, values, is_nodule
+    return peaks, patches, strength[0, 0], is_nodule
 
 
 def _augment(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
@@ -240,11 +238,13 @@ def train_small_nodule_stage(
         if ref.any():
             base_scores["with"].append(score)
         lung = (logits.argmax(0).cpu().numpy() == lung_value) | branch
-        peaks, p, strengths, _ = _case_candidates(image, lung, ref, blobness, floor, patch, 10_000)
+        peaks, p, volume_strength, _ = _case_candidates(image, lung, ref, blobness, floor, patch, 10_000)
         chance = _probabilities(classifier, p, dev)
-        strength = blobness(image[None].float())[0, 0].cpu().numpy()
+        strength = volume_strength.cpu().numpy()
+        peaks = peaks.cpu().numpy()
+        at_peaks = strength[peaks[:, 1], peaks[:, 2], peaks[:, 3]]
         for (t, a), scores in grid.items():
-            chosen = peaks.numpy()[(strengths.numpy() > t) & (chance > a)]
+            chosen = peaks[(at_peaks > t) & (chance > a)]
             score = dice_per_label(branch | _painted(strength, chosen, paint_fraction), ref, [True])[1]
             scores["all"].append(score)
             if ref.any():
@@ -264,9 +264,9 @@ def train_small_nodule_stage(
         "patch": [int(v) for v in patch],
         "paint_fraction": paint_fraction,
     }
-    stage = SmallNoduleStage(classifier.eval(), spacing_mm, threshold, accept, [lung_value, nodule_value],
-                             sigmas_mm, patch, paint_fraction)
-    network.small_nodules, network.has_small_nodules = stage, True
+    stage = _parse(stage_def)  # the exported config itself, with the trained classifier's weights
+    stage.classifier.load_state_dict(classifier.state_dict())
+    network.add_small_nodules(stage.eval())
     network_def = copy.deepcopy(inference["network_def"])
     network_def["small_nodules"] = stage_def
     record: dict[str, Any] = {

@@ -154,6 +154,10 @@ class AnatomyWithNoduleBranch(torch.nn.Module):
         self.branch_max_logit = float(math.log(BRANCH_MAX_PROBABILITY / (1.0 - BRANCH_MAX_PROBABILITY)))
         self.painted_logit = PAINTED_LOGIT
 
+    def add_small_nodules(self, stage: torch.nn.Module) -> None:
+        """Join a small-nodule stage (as ``small_nodules`` does at construction) to a network built without one."""
+        self.small_nodules, self.has_small_nodules = stage, True
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.anatomy_pool == (1, 1, 1):
             logits = self.anatomy(x)
