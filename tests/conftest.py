@@ -2,6 +2,10 @@
 
 Every peer here is real: PostgreSQL on 127.0.0.1:5432, DCMTK tools, Orthanc. A missing
 peer is a failed test, not a skip: ``make test`` installs them.
+
+A failing test's report carries the logs of the peer processes (``peers.py``: node
+processes, Orthanc, workers, private servers) alive while it ran, in sections
+"peer log: ...", so the node's own account of the failure is printed next to the assertion.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import os
 import socket
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +24,20 @@ from sqlalchemy import Engine, create_engine, text
 from dicom_node.db.session import make_engine, upgrade
 from dicom_node.node import Node
 from dicom_node.settings import Settings, load_settings
+from peers import PEER_LOGS, tail
 from training.phantoms.ct_series import GeneratedSeries, SeriesGeometry, generate_ct_series
 
 POSTGRES_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for label, path in list(PEER_LOGS.items()):
+            report.sections.append((f"peer log: {label}", tail(path)))
 
 
 def free_port() -> int:

@@ -1,31 +1,21 @@
 """Fixtures for the slow tests against real peers (see ``peers.py``).
 
-A failing test's report carries the logs of the node processes and Orthanc servers
-that were alive while it ran (section "peer log: ..."), so the node's own account of
-the failure is printed next to the assertion.
+A failing test's report carries the logs of the peers that were alive while it ran
+(the hook is in ``tests/conftest.py``, for every suite that starts peers).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-from peers import PEER_LOGS, NodeProcess, Orthanc, tail
+from peers import NodeProcess, Orthanc
 
 NodeProcessFactory = Callable[..., NodeProcess]
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, None]:
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for label, path in list(PEER_LOGS.items()):
-            report.sections.append((f"peer log: {label}", tail(path)))
 
 
 @pytest.fixture
