@@ -176,6 +176,7 @@ class NodeProcess:
     ``work_dir``. The port and AE title are passed on the command line, as the README
     does. The data dir survives :meth:`kill9` / :meth:`terminate`, so :meth:`start`
     again restarts the node on the same data (and, by default, the same port).
+    ``env`` adds to (or replaces) the environment the process inherits, e.g. a private ``TMPDIR``.
     """
 
     def __init__(
@@ -187,8 +188,10 @@ class NodeProcess:
         port: int | None = None,
         ae_title: str = "DICOM_NODE",
         label: str = "node",
+        env: Mapping[str, str] | None = None,
     ) -> None:
         self.work_dir = Path(work_dir)
+        self.env = dict(env or {})
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.data_dir = Path(data_dir) if data_dir is not None else self.work_dir / "data"
         self.port = port or free_port()
@@ -249,7 +252,7 @@ class NodeProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
                 cwd=self.work_dir,
             )
         PEER_LOGS[f"{self.label} log ({self.log_path})"] = self.log_path
