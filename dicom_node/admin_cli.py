@@ -158,6 +158,8 @@ def _rules(settings: Settings, args: argparse.Namespace) -> int:
             destinations = rule.destinations if isinstance(rule.destinations, str) else ", ".join(rule.destinations)
             print(f"{rule.name} [{state}, priority {rule.priority}]:{conditions}\n"
                   f"    -> {', '.join(rule.pipelines)} on the {rule.series.prefer} series; results to {destinations}")
+            for problem in rule.problems():
+                print(f"    NEVER APPLIED until fixed: {problem}")
         return 0
     return _rules_test(settings, sessions, args.study_uid)
 

@@ -89,3 +89,6 @@ def import_configuration(sessions: sessionmaker[Session], settings: RoutingSetti
     elif config_repo.rule_count(sessions) == 0:
         config_repo.upsert_rules(sessions, default_rules(), source="built-in", now=now)
         logger.info("no routing rules configured: installed the built-in default rule")
+    for rule in config_repo.list_rules(sessions):  # stored before RE2: the node runs, the rule never matches
+        for problem in rule.problems():
+            logger.warning("routing rule %s is never applied until it is fixed: %s", rule.name, problem)

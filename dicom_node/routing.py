@@ -18,21 +18,30 @@ itself (results coming back through a PACS auto-route) are never candidates.
 rules ask for the same pipeline, the one with the highest ``priority`` (then the
 first in order) decides the series and destinations. A pipeline (model) an admin
 disabled gets no job; the matching rule's reasons name it.
+
+Regexes run on RE2 (``google-re2``), which never backtracks: matching takes time
+linear in the text, so no pattern (``(a+)+$`` on ``aaaa...!``) can stall the router
+(or, through the interpreter lock, the whole node). Patterns RE2 cannot run (backreferences,
+lookaround, ``\\Z``) are refused when a rule is validated; a rule stored before
+this check (:func:`load_stored_rule`) loads, but never matches, and says why
+(:meth:`Rule.problems`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-import re
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+import re2
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dicom_node.contracts import require_unique_names
 
 __all__ = [
     "DEMO_PIPELINES",
+    "MAX_REGEX_LENGTH",
     "SeriesSelector",
     "default_rules",
     "RangeCondition",
@@ -47,7 +56,9 @@ __all__ = [
     "check_condition",
     "disabled_pipeline_reason",
     "evaluate",
+    "load_stored_rule",
     "orientation_of",
+    "regex_problem",
 ]
 
 Orientation = Literal["axial", "sagittal", "coronal", "oblique"]
@@ -66,6 +77,63 @@ TEXT_ATTRIBUTES: dict[str, Literal["study", "series"]] = {
 #: Attributes a range condition can test (all per series).
 RANGE_ATTRIBUTES = ("slice_thickness_mm", "instance_count")
 
+#: The longest pattern a condition may hold (a description is at most 64 characters).
+MAX_REGEX_LENGTH = 500
+#: Memory RE2 may use for one compiled pattern (its default is 8 MiB); larger patterns are refused.
+_RE2_MAX_MEM = 2 * 1_048_576
+#: Validation context of a rule read back from the database (see :func:`load_stored_rule`).
+_STORED = "stored"
+
+
+class _UnusableRegex(ValueError):
+    """A pattern RE2 cannot run; the message says why, naming the pattern."""
+
+
+def _why_not(pattern: str, error: str) -> str:
+    """RE2's compile error in an admin's words: what is not supported, and what to use instead."""
+    if (error.startswith("invalid escape sequence: \\") and error[-1:].isdigit()) or (
+            error.startswith("invalid perl operator: (?P") and "(?P=" in pattern):
+        return "backreferences (\\1, (?P=name)) are not supported by the node's regex engine (RE2)"
+    if error.startswith("invalid perl operator: (?=") or error.startswith("invalid perl operator: (?!") \
+            or error.startswith("invalid perl operator: (?<"):
+        return "lookaround ((?=...), (?!...), (?<=...), (?<!...)) is not supported by the node's regex engine (RE2)"
+    if error == "invalid escape sequence: \\Z":
+        return "\\Z is not supported by the node's regex engine (RE2): use \\z (or $) for the end of the text"
+    if error.startswith("pattern too large"):
+        return (f"it needs more than {_RE2_MAX_MEM // 1_048_576} MiB to compile "
+                "(RE2 expands repetitions such as {n}); simplify it")
+    return ""
+
+
+@functools.lru_cache(maxsize=256)
+def _compiled(pattern: str) -> Any:
+    """``pattern`` compiled by RE2, case-insensitive; _UnusableRegex saying why it cannot be."""
+    if len(pattern) > MAX_REGEX_LENGTH:
+        raise _UnusableRegex(f"regex {pattern[:40]!r}... is {len(pattern)} characters long; "
+                             f"at most {MAX_REGEX_LENGTH} are allowed")
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
+    options.max_mem = _RE2_MAX_MEM
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as exc:
+        raw = exc.args[0] if exc.args else b""
+        error = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        why = _why_not(pattern, error)
+        if why:
+            raise _UnusableRegex(f"regex {pattern!r} cannot be used: {why}") from None
+        raise _UnusableRegex(f"regex {pattern!r} does not compile: {error}") from None
+
+
+def regex_problem(pattern: str) -> str | None:
+    """Why a condition cannot use ``pattern`` (too long, or RE2 cannot compile it), or None if it can."""
+    try:
+        _compiled(pattern)
+    except _UnusableRegex as exc:
+        return str(exc)
+    return None
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -75,7 +143,9 @@ class TextCondition(_Strict):
     """A text attribute that must equal one of ``in`` (case-insensitive) and/or match ``regex``.
 
     ``regex`` is searched (not anchored) case-insensitively, like a PACS admin would
-    expect of "description contains chest"; anchor with ``^...$`` when needed.
+    expect of "description contains chest"; anchor with ``^...$`` when needed. It is
+    RE2 syntax (Python's without backreferences and lookaround; ``\\z`` for ``\\Z``),
+    at most :data:`MAX_REGEX_LENGTH` characters.
     """
 
     attribute: Literal[
@@ -90,13 +160,18 @@ class TextCondition(_Strict):
 
     @field_validator("regex")
     @classmethod
-    def _compiles(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                re.compile(value)
-            except re.error as exc:
-                raise ValueError(f"regex {value!r} does not compile: {exc}") from exc
+    def _compiles(cls, value: str | None, info: ValidationInfo) -> str | None:
+        """Refuse what RE2 cannot run, except in a rule read back from the database (see Rule.problems)."""
+        stored = bool(info.context and info.context.get(_STORED))
+        if value is not None and not stored:
+            problem = regex_problem(value)
+            if problem is not None:
+                raise ValueError(problem)
         return value
+
+    def regex_problem(self) -> str | None:
+        """Why this condition's regex cannot be used (only a rule stored before RE2 can have one), or None."""
+        return None if self.regex is None else regex_problem(self.regex)
 
     @model_validator(mode="after")
     def _something(self) -> "TextCondition":
@@ -117,7 +192,10 @@ class TextCondition(_Strict):
         if self.in_ is not None:
             ok = text.strip().lower() in {v.strip().lower() for v in self.in_}
         if ok and self.regex is not None:
-            ok = re.search(self.regex, text, flags=re.IGNORECASE) is not None
+            try:
+                ok = _compiled(self.regex).search(text) is not None
+            except _UnusableRegex as exc:  # never true, not even negated
+                return False, f"{self.attribute}: {exc}"
         if self.negate:
             ok = not ok
         wanted = []
@@ -184,7 +262,7 @@ class Rule(_Strict):
 
     @field_validator("conditions", mode="before")
     @classmethod
-    def _typed_conditions(cls, value: Any) -> Any:
+    def _typed_conditions(cls, value: Any, info: ValidationInfo) -> Any:
         if not isinstance(value, list):
             return value
         typed: list[Any] = []
@@ -195,14 +273,30 @@ class Rule(_Strict):
             if not isinstance(item, dict):
                 raise ValueError(f"condition {index} must be a mapping, got {item!r}")
             attribute = item.get("attribute")
+            model: type[TextCondition] | type[RangeCondition]
             if attribute in RANGE_ATTRIBUTES:
-                typed.append(RangeCondition.model_validate(item))
+                model = RangeCondition
             elif attribute in TEXT_ATTRIBUTES:
-                typed.append(TextCondition.model_validate(item))
+                model = TextCondition
             else:
                 known = sorted([*TEXT_ATTRIBUTES, *RANGE_ATTRIBUTES])
                 raise ValueError(f"condition {index}: unknown attribute {attribute!r}; known: {', '.join(known)}")
+            try:
+                typed.append(model.model_validate(item, context=info.context))
+            except ValidationError as exc:  # name the condition: pydantic would drop its index
+                raise ValueError("; ".join(f"condition {index} ({attribute}): {_error_text(e)}"
+                                           for e in exc.errors())) from None
         return typed
+
+    def problems(self) -> list[str]:
+        """Why this rule cannot be applied (empty when it can): conditions whose regex cannot be used.
+
+        Only a rule stored before regexes were checked for RE2 can have any (new
+        definitions are refused); :func:`evaluate` never matches such a rule and gives these as its reasons.
+        """
+        return [f"condition {index} ({condition.attribute}): {problem}"
+                for index, condition in enumerate(self.conditions)
+                if isinstance(condition, TextCondition) and (problem := condition.regex_problem()) is not None]
 
     @field_validator("pipelines")
     @classmethod
@@ -210,6 +304,26 @@ class Rule(_Strict):
         if len(set(value)) != len(value):
             raise ValueError(f"pipelines listed twice: {value}")
         return value
+
+
+def _error_text(error: Any) -> str:
+    """One pydantic error of a condition as text: our own messages name their field, others get it prefixed."""
+    message = str(error.get("msg", "invalid"))
+    if error.get("type") == "value_error":
+        return message.removeprefix("Value error, ")
+    location = ".".join(str(part) for part in error.get("loc", ()))
+    return f"{location}: {message}" if location else message
+
+
+def load_stored_rule(definition: str) -> Rule:
+    """A rule from its JSON in the database, even when a regex of it can no longer be used.
+
+    Rules saved before regexes were checked for RE2 may hold a backreference or
+    lookaround; refusing them here would stop the router, the UI and start-up. They
+    load, never match, and :meth:`Rule.problems` says why (shown by the UI, ``rules
+    test`` and the study's timeline) until an admin fixes them.
+    """
+    return Rule.model_validate_json(definition, context={_STORED: True})
 
 
 class RuleSet(_Strict):
@@ -261,12 +375,16 @@ class JobSpec(_Strict):
 
 
 class RuleOutcome(_Strict):
-    """Why a rule matched (and which series it chose) or did not."""
+    """Why a rule matched (and which series it chose) or did not.
+
+    ``problems``: why the rule cannot be applied at all (see :meth:`Rule.problems`).
+    """
 
     rule: str
     matched: bool
     reasons: tuple[str, ...]
     selected_series: tuple[str, ...] = ()
+    problems: tuple[str, ...] = ()
 
 
 class RoutingDecision(_Strict):
@@ -336,6 +454,10 @@ def _select(candidates: list[SeriesFacts], prefer: str) -> list[SeriesFacts]:
 
 
 def _evaluate_rule(rule: Rule, study: StudyFacts) -> RuleOutcome:
+    problems = tuple(rule.problems())
+    if problems:
+        return RuleOutcome(rule=rule.name, matched=False, problems=problems,
+                           reasons=tuple(f"rule cannot be applied until it is fixed: {p}" for p in problems))
     reasons: list[str] = []
     candidates: list[SeriesFacts] = []
     for series in study.series:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.models import Delivery, DeliveryState, DestinationRow, RoutingRuleRow, Study
 from dicom_node.destinations import Destination
-from dicom_node.routing import Rule
+from dicom_node.routing import Rule, load_stored_rule
 
 __all__ = [
     "ConfigNotFound",
@@ -55,11 +55,15 @@ _DESTINATION = TypeAdapter(Destination)
 
 
 def list_rules(sessions: sessionmaker[Session]) -> list[Rule]:
-    """Every stored rule in evaluation order (the order they were imported or added)."""
+    """Every stored rule in evaluation order (the order they were imported or added).
+
+    A rule stored before its regex was checked for RE2 loads too (see
+    :func:`dicom_node.routing.load_stored_rule`): it never matches, and says why.
+    """
     with sessions() as session:
         rows = session.execute(select(RoutingRuleRow.definition).order_by(RoutingRuleRow.position,
                                                                           RoutingRuleRow.id)).all()
-    return [Rule.model_validate_json(r[0]) for r in rows]
+    return [load_stored_rule(r[0]) for r in rows]
 
 
 def rule_count(sessions: sessionmaker[Session]) -> int:
@@ -155,7 +159,7 @@ class RuleRecord:
 
 
 def _rule_record(row: RoutingRuleRow) -> RuleRecord:
-    return RuleRecord(rule=Rule.model_validate_json(row.definition), position=row.position, source=row.source,
+    return RuleRecord(rule=load_stored_rule(row.definition), position=row.position, source=row.source,
                       updated_at=row.updated_at)
 
 

@@ -119,7 +119,9 @@ def record_routing(
     A job that already exists for the same study, pipeline and series is not created
     again (a study that completes again, e.g. when our own results come back, does
     not re-run). The study becomes ``routed`` when it has any job, else ``ignored``
-    with the reason kept as a study event.
+    with the reason kept as a study event. A rule that cannot be applied (a regex
+    stored before RE2, see :meth:`dicom_node.routing.Rule.problems`) adds a
+    ``rule_unusable`` event naming it, whatever the other rules decided.
     """
     new_ids: list[int] = []
     with sessions.begin() as session:
@@ -154,6 +156,10 @@ def record_routing(
             session.add(StudyEvent(study_id=study_id, at=now, kind="routed", detail=detail))
         else:
             session.add(StudyEvent(study_id=study_id, at=now, kind="ignored", detail=decision.ignored_reason))
+        for outcome in decision.outcomes:  # a rule that cannot be applied is visible even when others matched
+            if outcome.problems:
+                session.add(StudyEvent(study_id=study_id, at=now, kind="rule_unusable",
+                                       detail=f"rule {outcome.rule} was not applied: " + "; ".join(outcome.problems)))
     return new_ids
 
 

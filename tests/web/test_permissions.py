@@ -59,15 +59,15 @@ POLICY: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/jobs/{job_id}/retry"): O,
     ("POST", "/api/v1/jobs/{job_id}/cancel"): O,
     ("POST", "/api/v1/deliveries/{delivery_id}/retry"): O,
-    # routing rules: read by all, changed by admins. Testing a STORED rule against a study changes
-    # nothing: anybody. Testing an unsaved draft is part of the rule editor: admins (like the editor).
+    # routing rules: read by all, changed by admins. Testing a rule (stored or draft) makes the node read
+    # and evaluate a study on demand: admins, the role that edits rules (issue 20).
     ("GET", "/rules"): V,
     ("GET", "/rules/new"): A,
     ("POST", "/rules"): A,
     ("POST", "/rules/test"): A,  # the new-rule form's draft
     ("GET", "/rules/{name}"): V,
     ("POST", "/rules/{name}"): A,
-    ("GET", "/rules/{name}/test"): V,  # the stored rule
+    ("GET", "/rules/{name}/test"): A,  # the stored rule
     ("POST", "/rules/{name}/test"): A,  # the edit form's draft
     ("POST", "/rules/{name}/delete"): A,
     ("POST", "/rules/{name}/enable"): A,
@@ -80,7 +80,7 @@ POLICY: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/rules/{name}"): V,
     ("PUT", "/api/v1/rules/{name}"): A,
     ("DELETE", "/api/v1/rules/{name}"): A,
-    ("POST", "/api/v1/rules/{name}/test"): V,  # the stored rule
+    ("POST", "/api/v1/rules/{name}/test"): A,  # the stored rule
     # destinations: read by all, connection test by operators, changes by admins
     ("GET", "/destinations"): V,
     ("GET", "/destinations/new"): A,

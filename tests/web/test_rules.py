@@ -275,7 +275,7 @@ def test_invalid_regex_is_shown_under_its_row_and_input_is_kept(web: WebEnv, adm
     assert answer.status_code == 422
     ids = page(answer.text)
     error = ids["cond-2-regex-error"]
-    assert squash(error.text).startswith("regex '(' does not compile: missing ), unterminated subpattern")
+    assert squash(error.text) == "regex '(' does not compile: missing ): ("  # RE2's words
     assert "field-error" in error.classes
     assert "invalid" in ids["cond-2-regex"].classes and ids["cond-2-regex"].attrs["value"] == "("
     assert "invalid" not in ids["cond-0-in"].classes and ids["cond-0-in"].attrs["value"] == "CT"
@@ -393,7 +393,7 @@ def test_testing_the_unsaved_form_against_a_stored_study(web: WebEnv, admin: Log
 
 
 def test_testing_a_disabled_rule_says_so_and_shows_what_it_would_do(
-    web: WebEnv, admin: LoggedIn, viewer: LoggedIn, stored: StoredStudy
+    web: WebEnv, admin: LoggedIn, stored: StoredStudy
 ) -> None:
     admin.post("/rules", rule_form(enabled=None, **{"cond-0-attribute": "modality", "cond-0-in": "CT"}))
     stored_rule = config_repo.get_rule(web.sessions, "chest")
@@ -406,12 +406,12 @@ def test_testing_a_disabled_rule_says_so_and_shows_what_it_would_do(
     assert "does not match" in ids["test-verdict"].text and "even if enabled" in ids["test-verdict"].text
     assert "modality 'CT' is not in ['MR']" in squash(ids["test-series-0-cond-0"].text)
 
-    # a viewer tests the stored rule (CT) with GET; nothing changes
-    shown = viewer.client.get(f"/rules/chest/test?study_pick={stored.uid}")
+    # the stored rule (CT) tested with GET; nothing changes (admins only: test_rules_regex.py)
+    shown = admin.client.get(f"/rules/chest/test?study_pick={stored.uid}")
     assert shown.status_code == 200
     ids = page(shown.text)
     assert "test-disabled" in ids and "would be created if enabled" in squash(ids["test-verdict"].text)
-    assert viewer.client.get("/rules/chest/test?study_instance_uid=9.9.9").status_code == 404
+    assert admin.client.get("/rules/chest/test?study_instance_uid=9.9.9").status_code == 404
     assert audit_entries(web, "rule.update") == []
 
 
@@ -439,8 +439,7 @@ def test_api_rule_test_is_the_routers_evaluation(web: WebEnv, stored: StoredStud
     assert missing.status_code == 404 and "1.2.3" in missing.json()["detail"]
 
     client.post("/api/v1/rules", json=CHEST, headers=headers)
-    viewer_token = api(web, "viewer")
-    mine = client.post("/api/v1/rules/chest/test", json={"study_instance_uid": stored.uid}, headers=viewer_token)
+    mine = client.post("/api/v1/rules/chest/test", json={"study_instance_uid": stored.uid}, headers=headers)
     assert mine.status_code == 200 and mine.json()["result"]["outcome"]["matched"] is True
     assert [j["series_instance_uid"] for j in mine.json()["result"]["jobs"]] == [stored.thin.series_uid]
 

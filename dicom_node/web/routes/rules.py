@@ -66,11 +66,14 @@ router = APIRouter()
 
 #: Names the UI's and API's own URLs use (``/rules/new``, ``/rules/test``, ``/api/v1/rules/order``).
 RESERVED_RULE_NAMES = frozenset({"new", "test", "order"})
+#: Who may run the rule tester: the role that edits rules. A test reads one header per series of
+#: the study and evaluates the rule in a web request thread; viewers must not be able to make
+#: the node do that work on demand (issue 20).
+TESTER_ROLE = Role.ADMIN
 #: Empty condition rows the form offers beyond the rule's own conditions.
 EXTRA_CONDITION_ROWS = 3
 MAX_CONDITION_ROWS = 50
 MAX_DESCRIPTION = 1000
-MAX_REGEX = 500
 MAX_IN_VALUES = 100
 MAX_IN_VALUE = 200
 MAX_PIPELINES = 20
@@ -146,9 +149,7 @@ def _validate_condition(index: int, item: Any) -> tuple[TextCondition | RangeCon
         known = ", ".join(sorted([*TEXT_ATTRIBUTES, *RANGE_ATTRIBUTES]))
         return None, [(where + ("attribute",), f"unknown attribute {attribute!r:.80}; known: {known}")]
     errors: list[FieldError] = []
-    regex, values = item.get("regex"), item.get("in")
-    if isinstance(regex, str) and len(regex) > MAX_REGEX:
-        errors.append((where + ("regex",), f"regex is {len(regex)} characters long; at most {MAX_REGEX} are allowed"))
+    values = item.get("in")  # a regex's length and syntax (RE2) are TextCondition's own checks
     if isinstance(values, list):
         if len(values) > MAX_IN_VALUES:
             errors.append((where + ("in",), f"'in' lists {len(values)} values; at most {MAX_IN_VALUES} are allowed"))
@@ -296,7 +297,7 @@ class RuleTestResult(BaseModel):
 
 
 def describe_condition(condition: TextCondition | RangeCondition) -> str:
-    """A condition in a few words, for lists and test results."""
+    """A condition in a few words, for lists and test results (with why it cannot be used, if so)."""
     if isinstance(condition, RangeCondition):
         low = f"{condition.min:g} ≤ " if condition.min is not None else ""
         high = f" ≤ {condition.max:g}" if condition.max is not None else ""
@@ -306,7 +307,9 @@ def describe_condition(condition: TextCondition | RangeCondition) -> str:
         parts.append(f"in {', '.join(condition.in_)}")
     if condition.regex is not None:
         parts.append(f"matches /{condition.regex}/")
-    return f"{'NOT ' if condition.negate else ''}{condition.attribute} " + " and ".join(parts)
+    text = f"{'NOT ' if condition.negate else ''}{condition.attribute} " + " and ".join(parts)
+    problem = condition.regex_problem()
+    return text if problem is None else f"{text} - the rule is never applied until this is fixed: {problem}"
 
 
 def _jobs(decision: RoutingDecision, facts: StudyFacts, defaults: list[str]) -> list[JobPreview]:
@@ -335,7 +338,7 @@ def _condition_matrix(rule: Rule, facts: StudyFacts, selected: Sequence[str]) ->
         conditions = [ConditionResult(index=i, condition=describe_condition(c), holds=ok, reason=reason)
                       for i, (c, (ok, reason)) in enumerate(zip(rule.conditions, checks))]
         holds = [ok for ok, _ in checks]
-        candidate = not holds or (all(holds) if rule.match == "all" else any(holds))
+        candidate = not rule.problems() and (not holds or (all(holds) if rule.match == "all" else any(holds)))
         status: Any
         if series.produced_by_node:
             status = "result of this node"
@@ -688,7 +691,7 @@ def _test_from_form(request: Request, context: WebContext, form: FormData, origi
 
 @router.post("/rules/test", include_in_schema=False)
 def test_new_rule_submit(
-    request: Request, form: FormData = Depends(submitted_form), principal: Principal = Depends(require(Role.ADMIN)),
+    request: Request, form: FormData = Depends(submitted_form), principal: Principal = Depends(require(TESTER_ROLE)),
     context: WebContext = Depends(get_context),
 ) -> Response:
     """Test the new-rule form's content, unsaved."""
@@ -715,10 +718,10 @@ def update_rule_submit(
 @router.get("/rules/{name}/test", include_in_schema=False)
 def test_stored_rule_page(
     request: Request, name: str, study_instance_uid: str = Query("", max_length=64),
-    study_pick: str = Query("", max_length=64), principal: Principal = Depends(require(Role.VIEWER)),
+    study_pick: str = Query("", max_length=64), principal: Principal = Depends(require(TESTER_ROLE)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    """Test the rule as stored (any role may: nothing changes)."""
+    """Test the rule as stored (nothing changes; only roles that edit rules, see TESTER_ROLE)."""
     record = _record_or_404(context, name)
     state = RuleForm.from_rule(record.rule)
     study_uid = (study_instance_uid.strip() or study_pick.strip())
@@ -736,7 +739,7 @@ def test_stored_rule_page(
 @router.post("/rules/{name}/test", include_in_schema=False)
 def test_edited_rule_submit(
     request: Request, name: str, form: FormData = Depends(submitted_form),
-    principal: Principal = Depends(require(Role.ADMIN)), context: WebContext = Depends(get_context),
+    principal: Principal = Depends(require(TESTER_ROLE)), context: WebContext = Depends(get_context),
 ) -> Response:
     """Test the edit form's current content (unsaved) against a stored study."""
     return _test_from_form(request, context, form, name)
@@ -833,7 +836,8 @@ def _api_save(request: Request, context: WebContext, principal: Principal, body:
     rule, errors = validate_rule(body, pipelines=known_pipelines(context.settings),
                                  destinations=_known_destinations(context), check_reserved=renamed)
     if rule is None:
-        return invalid_response("routing rule", errors)
+        name = body.get("name") if isinstance(body, dict) else None
+        return invalid_response(f"routing rule {name[:64]!r}" if isinstance(name, str) else "routing rule", errors)
     try:
         before, after = config_repo.save_rule(context.sessions, rule, original_name=original, source="api",
                                               now=context.clock())
@@ -884,7 +888,7 @@ def api_reorder_rules(
 
 @router.post("/api/v1/rules/test", tags=["rules"], response_model=RuleTestResult, responses=_ERRORS)
 def api_test_rule(
-    body: RuleTestRequest, principal: Principal = Depends(require(Role.ADMIN)),
+    body: RuleTestRequest, principal: Principal = Depends(require(TESTER_ROLE)),
     context: WebContext = Depends(get_context),
 ) -> Response:
     """Test a rule definition (saved or not, enabled or not) against a stored study; nothing is saved."""
@@ -927,10 +931,10 @@ def api_delete_rule(
 
 @router.post("/api/v1/rules/{name}/test", tags=["rules"], response_model=RuleTestResult, responses=_ERRORS)
 def api_test_stored_rule(
-    name: str, body: StoredRuleTestRequest, principal: Principal = Depends(require(Role.VIEWER)),
+    name: str, body: StoredRuleTestRequest, principal: Principal = Depends(require(TESTER_ROLE)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    """Test the stored rule against a stored study; nothing changes."""
+    """Test the stored rule against a stored study; nothing changes (admins only, see TESTER_ROLE)."""
     record = _record_or_404(context, name)
     try:
         result = test_rule(context, record.rule, body.study_instance_uid)
