@@ -1,22 +1,34 @@
-"""Read the identifying header of a received dataset without touching its pixel data.
+"""Read the identifying header of a received dataset and check that it is whole, without decoding pixels.
 
 The receiver needs a handful of attributes (UIDs, patient, series) to file and index an
 instance, and must be sure the bytes are a whole dataset before it acknowledges them.
-Parsing stops at Pixel Data; the pixel element itself is checked structurally (length
-against the image size, encapsulated fragments terminated) but never decoded.
+:func:`dicom_node.dataset_layout.walk` checks the element structure from the first byte
+to the last; pydicom then parses only the identifying groups (up to group 0028); the
+pixel data is checked against the image it claims to be (Rows x Columns x Samples x
+Frames x Bits Allocated for native pixel data, one fragment per frame at least for
+encapsulated pixel data) but never decoded. Image storage SOP classes must carry pixel
+data. Deflated datasets are inflated in bounded steps: a "deflate bomb" is refused as
+soon as it inflates past the node's instance size limit.
 """
 
 from __future__ import annotations
 
 import io
-import struct
+import mmap
+import os
+import tempfile
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian, UID
+
+from dicom_node.dataset_layout import LayoutError, PixelDataLayoutError, PixelElement, walk
 
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
@@ -32,13 +44,32 @@ class InvalidDataset(ValueError):
 
 # C-STORE failure statuses of this node (PS3.4 Table B.2-1 ranges; documented in docs/conformance.md).
 STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_TOO_LARGE = 0xA701
 STATUS_SOP_CLASS_MISMATCH = 0xA900
 STATUS_CANNOT_PARSE = 0xC210
 STATUS_MISSING_UID = 0xC220
 STATUS_SOP_INSTANCE_MISMATCH = 0xC221
 STATUS_INVALID_UID = 0xC222
-STATUS_PIXEL_DATA_INCOMPLETE = 0xC230
+STATUS_PIXEL_DATA_INVALID = 0xC230
+STATUS_PIXEL_DATA_INCOMPLETE = STATUS_PIXEL_DATA_INVALID  # the name earlier versions used
 
+#: Storage SOP classes whose IODs require pixel data although their names do not say "Image".
+_PIXEL_SOP_CLASSES = frozenset((
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.7",  # Label Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.66.8",  # Height Map Segmentation
+    "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map
+    "1.2.840.10008.5.1.4.1.1.6.2",  # Enhanced US Volume
+    "1.2.840.10008.5.1.4.1.1.81.1",  # Ophthalmic Thickness Map
+    "1.2.840.10008.5.1.4.1.1.82.1",  # Corneal Topography Map
+    "1.2.840.10008.5.1.4.1.1.77.1.5.8",  # Ophthalmic OCT B-scan Volume Analysis
+))
+#: Transfer syntaxes whose pixel data is not encapsulated.
+_NATIVE_SYNTAXES = frozenset(
+    ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
+)
+#: Inflated bytes handed to zlib's decompressor per step (bounds memory while inflating).
+_INFLATE_STEP = 1 << 20
 
 # The longest value the index keeps of each text field (the VR maximum, PS3.5 6.2).
 _INDEXED_LENGTHS = {
@@ -73,8 +104,9 @@ class InstanceHeader:
     instance_number: int | None
 
 
-def _stop_at_pixels(tag: Any, vr: Any, length: Any) -> bool:
-    return int(tag) in PIXEL_DATA_TAGS
+def requires_pixel_data(sop_class_uid: str) -> bool:
+    """Whether instances of this storage SOP class must carry pixel data (the image IODs)."""
+    return sop_class_uid in _PIXEL_SOP_CLASSES or "Image Storage" in UID(sop_class_uid).name
 
 
 _DEFAULT_CHARSETS = (None, b"", b"ISO_IR 6", b"ISO_IR 100", b"ISO_IR 192")
@@ -131,92 +163,145 @@ def _unsigned_short(dataset: Dataset, tag: int, little_endian: bool) -> int | No
     return int.from_bytes(element.value, "little" if little_endian else "big")
 
 
-def _check_fragments(body: bytes, offset: int, endian: str) -> None:
-    """Walk the items of encapsulated pixel data up to the sequence delimiter."""
-    item_header = struct.Struct(f"{endian}HHI")
-    while True:
-        if offset + 8 > len(body):
-            raise InvalidDataset(
-                STATUS_PIXEL_DATA_INCOMPLETE, "encapsulated pixel data ends before its sequence delimiter"
-            )
-        group, element, length = item_header.unpack_from(body, offset)
-        if (group, element) == (0xFFFE, 0xE0DD):
-            return
-        if (group, element) != (0xFFFE, 0xE000):
-            raise InvalidDataset(
-                STATUS_PIXEL_DATA_INCOMPLETE,
-                f"encapsulated pixel data has ({group:04X},{element:04X}) where an item was expected",
-            )
-        offset += 8 + length
+def expected_native_length(dataset: Dataset, little_endian: bool) -> tuple[int, str] | None:
+    """The bytes native pixel data of this image must hold, and the image it describes; None if undescribed.
 
-
-def _check_pixel_element(body: bytes, offset: int, dataset: Dataset, little_endian: bool, implicit: bool) -> None:
-    """Verify the Pixel Data element starting at ``offset`` is complete.
-
-    Native pixel data must hold at least Rows x Columns x Samples x Frames x Bits/8
-    bytes; encapsulated pixel data must end with its sequence delimiter.
+    Rows x Columns x Frames x Samples x Bits Allocated, rounded up to whole bytes (PS3.5
+    8.1.1); YBR_FULL_422 and YBR_PARTIAL_422 store two samples per pixel, not three
+    (PS3.3 C.7.6.3.1.2).
     """
-    if offset >= len(body):
-        return  # no pixel data element (for example SR or a presentation state)
-    endian = "<" if little_endian else ">"
-    if implicit:
-        if len(body) < offset + 8:
-            raise InvalidDataset(STATUS_PIXEL_DATA_INCOMPLETE, "pixel data element header is truncated")
-        (length,) = struct.unpack(f"{endian}I", body[offset + 4 : offset + 8])
-        value_offset = offset + 8
-    else:
-        if len(body) < offset + 12:
-            raise InvalidDataset(STATUS_PIXEL_DATA_INCOMPLETE, "pixel data element header is truncated")
-        (length,) = struct.unpack(f"{endian}I", body[offset + 8 : offset + 12])
-        value_offset = offset + 12
-    available = len(body) - value_offset
-    if length == 0xFFFFFFFF:
-        _check_fragments(body, value_offset, endian)
-        return
-    if length > available:
-        raise InvalidDataset(
-            STATUS_PIXEL_DATA_INCOMPLETE,
-            f"pixel data declares {length} bytes but only {available} were received",
-        )
     rows = _unsigned_short(dataset, 0x00280010, little_endian)
     columns = _unsigned_short(dataset, 0x00280011, little_endian)
     bits = _unsigned_short(dataset, 0x00280100, little_endian)
-    if rows and columns and bits:
-        samples = _unsigned_short(dataset, 0x00280002, little_endian) or 1
-        frames = _raw_integer(dataset, 0x00280008) or 1
-        expected = rows * columns * samples * frames * bits // 8
-        if length < expected:
+    if not (rows and columns and bits):
+        return None
+    samples = _unsigned_short(dataset, 0x00280002, little_endian) or 1
+    frames = max(_raw_integer(dataset, 0x00280008) or 1, 1)
+    photometric = (_raw_ascii(dataset, 0x00280004) or "").upper()
+    stored_samples = 2 if samples == 3 and photometric in ("YBR_FULL_422", "YBR_PARTIAL_422") else samples
+    total_bits = rows * columns * frames * stored_samples * bits
+    image = f"{rows}x{columns}x{samples}x{frames} at {bits} bits" + (f" {photometric}" if stored_samples != samples else "")
+    return (total_bits + 7) // 8, image
+
+
+def _check_pixels(pixel: PixelElement | None, dataset: Dataset, syntax: UID, sop_class_uid: str,
+                  little_endian: bool) -> None:
+    """Refuse pixel data that is missing from an image, mis-encoded for its transfer syntax, or of the wrong size."""
+    if pixel is None:
+        if requires_pixel_data(sop_class_uid):
+            raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"no Pixel Data in a {UID(sop_class_uid).name} instance")
+        return
+    native = syntax in _NATIVE_SYNTAXES
+    if pixel.length is None:
+        if native:
+            raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"encapsulated pixel data in a native transfer syntax {syntax}")
+        frames = max(_raw_integer(dataset, 0x00280008) or 1, 1)
+        if pixel.fragments < frames:
             raise InvalidDataset(
-                STATUS_PIXEL_DATA_INCOMPLETE,
-                f"pixel data holds {length} bytes, {rows}x{columns}x{samples}x{frames} at {bits} bits needs {expected}",
+                STATUS_PIXEL_DATA_INVALID, f"encapsulated pixel data has {pixel.fragments} fragments for {frames} frames"
             )
+        return
+    if not native and pixel.tag == 0x7FE00010:
+        raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"pixel data of compressed transfer syntax {syntax} is not encapsulated")
+    expected = expected_native_length(dataset, little_endian)
+    if expected is None:
+        raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, "pixel data without Rows, Columns and Bits Allocated")
+    size, image = expected
+    if pixel.length not in (size, size + (size & 1)):
+        raise InvalidDataset(
+            STATUS_PIXEL_DATA_INVALID, f"pixel data holds {pixel.length} bytes, {image} needs {size}"
+        )
 
 
-def parse_header(body: bytes, transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str) -> InstanceHeader:
+def parse_header(body: bytes | memoryview, transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str,
+                 *, max_inflated_bytes: int | None = None) -> InstanceHeader:
     """Parse and check the dataset ``body`` (no file meta) sent under ``transfer_syntax_uid``.
 
     ``sop_class_uid`` and ``sop_instance_uid`` are the ones in the C-STORE request; the
     dataset must agree with them. Raises :class:`InvalidDataset` with the status to answer.
     """
+    if UID(transfer_syntax_uid) == DeflatedExplicitVRLittleEndian:
+        with _inflated(io.BytesIO(body), max_inflated_bytes, None) as inflated:
+            return _parse_plain(inflated, 0, transfer_syntax_uid, sop_class_uid, sop_instance_uid)
+    return _parse_plain(body, 0, transfer_syntax_uid, sop_class_uid, sop_instance_uid)
+
+
+def parse_header_file(path: Path, offset: int, transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str,
+                      *, max_inflated_bytes: int | None = None) -> InstanceHeader:
+    """:func:`parse_header` for a dataset stored in ``path`` from byte ``offset`` (after its file meta).
+
+    The file is mapped, not read: memory use does not grow with the pixel data. A
+    deflated dataset is inflated into a temporary file beside ``path``.
+    """
+    with open(path, "rb") as handle:
+        if UID(transfer_syntax_uid) == DeflatedExplicitVRLittleEndian:
+            handle.seek(offset)
+            with _inflated(handle, max_inflated_bytes, path.parent) as inflated:
+                return _parse_plain(inflated, 0, transfer_syntax_uid, sop_class_uid, sop_instance_uid)
+        with _mapped(handle) as mapped:
+            return _parse_plain(mapped, offset, transfer_syntax_uid, sop_class_uid, sop_instance_uid)
+
+
+@contextmanager
+def _mapped(handle: BinaryIO) -> Iterator[mmap.mmap | bytes]:
+    """The file mapped read-only (never exported as a memoryview, so it always closes)."""
+    size = os.fstat(handle.fileno()).st_size
+    if size == 0:
+        yield b""
+        return
+    mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        yield mapping
+    finally:
+        mapping.close()
+
+
+@contextmanager
+def _inflated(source: BinaryIO, limit: int | None, directory: Path | None) -> Iterator[mmap.mmap | bytes]:
+    """The inflated dataset, written to a temporary file in steps; refused past ``limit`` bytes."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    with tempfile.TemporaryFile(dir=directory, prefix=".inflate-") as target:
+        try:
+            while not inflater.eof:
+                chunk = inflater.unconsumed_tail or source.read(_INFLATE_STEP)
+                if not chunk:
+                    raise InvalidDataset(STATUS_CANNOT_PARSE, "deflated dataset ends before its deflate stream does")
+                data = inflater.decompress(chunk, _INFLATE_STEP)
+                total += len(data)
+                if limit is not None and total > limit:
+                    raise InvalidDataset(
+                        STATUS_TOO_LARGE,
+                        f"deflated dataset inflates to more than the limit of {limit // 1_048_576} MiB",
+                    )
+                target.write(data)
+        except zlib.error as exc:
+            raise InvalidDataset(STATUS_CANNOT_PARSE, f"deflated dataset does not inflate: {exc}") from exc
+        target.flush()
+        with _mapped(target) as mapped:  # type: ignore[arg-type]
+            yield mapped
+
+
+def _parse_plain(data: bytes | memoryview | mmap.mmap, start: int, transfer_syntax_uid: str, sop_class_uid: str,
+                 sop_instance_uid: str) -> InstanceHeader:
     syntax = UID(transfer_syntax_uid)
     implicit = syntax == ImplicitVRLittleEndian
     little_endian = syntax != ExplicitVRBigEndian
-    data = body
-    if syntax == DeflatedExplicitVRLittleEndian:
-        try:
-            data = zlib.decompress(body, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise InvalidDataset(STATUS_CANNOT_PARSE, f"deflated dataset does not inflate: {exc}") from exc
-    stream = io.BytesIO(data)
     try:
-        dataset = read_dataset(stream, implicit, little_endian, stop_when=_stop_at_pixels)
+        layout = walk(data, implicit_vr=implicit, little_endian=little_endian, start=start)
+    except PixelDataLayoutError as exc:
+        raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"pixel data incomplete: {exc}") from exc
+    except LayoutError as exc:
+        raise InvalidDataset(STATUS_CANNOT_PARSE, f"dataset cannot be parsed: {exc}") from exc
+    try:
+        dataset = read_dataset(io.BytesIO(data[start : start + layout.header_end]), implicit, little_endian)
         uids = {
             "SOPClassUID": _raw_ascii(dataset, 0x00080016),
             "SOPInstanceUID": _raw_ascii(dataset, 0x00080018),
             "StudyInstanceUID": _raw_ascii(dataset, 0x0020000D),
             "SeriesInstanceUID": _raw_ascii(dataset, 0x0020000E),
         }
-        header_fields = {
+        header_fields: dict[str, Any] = {
             "patient_id": _text(dataset, 0x00100020, "PatientID"),
             "patient_name": _text(dataset, 0x00100010, "PatientName"),
             "accession_number": _text(dataset, 0x00080050, "AccessionNumber"),
@@ -228,14 +313,12 @@ def parse_header(body: bytes, transfer_syntax_uid: str, sop_class_uid: str, sop_
             "body_part_examined": _raw_ascii(dataset, 0x00180015),
             "instance_number": _raw_integer(dataset, 0x00200013),
         }
-    except InvalidDataset:
-        raise
     except Exception as exc:  # pydicom raises many types on corrupt input; all mean "cannot parse"
         raise InvalidDataset(STATUS_CANNOT_PARSE, f"dataset cannot be parsed: {type(exc).__name__}: {exc}") from exc
 
     missing = [keyword for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not uids[keyword]]
     if missing:
-        raise InvalidDataset(STATUS_MISSING_UID, f"dataset has no {', '.join(missing)}")
+        raise InvalidDataset(STATUS_MISSING_UID, f"no {', '.join(missing)} in the dataset")
     too_long = [keyword for keyword, uid in uids.items() if uid and len(uid) > 64]
     if too_long:
         raise InvalidDataset(STATUS_INVALID_UID, f"{', '.join(too_long)} longer than 64 characters")
@@ -249,7 +332,7 @@ def parse_header(body: bytes, transfer_syntax_uid: str, sop_class_uid: str, sop_
             STATUS_SOP_CLASS_MISMATCH,
             f"dataset SOP Class UID {uids['SOPClassUID']} differs from the request's {sop_class_uid}",
         )
-    _check_pixel_element(data, stream.tell(), dataset, little_endian, implicit)
+    _check_pixels(layout.pixel, dataset, syntax, sop_class_uid.strip("\0 "), little_endian)
     for field, limit in _INDEXED_LENGTHS.items():
         value = header_fields[field]
         if isinstance(value, str) and len(value) > limit:

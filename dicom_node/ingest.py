@@ -1,16 +1,22 @@
 """The receive path of one instance, independent of the network library.
 
-``IngestService.store`` turns the bytes of one C-STORE into a durable, indexed file and
-the status to answer. It is what makes "success means on disk": the status is 0x0000
-only after the file is fsync'd under its final name and its row is committed. Bad input
-is answered with a precise failure status, kept in quarantine and recorded.
+An instance arrives as a stream of data set fragments. :meth:`IngestService.begin`
+opens an :class:`IncomingInstance` that writes them straight to a staging file in the
+spool (file meta first), never holding the instance in memory and never past the
+configured size limit; :meth:`IngestService.finish` checks the complete file and either
+renames it into place and indexes it, or quarantines it, and returns the status to
+answer. This is what makes "success means on disk": the status is 0x0000 only after the
+file is fsync'd under its final name and its row is committed. Bad input is answered
+with a precise failure status, kept in quarantine (while the quarantine has room) and
+recorded for the admin.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,13 +25,15 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import repo
-from dicom_node.header import STATUS_OUT_OF_RESOURCES, InvalidDataset, parse_header
+from dicom_node.header import STATUS_OUT_OF_RESOURCES, STATUS_TOO_LARGE, InvalidDataset, parse_header_file
 from dicom_node.indexer import IndexRecord, InstanceIndexer
-from dicom_node.spool import Spool, file_meta_bytes, free_bytes, uid_to_filename
+from dicom_node.spool import Spool, StagingFile, file_meta_bytes, free_bytes, uid_to_filename
 
 logger = logging.getLogger(__name__)
 
 STATUS_SUCCESS = 0x0000
+#: While an instance streams in, free disk space is checked again after this many bytes.
+_SPACE_CHECK_BYTES = 16 << 20
 
 
 def utc_now() -> datetime:
@@ -33,8 +41,19 @@ def utc_now() -> datetime:
 
 
 @dataclass(frozen=True)
+class StoreRequest:
+    """What a C-STORE request says about the instance it carries (the data set comes separately)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+    calling_ae_title: str
+    association_id: int | None
+
+
+@dataclass(frozen=True)
 class ReceivedInstance:
-    """One C-STORE request as the SCP received it."""
+    """One C-STORE request with its whole data set in memory (tests, tools and small callers)."""
 
     body: bytes  # the encoded dataset, without file meta
     sop_class_uid: str
@@ -42,6 +61,10 @@ class ReceivedInstance:
     transfer_syntax_uid: str
     calling_ae_title: str
     association_id: int | None
+
+    def request(self) -> StoreRequest:
+        return StoreRequest(self.sop_class_uid, self.sop_instance_uid, self.transfer_syntax_uid,
+                            self.calling_ae_title, self.association_id)
 
 
 @dataclass(frozen=True)
@@ -52,6 +75,76 @@ class StoreOutcome:
     reason: str | None = None
     late: bool = False
     duplicate: bool = False
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """How large one instance may be, how much disk must stay free, how much the quarantine may keep."""
+
+    max_instance_bytes: int
+    min_free_bytes: int
+    quarantine_max_bytes: int
+
+
+class IncomingInstance:
+    """The data set of one C-STORE being received; see the module docstring.
+
+    :meth:`write` never raises: once the instance is refused (too large, disk low or
+    failing) further fragments are read and dropped, so the sender still gets its
+    response with the precise status instead of a broken association.
+    """
+
+    def __init__(self, request: StoreRequest, staging: StagingFile | None, meta_length: int,
+                 limits: IngestLimits, spool_root: Path, refusal: StoreOutcome | None = None) -> None:
+        self.request = request
+        self.meta_length = meta_length
+        self._staging = staging
+        self._limits = limits
+        self._spool_root = spool_root
+        self._received = 0
+        self._next_space_check = _SPACE_CHECK_BYTES
+        self.refusal = refusal
+
+    @property
+    def received_bytes(self) -> int:
+        """Data set bytes received so far (including any dropped after a refusal)."""
+        return self._received
+
+    @property
+    def staging(self) -> StagingFile | None:
+        return self._staging
+
+    def write(self, fragment: bytes | memoryview) -> None:
+        """Append one data set fragment (or drop it, once the instance is refused)."""
+        self._received += len(fragment)
+        if self.refusal is not None or self._staging is None:
+            return
+        if self._received > self._limits.max_instance_bytes:
+            limit_mib = self._limits.max_instance_bytes // 1_048_576
+            self._refuse(STATUS_TOO_LARGE, f"instance larger than the limit of {limit_mib} MiB (dicom.max_instance_mb)")
+            return
+        if self._received >= self._next_space_check:
+            self._next_space_check += _SPACE_CHECK_BYTES
+            free = free_bytes(self._spool_root)
+            if free < self._limits.min_free_bytes:
+                self._refuse(STATUS_OUT_OF_RESOURCES, _low_disk_reason(free, self._limits.min_free_bytes))
+                return
+        try:
+            self._staging.append(fragment)
+        except OSError as exc:
+            self._refuse(STATUS_OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror or exc}")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        self.refusal = StoreOutcome(status, reason)
+        if self._staging is not None:
+            self._staging.discard()  # frees the disk now; later fragments are dropped
+            self._staging = None
+
+    def discard(self) -> None:
+        """Forget the instance (the association ended before it was complete)."""
+        if self._staging is not None:
+            self._staging.discard()
+            self._staging = None
 
 
 class IngestService:
@@ -66,6 +159,8 @@ class IngestService:
         indexer: InstanceIndexer,
         duplicate_policy: str,
         min_free_bytes: int,
+        max_instance_bytes: int = 2048 * 1_048_576,
+        quarantine_max_bytes: int = 2048 * 1_048_576,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self._spool = spool
@@ -73,55 +168,92 @@ class IngestService:
         self._sessions = sessions
         self._indexer = indexer
         self._replace_duplicates = duplicate_policy == "replace"
-        self._min_free_bytes = min_free_bytes
+        self._limits = IngestLimits(max_instance_bytes, min_free_bytes, quarantine_max_bytes)
         self._clock = clock
         self._sop_locks = [threading.Lock() for _ in range(64)]
         quarantine_dir.mkdir(parents=True, exist_ok=True)
+        self._quarantine_lock = threading.Lock()
+        self._quarantine_bytes = sum(entry.stat().st_size for entry in os.scandir(quarantine_dir) if entry.is_file())
+
+    def begin(self, request: StoreRequest) -> IncomingInstance:
+        """Open the staging file for an instance about to arrive (refused at once when the disk is low)."""
+        meta = file_meta_bytes(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid,
+                               request.calling_ae_title)
+        free = free_bytes(self._spool.root)
+        if free < self._limits.min_free_bytes:
+            refusal = StoreOutcome(STATUS_OUT_OF_RESOURCES, _low_disk_reason(free, self._limits.min_free_bytes))
+            return IncomingInstance(request, None, len(meta), self._limits, self._spool.root, refusal)
+        try:
+            staging = self._spool.stage()
+            staging.append(meta)
+        except OSError as exc:
+            refusal = StoreOutcome(STATUS_OUT_OF_RESOURCES, f"cannot write the instance: {exc.strerror or exc}")
+            return IncomingInstance(request, None, len(meta), self._limits, self._spool.root, refusal)
+        return IncomingInstance(request, staging, len(meta), self._limits, self._spool.root)
 
     def store(self, item: ReceivedInstance) -> StoreOutcome:
-        """Store one instance; never raises for bad input, only answers a status."""
-        free = free_bytes(self._spool.root)
-        if free < self._min_free_bytes + len(item.body):
-            reason = f"disk space low: {free // 1_048_576} MiB free, minimum {self._min_free_bytes // 1_048_576} MiB"
-            self.record_failure(item, STATUS_OUT_OF_RESOURCES, reason, quarantine=False)
-            return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
-        try:
-            header = parse_header(item.body, item.transfer_syntax_uid, item.sop_class_uid, item.sop_instance_uid)
-        except InvalidDataset as exc:
-            self.record_failure(item, exc.status, exc.reason, quarantine=True)
-            return StoreOutcome(exc.status, exc.reason)
+        """Store one instance held in memory; never raises for bad input, only answers a status."""
+        incoming = self.begin(item.request())
+        incoming.write(item.body)
+        return self.finish(incoming)
 
+    def finish(self, incoming: IncomingInstance) -> StoreOutcome:
+        """Check the complete instance and keep it (success), or quarantine it; never raises for bad input."""
+        request = incoming.request
+        if incoming.refusal is not None:
+            incoming.discard()
+            reason = incoming.refusal.reason or "refused"
+            self.record_failure(request, incoming.refusal.status, reason)
+            return incoming.refusal
+        staging = incoming.staging
+        assert staging is not None
+        try:
+            header = parse_header_file(
+                staging.path, incoming.meta_length, request.transfer_syntax_uid, request.sop_class_uid,
+                request.sop_instance_uid, max_inflated_bytes=self._limits.max_instance_bytes,
+            )
+        except InvalidDataset as exc:
+            self.record_failure(request, exc.status, exc.reason, rejected=staging)
+            return StoreOutcome(exc.status, exc.reason)
+        except OSError as exc:
+            incoming.discard()
+            reason = f"cannot read the received instance back: {exc.strerror or exc}"
+            self.record_failure(request, STATUS_OUT_OF_RESOURCES, reason)
+            return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
+        return self._keep(incoming, staging, header)
+
+    def _keep(self, incoming: IncomingInstance, staging: StagingFile, header) -> StoreOutcome:  # type: ignore[no-untyped-def]
+        request = incoming.request
         lock = self._sop_locks[hash(header.sop_instance_uid) % len(self._sop_locks)]
         with lock:
             existing = repo.find_instance(self._sessions, header.sop_instance_uid)
             if existing is not None and not self._replace_duplicates:
+                incoming.discard()
                 repo.count_duplicate(self._sessions, existing.id)
                 logger.info(
                     "kept the first copy of SOP Instance %s; duplicate from %s discarded",
                     header.sop_instance_uid,
-                    item.calling_ae_title,
+                    request.calling_ae_title,
                 )
                 return StoreOutcome(STATUS_SUCCESS, duplicate=True)
             relative = self._spool.relative_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
             )
-            meta = file_meta_bytes(
-                header.sop_class_uid, header.sop_instance_uid, item.transfer_syntax_uid, item.calling_ae_title
-            )
             try:
-                stored = self._spool.write(relative, (meta, item.body))
+                stored = self._spool.commit(staging, relative)
             except OSError as exc:
+                incoming.discard()
                 reason = f"cannot write {relative}: {exc.strerror or exc}"
                 logger.error("%s", reason)
-                self.record_failure(item, STATUS_OUT_OF_RESOURCES, reason, quarantine=False)
+                self.record_failure(request, STATUS_OUT_OF_RESOURCES, reason)
                 return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
             record = IndexRecord(
                 header=header,
-                transfer_syntax_uid=item.transfer_syntax_uid,
+                transfer_syntax_uid=request.transfer_syntax_uid,
                 relative_path=stored.relative,
                 size_bytes=stored.size_bytes,
                 received_at=self._clock(),
-                association_id=item.association_id,
+                association_id=request.association_id,
                 replace_existing=existing is not None,
             )
             try:
@@ -130,7 +262,7 @@ class IngestService:
                 if existing is None or existing.path != relative:
                     self._spool.remove(relative)
                 reason = f"index database error ({type(exc).__name__}); see the node log"
-                self.record_failure(item, STATUS_OUT_OF_RESOURCES, reason, quarantine=False)
+                self.record_failure(request, STATUS_OUT_OF_RESOURCES, reason)
                 return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
             if existing is not None and existing.path != relative:
                 self._spool.remove(existing.path)
@@ -140,24 +272,14 @@ class IngestService:
         """Let go of what was cached for an association that has ended."""
         self._indexer.forget_association(association_id)
 
-    def record_failure(self, item: ReceivedInstance, status: int, reason: str, *, quarantine: bool) -> None:
-        """Keep the rejected bytes (when there is room) and a row the admin can read."""
-        path: str | None = None
-        if quarantine:
-            name = f"{self._clock():%Y%m%dT%H%M%S}-{uid_to_filename(item.sop_instance_uid or 'unknown')}-{uuid.uuid4().hex[:8]}.dcm"
-            target = self._quarantine_dir / name
-            try:
-                meta = file_meta_bytes(
-                    item.sop_class_uid, item.sop_instance_uid, item.transfer_syntax_uid, item.calling_ae_title
-                )
-                target.write_bytes(meta + item.body)
-                path = str(target)
-            except OSError as exc:
-                logger.error("cannot quarantine rejected instance to %s: %s", target, exc)
+    def record_failure(self, request: StoreRequest | ReceivedInstance, status: int, reason: str,
+                       *, rejected: StagingFile | None = None) -> None:
+        """Keep the rejected file in quarantine (while it has room) and a row the admin can read."""
+        path = self._quarantine(request, rejected) if rejected is not None else None
         logger.warning(
             "rejected SOP Instance %s from %s with status 0x%04X: %s",
-            item.sop_instance_uid,
-            item.calling_ae_title,
+            request.sop_instance_uid,
+            request.calling_ae_title,
             status,
             reason,
         )
@@ -165,13 +287,42 @@ class IngestService:
             repo.record_ingest_error(
                 self._sessions,
                 now=self._clock(),
-                association_id=item.association_id,
-                calling_ae_title=item.calling_ae_title,
-                sop_class_uid=item.sop_class_uid,
-                sop_instance_uid=item.sop_instance_uid,
+                association_id=request.association_id,
+                calling_ae_title=request.calling_ae_title,
+                sop_class_uid=request.sop_class_uid,
+                sop_instance_uid=request.sop_instance_uid,
                 status=status,
                 reason=reason,
                 quarantine_path=path,
             )
         except Exception:
-            logger.exception("cannot record the rejection of %s", item.sop_instance_uid)
+            logger.exception("cannot record the rejection of %s", request.sop_instance_uid)
+
+    def _quarantine(self, request: StoreRequest | ReceivedInstance, rejected: StagingFile) -> str | None:
+        """Move a rejected file into the quarantine; None (and the file deleted) when it has no room."""
+        rejected.close()
+        size = rejected.size
+        with self._quarantine_lock:
+            room = self._quarantine_bytes + size <= self._limits.quarantine_max_bytes
+            if room:
+                self._quarantine_bytes += size
+        if not room:
+            logger.warning("quarantine %s is full (storage.quarantine_max_mb); rejected instance %s not kept",
+                           self._quarantine_dir, request.sop_instance_uid)
+            rejected.discard()
+            return None
+        name = f"{self._clock():%Y%m%dT%H%M%S}-{uid_to_filename(request.sop_instance_uid or 'unknown')}-{rejected.path.stem[:8]}.dcm"
+        target = self._quarantine_dir / name
+        try:
+            shutil.move(rejected.path, target)
+        except OSError as exc:
+            logger.error("cannot quarantine rejected instance to %s: %s", target, exc)
+            rejected.discard()
+            with self._quarantine_lock:
+                self._quarantine_bytes -= size
+            return None
+        return str(target)
+
+
+def _low_disk_reason(free: int, minimum: int) -> str:
+    return f"disk space low: {free // 1_048_576} MiB free, minimum {minimum // 1_048_576} MiB"

@@ -8,30 +8,36 @@ recorded with who sent what and how it ended. Handlers return statuses and never
 from __future__ import annotations
 
 import logging
+import re
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AssociationServer
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import scp_fastpath
 from dicom_node.access import AccessPolicy
+from dicom_node.association_server import BoundedAssociationServer, serve_in_thread
 from dicom_node.db import repo
 from dicom_node.db.models import AssociationOutcome
-from dicom_node.ingest import STATUS_SUCCESS, IngestService, ReceivedInstance, utc_now
+from dicom_node.header import STATUS_INVALID_UID, STATUS_MISSING_UID
+from dicom_node.ingest import STATUS_SUCCESS, IncomingInstance, IngestService, StoreOutcome, StoreRequest, utc_now
 from dicom_node.settings import DicomSettings
 from dicom_node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 logger = logging.getLogger(__name__)
+
+_PRINTABLE_UID = re.compile(r"^[\x21-\x5b\x5d-\x7e]+$")  # printable ASCII without space or backslash
 
 # Accepted as sent and stored unchanged (PS3.5 Section 10 and Annex A), in order of
 # preference when a sender offers several for one SOP class: lossless compression first
@@ -73,22 +79,76 @@ def build_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
     return context
 
 
+#: How often the association reaper looks for associations that ended without telling.
+REAP_INTERVAL_SECONDS = 0.5
+#: A new connection has this long to send its A-ASSOCIATE-RQ before it can be closed to make room.
+PENDING_GRACE_SECONDS = 1.0
+#: The longest Error Comment (LO, PS3.5 6.2); the whole reason stays in the node's records.
+ERROR_COMMENT_LENGTH = 64
+
+
+def error_comment(reason: str) -> str:
+    """``reason`` as a C-STORE Error Comment: at most 64 characters, cut between words, no backslash."""
+    text = " ".join(reason.replace("\\", "/").split())
+    if len(text) <= ERROR_COMMENT_LENGTH:
+        return text
+    cut = text[: ERROR_COMMENT_LENGTH - 3]
+    if " " in cut:
+        cut = cut[: cut.rindex(" ")]
+    return cut.rstrip(",;: ") + "..."
+
+
 @dataclass
 class _Connection:
     """What the node tracks about one open connection."""
 
+    assoc: Association
     peer_address: str
     peer_port: int
+    opened_at: float
     association_id: int | None = None
     calling_ae_title: str = ""
     rejected: bool = False
+    evicted: bool = False
     stored: int = 0
     failed: int = 0
     bytes_received: int = 0
+    incoming: list[IncomingInstance] = field(default_factory=list)
+
+    @property
+    def pending(self) -> bool:
+        """Connected but no association requested yet."""
+        return self.association_id is None and not self.rejected
+
+    @property
+    def negotiated(self) -> bool:
+        """An association was requested and accepted (it holds a slot)."""
+        return self.association_id is not None and not self.rejected
+
+
+@dataclass(frozen=True)
+class _AssociationEnd:
+    """The end of an association, to be written to its row (kept and retried while the DB refuses)."""
+
+    association_id: int
+    outcome: AssociationOutcome
+    at: datetime
+    stored: int
+    failed: int
+    bytes_received: int
+    calling_ae_title: str
 
 
 class StorageSCP:
-    """Owns the pynetdicom AE and server; start with :meth:`start`, stop with :meth:`stop`."""
+    """Owns the pynetdicom AE and server; start with :meth:`start`, stop with :meth:`stop`.
+
+    Slots are the node's to count: an association holds one from its accepted
+    A-ASSOCIATE-RQ until its thread has ended, however it ended. A reaper thread
+    finds associations whose thread ended without pynetdicom reporting the closed
+    connection (a DIMSE decoding error, for example), closes their sockets and
+    records their end; ends the database could not record (disk full) are retried
+    until it can.
+    """
 
     def __init__(
         self,
@@ -105,7 +165,11 @@ class StorageSCP:
         self._tls = settings.tls.enabled
         self._lock = threading.Lock()
         self._connections: dict[int, _Connection] = {}
-        self._server: AssociationServer | None = None
+        self._unrecorded: list[_AssociationEnd] = []
+        self._server: BoundedAssociationServer | None = None
+        self._server_thread: threading.Thread | None = None
+        self._reaper: threading.Thread | None = None
+        self._stopping = threading.Event()
         self.ae = self._build_ae()
 
     def _build_ae(self) -> AE:
@@ -116,10 +180,12 @@ class StorageSCP:
         ae.acse_timeout = self._settings.acse_timeout_seconds
         ae.dimse_timeout = self._settings.dimse_timeout_seconds
         ae.network_timeout = self._settings.network_timeout_seconds
-        # Access control is ours (it records reasons); pynetdicom's own checks stay open.
+        # Access control and association limits are ours (they record reasons and count
+        # only negotiated associations); pynetdicom's own checks stay open. Its limit
+        # counts silent connections too, so it is set above anything ours allows.
         ae.require_called_aet = False
         ae.require_calling_aet = []
-        ae.maximum_associations = self._settings.max_associations + 64
+        ae.maximum_associations = self._settings.max_associations + self._settings.max_pending_connections + 64
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, list(SUPPORTED_TRANSFER_SYNTAXES))
@@ -131,6 +197,20 @@ class StorageSCP:
             raise RuntimeError("the SCP is not running")
         return int(self._server.server_address[1])
 
+    def open_associations(self) -> int:
+        """Associations holding a slot now (accepted, their threads not yet ended)."""
+        with self._lock:
+            return sum(1 for connection in self._connections.values() if connection.negotiated)
+
+    def listener_status(self) -> tuple[bool, str]:
+        """Whether new associations can be accepted now, and a sentence saying why (for /readyz)."""
+        if self._server is None or self._server_thread is None or not self._server_thread.is_alive():
+            return False, "the DICOM listener is not running"
+        open_now, maximum = self.open_associations(), self._settings.max_associations
+        if open_now >= maximum:
+            return False, f"all {maximum} association slots in use on port {self.port}"
+        return True, f"accepting associations on port {self.port} ({open_now} of {maximum} open)"
+
     def start(self) -> None:
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection_open),
@@ -139,13 +219,23 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_connection_close),
         ]
-        self._server = self.ae.start_server(
+        server = cast(BoundedAssociationServer, self.ae.make_server(
             (self._settings.bind_address, self._settings.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=build_ssl_context(self._settings),
+            server_class=BoundedAssociationServer,
+        ))
+        server.configure(
+            handshake_timeout=self._settings.acse_timeout_seconds,
+            io_timeout=self._settings.network_timeout_seconds,
+            on_handshake_failed=self._record_failed_handshake,
         )
-        scp_fastpath.install(self._server)  # cheaper association set-up and C-STORE path
+        server.contexts = scp_fastpath.cheap_copy_contexts(server.contexts)
+        self._server = server
+        self._stopping.clear()
+        self._server_thread = serve_in_thread(server, f"dicom-listener-{self.port}")
+        self._reaper = threading.Thread(target=self._reap_forever, name="association-reaper", daemon=True)
+        self._reaper.start()
         if self._policy.open_to_any_caller:
             logger.warning("dicom.allowed_callers is empty: any calling AE title may store to this node")
         logger.info(
@@ -157,16 +247,51 @@ class StorageSCP:
         )
 
     def stop(self) -> None:
-        if self._server is not None:
-            self.ae.shutdown()  # also aborts associations still open
-            self._server = None
+        """Stop listening, abort the associations still open, record their ends."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()
+        with self._lock:
+            alive = [connection.assoc for connection in self._connections.values()]
+        for assoc in alive:
+            if assoc.is_alive():
+                assoc.abort()
+        self._stopping.set()
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
+        self._reap()
 
     # -- handlers (pynetdicom calls these on its threads; they must not raise) --
 
     def _on_connection_open(self, event: evt.Event) -> None:
+        assoc: Association = event.assoc
         address, port = event.address[0], event.address[1]
+        scp_fastpath.accelerate(assoc, open_dataset=self._open_dataset)
+        now = time.monotonic()
         with self._lock:
-            self._connections[id(event.assoc)] = _Connection(str(address), int(port))
+            new = self._connections[id(assoc)] = _Connection(assoc, str(address), int(port), now)
+            evicted = self._evict_pending(new, now)
+        if evicted is not None:
+            logger.warning("closing the connection from %s:%d: more than %d connections have not requested an "
+                           "association (dicom.max_pending_connections)", evicted.peer_address, evicted.peer_port,
+                           self._settings.max_pending_connections)
+            _shut_transport(evicted.assoc)
+
+    def _evict_pending(self, new: _Connection, now: float) -> _Connection | None:
+        """Keep connections without an association request within the limit (call with the lock held).
+
+        Past the limit, the one silent for longest goes - but only if it has had
+        :data:`PENDING_GRACE_SECONDS` to speak; otherwise the new connection goes, so a
+        flood of fresh sockets can never push out a peer whose request is on its way.
+        """
+        pending = [c for c in self._connections.values() if c.pending and not c.evicted]
+        if len(pending) <= self._settings.max_pending_connections:
+            return None
+        oldest = min(pending, key=lambda c: c.opened_at)
+        victim = oldest if now - oldest.opened_at >= PENDING_GRACE_SECONDS else new
+        victim.evicted = True
+        return victim
 
     def _on_requested(self, event: evt.Event) -> None:
         assoc: Association = event.assoc
@@ -175,12 +300,11 @@ class StorageSCP:
         called = _ae_text(request.called_ae_title)
         with self._lock:
             connection = self._connections.setdefault(
-                id(assoc), _Connection(str(assoc.requestor.address), int(assoc.requestor.port))
+                id(assoc),
+                _Connection(assoc, str(assoc.requestor.address), int(assoc.requestor.port), time.monotonic()),
             )
             connection.calling_ae_title = calling
-            open_now = sum(
-                1 for other in self._connections.values() if other.association_id is not None and not other.rejected
-            )
+            open_now = sum(1 for other in self._connections.values() if other.negotiated)
             decision = self._policy.decide(calling, called, connection.peer_address, open_now)
             connection.rejected = decision.rejection is not None
             if not connection.rejected:
@@ -217,42 +341,79 @@ class StorageSCP:
             reject_reason=rejection,
         )
 
+    def _record_failed_handshake(self, address: str, port: int, reason: str) -> None:
+        """A TLS handshake that failed or timed out: one row, like a connection without an association."""
+        try:
+            repo.open_association(self._sessions, calling_ae_title="", called_ae_title="", peer_address=address,
+                                  peer_port=port, tls=True, now=self._clock(), reject_reason=reason)
+        except Exception:
+            logger.exception("cannot record the failed TLS handshake from %s:%d", address, port)
+
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
-    def _on_store(self, event: evt.Event) -> int | Dataset:
-        connection = self._connections.get(id(event.assoc))
-        request = event.request
+    def _open_dataset(self, assoc: Association, context_id: int, sop_class_uid: str,
+                      sop_instance_uid: str) -> IncomingInstance:
+        """Where the data set of a C-STORE streams to: a staging file of the ingest service."""
+        connection = self._connections.get(id(assoc))
+        context = assoc._accepted_cx.get(context_id) if hasattr(assoc, "_accepted_cx") else None
+        syntax = str(context.transfer_syntax[0]) if context is not None and context.transfer_syntax else ""
         association_id = connection.association_id if connection else None
-        item = ReceivedInstance(
-            body=request.DataSet.getvalue() if request.DataSet is not None else b"",
-            sop_class_uid=str(request.AffectedSOPClassUID),
-            sop_instance_uid=str(request.AffectedSOPInstanceUID),
-            transfer_syntax_uid=str(event.context.transfer_syntax),
+        incoming = self._ingest.begin(StoreRequest(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax_uid=syntax,
             calling_ae_title=connection.calling_ae_title if connection else "",
             association_id=association_id if association_id and association_id > 0 else None,
-        )
+        ))
+        if connection is not None:
+            connection.incoming.append(incoming)
+        return incoming
+
+    def _on_store(self, event: evt.Event) -> int | Dataset:
+        connection = self._connections.get(id(event.assoc))
+        incoming: IncomingInstance | None = getattr(event, "dataset_sink", None)
+        if incoming is None:  # not streamed (a pynetdicom path without the fast path)
+            incoming = self._open_dataset(event.assoc, event.context.context_id,
+                                          str(event.request.AffectedSOPClassUID or ""),
+                                          str(event.request.AffectedSOPInstanceUID or ""))
+            if event.request.DataSet is not None:
+                incoming.write(event.request.DataSet.getvalue())
+        if connection is not None and incoming in connection.incoming:
+            connection.incoming.remove(incoming)
         try:
-            outcome = self._ingest.store(item)
+            outcome = self._finish(incoming)
         except Exception as exc:
-            logger.exception("storing SOP Instance %s failed", item.sop_instance_uid)
-            if connection:
-                connection.failed += 1
+            incoming.discard()
+            logger.exception("storing SOP Instance %s failed", incoming.request.sop_instance_uid)
             reason = f"unexpected error: {type(exc).__name__}: {exc}"
-            self._ingest.record_failure(item, 0xC211, reason, quarantine=False)
-            return 0xC211
+            self._ingest.record_failure(incoming.request, 0xC211, reason)
+            outcome = StoreOutcome(0xC211, reason)
         if connection:
             if outcome.status == STATUS_SUCCESS:
                 connection.stored += 1
-                connection.bytes_received += len(item.body)
+                connection.bytes_received += incoming.received_bytes
             else:
                 connection.failed += 1
         if outcome.status == STATUS_SUCCESS:
             return STATUS_SUCCESS
         status = Dataset()
         status.Status = outcome.status
-        status.ErrorComment = (outcome.reason or "")[:64]
+        status.ErrorComment = error_comment(outcome.reason or "")
         return status
+
+    def _finish(self, incoming: IncomingInstance) -> StoreOutcome:
+        """Refuse a request without usable UIDs before its data set is looked at; else let ingest decide."""
+        request = incoming.request
+        for uid, what in ((request.sop_class_uid, "SOP Class"), (request.sop_instance_uid, "SOP Instance")):
+            problem = request_uid_problem(uid)
+            if problem is not None:
+                incoming.discard()
+                status = STATUS_MISSING_UID if not uid.strip("\0 ") else STATUS_INVALID_UID
+                reason = f"the C-STORE request's Affected {what} UID {problem}"
+                self._ingest.record_failure(request, status, reason)
+                return StoreOutcome(status, reason)
+        return self._ingest.finish(incoming)
 
     def _on_connection_close(self, event: evt.Event) -> None:
         # Called on the DUL thread, possibly a moment before the association thread has
@@ -263,45 +424,112 @@ class StorageSCP:
 
     def _record_end(self, assoc: Association) -> None:
         connection = self._connections.get(id(assoc))
-        negotiated = connection is not None and connection.association_id is not None
-        if negotiated and assoc.is_alive():
+        if connection is not None and connection.negotiated and assoc.is_alive():
             assoc.join(timeout=self._settings.network_timeout_seconds)
         with self._lock:
             connection = self._connections.pop(id(assoc), None)
-        if connection is None or connection.rejected:
+        if connection is None:
+            return  # already recorded (the reaper and the close event can both get here)
+        for incoming in connection.incoming:
+            incoming.discard()  # data sets the association did not finish sending
+        if connection.rejected:
             return
-        now = self._clock()
+        if connection.association_id is None:
+            reason = "connection closed without a valid association request"
+            if connection.evicted:
+                reason = "closed: too many connections without an association request"
+            try:
+                self._record_association(connection, "", "", reason)
+            except Exception:
+                logger.exception("cannot record the connection from %s:%d", connection.peer_address,
+                                 connection.peer_port)
+            logger.warning("connection from %s:%d %s", connection.peer_address, connection.peer_port,
+                           reason.removeprefix("connection "))
+            return
+        if connection.association_id < 0:
+            return  # its row could not be written when it opened; nothing to close
+        outcome = AssociationOutcome.RELEASED if assoc.is_released else AssociationOutcome.ABORTED
+        end = _AssociationEnd(connection.association_id, outcome, self._clock(), connection.stored,
+                              connection.failed, connection.bytes_received, connection.calling_ae_title)
+        if not self._write_end(end):
+            with self._lock:
+                self._unrecorded.append(end)
+
+    def _write_end(self, end: _AssociationEnd, retry: bool = False) -> bool:
+        """Record ``end``; False (logged once) when the database refuses, so it is retried."""
         try:
-            if connection.association_id is None:
-                self._record_association(
-                    connection, "", "", "connection closed without a valid association request"
-                )
-                logger.warning(
-                    "connection from %s:%d closed without a valid association request",
-                    connection.peer_address,
-                    connection.peer_port,
-                )
-                return
-            outcome = AssociationOutcome.RELEASED if assoc.is_released else AssociationOutcome.ABORTED
             repo.close_association(
                 self._sessions,
-                connection.association_id,
-                outcome=outcome,
-                now=now,
-                instances_stored=connection.stored,
-                instances_failed=connection.failed,
-                bytes_received=connection.bytes_received,
+                end.association_id,
+                outcome=end.outcome,
+                now=end.at,
+                instances_stored=end.stored,
+                instances_failed=end.failed,
+                bytes_received=end.bytes_received,
             )
-            self._ingest.association_finished(connection.association_id)
-            logger.info(
-                "association from %s %s: %d stored, %d failed",
-                connection.calling_ae_title,
-                outcome.value,
-                connection.stored,
-                connection.failed,
-            )
-        except Exception:
-            logger.exception("cannot record the end of association %s", connection.association_id)
+        except Exception as exc:
+            logger.log(logging.DEBUG if retry else logging.ERROR,
+                       "cannot record the end of association %s yet (%s); will retry", end.association_id, exc)
+            return False
+        self._ingest.association_finished(end.association_id)
+        logger.info("association from %s %s: %d stored, %d failed", end.calling_ae_title, end.outcome.value,
+                    end.stored, end.failed)
+        return True
+
+    # -- the reaper --
+
+    def _reap_forever(self) -> None:
+        while not self._stopping.wait(REAP_INTERVAL_SECONDS):
+            try:
+                self._reap()
+            except Exception:
+                logger.exception("association reaper failed; trying again")
+
+    def _reap(self) -> None:
+        """End associations whose threads ended silently; retry ends the database refused."""
+        with self._lock:
+            finished = [c.assoc for c in self._connections.values() if c.assoc.ident is not None
+                        and not c.assoc.is_alive()]
+            retry, self._unrecorded = self._unrecorded, []
+        for assoc in finished:
+            _shut_transport(assoc)
+            self._record_end(assoc)
+        still = [end for end in retry if not self._write_end(end, retry=True)]
+        if still:
+            with self._lock:
+                self._unrecorded[:0] = still
+
+
+def request_uid_problem(uid: str) -> str | None:
+    """What makes a UID from a C-STORE request unusable, or None.
+
+    Missing, longer than 64 characters (PS3.5 9.1), or holding characters no UID can
+    (controls, backslash, non-ASCII). Sloppy but printable UIDs (letters, leading
+    zeros) are accepted as the files they come in are: they never reach a file name
+    raw (:func:`dicom_node.spool.uid_to_filename`).
+    """
+    text = uid.strip("\0 ")
+    if not text:
+        return "is missing"
+    if len(text) > 64:
+        return f"is longer than 64 characters ({len(text)})"
+    if not _PRINTABLE_UID.match(text):
+        return "holds characters that no UID can"
+    return None
+
+
+def _shut_transport(assoc: Association) -> None:
+    """Close an association's connection from outside its threads; pynetdicom sees the peer go."""
+    transport = getattr(assoc.dul, "socket", None)
+    raw = getattr(transport, "socket", None)
+    if raw is None:
+        return
+    try:
+        raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # not connected any more: nothing left to shut
+    if not assoc.is_alive():
+        raw.close()
 
 
 def _ae_text(value: Any) -> str:

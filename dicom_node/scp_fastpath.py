@@ -100,7 +100,8 @@ import ssl
 import struct
 import threading
 from io import BytesIO
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 import pynetdicom
 from pynetdicom import _config, evt
@@ -293,7 +294,7 @@ def encode_c_store_rsp(
     return _T_GROUP_LENGTH + _pack_I(len(body)) + body
 
 
-# Element numbers (group 0x0000) accepted by the fast C-STORE-RQ decoder.
+# Element numbers (group 0x0000) the command parser decodes; others are kept as raw bytes.
 _RQ_GROUP_LENGTH = 0x0000
 _RQ_AFFECTED_CLASS = 0x0002
 _RQ_COMMAND_FIELD = 0x0100
@@ -301,17 +302,24 @@ _RQ_MESSAGE_ID = 0x0110
 _RQ_PRIORITY = 0x0700
 _RQ_DATASET_TYPE = 0x0800
 _RQ_AFFECTED_INSTANCE = 0x1000
-_US_ELEMENTS = frozenset((_RQ_COMMAND_FIELD, _RQ_MESSAGE_ID, _RQ_PRIORITY, _RQ_DATASET_TYPE))
-_UI_ELEMENTS = frozenset((_RQ_AFFECTED_CLASS, _RQ_AFFECTED_INSTANCE))
+_RQ_MOVE_ORIGINATOR_AE = 0x1030
+_RQ_MOVE_ORIGINATOR_ID = 0x1031
+_US_ELEMENTS = frozenset((_RQ_COMMAND_FIELD, _RQ_MESSAGE_ID, _RQ_PRIORITY, _RQ_DATASET_TYPE, _RQ_MOVE_ORIGINATOR_ID))
+_TEXT_ELEMENTS = frozenset((_RQ_AFFECTED_CLASS, _RQ_AFFECTED_INSTANCE, _RQ_MOVE_ORIGINATOR_AE))
+_C_STORE_RQ = 0x0001
+#: A command set is a few hundred bytes; one longer than this is not a command set.
+MAX_COMMAND_SET = 64 * 1024
+#: Data set bytes accepted for a DIMSE message this SCP does not serve (not C-STORE).
+MAX_OTHER_MESSAGE = 1024 * 1024
 
 
-def _parse_c_store_rq(cmd: bytes | memoryview) -> dict[int, Any] | None:
-    """Parse a C-STORE-RQ command set, or return ``None`` to use pynetdicom.
+def _parse_command(cmd: bytes | memoryview) -> dict[int, Any] | None:
+    """Parse a command set (group 0000, Implicit VR Little Endian), or None if it is not one.
 
-    Only the mandatory C-STORE-RQ elements are accepted; anything unusual
-    (other elements such as Move Originator, wrong lengths, multi-valued or
-    non-ASCII UIDs, other command fields) returns ``None`` so that the stock
-    pydicom-based decoder handles it with its usual semantics.
+    US elements become ints and UI/AE elements text (trailing NUL and space padding
+    removed, as pydicom does); anything else is kept as raw bytes. A command set whose
+    elements do not add up to its length, that leaves group 0000, or that has no
+    Command Field, Message ID or Command Data Set Type is not a command set.
     """
     n = len(cmd)
     off = 0
@@ -326,58 +334,98 @@ def _parse_c_store_rq(cmd: bytes | memoryview) -> dict[int, Any] | None:
                 if length != 2:
                     return None
                 out[elem] = _unpack_from_H(cmd, off)[0]
-            elif elem in _UI_ELEMENTS:
-                raw = bytes(cmd[off : off + length])
-                if b"\\" in raw:
-                    return None
-                # pydicom strips trailing NUL padding (and spaces) from UI
-                out[elem] = raw.rstrip(b"\x00 ").decode("ascii")
+            elif elem in _TEXT_ELEMENTS:
+                # latin-1 never fails: an invalid UID is the handler's to refuse, with a status
+                out[elem] = bytes(cmd[off : off + length]).rstrip(b"\x00 ").decode("latin-1")
             elif elem == _RQ_GROUP_LENGTH:
                 if length != 4:
                     return None
             else:
-                return None
+                out[elem] = bytes(cmd[off : off + length])
             off += length
-    except (struct.error, UnicodeDecodeError):
+    except struct.error:
         return None
-    if out.get(_RQ_COMMAND_FIELD) != 0x0001:
-        return None
-    if _RQ_MESSAGE_ID not in out or _RQ_DATASET_TYPE not in out:
+    if _RQ_COMMAND_FIELD not in out or _RQ_MESSAGE_ID not in out or _RQ_DATASET_TYPE not in out:
         return None
     return out
+
+
+def _parse_c_store_rq(cmd: bytes | memoryview) -> dict[int, Any] | None:
+    """The fields of a C-STORE-RQ command set, or None if ``cmd`` is anything else."""
+    fields = _parse_command(cmd)
+    if fields is None or fields[_RQ_COMMAND_FIELD] != _C_STORE_RQ:
+        return None
+    return fields
+
+
+class DatasetSink(Protocol):
+    """Where the fragments of one C-STORE data set go as they arrive (see :func:`accelerate`)."""
+
+    def write(self, fragment: memoryview) -> None:
+        """Take one fragment; the view is only valid during the call."""
+
+
+#: Opens the sink of a C-STORE whose command set has just arrived:
+#: ``(association, context_id, affected SOP class UID, affected SOP instance UID)``.
+OpenDataset = Callable[[Association, int, str, str], DatasetSink]
+
+
+class _MemorySink:
+    """The default sink: fragments kept as zero-copy views and joined once at the end."""
+
+    __slots__ = ("chunks",)
+
+    def __init__(self) -> None:
+        self.chunks: list[bytes | memoryview] = []
+
+    def write(self, fragment: memoryview) -> None:
+        self.chunks.append(fragment)
+
+    def value(self) -> bytes:
+        chunks, self.chunks = self.chunks, []
+        return bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
 
 
 class _FastStoreRQ:
     """In-progress C-STORE-RQ being reassembled by :class:`_FastDIMSE`.
 
-    Data set fragments are kept as zero-copy views of the received PDU
-    buffers and joined once when the last fragment arrives; the resulting
-    ``bytes`` object backs the request's ``DataSet`` ``BytesIO`` without a
-    further copy (CPython shares the initial ``bytes`` of a ``BytesIO``).
+    Data set fragments go to ``sink``: the one :func:`accelerate` was given (the data
+    set streams to it as it arrives), or a :class:`_MemorySink` whose joined bytes back
+    the request's ``DataSet`` ``BytesIO`` without a further copy (CPython shares the
+    initial ``bytes`` of a ``BytesIO``).
     """
 
-    __slots__ = ("context_id", "fields", "chunks")
+    __slots__ = ("context_id", "fields", "sink")
 
-    def __init__(self, context_id: int, fields: dict[int, Any]) -> None:
+    def __init__(self, context_id: int, fields: dict[int, Any], sink: DatasetSink) -> None:
         self.context_id = context_id
         self.fields = fields
-        self.chunks: list[bytes | memoryview] = []
+        self.sink = sink
 
     def to_primitive(self) -> C_STORE:
-        """Build the C-STORE request primitive (pynetdicom setters validate)."""
+        """Build the C-STORE request primitive.
+
+        pynetdicom's setters validate the UIDs; one they refuse (longer than 64
+        characters) is left unset, and the EVT_C_STORE handler answers the request
+        with a failure status instead of the association being aborted.
+        """
         f = self.fields
         p = C_STORE()
         p.MessageID = f[_RQ_MESSAGE_ID]
-        if _RQ_AFFECTED_CLASS in f:
-            p.AffectedSOPClassUID = f[_RQ_AFFECTED_CLASS]
-        if _RQ_AFFECTED_INSTANCE in f:
-            p.AffectedSOPInstanceUID = f[_RQ_AFFECTED_INSTANCE]
+        for element, keyword in ((_RQ_AFFECTED_CLASS, "AffectedSOPClassUID"),
+                                 (_RQ_AFFECTED_INSTANCE, "AffectedSOPInstanceUID")):
+            if f.get(element):
+                try:
+                    setattr(p, keyword, f[element])
+                except ValueError:
+                    LOGGER.warning("C-STORE-RQ with an invalid %s", keyword)
         if _RQ_PRIORITY in f:
-            p.Priority = f[_RQ_PRIORITY]
-        chunks = self.chunks
-        data = bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
-        self.chunks = []
-        p.DataSet = BytesIO(data)
+            try:
+                p.Priority = f[_RQ_PRIORITY]
+            except ValueError:
+                LOGGER.warning("C-STORE-RQ with an invalid priority %r", f[_RQ_PRIORITY])
+        sink = self.sink
+        p.DataSet = BytesIO(sink.value() if isinstance(sink, _MemorySink) else b"")
         p._context_id = self.context_id
         p._dataset_path = None
         p._dataset_file = None
@@ -392,79 +440,106 @@ def _as_bytes_pdvs(pdvs: list[Any]) -> list[Any]:
 
 
 class _FastDIMSE(DIMSEServiceProvider):
-    """DIMSE provider with template C-STORE-RSP encoding and fast C-STORE-RQ decoding."""
+    """DIMSE provider: C-STORE data sets stream to a sink, template C-STORE-RSP encoding.
+
+    Every command set is reassembled here (up to :data:`MAX_COMMAND_SET` bytes);
+    C-STORE requests never go through pynetdicom's in-memory reassembly. Other
+    messages go to pynetdicom's decoder, with at most :data:`MAX_OTHER_MESSAGE`
+    bytes of data set. Anything that is not a command set where one is due, and any
+    decoding error, is a protocol error: the association is aborted (A-ABORT).
+    """
 
     _fp_wake: threading.Event
+    _fp_open_dataset: OpenDataset | None
+    _fp_command: bytearray
+    _fp_other_bytes: int
 
     def receive_primitive(self, primitive: P_DATA) -> None:  # noqa: D102
         self._fp_receive_pdvs(primitive.presentation_data_value_list)
 
+    def _fp_protocol_error(self, reason: str) -> None:
+        """Abort the association: the peer broke the DIMSE protocol."""
+        LOGGER.error("%s; aborting the association", reason)
+        self.message = None
+        self._fp_command = bytearray()
+        self.dul.event_queue.put("Evt19")
+
     def _fp_slow(self, pdvs: list[Any]) -> None:
-        """Hand `pdvs` to pynetdicom's own DIMSE decoder."""
+        """Hand `pdvs` to pynetdicom's own DIMSE decoder (messages other than C-STORE)."""
+        self._fp_other_bytes += sum(len(data) for _, data in pdvs)
+        if self._fp_other_bytes > MAX_OTHER_MESSAGE:
+            return self._fp_protocol_error(f"DIMSE message of more than {MAX_OTHER_MESSAGE} bytes for a service "
+                                           "this SCP does not provide")
         p = P_DATA()
         p._presentation_data_value_list = _as_bytes_pdvs(pdvs)
-        DIMSEServiceProvider.receive_primitive(self, p)
+        try:
+            DIMSEServiceProvider.receive_primitive(self, p)
+        except Exception as exc:
+            return self._fp_protocol_error(f"invalid DIMSE message ({type(exc).__name__}: {exc})")
         if self.message is None:
+            self._fp_other_bytes = 0
             self._fp_wake.set()
+        return None
 
     def _fp_receive_pdvs(self, pdvs: list[Any]) -> None:
         """Process PDV items ``[context ID, data]`` (``data`` may be a memoryview)."""
         msg = self.message
-        if msg is None:
-            if not pdvs or _config.STORE_RECV_CHUNKED_DATASET:
-                return self._fp_slow(pdvs)
-            context_id, data = pdvs[0]
-            # Only a complete (single-fragment) command set is fast-pathed
-            if not len(data) or data[0] & 0x03 != 0x03:
-                return self._fp_slow(pdvs)
-            if self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
-                return self._fp_slow(pdvs)
-            fields = _parse_c_store_rq(memoryview(data)[1:])
-            if fields is None:
-                return self._fp_slow(pdvs)
-            msg = self.message = _FastStoreRQ(context_id, fields)  # type: ignore[assignment]
-            if fields[_RQ_DATASET_TYPE] == 0x0101:
-                self._fp_complete(msg)
-                if len(pdvs) > 1:
-                    self._fp_receive_pdvs(pdvs[1:])
-                return None
-            start = 1
-        elif type(msg) is not _FastStoreRQ:
+        if msg is not None and type(msg) is not _FastStoreRQ:
+            return self._fp_slow(pdvs)  # a message pynetdicom is decoding
+        if _config.STORE_RECV_CHUNKED_DATASET or self.assoc.get_handlers(evt.EVT_DIMSE_RECV):
             return self._fp_slow(pdvs)
-        else:
-            start = 0
-
-        msg = cast(_FastStoreRQ, msg)
-        append = msg.chunks.append
-        for idx in range(start, len(pdvs)):
-            data = pdvs[idx][1]
-            hdr = data[0]
-            if hdr & 0x01:
-                # A command fragment while a data set is outstanding is a
-                # protocol violation: treat as invalid PDU (-> A-ABORT).
-                LOGGER.error("Received a command fragment inside a C-STORE data set")
-                self.message = None
-                self.dul.event_queue.put("Evt19")
-                return None
-            append(memoryview(data)[1:])
-            if hdr & 0x02:
-                self._fp_complete(msg)
-                if idx + 1 < len(pdvs):
-                    self._fp_receive_pdvs(pdvs[idx + 1 :])
-                return None
+        for index, (context_id, data) in enumerate(pdvs):
+            if not len(data):
+                return self._fp_protocol_error("empty presentation data value")
+            header = data[0]
+            if header & 0x01:
+                if msg is not None:
+                    # A command fragment while a data set is outstanding is a protocol violation
+                    return self._fp_protocol_error("command fragment inside a C-STORE data set")
+                self._fp_command += memoryview(data)[1:]
+                if len(self._fp_command) > MAX_COMMAND_SET:
+                    return self._fp_protocol_error(f"command set longer than {MAX_COMMAND_SET} bytes")
+                if not header & 0x02:
+                    continue
+                command, self._fp_command = bytes(self._fp_command), bytearray()
+                fields = _parse_command(command)
+                if fields is None:
+                    return self._fp_protocol_error("the peer sent bytes that are not a DIMSE command set")
+                if fields[_RQ_COMMAND_FIELD] != _C_STORE_RQ:
+                    return self._fp_slow([[context_id, b"\x03" + command], *pdvs[index + 1 :]])
+                msg = self.message = _FastStoreRQ(context_id, fields, self._fp_sink(context_id, fields))  # type: ignore[assignment]
+                if fields[_RQ_DATASET_TYPE] == 0x0101:
+                    msg = self._fp_complete(msg)
+                continue
+            if msg is None:
+                return self._fp_protocol_error("data set fragment without a command set")
+            msg = cast(_FastStoreRQ, msg)
+            if context_id != msg.context_id:
+                return self._fp_protocol_error(f"data set fragment on presentation context {context_id} for a "
+                                               f"C-STORE on context {msg.context_id}")
+            msg.sink.write(memoryview(data)[1:])
+            if header & 0x02:
+                msg = self._fp_complete(msg)
         return None
+
+    def _fp_sink(self, context_id: int, fields: dict[int, Any]) -> DatasetSink:
+        opener = self._fp_open_dataset
+        if opener is None:
+            return _MemorySink()
+        return opener(self.assoc, context_id, fields.get(_RQ_AFFECTED_CLASS, ""),
+                      fields.get(_RQ_AFFECTED_INSTANCE, ""))
 
     def _fp_complete(self, msg: _FastStoreRQ) -> None:
         self.message = None
         try:
             primitive = msg.to_primitive()
         except Exception as exc:
-            LOGGER.error("Received an invalid DIMSE message")
-            LOGGER.exception(exc)
-            self.dul.event_queue.put("Evt19")
-            return
+            return self._fp_protocol_error(f"invalid C-STORE request ({type(exc).__name__}: {exc})")
+        if not isinstance(msg.sink, _MemorySink):
+            primitive._fp_sink = msg.sink  # type: ignore[attr-defined]  # read by _fast_store_scp
         self.msg_queue.put((msg.context_id, primitive))
         self._fp_wake.set()
+        return None
 
     def send_msg(self, primitive: Any, context_id: int) -> None:  # noqa: D102
         if (
@@ -721,6 +796,12 @@ class _FastDUL(DULServiceProvider):
         finally:
             self._fp_close()
             self._fp_wake_assoc.set()
+            assoc = self.assoc
+            if assoc.is_acceptor and assoc.requestor.primitive is None and self.to_user_queue.empty():
+                # The connection ended before an A-ASSOCIATE-RQ: pynetdicom's acceptor
+                # thread would wait the whole ACSE timeout for one. ``None`` is what
+                # that wait returns when it times out, so the thread ends now instead.
+                self.to_user_queue.put(None)  # type: ignore[arg-type]
 
     def _fp_run_reactor(self) -> None:
         self._idle_timer.start()
@@ -853,19 +934,23 @@ class _FastAssociation(Association):
     def _serve_request(self, msg: Any, context_id: int) -> None:  # noqa: D102
         # Fast path only for plain C-STORE requests served by the stock
         # StorageServiceClass; everything else goes through pynetdicom.
+        # A request whose data set streamed to a sink is always answered by the
+        # EVT_C_STORE handler, even with missing or invalid UIDs (pynetdicom would
+        # ignore such a request and leave the peer waiting for its response).
+        streamed = getattr(msg, "_fp_sink", None) is not None
         if (
             type(msg) is C_STORE
             and not self._sent_release
             and not _config.UNRESTRICTED_STORAGE_SERVICE
-            and msg.is_valid_request
+            and (msg.is_valid_request or (streamed and msg.MessageID is not None))
             and context_id in self._accepted_cx
         ):
-            class_uid = cast(str, msg.AffectedSOPClassUID)
+            class_uid = cast(str, msg.AffectedSOPClassUID or "")
             try:
                 class_uid = self.acceptor.accepted_common_extended[class_uid][0]
             except KeyError:
                 pass
-            if uid_to_service_class(class_uid) is StorageServiceClass:
+            if streamed or uid_to_service_class(class_uid) is StorageServiceClass:
                 context = self._accepted_cx[context_id]
                 service = StorageServiceClass(self)
                 try:
@@ -904,11 +989,11 @@ def _fast_store_scp(
     with attempt(rsp, service.dimse, cx_id, service.assoc) as ctx:
         ctx.error_msg = "Exception in handler bound to 'evt.EVT_C_STORE'"
         ctx.error_status = 0xC211
-        rsp_status = evt.trigger(
-            ctx.assoc,
-            evt.EVT_C_STORE,
-            {"request": req, "context": context.as_tuple},
-        )
+        attributes: dict[str, Any] = {"request": req, "context": context.as_tuple}
+        sink = getattr(req, "_fp_sink", None)
+        if sink is not None:
+            attributes["dataset_sink"] = sink
+        rsp_status = evt.trigger(ctx.assoc, evt.EVT_C_STORE, attributes)
         if req._dataset_file:
             req._dataset_file.close()
             try:
@@ -935,8 +1020,9 @@ _STANDARD_LOG_HANDLERS = (
 
 
 def accelerate(
-    assoc: Association, *, drop_standard_log_handlers: bool | None = None
-) -> None:
+    assoc: Association, *, drop_standard_log_handlers: bool | None = None,
+    open_dataset: OpenDataset | None = None,
+) -> bool:
     """Install the fast paths on a freshly accepted association.
 
     Call this from an ``EVT_CONN_OPEN`` handler (``event.assoc``): pynetdicom
@@ -957,18 +1043,28 @@ def accelerate(
         ``pynetdicom`` logger is not enabled for INFO, in which case they
         would produce no output anyway but still format every message (and
         copy every received data set).
+    open_dataset:
+        Called when a C-STORE-RQ command set has arrived, with ``(association,
+        context ID, affected SOP class UID, affected SOP instance UID)`` as sent
+        (possibly empty or invalid); returns the :class:`DatasetSink` that the data
+        set fragments are written to as they arrive. The ``EVT_C_STORE`` handler
+        then finds it as ``event.dataset_sink`` (and ``event.request.DataSet`` is
+        empty); it answers every such request, even one with missing or invalid
+        UIDs. Without it, data sets are reassembled in memory as pynetdicom does.
+
+    Returns whether the association was accelerated.
     """
     if not _version_ok():
-        return
+        return False
     if not assoc.is_acceptor or assoc.is_alive() or assoc.dul.is_alive():
-        return
+        return False
     if isinstance(assoc, _FastAssociation):
-        return
+        return False
     if type(assoc) is not Association or type(assoc.dul) is not DULServiceProvider:
         # Somebody else already customised these objects; do not stack on top.
-        return
+        return False
     if type(assoc.dimse) is not DIMSEServiceProvider:
-        return
+        return False
 
     if drop_standard_log_handlers is None:
         drop_standard_log_handlers = not logging.getLogger("pynetdicom").isEnabledFor(
@@ -996,11 +1092,16 @@ def accelerate(
     dul._target = make_target(dul.run_reactor)  # type: ignore[attr-defined]
 
     assoc.dimse.__class__ = _FastDIMSE
-    cast(_FastDIMSE, assoc.dimse)._fp_wake = wake
+    dimse = cast(_FastDIMSE, assoc.dimse)
+    dimse._fp_wake = wake
+    dimse._fp_open_dataset = open_dataset
+    dimse._fp_command = bytearray()
+    dimse._fp_other_bytes = 0
     assoc.__class__ = _FastAssociation
     cast(_FastAssociation, assoc)._fp_wake = wake
     # Association.__init__ also bound run_reactor; it calls self._run_reactor
     # which now resolves to the fast one, so the thread target is unchanged.
+    return True
 
 
 def on_conn_open(event: evt.Event) -> None:

@@ -90,7 +90,11 @@ class DicomSettings(_Section):
     require_called_ae_title: bool = True
     allowed_callers: list[AllowedCaller] = Field(default_factory=list)
     max_associations: int = Field(default=16, ge=1)
-    max_pdu_size: int = Field(default=1_048_576, ge=0)
+    max_pending_connections: int = Field(
+        default=32, ge=1,
+        description="Connections that have not yet asked for an association; past this, the oldest is closed.")
+    max_pdu_size: int = Field(default=1_048_576, ge=4096, le=16 * 1_048_576)
+    max_instance_mb: int = Field(default=2048, ge=1, description="Largest instance accepted (after inflating).")
     acse_timeout_seconds: float = Field(default=30.0, gt=0)
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
@@ -107,6 +111,7 @@ class StorageSettings(_Section):
     """Where received instances live and when the node stops accepting them."""
 
     min_free_mb: int = Field(default=1024, ge=0)
+    quarantine_max_mb: int = Field(default=2048, ge=0, description="Rejected instances kept at most, in MiB.")
     fsync: bool = True
 
 
@@ -146,6 +151,21 @@ class WebSettings(_Section):
     worker_stale_seconds: float = Field(
         default=60.0, gt=0, description="A worker whose heartbeat is older than this is shown as offline."
     )
+    trusted_proxies: list[str] = Field(
+        default_factory=list,
+        description="IP addresses or CIDR networks of reverse proxies whose X-Forwarded-For is believed; "
+        "empty: the header is ignored and the connecting address is the client.",
+    )
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies(cls, value: list[str]) -> list[str]:
+        for proxy in value:
+            try:
+                ipaddress.ip_network(proxy.strip(), strict=False)
+            except ValueError as exc:
+                raise ValueError(f"web.trusted_proxies entry {proxy!r} is not an IP address or CIDR network") from exc
+        return [proxy.strip() for proxy in value]
 
     @model_validator(mode="after")
     def _ops_pair(self) -> "WebSettings":
@@ -177,6 +197,12 @@ class QueueSettings(_Section):
         description="Queues the serve process consumes itself; [] when separate workers do all the work.",
     )
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    stop_grace_seconds: float = Field(
+        default=15.0, ge=0, le=30,
+        description="On SIGTERM/SIGINT, how long the running job or delivery may take to finish before it is "
+        "handed back to the queue (not counted as an attempt). At most 30, so that the whole stop stays well "
+        "inside systemd's TimeoutStopSec=60.",
+    )
 
 
 class DeliverySettings(_Section):

@@ -81,8 +81,59 @@ class StoredFile:
     size_bytes: int
 
 
+class StagingFile:
+    """A file being written under a temporary ``*.part`` name, not yet an instance.
+
+    :meth:`append` writes straight from the caller's buffer (no copy);
+    :meth:`Spool.commit` makes it durable and gives it its final name; :meth:`discard`
+    removes it. A crash leaves only a ``*.part`` file, which start-up removes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
+    def append(self, data: bytes | memoryview) -> None:
+        """Write all of ``data``; raises :class:`OSError` (for example ENOSPC) as the disk does."""
+        if self._fd is None:
+            raise ValueError(f"staging file {self.path} is already closed")
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+            self.size += written
+
+    def truncate(self, size: int) -> None:
+        """Drop everything after the first ``size`` bytes (keeps what was already paid for on disk small)."""
+        if self._fd is not None:
+            os.ftruncate(self._fd, size)
+            os.lseek(self._fd, size, os.SEEK_SET)
+            self.size = size
+
+    def sync(self) -> None:
+        if self._fd is not None:
+            os.fdatasync(self._fd)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        """Close and delete the file (nothing happens if it was already moved away)."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
 class Spool:
-    """The directory tree of received instances: ``<study>/<series>/<sop>.dcm``."""
+    """The directory tree of received instances: ``<study>/<series>/<sop>.dcm``.
+
+    Instances being received are staged in ``.incoming/`` under the same root (the same
+    file system), so accepting one is a rename, not a copy.
+    """
+
+    STAGING = ".incoming"
 
     def __init__(self, root: Path, fsync: bool = True) -> None:
         self.root = root
@@ -95,37 +146,45 @@ class Spool:
     def absolute(self, relative: str) -> Path:
         return self.root / relative
 
+    def stage(self) -> StagingFile:
+        """A new staging file for an instance whose final name is not known yet."""
+        directory = self.root / self.STAGING
+        directory.mkdir(exist_ok=True)
+        return StagingFile(directory / f"{uuid.uuid4().hex}{PART_SUFFIX}")
+
     def write(self, relative: str, chunks: list[bytes] | tuple[bytes, ...]) -> StoredFile:
         """Write ``chunks`` durably under ``relative``, replacing any file already there."""
+        final = self.root / relative
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staged = StagingFile(final.parent / f".{final.name}.{uuid.uuid4().hex}{PART_SUFFIX}")
+        try:
+            for chunk in chunks:
+                staged.append(chunk)
+        except BaseException:
+            staged.discard()
+            raise
+        return self.commit(staged, relative)
+
+    def commit(self, staged: StagingFile, relative: str) -> StoredFile:
+        """Make ``staged`` durable and rename it to ``relative``, replacing any file already there.
+
+        On failure the staging file is left for the caller to discard or keep.
+        """
         final = self.root / relative
         directory = final.parent
         created = not directory.is_dir()
         if created:
             directory.mkdir(parents=True, exist_ok=True)
-        temporary = directory / f".{final.name}.{uuid.uuid4().hex}{PART_SUFFIX}"
-        size = 0
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-        try:
-            for chunk in chunks:
-                view = memoryview(chunk)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                    size += written
-            if self.fsync:
-                os.fdatasync(fd)
-        except BaseException:
-            os.close(fd)
-            temporary.unlink(missing_ok=True)
-            raise
-        os.close(fd)
-        os.replace(temporary, final)
+        if self.fsync:
+            staged.sync()
+        staged.close()
+        os.replace(staged.path, final)
         if self.fsync:
             self._sync_directory(directory)
             if created:
                 self._sync_directory(directory.parent)
                 self._sync_directory(directory.parent.parent)
-        return StoredFile(final, relative, size)
+        return StoredFile(final, relative, staged.size)
 
     def remove(self, relative: str) -> None:
         (self.root / relative).unlink(missing_ok=True)

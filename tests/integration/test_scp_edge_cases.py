@@ -10,7 +10,6 @@ import copy
 import io
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -325,23 +324,6 @@ def test_many_parallel_associations(node_factory: NodeFactory, small_series: Gen
     counts = sorted(s.instance_count for s in repo.list_studies(node.sessions))
     assert counts == sorted([len(small_series.paths), len(second_series.paths)])
     assert len(list(node.spool.root.rglob("*.dcm"))) == len(files)
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A throw-away CA, a server certificate and a client certificate (openssl CLI)."""
-    folder = tmp_path_factory.mktemp("tls")
-
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=folder, check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=Test CA")
-    for name in ("server", "client"):
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
-        (folder / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", f"{name}.pem", "-days", "2", "-extfile", "ext.cnf")
-    return {name: folder / name for name in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")}
 
 
 def test_dicom_tls_with_client_certificates(node_factory: NodeFactory, tls_files: dict[str, Path], small_series: GeneratedSeries) -> None:

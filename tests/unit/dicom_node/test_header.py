@@ -24,6 +24,7 @@ from dicom_node.header import (
     STATUS_PIXEL_DATA_INCOMPLETE,
     STATUS_SOP_CLASS_MISMATCH,
     STATUS_SOP_INSTANCE_MISMATCH,
+    STATUS_TOO_LARGE,
     InvalidDataset,
     parse_header,
 )
@@ -73,11 +74,11 @@ def test_deflated_dataset_is_inflated_for_the_header(ct: Dataset) -> None:
 def test_encapsulated_instances_are_checked_to_their_delimiter(ct: Dataset, syntax: str) -> None:
     encoded = encode_series([ct], syntax)[0]
     body = body_of(encoded, syntax)
-    assert parse(body, encoded).sop_instance_uid == ct.SOPInstanceUID
+    assert parse(body, encoded, syntax).sop_instance_uid == ct.SOPInstanceUID
     with pytest.raises(InvalidDataset) as raised:
-        parse(body[: len(body) - 40], encoded)
+        parse(body[: len(body) - 40], encoded, syntax)
     assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE
-    assert "delimiter" in raised.value.reason
+    assert "fragment" in raised.value.reason and "remain" in raised.value.reason
 
 
 def test_truncated_native_pixel_data_is_refused(ct: Dataset) -> None:
@@ -85,7 +86,7 @@ def test_truncated_native_pixel_data_is_refused(ct: Dataset) -> None:
     with pytest.raises(InvalidDataset) as raised:
         parse(body[:-100], ct)
     assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE
-    assert "only" in raised.value.reason
+    assert "(7FE0,0010)" in raised.value.reason and "only" in raised.value.reason
 
 
 def test_pixel_data_shorter_than_the_image_is_refused(ct: Dataset) -> None:
@@ -124,10 +125,131 @@ def test_garbage_is_refused_not_crashed_on(ct: Dataset, garbage: bytes) -> None:
     assert raised.value.status in (STATUS_CANNOT_PARSE, STATUS_MISSING_UID)
 
 
-def test_dataset_without_pixel_data_is_accepted(ct: Dataset) -> None:
+def structured_report(ct: Dataset) -> Dataset:
+    """A small Comprehensive SR about ``ct``, with nested sequences and no pixel data."""
+    report = Dataset()
+    report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.33"
+    report.SOPInstanceUID = pydicom.uid.generate_uid()
+    report.StudyInstanceUID, report.SeriesInstanceUID = ct.StudyInstanceUID, pydicom.uid.generate_uid()
+    report.PatientID, report.Modality = ct.PatientID, "SR"
+    item = Dataset()
+    item.ValueType, item.TextValue = "TEXT", "no finding"
+    inner = Dataset()
+    inner.CodeValue, inner.CodingSchemeDesignator, inner.CodeMeaning = "121071", "DCM", "Finding"
+    item.ConceptNameCodeSequence = [inner]
+    report.ContentSequence = [item, copy.deepcopy(item)]
+    return report
+
+
+def test_an_image_without_pixel_data_is_refused_and_a_report_accepted(ct: Dataset) -> None:
     header_only = copy.deepcopy(ct)
     del header_only.PixelData
-    assert parse(body_of(header_only), header_only).sop_instance_uid == ct.SOPInstanceUID
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body_of(header_only), header_only)
+    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE and "no Pixel Data in a CT Image Storage" in raised.value.reason
+    report = structured_report(ct)
+    assert parse(body_of(report), report).sop_instance_uid == report.SOPInstanceUID
+
+
+def element_boundaries(body: bytes) -> list[int]:
+    """Offsets at which a top-level element of an explicit VR little endian dataset starts."""
+    offsets, position = [], 0
+    while position < len(body):
+        offsets.append(position)
+        vr = body[position + 4 : position + 6]
+        if vr in (b"OB", b"OW", b"SQ", b"UN", b"UT", b"UC", b"UR", b"OF", b"OD", b"OL", b"OV", b"SV", b"UV"):
+            position += 12 + int.from_bytes(body[position + 8 : position + 12], "little")
+        else:
+            position += 8 + int.from_bytes(body[position + 6 : position + 8], "little")
+    return offsets
+
+
+def test_truncation_anywhere_is_refused(ct: Dataset) -> None:
+    """At every element boundary, and inside every element header and value: never accepted."""
+    body = body_of(ct)
+    boundaries = element_boundaries(body)
+    cuts = set(boundaries[1:]) | {b + 3 for b in boundaries[1:]} | {b + 9 for b in boundaries[1:-1]}
+    for cut in sorted(cuts):
+        with pytest.raises(InvalidDataset) as raised:
+            parse(body[:cut], ct)
+        assert raised.value.status in (STATUS_CANNOT_PARSE, STATUS_MISSING_UID, STATUS_PIXEL_DATA_INCOMPLETE), cut
+
+
+def test_an_element_longer_than_the_dataset_is_refused_by_name(ct: Dataset) -> None:
+    report = structured_report(ct)
+    body = bytearray(body_of(report))
+    modality = body.index(b"\x60\x00CS")  # (0008,0060) Modality
+    body[modality + 4 : modality + 6] = (60_000).to_bytes(2, "little")
+    with pytest.raises(InvalidDataset) as raised:
+        parse(bytes(body), report)
+    assert raised.value.status == STATUS_CANNOT_PARSE and "(0008,0060)" in raised.value.reason
+
+
+def test_truncated_report_inside_a_sequence_is_refused(ct: Dataset) -> None:
+    report = structured_report(ct)
+    body = body_of(report)
+    for cut in range(len(body) - 60, len(body), 7):
+        with pytest.raises(InvalidDataset) as raised:
+            parse(body[:cut], report)
+        assert raised.value.status == STATUS_CANNOT_PARSE, cut
+
+
+def test_bytes_in_another_encoding_than_claimed_are_refused(ct: Dataset) -> None:
+    explicit = body_of(ct, ExplicitVRLittleEndian)
+    with pytest.raises(InvalidDataset):
+        parse(explicit, ct, ImplicitVRLittleEndian)
+    implicit = body_of(ct, ImplicitVRLittleEndian)
+    with pytest.raises(InvalidDataset):
+        parse(implicit, ct, ExplicitVRLittleEndian)
+    with pytest.raises(InvalidDataset) as raised:
+        parse(explicit, ct, JPEG2000Lossless)
+    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE and "not encapsulated" in raised.value.reason
+
+
+def test_pixel_data_longer_than_the_image_is_refused(ct: Dataset) -> None:
+    padded = copy.deepcopy(ct)
+    padded.PixelData = ct.PixelData + b"\0" * 64
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body_of(padded), padded)
+    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE and "needs 8192" in raised.value.reason
+
+
+def test_native_ybr_full_422_is_sized_as_two_samples_per_pixel(ct: Dataset) -> None:
+    colour = copy.deepcopy(ct)
+    colour.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    colour.SamplesPerPixel, colour.PhotometricInterpretation, colour.PlanarConfiguration = 3, "YBR_FULL_422", 0
+    colour.BitsAllocated = colour.BitsStored = 8
+    colour.HighBit, colour.PixelRepresentation = 7, 0
+    colour.PixelData = bytes(64 * 64 * 2)
+    assert parse(body_of(colour), colour).sop_instance_uid == ct.SOPInstanceUID
+    colour.PixelData = bytes(64 * 64 * 3)
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body_of(colour), colour)
+    assert "YBR_FULL_422 needs 8192" in raised.value.reason
+
+
+def test_deflate_bomb_is_refused_within_the_limit(ct: Dataset) -> None:
+    plain = body_of(ct)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    bomb = compressor.compress(plain) + compressor.compress(b"\0" * (64 << 20)) + compressor.flush()
+    assert len(bomb) < 200_000
+    with pytest.raises(InvalidDataset) as raised:
+        parse_header(bomb, DeflatedExplicitVRLittleEndian, ct.SOPClassUID, ct.SOPInstanceUID,
+                     max_inflated_bytes=8 << 20)
+    assert raised.value.status == STATUS_TOO_LARGE and "8 MiB" in raised.value.reason
+
+
+def test_sequences_nested_without_end_are_refused(ct: Dataset) -> None:
+    report = structured_report(ct)
+    deep = report.ContentSequence[0]
+    for _ in range(40):
+        outer = Dataset()
+        outer.ContentSequence = [deep]
+        deep = outer
+    report.ContentSequence = [deep]
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body_of(report), report)
+    assert raised.value.status == STATUS_CANNOT_PARSE and "nested" in raised.value.reason
 
 
 @pytest.mark.parametrize(
