@@ -26,6 +26,7 @@ __all__ = [
     "RESERVED_USERNAMES",
     "UserExists",
     "UserView",
+    "claim_login_attempt",
     "create_api_token",
     "create_session",
     "create_user",
@@ -37,12 +38,13 @@ __all__ = [
     "list_users",
     "password_hash_of",
     "recent_login_failures",
-    "record_login_attempt",
     "resolve_api_token",
     "resolve_session",
     "revoke_api_token",
+    "settle_login_attempt",
     "update_user",
     "validate_username",
+    "withdraw_login_attempt",
 ]
 
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
@@ -261,11 +263,38 @@ def end_user_sessions(sessions: sessionmaker[Session], user_id: int) -> int:
 # --------------------------------------------------------------------------- login attempts
 
 
-def record_login_attempt(
-    sessions: sessionmaker[Session], username: str, remote_addr: str | None, *, succeeded: bool, now: datetime
-) -> None:
+def claim_login_attempt(
+    sessions: sessionmaker[Session], username: str, remote_addr: str | None, *, now: datetime, since: datetime
+) -> tuple[int, int, int]:
+    """Record a login attempt as failed *before* its password is checked; (its id, failures for the user
+    name, failures from the address) since ``since``, this attempt included.
+
+    Why first: counting and then recording lets N parallel attempts all see the same
+    count and all get their password checked. Here the row is committed before the
+    count, in its own transaction, so the attempt committed k-th sees at least k
+    failures (on SQLite and PostgreSQL alike): at most ``limit`` attempts of a burst
+    see a count within the limit. Settle the attempt with :func:`settle_login_attempt`
+    (it succeeded) or :func:`withdraw_login_attempt` (refused without a check).
+    """
     with sessions.begin() as session:
-        session.add(LoginAttempt(at=now, username=username[:64], remote_addr=remote_addr, succeeded=succeeded))
+        attempt = LoginAttempt(at=now, username=username[:64], remote_addr=remote_addr, succeeded=False)
+        session.add(attempt)
+        session.flush()
+        attempt_id = int(attempt.id)
+    by_user, by_addr = recent_login_failures(sessions, username=username, remote_addr=remote_addr, since=since)
+    return attempt_id, by_user, by_addr
+
+
+def settle_login_attempt(sessions: sessionmaker[Session], attempt_id: int) -> None:
+    """Mark a claimed attempt as the successful login it turned out to be (it no longer counts as a failure)."""
+    with sessions.begin() as session:
+        session.execute(update(LoginAttempt).where(LoginAttempt.id == attempt_id).values(succeeded=True))
+
+
+def withdraw_login_attempt(sessions: sessionmaker[Session], attempt_id: int) -> None:
+    """Forget a claimed attempt that was refused by the rate limit before any password check."""
+    with sessions.begin() as session:
+        session.execute(delete(LoginAttempt).where(LoginAttempt.id == attempt_id))
 
 
 def recent_login_failures(

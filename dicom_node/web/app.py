@@ -18,7 +18,9 @@ from urllib.parse import quote
 from dicom_node.ingest import utc_now
 from dicom_node.settings import Settings
 from dicom_node.web.auth import LoginRequired, is_api
-from dicom_node.web.context import ReadinessCheck, WebContext, load_or_create_secret
+from dicom_node.web.client_address import TrustedProxies
+from dicom_node.web.context import PasswordVerifier, ReadinessCheck, WebContext, load_or_create_secret
+from dicom_node.web.passwords import verify_password as argon2_verify
 from dicom_node.web.pages import make_templates, render
 
 __all__ = ["create_app", "create_ops_app"]
@@ -38,13 +40,14 @@ _SECURITY_HEADERS = {
 
 
 def _context(settings: Settings, sessions: sessionmaker[Session] | None, clock: Callable[[], datetime],
-             readiness: Sequence[ReadinessCheck]) -> WebContext:
+             readiness: Sequence[ReadinessCheck], verify_password: PasswordVerifier = argon2_verify) -> WebContext:
     if sessions is None:
         from dicom_node.db.session import make_engine, make_session_factory
 
         sessions = make_session_factory(make_engine(settings.resolved_database_url))
     return WebContext(settings=settings, sessions=sessions, clock=clock, secret_key=load_or_create_secret(settings),
-                      readiness=tuple(readiness))
+                      readiness=tuple(readiness), verify_password=verify_password,
+                      proxies=TrustedProxies(settings.web.trusted_proxies))
 
 
 def create_app(
@@ -53,15 +56,18 @@ def create_app(
     sessions: sessionmaker[Session] | None = None,
     clock: Callable[[], datetime] = utc_now,
     readiness: Sequence[ReadinessCheck] = (),
+    verify_password: PasswordVerifier = argon2_verify,
 ) -> FastAPI:
     """The admin app: pages, ``/api/v1`` and (unless ``web.ops_port`` moves them) the monitoring endpoints.
 
     ``sessions``: the node's database; none opens ``settings.resolved_database_url``.
     ``readiness``: extra checks ``/readyz`` runs (the node adds its DICOM listener).
+    ``verify_password``: how login checks a password against its stored hash (argon2id);
+    tests pass a wrapper to count the checks.
     """
     from dicom_node.web.routes import ROUTERS, ops
 
-    context = _context(settings, sessions, clock, readiness)
+    context = _context(settings, sessions, clock, readiness, verify_password)
     app = FastAPI(
         title="DICOM AI node", version="1", docs_url="/api/docs", redoc_url=None, openapi_url="/api/v1/openapi.json",
         description="Admin API of the DICOM AI node: studies, jobs, deliveries, routing rules, destinations, "

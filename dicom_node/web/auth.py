@@ -22,8 +22,9 @@ from itsdangerous import BadSignature, Signer
 from dicom_node.db import audit, users
 from dicom_node.db.models import Role
 from dicom_node.db.users import Principal
+from dicom_node.web.client_address import request_client_address
 from dicom_node.web.context import WebContext, get_context
-from dicom_node.web.passwords import verify_password
+from dicom_node.web.urls import request_target
 
 __all__ = [
     "CSRF_FIELD",
@@ -67,7 +68,9 @@ def _same_secret(submitted: str | None, expected: str | None) -> bool:
 
 
 def client_address(request: Request) -> str | None:
-    return request.client.host if request.client else None
+    """The client's address for rate limits, the audit log and sessions: the connecting peer, or what a
+    trusted proxy (``web.trusted_proxies``) forwarded (see :mod:`dicom_node.web.client_address`)."""
+    return request_client_address(request, get_context(request).proxies)
 
 
 def is_api(request: Request) -> bool:
@@ -116,8 +119,7 @@ def require(role: Role) -> Callable[..., Awaitable[Principal]]:
             if is_api(request):
                 raise HTTPException(401, "authentication required: log in or send an API token",
                                     headers={"WWW-Authenticate": "Bearer"})
-            target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-            raise LoginRequired(target if request.method in _SAFE_METHODS else "/")
+            raise LoginRequired(request_target(request) if request.method in _SAFE_METHODS else "/")
         if request.method not in _SAFE_METHODS and principal.via == "session":
             submitted = await _submitted_csrf(request)
             if not _same_secret(submitted, principal.csrf_token):
@@ -182,15 +184,20 @@ def login(
         return LoginResult("bad_csrf")
     now, address, web = context.clock(), client_address(request), context.settings.web
     username = username.strip()[:64]
-    by_user, by_addr = users.recent_login_failures(
-        context.sessions, username=username, remote_addr=address, since=now - timedelta(seconds=web.login_window_seconds))
-    if by_user >= web.login_max_failures or by_addr >= 4 * web.login_max_failures:
+    # Claim the attempt (as a failure) before counting, so parallel attempts cannot all pass the check.
+    attempt, by_user, by_addr = users.claim_login_attempt(
+        context.sessions, username, address, now=now, since=now - timedelta(seconds=web.login_window_seconds))
+    if by_user > web.login_max_failures or by_addr > 4 * web.login_max_failures:
+        users.withdraw_login_attempt(context.sessions, attempt)
         audit_event(context, request, username or "anonymous", "login.rate_limited", target_kind="user",
-                    target=username, detail=f"{by_user} failures for the user, {by_addr} from the address")
+                    target=username,
+                    detail=f"{by_user - 1} failures for the user, {max(by_addr - 1, 0)} from the address")
         return LoginResult("rate_limited", retry_after=int(web.login_window_seconds))
     found = users.password_hash_of(context.sessions, username)
-    ok = verify_password(found[1] if found else None, password) and found is not None and not found[0].disabled
-    users.record_login_attempt(context.sessions, username, address, succeeded=ok, now=now)
+    ok = (context.verify_password(found[1] if found else None, password) and found is not None
+          and not found[0].disabled)
+    if ok:
+        users.settle_login_attempt(context.sessions, attempt)
     if not ok or found is None:
         reason = "no such user" if found is None else ("user disabled" if found[0].disabled else "wrong password")
         audit_event(context, request, username or "anonymous", "login.failed", target_kind="user", target=username,

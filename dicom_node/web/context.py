@@ -14,24 +14,34 @@ from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
+from dicom_node.web.client_address import TrustedProxies
+from dicom_node.web.passwords import verify_password
 
-__all__ = ["ReadinessCheck", "WebContext", "get_context", "load_or_create_secret"]
+__all__ = ["PasswordVerifier", "ReadinessCheck", "WebContext", "get_context", "load_or_create_secret"]
 
 logger = logging.getLogger(__name__)
 
 #: A named check /readyz runs: returns (ok, detail).
 ReadinessCheck = tuple[str, Callable[[], tuple[bool, str]]]
+#: Checks a password against a stored hash (None: no such user, still spend the time): True if it matches.
+PasswordVerifier = Callable[[str | None, str], bool]
 
 
 @dataclass
 class WebContext:
-    """Settings, database and clock of the web app, plus the probes the node lends it."""
+    """Settings, database and clock of the web app, plus the probes the node lends it.
+
+    ``verify_password`` is the one function login uses to check a password (argon2 by
+    default); ``proxies`` the reverse proxies whose ``X-Forwarded-For`` is believed.
+    """
 
     settings: Settings
     sessions: sessionmaker[Session]
     clock: Callable[[], datetime]
     secret_key: bytes
     readiness: Sequence[ReadinessCheck] = field(default_factory=tuple)
+    verify_password: PasswordVerifier = verify_password
+    proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
 
 
 def get_context(request: Request) -> WebContext:

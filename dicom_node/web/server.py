@@ -18,8 +18,10 @@ class WebServer:
     """One uvicorn server in a daemon thread; ``start`` returns once it accepts connections."""
 
     def __init__(self, app: FastAPI, host: str, port: int, name: str = "web") -> None:
+        # proxy_headers off: uvicorn would otherwise take X-Forwarded-For from 127.0.0.1 (or anyone in
+        # FORWARDED_ALLOW_IPS); the app decides itself, from web.trusted_proxies (web.client_address).
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                                access_log=False, server_header=False)
+                                access_log=False, server_header=False, proxy_headers=False)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name=name, daemon=True)
         self._where = f"http://{host}:{port}"
