@@ -9,7 +9,6 @@ Only directories changed since shortly before the last indexed instance are walk
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from datetime import datetime, timedelta, timezone
@@ -21,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import repo
 from dicom_node.db.models import Instance
-from dicom_node.header import InvalidDataset, parse_header
+from dicom_node.header import InvalidDataset, parse_header_file
 from dicom_node.indexer import IndexRecord, InstanceIndexer
 from dicom_node.spool import Spool
 
@@ -39,8 +38,8 @@ def _recent_files(root: Path, since: float) -> list[Path]:
     """
     found: list[Path] = []
     for study in os.scandir(root):
-        if not study.is_dir():
-            continue
+        if not study.is_dir() or study.name.startswith("."):
+            continue  # .incoming holds instances still being received
         for series in os.scandir(study.path):
             if series.is_dir() and series.stat().st_mtime >= since:
                 found.extend(Path(entry.path) for entry in os.scandir(series.path) if entry.name.endswith(".dcm"))
@@ -56,12 +55,13 @@ def reindex_orphans(spool: Spool, sessions: sessionmaker[Session], indexer: Inst
     for path in _recent_files(spool.root, since):
         relative = path.relative_to(spool.root).as_posix()
         try:
-            raw = path.read_bytes()
-            stream = io.BytesIO(raw)
-            read_preamble(stream, False)
-            meta = _read_file_meta_info(stream)
-            header = parse_header(
-                raw[stream.tell() :],
+            with open(path, "rb") as stream:
+                read_preamble(stream, False)
+                meta = _read_file_meta_info(stream)
+                offset = stream.tell()
+            header = parse_header_file(
+                path,
+                offset,
                 str(meta.TransferSyntaxUID),
                 str(meta.MediaStorageSOPClassUID),
                 str(meta.MediaStorageSOPInstanceUID),
@@ -77,7 +77,7 @@ def reindex_orphans(spool: Spool, sessions: sessionmaker[Session], indexer: Inst
                 header=header,
                 transfer_syntax_uid=str(meta.TransferSyntaxUID),
                 relative_path=relative,
-                size_bytes=len(raw),
+                size_bytes=path.stat().st_size,
                 received_at=datetime.fromtimestamp(path.stat().st_mtime, timezone.utc),
                 association_id=None,
             )
