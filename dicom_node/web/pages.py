@@ -11,6 +11,8 @@ from fastapi import Request
 from fastapi.responses import HTMLResponse
 from fastapi.templating import Jinja2Templates
 
+from dicom_node.web.urls import path_segment, study_path
+
 __all__ = ["make_templates", "render"]
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
@@ -52,6 +54,8 @@ def make_templates() -> Jinja2Templates:
     env.filters["when"] = _when
     env.filters["seconds"] = _seconds
     env.filters["tojson_pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str)
+    env.filters["segment"] = path_segment  # one URL path segment; Jinja's urlencode leaves "/" alone
+    env.globals["study_url"] = study_path
     env.globals["navigation"] = NAVIGATION
     env.globals["role_level"] = {"viewer": 1, "operator": 2, "admin": 3}
     return templates

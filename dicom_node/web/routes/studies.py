@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any, Literal
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,12 +26,14 @@ from dicom_node.web.auth import Principal, audit_event, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
 from dicom_node.web.preview import PreviewError, study_preview
+from dicom_node.web.urls import EncodedSlashRoute, api_study_path, header_text, study_path
 
 __all__ = ["router"]
 
 logger = logging.getLogger(__name__)
 
-router = APIRouter()
+#: Study UIDs may hold "/" (sent as %2F): routes match it on the raw path (see dicom_node.web.urls).
+router = APIRouter(route_class=EncodedSlashRoute)
 
 _UID = Path(..., min_length=1, max_length=64, description="Study Instance UID")
 _DATE_PATTERN = r"^(\d{4}-?\d{2}-?\d{2})?$"
@@ -396,7 +398,7 @@ def _page_action(fn: Action, kind: str, action: str, context: WebContext, reques
             raise HTTPException(refused.status, refused.message) from None
         ok, was, study_uid = False, refused.state or "", refused.study_uid
     query = urlencode({"notice": f"{kind}.{action}.{'done' if ok else 'refused'}", "id": target, "was": was})
-    return RedirectResponse(f"/studies/{quote(study_uid, safe='')}?{query}#jobs", status_code=303)
+    return RedirectResponse(f"{study_path(study_uid)}?{query}#jobs", status_code=303)
 
 
 def _notice(notice: str | None, target: int | None, was: str | None) -> str | None:
@@ -429,7 +431,7 @@ def _study_out(context: WebContext, detail: study_views.StudyDetail) -> StudyOut
            if name not in ("timeline", "findings", "preview_url")},
         "timeline": study_views.timeline(detail, now=context.clock()),
         "findings": study_views.findings(detail),
-        "preview_url": f"/api/v1/studies/{quote(detail.study_instance_uid, safe='')}/preview.png",
+        "preview_url": api_study_path(detail.study_instance_uid, "/preview.png"),
     })
 
 
@@ -440,7 +442,7 @@ def _preview_response(context: WebContext, uid: str) -> Response:
         raise HTTPException(exc.status, exc.message) from None
     return Response(preview.png, media_type="image/png", headers={
         "Cache-Control": "private, no-store",
-        "X-Preview-Series": preview.series_instance_uid,
+        "X-Preview-Series": header_text(preview.series_instance_uid),  # percent-encoded UTF-8 if not ASCII
         "X-Preview-Slice": f"{preview.slice_index + 1}/{preview.slice_count}",
         "X-Preview-Overlay": "yes" if preview.overlay else "no",
     })
@@ -508,7 +510,7 @@ def _study_values(context: WebContext, detail: study_views.StudyDetail) -> dict[
         "timeline": study_views.timeline(detail, now=context.clock()),
         "findings": study_views.findings(detail),
         "has_image": any(s.is_image and s.instance_count for s in detail.series),
-        "uid_path": quote(detail.study_instance_uid, safe=""),
+        "study_link": study_path(detail.study_instance_uid),
     }
 
 
