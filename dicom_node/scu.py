@@ -57,6 +57,7 @@ from dicom_node.delivery_types import (
 )
 from dicom_node.destinations import DicomDestination, DicomTLS
 from dicom_node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicom_node.tls_files import no_key_password
 
 __all__ = ["SocketObserver", "build_client_ssl_context", "echo", "requested_contexts", "send_dicom"]
 
@@ -109,7 +110,8 @@ def build_client_ssl_context(tls: DicomTLS) -> ssl.SSLContext:
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.check_hostname = tls.check_hostname
     if tls.certificate is not None and tls.private_key is not None:
-        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key))
+        # never let OpenSSL prompt for a key password on the terminal (it would hang the sender)
+        context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key), password=no_key_password)
     return context
 
 
@@ -359,7 +361,7 @@ def _ssl_context(sender: _Sender) -> ssl.SSLContext | None:
         return None
     try:
         return build_client_ssl_context(tls)
-    except (OSError, ssl.SSLError) as exc:
+    except (OSError, ssl.SSLError, ValueError) as exc:  # ValueError: an encrypted private key
         raise sender.error(
             f"cannot load the TLS files (ca_certificates={tls.ca_certificates}, certificate={tls.certificate}, "
             f"private_key={tls.private_key}): {exc}",

@@ -252,7 +252,11 @@ def _exchange(
 ) -> tuple[int, Message | None, bytes]:
     """Send ``request``; (HTTP status, headers, body), HTTP errors included. DeliveryError when no answer came."""
     handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
-    context = _ssl_context(destination)
+    try:
+        context = _ssl_context(destination)
+    except (OSError, ssl.SSLError) as exc:  # a wrong ca_certificates file: permanent, name the path
+        problem = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else (exc.strerror or exc)
+        raise error(f"cannot load ca_certificates {destination.ca_certificates}: {problem}", retryable=False) from exc
     if context is not None:
         handlers.append(urllib.request.HTTPSHandler(context=context))
     opener = urllib.request.build_opener(*handlers)

@@ -7,8 +7,13 @@ when saved with each error placed at its field. Secrets (a basic-auth password, 
 bearer token) never leave the server: pages show "(unchanged)" and keep the stored
 value when the field is left blank, the API answers ``**********`` and takes that
 (or nothing) back as "keep the stored secret", and the audit log stores the
-definition redacted. "Test connection" runs a C-ECHO (DICOM) or a QIDO-RS request
-(DICOMweb) with the destination's own AE titles, TLS settings and credentials.
+definition redacted. A stored secret is only ever sent to the server it was entered
+for: a save that moves the URL to another scheme, host or port must carry the secret
+again (422 at ``auth.password``/``auth.token``, audited as ``destination.secret_refused``).
+TLS files (CA bundle, client certificate and key) must load when the definition is saved
+and before a test runs (422 naming the field, the path and what is wrong). "Test
+connection" runs a C-ECHO (DICOM) or a QIDO-RS request (DICOMweb) with the destination's
+own AE titles, TLS settings and credentials.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
@@ -26,12 +31,14 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from dicom_node.db import config_repo
 from dicom_node.db.models import Role
 from dicom_node.destinations import ALL_OUTPUTS, Destination, DicomDestination, DicomWebDestination
+from dicom_node.tls_files import destination_tls_problems
 from dicom_node.web.auth import Principal, audit_event, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
 from dicom_node.web.routes.rules import FieldError, FormData, invalid_response, submitted_form
 
-__all__ = ["MASK", "TestOutcome", "merge_secrets", "redacted", "router", "test_destination", "validate_destination"]
+__all__ = ["MASK", "TestOutcome", "merge_secrets", "redacted", "router", "secret_moved", "test_destination",
+           "validate_destination"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +71,59 @@ def redacted(destination: Destination) -> dict[str, Any]:
     return destination.model_dump(mode="json")
 
 
+def _origin(url: Any) -> str:
+    """``scheme://host:port`` of a URL (default port filled in), the unit a secret is entered for."""
+    if not isinstance(url, str):
+        return repr(url)
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+    except ValueError:
+        return url.strip()
+    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
+
+
+@dataclass(frozen=True)
+class SecretMoved:
+    """A save that would send the stored secret to another server: which secret, from where, to where."""
+
+    secret: str  # "password" or "token"
+    stored_origin: str
+    new_origin: str
+
+    @property
+    def error(self) -> FieldError:
+        what = self.secret
+        return (("auth", self.secret),
+                f"the URL now points to {self.new_origin} instead of {self.stored_origin}: type the {what} again "
+                f"(a stored {what} is only sent to the server it was entered for)")
+
+
+def secret_moved(data: Any, stored: Destination | None) -> SecretMoved | None:
+    """Whether ``data`` keeps (blank or masked) a stored secret while its URL moves to another scheme, host or
+    port: the stored secret must not follow an edited URL to a server it was never meant for."""
+    if not isinstance(data, dict) or not isinstance(stored, DicomWebDestination):
+        return None
+    auth = data.get("auth")
+    if not isinstance(auth, dict) or auth.get("type") != stored.auth.type:
+        return None
+    if _origin(data.get("url")) == _origin(stored.url):
+        return None
+    for name in ("password", "token"):
+        if getattr(stored.auth, name, None) is not None and auth.get(name) in (None, "", MASK):
+            return SecretMoved(name, _origin(stored.url), _origin(data.get("url")))
+    return None
+
+
 def merge_secrets(data: Any, stored: Destination | None) -> Any:
-    """``data`` with blank or masked secrets replaced by the stored ones (same auth kind only)."""
+    """``data`` with blank or masked secrets replaced by the stored ones (same auth kind and same server only:
+    see :func:`secret_moved`)."""
     if not isinstance(data, dict) or not isinstance(stored, DicomWebDestination):
         return data
     auth = data.get("auth")
     if not isinstance(auth, dict) or auth.get("type") != stored.auth.type:
+        return data
+    if _origin(data.get("url")) != _origin(stored.url):
         return data
     merged = dict(auth)
     for name in ("password", "token"):
@@ -104,7 +158,10 @@ def validate_destination(data: Any, *, stored: Destination | None) -> tuple[Dest
     """The destination ``data`` describes (blank/masked secrets taken from ``stored``), or its problems.
 
     Locations are the model's fields without the union tags (``port``, ``tls.certificate``,
-    ``auth.password``), so pages and API name the same field.
+    ``auth.password``), so pages and API name the same field. Refused besides the model's
+    own rules: a stored secret kept while the URL moves to another server
+    (:func:`secret_moved`), and TLS files on the node that are not what their field says
+    (:func:`dicom_node.tls_files.destination_tls_problems`).
     """
     if not isinstance(data, dict):
         return None, [((), f"a destination must be a JSON object, got {type(data).__name__}")]
@@ -112,21 +169,32 @@ def validate_destination(data: Any, *, stored: Destination | None) -> tuple[Dest
     if long:
         return None, [((key,), f"{key} is {len(data[key])} characters long; at most {MAX_TEXT} are allowed")
                       for key in long]
+    moved = secret_moved(data, stored)
     try:
-        return _DESTINATION.validate_python(merge_secrets(data, stored)), []
+        destination = _DESTINATION.validate_python(merge_secrets(data, stored))
     except ValidationError as exc:
-        errors: list[FieldError] = []
-        for error in exc.errors():
-            location = _location(error["loc"])
-            if error["type"] in ("union_tag_not_found", "union_tag_invalid"):  # no or an unknown "type"
-                given = error["input"].get("type") if isinstance(error["input"], dict) else None
-                auth = location[:1] == ("auth",)
-                location = ("auth", "type") if auth else ("type",)
-                kinds = _AUTH_KINDS if auth else _KINDS
-                errors.append((location, f"{'.'.join(location)} must be one of {', '.join(kinds)} (got {given!r})"))
-            else:
-                errors.append((location, _message(error)))
+        errors = _model_errors(exc)
+        if moved is not None:
+            errors = [moved.error, *(e for e in errors if e[0] != moved.error[0])]
         return None, errors
+    errors = [*([moved.error] if moved is not None else []), *destination_tls_problems(destination)]
+    return (None, errors) if errors else (destination, [])
+
+
+def _model_errors(exc: ValidationError) -> list[FieldError]:
+    """pydantic's errors at the definition's own field names."""
+    errors: list[FieldError] = []
+    for error in exc.errors():
+        location = _location(error["loc"])
+        if error["type"] in ("union_tag_not_found", "union_tag_invalid"):  # no or an unknown "type"
+            given = error["input"].get("type") if isinstance(error["input"], dict) else None
+            auth = location[:1] == ("auth",)
+            location = ("auth", "type") if auth else ("type",)
+            kinds = _AUTH_KINDS if auth else _KINDS
+            errors.append((location, f"{'.'.join(location)} must be one of {', '.join(kinds)} (got {given!r})"))
+        else:
+            errors.append((location, _message(error)))
+    return errors
 
 
 @dataclass(frozen=True)
@@ -165,13 +233,37 @@ def _or_404(context: WebContext, name: str) -> config_repo.DestinationRecord:
     return record
 
 
+class UnusableTlsFiles(Exception):
+    """The destination's TLS files cannot be loaded, so no connection test was run: ``problems`` by field."""
+
+    def __init__(self, problems: list[FieldError]) -> None:
+        super().__init__("; ".join(message for _, message in problems))
+        self.problems = problems
+
+
 def _run_test(request: Request, context: WebContext, principal: Principal, destination: Destination) -> TestOutcome:
+    """Test and audit; raises :class:`UnusableTlsFiles` (audited too) instead of trying with broken TLS files."""
+    problems: list[FieldError] = list(destination_tls_problems(destination))
+    if problems:
+        audit_event(context, request, principal, "destination.test", target_kind="destination",
+                    target=destination.name, after={"ok": False, "method": "not run", "detail": str(
+                        UnusableTlsFiles(problems))}, detail="not run: unusable TLS files")
+        raise UnusableTlsFiles(problems)
     outcome = test_destination(context, destination)
     audit_event(context, request, principal, "destination.test", target_kind="destination", target=destination.name,
                 after={"ok": outcome.ok, "method": outcome.method, "round_trip_ms": outcome.round_trip_ms,
                        "detail": outcome.detail},
                 detail=f"{'ok' if outcome.ok else 'failed'} in {outcome.round_trip_ms:g} ms")
     return outcome
+
+
+def _audit_secret_refused(request: Request, context: WebContext, principal: Principal, name: str,
+                          moved: SecretMoved) -> None:
+    """Record that a save was refused because it would have sent the stored secret to another server."""
+    audit_event(context, request, principal, "destination.secret_refused", target_kind="destination", target=name,
+                before={"url_origin": moved.stored_origin}, after={"url_origin": moved.new_origin},
+                detail=f"not saved: the URL moved from {moved.stored_origin} to {moved.new_origin} "
+                       f"without a new {moved.secret}")
 
 
 def _delete(request: Request, context: WebContext, principal: Principal, name: str) -> None:
@@ -349,6 +441,10 @@ def _save_from_form(request: Request, context: WebContext, principal: Principal,
     destination, errors = validate_destination(data, stored=stored)
     _place(state, errors)
     if destination is None:
+        moved = secret_moved(data, stored)
+        if moved is not None:
+            state.stored_secret[moved.secret] = False  # no "(unchanged)": it has to be typed again
+            _audit_secret_refused(request, context, principal, original or "", moved)
         return _form_page(request, context, state, original=original, record=record, status_code=422)
     try:
         if original is None:
@@ -409,9 +505,14 @@ def test_destination_submit(
 ) -> Response:
     """Test the stored destination's connection; the result is shown on its page."""
     record = _or_404(context, name)
-    outcome = _run_test(request, context, principal, record.destination)
-    return _form_page(request, context, DestinationForm.from_destination(record.destination), original=name,
-                      record=record, test=outcome)
+    state = DestinationForm.from_destination(record.destination)
+    try:
+        outcome = _run_test(request, context, principal, record.destination)
+    except UnusableTlsFiles as exc:
+        _place(state, exc.problems)
+        failed = TestOutcome(False, f"not run: {exc}", 0.0, "not run")
+        return _form_page(request, context, state, original=name, record=record, test=failed, status_code=422)
+    return _form_page(request, context, state, original=name, record=record, test=outcome)
 
 
 # --------------------------------------------------------------------------- API
@@ -446,6 +547,9 @@ def _api_save(request: Request, context: WebContext, principal: Principal, body:
         body = {**body, "name": original}
     destination, errors = validate_destination(body, stored=stored)
     if destination is None:
+        moved = secret_moved(body, stored)
+        if moved is not None:
+            _audit_secret_refused(request, context, principal, original or "", moved)
         return invalid_response("destination", errors)
     try:
         if original is None:
@@ -510,9 +614,12 @@ def api_delete_destination(
 def api_test_destination(
     request: Request, name: str, principal: Principal = Depends(require(Role.OPERATOR)),
     context: WebContext = Depends(get_context),
-) -> ConnectionTestResult:
+) -> ConnectionTestResult | Response:
     """C-ECHO (DICOM) or QIDO-RS (DICOMweb) the stored destination; ``ok`` false explains why in ``detail``."""
     destination = _or_404(context, name).destination
-    outcome = _run_test(request, context, principal, destination)
+    try:
+        outcome = _run_test(request, context, principal, destination)
+    except UnusableTlsFiles as exc:
+        return invalid_response("destination: its TLS files cannot be used, so it was not tested", exc.problems)
     return ConnectionTestResult(destination=name, kind=destination.type, method=outcome.method, ok=outcome.ok,
                                 detail=outcome.detail, round_trip_ms=outcome.round_trip_ms)
