@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import mmap
 import os
+import re
 import tempfile
 import zlib
 from collections.abc import Iterator
@@ -68,6 +69,8 @@ _PIXEL_SOP_CLASSES = frozenset((
 _NATIVE_SYNTAXES = frozenset(
     ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.2")
 )
+#: What a UID may hold here: printable ASCII without space or backslash.
+_PRINTABLE_UID = re.compile(r"^[\x21-\x5b\x5d-\x7e]+$")
 #: Inflated bytes handed to zlib's decompressor per step (bounds memory while inflating).
 _INFLATE_STEP = 1 << 20
 
@@ -102,6 +105,25 @@ class InstanceHeader:
     series_description: str | None
     body_part_examined: str | None
     instance_number: int | None
+
+
+def uid_problem(uid: str) -> str | None:
+    """What makes a received UID unusable, or None.
+
+    Missing, longer than 64 characters (PS3.5 9.1), or holding characters no UID can
+    (controls, space, backslash, non-ASCII: decoded with replacement characters, two
+    different UIDs could become one). Sloppy but printable UIDs (letters, leading zeros)
+    are accepted as the files they come in are; they never reach a file name raw
+    (:func:`dicom_node.spool.uid_to_filename`).
+    """
+    text = uid.strip("\0 ")
+    if not text:
+        return "is missing"
+    if len(text) > 64:
+        return f"is longer than 64 characters ({len(text)})"
+    if not _PRINTABLE_UID.match(text):
+        return "holds characters that no UID can"
+    return None
 
 
 def requires_pixel_data(sop_class_uid: str) -> bool:
@@ -319,9 +341,10 @@ def _parse_plain(data: bytes | memoryview | mmap.mmap, start: int, transfer_synt
     missing = [keyword for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID") if not uids[keyword]]
     if missing:
         raise InvalidDataset(STATUS_MISSING_UID, f"no {', '.join(missing)} in the dataset")
-    too_long = [keyword for keyword, uid in uids.items() if uid and len(uid) > 64]
-    if too_long:
-        raise InvalidDataset(STATUS_INVALID_UID, f"{', '.join(too_long)} longer than 64 characters")
+    for keyword, uid in uids.items():
+        problem = uid_problem(uid) if uid else None
+        if problem is not None:
+            raise InvalidDataset(STATUS_INVALID_UID, f"{keyword} {problem}")
     if uids["SOPInstanceUID"] != sop_instance_uid.strip("\0 "):
         raise InvalidDataset(
             STATUS_SOP_INSTANCE_MISMATCH,

@@ -8,7 +8,6 @@ recorded with who sent what and how it ended. Handlers return statuses and never
 from __future__ import annotations
 
 import logging
-import re
 import socket
 import ssl
 import threading
@@ -30,14 +29,14 @@ from dicom_node.access import AccessPolicy
 from dicom_node.association_server import BoundedAssociationServer, serve_in_thread
 from dicom_node.db import repo
 from dicom_node.db.models import AssociationOutcome
-from dicom_node.header import STATUS_INVALID_UID, STATUS_MISSING_UID
+from dicom_node.header import STATUS_INVALID_UID, STATUS_MISSING_UID, uid_problem
 from dicom_node.ingest import STATUS_SUCCESS, IncomingInstance, IngestService, StoreOutcome, StoreRequest, utc_now
 from dicom_node.settings import DicomSettings
 from dicom_node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicom_node.tls_files import ca_bundle_problem, client_certificate_problems, no_key_password
 
 logger = logging.getLogger(__name__)
 
-_PRINTABLE_UID = re.compile(r"^[\x21-\x5b\x5d-\x7e]+$")  # printable ASCII without space or backslash
 
 # Accepted as sent and stored unchanged (PS3.5 Section 10 and Annex A), in order of
 # preference when a sender offers several for one SOP class: lossless compression first
@@ -64,13 +63,27 @@ SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
 
 
 def build_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
-    """The server-side TLS context for DICOM TLS, or None when TLS is off."""
+    """The server-side TLS context for DICOM TLS, or None when TLS is off.
+
+    Raises :class:`RuntimeError` naming each file that cannot be used (and an encrypted
+    key is one: OpenSSL would otherwise ask for its password on the terminal and the
+    node would never start).
+    """
     tls = settings.tls
     if not tls.enabled:
         return None
+    assert tls.certificate is not None and tls.private_key is not None  # the settings require both
+    problems = [message for _, message in client_certificate_problems(tls.certificate, tls.private_key,
+                                                                      prefix="dicom.tls.")]
+    if tls.ca_certificates is not None:
+        problem = ca_bundle_problem(tls.ca_certificates)
+        if problem is not None:
+            problems.append(f"dicom.tls.ca_certificates {tls.ca_certificates} {problem}")
+    if problems:
+        raise RuntimeError("; ".join(problems))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key))
+    context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key), password=no_key_password)
     if tls.ca_certificates is not None:
         context.load_verify_locations(cafile=str(tls.ca_certificates))
         context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_certificate else ssl.CERT_OPTIONAL
@@ -356,7 +369,7 @@ class StorageSCP:
                       sop_instance_uid: str) -> IncomingInstance:
         """Where the data set of a C-STORE streams to: a staging file of the ingest service."""
         connection = self._connections.get(id(assoc))
-        context = assoc._accepted_cx.get(context_id) if hasattr(assoc, "_accepted_cx") else None
+        context = next((cx for cx in assoc.accepted_contexts if cx.context_id == context_id), None)
         syntax = str(context.transfer_syntax[0]) if context is not None and context.transfer_syntax else ""
         association_id = connection.association_id if connection else None
         incoming = self._ingest.begin(StoreRequest(
@@ -406,7 +419,7 @@ class StorageSCP:
         """Refuse a request without usable UIDs before its data set is looked at; else let ingest decide."""
         request = incoming.request
         for uid, what in ((request.sop_class_uid, "SOP Class"), (request.sop_instance_uid, "SOP Instance")):
-            problem = request_uid_problem(uid)
+            problem = uid_problem(uid)
             if problem is not None:
                 incoming.discard()
                 status = STATUS_MISSING_UID if not uid.strip("\0 ") else STATUS_INVALID_UID
@@ -498,24 +511,6 @@ class StorageSCP:
         if still:
             with self._lock:
                 self._unrecorded[:0] = still
-
-
-def request_uid_problem(uid: str) -> str | None:
-    """What makes a UID from a C-STORE request unusable, or None.
-
-    Missing, longer than 64 characters (PS3.5 9.1), or holding characters no UID can
-    (controls, backslash, non-ASCII). Sloppy but printable UIDs (letters, leading
-    zeros) are accepted as the files they come in are: they never reach a file name
-    raw (:func:`dicom_node.spool.uid_to_filename`).
-    """
-    text = uid.strip("\0 ")
-    if not text:
-        return "is missing"
-    if len(text) > 64:
-        return f"is longer than 64 characters ({len(text)})"
-    if not _PRINTABLE_UID.match(text):
-        return "holds characters that no UID can"
-    return None
 
 
 def _shut_transport(assoc: Association) -> None:

@@ -279,3 +279,13 @@ def test_over_long_values_are_shortened_for_the_index_and_long_uids_refused(ct: 
     with pytest.raises(InvalidDataset) as raised:
         parse(body_of(long_uid), long_uid)
     assert raised.value.status == 0xC222 and "StudyInstanceUID" in raised.value.reason
+
+
+def test_uids_with_bytes_no_uid_can_hold_are_refused(ct: Dataset) -> None:
+    """Decoded with replacement characters, two UIDs differing in such bytes would become one."""
+    body = body_of(ct)
+    study = ct.StudyInstanceUID.encode()
+    damaged = body.replace(study, study[:-2] + b"\xe9" + study[-1:])
+    with pytest.raises(InvalidDataset) as raised:
+        parse(damaged, ct)
+    assert raised.value.status == 0xC222 and "StudyInstanceUID holds characters" in raised.value.reason
