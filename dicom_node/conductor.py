@@ -3,7 +3,8 @@
 Why: one loop, in the node process, owns the transitions nobody else triggers:
 routing complete studies (through the same pure :func:`routing.evaluate` the CLI's
 ``rules test`` uses), re-enqueueing jobs whose worker died or that failed and may be
-retried, and sending deliveries whose backoff has expired. Because it reads
+retried, sending deliveries whose backoff has expired, and sending again the
+messages of jobs and deliveries that wait too long (the broker may have lost them). Because it reads
 everything from the database, it also rebuilds the queue after a restart (the
 embedded ``memory://`` broker keeps nothing).
 """
@@ -57,12 +58,14 @@ class Conductor:
         *,
         job_max_attempts: int,
         interval_seconds: float = 1.0,
+        resend_after_seconds: float = 120.0,
     ) -> None:
         self._sessions = sessions
         self._spool_dir = spool_dir
         self._queue = queue
         self._clock = clock
         self._job_max_attempts = job_max_attempts
+        self._resend_after_seconds = resend_after_seconds
         self._loop = Periodic("conductor", interval_seconds, self.tick)
 
     def decide(self, study_id: int) -> RoutingDecision:
@@ -91,10 +94,20 @@ class Conductor:
         return new_jobs
 
     def sweep(self) -> tuple[list[int], list[int]]:
-        """Re-enqueue jobs to retry or whose worker died, and deliveries that are due."""
+        """Re-enqueue jobs to retry or whose worker died, deliveries that are due, and both whose
+        message the broker may have lost (still waiting ``resend_after_seconds`` after it was sent)."""
         now = self._clock()
         job_ids = jobs.requeue_jobs(self._sessions, now=now)
         delivery_ids = jobs.due_deliveries(self._sessions, now=now)
+        lost_jobs = jobs.resend_queued_jobs(self._sessions, now=now, after_seconds=self._resend_after_seconds)
+        lost_deliveries = jobs.resend_pending_deliveries(self._sessions, now=now,
+                                                         after_seconds=self._resend_after_seconds)
+        if lost_jobs or lost_deliveries:
+            logger.info("sending again %d job(s) and %d delivery(ies) still waiting for a worker (their message "
+                        "may have been lost): jobs %s, deliveries %s", len(lost_jobs), len(lost_deliveries),
+                        lost_jobs, lost_deliveries)
+        job_ids += lost_jobs
+        delivery_ids += lost_deliveries
         for job_id in job_ids:
             self._queue.enqueue_job(job_id)
         for delivery_id in delivery_ids:

@@ -65,6 +65,7 @@ class Node:
             self.sessions, settings.spool_dir, self.queue, clock,
             job_max_attempts=settings.routing.job_max_attempts,
             interval_seconds=settings.queue.sweep_interval_seconds,
+            resend_after_seconds=settings.queue.resend_after_seconds,
         )
         self.worker: EmbeddedWorker | None = None
         self.heartbeat: WorkerHeartbeat | None = None

@@ -197,6 +197,11 @@ class QueueSettings(_Section):
         description="Queues the serve process consumes itself; [] when separate workers do all the work.",
     )
     sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    resend_after_seconds: float = Field(
+        default=120.0, gt=0,
+        description="A job still queued (a delivery still pending) this long after its message was sent is sent "
+        "again, in case the broker lost it; each later re-send waits as long as the job had waited.",
+    )
     stop_grace_seconds: float = Field(
         default=15.0, ge=0, le=30,
         description="On SIGTERM/SIGINT, how long the running job or delivery may take to finish before it is "

@@ -2,7 +2,8 @@
 
 Why: the database is the source of truth for the pipeline (the queue only carries
 ids), so a process that dies mid-task loses nothing: :func:`requeue_jobs` and
-:func:`due_deliveries` find what is left and it is sent again. Claiming a job or a
+:func:`due_deliveries` find what is left and it is sent again, and a message the
+broker lost is sent again by :func:`resend_queued_jobs` and :func:`resend_pending_deliveries`. Claiming a job or a
 delivery is a conditional UPDATE, so two workers never run the same one, and a
 redelivered message for a finished job is a no-op.
 """
@@ -45,6 +46,8 @@ __all__ = [
     "heartbeat_job",
     "own_result_series",
     "requeue_jobs",
+    "resend_pending_deliveries",
+    "resend_queued_jobs",
     "unfinished_deliveries",
     "unfinished_jobs",
     "record_routing",
@@ -427,6 +430,60 @@ def unfinished_deliveries(sessions: sessionmaker[Session], *, now: datetime) -> 
             select(Delivery.id).where(Delivery.state == DeliveryState.PENDING.value).order_by(Delivery.id)
         ).all()
     return [int(r[0]) for r in rows]
+
+
+def resend_queued_jobs(sessions: sessionmaker[Session], *, now: datetime, after_seconds: float) -> list[int]:
+    """Queued jobs whose queue message may have been lost, to send again; returns their ids.
+
+    A message is lost when the broker loses its queue (a Redis restarted without
+    persistence) or could not take it (down when the job was queued). Nothing tells a
+    lost message from one waiting behind others, so a job still queued ``after_seconds``
+    after its message was sent is sent again, and each later re-send waits as long as
+    the job had waited before it (after 1, 2, 4, ... times ``after_seconds``): a long
+    queue costs a few extra messages per job, a lost message a bounded delay. A
+    duplicate is harmless (only one claim of a queued job succeeds). ``queued_at``
+    records when the message was last sent; ``state_changed_at`` when the wait began.
+    """
+    cutoff = now - timedelta(seconds=after_seconds)
+    with sessions.begin() as session:
+        rows = session.execute(
+            select(Job.id, Job.queued_at, Job.state_changed_at)
+            .where(Job.state == JobState.QUEUED.value, Job.queued_at <= cutoff)
+            .order_by(Job.priority.desc(), Job.id)
+        ).all()
+        due = [int(job_id) for job_id, sent, since in rows
+               if now - sent >= max(timedelta(seconds=after_seconds), sent - min(since, sent))]
+        if due:
+            session.execute(
+                update(Job).where(Job.id.in_(due), Job.state == JobState.QUEUED.value).values(queued_at=now)
+            )
+    return due
+
+
+def resend_pending_deliveries(sessions: sessionmaker[Session], *, now: datetime, after_seconds: float) -> list[int]:
+    """Pending deliveries whose queue message may have been lost, to send again (see :func:`resend_queued_jobs`).
+
+    For a pending delivery, ``next_attempt_at`` records when its message was last sent
+    (the later of it and ``state_changed_at``, when it became pending).
+    """
+    cutoff = now - timedelta(seconds=after_seconds)
+    with sessions.begin() as session:
+        rows = session.execute(
+            select(Delivery.id, Delivery.next_attempt_at, Delivery.state_changed_at)
+            .where(Delivery.state == DeliveryState.PENDING.value, Delivery.state_changed_at <= cutoff)
+            .order_by(Delivery.id)
+        ).all()
+        due = []
+        for delivery_id, next_attempt_at, since in rows:
+            sent = max(since, next_attempt_at) if next_attempt_at is not None else since
+            if now - sent >= max(timedelta(seconds=after_seconds), sent - since):
+                due.append(int(delivery_id))
+        if due:
+            session.execute(
+                update(Delivery).where(Delivery.id.in_(due), Delivery.state == DeliveryState.PENDING.value)
+                .values(next_attempt_at=now)
+            )
+    return due
 
 
 def retry_delivery(sessions: sessionmaker[Session], delivery_id: int, *, now: datetime) -> bool:

@@ -193,3 +193,38 @@ def test_permanent_delivery_errors_are_dead_at_once(engine: Engine) -> None:
     assert state == "dead"
     with make_session_factory(engine)() as session:
         assert session.scalars(select(Job.state)).one() == JobState.SUCCEEDED.value  # inference is not re-run
+
+
+def test_a_queued_job_whose_message_was_lost_is_sent_again_less_and_less_often(engine: Engine) -> None:
+    """The broker lost the message (a Redis restarted empty): nothing else would ever run the job."""
+    sessions = make_session_factory(engine)
+    [job_id] = jobs.record_routing(sessions, complete_study(sessions), decision("seg"), now=T0, max_attempts=3)
+    at = lambda seconds: T0 + timedelta(seconds=seconds)  # noqa: E731
+    assert jobs.resend_queued_jobs(sessions, now=at(59), after_seconds=60) == []
+    sent = [s for s in range(0, 1000) if jobs.resend_queued_jobs(sessions, now=at(s), after_seconds=60)]
+    assert sent == [60, 120, 240, 480, 960]  # each re-send waits as long as the job had waited
+    # A job handed to a worker is not sent again; requeued after a failure, its wait starts over.
+    jobs.claim_job(sessions, job_id, worker="w", now=at(1000), lease_seconds=60)
+    assert jobs.resend_queued_jobs(sessions, now=at(5000), after_seconds=60) == []
+    jobs.fail_job(sessions, job_id, now=at(1001), error="CUDA out of memory", retryable=True)
+    assert jobs.requeue_jobs(sessions, now=at(1002)) == [job_id]
+    assert jobs.resend_queued_jobs(sessions, now=at(1061), after_seconds=60) == []
+    assert jobs.resend_queued_jobs(sessions, now=at(1062), after_seconds=60) == [job_id]
+
+
+def test_a_pending_delivery_whose_message_was_lost_is_sent_again(engine: Engine) -> None:
+    sessions = make_session_factory(engine)
+    _, [delivery_id] = finished_job(sessions, ["pacs"])  # pending since T0, its message sent then
+    at = lambda seconds: T0 + timedelta(seconds=seconds)  # noqa: E731
+    assert jobs.resend_pending_deliveries(sessions, now=at(29), after_seconds=30) == []
+    sent = [s for s in range(0, 300) if jobs.resend_pending_deliveries(sessions, now=at(s), after_seconds=30)]
+    assert sent == [30, 60, 120, 240]
+    # Sending, failed (waiting for its backoff) or delivered: never sent again by this rule.
+    jobs.claim_delivery(sessions, delivery_id, now=at(300), lease_seconds=3600)
+    assert jobs.resend_pending_deliveries(sessions, now=at(1000), after_seconds=30) == []
+    jobs.fail_delivery(sessions, delivery_id, now=at(301), error="refused", retryable=True,
+                       backoff_initial_seconds=5, backoff_max_seconds=600)
+    assert jobs.resend_pending_deliveries(sessions, now=at(1000), after_seconds=30) == []
+    assert jobs.due_deliveries(sessions, now=at(400)) == [delivery_id]  # pending again from 400 s
+    assert jobs.resend_pending_deliveries(sessions, now=at(429), after_seconds=30) == []
+    assert jobs.resend_pending_deliveries(sessions, now=at(430), after_seconds=30) == [delivery_id]

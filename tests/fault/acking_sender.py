@@ -7,7 +7,8 @@ to an acknowledgement file and ``fsync``s it *before* it sends the next instance
 the file is the sender's own record, as a PACS's would be, whatever happens to either
 process. Instances answered with a failure status are written to a second file
 (``UID 0xSTATUS``) and, unless ``--stop-on-failure``, sending goes on with the next
-one; an association that dies (no response) ends the run.
+one; an association that dies (no response) ends the run. ``--interval`` paces the
+sending (a slow link), so that a fault can be made to fall in the middle of a push.
 
 Run as a script (see :func:`start_sender`); the exit status is 0 when every instance
 was acknowledged, 1 when some were not, 2 when no association could be made.
@@ -21,6 +22,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO
@@ -39,6 +41,7 @@ def start_sender(
     acks: Path,
     calling_ae: str = "ACKSENDER",
     stop_on_failure: bool = False,
+    interval_seconds: float = 0.0,
     log: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start this module as a process sending ``files`` to ``host``:``port``; acknowledgements go to ``acks``.
@@ -51,6 +54,8 @@ def start_sender(
                "--calling-ae", calling_ae, "--acks", str(acks), "--files-from", str(listing)]
     if stop_on_failure:
         command.append("--stop-on-failure")
+    if interval_seconds:
+        command += ["--interval", str(interval_seconds)]
     output: IO[bytes] | int = log.open("ab") if log is not None else subprocess.DEVNULL
     try:
         return subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT)
@@ -103,7 +108,9 @@ def _send(args: argparse.Namespace) -> int:
             print(f"no association with {args.called_ae} at {args.host}:{args.port}", file=sys.stderr)
             return 2
         try:
-            for path, header in zip(files, headers):
+            for index, (path, header) in enumerate(zip(files, headers)):
+                if index and args.interval:
+                    time.sleep(args.interval)
                 uid = str(header.SOPInstanceUID)
                 status = assoc.send_c_store(path)
                 code = getattr(status, "Status", None)
@@ -131,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--acks", required=True, help="file the acknowledged SOP Instance UIDs are appended to")
     parser.add_argument("--files-from", required=True, help="file listing the DICOM files to send, one a line")
     parser.add_argument("--stop-on-failure", action="store_true")
+    parser.add_argument("--interval", type=float, default=0.0, help="seconds to wait between two instances")
     return _send(parser.parse_args(argv))
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from peers import Orthanc
-from training.phantoms.ct_series import SeriesGeometry, generate_ct_series
+from training.phantoms.ct_series import GeneratedSeries, SeriesGeometry, generate_ct_series
 
 __all__ = [
     "MODEL_ID",
@@ -83,18 +83,18 @@ def pipeline_settings(
     return {
         "routing": {"rules_file": str(work / "rules.yaml"), "destinations_file": str(work / "destinations.yaml"),
                     "models_file": str(work / "models.yaml"), "job_lease_seconds": 3.0},
-        "queue": {"embedded_worker_queues": list(worker_queues), "sweep_interval_seconds": 0.2},
+        "queue": {"embedded_worker_queues": list(worker_queues), "sweep_interval_seconds": 0.2,
+                  "resend_after_seconds": 2.0},
         "delivery": {"backoff_initial_seconds": 0.5, "backoff_max_seconds": 2.0, "max_attempts": 50,
                      "lease_seconds": 5.0},
     }
 
 
-def small_ct(work: Path, seed: int, slices: int = 16) -> tuple[str, list[Path]]:
-    """A small CT series (48 x 48, 6 mm voxels) in a study of its own: (Study Instance UID, files)."""
+def small_ct(work: Path, seed: int, slices: int = 16) -> GeneratedSeries:
+    """A small CT series (48 x 48, 6 mm voxels) in a study of its own, written under ``work``."""
     geometry = SeriesGeometry(rows=48, columns=48, slices=slices, pixel_spacing=(6.0, 6.0), slice_spacing=6.0,
                               slice_thickness=6.0)
-    series = generate_ct_series(work / f"ct{seed}", geometry=geometry, seed=seed)
-    return series.study_uid, series.paths
+    return generate_ct_series(work / f"ct{seed}", geometry=geometry, seed=seed)
 
 
 def result_series_in_pacs(orthanc: Orthanc, study_uid: str) -> dict[str, list[tuple[str, int]]]:
