@@ -7,6 +7,15 @@ retried, sending deliveries whose backoff has expired, and sending again the
 messages of jobs and deliveries that wait too long (the broker may have lost them). Because it reads
 everything from the database, it also rebuilds the queue after a restart (the
 embedded ``memory://`` broker keeps nothing).
+
+Threads: rules are evaluated only in the conductor's own thread (``tick``), never in
+one the DICOM listener or the web server needs; :meth:`Conductor.recover`, which the
+node runs at start before the listener opens, only re-enqueues and evaluates nothing,
+so a rule cannot hold up the start. The other callers of :func:`evaluate_with` are
+``dicom-node rules test`` (its own process) and the web rule tester (admins only, one
+request). Each evaluation is bounded: regexes run on RE2 (linear time, patterns of at
+most 500 characters, see :mod:`dicom_node.routing`) over indexed values of at most 64
+characters.
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ once. The first receiver thread to arrive commits its own instance and everythin
 queued up while the previous commit ran, in one transaction (the classic group commit);
 the others wait for it. With one association this is one short transaction per
 instance and no thread hand-over; with many, the commits are shared.
+
+A series is found by its study and its Series Instance UID: a sender that reuses a
+series UID in another study (another patient) gets a second series row, and both
+studies' timelines say so (:mod:`dicom_node.db.uid_reuse`), as they do when
+``duplicate_policy: replace`` moves a SOP Instance UID from one study to another.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from sqlalchemy import Engine, bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
 from dicom_node.db.models import AssociationStudy, Instance, Series, Study, StudyEvent, StudyState
+from dicom_node.db.uid_reuse import SERIES_UID_REUSED, SOP_INSTANCE_UID_REUSED, warn_on_both
 from dicom_node.header import InstanceHeader
 
 logger = logging.getLogger(__name__)
@@ -31,7 +37,20 @@ _EVENTS = StudyEvent.__table__
 
 # Statements built once; the writer runs them for every received instance.
 _STUDY_BY_UID = select(_STUDIES.c.id, _STUDIES.c.state).where(_STUDIES.c.study_instance_uid == bindparam("uid"))
-_SERIES_BY_UID = select(_SERIES.c.id).where(_SERIES.c.series_instance_uid == bindparam("uid"))
+_SERIES_IN_STUDY = select(_SERIES.c.id).where(
+    _SERIES.c.study_id == bindparam("study"), _SERIES.c.series_instance_uid == bindparam("uid")
+)
+_SERIES_ELSEWHERE = (  # other studies holding a series UID (run only when a study gets a new series)
+    select(_STUDIES.c.id, _STUDIES.c.study_instance_uid)
+    .join(_SERIES, _SERIES.c.study_id == _STUDIES.c.id)
+    .where(_SERIES.c.series_instance_uid == bindparam("uid"), _SERIES.c.study_id != bindparam("study"))
+    .order_by(_STUDIES.c.id)
+)
+_STUDY_OF_SERIES = (
+    select(_STUDIES.c.id, _STUDIES.c.study_instance_uid)
+    .join(_SERIES, _SERIES.c.study_id == _STUDIES.c.id)
+    .where(_SERIES.c.id == bindparam("sid"))
+)
 _INSTANCE_BY_UID = select(_INSTANCES.c.id, _INSTANCES.c.series_id).where(
     _INSTANCES.c.sop_instance_uid == bindparam("uid")
 )
@@ -70,6 +89,7 @@ class IndexRecord:
     error: BaseException | None = None
     late: bool = False
     series_id: int | None = None  # set by the indexer
+    study_id: int | None = None  # set by the indexer
 
 
 class IndexerStopped(RuntimeError):
@@ -88,8 +108,8 @@ class InstanceIndexer:
         self._committing = False
         self._stopped = False
         self._linked: set[tuple[int, int]] = set()
-        # Series UID -> id of series this process created or saw; a series never changes study.
-        self._series_ids: dict[str, int] = {}
+        # (study id, Series Instance UID) -> id of a series this process created or saw.
+        self._series_ids: dict[tuple[int, str], int] = {}
 
     def stop(self) -> None:
         """Refuse new records; the ones already committing finish."""
@@ -140,8 +160,8 @@ class InstanceIndexer:
         if len(self._series_ids) > 10_000:
             self._series_ids.clear()
         for record in batch:
-            if record.series_id is not None:
-                self._series_ids[record.header.series_instance_uid] = record.series_id
+            if record.series_id is not None and record.study_id is not None:
+                self._series_ids[(record.study_id, record.header.series_instance_uid)] = record.series_id
             record.done.set()
 
     def _write(self, connection: Connection, record: IndexRecord) -> None:
@@ -171,9 +191,10 @@ class InstanceIndexer:
         else:
             study_id, state = study
 
-        series_id = self._series_ids.get(header.series_instance_uid)
+        key = (study_id, header.series_instance_uid)
+        series_id = self._series_ids.get(key)
         if series_id is None:
-            series_id = connection.execute(_SERIES_BY_UID, {"uid": header.series_instance_uid}).scalar()
+            series_id = connection.execute(_SERIES_IN_STUDY, {"study": study_id, "uid": key[1]}).scalar()
         if series_id is None:
             series_id = connection.execute(
                 insert(_SERIES).values(
@@ -188,8 +209,9 @@ class InstanceIndexer:
                     last_received_at=now,
                 )
             ).inserted_primary_key[0]
+            self._warn_if_series_uid_reused(connection, header, study_id, now)
 
-        record.series_id = series_id
+        record.series_id, record.study_id = series_id, study_id
         late = state != StudyState.RECEIVING.value
         counted = True
         if record.replace_existing:
@@ -197,6 +219,7 @@ class InstanceIndexer:
             if previous is not None:
                 counted = previous.series_id != series_id
                 if counted:
+                    self._warn_if_moved_from_another_study(connection, header, previous.series_id, study_id, now)
                     self._uncount(connection, previous.series_id)
                 connection.execute(
                     update(_INSTANCES)
@@ -258,6 +281,37 @@ class InstanceIndexer:
             )
         connection.execute(update(_STUDIES).where(_STUDIES.c.id == study_id).values(**study_values))
         self._link(connection, record.association_id, study_id)
+
+    @staticmethod
+    def _warn_if_series_uid_reused(connection: Connection, header: InstanceHeader, study_id: int,
+                                   now: datetime) -> None:
+        """A new series whose UID another study already has: warn on both timelines (the rows stay apart)."""
+        uid = header.series_instance_uid
+        for other_id, other_uid in connection.execute(_SERIES_ELSEWHERE, {"uid": uid, "study": study_id}).all():
+            logger.debug("series %s reused: study %s is of patient %r", uid, header.study_instance_uid,
+                         header.patient_id)
+            keep = "each study keeps its own series and instances (the sender reuses UIDs across studies)"
+            warn_on_both(connection, kind=SERIES_UID_REUSED, at=now, warnings=[
+                (study_id, header.study_instance_uid, other_uid,
+                 f"Series Instance UID {uid} of this study is also used by study {other_uid}; {keep}"),
+                (other_id, other_uid, header.study_instance_uid,
+                 f"Series Instance UID {uid} of this study is also used by study {header.study_instance_uid}; {keep}"),
+            ])
+
+    @staticmethod
+    def _warn_if_moved_from_another_study(connection: Connection, header: InstanceHeader, previous_series_id: int,
+                                          study_id: int, now: datetime) -> None:
+        """duplicate_policy replace took an instance from another study: say so on both timelines."""
+        other_id, other_uid = connection.execute(_STUDY_OF_SERIES, {"sid": previous_series_id}).one()
+        if other_id == study_id:
+            return
+        sop, here = header.sop_instance_uid, header.study_instance_uid
+        warn_on_both(connection, kind=SOP_INSTANCE_UID_REUSED, at=now, warnings=[
+            (other_id, other_uid, here, f"SOP Instance UID {sop} of this study was sent again for study {here} "
+                                        "and moved there (dicom.duplicate_policy replace)"),
+            (study_id, here, other_uid, f"SOP Instance UID {sop} was held by study {other_uid} and moved here "
+                                        "(dicom.duplicate_policy replace)"),
+        ])
 
     def _link(self, connection: Connection, association_id: int | None, study_id: int) -> None:
         """Remember that the association sent to the study (its completion waits for it)."""

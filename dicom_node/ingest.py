@@ -229,7 +229,8 @@ class IngestService:
             existing = repo.find_instance(self._sessions, header.sop_instance_uid)
             if existing is not None and not self._replace_duplicates:
                 incoming.discard()
-                repo.count_duplicate(self._sessions, existing.id)
+                repo.count_duplicate(self._sessions, existing.id, study_instance_uid=header.study_instance_uid,
+                                     now=self._clock())
                 logger.info(
                     "kept the first copy of SOP Instance %s; duplicate from %s discarded",
                     header.sop_instance_uid,

@@ -99,7 +99,7 @@ def study_facts(sessions: sessionmaker[Session], spool_dir: Path, study_id: int)
             .order_by(Series.series_number, Series.id)
         ).all()
         study_uid, description = study.study_instance_uid, study.study_description
-    own = own_result_series(sessions, [series.series_instance_uid for series, _, _ in rows])
+    own = own_result_series(sessions, study_id, [series.series_instance_uid for series, _, _ in rows])
     facts = []
     for series, path, sop_class_uid in rows:
         manufacturer, thickness, iop = _header_facts(spool_dir / path)

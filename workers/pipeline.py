@@ -167,7 +167,8 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> str | None:
     try:
         with _lease_kept(ctx, job_id):
             with stages.stage("load"):
-                volume = ctx.volumes.load(claim.series_instance_uid, ctx.store.series_files(claim.series_instance_uid))
+                files = ctx.store.series_files(claim.series_instance_uid, study_instance_uid=claim.study_instance_uid)
+                volume = ctx.volumes.load(claim.series_instance_uid, files)
             with stages.stage("model_load"):
                 model = ctx.models.load(claim.pipeline)
             with stages.stage("inference"):

@@ -98,14 +98,18 @@ def studies_to_route(sessions: sessionmaker[Session]) -> list[tuple[int, str]]:
     return [(int(i), str(u)) for i, u in rows]
 
 
-def own_result_series(sessions: sessionmaker[Session], series_uids: Iterable[str]) -> set[str]:
-    """Which of ``series_uids`` are series of results this node produced."""
+def own_result_series(sessions: sessionmaker[Session], study_id: int, series_uids: Iterable[str]) -> set[str]:
+    """Which of ``series_uids`` (series of the study ``study_id``) are results this node produced for that study.
+
+    Keyed by study like every series lookup: a Series Instance UID alone may belong to several studies.
+    """
     uids = list(series_uids)
     if not uids:
         return set()
     with sessions() as session:
         rows = session.execute(
-            select(ResultObject.series_instance_uid).where(ResultObject.series_instance_uid.in_(uids)).distinct()
+            select(ResultObject.series_instance_uid).join(Job, Job.id == ResultObject.job_id)
+            .where(Job.study_id == study_id, ResultObject.series_instance_uid.in_(uids)).distinct()
         ).all()
     return {str(r[0]) for r in rows}
 

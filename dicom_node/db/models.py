@@ -97,11 +97,14 @@ class Study(Base):
 
 
 class Series(Base):
+    """One series of one study. A Series Instance UID is unique within its study only: a sender that
+    reuses one in another study (another patient) gets a second row, never a share of the first."""
+
     __tablename__ = "series"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
-    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     modality: Mapped[str | None] = mapped_column(String(16))
     series_number: Mapped[int | None] = mapped_column(Integer)
     series_description: Mapped[str | None] = mapped_column(String(64))
@@ -111,6 +114,8 @@ class Series(Base):
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
     study: Mapped[Study] = relationship(back_populates="series")
+
+    __table_args__ = (Index("ux_series_study_series", "study_id", "series_instance_uid", unique=True),)
 
 
 class Instance(Base):

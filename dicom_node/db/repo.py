@@ -23,6 +23,7 @@ from dicom_node.db.models import (
     StudyEvent,
     StudyState,
 )
+from dicom_node.db.uid_reuse import SOP_INSTANCE_UID_REUSED, warn_on_both
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,40 @@ def find_instance(sessions: sessionmaker[Session], sop_instance_uid: str) -> Exi
     return None if row is None else ExistingInstance(*row)
 
 
-def count_duplicate(sessions: sessionmaker[Session], instance_id: int) -> None:
+def count_duplicate(
+    sessions: sessionmaker[Session], instance_id: int, *, study_instance_uid: str, now: datetime
+) -> None:
+    """Count a discarded copy of the indexed instance ``instance_id`` (``dicom.duplicate_policy: keep_first``).
+
+    ``study_instance_uid`` is the study the discarded copy claimed. When that is not the
+    study holding the instance, the sender reuses a SOP Instance UID across studies:
+    nothing is misfiled (the first study keeps its instance, the copy is not filed into
+    it), and both timelines get a warning naming the other study (the second study's
+    only when it has been received).
+    """
     with sessions.begin() as session:
         session.execute(
             update(Instance)
             .where(Instance.id == instance_id)
             .values(duplicates_received=Instance.duplicates_received + 1)
         )
+        held = session.execute(
+            select(Study.id, Study.study_instance_uid, Instance.sop_instance_uid)
+            .join(Series, Series.study_id == Study.id).join(Instance, Instance.series_id == Series.id)
+            .where(Instance.id == instance_id)
+        ).first()
+        if held is None or held.study_instance_uid == study_instance_uid:
+            return
+        sop, first = held.sop_instance_uid, held.study_instance_uid
+        warnings = [(held.id, first, study_instance_uid,
+                     f"SOP Instance UID {sop} of this study was sent again for study {study_instance_uid}; that "
+                     "copy was discarded and this study's instance kept (dicom.duplicate_policy keep_first)")]
+        claimed = session.scalar(select(Study.id).where(Study.study_instance_uid == study_instance_uid))
+        if claimed is not None:
+            warnings.append((claimed, study_instance_uid, first,
+                             f"SOP Instance UID {sop} sent for this study is already held by study {first}; "
+                             "the copy sent for this study was discarded (dicom.duplicate_policy keep_first)"))
+        warn_on_both(session.connection(), kind=SOP_INSTANCE_UID_REUSED, at=now, warnings=warnings)
 
 
 def complete_due_studies(

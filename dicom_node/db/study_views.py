@@ -497,8 +497,9 @@ def study_detail(sessions: sessionmaker[Session], study_instance_uid: str) -> St
         series_rows = session.execute(select(Series).where(Series.study_id == study.id)
                                       .order_by(Series.series_number, Series.id)).scalars().all()
         result_series = {str(r[0]) for r in session.execute(
-            select(ResultObject.series_instance_uid)
-            .where(ResultObject.series_instance_uid.in_([s.series_instance_uid for s in series_rows])).distinct()
+            select(ResultObject.series_instance_uid).join(Job, Job.id == ResultObject.job_id)
+            .where(Job.study_id == study.id,
+                   ResultObject.series_instance_uid.in_([s.series_instance_uid for s in series_rows])).distinct()
         )} if series_rows else set()
         associations = [
             AssociationRow(id=a.id, calling_ae_title=a.calling_ae_title, peer_address=a.peer_address,

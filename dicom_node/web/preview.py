@@ -235,7 +235,8 @@ def _store(directory: Path, prefix: str, target: Path, meta_path: Path, preview:
 def _render(settings: Settings, sessions: sessionmaker[Session], plan: _Plan) -> Preview:
     series_uid = plan.series.series_instance_uid
     try:
-        paths = FileStudyStore(sessions, settings.spool_dir).series_files(series_uid)
+        paths = FileStudyStore(sessions, settings.spool_dir).series_files(
+            series_uid, study_instance_uid=plan.study_instance_uid)
     except SeriesNotFound as exc:
         raise PreviewError(404, str(exc)) from exc
     try:

@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Engine, select
 
-from dicom_node.db import jobs, study_views
+from dicom_node.db import config_repo, jobs, study_views
 from dicom_node.db.models import Job, JobState, Study, StudyEvent, StudyState
 from dicom_node.db.session import make_session_factory
 from dicom_node.routing import JobSpec, RoutingDecision, RuleOutcome
@@ -138,7 +138,11 @@ def test_finished_job_keeps_results_and_creates_a_delivery_per_destination(engin
     job_id, deliveries = finished_job(sessions, ["pacs", "archive"])
     assert len(deliveries) == 2
     assert [r.kind for r in jobs.results_of_job(sessions, job_id)] == ["SEG", "SR"]
-    assert jobs.own_result_series(sessions, ["1.2.9.100", "1.2.9.1", "1.2.9.101"]) == {"1.2.9.100", "1.2.9.101"}
+    study_id = config_repo.study_id_for_uid(sessions, study_views.list_jobs(sessions).items[0].study_instance_uid)
+    assert study_id is not None
+    assert jobs.own_result_series(sessions, study_id, ["1.2.9.100", "1.2.9.1", "1.2.9.101"]) == {
+        "1.2.9.100", "1.2.9.101"}
+    assert jobs.own_result_series(sessions, study_id + 1, ["1.2.9.100"]) == set()  # results of this study only
     [view] = study_views.list_jobs(sessions).items
     assert view.state == "succeeded" and view.stage_seconds == {"inference": 1.5}
     assert sorted((d.destination, d.state) for d in view.deliveries) == [("archive", "pending"), ("pacs", "pending")]

@@ -19,8 +19,7 @@ import pytest
 import requests
 import yaml
 from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
-from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom.sop_class import Verification
 
 from dicom_node.cli import main
 from dicom_node.db import config_repo, repo
@@ -29,6 +28,7 @@ from dicom_node.ingest import utc_now
 from dicom_node.node import Node
 from dicom_node.routing import load_stored_rule
 from tests.conftest import NodeFactory
+from tests.integration.store_scu import store_all
 from training.phantoms.ct_series import GeneratedSeries, SeriesGeometry, generate_ct_series
 
 PIPELINE = "lung-nodule-detection"
@@ -40,16 +40,7 @@ def series(tmp_path: Path, name: str, seed: int, description: str) -> GeneratedS
 
 
 def send(node: Node, items: GeneratedSeries) -> None:
-    ae = AE(ae_title="PACS")
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 15
-    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
-    assoc = ae.associate("127.0.0.1", node.scp.port, ae_title=node.settings.dicom.ae_title)
-    assert assoc.is_established
-    try:
-        for path in items.paths:
-            assert assoc.send_c_store(pydicom.dcmread(path)).Status == 0x0000
-    finally:
-        assoc.release()
+    store_all(node, (pydicom.dcmread(path) for path in items.paths))
 
 
 def echo_seconds(node: Node) -> float:
