@@ -47,7 +47,23 @@ def _wait_until(what: str, ready: Callable[[], bool], process: subprocess.Popen[
     raise RuntimeError(f"{what} did not become ready within {timeout:g} s:\n{tail(log)}")
 
 
-class RedisServer:
+class _RestartableServer:
+    """A server run as a child process that :meth:`crash` stops as a crash would; see the module docstring."""
+
+    def crash(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> "_RestartableServer":
+        raise NotImplementedError
+
+    def restart(self, down_seconds: float = 0.0) -> None:
+        """Crash the server, stay down ``down_seconds``, and start it again on the same port (and data)."""
+        self.crash()
+        time.sleep(down_seconds)
+        self.start()
+
+
+class RedisServer(_RestartableServer):
     """``redis-server`` on a free port without persistence: a restart empties it, as a lost broker does."""
 
     def __init__(self, work_dir: Path, label: str = "redis") -> None:
@@ -86,17 +102,11 @@ class RedisServer:
         finally:
             client.close()
 
-    def kill(self) -> None:
+    def crash(self) -> None:
         """SIGKILL: the queue it held (messages waiting and unacknowledged) is gone."""
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait(timeout=10)
-
-    def restart(self, down_seconds: float = 0.0) -> None:
-        """Kill the server, stay down ``down_seconds``, and start an empty one on the same port."""
-        self.kill()
-        time.sleep(down_seconds)
-        self.start()
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -104,7 +114,7 @@ class RedisServer:
             try:
                 self.process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                self.kill()
+                self.crash()
         PEER_LOGS.pop(f"{self.label} log ({self.log_path})", None)
 
 
@@ -115,7 +125,7 @@ def _postgres_bin(name: str) -> str:
     return found[-1]
 
 
-class PostgresServer:
+class PostgresServer(_RestartableServer):
     """A PostgreSQL cluster of its own (trust authentication, user ``postgres``) on a free port.
 
     ``fsync`` stays on: a restart after an immediate shutdown must find every commit
@@ -191,12 +201,6 @@ class PostgresServer:
         self._as_postgres([_postgres_bin("pg_ctl"), "stop", "-D", str(self.data_dir), "-m", "immediate", "-w",
                            "-t", "30"], timeout=60)
         self.process.wait(timeout=30)
-
-    def restart(self, down_seconds: float = 0.0) -> None:
-        """Crash the server, stay down ``down_seconds``, and start it again on the same port and data."""
-        self.crash()
-        time.sleep(down_seconds)
-        self.start()
 
     def stop(self) -> None:
         """A fast shutdown, then the cluster's directory is removed."""
