@@ -142,11 +142,14 @@ def test_garbage_command_sets_and_release_then_data_leak_no_slot(node_factory: N
     for trial in range(10):
         assoc = associate(node)
         sock = raw_socket(assoc)
-        if trial % 2:
-            sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
-            sock.sendall(p_data((1, 0x03, os.urandom(14))))
-        else:
-            sock.sendall(struct.pack(">BBI", 4, 0, 206) + b"\x00\x00\x00\xca\x01\x03" + os.urandom(200))
+        try:
+            if trial % 2:
+                sock.sendall(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00")  # A-RELEASE-RQ
+                sock.sendall(p_data((1, 0x03, os.urandom(14))))
+            else:
+                sock.sendall(struct.pack(">BBI", 4, 0, 206) + b"\x00\x00\x00\xca\x01\x03" + os.urandom(200))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the node answered the release (or aborted) and closed first: that is fine
         time.sleep(0.05)
         sock.close()
         assoc.kill()
