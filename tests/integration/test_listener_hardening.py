@@ -332,3 +332,17 @@ def test_a_full_disk_mid_association_heals_without_a_restart(
     wait_for(lambda: study_states(node) and study_states(node)[0] in COMPLETED_STATES, timeout=20,
              what="the study complete")
     assert node.scp.open_associations() == 0
+
+
+def test_readiness_says_when_every_slot_is_taken(node_factory: NodeFactory) -> None:
+    import requests
+
+    node = node_factory(**{"dicom.max_associations": 1})
+    url = f"http://127.0.0.1:{node.settings.web.port}/readyz"
+    assert requests.get(url, timeout=10).status_code == 200
+    holder = associate(node)
+    answer = requests.get(url, timeout=10)
+    assert answer.status_code == 503
+    assert any("all 1 association slots in use" in check["detail"] for check in answer.json()["checks"])
+    holder.release()
+    wait_for(lambda: requests.get(url, timeout=10).status_code == 200, what="ready again")
