@@ -1,0 +1,75 @@
+"""C-STORE dataset fuzzer against a real node process (issue 20).
+
+Three batches of seeded cases (truncations anywhere, exactly at an element boundary and
+inside pixel data; Pixel Data dropped; header bytes flipped; wrong element lengths,
+past the end included; a transfer syntax claimed that the bytes are not in; hostile
+UIDs) and deflate bombs. Every answer is judged by the oracle (:mod:`fuzz_oracle`):
+a success must have stored a complete, readable instance, an unmutated one must be
+stored, every C-STORE must be answered with a documented status. After each batch the
+node must answer C-ECHO within 2 s, hold no association, have written nothing outside
+its data directory and still receive and route a valid study.
+
+A failure names each case as ``seed S case I [mutation] base: detail``; replay it with
+``fuzz_store_cases.make_case(load_bases(dir), S, I)``. ``bench/fault.py`` runs the long
+campaign with the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fuzz_campaign import MEMORY, store_batch
+from fuzz_node import FuzzNode, running_node
+from fuzz_store_cases import BaseInstance, deflate_bomb, load_bases, make_case
+
+pytestmark = pytest.mark.slow
+
+SEED = 20
+BATCHES = 3
+BATCH_SIZE = 100
+#: The CI deflate bomb: about 1 MB on the wire, 1 GiB inflated.
+BOMB_BYTES = 1 << 30
+#: How much the node's peak resident memory may grow while it refuses the bombs.
+BOMB_MEMORY_LIMIT_KIB = 512 * 1024
+BOMB_ANSWER_SECONDS = 120.0
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> list[BaseInstance]:
+    return load_bases(tmp_path_factory.mktemp("fuzz-bases"))
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzNode]:
+    with running_node(tmp_path_factory.mktemp("fuzz-cstore")) as fuzzed:
+        yield fuzzed
+
+
+@pytest.mark.parametrize("batch", range(BATCHES))
+def test_mutated_instances_are_answered_and_only_complete_ones_acknowledged(
+    node: FuzzNode, bases: list[BaseInstance], batch: int, tmp_path: Path
+) -> None:
+    cases = [make_case(bases, SEED, batch * BATCH_SIZE + i) for i in range(BATCH_SIZE)]
+    tally = store_batch(node, cases, tmp_path)
+    assert tally.cases == BATCH_SIZE
+    if tally.failures:
+        pytest.fail(tally.report(), pytrace=False)
+
+
+def test_deflate_bombs_are_refused_without_inflating_them_in_memory(
+    node: FuzzNode, bases: list[BaseInstance], tmp_path: Path
+) -> None:
+    base = next(b for b in bases if b.name == "CT_small.dcm")
+    bombs = [deflate_bomb(base, SEED, 100_000 + k, BOMB_BYTES, consistent=k == 0) for k in range(2)]
+    assert all(len(bomb.body) < 2 << 20 for bomb in bombs)
+    before = node.peak_memory_kib()
+    tally = store_batch(node, bombs, tmp_path, concurrency=1, timeout=BOMB_ANSWER_SECONDS)
+    growth = node.peak_memory_kib() - before
+    if growth > BOMB_MEMORY_LIMIT_KIB:
+        tally.fail(MEMORY, f"peak resident memory grew by {growth // 1024} MiB refusing two bombs of "
+                           f"{BOMB_BYTES >> 20} MiB inflated (limit {BOMB_MEMORY_LIMIT_KIB // 1024} MiB)")
+    if tally.failures:
+        pytest.fail(tally.report(), pytrace=False)
