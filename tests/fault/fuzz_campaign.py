@@ -44,6 +44,9 @@ BUG = 0xC211
 #: The C-STORE statuses docs/conformance.md documents.
 DOCUMENTED_STATUSES = frozenset({0x0000, 0xA700, 0xA701, 0xA900, 0xC210, 0xC220, 0xC221, 0xC222, 0xC230})
 STORE_ANSWER_SECONDS = 15.0
+BOMB_ANSWER_SECONDS = 120.0
+#: How much the node's peak resident memory may grow while it refuses deflate bombs.
+BOMB_MEMORY_LIMIT_KIB = 512 * 1024
 STORE_CONCURRENCY = 4
 PDU_CONCURRENCY = 4
 STALL_GROUP = 10
@@ -179,6 +182,21 @@ def store_batch(node: FuzzNode, cases: Sequence[StoreCase], series_dir: Path,
     cases_by_port = {r.local_port: r.case.label for r in results if r.local_port is not None}
     tally.add_invariant_failures(node.invariant_failures(after_id, cases_by_port, series_dir))
     tally.crashes = 0 if node.is_running() else 1
+    return tally
+
+
+def bomb_batch(node: FuzzNode, bombs: Sequence[StoreCase], series_dir: Path,
+               timeout: float = BOMB_ANSWER_SECONDS) -> Tally:
+    """Send deflate bombs one at a time: each must be refused, and the node's peak resident memory
+    (VmHWM) may grow by :data:`BOMB_MEMORY_LIMIT_KIB` at most, however large the bombs inflate."""
+    before = node.peak_memory_kib()
+    tally = store_batch(node, bombs, series_dir, concurrency=1, timeout=timeout)
+    if node.is_running():
+        growth = node.peak_memory_kib() - before
+        if growth > BOMB_MEMORY_LIMIT_KIB:
+            tally.fail(MEMORY, f"peak resident memory grew by {growth // 1024} MiB refusing {len(bombs)} deflate "
+                               f"bomb(s) ({', '.join(f'case {b.index}' for b in bombs)}); limit "
+                               f"{BOMB_MEMORY_LIMIT_KIB // 1024} MiB")
     return tally
 
 

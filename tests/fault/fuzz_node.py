@@ -34,26 +34,26 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.settings import DicomSettings
 from fuzz_store_cases import ESCAPE_MARKER
 from peers import COMPLETED_STATES, NodeProcess, run_tool
 from training.phantoms.ct_series import SeriesGeometry, generate_ct_series
 
+#: The largest instance (raw or inflated) a fuzzed node accepts, MiB: far below a deflate bomb,
+#: so that a bomb must be refused (0xA701) after inflating this much at most.
+MAX_INSTANCE_MB = 64
 #: Settings of every fuzzed node: timeouts short enough that a stalled peer is dropped in seconds.
 FUZZ_SETTINGS: dict[str, Any] = {
     "log_level": "INFO",
     "dicom.acse_timeout_seconds": 2.0,
     "dicom.dimse_timeout_seconds": 3.0,
     "dicom.network_timeout_seconds": 2.0,
+    "dicom.max_instance_mb": MAX_INSTANCE_MB,
     "storage.min_free_mb": 0,
     "storage.fsync": False,  # durability is the crash suite's subject; here it only costs time
     "completion.quiet_seconds": 1.0,
     "completion.check_interval_seconds": 0.2,
     "queue.embedded_worker_queues": [],
 }
-#: The largest instance (raw or inflated) a fuzzed node accepts, MiB: far below a deflate bomb,
-#: so that a bomb must be refused (0xA701) after inflating this much at most.
-MAX_INSTANCE_MB = 64
 ECHO_LIMIT_SECONDS = 2.0
 #: Margin on top of the node's own timeouts before an association still open counts as leaked
 #: (generous: two cores shared with other test runs).
@@ -88,8 +88,6 @@ class FuzzNode(NodeProcess):
         self.tmp_dir = self.root / "tmp"
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         settings = dict(FUZZ_SETTINGS)
-        if "max_instance_mb" in DicomSettings.model_fields:  # the setting came with the fix of issue 20
-            settings["dicom.max_instance_mb"] = MAX_INSTANCE_MB
         self.tls_certificate: Path | None = None
         if tls:
             self.tls_certificate, key = self_signed_certificate(self.root.parent / f"{self.root.name}-tls")
