@@ -25,7 +25,13 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import repo
-from dicom_node.header import STATUS_OUT_OF_RESOURCES, STATUS_TOO_LARGE, InvalidDataset, parse_header_file
+from dicom_node.header import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_TOO_LARGE,
+    InstanceHeader,
+    InvalidDataset,
+    parse_header_file,
+)
 from dicom_node.indexer import IndexRecord, InstanceIndexer
 from dicom_node.spool import Spool, StagingFile, file_meta_bytes, free_bytes, uid_to_filename
 
@@ -222,21 +228,29 @@ class IngestService:
             return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
         return self._keep(incoming, staging, header)
 
-    def _keep(self, incoming: IncomingInstance, staging: StagingFile, header) -> StoreOutcome:  # type: ignore[no-untyped-def]
+    def _keep(self, incoming: IncomingInstance, staging: StagingFile, header: InstanceHeader) -> StoreOutcome:
+        """Rename a checked instance into place and index it (or count it as a duplicate)."""
         request = incoming.request
         lock = self._sop_locks[hash(header.sop_instance_uid) % len(self._sop_locks)]
         with lock:
-            existing = repo.find_instance(self._sessions, header.sop_instance_uid)
-            if existing is not None and not self._replace_duplicates:
+            try:
+                existing = repo.find_instance(self._sessions, header.sop_instance_uid)
+                if existing is not None and not self._spool.absolute(existing.path).is_file():
+                    logger.warning("the index holds SOP Instance %s but its file %s is missing; the new copy "
+                                   "replaces it", header.sop_instance_uid, existing.path)
+                elif existing is not None and not self._replace_duplicates:
+                    incoming.discard()
+                    repo.count_duplicate(self._sessions, existing.id, study_instance_uid=header.study_instance_uid,
+                                         now=self._clock())
+                    logger.info(
+                        "kept the first copy of SOP Instance %s; duplicate from %s discarded",
+                        header.sop_instance_uid,
+                        request.calling_ae_title,
+                    )
+                    return StoreOutcome(STATUS_SUCCESS, duplicate=True)
+            except Exception as exc:
                 incoming.discard()
-                repo.count_duplicate(self._sessions, existing.id, study_instance_uid=header.study_instance_uid,
-                                     now=self._clock())
-                logger.info(
-                    "kept the first copy of SOP Instance %s; duplicate from %s discarded",
-                    header.sop_instance_uid,
-                    request.calling_ae_title,
-                )
-                return StoreOutcome(STATUS_SUCCESS, duplicate=True)
+                return self._database_failure(request, exc)
             relative = self._spool.relative_path(
                 header.study_instance_uid, header.series_instance_uid, header.sop_instance_uid
             )
@@ -260,14 +274,35 @@ class IngestService:
             try:
                 self._indexer.index(record)
             except Exception as exc:
-                if existing is None or existing.path != relative:
-                    self._spool.remove(relative)
-                reason = f"index database error ({type(exc).__name__}); see the node log"
-                self.record_failure(request, STATUS_OUT_OF_RESOURCES, reason)
-                return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
+                return self._index_failed(request, header, relative, existing, exc)
             if existing is not None and existing.path != relative:
                 self._spool.remove(existing.path)
         return StoreOutcome(STATUS_SUCCESS, late=record.late, duplicate=existing is not None)
+
+    def _index_failed(self, request: StoreRequest, header: InstanceHeader, relative: str,
+                      existing: repo.ExistingInstance | None, error: Exception) -> StoreOutcome:
+        """The commit of the index row failed - or seemed to: a connection lost after the server
+        committed looks the same. The row is looked up again before the file is let go: if it
+        is there, the instance is stored; if the database cannot say, the file stays (an
+        unindexed file is recovered or replaced later; a row without its file would answer
+        the sender's re-send with "duplicate, success" and lose the instance)."""
+        try:
+            indexed = repo.find_instance(self._sessions, header.sop_instance_uid)
+        except Exception:
+            return self._database_failure(request, error)
+        if indexed is not None and indexed.path == relative and (existing is None or existing.path != relative):
+            logger.warning("indexing SOP Instance %s reported %s but its row was committed", header.sop_instance_uid,
+                           type(error).__name__)
+            return StoreOutcome(STATUS_SUCCESS)
+        if existing is None or existing.path != relative:
+            self._spool.remove(relative)
+        return self._database_failure(request, error)
+
+    def _database_failure(self, request: StoreRequest, error: Exception) -> StoreOutcome:
+        logger.error("index database error while storing SOP Instance %s: %s", request.sop_instance_uid, error)
+        reason = f"index database unavailable ({type(error).__name__}); see the node log"
+        self.record_failure(request, STATUS_OUT_OF_RESOURCES, reason)
+        return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
 
     def association_finished(self, association_id: int) -> None:
         """Let go of what was cached for an association that has ended."""

@@ -346,3 +346,19 @@ def test_readiness_says_when_every_slot_is_taken(node_factory: NodeFactory) -> N
     assert any("all 1 association slots in use" in check["detail"] for check in answer.json()["checks"])
     holder.release()
     wait_for(lambda: requests.get(url, timeout=10).status_code == 200, what="ready again")
+
+
+def test_an_indexed_instance_whose_file_vanished_is_stored_again(
+    node_factory: NodeFactory, small_series: GeneratedSeries
+) -> None:
+    """A row without its file (a commit reported lost, a disk restored from backup) must not turn a
+    re-send into "duplicate, success" while nothing is on disk."""
+    node = node_factory()
+    sent = pydicom.dcmread(small_series.paths[0])
+    assoc = associate(node)
+    assert assoc.send_c_store(sent).Status == 0x0000
+    [stored] = list(node.spool.root.rglob("*.dcm"))
+    stored.unlink()
+    assert assoc.send_c_store(sent).Status == 0x0000
+    assoc.release()
+    assert pydicom.dcmread(stored).SOPInstanceUID == sent.SOPInstanceUID
