@@ -16,7 +16,7 @@ cases, the time taken and the load average.
                           [--bomb-mb 2048] [--bombs 4] [--keep]
 
 ``--cases`` is the total of fuzz cases, half dataset, half raw-PDU. A full run (10,000
-cases, 100 trials) takes about an hour on 2 cores; the exit status is 1 when any
+cases, 100 trials) takes about 20 minutes on 2 cores; the exit status is 1 when any
 invariant broke.
 """
 
