@@ -44,13 +44,15 @@ class PixelElement:
     """Where the pixel data element's value lies.
 
     ``length`` is None for encapsulated pixel data, whose ``fragments`` (items after
-    the basic offset table) are counted instead.
+    the basic offset table) are listed instead as ``(value offset, length)``, with the
+    basic offset table's own ``(value offset, length)``.
     """
 
     tag: int
     value_offset: int
     length: int | None
-    fragments: int = 0
+    fragments: tuple[tuple[int, int], ...] = ()
+    offset_table: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,8 @@ class _Walker:
             if tag in PIXEL_DATA_TAGS and pixel is None:
                 try:
                     if length == UNDEFINED_LENGTH:
-                        fragments, position = self._fragments(tag, value)
-                        pixel = PixelElement(tag, value, None, fragments)
+                        items, position = self._fragments(tag, value)
+                        pixel = PixelElement(tag, value, None, tuple(items[1:]), items[0] if items else (0, 0))
                         continue
                     pixel = PixelElement(tag, value, length)
                     position = self._value_end(tag, vr, length, value, self.implicit, self.size, 0)
@@ -175,22 +177,22 @@ class _Walker:
             raise LayoutError(f"an item of {_tag_text(tag)} ends without its delimiter")
         return position
 
-    def _fragments(self, tag: int, position: int) -> tuple[int, int]:
-        """Walk encapsulated pixel data to its sequence delimiter; returns (fragments, offset after it)."""
-        items = 0
+    def _fragments(self, tag: int, position: int) -> tuple[list[tuple[int, int]], int]:
+        """Walk encapsulated pixel data to its sequence delimiter; returns its items and the offset after it."""
+        items: list[tuple[int, int]] = []
         while True:
             if self.size - position < 8:
                 raise LayoutError("encapsulated pixel data ends before its sequence delimiter")
             item_tag, length = _item_header(self.tag_length, self.data, self.base + position)
             if item_tag == SEQUENCE_DELIMITER:
-                return max(items - 1, 0), position + 8
+                return items, position + 8
             if item_tag != ITEM:
                 raise LayoutError(f"encapsulated pixel data has {_tag_text(item_tag)} at byte {position} "
                                   "where an item was expected")
             if length == UNDEFINED_LENGTH or length > self.size - position - 8:
                 raise LayoutError(f"a pixel data fragment at byte {position} declares {length} bytes but only "
                                   f"{self.size - position - 8} remain")
-            items += 1
+            items.append((position + 8, length))
             position += 8 + length
 
 

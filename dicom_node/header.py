@@ -29,7 +29,8 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian, UID
 
-from dicom_node.dataset_layout import LayoutError, PixelDataLayoutError, PixelElement, walk
+from dicom_node.codestream import HEAD_BYTES, frame_problem
+from dicom_node.dataset_layout import Buffer, LayoutError, PixelDataLayoutError, PixelElement, walk
 
 PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
 
@@ -71,6 +72,8 @@ _NATIVE_SYNTAXES = frozenset(
 )
 #: What a UID may hold here: printable ASCII without space or backslash.
 _PRINTABLE_UID = re.compile(r"^[\x21-\x5b\x5d-\x7e]+$")
+#: Frames of one instance whose codestream signature is checked (the first ones).
+_FRAMES_CHECKED = 256
 #: Inflated bytes handed to zlib's decompressor per step (bounds memory while inflating).
 _INFLATE_STEP = 1 << 20
 
@@ -207,7 +210,7 @@ def expected_native_length(dataset: Dataset, little_endian: bool) -> tuple[int, 
 
 
 def _check_pixels(pixel: PixelElement | None, dataset: Dataset, syntax: UID, sop_class_uid: str,
-                  little_endian: bool) -> None:
+                  little_endian: bool, data: Buffer, start: int) -> None:
     """Refuse pixel data that is missing from an image, mis-encoded for its transfer syntax, or of the wrong size."""
     if pixel is None:
         if requires_pixel_data(sop_class_uid):
@@ -218,10 +221,14 @@ def _check_pixels(pixel: PixelElement | None, dataset: Dataset, syntax: UID, sop
         if native:
             raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"encapsulated pixel data in a native transfer syntax {syntax}")
         frames = max(_raw_integer(dataset, 0x00280008) or 1, 1)
-        if pixel.fragments < frames:
-            raise InvalidDataset(
-                STATUS_PIXEL_DATA_INVALID, f"encapsulated pixel data has {pixel.fragments} fragments for {frames} frames"
-            )
+        if len(pixel.fragments) < frames:
+            raise InvalidDataset(STATUS_PIXEL_DATA_INVALID,
+                                 f"encapsulated pixel data has {len(pixel.fragments)} fragments for {frames} frames")
+        for number, (offset, length) in _frame_starts(pixel, frames, data, start):
+            head = bytes(data[start + offset : start + offset + min(length, HEAD_BYTES)])
+            problem = frame_problem(str(syntax), head, length)
+            if problem is not None:
+                raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"frame {number} {problem}")
         return
     if not native and pixel.tag == 0x7FE00010:
         raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"pixel data of compressed transfer syntax {syntax} is not encapsulated")
@@ -233,6 +240,32 @@ def _check_pixels(pixel: PixelElement | None, dataset: Dataset, syntax: UID, sop
         raise InvalidDataset(
             STATUS_PIXEL_DATA_INVALID, f"pixel data holds {pixel.length} bytes, {image} needs {size}"
         )
+
+
+def _frame_starts(pixel: PixelElement, frames: int, data: Buffer, start: int) -> list[tuple[int, tuple[int, int]]]:
+    """(frame number, its first fragment) for the frames whose start is known, at most :data:`_FRAMES_CHECKED`.
+
+    A basic offset table gives every frame's first fragment; without one, fragments are
+    frames when there are as many of each; otherwise only the first frame's start is known.
+    """
+    table_offset, table_length = pixel.offset_table
+    if table_length:
+        if table_length % 4:
+            raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"basic offset table of {table_length} bytes")
+        first_item = pixel.fragments[0][0] - 8
+        by_item = {offset - 8 - first_item: (offset, length) for offset, length in pixel.fragments}
+        starts = []
+        for number in range(min(table_length // 4, _FRAMES_CHECKED)):
+            position = start + table_offset + 4 * number
+            frame_offset = int.from_bytes(bytes(data[position : position + 4]), "little")
+            if frame_offset not in by_item:
+                raise InvalidDataset(STATUS_PIXEL_DATA_INVALID,
+                                     f"basic offset table entry {number + 1} ({frame_offset}) starts no fragment")
+            starts.append((number + 1, by_item[frame_offset]))
+        return starts
+    if len(pixel.fragments) == frames:
+        return list(enumerate(pixel.fragments[:_FRAMES_CHECKED], start=1))
+    return [(1, pixel.fragments[0])]
 
 
 def parse_header(body: bytes | memoryview, transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str,
@@ -355,7 +388,7 @@ def _parse_plain(data: bytes | memoryview | mmap.mmap, start: int, transfer_synt
             STATUS_SOP_CLASS_MISMATCH,
             f"dataset SOP Class UID {uids['SOPClassUID']} differs from the request's {sop_class_uid}",
         )
-    _check_pixels(layout.pixel, dataset, syntax, sop_class_uid.strip("\0 "), little_endian)
+    _check_pixels(layout.pixel, dataset, syntax, sop_class_uid.strip("\0 "), little_endian, data, start)
     for field, limit in _INDEXED_LENGTHS.items():
         value = header_fields[field]
         if isinstance(value, str) and len(value) > limit:

@@ -289,3 +289,31 @@ def test_uids_with_bytes_no_uid_can_hold_are_refused(ct: Dataset) -> None:
     with pytest.raises(InvalidDataset) as raised:
         parse(damaged, ct)
     assert raised.value.status == 0xC222 and "StudyInstanceUID holds characters" in raised.value.reason
+
+
+@pytest.mark.parametrize("actual, claimed, words", [
+    (RLELossless, "1.2.840.10008.1.2.4.70", "JPEG start-of-image"),
+    (JPEG2000Lossless, "1.2.840.10008.1.2.4.80", "JPEG start-of-image"),
+    (RLELossless, JPEG2000Lossless, "JPEG 2000 codestream"),
+    (JPEG2000Lossless, RLELossless, "RLE header"),
+])
+def test_compressed_frames_of_another_kind_than_claimed_are_refused(
+    ct: Dataset, actual: str, claimed: str, words: str
+) -> None:
+    """Structurally fine fragments, but a codestream no decoder of the claimed syntax would read."""
+    encoded = encode_series([ct], actual)[0]
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body_of(encoded, actual), encoded, claimed)
+    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE and "frame 1" in raised.value.reason
+    assert words in raised.value.reason
+
+
+def test_jpeg_frames_of_another_process_are_refused() -> None:
+    lossless_ls = pydicom.dcmread(pydicom.data.get_testdata_file("JPEGLSNearLossless_08.dcm"))
+    lossless_ls.StudyInstanceUID, lossless_ls.SeriesInstanceUID = "1.2.3", "1.2.3.4"
+    syntax = str(lossless_ls.file_meta.TransferSyntaxUID)
+    body = body_of(lossless_ls, syntax)
+    assert parse(body, lossless_ls, syntax).study_instance_uid == "1.2.3"
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body, lossless_ls, "1.2.840.10008.1.2.4.70")
+    assert "another process (marker FFF7; JPEG lossless expected)" in raised.value.reason
