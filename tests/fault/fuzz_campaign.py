@@ -206,25 +206,25 @@ def bomb_batch(node: FuzzNode, bombs: Sequence[StoreCase], series_dir: Path,
 def _await_drops(node: FuzzNode, held: list[PduPlay], tally: Tally) -> None:
     """Wait until the node has closed every held connection; the ones it keeps are failures."""
     limit = node.timeouts + SETTLE_MARGIN_SECONDS
-    deadline = min(play.started for play in held) + limit if held else time.monotonic()
-    pending = [play for play in held if play.connection is not None]
+    deadline = min(held_play.started for held_play in held) + limit if held else time.monotonic()
+    pending = [held_play for held_play in held if held_play.connection is not None]
     while pending and time.monotonic() < deadline:
         still = []
-        for play in pending:
-            assert play.connection is not None
-            if play.connection.peer_closed_within(0.02):
-                play.connection.close()
-                play.connection = None
+        for held_play in pending:
+            assert held_play.connection is not None
+            if held_play.connection.peer_closed_within(0.02):
+                held_play.connection.close()
+                held_play.connection = None
             else:
-                still.append(play)
+                still.append(held_play)
         pending = still
         time.sleep(0.05)
-    for play in pending:
-        tally.fail(STALL_KEPT, f"{play.case.label}: connection from port {play.local_port} still open "
-                               f"{time.monotonic() - play.started:.1f} s later (limit {limit:g} s)")
-        assert play.connection is not None
-        play.connection.close()
-        play.connection = None
+    for held_play in pending:
+        tally.fail(STALL_KEPT, f"{held_play.case.label}: connection from port {held_play.local_port} still open "
+                               f"{time.monotonic() - held_play.started:.1f} s later (limit {limit:g} s)")
+        assert held_play.connection is not None
+        held_play.connection.close()
+        held_play.connection = None
 
 
 def _record(tally: Tally, plays: Iterable[PduPlay]) -> None:
