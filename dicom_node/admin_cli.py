@@ -287,12 +287,17 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def worker(settings: Settings, queues: list[str], concurrency: int) -> int:
-    """Run a Celery worker on ``queues`` until stopped (distributed mode)."""
-    from dicom_node.node import make_dispatcher, worker_heartbeat
+    """Run a Celery worker on ``queues`` until SIGTERM/SIGINT (distributed mode), then stop in bounded time.
+
+    The running job or delivery gets ``queue.stop_grace_seconds`` and is then handed
+    back to the queue; a second signal ends the process at once (see :mod:`dicom_node.stopping`).
+    """
+    import socket
+
+    from dicom_node.node import build_worker
     from dicom_node.queue import CeleryQueue, GPU_QUEUE, IO_QUEUE
+    from dicom_node.stopping import StopSignals, run_bounded
     from workers.celery_app import make_celery_app
-    from workers.context import build_worker_context, preload_models
-    from workers.tasks import register_tasks
 
     unknown = sorted(set(queues) - {GPU_QUEUE, IO_QUEUE})
     if unknown or not queues:
@@ -301,19 +306,13 @@ def worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     sessions = _sessions(settings, writes=False)
     if sessions is None:
         return 1
+    signals = StopSignals("dicom-node worker").install()
     app = make_celery_app(settings.queue.broker_url)
-    queue = CeleryQueue(app)
-    context = build_worker_context(settings, sessions, queue, job_concurrency=concurrency)
-    dispatcher = make_dispatcher(settings, sessions, _now)
-    register_tasks(app, lambda: context, lambda: dispatcher)
-    heartbeat = worker_heartbeat(sessions, context, queues, _now)
-    heartbeat.start()  # the dashboard shows this worker (and its models loading) from now on
-    try:
-        if GPU_QUEUE in queues:
-            preload_models(context.models)
-        app.set_default()  # the pool threads look tasks up in the default app
-        app.Worker(queues=queues, concurrency=concurrency + (1 if IO_QUEUE in queues else 0), pool="threads", hostname=f"{'+'.join(queues)}@%h",
-                   without_mingle=True, without_gossip=True, loglevel=settings.log_level).start()
-    finally:
-        heartbeat.stop()
+    parts = build_worker(settings, app, sessions, CeleryQueue(app), queues, _now, job_concurrency=concurrency,
+                         pool_threads=concurrency + (1 if IO_QUEUE in queues else 0),
+                         hostname=f"{'+'.join(queues)}@{socket.gethostname()}")
+    parts.worker.start()  # the heartbeat, the models (gpu), then the queues, in a thread of its own
+    signals.wait()
+    parts.worker.stop(settings.queue.stop_grace_seconds)
+    run_bounded("worker heartbeat", parts.heartbeat.stop, 5.0)
     return 0

@@ -147,13 +147,14 @@ def _configure_logging(level: str) -> None:
 
 def _serve(settings: Settings) -> int:
     from dicom_node.node import Node
+    from dicom_node.stopping import exit_process
 
     try:
         Node(settings).serve_forever()
     except (RuntimeError, OSError) as exc:  # a port in use, an unreadable TLS key, ...
         print(f"dicom-node: cannot start: {exc}", file=sys.stderr)
         return 1
-    return 0
+    exit_process(0)  # without waiting for a model still computing a job that was handed back
 
 
 def _db_upgrade(settings: Settings) -> int:
@@ -233,7 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     from dicom_node import admin_cli
 
     if args.command == "worker":
-        return admin_cli.worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.concurrency)
+        from dicom_node.stopping import exit_process
+
+        code = admin_cli.worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.concurrency)
+        if code != 0:  # refused to start: nothing is running yet
+            return code
+        exit_process(code)  # without waiting for a model still computing a job that was handed back
     if args.command in ("users", "tokens"):
         from dicom_node import users_cli
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from dicom_node.db import config_repo, jobs
 from dicom_node.delivery_types import DeliveryError, SendReport
 from dicom_node.destinations import DicomDestination, DicomWebDestination
 from dicom_node.settings import DeliverySettings
+from dicom_node.work_in_flight import WorkInFlight
 
 __all__ = ["Dispatcher"]
 
@@ -36,13 +37,27 @@ class Dispatcher:
     calling_ae_title: str
     policy: DeliverySettings
     clock: Callable[[], datetime]
+    #: The deliveries this process sends now (shared with its pipeline), so that a stop hands them back.
+    work: WorkInFlight = field(default_factory=WorkInFlight)
 
     def deliver(self, delivery_id: int) -> str | None:
-        """Send delivery ``delivery_id`` if it is pending; returns its new state (None if not ours)."""
-        claim = jobs.claim_delivery(self.sessions, delivery_id, now=self.clock(),
-                                    lease_seconds=self.policy.lease_seconds)
+        """Send delivery ``delivery_id`` if it is pending; returns its new state (None if not ours).
+
+        Raises :class:`~dicom_node.work_in_flight.StopRequested` when this process is
+        stopping: the delivery stays pending (the task sends its id back to the queue).
+        """
+        claim = self.work.claim("delivery", delivery_id, lambda: jobs.claim_delivery(
+            self.sessions, delivery_id, now=self.clock(), lease_seconds=self.policy.lease_seconds),
+            lambda claimed: claimed.attempt)
         if claim is None:
             return None
+        try:
+            return self._send_claimed(claim)
+        finally:
+            self.work.release("delivery", delivery_id)
+
+    def _send_claimed(self, claim: jobs.DeliveryClaim) -> str | None:
+        delivery_id = claim.delivery_id
         destination = config_repo.get_destination(self.sessions, claim.destination)
         if destination is None:
             return self._fail(claim.delivery_id, f"destination {claim.destination!r} no longer exists",

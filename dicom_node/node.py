@@ -1,11 +1,17 @@
-"""Wires the receiving node together from settings and runs it until asked to stop."""
+"""Wires the receiving node together from settings and runs it until asked to stop.
+
+Stopping (SIGTERM, SIGINT) takes bounded time, well inside systemd's ``TimeoutStopSec``
+(60 s): the DICOM listener closes first, the running job or delivery gets
+``queue.stop_grace_seconds`` and is then handed back to the queue, queued work stays
+queued in the database, and every other part gets a few seconds (see :meth:`Node.stop`).
+"""
 
 from __future__ import annotations
 
 import logging
-import signal
-import threading
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -24,13 +30,24 @@ from dicom_node.recovery import CLEAN_STOP_MARKER, reindex_orphans
 from dicom_node.scp import StorageSCP
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
+from dicom_node.stopping import StopSignals, run_bounded, start_step, wait_steps
+from dicom_node.work_in_flight import WorkInFlight, hand_back_unfinished
 
 if TYPE_CHECKING:
+    from celery import Celery
+
+    from dicom_node.queue import JobQueue
     from dicom_node.web.server import WebServer
+    from workers.celery_app import EmbeddedWorker
     from workers.context import WorkerContext
     from workers.heartbeat import WorkerHeartbeat
 
 logger = logging.getLogger(__name__)
+
+#: Seconds the DICOM listener gets to close and abort its associations before the stop goes on without it.
+LISTENER_STOP_SECONDS = 8.0
+#: Seconds each other part (web servers, completion monitor, router, heartbeat) gets, beyond the worker's stop.
+PART_STOP_SECONDS = 5.0
 
 
 class Node:
@@ -57,7 +74,7 @@ class Node:
         )
         self.scp = StorageSCP(settings.dicom, self.ingest, self.sessions, clock)
         self.completion = CompletionMonitor(self.sessions, settings.completion, clock)
-        from workers.celery_app import EmbeddedWorker, make_celery_app
+        from workers.celery_app import make_celery_app
 
         self.celery = make_celery_app(settings.queue.broker_url)
         self.queue = CeleryQueue(self.celery)
@@ -70,14 +87,9 @@ class Node:
         self.worker: EmbeddedWorker | None = None
         self.heartbeat: WorkerHeartbeat | None = None
         if settings.queue.embedded_worker_queues:
-            from workers.context import build_worker_context
-            from workers.tasks import register_tasks
-
-            context = self._context = build_worker_context(settings, self.sessions, self.queue)
-            dispatcher = make_dispatcher(settings, self.sessions, clock)
-            register_tasks(self.celery, lambda: context, lambda: dispatcher)
-            self.worker = EmbeddedWorker(self.celery, settings.queue.embedded_worker_queues)
-            self.heartbeat = worker_heartbeat(self.sessions, context, settings.queue.embedded_worker_queues, clock)
+            parts = build_worker(settings, self.celery, self.sessions, self.queue,
+                                 settings.queue.embedded_worker_queues, clock)
+            self.worker, self.heartbeat = parts.worker, parts.heartbeat
         self._clock = clock
         self.web_servers = self._web_servers() if settings.web.enabled else []
 
@@ -87,19 +99,13 @@ class Node:
         from dicom_node.web.server import WebServer
 
         web = self.settings.web
-        readiness = [("dicom listener", self._listener_ready)]
+        readiness = [("dicom listener", self.scp.listener_status)]
         app = create_app(self.settings, sessions=self.sessions, clock=self._clock, readiness=readiness)
         servers = [WebServer(app, web.host, web.port)]
         if web.ops_port is not None:
             ops = create_ops_app(self.settings, sessions=self.sessions, clock=self._clock, readiness=readiness)
             servers.append(WebServer(ops, web.ops_host or web.host, web.ops_port, name="monitoring"))
         return servers
-
-    def _listener_ready(self) -> tuple[bool, str]:
-        try:
-            return True, f"accepting associations on port {self.scp.port}"
-        except RuntimeError as exc:
-            return False, str(exc)
 
     def start(self) -> None:
         """Recover from whatever a previous run left behind, then start listening."""
@@ -117,57 +123,107 @@ class Node:
         for server in self.web_servers:  # first: a web port in use stops the start before anything else runs
             server.start()
         if self.worker is not None:
-            threading.Thread(target=self._start_worker, name="worker-start", daemon=True).start()
+            self.worker.start()  # loads the models first, in a thread of its own, then consumes
         self.conductor.recover()
         self.scp.start()
         self.completion.start()
         self.conductor.start()
 
-    def _start_worker(self) -> None:
-        """Load the models first (the first study must not wait for them), then consume the queues."""
-        assert self.worker is not None
-        if self.heartbeat is not None:
-            self.heartbeat.start()  # before loading, so the models page shows them loading
-        if GPU_QUEUE in self.settings.queue.embedded_worker_queues:
-            from workers.context import preload_models
+    def stop(self) -> bool:
+        """Stop in bounded time; True when every part stopped (a handed-back job counts as stopped).
 
-            preload_models(self._context.models)
-        self.worker.start()
-
-    def stop(self) -> None:
-        for server in self.web_servers:
-            server.stop()
-        self.scp.stop()
-        self.completion.stop()
-        self.conductor.stop()
+        Order: the DICOM listener closes (it aborts the associations still open); the web
+        servers, the completion monitor and the router stop side by side with the
+        worker, whose running job or delivery gets ``queue.stop_grace_seconds`` before it
+        is handed back to the queue (queued work stays queued in the database); then the
+        heartbeat and the indexer. A part that overruns its few seconds is left behind
+        and named in the log. The clean-stop marker is written only when the listener
+        closed, so a start after a stuck listener still looks for unindexed files.
+        """
+        started = time.monotonic()
+        listener_closed = run_bounded("DICOM listener", self.scp.stop, LISTENER_STOP_SECONDS)
+        parts = [start_step(f"{server.name} server", server.stop) for server in self.web_servers]
+        parts += [start_step("completion monitor", self.completion.stop), start_step("router", self.conductor.stop)]
+        worker_stopped = True
         if self.worker is not None:
-            self.worker.stop()
+            worker_stopped = self.worker.stop(self.settings.queue.stop_grace_seconds)
         if self.heartbeat is not None:
-            self.heartbeat.stop()
+            parts.append(start_step("worker heartbeat", self.heartbeat.stop))
+        parts_stopped = wait_steps(parts, PART_STOP_SECONDS)
         self.indexer.stop()
         self.engine.dispose()
-        (self.settings.data_dir / CLEAN_STOP_MARKER).touch()
+        if listener_closed:
+            (self.settings.data_dir / CLEAN_STOP_MARKER).touch()
+        stopped = listener_closed and worker_stopped and parts_stopped
+        logger.info("stopped in %.2f s%s", time.monotonic() - started, "" if stopped else " (some parts left behind)")
+        return stopped
 
     def serve_forever(self) -> None:
-        """Run until SIGINT or SIGTERM."""
-        stop = threading.Event()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, lambda *_: stop.set())
+        """Run until SIGINT or SIGTERM, then stop (:meth:`stop`); a second signal ends the process at once."""
+        signals = StopSignals("dicom-node serve").install()
         self.start()
         logger.info("node ready; data in %s", self.settings.data_dir.resolve())
         try:
-            stop.wait()
+            signals.wait()
         finally:
             logger.info("stopping")
             self.stop()
 
 
-def make_dispatcher(settings: Settings, sessions: sessionmaker[Session], clock: Callable[[], datetime]) -> Dispatcher:
-    """The delivery sender of this process, from the settings."""
+@dataclass(frozen=True)
+class WorkerParts:
+    """A worker of this process (:func:`build_worker`): the Celery worker, its heartbeat and its context."""
+
+    worker: "EmbeddedWorker"
+    heartbeat: "WorkerHeartbeat"
+    context: "WorkerContext"
+
+
+def build_worker(
+    settings: Settings, celery: "Celery", sessions: sessionmaker[Session], queue: "JobQueue", queues: Sequence[str],
+    clock: Callable[[], datetime], *, job_concurrency: int = 1, pool_threads: int = 3,
+    hostname: str = "embedded@localhost",
+) -> WorkerParts:
+    """The worker of ``serve`` (embedded) or of ``dicom-node worker``: tasks registered on ``celery``,
+    consuming ``queues`` once started; it beats and loads the models (``gpu``) before it consumes.
+
+    Its job and its deliveries share one :class:`WorkInFlight`, so that a stop hands back
+    both: what still runs after ``queue.stop_grace_seconds`` is queued again (the
+    attempt not counted) and its id sent to ``queue`` for whichever worker comes next.
+    """
+    from workers.celery_app import EmbeddedWorker
+    from workers.context import build_worker_context, preload_models
+    from workers.tasks import register_tasks
+
+    work = WorkInFlight()
+    context = build_worker_context(settings, sessions, queue, job_concurrency=job_concurrency, work=work)
+    dispatcher = make_dispatcher(settings, sessions, clock, work=work)
+    register_tasks(celery, lambda: context, lambda: dispatcher)
+    heartbeat = worker_heartbeat(sessions, context, queues, clock)
+    grace = settings.queue.stop_grace_seconds
+
+    def prepare() -> None:
+        heartbeat.start()  # before loading, so the models page shows them loading
+        if GPU_QUEUE in queues:
+            preload_models(context.models)  # the first study must not wait for them
+
+    def hand_back() -> None:
+        hand_back_unfinished(work, sessions, queue, worker=context.worker_name, clock=clock,
+                             reason=f"worker {context.worker_name} stopped and did not finish within the stop grace "
+                             f"period ({grace:g} s)")
+
+    worker = EmbeddedWorker(celery, queues, work=work, hand_back=hand_back, concurrency=pool_threads,
+                            hostname=hostname, prepare=prepare)
+    return WorkerParts(worker, heartbeat, context)
+
+
+def make_dispatcher(settings: Settings, sessions: sessionmaker[Session], clock: Callable[[], datetime], *,
+                    work: WorkInFlight | None = None) -> Dispatcher:
+    """The delivery sender of this process, from the settings; ``work``: the process's :class:`WorkInFlight`."""
     return Dispatcher(
         sessions=sessions, outbox_dir=settings.outbox_dir,
         calling_ae_title=settings.delivery.calling_ae_title or settings.dicom.ae_title,
-        policy=settings.delivery, clock=clock,
+        policy=settings.delivery, clock=clock, work=work if work is not None else WorkInFlight(),
     )
 
 

@@ -25,6 +25,7 @@ from dicom_node.queue import JobQueue
 from dicom_node.settings import ResultsSettings, Settings
 from dicom_node.spool import Spool
 from dicom_node.study_store import FileStudyStore, StudyStore
+from dicom_node.work_in_flight import WorkInFlight
 from workers.heartbeat import TrackedModels
 from workers.models.base import Model
 from workers.volume import FrameRef, Volume, load_series
@@ -83,14 +84,16 @@ class WorkerContext:
     worker_name: str = socket.gethostname()
     job_slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(1))
     volumes: VolumeCache = field(default_factory=VolumeCache)
+    #: The jobs this process runs now; shared with its dispatcher, so that a stop hands back both.
+    work: WorkInFlight = field(default_factory=WorkInFlight)
 
 
 def build_worker_context(
     settings: Settings, sessions: sessionmaker[Session], queue: JobQueue, models: ModelProvider | None = None,
-    *, job_concurrency: int = 1,
+    *, job_concurrency: int = 1, work: WorkInFlight | None = None,
 ) -> WorkerContext:
     """The context of a worker (embedded or separate) from the node's settings; at most ``job_concurrency``
-    jobs run at once in this process (one per GPU)."""
+    jobs run at once in this process (one per GPU). ``work``: the process's :class:`WorkInFlight` (new if none)."""
     if models is None:
         from workers.models.registry import default_registry, load_model_registry
 
@@ -109,6 +112,7 @@ def build_worker_context(
         delivery_max_attempts=settings.delivery.max_attempts,
         worker_name=f"{socket.gethostname()}:{os.getpid()}",
         job_slots=threading.Semaphore(job_concurrency),
+        work=work if work is not None else WorkInFlight(),
     )
 
 

@@ -25,6 +25,7 @@ from pydicom.filebase import DicomBytesIO
 
 from dicom_node.db import config_repo, jobs
 from dicom_node.study_store import SeriesNotFound
+from dicom_node.work_in_flight import StopRequested
 from workers.context import WorkerContext
 from workers.models.base import DetectionResult, Model, SegmentationResult
 from workers.models.registry import UnknownModel
@@ -149,18 +150,29 @@ def _destination_names(ctx: WorkerContext, wanted: list[str] | str) -> list[str]
 def run_job(ctx: WorkerContext, job_id: int) -> str | None:
     """Run job ``job_id`` if it is queued; returns its new state (None when it was not ours to run).
 
-    Waits for one of the context's job slots first (one job at a time per GPU).
+    Waits for one of the context's job slots first (one job at a time per GPU). Raises
+    :class:`StopRequested` when the worker stops (``ctx.work``) before it claimed the
+    job: the job stays ``queued`` (the task sends its id back to the queue).
     """
-    with ctx.job_slots:
-        return _run_claimed(ctx, job_id)
+    if not ctx.work.acquire(ctx.job_slots):
+        raise StopRequested(f"not claiming job {job_id}: this worker is stopping")
+    try:
+        claim = ctx.work.claim("job", job_id, lambda: jobs.claim_job(
+            ctx.sessions, job_id, worker=ctx.worker_name, now=ctx.clock(), lease_seconds=ctx.job_lease_seconds),
+            lambda claimed: claimed.attempt)
+        if claim is None:
+            logger.debug("job %d is not queued; message ignored", job_id)
+            return None
+        try:
+            return _run_claimed(ctx, claim)
+        finally:
+            ctx.work.release("job", job_id)
+    finally:
+        ctx.job_slots.release()
 
 
-def _run_claimed(ctx: WorkerContext, job_id: int) -> str | None:
-    claim = jobs.claim_job(ctx.sessions, job_id, worker=ctx.worker_name, now=ctx.clock(),
-                           lease_seconds=ctx.job_lease_seconds)
-    if claim is None:
-        logger.debug("job %d is not queued; message ignored", job_id)
-        return None
+def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
+    job_id = claim.job_id
     logger.info("job %d: %s on series %s (attempt %d)", job_id, claim.pipeline, claim.series_instance_uid,
                 claim.attempt)
     stages = _Stages()
@@ -192,11 +204,13 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> str | None:
     delivery_ids = jobs.finish_job(
         ctx.sessions, job_id, now=ctx.clock(), stage_seconds=stages.seconds, summary=_summary(result, volume),
         results=specs, destinations=destinations, delivery_max_attempts=ctx.delivery_max_attempts,
+        worker=ctx.worker_name,
     )
     if delivery_ids is None:
         for spec in specs:
             ctx.outbox.remove(spec.path)
-        logger.info("job %d was cancelled or taken over while it ran; its results are discarded", job_id)
+        logger.info("job %d was cancelled, handed back or taken over while it ran; its results are discarded",
+                    job_id)
         return None
     for delivery_id in delivery_ids:
         ctx.queue.enqueue_delivery(delivery_id)
@@ -207,6 +221,6 @@ def _run_claimed(ctx: WorkerContext, job_id: int) -> str | None:
 
 def _fail(ctx: WorkerContext, job_id: int, error: str, *, retryable: bool, stages: _Stages) -> str | None:
     state = jobs.fail_job(ctx.sessions, job_id, now=ctx.clock(), error=error, retryable=retryable,
-                          stage_seconds=stages.seconds)
+                          stage_seconds=stages.seconds, worker=ctx.worker_name)
     logger.warning("job %d %s: %s", job_id, state, error)
     return state

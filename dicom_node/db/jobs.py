@@ -43,6 +43,8 @@ __all__ = [
     "fail_job",
     "finish_delivery",
     "finish_job",
+    "hand_back_delivery",
+    "hand_back_job",
     "heartbeat_job",
     "own_result_series",
     "requeue_jobs",
@@ -213,16 +215,18 @@ def finish_job(
     results: Sequence[ResultSpec],
     destinations: Sequence[str],
     delivery_max_attempts: int,
+    worker: str | None = None,
 ) -> list[int] | None:
     """Mark a running job succeeded with its result objects; create one delivery per destination.
 
     Returns the new delivery ids, or None when the job is no longer running (cancelled,
-    or reconciled and run elsewhere): it is left alone and nothing is recorded.
+    or reconciled and run elsewhere) - or, with ``worker``, no longer running on that
+    worker (handed back and taken by another): it is left alone and nothing is recorded.
     """
     with sessions.begin() as session:
         done = session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state == JobState.RUNNING.value)
+            .where(Job.id == job_id, Job.state == JobState.RUNNING.value, *_running_on(worker))
             .values(
                 state=JobState.SUCCEEDED.value, finished_at=now, lease_expires_at=None, error=None,
                 stage_seconds=json.dumps(stage_seconds), summary=json.dumps(summary), state_changed_at=now,
@@ -250,15 +254,15 @@ def finish_job(
 
 def fail_job(
     sessions: sessionmaker[Session], job_id: int, *, now: datetime, error: str, retryable: bool,
-    stage_seconds: dict[str, float] | None = None,
+    stage_seconds: dict[str, float] | None = None, worker: str | None = None,
 ) -> str | None:
     """Record a failed attempt: ``failed`` (to be retried) while attempts remain and retrying can help, else ``dead``.
 
-    Returns the new state, or None when the job was not running.
+    Returns the new state, or None when the job was not running (on ``worker``, if given).
     """
     with sessions.begin() as session:
         job = session.get(Job, job_id, with_for_update=True)
-        if job is None or job.state != JobState.RUNNING.value:
+        if job is None or job.state != JobState.RUNNING.value or (worker is not None and job.worker != worker[:255]):
             return None
         state = JobState.FAILED if retryable and job.attempts < job.max_attempts else JobState.DEAD
         job.state = state.value
@@ -269,6 +273,37 @@ def fail_job(
         if stage_seconds is not None:
             job.stage_seconds = json.dumps(stage_seconds)
         return state.value
+
+
+def _running_on(worker: str | None) -> list[Any]:
+    """The extra condition that a job runs on ``worker`` (none when ``worker`` is None)."""
+    return [] if worker is None else [Job.worker == worker[:255]]
+
+
+def hand_back_job(sessions: sessionmaker[Session], job_id: int, *, worker: str, now: datetime, reason: str) -> bool:
+    """Put a job that ``worker`` is running back to ``queued`` as if the attempt had not started.
+
+    For a worker that stops (SIGTERM) before the job finished: the attempt does not
+    count, the claim (worker, start, lease) is cleared and the study gets a
+    ``job_handed_back`` event with ``reason``. False when the job no longer runs on
+    ``worker`` (it finished, failed or was cancelled meanwhile): nothing changes.
+    """
+    with sessions.begin() as session:
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.state != JobState.RUNNING.value or job.worker != worker[:255]:
+            return False
+        attempt = job.attempts
+        job.state = JobState.QUEUED.value
+        job.attempts = max(0, attempt - 1)
+        job.worker = None
+        job.started_at = None
+        job.lease_expires_at = None
+        job.queued_at = now
+        job.state_changed_at = now
+        session.add(StudyEvent(study_id=job.study_id, at=now, kind="job_handed_back", detail=(
+            f"job {job.id} ({job.pipeline}) handed back to the queue: {reason}; attempt {attempt} "
+            "does not count")))
+    return True
 
 
 def retry_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime) -> bool:
@@ -488,6 +523,37 @@ def resend_pending_deliveries(sessions: sessionmaker[Session], *, now: datetime,
                 .values(next_attempt_at=now)
             )
     return due
+
+
+def hand_back_delivery(
+    sessions: sessionmaker[Session], delivery_id: int, *, attempt: int, now: datetime, reason: str
+) -> bool:
+    """Put a delivery being sent in its attempt ``attempt`` back to ``pending``, due now, as if not tried.
+
+    For a sender that stops (SIGTERM) before the destination answered: the attempt does
+    not count and the study gets a ``delivery_handed_back`` event with ``reason``. False
+    when the delivery is no longer in that attempt (it finished, or its lease expired
+    and another sender took it): nothing changes.
+    """
+    with sessions.begin() as session:
+        row = session.execute(
+            select(Delivery, Job.study_id).join(Job, Job.id == Delivery.job_id)
+            .where(Delivery.id == delivery_id).with_for_update()
+        ).one_or_none()
+        if row is None:
+            return False
+        delivery, study_id = row
+        if delivery.state != DeliveryState.SENDING.value or delivery.attempts != attempt:
+            return False
+        delivery.state = DeliveryState.PENDING.value
+        delivery.attempts = max(0, attempt - 1)
+        delivery.lease_expires_at = None
+        delivery.next_attempt_at = now
+        delivery.state_changed_at = now
+        session.add(StudyEvent(study_id=study_id, at=now, kind="delivery_handed_back", detail=(
+            f"delivery {delivery.id} to {delivery.destination} handed back: {reason}; attempt {attempt} "
+            "does not count")))
+    return True
 
 
 def retry_delivery(sessions: sessionmaker[Session], delivery_id: int, *, now: datetime) -> bool:
