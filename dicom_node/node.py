@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+#: Seconds associations still open get to end by themselves (a PACS finishing its send) before they are aborted.
+LISTENER_DRAIN_SECONDS = 5.0
 #: Seconds the DICOM listener gets to close and abort its associations before the stop goes on without it.
 LISTENER_STOP_SECONDS = 8.0
 #: Seconds each other part (web servers, completion monitor, router, heartbeat) gets, beyond the worker's stop.
@@ -70,6 +72,8 @@ class Node:
             indexer=self.indexer,
             duplicate_policy=settings.dicom.duplicate_policy,
             min_free_bytes=settings.storage.min_free_mb * 1_048_576,
+            max_instance_bytes=settings.dicom.max_instance_mb * 1_048_576,
+            quarantine_max_bytes=settings.storage.quarantine_max_mb * 1_048_576,
             clock=clock,
         )
         self.scp = StorageSCP(settings.dicom, self.ingest, self.sessions, clock)
@@ -141,7 +145,8 @@ class Node:
         closed, so a start after a stuck listener still looks for unindexed files.
         """
         started = time.monotonic()
-        listener_closed = run_bounded("DICOM listener", self.scp.stop, LISTENER_STOP_SECONDS)
+        listener_closed = run_bounded("DICOM listener", lambda: self.scp.stop(drain_seconds=LISTENER_DRAIN_SECONDS),
+                                      LISTENER_STOP_SECONDS)
         parts = [start_step(f"{server.name} server", server.stop) for server in self.web_servers]
         parts += [start_step("completion monitor", self.completion.stop), start_step("router", self.conductor.stop)]
         worker_stopped = True

@@ -259,14 +259,26 @@ class StorageSCP:
             " (TLS)" if self._tls else "",
         )
 
-    def stop(self) -> None:
-        """Stop listening, abort the associations still open, record their ends."""
+    def stop(self, drain_seconds: float = 0.0) -> None:
+        """Stop listening; give open associations up to ``drain_seconds`` to end, abort the rest, record their ends.
+
+        Connections that have not requested an association are closed at once.
+        """
         server, self._server = self._server, None
         if server is None:
             return
         server.shutdown()
         with self._lock:
+            silent = [connection.assoc for connection in self._connections.values() if connection.pending]
+        for assoc in silent:
+            _shut_transport(assoc)
+        deadline = time.monotonic() + drain_seconds
+        while self.open_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with self._lock:
             alive = [connection.assoc for connection in self._connections.values()]
+        if any(assoc.is_alive() for assoc in alive):
+            logger.warning("aborting %d association(s) still open as the node stops", len(alive))
         for assoc in alive:
             if assoc.is_alive():
                 assoc.abort()

@@ -362,3 +362,27 @@ def test_an_indexed_instance_whose_file_vanished_is_stored_again(
     assert assoc.send_c_store(sent).Status == 0x0000
     assoc.release()
     assert pydicom.dcmread(stored).SOPInstanceUID == sent.SOPInstanceUID
+
+
+def test_stopping_lets_a_sender_finish_within_the_drain_time(
+    node_factory: NodeFactory, small_series: GeneratedSeries
+) -> None:
+    import threading
+
+    node = node_factory()
+    port = node.scp.port
+    finishing, idle = associate(node), associate(node)
+    started = time.monotonic()
+    stopper = threading.Thread(target=node.scp.stop, kwargs={"drain_seconds": 4.0})
+    stopper.start()
+    time.sleep(0.3)
+    late = client().associate("127.0.0.1", port, ae_title=node.settings.dicom.ae_title)
+    assert not late.is_established  # no new association once stopping
+    assert finishing.send_c_store(pydicom.dcmread(small_series.paths[0])).Status == 0x0000
+    finishing.release()
+    stopper.join(timeout=10)
+    assert 3.5 < time.monotonic() - started < 8  # the idle one was given the drain time, then aborted
+    assert idle.is_aborted or not idle.is_established
+    with node.sessions() as session:
+        outcomes = sorted(row.outcome for row in session.scalars(select(AssociationRecord)))
+    assert outcomes == ["aborted", "released"]
