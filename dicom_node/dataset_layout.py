@@ -27,6 +27,8 @@ ITEM_DELIMITER = 0xFFFEE00D
 SEQUENCE_DELIMITER = 0xFFFEE0DD
 #: Explicit VRs whose element header has two reserved bytes and a 32-bit length (PS3.5 7.1.2).
 LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+#: Explicit VRs with a 16-bit length; any VR in neither set is refused (PS3.5 Table 6.2-1).
+SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FD FL IS LO LT PN SH SL SS ST TM UI UL US".split())
 #: Nesting deeper than this is refused rather than followed (no real IOD comes close).
 MAX_DEPTH = 32
 
@@ -123,7 +125,7 @@ class _Walker:
         tag = (group << 16) | element
         if group == 0xFFFE:  # items and delimiters carry no VR
             return tag, None, self.long_length.unpack_from(self.data, self.base + position + 4)[0], position + 8
-        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+        if vr not in SHORT_VRS and vr not in LONG_VRS:
             raise LayoutError(f"element {_tag_text(tag)} at byte {position} has no valid VR ({vr!r})")
         if vr in LONG_VRS:
             if end - position < 12:

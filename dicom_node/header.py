@@ -217,6 +217,9 @@ def _check_pixels(pixel: PixelElement | None, dataset: Dataset, syntax: UID, sop
             raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"no Pixel Data in a {UID(sop_class_uid).name} instance")
         return
     native = syntax in _NATIVE_SYNTAXES
+    expected = expected_native_length(dataset, little_endian)
+    if expected is None:
+        raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, "pixel data without Rows, Columns and Bits Allocated")
     if pixel.length is None:
         if native:
             raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"encapsulated pixel data in a native transfer syntax {syntax}")
@@ -232,9 +235,6 @@ def _check_pixels(pixel: PixelElement | None, dataset: Dataset, syntax: UID, sop
         return
     if not native and pixel.tag == 0x7FE00010:
         raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, f"pixel data of compressed transfer syntax {syntax} is not encapsulated")
-    expected = expected_native_length(dataset, little_endian)
-    if expected is None:
-        raise InvalidDataset(STATUS_PIXEL_DATA_INVALID, "pixel data without Rows, Columns and Bits Allocated")
     size, image = expected
     if pixel.length not in (size, size + (size & 1)):
         raise InvalidDataset(

@@ -317,3 +317,21 @@ def test_jpeg_frames_of_another_process_are_refused() -> None:
     with pytest.raises(InvalidDataset) as raised:
         parse(body, lossless_ls, "1.2.840.10008.1.2.4.70")
     assert "another process (marker FFF7; JPEG lossless expected)" in raised.value.reason
+
+
+def test_an_unknown_vr_is_refused_by_element(ct: Dataset) -> None:
+    """Two capital letters that are no VR: pydicom could not read the file back (found by the fuzzer)."""
+    body = bytearray(body_of(ct))
+    modality = body.index(b"\x60\x00CS")
+    body[modality + 2 : modality + 4] = b"WS"
+    with pytest.raises(InvalidDataset) as raised:
+        parse(bytes(body), ct)
+    assert raised.value.status == STATUS_CANNOT_PARSE and "(0008,0060)" in raised.value.reason and "VR" in raised.value.reason
+
+
+def test_encapsulated_pixel_data_needs_the_image_attributes(ct: Dataset) -> None:
+    encoded = encode_series([ct], RLELossless)[0]
+    del encoded.BitsAllocated
+    with pytest.raises(InvalidDataset) as raised:
+        parse(body_of(encoded, RLELossless), encoded, RLELossless)
+    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE and "Bits Allocated" in raised.value.reason
