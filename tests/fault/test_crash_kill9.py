@@ -38,7 +38,9 @@ def large_series(tmp_path_factory: pytest.TempPathFactory) -> GeneratedSeries:
 def test_kill_9_mid_association_loses_no_acknowledged_instance(
     tmp_path: Path, large_series: GeneratedSeries
 ) -> None:
-    node = NodeProcess(tmp_path / "node", label="crash-node")
+    # A quiet period long enough that the re-send below (one instance per fsync'd acknowledgement)
+    # never pauses past it on a loaded machine: the study must reopen once, not twice.
+    node = NodeProcess(tmp_path / "node", label="crash-node", overrides={"completion.quiet_seconds": 3.0})
     sources = dict(zip(large_series.sop_instance_uids, large_series.paths))
     try:
         node.start()
