@@ -45,13 +45,21 @@ preconditions and otherwise defers to the original pynetdicom code:
     * ``_FastDUL`` - event-driven DUL reactor: blocks in ``select()`` on the
       peer socket and on a wake-up socketpair that is written by
       ``send_pdu``/``kill_dul`` instead of sleeping 1 ms; reads each PDU with
-      a few large ``recv_into`` calls; decodes P-DATA-TF PDUs with a small
+      a few large ``recv_into`` calls, never allocating more than the
+      advertised maximum PDU length; decodes P-DATA-TF PDUs with a small
       struct parser and, in state Sta6 with an empty event queue, hands them
       straight to DIMSE (exactly what the state machine's DT-2 action does);
-    * ``_FastDIMSE`` - decodes C-STORE-RQ command sets with a small
-      Implicit VR Little Endian parser (UIDs still validated by pynetdicom's
-      own primitive setters) and encodes C-STORE-RSP command sets from a byte
-      template;
+      when the connection ends before an A-ASSOCIATE-RQ it wakes the acceptor
+      thread, which pynetdicom would leave waiting for the whole ACSE timeout;
+    * ``_FastDIMSE`` - reassembles every command set (bounded) and decodes it
+      with a small Implicit VR Little Endian parser; the data set of a C-STORE
+      goes fragment by fragment to a *sink* (the node streams it to disk, see
+      :func:`accelerate`), never through pynetdicom's in-memory reassembly;
+      other messages go to pynetdicom's decoder with a bounded data set; bytes
+      that are not a command set where one is due abort the association
+      (pynetdicom's decoder raised instead, which ended the DUL thread without
+      closing the connection); C-STORE-RSP command sets are encoded from a
+      byte template;
     * ``_FastAssociation`` - the acceptor reactor waits on a
       ``threading.Event`` set by the DUL after every state-machine action,
       instead of sleeping 1 ms per loop; the rest of the loop (release, abort,
