@@ -32,9 +32,6 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, Imp
 from dicom_node.codestream import HEAD_BYTES, frame_problem
 from dicom_node.dataset_layout import Buffer, LayoutError, PixelDataLayoutError, PixelElement, walk
 
-PIXEL_DATA_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
-
-
 class InvalidDataset(ValueError):
     """A received dataset the node cannot accept; ``status`` is the C-STORE status to answer."""
 
@@ -53,7 +50,6 @@ STATUS_MISSING_UID = 0xC220
 STATUS_SOP_INSTANCE_MISMATCH = 0xC221
 STATUS_INVALID_UID = 0xC222
 STATUS_PIXEL_DATA_INVALID = 0xC230
-STATUS_PIXEL_DATA_INCOMPLETE = STATUS_PIXEL_DATA_INVALID  # the name earlier versions used
 
 #: Storage SOP classes whose IODs require pixel data although their names do not say "Image".
 _PIXEL_SOP_CLASSES = frozenset((

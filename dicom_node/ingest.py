@@ -58,22 +58,6 @@ class StoreRequest:
 
 
 @dataclass(frozen=True)
-class ReceivedInstance:
-    """One C-STORE request with its whole data set in memory (tests, tools and small callers)."""
-
-    body: bytes  # the encoded dataset, without file meta
-    sop_class_uid: str
-    sop_instance_uid: str
-    transfer_syntax_uid: str
-    calling_ae_title: str
-    association_id: int | None
-
-    def request(self) -> StoreRequest:
-        return StoreRequest(self.sop_class_uid, self.sop_instance_uid, self.transfer_syntax_uid,
-                            self.calling_ae_title, self.association_id)
-
-
-@dataclass(frozen=True)
 class StoreOutcome:
     """The C-STORE status to answer and, for failures, why (sent as Error Comment)."""
 
@@ -197,10 +181,10 @@ class IngestService:
             return IncomingInstance(request, None, len(meta), self._limits, self._spool.root, refusal)
         return IncomingInstance(request, staging, len(meta), self._limits, self._spool.root)
 
-    def store(self, item: ReceivedInstance) -> StoreOutcome:
-        """Store one instance held in memory; never raises for bad input, only answers a status."""
-        incoming = self.begin(item.request())
-        incoming.write(item.body)
+    def store(self, request: StoreRequest, body: bytes) -> StoreOutcome:
+        """Store one instance whose whole data set ``body`` is in memory; never raises for bad input."""
+        incoming = self.begin(request)
+        incoming.write(body)
         return self.finish(incoming)
 
     def finish(self, incoming: IncomingInstance) -> StoreOutcome:
@@ -308,7 +292,7 @@ class IngestService:
         """Let go of what was cached for an association that has ended."""
         self._indexer.forget_association(association_id)
 
-    def record_failure(self, request: StoreRequest | ReceivedInstance, status: int, reason: str,
+    def record_failure(self, request: StoreRequest, status: int, reason: str,
                        *, rejected: StagingFile | None = None) -> None:
         """Keep the rejected file in quarantine (while it has room) and a row the admin can read."""
         path = self._quarantine(request, rejected) if rejected is not None else None
@@ -334,7 +318,7 @@ class IngestService:
         except Exception:
             logger.exception("cannot record the rejection of %s", request.sop_instance_uid)
 
-    def _quarantine(self, request: StoreRequest | ReceivedInstance, rejected: StagingFile) -> str | None:
+    def _quarantine(self, request: StoreRequest, rejected: StagingFile) -> str | None:
         """Move a rejected file into the quarantine; None (and the file deleted) when it has no room."""
         rejected.close()
         size = rejected.size

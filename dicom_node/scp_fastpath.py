@@ -358,14 +358,6 @@ def _parse_command(cmd: bytes | memoryview) -> dict[int, Any] | None:
     return out
 
 
-def _parse_c_store_rq(cmd: bytes | memoryview) -> dict[int, Any] | None:
-    """The fields of a C-STORE-RQ command set, or None if ``cmd`` is anything else."""
-    fields = _parse_command(cmd)
-    if fields is None or fields[_RQ_COMMAND_FIELD] != _C_STORE_RQ:
-        return None
-    return fields
-
-
 class DatasetSink(Protocol):
     """Where the fragments of one C-STORE data set go as they arrive (see :func:`accelerate`)."""
 

@@ -104,13 +104,6 @@ class StagingFile:
             view = view[written:]
             self.size += written
 
-    def truncate(self, size: int) -> None:
-        """Drop everything after the first ``size`` bytes (keeps what was already paid for on disk small)."""
-        if self._fd is not None:
-            os.ftruncate(self._fd, size)
-            os.lseek(self._fd, size, os.SEEK_SET)
-            self.size = size
-
     def sync(self) -> None:
         if self._fd is not None:
             os.fdatasync(self._fd)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import jobs, repo, workers
 from dicom_node.db.models import AssociationOutcome
-from dicom_node.ingest import IngestService, ReceivedInstance
+from dicom_node.ingest import IngestService, StoreRequest
 from dicom_node.indexer import InstanceIndexer
 from dicom_node.routing import JobSpec, RoutingDecision, RuleOutcome
 from dicom_node.settings import Settings
@@ -86,8 +86,8 @@ def build_scenario(settings: Settings, sessions: sessionmaker[Session], series: 
         size = 0
         for path in generated.paths:
             body, dataset = body_of(path)
-            outcome = ingest.store(ReceivedInstance(body, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
-                                                    "1.2.840.10008.1.2.1", "PACS", association))
+            outcome = ingest.store(StoreRequest(str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
+                                                "1.2.840.10008.1.2.1", "PACS", association), body)
             assert outcome.status == 0, outcome
             size += len(body)
         repo.close_association(sessions, association, outcome=AssociationOutcome.RELEASED, now=at,
@@ -158,8 +158,8 @@ def build_scenario(settings: Settings, sessions: sessionmaker[Session], series: 
     receive("waiting", by_role["waiting"], now - timedelta(minutes=1))  # not complete yet
 
     clock_value[0] = now - timedelta(minutes=1)
-    refused = ingest.store(ReceivedInstance(b"\x08\x00garbage", "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5",
-                                            "1.2.840.10008.1.2.1", "PACS", None))
+    refused = ingest.store(StoreRequest("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1", "PACS", None),
+                           b"\x08\x00garbage")
     assert refused.status != 0
     scenario.refused_status = refused.status
     repo.open_association(sessions, calling_ae_title="EVIL", called_ae_title="DICOM_NODE", peer_address="10.9.9.9",

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db import jobs, repo
 from dicom_node.db.models import AssociationOutcome, Study
 from dicom_node.indexer import InstanceIndexer
-from dicom_node.ingest import IngestService, ReceivedInstance
+from dicom_node.ingest import IngestService, StoreRequest
 from dicom_node.routing import JobSpec, RoutingDecision
 from dicom_node.spool import Spool
 from tests.web.conftest import WebEnv
@@ -72,9 +72,8 @@ def ingest(env: WebEnv, paths: list[Path], *, calling_ae: str, at: datetime) -> 
                                         peer_address="127.0.0.1", peer_port=104, tls=False, now=at)
     for path in paths:
         body, syntax, sop_class, sop = _body(path)
-        outcome = service.store(ReceivedInstance(body=body, sop_class_uid=sop_class, sop_instance_uid=sop,
-                                                 transfer_syntax_uid=syntax, calling_ae_title=calling_ae,
-                                                 association_id=association))
+        outcome = service.store(StoreRequest(sop_class_uid=sop_class, sop_instance_uid=sop, transfer_syntax_uid=syntax,
+                                             calling_ae_title=calling_ae, association_id=association), body)
         assert outcome.status == 0, f"{path}: {outcome}"
     repo.close_association(env.sessions, association, outcome=AssociationOutcome.RELEASED, now=at,
                            instances_stored=len(paths), instances_failed=0, bytes_received=1)

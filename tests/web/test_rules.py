@@ -16,7 +16,7 @@ from pydicom.filereader import read_file_meta_info
 from dicom_node.conductor import decide
 from dicom_node.db import audit, config_repo, repo
 from dicom_node.indexer import InstanceIndexer
-from dicom_node.ingest import IngestService, ReceivedInstance
+from dicom_node.ingest import IngestService, StoreRequest
 from dicom_node.routing import Rule, evaluate
 from dicom_node.spool import Spool
 from dicom_node.study_facts import study_facts
@@ -130,11 +130,10 @@ def ingest(web: WebEnv, paths: list[Path], calling_ae: str = "CT1") -> None:
     try:
         for path in paths:
             meta = read_file_meta_info(path)
-            outcome = service.store(ReceivedInstance(
-                body=split_part10(path.read_bytes())[1], sop_class_uid=str(meta.MediaStorageSOPClassUID),
-                sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
+            outcome = service.store(StoreRequest(
+                sop_class_uid=str(meta.MediaStorageSOPClassUID), sop_instance_uid=str(meta.MediaStorageSOPInstanceUID),
                 transfer_syntax_uid=str(meta.TransferSyntaxUID), calling_ae_title=calling_ae,
-                association_id=association))
+                association_id=association), split_part10(path.read_bytes())[1])
             assert outcome.status == 0, outcome
     finally:
         indexer.stop()

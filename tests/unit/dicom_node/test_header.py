@@ -21,7 +21,7 @@ from pydicom.uid import (
 from dicom_node.header import (
     STATUS_CANNOT_PARSE,
     STATUS_MISSING_UID,
-    STATUS_PIXEL_DATA_INCOMPLETE,
+    STATUS_PIXEL_DATA_INVALID,
     STATUS_SOP_CLASS_MISMATCH,
     STATUS_SOP_INSTANCE_MISMATCH,
     STATUS_TOO_LARGE,
@@ -77,7 +77,7 @@ def test_encapsulated_instances_are_checked_to_their_delimiter(ct: Dataset, synt
     assert parse(body, encoded, syntax).sop_instance_uid == ct.SOPInstanceUID
     with pytest.raises(InvalidDataset) as raised:
         parse(body[: len(body) - 40], encoded, syntax)
-    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE
+    assert raised.value.status == STATUS_PIXEL_DATA_INVALID
     assert "fragment" in raised.value.reason and "remain" in raised.value.reason
 
 
@@ -85,7 +85,7 @@ def test_truncated_native_pixel_data_is_refused(ct: Dataset) -> None:
     body = body_of(ct)
     with pytest.raises(InvalidDataset) as raised:
         parse(body[:-100], ct)
-    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE
+    assert raised.value.status == STATUS_PIXEL_DATA_INVALID
     assert "(7FE0,0010)" in raised.value.reason and "only" in raised.value.reason
 
 
@@ -94,7 +94,7 @@ def test_pixel_data_shorter_than_the_image_is_refused(ct: Dataset) -> None:
     short.PixelData = ct.PixelData[:1000]
     with pytest.raises(InvalidDataset) as raised:
         parse(body_of(short), short)
-    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE
+    assert raised.value.status == STATUS_PIXEL_DATA_INVALID
     assert "64x64" in raised.value.reason
 
 
@@ -146,7 +146,7 @@ def test_an_image_without_pixel_data_is_refused_and_a_report_accepted(ct: Datase
     del header_only.PixelData
     with pytest.raises(InvalidDataset) as raised:
         parse(body_of(header_only), header_only)
-    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE and "no Pixel Data in a CT Image Storage" in raised.value.reason
+    assert raised.value.status == STATUS_PIXEL_DATA_INVALID and "no Pixel Data in a CT Image Storage" in raised.value.reason
     report = structured_report(ct)
     assert parse(body_of(report), report).sop_instance_uid == report.SOPInstanceUID
 
@@ -172,7 +172,7 @@ def test_truncation_anywhere_is_refused(ct: Dataset) -> None:
     for cut in sorted(cuts):
         with pytest.raises(InvalidDataset) as raised:
             parse(body[:cut], ct)
-        assert raised.value.status in (STATUS_CANNOT_PARSE, STATUS_MISSING_UID, STATUS_PIXEL_DATA_INCOMPLETE), cut
+        assert raised.value.status in (STATUS_CANNOT_PARSE, STATUS_MISSING_UID, STATUS_PIXEL_DATA_INVALID), cut
 
 
 def test_an_element_longer_than_the_dataset_is_refused_by_name(ct: Dataset) -> None:
@@ -203,7 +203,7 @@ def test_bytes_in_another_encoding_than_claimed_are_refused(ct: Dataset) -> None
         parse(implicit, ct, ExplicitVRLittleEndian)
     with pytest.raises(InvalidDataset) as raised:
         parse(explicit, ct, JPEG2000Lossless)
-    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE and "not encapsulated" in raised.value.reason
+    assert raised.value.status == STATUS_PIXEL_DATA_INVALID and "not encapsulated" in raised.value.reason
 
 
 def test_pixel_data_longer_than_the_image_is_refused(ct: Dataset) -> None:
@@ -211,7 +211,7 @@ def test_pixel_data_longer_than_the_image_is_refused(ct: Dataset) -> None:
     padded.PixelData = ct.PixelData + b"\0" * 64
     with pytest.raises(InvalidDataset) as raised:
         parse(body_of(padded), padded)
-    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE and "needs 8192" in raised.value.reason
+    assert raised.value.status == STATUS_PIXEL_DATA_INVALID and "needs 8192" in raised.value.reason
 
 
 def test_native_ybr_full_422_is_sized_as_two_samples_per_pixel(ct: Dataset) -> None:
@@ -304,7 +304,7 @@ def test_compressed_frames_of_another_kind_than_claimed_are_refused(
     encoded = encode_series([ct], actual)[0]
     with pytest.raises(InvalidDataset) as raised:
         parse(body_of(encoded, actual), encoded, claimed)
-    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE and "frame 1" in raised.value.reason
+    assert raised.value.status == STATUS_PIXEL_DATA_INVALID and "frame 1" in raised.value.reason
     assert words in raised.value.reason
 
 
@@ -334,4 +334,4 @@ def test_encapsulated_pixel_data_needs_the_image_attributes(ct: Dataset) -> None
     del encoded.BitsAllocated
     with pytest.raises(InvalidDataset) as raised:
         parse(body_of(encoded, RLELossless), encoded, RLELossless)
-    assert raised.value.status == STATUS_PIXEL_DATA_INCOMPLETE and "Bits Allocated" in raised.value.reason
+    assert raised.value.status == STATUS_PIXEL_DATA_INVALID and "Bits Allocated" in raised.value.reason
