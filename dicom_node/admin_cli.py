@@ -241,11 +241,10 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
 def _models(settings: Settings, args: argparse.Namespace) -> int:
     """List the registry's models with their enabled state, or enable/disable one (audited as ``cli``)."""
     from dicom_node.db import model_settings
-    from workers.models.registry import ModelRegistryError, default_registry, load_model_registry
+    from dicom_node.model_catalog import ModelCatalog, ModelRegistryError
 
-    models_file = settings.routing.models_file
     try:
-        registry = default_registry() if models_file is None else load_model_registry(models_file)
+        registry = ModelCatalog.configured(settings.routing.models_file)
     except (ModelRegistryError, OSError) as exc:
         print(f"dicom-node: cannot read the model registry: {exc}", file=sys.stderr)
         return 1

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
 from dicom_node.contracts import AlgorithmInfo, Detection, SegmentLabel
+from dicom_node.model_catalog import ModelKind
 from workers.volume import Volume
 
 __all__ = ["DetectionResult", "LabelledModel", "Model", "ModelKind", "SegmentationResult"]
-
-ModelKind = Literal["segmentation", "detection"]
 
 
 @dataclass(frozen=True, eq=False)

@@ -23,6 +23,10 @@ Labels: a bundle's output values are mapped to coded concepts by a
 without a mapping become background (0), so an admin can serve a subset of a
 large model's labels (e.g. a few organs of a whole-body model).
 
+Reading a bundle's metadata (labels, version, declared input and outputs) is
+:mod:`dicom_node.model_catalog`'s job, shared with the node's pages; its names
+are re-exported here for the loaders.
+
 Trust: a bundle's configs are code (MONAI evaluates their ``$`` expressions and
 imports their ``_target_`` classes), so install only bundles from trusted sources;
 weights are read with ``torch.load(weights_only=True)``.
@@ -30,7 +34,6 @@ weights are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,9 +44,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dicom_node.contracts import AlgorithmInfo, CodedConcept, SegmentLabel
+from dicom_node.contracts import SegmentLabel
+from dicom_node.model_catalog import (
+    BundleError,
+    BundleLabel,
+    algorithm_info,
+    declared_modality,
+    label_mapping,
+    metadata_labels,
+    output_channel_def,
+    read_bundle_json,
+)
 from workers.models.base import LabelledModel, ModelKind, SegmentationResult
 from workers.volume import Volume
 
@@ -75,56 +87,6 @@ _SAVERS = ("SaveImage", "SaveImaged")
 _AFFINE_TOLERANCE_MM = 1e-3
 #: Marks a config id that a bundle's inference.json does not have.
 _MISSING = object()
-
-
-class BundleError(ValueError):
-    """A bundle that cannot be served, or a result it cannot give; the message names the bundle and the cause."""
-
-
-class BundleLabel(BaseModel):
-    """One label as ``dicom_node.labels`` in bundle metadata and ``labels`` in ``config/models.yaml`` write it.
-
-    ``value`` is the value in the node's label map (and the SEG segment it becomes);
-    ``bundle_value`` the value the model outputs for it (default: ``value``): a
-    label-map value for a segmentation model, a class index for a detector.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    value: int = Field(ge=1, le=255)
-    name: str = Field(min_length=1)
-    code: CodedConcept
-    category: CodedConcept
-    color_rgb: tuple[int, int, int] = (255, 0, 0)
-    bundle_value: int | None = Field(default=None, ge=0)
-
-    def segment_label(self) -> SegmentLabel:
-        """The shared contract type of this label."""
-        return SegmentLabel(
-            value=self.value,
-            name=self.name,
-            property_category=self.category,
-            property_type=self.code,
-            color_rgb=self.color_rgb,
-        )
-
-
-def label_mapping(entries: Sequence[BundleLabel], where: str) -> dict[int, SegmentLabel]:
-    """``{bundle value: SegmentLabel}`` of label entries; ``where`` names their source in errors.
-
-    Raises :class:`BundleError` when two entries share a ``value`` or a ``bundle_value``.
-    """
-    mapping: dict[int, SegmentLabel] = {}
-    values: set[int] = set()
-    for i, entry in enumerate(entries):
-        source = entry.value if entry.bundle_value is None else entry.bundle_value
-        if source in mapping:
-            raise BundleError(f"{where}: labels[{i}] ({entry.name!r}) maps bundle value {source} a second time")
-        if entry.value in values:
-            raise BundleError(f"{where}: labels[{i}] ({entry.name!r}) uses label value {entry.value} a second time")
-        values.add(entry.value)
-        mapping[source] = entry.segment_label()
-    return mapping
 
 
 def remap_labels(raw: npt.NDArray[np.integer], mapping: Mapping[int, SegmentLabel]) -> npt.NDArray[np.uint8]:
@@ -273,41 +235,6 @@ def _without(compose: Any, names: Sequence[str], source: str, key: str) -> Any:
     )
 
 
-def read_bundle_json(bundle_dir: Path, name: str) -> dict[str, Any]:
-    """``configs/<name>`` of a bundle as a dict (BundleError when missing or not a JSON object)."""
-    path = bundle_dir / "configs" / name
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise BundleError(f"bundle {bundle_dir}: no configs/{name}") from exc
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(content, dict):
-        raise BundleError(f"{path} must hold a JSON object, got {type(content).__name__}")
-    return content
-
-
-def metadata_labels(meta: Mapping[str, Any], where: str) -> list[BundleLabel] | None:
-    """The ``dicom_node.labels`` of bundle metadata as entries, or None when there are none."""
-    entries = (meta.get("dicom_node") or {}).get("labels")
-    if not entries:
-        return None
-    try:
-        return [BundleLabel.model_validate(entry) for entry in entries]
-    except ValidationError as exc:
-        raise BundleError(f"{where}: dicom_node.labels is invalid: {exc}") from exc
-
-
-def algorithm_info(meta: Mapping[str, Any], bundle_dir: Path, model_id: str | None, name: str | None,
-                   version: str | None) -> AlgorithmInfo:
-    """Name, version and registry id of a bundle's model; explicit values win over the metadata's."""
-    return AlgorithmInfo(
-        name=(name or str(meta.get("name") or bundle_dir.name))[:64],
-        version=str(version or meta.get("version") or "unknown")[:64],
-        model_id=model_id or bundle_dir.name,
-    )
-
-
 def _load_weights(network: torch.nn.Module, path: Path, source: str) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):  # CheckpointSaver's {"model": ...}
@@ -358,7 +285,7 @@ class MonaiBundleModel(LabelledModel):
         if kind != "segmentation":
             raise BundleError(f"{source}: dicom_node.kind is {kind!r}; this loader serves segmentation bundles")
         self._algorithm = algorithm_info(meta, self.bundle_dir, model_id, name, version)
-        self._modality = _declared_modality(meta)
+        self._modality = declared_modality(meta)
         self._mapping = dict(labels) if labels is not None else self._metadata_mapping(meta, source)
         _check_channels(self._mapping, meta, source)
         self.device = resolve_device(device)
@@ -427,26 +354,6 @@ class MonaiBundleModel(LabelledModel):
         """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels."""
         raw = self.predict_values(volume)
         return SegmentationResult(label_map=remap_labels(raw, self._mapping), labels=self.labels)
-
-
-
-def _declared_modality(meta: Mapping[str, Any]) -> str | None:
-    """The input modality the bundle declares (dicom_node section first, then network_data_format)."""
-    node_modality = ((meta.get("dicom_node") or {}).get("input") or {}).get("modality")
-    if node_modality:
-        return str(node_modality)
-    image = ((meta.get("network_data_format") or {}).get("inputs") or {}).get("image") or {}
-    modality = image.get("modality")
-    return str(modality) if modality else None
-
-
-def output_channel_def(meta: Mapping[str, Any]) -> dict[int, str] | None:
-    """``{value: name}`` of the bundle's ``pred`` output (``network_data_format``), or None if not declared."""
-    pred = ((meta.get("network_data_format") or {}).get("outputs") or {}).get("pred") or {}
-    channel_def = pred.get("channel_def")
-    if not isinstance(channel_def, Mapping) or not channel_def:
-        return None
-    return {int(k): str(v) for k, v in channel_def.items()}
 
 
 def _check_channels(mapping: Mapping[int, SegmentLabel], meta: Mapping[str, Any], source: str) -> None:

@@ -3,10 +3,11 @@
 Why: a TorchScript file runs without the Python code that defined the network
 (MONAI bundles ship one as ``models/model.ts``; other tools export them too), but
 it carries no preprocessing. The registry entry gives that explicitly
-(:class:`TorchScriptPreprocessing`: target spacing, HU window, sliding-window
-size) and this module builds the standard MONAI chain from it - RAS orientation,
-resampling, intensity window scaled to 0..1, sliding-window inference, softmax,
-argmax, inversion back to the input grid - and runs it with the same
+(:class:`~dicom_node.model_catalog.TorchScriptPreprocessing`, validated with the
+registry: target spacing, HU window, sliding-window size) and this module builds
+the standard MONAI chain from it - RAS orientation, resampling, intensity window
+scaled to 0..1, sliding-window inference, softmax, argmax, inversion back to the
+input grid - and runs it with the same
 :class:`~workers.models.monai_bundle.InferencePipeline` as MONAI bundles.
 """
 
@@ -17,14 +18,14 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dicom_node.contracts import AlgorithmInfo, SegmentLabel
+from dicom_node.model_catalog import TorchScriptPreprocessing
 from workers.models.base import LabelledModel, ModelKind, SegmentationResult
 from workers.models.monai_bundle import BundleError, InferencePipeline, remap_labels, resolve_device
 from workers.volume import Volume
@@ -32,48 +33,6 @@ from workers.volume import Volume
 __all__ = ["TorchScriptPreprocessing", "TorchScriptSegmentationModel"]
 
 logger = logging.getLogger(__name__)
-
-
-class TorchScriptPreprocessing(BaseModel):
-    """What a TorchScript segmentation network expects, as ``preprocessing`` in ``config/models.yaml``.
-
-    ``spacing_mm``: voxel spacing (x, y, z after RAS reorientation, mm) the
-    network was trained at. ``window_hu``: HU range scaled to 0..1 (clipped).
-    ``roi_size``: sliding-window size (x, y, z voxels); ``sw_batch_size``,
-    ``overlap``, ``padding_mode`` as MONAI's ``SlidingWindowInferer`` takes them.
-    The network outputs one channel per label value (channel i = value i,
-    softmax + argmax).
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    spacing_mm: tuple[float, float, float]
-    window_hu: tuple[float, float]
-    roi_size: tuple[int, int, int]
-    sw_batch_size: int = Field(default=1, ge=1)
-    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
-    padding_mode: Literal["constant", "replicate", "reflect", "circular"] = "constant"
-
-    @field_validator("spacing_mm")
-    @classmethod
-    def _positive_spacing(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(not v > 0 for v in value):
-            raise ValueError(f"spacing_mm must be three positive values (x, y, z mm), got {value}")
-        return value
-
-    @field_validator("window_hu")
-    @classmethod
-    def _ordered_window(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not value[0] < value[1]:
-            raise ValueError(f"window_hu must be [low, high] with low < high, got {list(value)}")
-        return value
-
-    @field_validator("roi_size")
-    @classmethod
-    def _positive_roi(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(v < 1 for v in value):
-            raise ValueError(f"roi_size must be three positive voxel counts (x, y, z), got {value}")
-        return value
 
 
 def _pipeline_transforms(pre: TorchScriptPreprocessing, image_key: str, pred_key: str) -> tuple[Any, Any]:

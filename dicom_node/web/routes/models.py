@@ -1,15 +1,16 @@
 """The models page and API: the model registry, what each bundle says about itself, and where it is loaded.
 
 :func:`model_catalog` reads the registry the workers use
-(``routing.models_file``, or the built-in demo models), and for each entry the
-bundle's ``configs/metadata.json``: labels with their codes and colours, the input
-spacing and intensity window, and the evaluation figures the training run wrote
-(``dicom_node.evaluation``, held-out figures first). It never builds a network or
-reads weights - only JSON and file sizes - so the page is fast and safe to open
-while workers are busy. Each model's load state comes from the heartbeats of the
-online workers (:mod:`dicom_node.db.workers`). A broken entry or bundle shows its
-error in its own row; an unreadable registry file shows one error and the page
-still renders.
+(``routing.models_file``, or the built-in demo models) through the shared
+:mod:`dicom_node.model_catalog` (never the workers' code, so neither torch nor
+MONAI is imported here), and for each entry the bundle's ``configs/metadata.json``:
+labels with their codes and colours, the input spacing and intensity window, and
+the evaluation figures the training run wrote (``dicom_node.evaluation``, held-out
+figures first). It never builds a network or reads weights - only JSON and file
+sizes - so the page is fast and safe to open while workers are busy. Each model's
+load state comes from the heartbeats of the online workers
+(:mod:`dicom_node.db.workers`). A broken entry or bundle shows its error in its own
+row; an unreadable registry file shows one error and the page still renders.
 
 Admins enable or disable a model here (:mod:`dicom_node.db.model_settings`, audited as
 ``model.enable`` / ``model.disable``): the router creates no job for a disabled model
@@ -31,6 +32,12 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from dicom_node.db import model_settings, workers
 from dicom_node.db.models import Role
+from dicom_node.model_catalog import (
+    BundleLabel,
+    ModelCatalog,
+    metadata_labels,
+    read_bundle_json,
+)
 from dicom_node.web.auth import Principal, audit_event, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
@@ -191,7 +198,7 @@ def _evaluations(meta: Mapping[str, Any]) -> list[EvaluationOut]:
     return []
 
 
-def _label(label: Any) -> LabelOut:
+def _label(label: BundleLabel) -> LabelOut:
     r, g, b = label.color_rgb
     return LabelOut(value=label.value, name=label.name, code=f"{label.code.scheme}:{label.code.value}",
                     meaning=label.code.meaning, category=label.category.meaning, color_hex=f"#{r:02x}{g:02x}{b:02x}")
@@ -206,10 +213,8 @@ def _weights(path: Path) -> list[tuple[str, int]]:
     return [(f.name, f.stat().st_size) for f in sorted(folder.iterdir()) if f.is_file()]
 
 
-def _describe(registry: Any, model_id: str, states: list[WorkerModelOut]) -> ModelOut:
+def _describe(registry: ModelCatalog, model_id: str, states: list[WorkerModelOut]) -> ModelOut:
     """One registry entry and its bundle's metadata; problems become ``error`` (never raised)."""
-    from workers.models.monai_bundle import metadata_labels, read_bundle_json
-
     entry = registry.entry(model_id)
     values: dict[str, Any] = {
         "id": entry.id, "name": entry.name or entry.id, "kind": entry.kind, "format": entry.format,
@@ -253,14 +258,12 @@ def _describe(registry: Any, model_id: str, states: list[WorkerModelOut]) -> Mod
     return ModelOut(**values)
 
 
-def _registry(context: WebContext) -> tuple[str, Any, str | None]:
+def _registry(context: WebContext) -> tuple[str, ModelCatalog | None, str | None]:
     """(source, registry or None, why it cannot be read): the registry the workers use."""
-    from workers.models.registry import default_registry, load_model_registry
-
     models_file = context.settings.routing.models_file
     source = str(models_file) if models_file is not None else "built-in demo models (workers/bundles)"
     try:
-        return source, default_registry() if models_file is None else load_model_registry(models_file), None
+        return source, ModelCatalog.configured(models_file), None
     except (ValueError, OSError) as exc:  # ModelRegistryError is a ValueError
         return source, None, str(exc)
 

@@ -1,0 +1,434 @@
+"""The model catalog: which models the node serves (``config/models.yaml``) and what their bundles say, from files only.
+
+Why in the shared lower layer: the workers turn a registry entry into a running
+network, but the admin pages, the REST API and ``dicom-node models`` also need the
+entries and what each bundle's ``configs/metadata.json`` says (labels, input,
+evaluation figures). Both sides read them here, so there is one parser and one
+set of validation rules, and the node's web process never imports the workers'
+code (nor torch or MONAI). Nothing here builds a network or reads weights.
+
+Registry file format (see ``config/models.yaml``)::
+
+    models:
+      - id: chest-ct-segmentation          # what routing rules name
+        kind: segmentation                 # segmentation | detection
+        format: monai_bundle               # monai_bundle | torchscript
+        path: package://workers/bundles/chest_ct_segmentation
+        version: "0.1.0"                   # must match the bundle metadata's version
+        name: Chest CT segmentation        # optional: algorithm name in SEG/SR (default: metadata name)
+        labels:                            # optional for bundles with a dicom_node section
+          - {value: 1, name: spleen, bundle_value: 1,
+             code: {value: "78961009", scheme: SCT, meaning: Spleen},
+             category: {value: "123037004", scheme: SCT, meaning: Anatomical Structure},
+             color_rgb: [157, 108, 162]}
+        overrides: {}                      # optional: MONAI config ids (bundles), DetectorConfig fields (detectors)
+        preprocessing: {...}               # torchscript only: TorchScriptPreprocessing
+
+The file is validated as a whole when it is read (unknown keys, missing fields and
+contradictions are errors that name the file, the entry and the field) and paths
+are resolved then. Without a file (``routing.models_file`` unset) the node serves
+the two demo models shipped in ``workers/bundles`` (:meth:`ModelCatalog.demo`, the
+same entries as ``config/models.yaml``).
+
+Paths: absolute; ``package://PACKAGE/sub/path`` (inside an installed Python
+package, e.g. the demo bundles shipped in ``workers/bundles``; found without
+importing the package); or relative to the catalog's ``base_dir`` (by default the
+folder of the YAML file).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from dicom_node.contracts import AlgorithmInfo, CodedConcept, SegmentLabel
+
+__all__ = [
+    "PACKAGE_SCHEME",
+    "BundleError",
+    "BundleLabel",
+    "ModelCatalog",
+    "ModelEntry",
+    "ModelFormat",
+    "ModelKind",
+    "ModelRegistryError",
+    "TorchScriptPreprocessing",
+    "UnknownModel",
+    "algorithm_info",
+    "bundle_version",
+    "declared_modality",
+    "demo_entries",
+    "label_mapping",
+    "metadata_labels",
+    "output_channel_def",
+    "read_bundle_json",
+    "resolve_model_path",
+]
+
+logger = logging.getLogger(__name__)
+
+#: What a model gives: a label map, or findings in patient coordinates.
+ModelKind = Literal["segmentation", "detection"]
+ModelFormat = Literal["monai_bundle", "torchscript"]
+#: Prefix of paths inside an installed Python package.
+PACKAGE_SCHEME = "package://"
+
+class BundleError(ValueError):
+    """A bundle that cannot be served, or a result it cannot give; the message names the bundle and the cause."""
+
+
+class ModelRegistryError(ValueError):
+    """A registry file, entry or path that cannot be used; the message names the file, entry and field."""
+
+
+class UnknownModel(LookupError):
+    """A model id that the registry does not list."""
+
+
+# --------------------------------------------------------------------------- labels
+
+
+class BundleLabel(BaseModel):
+    """One label as ``dicom_node.labels`` in bundle metadata and ``labels`` in ``config/models.yaml`` write it.
+
+    ``value`` is the value in the node's label map (and the SEG segment it becomes);
+    ``bundle_value`` the value the model outputs for it (default: ``value``): a
+    label-map value for a segmentation model, a class index for a detector.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    value: int = Field(ge=1, le=255)
+    name: str = Field(min_length=1)
+    code: CodedConcept
+    category: CodedConcept
+    color_rgb: tuple[int, int, int] = (255, 0, 0)
+    bundle_value: int | None = Field(default=None, ge=0)
+
+    def segment_label(self) -> SegmentLabel:
+        """The shared contract type of this label."""
+        return SegmentLabel(
+            value=self.value,
+            name=self.name,
+            property_category=self.category,
+            property_type=self.code,
+            color_rgb=self.color_rgb,
+        )
+
+
+def label_mapping(entries: Sequence[BundleLabel], where: str) -> dict[int, SegmentLabel]:
+    """``{bundle value: SegmentLabel}`` of label entries; ``where`` names their source in errors.
+
+    Raises :class:`BundleError` when two entries share a ``value`` or a ``bundle_value``.
+    """
+    mapping: dict[int, SegmentLabel] = {}
+    values: set[int] = set()
+    for i, entry in enumerate(entries):
+        source = entry.value if entry.bundle_value is None else entry.bundle_value
+        if source in mapping:
+            raise BundleError(f"{where}: labels[{i}] ({entry.name!r}) maps bundle value {source} a second time")
+        if entry.value in values:
+            raise BundleError(f"{where}: labels[{i}] ({entry.name!r}) uses label value {entry.value} a second time")
+        values.add(entry.value)
+        mapping[source] = entry.segment_label()
+    return mapping
+
+
+# --------------------------------------------------------------------------- bundle metadata
+
+
+def read_bundle_json(bundle_dir: Path, name: str) -> dict[str, Any]:
+    """``configs/<name>`` of a bundle as a dict (BundleError when missing or not a JSON object)."""
+    path = bundle_dir / "configs" / name
+    try:
+        content = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise BundleError(f"bundle {bundle_dir}: no configs/{name}") from exc
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(content, dict):
+        raise BundleError(f"{path} must hold a JSON object, got {type(content).__name__}")
+    return content
+
+
+def bundle_version(bundle_dir: Path) -> str | None:
+    """The ``version`` of a bundle's ``configs/metadata.json`` (None when it gives none)."""
+    version = read_bundle_json(bundle_dir, "metadata.json").get("version")
+    return None if version is None else str(version)
+
+
+def metadata_labels(meta: Mapping[str, Any], where: str) -> list[BundleLabel] | None:
+    """The ``dicom_node.labels`` of bundle metadata as entries, or None when there are none."""
+    entries = (meta.get("dicom_node") or {}).get("labels")
+    if not entries:
+        return None
+    try:
+        return [BundleLabel.model_validate(entry) for entry in entries]
+    except ValidationError as exc:
+        raise BundleError(f"{where}: dicom_node.labels is invalid: {exc}") from exc
+
+
+def algorithm_info(meta: Mapping[str, Any], bundle_dir: Path, model_id: str | None, name: str | None,
+                   version: str | None) -> AlgorithmInfo:
+    """Name, version and registry id of a bundle's model; explicit values win over the metadata's."""
+    return AlgorithmInfo(
+        name=(name or str(meta.get("name") or bundle_dir.name))[:64],
+        version=str(version or meta.get("version") or "unknown")[:64],
+        model_id=model_id or bundle_dir.name,
+    )
+
+
+def declared_modality(meta: Mapping[str, Any]) -> str | None:
+    """The input modality the bundle declares (dicom_node section first, then network_data_format)."""
+    node_modality = ((meta.get("dicom_node") or {}).get("input") or {}).get("modality")
+    if node_modality:
+        return str(node_modality)
+    image = ((meta.get("network_data_format") or {}).get("inputs") or {}).get("image") or {}
+    modality = image.get("modality")
+    return str(modality) if modality else None
+
+
+def output_channel_def(meta: Mapping[str, Any]) -> dict[int, str] | None:
+    """``{value: name}`` of the bundle's ``pred`` output (``network_data_format``), or None if not declared."""
+    pred = ((meta.get("network_data_format") or {}).get("outputs") or {}).get("pred") or {}
+    channel_def = pred.get("channel_def")
+    if not isinstance(channel_def, Mapping) or not channel_def:
+        return None
+    return {int(k): str(v) for k, v in channel_def.items()}
+
+
+# --------------------------------------------------------------------------- registry entries
+
+
+class TorchScriptPreprocessing(BaseModel):
+    """What a TorchScript segmentation network expects, as ``preprocessing`` in ``config/models.yaml``.
+
+    ``spacing_mm``: voxel spacing (x, y, z after RAS reorientation, mm) the
+    network was trained at. ``window_hu``: HU range scaled to 0..1 (clipped).
+    ``roi_size``: sliding-window size (x, y, z voxels); ``sw_batch_size``,
+    ``overlap``, ``padding_mode`` as MONAI's ``SlidingWindowInferer`` takes them.
+    The network outputs one channel per label value (channel i = value i,
+    softmax + argmax).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    spacing_mm: tuple[float, float, float]
+    window_hu: tuple[float, float]
+    roi_size: tuple[int, int, int]
+    sw_batch_size: int = Field(default=1, ge=1)
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    padding_mode: Literal["constant", "replicate", "reflect", "circular"] = "constant"
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _positive_spacing(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(not v > 0 for v in value):
+            raise ValueError(f"spacing_mm must be three positive values (x, y, z mm), got {value}")
+        return value
+
+    @field_validator("window_hu")
+    @classmethod
+    def _ordered_window(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not value[0] < value[1]:
+            raise ValueError(f"window_hu must be [low, high] with low < high, got {list(value)}")
+        return value
+
+    @field_validator("roi_size")
+    @classmethod
+    def _positive_roi(cls, value: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(v < 1 for v in value):
+            raise ValueError(f"roi_size must be three positive voxel counts (x, y, z), got {value}")
+        return value
+
+
+class ModelEntry(BaseModel):
+    """One model of ``config/models.yaml`` (see the module docstring for the fields)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=64)
+    kind: ModelKind
+    format: ModelFormat
+    path: str = Field(min_length=1)
+    version: str = Field(min_length=1, max_length=64)
+    name: str | None = Field(default=None, min_length=1, max_length=64)
+    labels: tuple[BundleLabel, ...] | None = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    preprocessing: TorchScriptPreprocessing | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelEntry:
+        if self.format == "torchscript":
+            if self.kind != "segmentation":
+                raise ValueError("format torchscript serves segmentation models only; use a bundle for detection")
+            if self.preprocessing is None:
+                raise ValueError("format torchscript needs 'preprocessing' (spacing_mm, window_hu, roi_size)")
+            if not self.labels:
+                raise ValueError("format torchscript needs 'labels' (a .ts file carries none)")
+            if self.overrides:
+                raise ValueError("'overrides' apply to bundles; a torchscript entry takes 'preprocessing'")
+        elif self.preprocessing is not None:
+            raise ValueError("'preprocessing' is for torchscript entries; a bundle brings its own")
+        if self.labels is not None:
+            if not self.labels:
+                raise ValueError("'labels' is empty: leave it out to use the bundle's own labels")
+            if self.kind == "detection" and any(label.bundle_value is None for label in self.labels):
+                raise ValueError("detection labels need 'bundle_value' (the detector's class index)")
+        return self
+
+    def label_mapping(self) -> dict[int, SegmentLabel] | None:
+        """``{model output value: SegmentLabel}`` of the entry's labels, or None to use the bundle's."""
+        return None if self.labels is None else label_mapping(self.labels, f"model {self.id!r}")
+
+
+class _RegistryFile(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    models: tuple[ModelEntry, ...] = Field(min_length=1)
+
+
+def _package_root(package: str, inside: str, path: str) -> Path:
+    """The folder of an installed package, found by its import spec (the package is not imported)."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError) as exc:
+        raise ModelRegistryError(f"path {path!r}: package {package!r} is not installed") from exc
+    if spec is None:
+        raise ModelRegistryError(f"path {path!r}: package {package!r} is not installed")
+    locations = list(spec.submodule_search_locations or [])
+    if not locations:
+        raise ModelRegistryError(f"path {path!r}: {package!r} is a module, not a package")
+    # A namespace package spans several folders: the one that holds the path.
+    return next((Path(folder) for folder in locations if (Path(folder) / inside).exists()), Path(locations[0]))
+
+
+def resolve_model_path(path: str, base_dir: Path) -> Path:
+    """The filesystem path of an entry's ``path`` (absolute, ``package://...`` or relative to ``base_dir``)."""
+    if path.startswith(PACKAGE_SCHEME):
+        package, _, inside = path[len(PACKAGE_SCHEME):].partition("/")
+        if not package or not inside:
+            raise ModelRegistryError(f"path {path!r} must be {PACKAGE_SCHEME}PACKAGE/sub/path")
+        return _package_root(package, inside, path) / inside
+    candidate = Path(path).expanduser()
+    return candidate if candidate.is_absolute() else (base_dir / candidate)
+
+
+def _format_errors(exc: ValidationError, raw: Any, source: str) -> str:
+    """One line per problem: the entry (index and id) and the dotted field."""
+    lines = []
+    entries = raw.get("models") if isinstance(raw, Mapping) else None
+    for error in exc.errors():
+        loc = list(error["loc"])
+        where = "top level"
+        if len(loc) >= 2 and loc[0] == "models" and isinstance(loc[1], int):
+            index = loc[1]
+            entry = entries[index] if isinstance(entries, list) and index < len(entries) else None
+            entry_id = entry.get("id") if isinstance(entry, Mapping) else None
+            where = f"models[{index}]" + (f" (id {entry_id!r})" if entry_id else "")
+            loc = loc[2:]
+        field = ".".join(str(part) for part in loc) or "(entry)"
+        value = f", got {error['input']!r}" if error["type"] != "missing" and loc else ""
+        lines.append(f"{where}: {field}: {error['msg']}{value}")
+    return f"{source}: invalid model registry:\n  " + "\n  ".join(lines)
+
+
+def demo_entries() -> tuple[ModelEntry, ...]:
+    """The demo models shipped in ``workers/bundles``; ``config/models.yaml`` lists the same entries."""
+    return (
+        ModelEntry(id="chest-ct-segmentation", kind="segmentation", format="monai_bundle",
+                   path=f"{PACKAGE_SCHEME}workers/bundles/chest_ct_segmentation", version="0.1.0"),
+        ModelEntry(id="lung-nodule-detection", kind="detection", format="monai_bundle",
+                   path=f"{PACKAGE_SCHEME}workers/bundles/lung_nodule_detection", version="0.1.0"),
+    )
+
+
+class ModelCatalog:
+    """The models of a registry, by id, with their resolved paths; nothing is loaded.
+
+    ``entries``: validated entries (unique ids); ``base_dir``: where relative
+    paths start; ``source``: names the registry in errors (usually its file).
+    The workers' :class:`workers.models.registry.ModelRegistry` adds loading.
+    """
+
+    def __init__(self, entries: Sequence[ModelEntry], base_dir: Path, source: str = "model registry") -> None:
+        ids = [entry.id for entry in entries]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ModelRegistryError(f"{source}: model ids {duplicates} are listed more than once")
+        self.source = source
+        self.base_dir = Path(base_dir)
+        self._entries = {entry.id: entry for entry in entries}
+        self._paths: dict[str, Path] = {}
+        for index, entry in enumerate(entries):
+            try:
+                self._paths[entry.id] = resolve_model_path(entry.path, self.base_dir)
+            except ModelRegistryError as exc:
+                raise ModelRegistryError(f"{source}: models[{index}] (id {entry.id!r}): path: {exc}") from exc
+
+    @classmethod
+    def from_file(cls, path: Path, base_dir: Path | None = None) -> Self:
+        """Read and validate a registry file (``config/models.yaml``).
+
+        ``base_dir``: where relative model paths start (default: the file's folder).
+        Raises ModelRegistryError naming the file, the entry and the field.
+        """
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError as exc:
+            raise ModelRegistryError(f"model registry {path} does not exist") from exc
+        except yaml.YAMLError as exc:
+            raise ModelRegistryError(f"{path}: not valid YAML: {exc}") from exc
+        try:
+            parsed = _RegistryFile.model_validate(raw)
+        except ValidationError as exc:
+            raise ModelRegistryError(_format_errors(exc, raw, str(path))) from exc
+        for index, entry in enumerate(parsed.models):
+            if entry.labels is not None:
+                try:
+                    label_mapping(entry.labels, f"{path}: models[{index}] (id {entry.id!r})")
+                except ValueError as exc:
+                    raise ModelRegistryError(str(exc)) from exc
+        return cls(parsed.models, base_dir if base_dir is not None else path.parent, source=str(path))
+
+    @classmethod
+    def demo(cls) -> Self:
+        """The demo models (:func:`demo_entries`): what a node without a models file serves."""
+        return cls(demo_entries(), base_dir=Path(__file__).resolve().parent, source="built-in demo models")
+
+    @classmethod
+    def configured(cls, models_file: Path | None) -> Self:
+        """The registry a node's settings name (``routing.models_file``), or the demo models when none."""
+        return cls.demo() if models_file is None else cls.from_file(models_file)
+
+    @property
+    def ids(self) -> tuple[str, ...]:
+        """Model ids in file order."""
+        return tuple(self._entries)
+
+    def entry(self, model_id: str) -> ModelEntry:
+        """The entry of ``model_id`` (UnknownModel listing the known ids otherwise)."""
+        try:
+            return self._entries[model_id]
+        except KeyError:
+            raise UnknownModel(f"{self.source}: no model {model_id!r} (known: {', '.join(self.ids)})") from None
+
+    def path(self, model_id: str) -> Path:
+        """The resolved filesystem path of ``model_id``'s bundle or file."""
+        self.entry(model_id)
+        return self._paths[model_id]
