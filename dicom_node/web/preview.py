@@ -4,10 +4,12 @@ Why: an operator checking that the node works wants to *see* that the
 segmentation lies on the anatomy and the detections on the findings, without
 opening a PACS viewer. The picture is drawn here, on the server, with numpy and
 Pillow (no plotting library), from the same files the workers used: the source
-series read with :func:`workers.volume.load_series` (which also gives the
-geometry and which instance each slice came from) and the SEG objects in the
-outbox, mapped onto the slices frame by frame through their source-image
-references (falling back to their plane positions).
+series' geometry read from its headers by :mod:`dicom_node.web.slice_stack` (which
+also says which instance and frame each slice is, and decodes only the key slice's
+pixels) and the SEG objects in the outbox, mapped onto the slices frame by frame
+through their source-image references (falling back to their plane positions).
+Only pydicom, highdicom, numpy and Pillow are used: the web process never imports
+the workers, nor reads a whole series into memory.
 
 Which slice: the one through the centre of the largest detection; else the one
 with the most voxels of lesion-like segments (nodule, lesion, tumour, mass);
@@ -24,8 +26,9 @@ section through the sphere of their diameter.
 PNGs are cached under ``data_dir/previews/`` keyed by the study, the series and
 its instance count, the result objects and the detections, so a new result gives
 a new picture; older pictures of the study are removed when a new one is written.
-One preview is rendered at a time per process: a series is read whole (a 300-slice
-CT is about 300 MB of float32), and two at once must not double that.
+One preview is rendered at a time per process, so that requests arriving together
+for a study render it once (the later ones find the cached picture): a render
+reads every header of the series and every frame of its SEGs.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from dicom_node.db import study_views
 from dicom_node.db.models import JobState
 from dicom_node.settings import Settings
 from dicom_node.study_store import FileStudyStore, SeriesNotFound
-from workers.volume import Volume, VolumeError, load_series
+from dicom_node.web.slice_stack import SliceStack, SliceStackError, read_slice_stack
 
 __all__ = ["LUNG_WINDOW", "Preview", "PreviewError", "study_preview"]
 
@@ -74,7 +77,7 @@ _DETECTION_RGB = (255, 214, 0)
 #: Colours for segments whose SEG gives none (distinct, none of them grey).
 _PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
             (240, 50, 230), (210, 245, 60))
-#: One render at a time in this process (memory: a whole series is decoded).
+#: One render at a time in this process (a study asked for twice at once is rendered once).
 _RENDER_LOCK = threading.Lock()
 
 
@@ -107,7 +110,7 @@ class _Segment:
     label: str
     rgb: tuple[int, int, int]
     lesion: bool
-    voxels_by_slice: npt.NDArray[np.int64]  # segmented pixels on each slice of the volume
+    voxels_by_slice: npt.NDArray[np.int64]  # segmented pixels on each slice of the series
     frames_by_slice: dict[int, list[int]] = field(default_factory=dict)  # SEG frame indices (0-based)
 
 
@@ -240,22 +243,22 @@ def _render(settings: Settings, sessions: sessionmaker[Session], plan: _Plan) ->
     except SeriesNotFound as exc:
         raise PreviewError(404, str(exc)) from exc
     try:
-        volume = load_series(paths)
-    except VolumeError as exc:
+        stack = read_slice_stack(series_uid, paths)
+        segs = [_read_seg(_outbox_file(settings.outbox_dir, r), r, stack) for r in plan.seg_results]
+        key_slice = _key_slice(stack, segs, plan.detections)
+        rgb = _grey_rgb(stack, key_slice)
+    except SliceStackError as exc:
         logger.warning("no preview of series %s: %s", series_uid, exc)
         raise PreviewError(422, f"series {series_uid} cannot be shown: {exc}") from exc
-    segs = [_read_seg(_outbox_file(settings.outbox_dir, r), r, volume) for r in plan.seg_results]
-    key_slice = _key_slice(volume, segs, plan.detections)
-    rgb = _grey_rgb(volume, key_slice)
-    drawn = _draw_segments(rgb, segs, key_slice, volume.shape[0])
+    drawn = _draw_segments(rgb, segs, key_slice)
     image = Image.fromarray(rgb, "RGB")
-    drawn = _draw_detections(image, volume, key_slice, plan.detections) or drawn
+    drawn = _draw_detections(image, stack, key_slice, plan.detections) or drawn
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
     logger.info("rendered the preview of series %s: slice %d of %d, %d SEG(s), %d detection(s)",
-                series_uid, key_slice + 1, volume.shape[0], len(segs), len(plan.detections))
+                series_uid, key_slice + 1, len(stack), len(segs), len(plan.detections))
     return Preview(png=buffer.getvalue(), series_instance_uid=series_uid, slice_index=key_slice,
-                   slice_count=volume.shape[0], overlay=drawn, cached=False)
+                   slice_count=len(stack), overlay=drawn, cached=False)
 
 
 def _outbox_file(outbox: Path, result: study_views.ResultRow) -> Path:
@@ -266,8 +269,8 @@ def _outbox_file(outbox: Path, result: study_views.ResultRow) -> Path:
     return path
 
 
-def _read_seg(path: Path, result: study_views.ResultRow, volume: Volume) -> _SegFile:
-    """The segments of one SEG file, mapped onto the volume's slices, with voxel counts per slice.
+def _read_seg(path: Path, result: study_views.ResultRow, stack: SliceStack) -> _SegFile:
+    """The segments of one SEG file, mapped onto the series' slices, with voxel counts per slice.
 
     Reads the header once and the frames one at a time (a SEG of a 300-slice CT with
     several segments holds thousands of frames); only the counts are kept.
@@ -282,7 +285,7 @@ def _read_seg(path: Path, result: study_views.ResultRow, volume: Volume) -> _Seg
         logger.warning("%s: cannot read %s: %s: %s", what, path, type(exc).__name__, exc)
         raise PreviewError(422, f"{what} cannot be read: {type(exc).__name__}") from exc
     try:
-        seg = _seg_layout(ds, volume, path)
+        seg = _seg_layout(ds, stack, path)
         frame_slices = {f: k for segment in seg.segments.values() for k, fs in segment.frames_by_slice.items()
                         for f in fs}
         frame_segment = {f: segment for segment in seg.segments.values()
@@ -306,8 +309,8 @@ def _read_seg(path: Path, result: study_views.ResultRow, volume: Volume) -> _Seg
     return seg
 
 
-def _seg_layout(ds: Dataset, volume: Volume, path: Path) -> _SegFile:
-    """Segments and which frame lies on which slice of ``volume`` (by source reference, else position)."""
+def _seg_layout(ds: Dataset, stack: SliceStack, path: Path) -> _SegFile:
+    """Segments and which frame lies on which slice of ``stack`` (by source reference, else position)."""
     if str(ds.get("SOPClassUID", "")) != _SEG_SOP_CLASS:
         raise ValueError(f"SOP class {ds.get('SOPClassUID')} is not Segmentation Storage")
     seg_type = str(ds.get("SegmentationType", "BINARY")).upper()
@@ -324,19 +327,19 @@ def _seg_layout(ds: Dataset, volume: Volume, path: Path) -> _SegFile:
             meaning = str(item.SegmentedPropertyTypeCodeSequence[0].get("CodeMeaning", ""))
         segments[number] = _Segment(number=number, label=label, rgb=_segment_rgb(item, number),
                                     lesion=bool(_LESION_WORDS.search(f"{label} {meaning}")),
-                                    voxels_by_slice=np.zeros(volume.shape[0], dtype=np.int64))
+                                    voxels_by_slice=np.zeros(len(stack), dtype=np.int64))
     if not segments:
         raise ValueError("no SegmentSequence")
-    by_ref = {(f.sop_instance_uid, f.frame_number): k for k, f in enumerate(volume.frames)}
+    by_ref = {(f.sop_instance_uid, f.frame_number): k for k, f in enumerate(stack.slices)}
     by_sop: dict[str, int | None] = {}
-    for k, f in enumerate(volume.frames):
+    for k, f in enumerate(stack.slices):
         by_sop[f.sop_instance_uid] = k if f.sop_instance_uid not in by_sop else None  # None: several frames
     shared = ds.get("SharedFunctionalGroupsSequence", [None])[0]
     per_frame = ds.get("PerFrameFunctionalGroupsSequence", [])
     if len(per_frame) != int(ds.get("NumberOfFrames", 1)):
         raise ValueError(f"{len(per_frame)} per-frame groups for {ds.get('NumberOfFrames', 1)} frames")
     for index, groups in enumerate(per_frame):
-        k = _frame_slice(groups, by_ref, by_sop, volume)
+        k = _frame_slice(groups, by_ref, by_sop, stack)
         if k is None:
             continue
         if labelmap:
@@ -354,8 +357,8 @@ def _seg_layout(ds: Dataset, volume: Volume, path: Path) -> _SegFile:
 
 
 def _frame_slice(groups: Dataset, by_ref: dict[tuple[str, int | None], int], by_sop: dict[str, int | None],
-                 volume: Volume) -> int | None:
-    """The volume slice a SEG frame lies on: its source image reference, else its plane position."""
+                 stack: SliceStack) -> int | None:
+    """The slice a SEG frame lies on: its source image reference, else its plane position."""
     for derivation in groups.get("DerivationImageSequence", []):
         for source in derivation.get("SourceImageSequence", []):
             sop = str(source.get("ReferencedSOPInstanceUID", ""))
@@ -369,9 +372,9 @@ def _frame_slice(groups: Dataset, by_ref: dict[tuple[str, int | None], int], by_
                 return by_sop[sop]
     positions = groups.get("PlanePositionSequence")
     if positions and "ImagePositionPatient" in positions[0]:
-        index = volume.world_to_index([float(v) for v in positions[0].ImagePositionPatient])
+        index = stack.world_to_index([float(v) for v in positions[0].ImagePositionPatient])
         k = int(round(float(index[0])))
-        if 0 <= k < volume.shape[0] and abs(index[0] - k) < 0.1 and abs(index[1]) < 0.1 and abs(index[2]) < 0.1:
+        if 0 <= k < len(stack) and abs(index[0] - k) < 0.1 and abs(index[1]) < 0.1 and abs(index[2]) < 0.1:
             return k
     return None
 
@@ -390,11 +393,11 @@ def _segment_rgb(item: Dataset, number: int) -> tuple[int, int, int]:
     return _PALETTE[(number - 1) % len(_PALETTE)]
 
 
-def _key_slice(volume: Volume, segs: list[_SegFile], detections: list[dict[str, Any]]) -> int:
-    n = volume.shape[0]
+def _key_slice(stack: SliceStack, segs: list[_SegFile], detections: list[dict[str, Any]]) -> int:
+    n = len(stack)
     if detections:
         largest = max(detections, key=lambda d: float(d["diameter_mm"]))
-        k = int(round(float(volume.world_to_index(largest["centre_mm"])[0])))
+        k = int(round(float(stack.world_to_index(largest["centre_mm"])[0])))
         if 0 <= k < n:
             return k
     segments = [s for seg in segs for s in seg.segments.values()]
@@ -406,10 +409,10 @@ def _key_slice(volume: Volume, segs: list[_SegFile], detections: list[dict[str, 
     return n // 2
 
 
-def _window(volume: Volume, slice_values: npt.NDArray[np.float32]) -> tuple[float, float]:
+def _window(stack: SliceStack, slice_values: npt.NDArray[np.float32]) -> tuple[float, float]:
     """(level, width): lung window for chest CT, else the series' own window, else a default."""
-    header = volume.datasets[0] if volume.datasets else Dataset()
-    modality = volume.modality.upper()
+    header = stack.slices[0].header
+    modality = stack.modality.upper()
     if modality == "CT":
         text = " ".join(str(header.get(k, "")) for k in ("SeriesDescription", "StudyDescription", "ProtocolName"))
         if str(header.get("BodyPartExamined", "")).upper() in _CHEST_BODY_PARTS or _CHEST_WORDS.search(text):
@@ -429,17 +432,17 @@ def _window(volume: Volume, slice_values: npt.NDArray[np.float32]) -> tuple[floa
     return float(low + high) / 2, max(float(high - low), 1.0)
 
 
-def _grey_rgb(volume: Volume, k: int) -> npt.NDArray[np.uint8]:
-    values = volume.array[k]
-    level, width = _window(volume, values)
+def _grey_rgb(stack: SliceStack, k: int) -> npt.NDArray[np.uint8]:
+    """Slice ``k`` windowed to grey (MONOCHROME1 inverted), as RGB to draw on."""
+    values = stack.pixels(k)
+    level, width = _window(stack, values)
     grey = np.clip((values - (level - width / 2)) / width * 255.0, 0, 255).astype(np.uint8)
-    header = volume.datasets[min(k, len(volume.datasets) - 1)] if volume.datasets else Dataset()
-    if str(header.get("PhotometricInterpretation", "")) == "MONOCHROME1":
+    if str(stack.slices[k].header.get("PhotometricInterpretation", "")) == "MONOCHROME1":
         grey = 255 - grey
     return np.repeat(grey[:, :, None], 3, axis=2)
 
 
-def _draw_segments(rgb: npt.NDArray[np.uint8], segs: list[_SegFile], k: int, n_slices: int) -> bool:
+def _draw_segments(rgb: npt.NDArray[np.uint8], segs: list[_SegFile], k: int) -> bool:
     """Blend the key slice's segments into ``rgb`` (lesions last, on top); True if anything was drawn."""
     rows, columns = rgb.shape[:2]
     masks: list[tuple[_Segment, npt.NDArray[np.bool_]]] = []
@@ -475,14 +478,14 @@ def _outline(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     return mask & ~inner
 
 
-def _draw_detections(image: Image.Image, volume: Volume, k: int, detections: list[dict[str, Any]]) -> bool:
+def _draw_detections(image: Image.Image, stack: SliceStack, k: int, detections: list[dict[str, Any]]) -> bool:
     """Circles where each detection's sphere cuts the key slice; True if any was drawn."""
     draw = ImageDraw.Draw(image)
-    spacing_slice, spacing_row, spacing_col = volume.spacing_mm
+    spacing_slice, spacing_row, spacing_col = stack.spacing_mm
     width = 2 if max(image.size) >= 256 else 1
     drawn = False
     for item in detections:
-        s, r, c = (float(v) for v in volume.world_to_index(item["centre_mm"]))
+        s, r, c = (float(v) for v in stack.world_to_index(item["centre_mm"]))
         radius = float(item["diameter_mm"]) / 2
         distance = abs(s - k) * spacing_slice
         if distance > radius:

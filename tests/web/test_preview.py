@@ -253,3 +253,39 @@ def test_bad_source_or_seg_gives_422_and_a_warning(
         broken = viewer.client.get(f"/api/v1/studies/{plain}/preview.png")
     assert broken.status_code == 422 and plain_series in broken.json()["detail"]
     assert any(plain_series in r.getMessage() for r in caplog.records)
+
+
+def test_a_multi_frame_series_previews_like_its_single_frame_original(
+    tmp_path: Path, files: dict[str, list[Path]]
+) -> None:
+    """One enhanced (legacy converted) CT instance whose frames are the slices, stored in shuffled order: the
+    preview reads each frame's place and rescale from the functional groups and decodes only the key frame."""
+    from highdicom.legacy import LegacyConvertedEnhancedCTImage
+    from pydicom.uid import generate_uid
+
+    datasets = [pydicom.dcmread(path) for path in files["plain"]]
+    shuffled = [datasets[i] for i in (4, 9, 0, 7, 2, 5, 8, 1, 6, 3)]
+    enhanced = LegacyConvertedEnhancedCTImage(shuffled, series_instance_uid=generate_uid(), series_number=99,
+                                              sop_instance_uid=generate_uid(), instance_number=1)
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    answers = []
+    for name, paths in (("single", files["plain"]), ("multi", [path])):
+        env = make_web_env(tmp_path / name)
+        ingest(env, paths, calling_ae="PACS", at=T0)
+        token = {"Authorization": f"Bearer {env.token('viewer')}"}
+        answers.append(env.client().get(f"/api/v1/studies/{uid_of(paths)[0]}/preview.png", headers=token))
+    single, multi = answers
+    assert multi.headers["x-preview-series"] == enhanced.SeriesInstanceUID
+    assert multi.headers["x-preview-slice"] == single.headers["x-preview-slice"] == "6/10"
+    assert np.array_equal(picture(multi), picture(single))
+
+
+def test_a_series_with_a_missing_slice_gives_422_naming_it(
+    web: WebEnv, viewer: LoggedIn, files: dict[str, list[Path]]
+) -> None:
+    ingest(web, files["plain"][:4] + files["plain"][5:], calling_ae="PACS", at=T0)
+    study, series = uid_of(files["plain"])
+    answer = viewer.client.get(f"/api/v1/studies/{study}/preview.png")
+    assert answer.status_code == 422, answer.text
+    assert series in answer.json()["detail"] and "not one regular stack" in answer.json()["detail"]
