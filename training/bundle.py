@@ -47,14 +47,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from workers.models.detection_network import CenterNetDetector
+from workers.models.postprocessing import DropSmallComponentsd
+from workers.models.segmentation_networks import AnatomyWithNoduleBranch
+from workers.models.small_nodules import SmallNoduleStage
+
 __all__ = [
     "BUNDLE_KINDS",
     "METADATA_SCHEMA_URL",
     "dicom_node_section",
     "label_entries",
+    "moved_targets",
     "read_bundle_metadata",
     "record_evaluation",
+    "target_name",
     "validate_metadata",
+    "with_current_targets",
     "write_bundle",
 ]
 
@@ -337,6 +345,49 @@ def _readme(meta: Mapping[str, Any], inference: Mapping[str, Any], ts_note: str)
     return "\n".join(lines)
 
 
+def target_name(cls: type) -> str:
+    """The ``_target_`` that builds ``cls`` in a bundle config: its import path, e.g.
+    ``workers.models.postprocessing.DropSmallComponentsd``.
+
+    Why: an exported bundle must name the class where serving imports it from
+    (``workers.models``), whichever module of this package the exporter imported it from.
+    """
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def moved_targets() -> dict[str, str]:
+    """``{old _target_: current _target_}`` of the classes that moved from this package to ``workers.models``.
+
+    Bundles exported before the move name the old paths; thin re-exports in the
+    old modules keep those loading where this package is installed, and
+    :func:`with_current_targets` renames them whenever this package reads a base
+    bundle or writes one.
+    """
+    return {
+        "training.detection.CenterNetDetector": target_name(CenterNetDetector),
+        "training.networks.AnatomyWithNoduleBranch": target_name(AnatomyWithNoduleBranch),
+        "training.nodule_candidates.SmallNoduleStage": target_name(SmallNoduleStage),
+        "training.postprocessing.DropSmallComponentsd": target_name(DropSmallComponentsd),
+    }
+
+
+def with_current_targets(config: Any) -> Any:
+    """A deep copy of a bundle config (or any part of one) whose ``_target_`` s of :func:`moved_targets` name
+    the classes' current homes.
+
+    Why: a bundle exported from an older base (a trainer that adds a stage to a
+    shipped model) must still name ``workers.models`` targets, so that serving
+    never needs this package, and steps are found by their current names.
+    """
+    moved = moved_targets()
+    if isinstance(config, Mapping):
+        return {key: (moved.get(value, value) if key == "_target_" and isinstance(value, str)
+                      else with_current_targets(value)) for key, value in config.items()}
+    if isinstance(config, list):
+        return [with_current_targets(value) for value in config]
+    return copy.deepcopy(config)
+
+
 def write_bundle(
     out_dir: str | Path,
     *,
@@ -349,7 +400,9 @@ def write_bundle(
     """Write a MONAI bundle for ``network`` to ``out_dir`` and return the bundle's path.
 
     ``network_def`` is the MONAI config that rebuilds the network (``{"_target_":
-    "SegResNet", ...}``); it replaces any ``network_def`` in ``inference_config``.
+    "SegResNet", ...}``); it replaces any ``network_def`` in ``inference_config``. Targets
+    of classes that moved to ``workers.models`` are written with their current names
+    (:func:`with_current_targets`).
     ``metadata`` must hold ``task``, ``description``, ``network_data_format`` and the
     ``dicom_node`` section (see :func:`dicom_node_section`); versions and the
     schema are filled in. The state_dict goes to ``models/model.pt``; TorchScript
@@ -360,8 +413,8 @@ def write_bundle(
     out = Path(out_dir)
     meta = _complete_metadata(metadata)
     validate_metadata(meta)
-    inference = copy.deepcopy(inference_config)
-    inference["network_def"] = copy.deepcopy(network_def)
+    inference = with_current_targets(inference_config)
+    inference["network_def"] = with_current_targets(network_def)
 
     for sub in ("configs", "models", "docs"):
         (out / sub).mkdir(parents=True, exist_ok=True)

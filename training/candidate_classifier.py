@@ -1,6 +1,6 @@
 """Train the small-nodule stage of a joined segmentation bundle and export the bundle with it.
 
-Why: see :mod:`training.nodule_candidates`. The blob filter needs no training;
+Why: see :mod:`workers.models.small_nodules`. The blob filter needs no training;
 the candidate classifier and the two thresholds do: the blob strength above
 which a local maximum is a candidate, and the classifier probability at which a
 candidate becomes a nodule.
@@ -29,19 +29,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.blobness import DEFAULT_BLOB_SIGMAS_MM, HessianBlobness
-from training.bundle import read_bundle_metadata, write_bundle
+from training.bundle import read_bundle_metadata, target_name, with_current_targets, write_bundle
 from training.metrics import dice_per_label
-from training.networks import CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranch
 from training.nodule_branch import _SIZE_FILTER
-from training.nodule_candidates import (
+from training.segmentation import _cases, _load_bundle, _parse, _plain, _split, preprocessing_config
+from workers.models.blobness import DEFAULT_BLOB_SIGMAS_MM, HessianBlobness
+from workers.models.postprocessing import drop_small_components
+from workers.models.segmentation_networks import CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranch
+from workers.models.small_nodules import (
     DEFAULT_CANDIDATE_PATCH,
+    SmallNoduleStage,
     candidate_classifier_def,
     candidate_patches,
     candidate_peaks,
 )
-from training.postprocessing import drop_small_components
-from training.segmentation import _cases, _load_bundle, _parse, _plain, _split, preprocessing_config
 
 __all__ = ["train_small_nodule_stage"]
 
@@ -179,7 +180,7 @@ def train_small_nodule_stage(
         raise ValueError(f"base bundle {base} needs 'lung' and 'nodule' labels, it has {sorted(values)}")
     nodule_value, lung_value = values["nodule"], values["lung"]
     dev = torch.device(device)
-    inference = json.loads((base / "configs" / "inference.json").read_text())
+    inference = with_current_targets(json.loads((base / "configs" / "inference.json").read_text()))
     _, network = _load_bundle(base, dev)
     if not isinstance(network, AnatomyWithNoduleBranch):
         raise ValueError(f"base bundle {base} has no nodule branch (its network is a {type(network).__name__}); "
@@ -254,7 +255,7 @@ def train_small_nodule_stage(
     threshold, accept = max(by_choice, key=lambda k: (by_choice[k][0], by_choice[k][1] or 0.0, k[0], k[1]))
 
     stage_def = {
-        "_target_": "training.nodule_candidates.SmallNoduleStage",
+        "_target_": target_name(SmallNoduleStage),
         "classifier": classifier_def,
         "spacing_mm": spacing_mm,
         "candidate_threshold": threshold,
@@ -329,7 +330,7 @@ def _stage_metadata(base_meta: Mapping[str, Any], record: Mapping[str, Any], val
     note = " Nodules under 6 mm come from a small-nodule stage"
     description = str(meta.get("description", "")).split(note)[0].rstrip()
     meta["description"] = (
-        description + note + " (training.nodule_candidates.SmallNoduleStage): local maxima of a Hessian blob "
+        description + note + f" ({target_name(SmallNoduleStage)}): local maxima of a Hessian blob "
         "filter inside the lungs, kept by a 3D CNN classifier on a patch around each (training/candidate_classifier.py)."
     )
     for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",

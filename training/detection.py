@@ -1,4 +1,4 @@
-"""3D lung nodule detection: a CenterNet-style network, its training, export and evaluation.
+"""3D lung nodule detection: training, export and evaluation of the CenterNet detector.
 
 Why: the node's detection worker runs a MONAI bundle that finds lung nodules in a CT
 and reports each as a box with a class and a confidence. This module trains such a
@@ -7,40 +7,24 @@ chest phantoms of :mod:`training.phantoms`, or LUNA16-like data), exports it as 
 bundle with :func:`training.bundle.write_bundle` and measures bundles by LUNA16-style
 FROC (:func:`training.metrics.froc`).
 
-The detector (:class:`CenterNetDetector`, "objects as points" in 3D):
+The network, its configuration, pre-processing and decoding are what the worker
+serves, so they live in :mod:`workers.models.detection_network` (serving never
+imports this package) and are imported from there. Training adds:
 
-* a strided stem convolution to half resolution (``output_stride`` 2) and a MONAI
-  ``BasicUNet`` trunk (batch norm, so patches and whole volumes see the same
-  statistics at inference);
-* three heads on the trunk's features, concatenated in one output tensor of 7
-  channels at ``1 / output_stride`` resolution: channel 0 the centre heatmap (logits,
-  apply a sigmoid), channels 1-3 the log box size in mm along x, y, z, channels 4-6
-  the sub-voxel offset of the centre (in output voxels, x, y, z);
-* trained with the penalty-reduced focal loss of CenterNet on Gaussian heatmap
-  targets (sigma from the nodule size) plus L1 losses on size and offset at the
-  centre voxels, on patches that mostly contain a nodule, a quarter centred on
-  false positives mined from the training cases during training (vessels seen
-  end-on are the typical ones), with random flips;
-* decoded by keeping voxels equal to the max-pooled heatmap (``peak_kernel``), the
-  top ``max_detections`` of those above ``score_threshold``, and dropping a
-  detection whose centre lies inside a higher-scoring one (``suppress_inside``).
+* the penalty-reduced focal loss of CenterNet on Gaussian heatmap targets (sigma
+  from the nodule size) plus L1 losses on size and offset at the centre voxels
+  (:func:`centernet_targets`, :func:`centernet_loss`);
+* patches that mostly contain a nodule, a quarter centred on false positives mined
+  from the training cases during training (vessels seen end-on are the typical
+  ones), with random flips;
+* the bundle's ``configs/inference.json`` (:func:`inference_config`, key ``detection``:
+  the :class:`~workers.models.detection_network.DetectorConfig`) and metadata;
+* FROC evaluation of a bundle on a dataset (:func:`evaluate_detection`).
 
-The network is plain PyTorch/MONAI and scripts with ``torch.jit.script``; the
-bundle's ``models/model.ts`` runs without this package. Everything the product
-needs to reproduce the pre- and post-processing is in ``configs/inference.json``
-(key ``detection``: :class:`DetectorConfig`) and in this module's :func:`detect`.
-
-Conventions:
-
-* Inside the network, images are channel-first, RAS-oriented, spatial axes
-  (x, y, z), as MONAI's ``Orientationd("RAS")`` gives them (the same as the
-  segmentation bundle), resampled to ``spacing_mm`` (x, y, z) and scaled from
-  ``window_hu`` to 0..1 (clipped).
-* :func:`detect` takes what a DICOM series gives: a ``(z, y, x)`` HU array of an
-  axial series (ImageOrientationPatient 1\\0\\0\\0\\1\\0), its spacing ``(z, y, x)`` and
-  the LPS position of the centre of voxel (0, 0, 0). It returns
-  :class:`~training.metrics.Detection` s in DICOM patient coordinates (LPS, mm).
-* Box lists (``boxes.json``) are MONAI detection box lists: ``cccwhd`` in RAS world mm.
+Conventions: those of :mod:`workers.models.detection_network` (network grid RAS
+x, y, z; :func:`~workers.models.detection_network.detect` takes an axial LPS series
+and reports LPS mm). Box lists (``boxes.json``) are MONAI detection box lists:
+``cccwhd`` in RAS world mm.
 """
 
 from __future__ import annotations
@@ -61,192 +45,59 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.metrics import DEFAULT_FP_RATES, Detection, FrocResult, Reference, froc
+from training.bundle import target_name
+from training.metrics import DEFAULT_FP_RATES, FrocResult, Reference, froc
+
+# CenterNetDetector also stays importable here: bundles exported before the network moved to workers.models name
+# `training.detection.CenterNetDetector` as their network_def target, and load where this package is installed.
+from workers.models.detection_network import (
+    HEATMAP_CHANNEL,
+    N_OUTPUT_CHANNELS,
+    OFFSET_CHANNELS,
+    SIZE_CHANNELS,
+    CenterNetDetector,
+    Detection,
+    DetectorConfig,
+    NetworkGrid,
+    build_network,
+    decode_heads,
+    detections_on_grid,
+    load_detector,
+    lps_to_ras,
+    predict_heads,
+    ras_to_lps,
+    to_network_grid,
+)
 
 __all__ = [
     "CenterNetDetector",
     "DetectionCase",
-    "DetectorConfig",
     "Heads",
-    "build_network",
     "case_from_volume",
     "centernet_loss",
     "centernet_targets",
-    "decode_heads",
-    "detect",
     "evaluate_detection",
+    "inference_config",
     "load_detection_cases",
-    "load_detector",
     "network_def",
-    "predict_heads",
     "train_detection",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: Output channel layout of :class:`CenterNetDetector`.
-HEATMAP_CHANNEL = 0
-SIZE_CHANNELS = (1, 2, 3)
-OFFSET_CHANNELS = (4, 5, 6)
-N_OUTPUT_CHANNELS = 7
 #: Diameter (mm) from which nodules count for the "large" FROC figures (LUNA16's >= 6 mm).
 LARGE_NODULE_MM = 6.0
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclass(frozen=True)
-class DetectorConfig:
-    """Everything that defines the detector: network, targets, pre- and post-processing.
-
-    Spatial tuples are (x, y, z) in the RAS network grid. Written to the bundle's
-    ``configs/inference.json`` under ``detection`` and read back by :func:`load_detector`.
-    """
-
-    # preprocessing
-    spacing_mm: tuple[float, float, float] = (2.2, 2.2, 2.5)
-    window_hu: tuple[float, float] = (-1000.0, 400.0)
-    # network
-    features: tuple[int, int, int, int, int, int] = (16, 24, 32, 48, 64, 24)
-    head_channels: int = 24
-    output_stride: int = 2
-    # targets and loss
-    sigma_scale: float = 0.5  # heatmap sigma = sigma_scale * radius, in output voxels ...
-    min_sigma: float = 0.8  # ... but at least this many output voxels
-    size_loss_weight: float = 1.0
-    offset_loss_weight: float = 1.0
-    # training patches
-    patch_size: tuple[int, int, int] = (64, 64, 64)
-    positive_fraction: float = 0.6  # patches around a nodule
-    hard_negative_fraction: float = 0.25  # patches around a mined false positive (the rest: random)
-    mine_interval: int = 5  # epochs between hard-negative mining passes
-    mine_cases: int = 8  # training cases run per mining pass (in turn)
-    mine_per_case: int = 8  # false positives kept per mined case
-    mine_min_score: float = 0.1
-    flip: bool = True
-    intensity_jitter: float = 0.05
-    # inference
-    roi_size: tuple[int, int, int] = (192, 192, 128)  # whole volume up to this size, else sliding window
-    overlap: float = 0.25
-    peak_kernel: int = 3
-    score_threshold: float = 0.3
-    max_detections: int = 20
-    suppress_inside: bool = True
-    # evaluation (FROC needs the low-score tail of the detections)
-    froc_score_threshold: float = 0.02
-    froc_max_detections: int = 50
-
-    def __post_init__(self) -> None:
-        if self.output_stride not in (1, 2):
-            raise ValueError(f"output_stride must be 1 or 2, got {self.output_stride}")
-        div = self.size_divisor
-        if any(int(p) % div for p in self.patch_size) or any(int(r) % div for r in self.roi_size):
-            raise ValueError(f"patch_size and roi_size must be multiples of {div}: {self.patch_size}, {self.roi_size}")
-        if self.peak_kernel < 1 or self.peak_kernel % 2 == 0:
-            raise ValueError(f"peak_kernel must be odd and >= 1, got {self.peak_kernel}")
-        if not self.window_hu[0] < self.window_hu[1]:
-            raise ValueError(f"window_hu must be (lo, hi) with lo < hi, got {self.window_hu}")
-        if len(self.features) != 6:
-            raise ValueError(f"features must have 6 values (BasicUNet), got {self.features}")
-
-    @property
-    def size_divisor(self) -> int:
-        """Input sizes must be multiples of this (stride times BasicUNet's 4 poolings)."""
-        return 16 * self.output_stride
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> DetectorConfig:
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in data.items():
-            if key not in names:
-                continue  # written by a newer version: ignore
-            kwargs[key] = tuple(value) if isinstance(value, list) else value
-        return cls(**kwargs)
-
-
-# --------------------------------------------------------------------------- network
-
-
-def _head(in_channels: int, out_channels: int) -> nn.Sequential:
-    # 1x1x1 convolutions: the trunk already has the spatial context, and 3x3x3 heads
-    # would cost as much as the trunk's highest-resolution level on CPU.
-    return nn.Sequential(
-        nn.ReLU(),
-        nn.Conv3d(in_channels, in_channels, kernel_size=1),
-        nn.ReLU(),
-        nn.Conv3d(in_channels, out_channels, kernel_size=1),
-    )
-
-
-class CenterNetDetector(nn.Module):
-    """CenterNet-style 3D detector: strided stem convolution + MONAI BasicUNet trunk + 3 heads.
-
-    ``forward(x)`` maps ``(B, 1, X, Y, Z)`` (sizes multiples of ``16 * output_stride``)
-    to ``(B, 7, X/s, Y/s, Z/s)``: heatmap logits, log size (mm, x y z), offset (output
-    voxels, x y z). Output voxel ``j`` is centred on input voxel ``s * j``.
-    """
-
-    def __init__(
-        self,
-        in_channels: int = 1,
-        features: Sequence[int] = (16, 24, 32, 48, 64, 24),
-        head_channels: int = 24,
-        output_stride: int = 2,
-        prior_probability: float = 0.01,
-        initial_size_mm: float = 10.0,
-    ) -> None:
-        super().__init__()
-        from monai.networks.blocks import Convolution
-        from monai.networks.nets import BasicUNet
-
-        features = tuple(int(f) for f in features)
-        if output_stride not in (1, 2):
-            raise ValueError(f"output_stride must be 1 or 2, got {output_stride}")
-        self.output_stride = int(output_stride)
-        self.stem = Convolution(
-            3, in_channels, features[0], strides=output_stride, kernel_size=3, norm="batch", act="relu"
-        )
-        self.trunk = BasicUNet(
-            spatial_dims=3, in_channels=features[0], out_channels=head_channels, features=features, norm="batch"
-        )
-        self.heatmap_head = _head(head_channels, 1)
-        self.size_head = _head(head_channels, 3)
-        self.offset_head = _head(head_channels, 3)
-        heat_out = self.heatmap_head[-1]
-        size_out = self.size_head[-1]
-        assert isinstance(heat_out, nn.Conv3d) and isinstance(size_out, nn.Conv3d)
-        assert heat_out.bias is not None and size_out.bias is not None
-        nn.init.constant_(heat_out.bias, -math.log((1.0 - prior_probability) / prior_probability))
-        nn.init.constant_(size_out.bias, math.log(initial_size_mm))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.trunk(self.stem(x))
-        return torch.cat([self.heatmap_head(features), self.size_head(features), self.offset_head(features)], dim=1)
 
 
 def network_def(config: DetectorConfig) -> dict[str, Any]:
     """MONAI config that rebuilds the network (the bundle's ``network_def``)."""
     return {
-        "_target_": "training.detection.CenterNetDetector",
+        "_target_": target_name(CenterNetDetector),
         "in_channels": 1,
         "features": [int(f) for f in config.features],
         "head_channels": int(config.head_channels),
         "output_stride": int(config.output_stride),
     }
-
-
-def build_network(config: DetectorConfig) -> CenterNetDetector:
-    """The (untrained) network of ``config``."""
-    return CenterNetDetector(
-        features=config.features,
-        head_channels=config.head_channels,
-        output_stride=config.output_stride,
-    )
 
 
 # --------------------------------------------------------------------------- targets, loss, decoding
@@ -326,7 +177,7 @@ def centernet_loss(
 ) -> dict[str, torch.Tensor]:
     """CenterNet loss of a batch: penalty-reduced focal loss + L1 on size and offset at centres.
 
-    ``output`` (B, 7, X, Y, Z) as from :class:`CenterNetDetector`; ``heatmap`` and
+    ``output`` (B, 7, X, Y, Z) as from :class:`~workers.models.detection_network.CenterNetDetector`; ``heatmap`` and
     ``mask`` (B, X, Y, Z); ``size``, ``offset`` (B, 3, X, Y, Z). Sums are normalised by
     the number of centre voxels in the batch (at least 1). Computed in float32.
     """
@@ -347,223 +198,6 @@ def centernet_loss(
     return {"loss": total, "heatmap": heat_loss, "size": size_loss, "offset": offset_loss}
 
 
-def decode_heads(
-    heads: torch.Tensor,
-    *,
-    output_stride: int = 2,
-    score_threshold: float = 0.3,
-    max_detections: int = 20,
-    peak_kernel: int = 3,
-    heatmap_is_logits: bool = True,
-) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]:
-    """Peaks of one image's heads ``(7, X, Y, Z)``: (centres, sizes_mm, scores), by score.
-
-    A peak is a voxel equal to the max-pooled heatmap (``peak_kernel`` cube) with a
-    score of at least ``score_threshold``; the ``max_detections`` best are kept.
-    Centres (N, 3) are continuous indices of the *input* grid (x, y, z):
-    ``output_stride * (voxel + offset)``; sizes (N, 3) in mm.
-    """
-    heads = heads.detach().float()
-    heat = torch.sigmoid(heads[HEATMAP_CHANNEL]) if heatmap_is_logits else heads[HEATMAP_CHANNEL]
-    pooled = F.max_pool3d(heat[None, None], kernel_size=peak_kernel, stride=1, padding=peak_kernel // 2)[0, 0]
-    keep = (heat == pooled) & (heat >= score_threshold)
-    index = torch.nonzero(keep)
-    scores = heat[keep]
-    if scores.numel() > max_detections:
-        scores, order = torch.topk(scores, max_detections)
-        index = index[order]
-    else:
-        scores, order = torch.sort(scores, descending=True)
-        index = index[order]
-    ix, iy, iz = index[:, 0], index[:, 1], index[:, 2]
-    offsets = heads[4:7][:, ix, iy, iz].T
-    log_sizes = heads[1:4][:, ix, iy, iz].T
-    centres = output_stride * (index.to(torch.float32) + offsets)
-    sizes = torch.exp(log_sizes)
-    return (
-        centres.cpu().numpy().astype(np.float64),
-        sizes.cpu().numpy().astype(np.float64),
-        scores.cpu().numpy().astype(np.float64),
-    )
-
-
-# --------------------------------------------------------------------------- geometry and preprocessing
-
-
-@dataclass
-class _Grid:
-    """An axis-aligned RAS network grid: world RAS (mm) = origin + index * spacing (x, y, z)."""
-
-    origin_ras: npt.NDArray[np.float64]
-    spacing: npt.NDArray[np.float64]
-
-    def to_world_ras(self, index: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        return self.origin_ras + np.asarray(index, dtype=np.float64) * self.spacing
-
-    def to_index(self, world_ras: npt.ArrayLike) -> npt.NDArray[np.float64]:
-        return (np.asarray(world_ras, dtype=np.float64) - self.origin_ras) / self.spacing
-
-
-def _lps_to_ras(points: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    p = np.array(points, dtype=np.float64)
-    p[..., :2] *= -1.0
-    return p
-
-
-_ras_to_lps = _lps_to_ras  # the same flip of x and y
-
-
-def _to_network_grid(
-    volume_hu: npt.ArrayLike,
-    spacing_zyx: Sequence[float],
-    origin_lps: Sequence[float],
-    config: DetectorConfig,
-) -> tuple[torch.Tensor, _Grid]:
-    """HU ``(z, y, x)`` axial (LPS) array -> normalised RAS ``(X, Y, Z)`` tensor on the model grid."""
-    vol = np.asarray(volume_hu)
-    if vol.ndim != 3:
-        raise ValueError(f"volume must be 3D (z, y, x), got shape {vol.shape}")
-    nz, ny, nx = vol.shape
-    sz, sy, sx = (float(v) for v in spacing_zyx)
-    # RAS array: index a along x runs towards patient right (LPS x decreasing), b towards anterior.
-    ras = np.ascontiguousarray(vol.transpose(2, 1, 0)[::-1, ::-1, :], dtype=np.float32)
-    ox, oy, oz = (float(v) for v in origin_lps)
-    origin_ras = np.array([-(ox + (nx - 1) * sx), -(oy + (ny - 1) * sy), oz])
-    native = np.array([sx, sy, sz])
-    target = np.asarray(config.spacing_mm, dtype=np.float64)
-    image = torch.from_numpy(ras)
-    spacing = native
-    if np.any(np.abs(native - target) > 0.02 * target):
-        shape = np.array(ras.shape)
-        new_shape = np.maximum(np.rint((shape - 1) * native / target).astype(int) + 1, 2)
-        image = F.interpolate(
-            image[None, None], size=tuple(int(s) for s in new_shape), mode="trilinear", align_corners=True
-        )[0, 0]
-        spacing = native * (shape - 1) / (new_shape - 1)
-    lo, hi = config.window_hu
-    image = ((image - lo) / (hi - lo)).clamp_(0.0, 1.0)
-    return image.contiguous(), _Grid(origin_ras=origin_ras, spacing=np.asarray(spacing, dtype=np.float64))
-
-
-def _pad_to(image: torch.Tensor, divisor: int) -> torch.Tensor:
-    """Pad (..., X, Y, Z) at the far end to multiples of ``divisor`` with 0 (air)."""
-    pads: list[int] = []
-    for n in reversed(image.shape[-3:]):
-        pads += [0, (-int(n)) % divisor]
-    return F.pad(image, pads, value=0.0) if any(pads) else image
-
-
-@torch.no_grad()
-def predict_heads(
-    network: nn.Module | torch.jit.ScriptModule,
-    image: torch.Tensor,
-    config: DetectorConfig,
-    *,
-    device: str | torch.device = "cpu",
-) -> torch.Tensor:
-    """The network's heads ``(7, ceil(X/s), ceil(Y/s), ceil(Z/s))`` for a normalised ``(X, Y, Z)`` image.
-
-    The whole image in one pass when it fits in ``config.roi_size``, else MONAI's
-    sliding-window inference (Gaussian blending, ``config.overlap``).
-    """
-    dev = torch.device(device)
-    network.eval()
-    stride = config.output_stride
-    shape = image.shape[-3:]
-    x = _pad_to(image.reshape(1, 1, *shape).to(dev, torch.float32), config.size_divisor)
-    use_amp = dev.type == "cuda"
-    with torch.autocast(device_type=dev.type, dtype=torch.float16, enabled=use_amp):
-        if all(int(n) <= int(r) for n, r in zip(x.shape[-3:], config.roi_size)):
-            out = network(x)
-        else:
-            from monai.inferers import sliding_window_inference
-
-            out = sliding_window_inference(
-                x, roi_size=list(config.roi_size), sw_batch_size=1, predictor=network,
-                overlap=config.overlap, mode="gaussian", padding_mode="constant", cval=0.0,
-            )
-    out_shape = [math.ceil(int(n) / stride) for n in shape]
-    return torch.as_tensor(out)[0, :, : out_shape[0], : out_shape[1], : out_shape[2]].float()
-
-
-def _suppress_inside(
-    centres: npt.NDArray[np.float64], sizes: npt.NDArray[np.float64], scores: npt.NDArray[np.float64]
-) -> npt.NDArray[np.int64]:
-    """Indices kept when each detection inside a higher-scoring one's sphere is dropped (by score)."""
-    kept: list[int] = []
-    for i in np.argsort(-scores, kind="stable"):
-        inside = False
-        for k in kept:
-            if np.linalg.norm(centres[i] - centres[k]) <= float(np.mean(sizes[k])) / 2.0:
-                inside = True
-                break
-        if not inside:
-            kept.append(int(i))
-    return np.asarray(kept, dtype=np.int64)
-
-
-def _detections_on_grid(
-    heads: torch.Tensor,
-    grid: _Grid,
-    config: DetectorConfig,
-    score_threshold: float,
-    max_detections: int,
-) -> list[Detection]:
-    centres, sizes, scores = decode_heads(
-        heads,
-        output_stride=config.output_stride,
-        score_threshold=score_threshold,
-        max_detections=max_detections,
-        peak_kernel=config.peak_kernel,
-    )
-    world_lps = _ras_to_lps(grid.to_world_ras(centres)) if len(centres) else np.zeros((0, 3))
-    if config.suppress_inside and len(scores) > 1:
-        keep = _suppress_inside(world_lps, sizes, scores)
-        world_lps, sizes, scores = world_lps[keep], sizes[keep], scores[keep]
-    return [
-        Detection(
-            centre_xyz_mm=(float(c[0]), float(c[1]), float(c[2])),
-            diameter_mm=float(np.mean(s)),
-            score=float(p),
-            label=0,
-            size_xyz_mm=(float(s[0]), float(s[1]), float(s[2])),
-        )
-        for c, s, p in zip(world_lps, sizes, scores)
-    ]
-
-
-def detect(
-    network: nn.Module | torch.jit.ScriptModule,
-    volume_hu: npt.ArrayLike,
-    spacing_mm: Sequence[float],
-    origin_xyz_mm: Sequence[float] = (0.0, 0.0, 0.0),
-    *,
-    config: DetectorConfig | None = None,
-    score_threshold: float | None = None,
-    max_detections: int | None = None,
-    device: str | torch.device = "cpu",
-) -> list[Detection]:
-    """Nodules in one CT: detections (LPS centre mm, diameter, box, score), best first.
-
-    ``volume_hu`` is a ``(z, y, x)`` array of an axial series in Hounsfield units,
-    ``spacing_mm`` its ``(z, y, x)`` spacing and ``origin_xyz_mm`` the LPS position of
-    the centre of voxel (0, 0, 0). ``network`` is a :class:`CenterNetDetector` or the
-    bundle's TorchScript module; ``config`` the bundle's :class:`DetectorConfig`
-    (:func:`load_detector`; default: the defaults). ``score_threshold`` and
-    ``max_detections`` override the config's.
-    """
-    config = config or DetectorConfig()
-    image, grid = _to_network_grid(volume_hu, spacing_mm, origin_xyz_mm, config)
-    heads = predict_heads(network, image, config, device=device)
-    return _detections_on_grid(
-        heads,
-        grid,
-        config,
-        config.score_threshold if score_threshold is None else float(score_threshold),
-        config.max_detections if max_detections is None else int(max_detections),
-    )
-
-
 # --------------------------------------------------------------------------- data
 
 
@@ -573,7 +207,7 @@ class DetectionCase:
 
     name: str
     image: torch.Tensor  # (X, Y, Z) float32 in [0, 1]
-    grid: _Grid
+    grid: NetworkGrid
     centres_vox: npt.NDArray[np.float64]  # (N, 3) continuous network-grid indices (x, y, z)
     sizes_mm: npt.NDArray[np.float64]  # (N, 3) box sizes (x, y, z) in mm
     references: list[Reference] = field(default_factory=list)  # LPS, for FROC
@@ -589,8 +223,8 @@ def case_from_volume(
     config: DetectorConfig,
 ) -> DetectionCase:
     """A :class:`DetectionCase` from a ``(z, y, x)`` HU array (axial, LPS) and its reference nodules (LPS)."""
-    image, grid = _to_network_grid(volume_hu, spacing_mm, origin_xyz_mm, config)
-    centres_ras = _lps_to_ras(np.asarray([r.centre_xyz_mm for r in references], dtype=np.float64).reshape(-1, 3))
+    image, grid = to_network_grid(volume_hu, spacing_mm, origin_xyz_mm, config)
+    centres_ras = lps_to_ras(np.asarray([r.centre_xyz_mm for r in references], dtype=np.float64).reshape(-1, 3))
     sizes = np.asarray([[r.diameter_mm] * 3 for r in references], dtype=np.float64).reshape(-1, 3)
     return DetectionCase(
         name=name,
@@ -628,7 +262,7 @@ def load_detection_cases(
             if not image_path.is_absolute():
                 image_path = dataset_dir / image_path
             loaded = load_case(image_path)
-            image, grid = _to_network_grid(loaded.volume_hu, loaded.spacing_mm, loaded.origin_xyz_mm, config)
+            image, grid = to_network_grid(loaded.volume_hu, loaded.spacing_mm, loaded.origin_xyz_mm, config)
             keep = [i for i, label in enumerate(entry.label) if label == NODULE_CLASS]
             boxes = np.asarray([entry.box[i] for i in keep], dtype=np.float64).reshape(-1, 6)
             diameters = [
@@ -636,7 +270,7 @@ def load_detection_cases(
                 for n, i in enumerate(keep)
             ]
             references = [
-                Reference(centre_xyz_mm=tuple(float(v) for v in _ras_to_lps(b[:3])), diameter_mm=d)
+                Reference(centre_xyz_mm=tuple(float(v) for v in ras_to_lps(b[:3])), diameter_mm=d)
                 for b, d in zip(boxes, diameters)
             ]
             cases.append(
@@ -832,7 +466,7 @@ def _evaluate_cases(
     for case in cases:
         heads = predict_heads(network, case.image, config, device=device)
         detections.append(
-            _detections_on_grid(heads, case.grid, config, config.froc_score_threshold, config.froc_max_detections)
+            detections_on_grid(heads, case.grid, config, config.froc_score_threshold, config.froc_max_detections)
         )
     return detections, _froc_pair(detections, [c.references for c in cases])
 
@@ -1078,8 +712,9 @@ def inference_config(config: DetectorConfig) -> dict[str, Any]:
     ``preprocessing`` is the MONAI ``Compose`` that gives the network its input from
     an image file (RAS, ``spacing_mm``, ``window_hu`` to 0..1); ``inferer`` the
     sliding window used beyond ``roi_size``; ``postprocessing`` documents the output
-    channels and the peak decoding that :func:`detect` implements; ``detection`` is
-    the full :class:`DetectorConfig` (what :func:`load_detector` reads).
+    channels and the peak decoding that :func:`~workers.models.detection_network.detect`
+    implements; ``detection`` is the full :class:`~workers.models.detection_network.DetectorConfig`
+    (what :func:`~workers.models.detection_network.load_detector` reads).
     """
     return {
         "imports": ["$import torch"],
@@ -1248,27 +883,6 @@ def _write_detection_bundle(
     return {"path": str(out), "torchscript": (out / "models" / "model.ts").exists()}
 
 
-def load_detector(
-    bundle_dir: str | Path, *, device: str | torch.device = "cpu", prefer_torchscript: bool = True
-) -> tuple[nn.Module | torch.jit.ScriptModule, DetectorConfig]:
-    """(network, config) of a detection bundle: ``models/model.ts`` if present (and preferred),
-    else the network rebuilt from ``network_def`` with ``models/model.pt``."""
-    bundle = Path(bundle_dir)
-    inference = json.loads((bundle / "configs" / "inference.json").read_text())
-    config = DetectorConfig.from_dict(inference.get("detection", {}))
-    ts_path = bundle / "models" / "model.ts"
-    dev = torch.device(device)
-    if prefer_torchscript and ts_path.exists():
-        network: Any = torch.jit.load(str(ts_path), map_location=dev)
-    else:
-        net_def = {k: v for k, v in inference["network_def"].items() if k != "_target_"}
-        network = CenterNetDetector(**net_def)
-        state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
-        network.load_state_dict(state)
-        network = network.to(dev)
-    network.eval()
-    return network, config
-
 
 def evaluate_detection(
     bundle_dir: str | Path,
@@ -1281,7 +895,7 @@ def evaluate_detection(
 ) -> dict[str, Any]:
     """FROC of a detection bundle on every case of ``dataset_dir`` (all nodules and >= 6 mm).
 
-    Loads the bundle with :func:`load_detector` (TorchScript by default), runs
+    Loads the bundle with :func:`~workers.models.detection_network.load_detector` (TorchScript by default), runs
     whole-volume inference on every case listed in the dataset's ``boxes.json``
     and writes ``metrics.json`` (with the full FROC curves), ``detections.json``
     and ``froc.png`` to ``out_dir`` (default: ``<bundle_dir>/evaluation``). Returns
@@ -1299,7 +913,7 @@ def evaluate_detection(
     for case in tqdm(cases, desc="evaluate", unit="case", disable=not progress):
         heads = predict_heads(network, case.image, config, device=device)
         detections.append(
-            _detections_on_grid(heads, case.grid, config, config.froc_score_threshold, config.froc_max_detections)
+            detections_on_grid(heads, case.grid, config, config.froc_score_threshold, config.froc_max_detections)
         )
     result = _froc_pair(detections, [c.references for c in cases])
     seconds = time.perf_counter() - started
@@ -1444,7 +1058,7 @@ def _plot_detections(
         for det in detections[ci]:
             if det.score < min_score:
                 continue
-            idx = case.grid.to_index(_lps_to_ras(det.centre_xyz_mm))
+            idx = case.grid.to_index(lps_to_ras(det.centre_xyz_mm))
             size = np.asarray(det.size_xyz_mm or (det.diameter_mm,) * 3)
             if abs(idx[2] - z) * sz > size[2] / 2:
                 continue

@@ -36,7 +36,7 @@ class LesionDiceLoss(torch.nn.Module):
         self.smooth = float(smooth)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from training.postprocessing import component_sizes
+        from workers.models.postprocessing import component_sizes
 
         if logits.shape != target.shape or logits.ndim < 3 or logits.shape[1] != 1:
             raise ValueError(f"logits and target must both be (batch, 1, ...) of one shape, got "

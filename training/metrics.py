@@ -12,8 +12,9 @@ What:
   its size; predicted regions that touch no reference lesion (false-positive lesions);
   sensitivity and mean lesion Dice per size band. A voxel Dice averaged over cases
   hides which lesions a model misses; this says it by size.
-* :class:`Detection`, :class:`Reference` - a detected / a reference nodule: a centre in
-  world millimetres, a diameter, and (for a detection) a confidence score.
+* :class:`~workers.models.detection_network.Detection`, :class:`Reference` - a detected /
+  a reference nodule: a centre in world millimetres, a diameter, and (for a detection) a
+  confidence score.
 * :func:`froc` - the FROC curve over a set of scans, the sensitivity at given average
   numbers of false positives per scan and the CPM (competition performance metric,
   the mean of those sensitivities), as in the LUNA16 challenge.
@@ -55,6 +56,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+# The detector reports Detections at inference, so the class lives with it in workers.models (serving never imports
+# training); FROC scores them here.
+from workers.models.detection_network import Detection, Vec3
+
 __all__ = [
     "DEFAULT_FP_RATES",
     "LESION_SIZE_BANDS_MM",
@@ -77,7 +82,6 @@ DEFAULT_FP_RATES: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: solid lung nodules (under 6 mm no routine follow-up; 6-8 mm; over 8 mm).
 LESION_SIZE_BANDS_MM: tuple[tuple[float, float], ...] = ((0.0, 6.0), (6.0, 8.0), (8.0, math.inf))
 
-Vec3 = tuple[float, float, float]
 
 
 def dice_per_label(
@@ -136,7 +140,7 @@ def lesion_matches(
     """
     from scipy import ndimage
 
-    from training.postprocessing import component_sizes
+    from workers.models.postprocessing import component_sizes
 
     pred, ref = np.asarray(prediction, dtype=bool), np.asarray(reference, dtype=bool)
     if pred.shape != ref.shape:
@@ -215,39 +219,6 @@ def lesion_summary(
         "false_positive_lesions": int(sum(false_positive_lesions)),
         "false_positive_lesions_per_case": sum(false_positive_lesions) / cases if cases else None,
     }
-
-
-@dataclass(frozen=True)
-class Detection:
-    """One detected nodule.
-
-    ``centre_xyz_mm`` is in world millimetres (the detectors of this package report
-    DICOM patient coordinates, LPS); ``diameter_mm`` its estimated diameter;
-    ``score`` its confidence in [0, 1]; ``label`` its class index (0: nodule).
-    ``size_xyz_mm`` optionally holds the box extent along x, y, z when it is not a
-    cube of side ``diameter_mm``.
-    """
-
-    centre_xyz_mm: Vec3
-    diameter_mm: float
-    score: float
-    label: int = 0
-    size_xyz_mm: Vec3 | None = None
-
-    @property
-    def box_cccwhd(self) -> tuple[float, float, float, float, float, float]:
-        """The box as (centre x, y, z, width, height, depth) in mm (MONAI ``cccwhd``)."""
-        size = self.size_xyz_mm or (self.diameter_mm,) * 3
-        return (*self.centre_xyz_mm, *size)  # type: ignore[return-value]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "centre_xyz_mm": [float(v) for v in self.centre_xyz_mm],
-            "diameter_mm": float(self.diameter_mm),
-            "score": float(self.score),
-            "label": int(self.label),
-            "box_cccwhd_mm": [float(v) for v in self.box_cccwhd],
-        }
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ heart and bone well but, trained as one softmax over all labels, never learns
 the nodule class (about 1e-4 of the voxels). This second stage trains a small
 binary network on nodule-rich patches with its own Dice+BCE loss, keeps the
 anatomy network frozen, and exports both as one
-:class:`training.networks.AnatomyWithNoduleBranch` bundle: same input, same
+:class:`~workers.models.segmentation_networks.AnatomyWithNoduleBranch` bundle: same input, same
 preprocessing, same multi-class output, so the node serves it like any other
 segmentation bundle.
 
@@ -34,17 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.bundle import read_bundle_metadata, write_bundle
+from training.bundle import read_bundle_metadata, target_name, with_current_targets, write_bundle
 from training.labels import LabelSpec, label_by_name
 from training.losses import LesionDiceLoss
 from training.metrics import dice_per_label
-from training.networks import AnatomyWithNoduleBranch, mirror_axes, nodule_branch_def
-from training.postprocessing import component_sizes
 from training.sampling import NODULE_SAMPLINGS
 from training.segmentation import (
     _cases,
-    _Optimisation,
     _load_bundle,
+    _Optimisation,
     _parse,
     _plain,
     _plot_training,
@@ -53,6 +51,8 @@ from training.segmentation import (
     _train_transforms,
     preprocessing_config,
 )
+from workers.models.postprocessing import DropSmallComponentsd, component_sizes
+from workers.models.segmentation_networks import AnatomyWithNoduleBranch, mirror_axes, nodule_branch_def
 
 __all__ = ["DEFAULT_BRANCH_PATCH_SIZE", "DEFAULT_MIRROR_AXES", "train_nodule_branch"]
 
@@ -92,7 +92,7 @@ def _base_network(
     its pool, when its input grid is finer than the anatomy's), so the branch can
     be retrained on a shipped model.
     """
-    inference = json.loads((bundle_dir / "configs" / "inference.json").read_text())
+    inference = with_current_targets(json.loads((bundle_dir / "configs" / "inference.json").read_text()))
     _, network = _load_bundle(bundle_dir, device)
     network_def = copy.deepcopy(inference["network_def"])
     pool: tuple[int, int, int] = (1, 1, 1)
@@ -196,7 +196,7 @@ def train_nodule_branch(
     and its mirror images along these axes, and threshold and size filter are chosen
     with that averaging; the checkpoint itself is picked without it (4x cheaper).
     ``full_resolution_channels`` > 0 gives the branch a first level of that many
-    channels on the input grid (see :func:`training.networks.nodule_branch_def`).
+    channels on the input grid (see :func:`~workers.models.segmentation_networks.nodule_branch_def`).
     Returns the training record, also in ``out_dir/metrics.json``. Deterministic
     for a given ``seed`` on CPU.
     """
@@ -369,7 +369,7 @@ def train_nodule_branch(
     record["best_validation_dice_cases_with_nodules"] = best_with
     joined = AnatomyWithNoduleBranch(anatomy, branch, nodule.value, threshold, pool, lung, mirrors).to(dev).eval()
     joined_def = {
-        "_target_": "training.networks.AnatomyWithNoduleBranch",
+        "_target_": target_name(AnatomyWithNoduleBranch),
         "anatomy": anatomy_def,
         "nodule": branch_def,
         "nodule_channel": nodule.value,
@@ -395,7 +395,8 @@ def train_nodule_branch(
     return record
 
 
-_SIZE_FILTER = "training.postprocessing.DropSmallComponentsd"
+#: The nodule size filter's ``_target_`` (a base bundle's, once read through ``with_current_targets``).
+_SIZE_FILTER = target_name(DropSmallComponentsd)
 
 
 def _branch_grid(
@@ -510,8 +511,7 @@ def _joined_metadata(
     meta["name"] = "Chest CT segmentation (SegResNet + nodule branch)"
     meta["description"] = (
         anatomy_description
-        + branch_note + " (training.networks."
-        "AnatomyWithNoduleBranch) trained on nodule-rich patches with Dice+BCE"
+        + branch_note + f" ({target_name(AnatomyWithNoduleBranch)}) trained on nodule-rich patches with Dice+BCE"
         + (" and a per-lesion Dice term" if record["settings"].get("lesion_loss_weight") else "")
         + " while the anatomy network stayed frozen (training/nodule_branch.py)."
         + (_grid_note(record["settings"]["spacing_mm"], record["settings"]["anatomy_pool"])

@@ -43,7 +43,7 @@ def component_balanced_indices(
     it lies near, not on, its component. Deterministic for a given ``seed``;
     an empty mask gives an empty array.
     """
-    from training.postprocessing import component_sizes
+    from workers.models.postprocessing import component_sizes
 
     if per_component < 1:
         raise ValueError(f"per_component must be >= 1, got {per_component}")

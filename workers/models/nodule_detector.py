@@ -1,10 +1,11 @@
-"""Serve the lung nodule detector bundle (CenterNet, :mod:`training.detection`) as a detection Model.
+"""Serve the lung nodule detector bundle (CenterNet, :mod:`workers.models.detection_network`) as a detection Model.
 
 Why: a detector's postprocessing (heatmap peaks, box sizes, suppression) is not a
 chain of MONAI transforms, so a detection bundle cannot be run from its
-``inference.json`` alone: the decoding lives in :func:`training.detection.detect`,
-which is also what measured the bundle's FROC. Serving through that same function
-keeps serving and evaluation identical.
+``inference.json`` alone: the decoding lives in
+:func:`~workers.models.detection_network.detect`, which is also what measured the
+bundle's FROC (:mod:`training.detection`). Serving through that same function keeps
+serving and evaluation identical.
 
 ``detect`` takes an axial series: a ``(z, y, x)`` HU array whose axes run along
 patient +z, +y, +x (LPS), and reports LPS millimetres. :func:`axial_lps_grid`
@@ -28,6 +29,7 @@ import torch
 
 from dicom_node.contracts import Detection, SegmentLabel
 from workers.models.base import DetectionResult, LabelledModel, ModelKind
+from workers.models.detection_network import DetectorConfig, detect, load_detector
 from workers.models.monai_bundle import (
     BundleError,
     algorithm_info,
@@ -50,7 +52,7 @@ _ALIGNED_TOLERANCE = 1e-4
 
 @dataclasses.dataclass(frozen=True)
 class AxialGrid:
-    """A volume as :func:`training.detection.detect` takes it.
+    """A volume as :func:`~workers.models.detection_network.detect` takes it.
 
     ``array``: HU, ``(z, y, x)`` with indices increasing along patient +z, +y, +x;
     ``spacing_zyx_mm``; ``origin_xyz_mm``: LPS position of the centre of voxel (0, 0, 0).
@@ -135,12 +137,12 @@ def _resample_oblique(volume: Volume, spacing_zyx: tuple[float, float, float]) -
 
 
 class NoduleDetectorModel(LabelledModel):
-    """A CenterNet detection bundle written by :mod:`training.detection`, loaded once.
+    """A CenterNet detection bundle (written by :mod:`training.detection`), loaded once.
 
     ``bundle_dir``: the bundle. ``device``: see :func:`~workers.models.monai_bundle.resolve_device`
-    (AMP on CUDA, as :func:`training.detection.predict_heads` does). ``labels``:
+    (AMP on CUDA, as :func:`~workers.models.detection_network.predict_heads` does). ``labels``:
     ``{class index: SegmentLabel}`` (default: the metadata's ``dicom_node.labels``
-    matched to the bundle's classes by name). ``overrides``: :class:`training.detection.DetectorConfig`
+    matched to the bundle's classes by name). ``overrides``: :class:`~workers.models.detection_network.DetectorConfig`
     fields to change, e.g. ``{"score_threshold": 0.25}``. ``prefer_torchscript``:
     run ``models/model.ts`` instead of ``network_def`` + ``models/model.pt``.
     """
@@ -157,8 +159,6 @@ class NoduleDetectorModel(LabelledModel):
         name: str | None = None,
         version: str | None = None,
     ) -> None:
-        from training.detection import DetectorConfig, load_detector
-
         started = time.perf_counter()
         self.bundle_dir = Path(bundle_dir)
         source = f"bundle {self.bundle_dir}"
@@ -167,7 +167,7 @@ class NoduleDetectorModel(LabelledModel):
         kind = (meta.get("dicom_node") or {}).get("kind")
         if kind != "detection" or "detection" not in inference:
             raise BundleError(
-                f"{source}: not a CenterNet detection bundle of training.detection (dicom_node.kind {kind!r}, "
+                f"{source}: not a CenterNet detection bundle (dicom_node.kind {kind!r}, "
                 f"inference.json {'has' if 'detection' in inference else 'lacks'} a 'detection' section)"
             )
         self.device = resolve_device(device)
@@ -195,8 +195,6 @@ class NoduleDetectorModel(LabelledModel):
 
     def predict(self, volume: Volume) -> DetectionResult:
         """Nodules in ``volume``: boxes in LPS mm with scores, best first."""
-        from training.detection import detect
-
         grid = axial_lps_grid(volume, tuple(reversed(self._config.spacing_mm)))  # type: ignore[arg-type]
         found = detect(
             self._network, grid.array, grid.spacing_zyx_mm, grid.origin_xyz_mm, config=self._config, device=self.device

@@ -17,20 +17,22 @@ import pytest
 import torch
 
 from training.detection import (
-    CenterNetDetector,
-    DetectorConfig,
-    build_network,
     case_from_volume,
     centernet_loss,
     centernet_targets,
-    decode_heads,
-    detect,
     evaluate_detection,
     load_detection_cases,
-    load_detector,
     train_detection,
 )
 from training.metrics import Reference
+from workers.models.detection_network import (
+    CenterNetDetector,
+    DetectorConfig,
+    build_network,
+    decode_heads,
+    detect,
+    load_detector,
+)
 
 SPACING_XYZ = (2.2, 2.2, 2.5)
 SPACING_ZYX = (2.5, 2.2, 2.2)
@@ -158,7 +160,7 @@ def test_detect_reports_lps_world_coordinates() -> None:
 
 def test_resampling_keeps_world_positions() -> None:
     """A volume on a finer grid is resampled to the model spacing without moving anything."""
-    from training.detection import _ras_to_lps, _to_network_grid
+    from workers.models.detection_network import ras_to_lps, to_network_grid
 
     spacing = (1.25, 0.7, 0.7)
     origin = (-30.0, -20.0, -10.0)
@@ -166,10 +168,10 @@ def test_resampling_keeps_world_positions() -> None:
     voxel = (20, 30, 70)  # z, y, x
     volume[voxel[0] - 1 : voxel[0] + 2, voxel[1] - 2 : voxel[1] + 3, voxel[2] - 2 : voxel[2] + 3] = 400
     world = np.array([origin[0] + voxel[2] * 0.7, origin[1] + voxel[1] * 0.7, origin[2] + voxel[0] * 1.25])
-    image, grid = _to_network_grid(volume, spacing, origin, TINY)
+    image, grid = to_network_grid(volume, spacing, origin, TINY)
     np.testing.assert_allclose(grid.spacing, SPACING_XYZ, rtol=0.03)
     peak = np.array(np.unravel_index(int(torch.argmax(image)), image.shape), dtype=np.float64)
-    found = _ras_to_lps(grid.to_world_ras(peak))
+    found = ras_to_lps(grid.to_world_ras(peak))
     assert np.linalg.norm(found - world) < 2.0  # within a model voxel
 
 

@@ -250,7 +250,7 @@ def _parsed_network(bundle: Path) -> torch.nn.Module:
 def test_nodule_branch_learns_and_leaves_the_anatomy_network_as_it_was(
     trained: dict[str, Any], branched: dict[str, Any]
 ) -> None:
-    from training.networks import AnatomyWithNoduleBranch
+    from workers.models.segmentation_networks import AnatomyWithNoduleBranch
 
     bundle: Path = branched["bundle"]
     metrics = json.loads((bundle / "metrics.json").read_text())
@@ -294,9 +294,9 @@ def test_nodule_branch_learns_and_leaves_the_anatomy_network_as_it_was(
     chosen = metrics["validation_dice_by_threshold"][choice]
     assert chosen["all_cases"] == pytest.approx(metrics["best_validation_mean_dice"])
     if metrics["nodule_min_voxels"] > 1:
-        assert steps[:3] == ["Activationsd", "training.postprocessing.DropSmallComponentsd", "AsDiscreted"]
+        assert steps[:3] == ["Activationsd", "workers.models.postprocessing.DropSmallComponentsd", "AsDiscreted"]
     else:
-        assert "training.postprocessing.DropSmallComponentsd" not in steps
+        assert "workers.models.postprocessing.DropSmallComponentsd" not in steps
 
 
 def test_joined_bundle_runs_in_the_node_and_under_monai_bundle_run(branched: dict[str, Any], tmp_path: Path) -> None:
@@ -363,7 +363,7 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
                             nodule_sampling="centred", progress=False)
     steps = [step["_target_"] for step in
              json.loads((tmp_path / "cli" / "configs" / "inference.json").read_text())["postprocessing"]["transforms"]]
-    assert steps.count("training.postprocessing.DropSmallComponentsd") <= 1  # a filter of the base is replaced
+    assert steps.count("workers.models.postprocessing.DropSmallComponentsd") <= 1  # a filter of the base is replaced
     # The joined base's own branch leaves no trace in the new metadata.
     meta = read_bundle_metadata(tmp_path / "cli")
     assert meta["description"].count("binary 3D UNet branch") == 1
@@ -424,8 +424,8 @@ def test_nodule_branch_on_a_finer_grid_pools_for_the_anatomy_network(
     trained: dict[str, Any], branched: dict[str, Any], tmp_path: Path
 ) -> None:
     from training.cli import main
-    from training.networks import AnatomyWithNoduleBranch
     from training.nodule_branch import train_nodule_branch
+    from workers.models.segmentation_networks import AnatomyWithNoduleBranch
 
     fine = tuple(v / 2 for v in SPACING_XYZ)
     out = tmp_path / "fine"
@@ -487,9 +487,9 @@ def test_small_nodule_stage_trains_on_a_joined_bundle_and_exports_with_it(
     trained: dict[str, Any], branched: dict[str, Any], tmp_path: Path
 ) -> None:
     from training.candidate_classifier import train_small_nodule_stage
-    from training.networks import CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranch
-    from training.nodule_candidates import SmallNoduleStage
     from workers.models.monai_bundle import MonaiBundleModel
+    from workers.models.segmentation_networks import CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranch
+    from workers.models.small_nodules import SmallNoduleStage
 
     # Phantoms with 2-3 nodules of 10-20 mm each: on this coarse grid (7.3 mm) they are the blobs that the
     # stage's candidates need; the stage resamples them to the base bundle's grid as any dataset.
@@ -520,7 +520,7 @@ def test_small_nodule_stage_trains_on_a_joined_bundle_and_exports_with_it(
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
     assert inference["network_def"]["small_nodules"]["accept_threshold"] == record["accept_threshold"]
     for step in inference["postprocessing"]["transforms"]:
-        if step["_target_"] == "training.postprocessing.DropSmallComponentsd":
+        if step["_target_"] == "workers.models.postprocessing.DropSmallComponentsd":
             assert step["keep_probability"] == CERTAIN_NODULE_PROBABILITY
     meta = read_bundle_metadata(bundle)
     assert meta["training"]["small_nodule_stage"]["candidates"] == record["candidates"]

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser
 
-from training.detection import detect, load_detector
 from training.labels import label_by_name
 from training.phantoms.chest import PhantomConfig, generate_chest_phantom
+from workers.models.detection_network import detect, load_detector
 
 BUNDLES = Path(__file__).resolve().parents[3] / "workers" / "bundles"
 DETECTOR = BUNDLES / "lung_nodule_detection"
@@ -82,7 +82,7 @@ def test_segmentation_bundle_metadata_declares_labels_and_held_out_figures() -> 
 
 def test_segmentation_bundle_mirrors_its_nodule_branch_unless_overridden() -> None:
     """The shipped network averages the branch over x, y and z mirror images; a MONAI override turns that off."""
-    from training.networks import AnatomyWithNoduleBranch
+    from workers.models.segmentation_networks import AnatomyWithNoduleBranch
 
     def network(overrides: dict[str, object]) -> AnatomyWithNoduleBranch:
         parser = ConfigParser()
@@ -108,8 +108,8 @@ def test_segmentation_bundle_mirrors_its_nodule_branch_unless_overridden() -> No
 
 def test_segmentation_bundle_adds_small_nodules_with_the_thresholds_its_validation_chose() -> None:
     """The shipped network has a small-nodule stage; its thresholds and the size filter's exemption are recorded."""
-    from training.networks import CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranch
-    from training.nodule_candidates import SmallNoduleStage
+    from workers.models.segmentation_networks import CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranch
+    from workers.models.small_nodules import SmallNoduleStage
 
     parser = ConfigParser()
     parser.read_config(str(SEGMENTER / "configs" / "inference.json"))

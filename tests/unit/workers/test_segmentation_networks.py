@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
-from training.networks import AnatomyWithNoduleBranch, nodule_branch_def
+from workers.models.segmentation_networks import AnatomyWithNoduleBranch, nodule_branch_def
 
 
 class Constant(torch.nn.Module):
@@ -41,7 +41,7 @@ def test_a_confident_branch_wins_the_argmax_and_a_doubtful_one_does_not() -> Non
 
 def test_built_from_a_monai_config_scripts_and_rejects_a_missing_channel() -> None:
     parser = ConfigParser({"net": {
-        "_target_": "training.networks.AnatomyWithNoduleBranch",
+        "_target_": "workers.models.segmentation_networks.AnatomyWithNoduleBranch",
         "anatomy": {"_target_": "SegResNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 6,
                     "init_filters": 8},
         "nodule": nodule_branch_def(channels=(4, 8, 16, 32)),
@@ -89,7 +89,7 @@ def test_the_validation_threshold_moves_the_decision_and_must_be_a_probability()
 
 def test_branch_runs_only_on_windows_with_lung() -> None:
     """Windows without lung skip the branch; with lung, the output is the branch's as without the skip."""
-    from training.networks import AnatomyWithNoduleBranch
+    from workers.models.segmentation_networks import AnatomyWithNoduleBranch
 
     calls: list[int] = []
 

@@ -26,7 +26,7 @@ sees lung: every nodule lies in the lungs, and on a thin-slice grid the branch
 is most of the cost.
 
 Small nodules: with ``small_nodules`` (a
-:class:`training.nodule_candidates.SmallNoduleStage`) the voxels that stage paints
+:class:`workers.models.small_nodules.SmallNoduleStage`) the voxels that stage paints
 become nodule with probability ``sigmoid(PAINTED_LOGIT)`` (1 to 17 digits) whatever the
 branch says, and the
 branch's own probability is capped at :data:`BRANCH_MAX_PROBABILITY`: the

@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.blobness import HessianBlobness, gaussian_kernel_1d
-from training.networks import BRANCH_MAX_PROBABILITY, CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranch
-from training.nodule_candidates import SmallNoduleStage, candidate_patches, candidate_peaks
-from training.postprocessing import drop_small_components
+from workers.models.blobness import HessianBlobness, gaussian_kernel_1d
+from workers.models.postprocessing import drop_small_components
+from workers.models.segmentation_networks import (
+    BRANCH_MAX_PROBABILITY,
+    CERTAIN_NODULE_PROBABILITY,
+    AnatomyWithNoduleBranch,
+)
+from workers.models.small_nodules import SmallNoduleStage, candidate_patches, candidate_peaks
 
 SPACING = (2.2, 2.2, 2.5)  # x, y, z mm
 

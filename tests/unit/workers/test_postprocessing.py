@@ -7,7 +7,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Activationsd, AsDiscreted, Compose
 
-from training.postprocessing import DropSmallComponentsd, drop_small_components
+from workers.models.postprocessing import DropSmallComponentsd, drop_small_components
 
 
 def _probabilities() -> torch.Tensor:

@@ -1,9 +1,9 @@
 """Small-nodule stage of the segmentation model: Hessian blob candidates, a patch classifier, painted nodules.
 
-Why: the nodule branch (:mod:`training.networks`) misses nearly every nodule
+Why: the nodule branch (:mod:`workers.models.segmentation_networks`) misses nearly every nodule
 under 6 mm: one to eight voxels on the 2.2 mm grid. Computer-aided detection
 systems find such nodules in two stages, as in the LUNA16 challenge: candidates
-from a blob filter (here :class:`training.blobness.HessianBlobness`), which
+from a blob filter (here :class:`workers.models.blobness.HessianBlobness`), which
 finds nearly all of them together with vessel crossings and bifurcations, and
 a classifier on a small patch around each candidate that removes the vessels.
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from training.blobness import DEFAULT_BLOB_SIGMAS_MM, HessianBlobness
+from workers.models.blobness import DEFAULT_BLOB_SIGMAS_MM, HessianBlobness
 
 __all__ = [
     "DEFAULT_CANDIDATE_PATCH",
