@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from monai.bundle import ConfigParser
 
@@ -58,6 +59,28 @@ def test_detector_finds_a_large_nodule_where_the_phantom_put_it() -> None:
 
 
 SEGMENTER = BUNDLES / "chest_ct_segmentation"
+
+
+@pytest.mark.parametrize("bundle", [DETECTOR, SEGMENTER], ids=lambda path: path.name)
+def test_a_bundle_exported_before_the_networks_moved_still_loads_its_weights(bundle: Path) -> None:
+    """The shipped config with the `training.*` targets that earlier versions exported builds the same network,
+    and the shipped weights load into it unchanged (where the training package is installed)."""
+    from training.bundle import moved_targets
+
+    text = (bundle / "configs" / "inference.json").read_text()
+    for old, new in moved_targets().items():
+        text = text.replace(f'"{new}"', f'"{old}"')
+    assert '"_target_": "training.' in text
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    networks = []
+    for config in (json.loads(text), json.loads((bundle / "configs" / "inference.json").read_text())):
+        parser = ConfigParser()
+        parser.read_config(config)
+        network = parser.get_parsed_content("network_def")
+        network.load_state_dict(state)
+        networks.append(network)
+    old, new = networks
+    assert type(old) is type(new) and type(new).__module__.startswith("workers.models.")
 
 
 def test_segmentation_bundle_metadata_declares_labels_and_held_out_figures() -> None:

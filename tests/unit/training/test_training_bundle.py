@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from pathlib import Path
@@ -14,8 +15,10 @@ from torch import nn
 from training.bundle import (
     dicom_node_section,
     label_entries,
+    moved_targets,
     read_bundle_metadata,
     record_evaluation,
+    with_current_targets,
     write_bundle,
 )
 from training.labels import CHEST_LABELS
@@ -158,3 +161,31 @@ def test_read_bundle_metadata_reports_malformed_files(tmp_path: Path) -> None:
         read_bundle_metadata(tmp_path)
     with pytest.raises(FileNotFoundError):
         read_bundle_metadata(tmp_path / "missing")
+
+
+def _located(target: str) -> Any:
+    module, _, name = target.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def test_the_old_targets_of_moved_classes_still_name_them_and_exports_use_the_new_ones(tmp_path: Path) -> None:
+    """Bundles exported before the inference networks moved to workers.models name `training.*` targets: those
+    resolve to the same classes (thin re-exports), and a bundle written from such a config names workers.models."""
+    moved = moved_targets()
+    for old, new in moved.items():
+        assert old.startswith("training.") and new.startswith("workers.models."), (old, new)
+        assert _located(old) is _located(new), old
+    old_filter = "training.postprocessing.DropSmallComponentsd"
+    config = {"postprocessing": {"transforms": [{"_target_": "Activationsd"}, {"_target_": old_filter, "channel": 1}]},
+              "note": old_filter}
+    current = with_current_targets(config)
+    assert current["postprocessing"]["transforms"] == [{"_target_": "Activationsd"},
+                                                       {"_target_": moved[old_filter], "channel": 1}]
+    assert current["note"] == old_filter  # only targets are renamed
+    assert config["postprocessing"]["transforms"][1]["_target_"] == old_filter  # the input is left as it was
+    network = nn.Conv3d(1, 2, 1)
+    write_bundle(tmp_path, network=network, network_def={"_target_": "torch.nn.Conv3d", "in_channels": 1,
+                                                         "out_channels": 2, "kernel_size": 1},
+                 inference_config=config, metadata=_metadata())
+    written = json.loads((tmp_path / "configs" / "inference.json").read_text())
+    assert written["postprocessing"]["transforms"][1]["_target_"] == moved[old_filter]
