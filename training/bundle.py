@@ -288,6 +288,27 @@ def _script_or_trace(
     return scripted, method
 
 
+#: Starts the hand-written part of a model card: everything from it on survives a regenerated card.
+HAND_WRITTEN_MARKER = "<!-- The part above is written by training/bundle.py"
+
+
+def write_model_card(bundle_dir: Path, meta: Mapping[str, Any], inference: Mapping[str, Any], ts_note: str) -> None:
+    """Write ``docs/README.md`` from the metadata, keeping its hand-written part (from :data:`HAND_WRITTEN_MARKER`).
+
+    The generated part follows the metadata (labels, figures, files); the history,
+    limits and experiments of a model are written by hand below it and must not be
+    lost when a retrained model or a new held-out figure regenerates the card.
+    """
+    card = bundle_dir / "docs" / "README.md"
+    card.parent.mkdir(parents=True, exist_ok=True)
+    kept = ""
+    if card.is_file():
+        old = card.read_text()
+        if HAND_WRITTEN_MARKER in old:
+            kept = "\n" + old[old.index(HAND_WRITTEN_MARKER):]
+    card.write_text(_readme(meta, inference, ts_note) + kept)
+
+
 def _readme(meta: Mapping[str, Any], inference: Mapping[str, Any], ts_note: str) -> str:
     node = meta.get("dicom_node", {})
     inp = node.get("input", {})
@@ -449,7 +470,7 @@ def write_bundle(
 
     (out / "configs" / "metadata.json").write_text(json.dumps(meta, indent=4) + "\n")
     (out / "configs" / "inference.json").write_text(json.dumps(inference, indent=4) + "\n")
-    (out / "docs" / "README.md").write_text(_readme(meta, inference, ts_note))
+    write_model_card(out, meta, inference, ts_note)
     logger.info("wrote bundle %s (TorchScript: %s)", out, ts_note)
     return out
 
@@ -493,6 +514,5 @@ def record_evaluation(bundle_dir: str | Path, name: str, figures: Mapping[str, A
     inference = json.loads((bundle / "configs" / "inference.json").read_text())
     ts = meta["dicom_node"].get("torchscript", {})
     ts_note = f"torch.jit.{ts.get('method')}" if ts.get("written") else f"not written: {ts.get('reason', '?')}"
-    (bundle / "docs").mkdir(exist_ok=True)
-    (bundle / "docs" / "README.md").write_text(_readme(meta, inference, ts_note))
+    write_model_card(bundle, meta, inference, ts_note)
     return meta

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from training.bundle import (
+    HAND_WRITTEN_MARKER,
     dicom_node_section,
     label_entries,
     moved_targets,
@@ -146,6 +147,20 @@ def test_record_evaluation_adds_held_out_figures(tmp_path: Path) -> None:
     assert meta["dicom_node"]["evaluation"] == {"split": "validation", "held_out": {"cases": 4, "mean_dice": 0.9}}
     assert meta["eval_metrics"]["mean_dice"] == 0.9
     assert '"mean_dice": 0.9' in (bundle / "docs" / "README.md").read_text()
+
+
+def test_regenerated_model_cards_keep_their_hand_written_part(tmp_path: Path) -> None:
+    """A retrained model or a recorded figure rewrites the card's generated part, never its history."""
+    bundle = write_bundle(tmp_path / "b", network=nn.Conv3d(1, 2, 1), network_def=_conv_def(), inference_config={},
+                          metadata=_metadata())
+    card = bundle / "docs" / "README.md"
+    history = f"{HAND_WRITTEN_MARKER} ... -->\n\n## History\n\nTrained three times; the second run was not shipped.\n"
+    card.write_text(card.read_text() + "\n" + history)
+    record_evaluation(bundle, "held_out", {"cases": 4, "mean_dice": 0.9})
+    write_bundle(bundle, network=nn.Conv3d(1, 2, 1), network_def=_conv_def(), inference_config={}, metadata=_metadata())
+    text = card.read_text()
+    assert text.endswith(history) and text.count(HAND_WRITTEN_MARKER) == 1
+    assert text.startswith("# ") and '"mean_dice"' not in text.split(HAND_WRITTEN_MARKER)[0]  # regenerated
 
 
 def test_read_bundle_metadata_of_a_model_zoo_bundle() -> None:
