@@ -56,6 +56,26 @@ class _RestartableServer:
     def start(self) -> "_RestartableServer":
         raise NotImplementedError
 
+    label: str
+    port: int
+    log_path: Path
+    starts: int
+    process: "subprocess.Popen[bytes] | None"
+
+    def _answers(self) -> bool:
+        raise NotImplementedError
+
+    def _launch(self, what: str, command: list[str], timeout: float, cwd: Path | None = None) -> None:
+        """Start ``command`` with its output appended to the log, and wait until the server answers."""
+        self.starts += 1
+        with self.log_path.open("ab") as log:
+            log.write(f"===== start #{self.starts} on port {self.port} =====\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            cwd=cwd)
+        PEER_LOGS[f"{self.label} log ({self.log_path})"] = self.log_path
+        _wait_until(f"{what} on port {self.port}", self._answers, self.process, self.log_path, timeout)
+
     def restart(self, down_seconds: float = 0.0) -> None:
         """Crash the server, stay down ``down_seconds``, and start it again on the same port (and data)."""
         self.crash()
@@ -80,17 +100,8 @@ class RedisServer(_RestartableServer):
         return f"redis://{LOCALHOST}:{self.port}/0"
 
     def start(self, timeout: float = 15.0) -> "RedisServer":
-        self.starts += 1
-        with self.log_path.open("ab") as log:
-            log.write(f"===== start #{self.starts} on port {self.port} =====\n".encode())
-            log.flush()
-            self.process = subprocess.Popen(
-                ["redis-server", "--port", str(self.port), "--bind", LOCALHOST, "--save", "", "--appendonly", "no",
-                 "--daemonize", "no", "--dir", str(self.work_dir)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )
-        PEER_LOGS[f"{self.label} log ({self.log_path})"] = self.log_path
-        _wait_until(f"redis-server on port {self.port}", self._answers, self.process, self.log_path, timeout)
+        self._launch("redis-server", ["redis-server", "--port", str(self.port), "--bind", LOCALHOST, "--save", "",
+                                      "--appendonly", "no", "--daemonize", "no", "--dir", str(self.work_dir)], timeout)
         return self
 
     def _answers(self) -> bool:
@@ -163,18 +174,9 @@ class PostgresServer(_RestartableServer):
         return f"host={LOCALHOST} port={self.port} user={self.USER} dbname={database} connect_timeout=2"
 
     def start(self, timeout: float = 30.0) -> "PostgresServer":
-        self.starts += 1
-        with self.log_path.open("ab") as log:
-            log.write(f"===== start #{self.starts} on port {self.port} =====\n".encode())
-            log.flush()
-            self.process = subprocess.Popen(
-                ["runuser", "-u", self.USER, "--", _postgres_bin("postgres"), "-D", str(self.data_dir),
-                 "-p", str(self.port), "-k", str(self.root), "-c", f"listen_addresses={LOCALHOST}",
-                 "-c", "max_connections=200"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
-            )
-        PEER_LOGS[f"{self.label} log ({self.log_path})"] = self.log_path
-        _wait_until(f"PostgreSQL on port {self.port}", self._answers, self.process, self.log_path, timeout)
+        self._launch("PostgreSQL", ["runuser", "-u", self.USER, "--", _postgres_bin("postgres"), "-D", str(self.data_dir),
+                                    "-p", str(self.port), "-k", str(self.root), "-c", f"listen_addresses={LOCALHOST}",
+                                    "-c", "max_connections=200"], timeout, cwd=self.root)
         return self
 
     def _answers(self) -> bool:
