@@ -72,6 +72,10 @@ class _DestinationBase(_Definition):
         default=ALL_OUTPUTS, description="Result kinds this destination receives (SEG, SR, GSPS)."
     )
     default: bool = Field(default=False, description="Receives the results of rules that name no destinations.")
+    not_performed: Literal["none", "sr"] = Field(
+        default="none",
+        description="When a model declined a study (not made for it) or its result was held: none sends nothing; "
+                    "sr sends a short SR 'AI analysis not performed' with the coded reason and the model.")
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("name")

@@ -62,11 +62,13 @@ class Dispatcher:
         if destination is None:
             return self._fail(claim.delivery_id, f"destination {claim.destination!r} no longer exists",
                               retryable=False)
-        wanted = [r for r in jobs.results_of_job(self.sessions, claim.job_id) if r.kind in destination.outputs]
+        kinds = set(destination.outputs) if claim.kinds is None else set(claim.kinds)
+        wanted = [r for r in jobs.results_of_job(self.sessions, claim.job_id)
+                  if r.kind in kinds and (r.kind in destination.outputs or r.kind == jobs.NOTICE_KIND)]
         if not wanted:
             jobs.finish_delivery(self.sessions, delivery_id, now=self.clock(), objects_sent=0)
             logger.info("delivery %d to %s: nothing of kinds %s to send", delivery_id, destination.name,
-                        sorted(destination.outputs))
+                        sorted(kinds))
             return "delivered"
         files = [self.outbox_dir / r.path for r in wanted]
         missing = [str(f) for f in files if not f.is_file()]

@@ -56,9 +56,12 @@ from pydantic import (
 )
 
 from dicom_node.contracts import AlgorithmInfo, CodedConcept, SegmentLabel
+from dicom_node.model_domain import InputDomain, NumberRange
+from dicom_node.plausibility_rules import PlausibilityRules
 
 __all__ = [
     "PACKAGE_SCHEME",
+    "RESULT_SERIES_OFFSETS",
     "BundleError",
     "BundleLabel",
     "ModelCatalog",
@@ -84,6 +87,8 @@ logger = logging.getLogger(__name__)
 #: What a model gives: a label map, or findings in patient coordinates.
 ModelKind = Literal["segmentation", "detection"]
 ModelFormat = Literal["monai_bundle", "torchscript"]
+#: Series number of each kind of result, added to a model's base number (see ModelCatalog.result_series).
+RESULT_SERIES_OFFSETS = {"SEG": 1, "SR": 2, "GSPS": 3, "NOTICE": 9}
 #: Prefix of paths inside an installed Python package.
 PACKAGE_SCHEME = "package://"
 
@@ -270,6 +275,10 @@ class ModelEntry(BaseModel):
     labels: tuple[BundleLabel, ...] | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
     preprocessing: TorchScriptPreprocessing | None = None
+    input_domain: InputDomain | None = None
+    plausibility: PlausibilityRules | None = None
+    title: str | None = Field(default=None, min_length=1, max_length=40)
+    series_number: int | None = Field(default=None, ge=1, le=2**31 - 100)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:
@@ -351,10 +360,32 @@ def demo_entries() -> tuple[ModelEntry, ...]:
     """The demo models shipped in ``workers/bundles``; ``config/models.yaml`` lists the same entries."""
     return (
         ModelEntry(id="chest-ct-segmentation", kind="segmentation", format="monai_bundle",
-                   path=f"{PACKAGE_SCHEME}workers/bundles/chest_ct_segmentation", version="0.1.0"),
+                   path=f"{PACKAGE_SCHEME}workers/bundles/chest_ct_segmentation", version="0.1.0",
+                   title="AI chest anatomy", input_domain=DEMO_CHEST_CT),
         ModelEntry(id="lung-nodule-detection", kind="detection", format="monai_bundle",
-                   path=f"{PACKAGE_SCHEME}workers/bundles/lung_nodule_detection", version="0.1.0"),
+                   path=f"{PACKAGE_SCHEME}workers/bundles/lung_nodule_detection", version="0.1.0",
+                   title="AI lung nodules", input_domain=DEMO_CHEST_CT),
     )
+
+
+def _check_series_blocks(entries: Sequence[ModelEntry], source: str) -> None:
+    """Two models whose blocks of ten result series numbers overlap would share series: refuse."""
+    bases = [(entry.series_number if entry.series_number is not None else 9000 + 10 * (i + 1), entry.id)
+             for i, entry in enumerate(entries)]
+    bases.sort()
+    for (low, first), (high, second) in zip(bases, bases[1:]):
+        if high - low < 10:
+            raise ModelRegistryError(
+                f"{source}: models {first!r} and {second!r} have result series numbers {low} and {high}: each model "
+                "needs a block of ten (series_number 9010, 9020, ...)")
+
+
+#: What the demo models were made for: axial chest CT with both lungs in the field of view.
+DEMO_CHEST_CT = InputDomain(
+    modalities=("CT",), body_regions=("chest",), complete_coverage=True, slices=NumberRange(min=10),
+    pixel_spacing_mm=NumberRange(min=0.3, max=3.0), slice_spacing_mm=NumberRange(min=0.3, max=6.0),
+    orientations=("axial",),
+)
 
 
 class ModelCatalog:
@@ -373,6 +404,7 @@ class ModelCatalog:
         self.source = source
         self.base_dir = Path(base_dir)
         self._entries = {entry.id: entry for entry in entries}
+        _check_series_blocks(entries, source)
         self._paths: dict[str, Path] = {}
         for index, entry in enumerate(entries):
             try:
@@ -432,3 +464,64 @@ class ModelCatalog:
         """The resolved filesystem path of ``model_id``'s bundle or file."""
         self.entry(model_id)
         return self._paths[model_id]
+
+    def input_domain(self, model_id: str) -> InputDomain:
+        """What ``model_id`` was made for: its entry's ``input_domain``, else its bundle's
+        ``dicom_node.input_domain``, else only the modality the bundle declares (no region constraint).
+
+        Raises ModelRegistryError when the bundle's declaration is invalid.
+        """
+        entry = self.entry(model_id)
+        if entry.input_domain is not None:
+            return entry.input_domain
+        meta = self._metadata(model_id)
+        declared = (meta.get("dicom_node") or {}).get("input_domain")
+        if declared is not None:
+            try:
+                return InputDomain.model_validate(declared)
+            except ValidationError as exc:
+                raise ModelRegistryError(f"{self.source}: model {model_id!r}: the bundle's dicom_node.input_domain "
+                                         f"is invalid: {exc}") from exc
+        modality = declared_modality(meta)
+        return InputDomain(modalities=(modality,) if modality else ())
+
+    def plausibility(self, model_id: str) -> PlausibilityRules | None:
+        """The rules ``model_id``'s results must pass before they are sent (entry, else bundle metadata
+        ``dicom_node.plausibility``), or None when it declares none."""
+        entry = self.entry(model_id)
+        if entry.plausibility is not None:
+            return entry.plausibility
+        declared = (self._metadata(model_id).get("dicom_node") or {}).get("plausibility")
+        if declared is None:
+            return None
+        try:
+            return PlausibilityRules.model_validate(declared)
+        except ValidationError as exc:
+            raise ModelRegistryError(f"{self.source}: model {model_id!r}: the bundle's dicom_node.plausibility "
+                                     f"is invalid: {exc}") from exc
+
+    def _metadata(self, model_id: str) -> dict[str, Any]:
+        """A bundle's ``configs/metadata.json`` ({} for other formats or when it cannot be read)."""
+        if self.entry(model_id).format != "monai_bundle":
+            return {}
+        try:
+            return read_bundle_json(self._paths[model_id], "metadata.json")
+        except BundleError as exc:
+            logger.warning("%s: model %r: %s", self.source, model_id, exc)
+            return {}
+
+    def result_series(self, model_id: str, kind: str) -> tuple[int, str]:
+        """Series number and description of ``model_id``'s results of ``kind`` (SEG, SR, GSPS, NOTICE).
+
+        Each model has its own block of ten series numbers (``series_number`` in its entry, else
+        9000 + 10 x its position in the registry, from 1): SEG +1, SR +2, GSPS +3, the "AI analysis
+        not performed" SR +9. The description names the model, the object and the version, for example
+        "AI lung nodules - SR (lung-nodule-detection 0.1.0)", so two models' SRs never look alike.
+        """
+        entry = self.entry(model_id)
+        base = entry.series_number if entry.series_number is not None else 9000 + 10 * (self.ids.index(model_id) + 1)
+        what = "not performed" if kind == "NOTICE" else kind
+        tail = f" - {what} ({entry.id} {entry.version})"
+        title = entry.title or f"AI {entry.name or entry.id}"
+        description = (title[: max(8, 64 - len(tail))] + tail)[:64]
+        return base + RESULT_SERIES_OFFSETS[kind], description

@@ -22,6 +22,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from dicom_node.model_domain import SynonymTable
+
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # PS3.5 AE VR: no backslash, no controls
 
 
@@ -220,23 +222,32 @@ class DeliverySettings(_Section):
     lease_seconds: float = Field(default=300.0, gt=0)
 
 
-class ResultSeriesSettings(_Section):
-    """Series number and description of one kind of result object."""
-
-    series_number: int = Field(ge=1, le=2**31 - 1)
-    series_description: str = Field(min_length=1, max_length=64)
-
-
 class ResultsSettings(_Section):
-    """How result objects are labelled in the PACS (never random)."""
+    """How result objects are labelled in the PACS (never random).
+
+    Series numbers and descriptions are per model (see ``config/models.yaml``: ``title``,
+    ``series_number``), so two models' results never share a series number or a description.
+    """
 
     manufacturer: str = "DICOM AI node"
-    seg: ResultSeriesSettings = Field(
-        default_factory=lambda: ResultSeriesSettings(series_number=9001, series_description="AI segmentation"))
-    sr: ResultSeriesSettings = Field(
-        default_factory=lambda: ResultSeriesSettings(series_number=9002, series_description="AI findings report"))
-    gsps: ResultSeriesSettings = Field(
-        default_factory=lambda: ResultSeriesSettings(series_number=9003, series_description="AI findings outlines"))
+
+
+class ApplicabilitySettings(_Section):
+    """The check before a model runs (is the series what the model was made for?)."""
+
+    header_synonyms: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="More header words naming body regions, {region: [word, ...]}, added to the built-in table.")
+
+    @field_validator("header_synonyms")
+    @classmethod
+    def _known_regions(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
+        SynonymTable(value)  # raises ValueError naming an unknown region or an empty word
+        return value
+
+    def synonym_table(self) -> SynonymTable:
+        """The table of the built-in words plus these."""
+        return SynonymTable(self.header_synonyms)
 
 
 class Settings(BaseSettings):
@@ -259,6 +270,7 @@ class Settings(BaseSettings):
     queue: QueueSettings = Field(default_factory=QueueSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
+    applicability: ApplicabilitySettings = Field(default_factory=ApplicabilitySettings)
 
     @property
     def resolved_database_url(self) -> str:

@@ -21,6 +21,8 @@ from typing import Protocol
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.model_domain import InputDomain, SynonymTable
+from dicom_node.plausibility_rules import PlausibilityRules
 from dicom_node.queue import JobQueue
 from dicom_node.settings import ResultsSettings, Settings
 from dicom_node.spool import Spool
@@ -36,9 +38,15 @@ logger = logging.getLogger(__name__)
 
 
 class ModelProvider(Protocol):
-    """Loads a model by registry id (once per process) and hands it out."""
+    """Loads a model by registry id (once per process) and hands it out, with what its entry declares."""
 
     def load(self, model_id: str) -> Model: ...
+
+    def input_domain(self, model_id: str) -> InputDomain: ...
+
+    def plausibility(self, model_id: str) -> PlausibilityRules | None: ...
+
+    def result_series(self, model_id: str, kind: str) -> tuple[int, str]: ...
 
 
 def _utc_now() -> datetime:
@@ -78,6 +86,7 @@ class WorkerContext:
     outbox: Spool
     queue: JobQueue
     results: ResultsSettings
+    synonyms: SynonymTable = field(default_factory=SynonymTable)
     job_lease_seconds: float = 300.0
     delivery_max_attempts: int = 10
     clock: Callable[[], datetime] = _utc_now
@@ -108,6 +117,7 @@ def build_worker_context(
         outbox=Spool(settings.outbox_dir, fsync=settings.storage.fsync),
         queue=queue,
         results=settings.results,
+        synonyms=settings.applicability.synonym_table(),
         job_lease_seconds=settings.routing.job_lease_seconds,
         delivery_max_attempts=settings.delivery.max_attempts,
         worker_name=f"{socket.gethostname()}:{os.getpid()}",

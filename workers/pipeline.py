@@ -1,4 +1,13 @@
-"""One job, start to finish: series -> volume -> model -> DICOM results -> outbox -> deliveries.
+"""One job, start to finish: series -> volume -> checks -> model -> checks -> DICOM results -> outbox -> deliveries.
+
+Before the model runs, the applicability check (:mod:`workers.applicability`: header
+and image) decides whether the series is what the model was made for; when it is
+not, the job ends ``not_applicable`` with the reason. After the model ran, its
+plausibility rules (:mod:`workers.plausibility`) judge the result; a result that
+fails is kept but ``held`` (not sent) until an operator releases or discards it.
+Destinations that ask for it (``not_performed: sr``) receive an "AI analysis not
+performed" SR with the coded reason in both cases. Both decisions, their evidence and
+their cost are stored with the job and written on the study's timeline.
 
 Why: the Celery task is a thin wrapper; this is the whole pipeline, callable with
 a :class:`WorkerContext` from a test, the embedded worker or a GPU worker alike.
@@ -23,13 +32,18 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
+from dicom_node.contracts import AlgorithmInfo
 from dicom_node.db import config_repo, jobs
+from dicom_node.db.models import JobState
+from dicom_node.model_domain import Applicability
 from dicom_node.study_store import SeriesNotFound
 from dicom_node.work_in_flight import StopRequested
+from workers.applicability import check_applicability
 from workers.context import WorkerContext
 from workers.models.base import DetectionResult, Model, SegmentationResult
 from workers.models.registry import UnknownModel
 from workers.outputs.common import SeriesIdentity
+from workers.plausibility import check_plausibility
 from workers.volume import Volume, VolumeError
 
 __all__ = ["ResultObjects", "encode_results", "run_job"]
@@ -76,13 +90,10 @@ def _lease_kept(ctx: WorkerContext, job_id: int) -> Iterator[None]:
         thread.join(timeout=5)
 
 
-def _identity(ctx: WorkerContext, kind: str) -> SeriesIdentity:
-    series = getattr(ctx.results, kind.lower())
-    return SeriesIdentity(
-        series_number=series.series_number,
-        series_description=series.series_description,
-        manufacturer=ctx.results.manufacturer,
-    )
+def _identity(ctx: WorkerContext, model_id: str, kind: str) -> SeriesIdentity:
+    """Series number and description of ``model_id``'s results of ``kind`` (each model has its own)."""
+    number, description = ctx.models.result_series(model_id, kind)
+    return SeriesIdentity(series_number=number, series_description=description, manufacturer=ctx.results.manufacturer)
 
 
 def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any) -> ResultObjects:
@@ -96,15 +107,17 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
 
     objects: ResultObjects = []
     algorithm = model.algorithm
+    model_id = algorithm.model_id
     if isinstance(result, SegmentationResult):
-        seg = build_seg(volume, result, algorithm, _identity(ctx, "SEG"))
+        seg = build_seg(volume, result, algorithm, _identity(ctx, model_id, "SEG"))
         if seg is not None:
             objects.append(("SEG", seg))
-        objects.append(("SR", build_sr(volume, [SegmentationFindings(algorithm, result, seg)], _identity(ctx, "SR"))))
+        objects.append(("SR", build_sr(volume, [SegmentationFindings(algorithm, result, seg)],
+                                       _identity(ctx, model_id, "SR"))))
     elif isinstance(result, DetectionResult):
         findings = DetectionFindings(algorithm, result.detections, model.labels)
-        objects.append(("SR", build_sr(volume, [findings], _identity(ctx, "SR"))))
-        gsps = build_gsps(volume, result.detections, algorithm, _identity(ctx, "GSPS"))
+        objects.append(("SR", build_sr(volume, [findings], _identity(ctx, model_id, "SR"))))
+        gsps = build_gsps(volume, result.detections, algorithm, _identity(ctx, model_id, "GSPS"))
         if gsps is not None:
             objects.append(("GSPS", gsps))
     else:
@@ -137,16 +150,6 @@ def _encode_file(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _destination_names(ctx: WorkerContext, wanted: list[str] | str) -> list[str]:
-    if wanted == "default":
-        return config_repo.default_destination_names(ctx.sessions)
-    known = {d.name for d in config_repo.list_destinations(ctx.sessions)}
-    missing = [name for name in wanted if name not in known]
-    if missing:
-        logger.warning("routing asked for unknown destination(s) %s; they are skipped", ", ".join(missing))
-    return [name for name in wanted if name in known]
-
-
 def run_job(ctx: WorkerContext, job_id: int) -> str | None:
     """Run job ``job_id`` if it is queued; returns its new state (None when it was not ours to run).
 
@@ -171,40 +174,98 @@ def run_job(ctx: WorkerContext, job_id: int) -> str | None:
         ctx.job_slots.release()
 
 
+def _notice_destinations(ctx: WorkerContext, names: list[str]) -> list[str]:
+    """Which of ``names`` asked for the "AI analysis not performed" SR (``not_performed: sr``)."""
+    wanting = {d.name for d in config_repo.list_destinations(ctx.sessions) if d.not_performed == "sr"}
+    return [name for name in names if name in wanting]
+
+
+def _algorithm(ctx: WorkerContext, model_id: str) -> AlgorithmInfo:
+    """Who declined, for the notice, without loading the network: the registry entry's id, name and version."""
+    entry = ctx.models.entry(model_id)
+    return AlgorithmInfo(name=(entry.name or entry.title or entry.id)[:64], version=entry.version, model_id=entry.id)
+
+
+def _write_objects(ctx: WorkerContext, job_id: int, objects: ResultObjects) -> list[jobs.ResultSpec]:
+    specs = []
+    for kind, dataset in objects:
+        data = _encode_file(dataset)
+        relative = f"job-{job_id}/{kind.lower()}-{dataset.SOPInstanceUID}.dcm"
+        ctx.outbox.write(relative, [data])
+        specs.append(jobs.ResultSpec(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
+                                     str(dataset.SeriesInstanceUID), relative))
+    return specs
+
+
 def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
     job_id = claim.job_id
-    logger.info("job %d: %s on series %s (attempt %d)", job_id, claim.pipeline, claim.series_instance_uid,
+    model_id = claim.pipeline
+    logger.info("job %d: %s on series %s (attempt %d)", job_id, model_id, claim.series_instance_uid,
                 claim.attempt)
     stages = _Stages()
+    checks: dict[str, Any] = {}
+    events: list[tuple[str, str]] = []
+    objects: ResultObjects = []
+    state, summary, result = JobState.SUCCEEDED.value, None, None
+    reason_code, reason = None, None
     try:
         with _lease_kept(ctx, job_id):
             with stages.stage("load"):
                 files = ctx.store.series_files(claim.series_instance_uid, study_instance_uid=claim.study_instance_uid)
                 volume = ctx.volumes.load(claim.series_instance_uid, files)
-            with stages.stage("model_load"):
-                model = ctx.models.load(claim.pipeline)
-            with stages.stage("inference"):
-                result = model.predict(volume)
-            with stages.stage("encoding"):
-                objects = encode_results(ctx, model, volume, result)
-                files = [(kind, dataset, _encode_file(dataset)) for kind, dataset in objects]
+            with stages.stage("applicability"):
+                checked = check_applicability(model_id, ctx.models.input_domain(model_id), volume, ctx.synonyms)
+            applicability = checked.applicability
+            checks["applicability"] = applicability.as_record()
+            events.append(("job_checked", f"job {job_id}: {applicability.summary()} ({_evidence(applicability)}; "
+                                          f"{applicability.seconds:.2f} s)"))
+            if not applicability.applies:
+                state, reason_code, reason = JobState.NOT_APPLICABLE.value, applicability.reason_code, \
+                    applicability.reason
+            else:
+                with stages.stage("model_load"):
+                    model = ctx.models.load(model_id)
+                with stages.stage("inference"):
+                    result = model.predict(volume)
+                rules = ctx.models.plausibility(model_id)
+                if rules is not None:
+                    with stages.stage("plausibility"):
+                        plausibility = check_plausibility(model_id, rules, result, volume, checked.survey)
+                    checks["plausibility"] = plausibility.as_record()
+                    if not plausibility.plausible:
+                        state, reason_code, reason = JobState.HELD.value, "implausible", \
+                            "; ".join(plausibility.reasons)
+                        events.append(("job_held", f"job {job_id} ({model_id}): results held, not sent: {reason}"))
+                with stages.stage("encoding"):
+                    objects = encode_results(ctx, model, volume, result)
+                summary = _summary(result, volume)
+            destinations = config_repo.resolve_destination_names(ctx.sessions, claim.destinations)
+            noticed = _notice_destinations(ctx, destinations) if reason_code is not None else []
+            if noticed:
+                assert reason_code is not None and reason is not None
+                with stages.stage("encoding"):
+                    from workers.outputs.notice import build_not_performed_sr
+
+                    objects.append((jobs.NOTICE_KIND, build_not_performed_sr(
+                        volume, _algorithm(ctx, model_id), reason_code, reason,
+                        _identity(ctx, model_id, jobs.NOTICE_KIND))))
             with stages.stage("outbox"):
-                specs = []
-                for kind, dataset, data in files:
-                    relative = f"job-{job_id}/{kind.lower()}-{dataset.SOPInstanceUID}.dcm"
-                    ctx.outbox.write(relative, [data])
-                    specs.append(jobs.ResultSpec(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
-                                                 str(dataset.SeriesInstanceUID), relative))
+                specs = _write_objects(ctx, job_id, objects)
     except (VolumeError, SeriesNotFound, UnknownModel) as exc:
         return _fail(ctx, job_id, str(exc), retryable=False, stages=stages)
     except Exception as exc:  # a model or encoder bug must fail this job, not the worker
         logger.exception("job %d failed", job_id)
         return _fail(ctx, job_id, f"{type(exc).__name__}: {exc}", retryable=True, stages=stages)
-    destinations = _destination_names(ctx, claim.destinations)
+    if state == JobState.NOT_APPLICABLE.value:
+        events.append(("job_not_applicable", f"job {job_id}: {applicability.summary()}"))
+    if state == JobState.SUCCEEDED.value:
+        deliveries = [jobs.DeliverySpec(name) for name in destinations]
+    else:
+        deliveries = [jobs.DeliverySpec(name, (jobs.NOTICE_KIND,)) for name in noticed]
     delivery_ids = jobs.finish_job(
-        ctx.sessions, job_id, now=ctx.clock(), stage_seconds=stages.seconds, summary=_summary(result, volume),
-        results=specs, destinations=destinations, delivery_max_attempts=ctx.delivery_max_attempts,
-        worker=ctx.worker_name,
+        ctx.sessions, job_id, now=ctx.clock(), stage_seconds=stages.seconds, summary=summary,
+        results=specs, deliveries=deliveries, delivery_max_attempts=ctx.delivery_max_attempts,
+        worker=ctx.worker_name, state=state, checks=checks, events=events,
     )
     if delivery_ids is None:
         for spec in specs:
@@ -214,9 +275,18 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
         return None
     for delivery_id in delivery_ids:
         ctx.queue.enqueue_delivery(delivery_id)
-    logger.info("job %d succeeded: %s; stages %s; %d delivery(ies)", job_id,
-                ", ".join(kind for kind, _, _ in files), stages.seconds, len(delivery_ids))
-    return "succeeded"
+    logger.info("job %d %s: %s; stages %s; %d delivery(ies)%s", job_id, state,
+                ", ".join(spec.kind for spec in specs) or "no objects", stages.seconds, len(delivery_ids),
+                f"; {reason}" if reason else "")
+    return state
+
+
+def _evidence(applicability: Applicability) -> str:
+    """The header's and the image's word on the body region, for the timeline."""
+    parts = [f"header: {', '.join(applicability.header_regions) or 'no region named'}"]
+    if applicability.image_regions is not None:
+        parts.append(f"image: {', '.join(applicability.image_regions) or 'no region found'}")
+    return "; ".join(parts)
 
 
 def _fail(ctx: WorkerContext, job_id: int, error: str, *, retryable: bool, stages: _Stages) -> str | None:

@@ -8,6 +8,7 @@ refused when saved rather than discovered when a study arrives.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -41,6 +42,7 @@ __all__ = [
     "list_rules",
     "move_rule",
     "reorder_rules",
+    "resolve_destination_names",
     "rule_count",
     "rules_using_destination",
     "save_rule",
@@ -50,6 +52,8 @@ __all__ = [
     "upsert_destination",
     "upsert_rules",
 ]
+
+logger = logging.getLogger(__name__)
 
 _DESTINATION = TypeAdapter(Destination)
 
@@ -127,6 +131,18 @@ def default_destination_names(sessions: sessionmaker[Session]) -> list[str]:
             select(DestinationRow.name).where(DestinationRow.is_default.is_(True)).order_by(DestinationRow.name)
         ).all()
     return [str(r[0]) for r in rows]
+
+
+def resolve_destination_names(sessions: sessionmaker[Session], wanted: list[str] | str) -> list[str]:
+    """The destinations a job's ``destinations`` field means now: ``"default"`` (every destination flagged
+    default) or the listed names that still exist (a name removed since is skipped with a warning)."""
+    if wanted == "default":
+        return default_destination_names(sessions)
+    known = {d.name for d in list_destinations(sessions)}
+    missing = [name for name in wanted if name not in known]
+    if missing:
+        logger.warning("routing asked for unknown destination(s) %s; they are skipped", ", ".join(missing))
+    return [name for name in wanted if name in known]
 
 
 def delete_destination(sessions: sessionmaker[Session], name: str) -> bool:

@@ -89,6 +89,22 @@ class DeliveryClaim:
     job_id: int
     destination: str
     attempt: int
+    #: The result kinds this delivery carries; None: every kind the destination takes but NOTICE.
+    kinds: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DeliverySpec:
+    """A delivery to create: the destination and the kinds it carries (None: the results, see DeliveryClaim)."""
+
+    destination: str
+    kinds: tuple[str, ...] | None = None
+
+
+#: The kind of the "AI analysis not performed" SR (a result object like SEG or SR, sent only where asked).
+NOTICE_KIND = "NOTICE"
+#: How a finished job ended: what the worker reports to :func:`finish_job`.
+FINISHED_STATES = (JobState.SUCCEEDED.value, JobState.NOT_APPLICABLE.value, JobState.HELD.value)
 
 
 def studies_to_route(sessions: sessionmaker[Session]) -> list[tuple[int, str]]:
@@ -211,45 +227,148 @@ def finish_job(
     *,
     now: datetime,
     stage_seconds: dict[str, float],
-    summary: dict[str, Any],
+    summary: dict[str, Any] | None,
     results: Sequence[ResultSpec],
-    destinations: Sequence[str],
+    destinations: Sequence[str] = (),
     delivery_max_attempts: int,
+    deliveries: Sequence[DeliverySpec] = (),
     worker: str | None = None,
+    state: str = JobState.SUCCEEDED.value,
+    checks: dict[str, Any] | None = None,
+    events: Sequence[tuple[str, str]] = (),
 ) -> list[int] | None:
-    """Mark a running job succeeded with its result objects; create one delivery per destination.
+    """Mark a running job finished (``state``: succeeded, not_applicable or held) with its result objects,
+    the checks made before and after the model ran, and timeline ``events`` ``(kind, detail)``; create
+    one delivery of the results per name in ``destinations`` and one per item of ``deliveries``.
 
+    A held job's deliveries carry only its notice (if any); :func:`release_job` sends the rest.
     Returns the new delivery ids, or None when the job is no longer running (cancelled,
     or reconciled and run elsewhere) - or, with ``worker``, no longer running on that
     worker (handed back and taken by another): it is left alone and nothing is recorded.
     """
+    if state not in FINISHED_STATES:
+        raise ValueError(f"finish_job: state {state!r} is not one of {FINISHED_STATES}")
     with sessions.begin() as session:
         done = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.state == JobState.RUNNING.value, *_running_on(worker))
             .values(
-                state=JobState.SUCCEEDED.value, finished_at=now, lease_expires_at=None, error=None,
-                stage_seconds=json.dumps(stage_seconds), summary=json.dumps(summary), state_changed_at=now,
+                state=state, finished_at=now, lease_expires_at=None, error=None,
+                stage_seconds=json.dumps(stage_seconds), summary=None if summary is None else json.dumps(summary),
+                checks=None if checks is None else json.dumps(checks), state_changed_at=now,
             )
         ).rowcount
         if not done:
             return None
+        study_id = session.execute(select(Job.study_id).where(Job.id == job_id)).scalar_one()
+        for kind, detail in events:
+            session.add(StudyEvent(study_id=study_id, at=now, kind=kind, detail=detail))
         for result in results:
             session.add(ResultObject(
                 job_id=job_id, kind=result.kind, sop_class_uid=result.sop_class_uid,
                 sop_instance_uid=result.sop_instance_uid, series_instance_uid=result.series_instance_uid,
                 path=result.path, created_at=now,
             ))
-        deliveries = []
-        for name in destinations:
-            delivery = Delivery(
-                job_id=job_id, destination=name, state=DeliveryState.PENDING.value, attempts=0,
-                max_attempts=delivery_max_attempts, next_attempt_at=now, created_at=now, state_changed_at=now,
-            )
-            session.add(delivery)
-            deliveries.append(delivery)
+        specs = [DeliverySpec(name) for name in destinations] + list(deliveries)
+        created = [_new_delivery(session, job_id, spec, now=now, max_attempts=delivery_max_attempts)
+                   for spec in specs]
         session.flush()
-        return [d.id for d in deliveries]
+        return [d.id for d in created]
+
+
+def _new_delivery(session: Session, job_id: int, spec: DeliverySpec, *, now: datetime, max_attempts: int) -> Delivery:
+    delivery = Delivery(
+        job_id=job_id, destination=spec.destination, state=DeliveryState.PENDING.value, attempts=0,
+        max_attempts=max_attempts, next_attempt_at=now, created_at=now, state_changed_at=now,
+        kinds=None if spec.kinds is None else json.dumps(list(spec.kinds)),
+    )
+    session.add(delivery)
+    return delivery
+
+
+@dataclass(frozen=True)
+class HeldJob:
+    """A held job as the release and discard actions see it."""
+
+    job_id: int
+    study_id: int
+    pipeline: str
+    destinations: list[str] | str
+    reason: str | None
+
+
+def held_job(sessions: sessionmaker[Session], job_id: int) -> HeldJob | None:
+    """Job ``job_id`` if it is held (None otherwise)."""
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.state != JobState.HELD.value:
+            return None
+        return HeldJob(job.id, job.study_id, job.pipeline, json.loads(job.destinations), job.error)
+
+
+def release_job(
+    sessions: sessionmaker[Session], job_id: int, *, now: datetime, destinations: Sequence[str],
+    delivery_max_attempts: int, by: str,
+) -> list[int] | None:
+    """Send a held job's results after all: ``held`` -> ``released``, one delivery of its results per destination.
+
+    A destination that already had the job's notice gets the results on the same delivery row.
+    The deliveries are due now (``failed`` with no attempts made, like a manual retry): the node's
+    next sweep sends them, so whoever releases needs no queue. Returns their ids, or None when
+    the job is not held.
+    """
+    with sessions.begin() as session:
+        done = session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.HELD.value)
+            .values(state=JobState.RELEASED.value, state_changed_at=now)
+        ).rowcount
+        if not done:
+            return None
+        job = session.get(Job, job_id)
+        assert job is not None
+        existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.job_id == job_id))}
+        queued = []
+        for name in destinations:
+            delivery = existing.get(name)
+            if delivery is None:
+                delivery = _new_delivery(session, job_id, DeliverySpec(name), now=now, max_attempts=delivery_max_attempts)
+            delivery.kinds = None
+            delivery.state = DeliveryState.FAILED.value
+            delivery.attempts = 0
+            delivery.error = None
+            delivery.next_attempt_at = now
+            delivery.lease_expires_at = None
+            delivery.state_changed_at = now
+            queued.append(delivery)
+        session.add(StudyEvent(study_id=job.study_id, at=now, kind="job_released", detail=(
+            f"job {job_id} ({job.pipeline}): held results released by {by} to "
+            f"{', '.join(destinations) or 'no destination'}")))
+        session.flush()
+        return [d.id for d in queued]
+
+
+def discard_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime, by: str) -> list[str] | None:
+    """Throw a held job's results away: ``held`` -> ``discarded``; returns the outbox paths to remove.
+
+    The notice (when one was sent) stays: it said AI looked and declined. None when the job is not held.
+    """
+    with sessions.begin() as session:
+        done = session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.HELD.value)
+            .values(state=JobState.DISCARDED.value, state_changed_at=now)
+        ).rowcount
+        if not done:
+            return None
+        job = session.get(Job, job_id)
+        assert job is not None
+        results = list(session.scalars(
+            select(ResultObject).where(ResultObject.job_id == job_id, ResultObject.kind != NOTICE_KIND)))
+        paths = [r.path for r in results]
+        for result in results:
+            session.delete(result)
+        session.add(StudyEvent(study_id=job.study_id, at=now, kind="job_discarded", detail=(
+            f"job {job_id} ({job.pipeline}): held results discarded by {by}")))
+        return paths
 
 
 def fail_job(
@@ -404,9 +523,11 @@ def claim_delivery(
         if not claimed:
             return None
         row = session.execute(
-            select(Delivery.job_id, Delivery.destination, Delivery.attempts).where(Delivery.id == delivery_id)
+            select(Delivery.job_id, Delivery.destination, Delivery.attempts, Delivery.kinds)
+            .where(Delivery.id == delivery_id)
         ).one()
-    return DeliveryClaim(delivery_id, int(row[0]), str(row[1]), int(row[2]))
+    kinds = None if row[3] is None else tuple(str(k) for k in json.loads(row[3]))
+    return DeliveryClaim(delivery_id, int(row[0]), str(row[1]), int(row[2]), kinds)
 
 
 def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, now: datetime, objects_sent: int) -> None:

@@ -205,6 +205,10 @@ class JobState(str, enum.Enum):
     FAILED = "failed"  # will be retried (attempts left)
     DEAD = "dead"  # no attempts left, or an error retrying cannot fix
     CANCELLED = "cancelled"
+    NOT_APPLICABLE = "not_applicable"  # the series is outside what the model was made for (checks say why)
+    HELD = "held"  # results judged implausible: kept, not sent, until an operator releases or discards them
+    RELEASED = "released"  # held results an operator sent after all
+    DISCARDED = "discarded"  # held results an operator threw away
 
 
 class DeliveryState(str, enum.Enum):
@@ -264,6 +268,8 @@ class Job(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
     stage_seconds: Mapped[str | None] = mapped_column(Text, doc="JSON {stage: seconds} of the last attempt.")
     summary: Mapped[str | None] = mapped_column(Text, doc="JSON summary of the findings.")
+    checks: Mapped[str | None] = mapped_column(
+        Text, doc="JSON {applicability: ..., plausibility: ...}: the decisions before and after the model ran.")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     queued_at: Mapped[datetime] = mapped_column(UTCDateTime())
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
@@ -308,6 +314,8 @@ class Delivery(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     error: Mapped[str | None] = mapped_column(Text)
     objects_sent: Mapped[int] = mapped_column(Integer, default=0)
+    kinds: Mapped[str | None] = mapped_column(
+        Text, doc="JSON list of the result kinds it carries; NULL: every kind the destination takes but NOTICE.")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())

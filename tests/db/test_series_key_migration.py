@@ -53,7 +53,7 @@ def test_0005_keeps_every_row_and_lets_a_series_uid_live_in_two_studies(engine_a
                     study_id=study_b, series_instance_uid="1.2.1.1", instance_count=0, first_received_at=T0,
                     last_received_at=T0))
 
-    upgrade(engine_at_0004)
+    upgrade(engine_at_0004, "0005")
     assert current_revision(engine_at_0004) == "0005"
 
     with engine_at_0004.begin() as connection:
