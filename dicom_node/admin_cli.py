@@ -161,7 +161,7 @@ def _rules(settings: Settings, args: argparse.Namespace) -> int:
             for problem in rule.problems():
                 print(f"    NEVER APPLIED until fixed: {problem}")
         return 0
-    return _rules_test(settings, sessions, args.study_uid)
+    return _rules_test(settings, sessions, args.study_uid, image=args.image)
 
 
 def _describe(condition: dict[str, Any]) -> str:
@@ -171,7 +171,7 @@ def _describe(condition: dict[str, Any]) -> str:
     return f"{'NOT ' if negate else ''}{attribute} " + " ".join(parts)
 
 
-def _rules_test(settings: Settings, sessions: sessionmaker[Session], study_uid: str) -> int:
+def _rules_test(settings: Settings, sessions: sessionmaker[Session], study_uid: str, *, image: bool = False) -> int:
     from dicom_node.conductor import decide
 
     study_id = config_repo.study_id_for_uid(sessions, study_uid)
@@ -183,13 +183,68 @@ def _rules_test(settings: Settings, sessions: sessionmaker[Session], study_uid: 
         print(f"{'MATCH   ' if outcome.matched else 'NO MATCH'} {outcome.rule}")
         for reason in outcome.reasons:
             print(f"    {reason}")
-    if decision.jobs:
-        print("jobs:")
-        for job in decision.jobs:
-            print(f"    {job.pipeline} on series {job.series_instance_uid} (rule {job.rule})")
-    else:
+    if not decision.jobs:
         print(f"no job: {decision.ignored_reason}")
+        return 0
+    print("jobs:")
+    for job in decision.jobs:
+        print(f"    {job.pipeline} on series {job.series_instance_uid} (rule {job.rule})")
+    return _applicability_report(settings, sessions, study_id, decision.jobs, image=image)
+
+
+def _applicability_report(settings: Settings, sessions: sessionmaker[Session], study_id: int,
+                          specs: Any, *, image: bool) -> int:
+    """Whether each job's model may run on its series: from the header (always) and the image (``image``)."""
+    from dicom_node.model_catalog import ModelCatalog, ModelRegistryError, UnknownModel
+    from dicom_node.model_domain import decide as applies
+    from dicom_node.routing import header_facts
+    from dicom_node.study_facts import study_facts
+
+    try:
+        catalog = ModelCatalog.configured(settings.routing.models_file)
+    except ModelRegistryError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    facts = study_facts(sessions, settings.spool_dir, study_id)
+    synonyms = settings.applicability.synonym_table()
+    series_by_uid = {series.series_instance_uid: series for series in facts.series}
+    print("check before each model (the worker decides with the image too; the image wins):")
+    for spec in specs:
+        try:
+            domain = catalog.input_domain(spec.pipeline)
+        except (UnknownModel, ModelRegistryError) as exc:
+            print(f"    {spec.pipeline}: {exc}")
+            continue
+        print(f"    {spec.pipeline} is made for: {domain.describe()}")
+        if image:
+            try:
+                decision = _image_decision(settings, sessions, facts.study_instance_uid, spec, domain, synonyms)
+            except (ValueError, LookupError, OSError) as exc:  # a series the worker could not load either
+                print(f"      cannot load the series: {exc}")
+                continue
+        else:
+            series = series_by_uid[spec.series_instance_uid]
+            decision = applies(spec.pipeline, domain, header_facts(facts, series), synonyms=synonyms)
+        print(f"      {'APPLIES' if decision.applies else 'NOT APPLICABLE'}: "
+              f"{decision.summary()} ({decision.seconds:.3f} s)")
+        for check in decision.checks:
+            mark = {True: "ok  ", False: "FAIL", None: "?   "}[check.passed]
+            print(f"        {mark} {check.name}: {check.detail}")
+    if not image:
+        print("  (header only; add --image to survey the images as the worker will)")
     return 0
+
+
+def _image_decision(settings: Settings, sessions: sessionmaker[Session], study_uid: str, spec: Any, domain: Any,
+                    synonyms: Any) -> Any:
+    """The worker's own check on the series (loads it: the CLI is the wiring layer and may use the workers)."""
+    from dicom_node.study_store import FileStudyStore
+    from workers.applicability import check_applicability
+    from workers.volume import load_series
+
+    files = FileStudyStore(sessions, settings.spool_dir).series_files(spec.series_instance_uid,
+                                                                      study_instance_uid=study_uid)
+    return check_applicability(spec.pipeline, domain, load_series(files), synonyms).applicability
 
 
 def _jobs(settings: Settings, args: argparse.Namespace) -> int:

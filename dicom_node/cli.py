@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     rules_test = rule_commands.add_parser("test", help="which rules match a received study, and why the others do not")
     _common(rules_test)
     rules_test.add_argument("study_uid")
+    rules_test.add_argument("--image", action="store_true",
+                            help="also survey the images (which body regions they show), as the worker will")
 
     jobs_parser = commands.add_parser("jobs", help="jobs and their deliveries")
     job_commands = jobs_parser.add_subparsers(dest="sub", required=True)
