@@ -24,10 +24,20 @@ __all__ = ["DetectionResult", "LabelledModel", "Model", "ModelKind", "Segmentati
 
 @dataclass(frozen=True, eq=False)
 class SegmentationResult:
-    """A label map on the source volume's grid (uint8, same shape as ``Volume.array``) and its labels."""
+    """A label map on the source volume's grid (uint8, same shape as ``Volume.array``) and its labels.
+
+    ``low_confidence_fraction``: the out-of-distribution signal, where the loader can
+    compute it cheaply: of the voxels the network labelled foreground (its argmax is not
+    background), the fraction whose winning softmax probability is below 0.5, i.e. the
+    network preferred that label but was not sure of it. Counted on the network's own
+    grid (after its resampling, before the result is brought back to the volume's grid);
+    0.0 when nothing was labelled; None when the model gives no softmax probabilities or
+    has only one foreground label (the winner of two classes always has >= 0.5).
+    """
 
     label_map: npt.NDArray[np.uint8]
     labels: tuple[SegmentLabel, ...]
+    low_confidence_fraction: float | None = None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,14 @@ through MONAI's ``ConfigParser``, leaving out only file I/O (``LoadImaged`` and
 ``SaveImaged``): the series arrives as a :class:`~workers.volume.Volume`, and the
 label map goes back to the pipeline instead of to a NIfTI file.
 
+Confidence: when the bundle's postprocessing turns the network's output into
+probabilities with a softmax (``Activationsd(softmax=True)`` on the prediction), the
+loader also reports the result's ``low_confidence_fraction``
+(:func:`low_confidence_fraction`), computed from the network's logits on the
+network's grid, before the postprocessing: the postprocessing hides the
+probabilities (it ends in an argmax), and computing them once more there costs a
+fraction of a per cent of the inference (one ``logsumexp`` over the channels).
+
 How a :class:`Volume` enters MONAI (:func:`volume_to_metatensor`): as the
 ``MetaTensor`` that ``LoadImage`` gives for that series - spatial index order
 (column, row, slice), the RAS affine, ``space`` RAS - with the channel first,
@@ -35,6 +43,7 @@ weights are read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,9 +73,12 @@ __all__ = [
     "BundleLabel",
     "InferencePipeline",
     "MonaiBundleModel",
+    "InferenceOutput",
     "algorithm_info",
+    "applies_softmax",
     "label_map_to_volume",
     "label_mapping",
+    "low_confidence_fraction",
     "metadata_labels",
     "output_channel_def",
     "ras_affine",
@@ -87,6 +99,8 @@ _SAVERS = ("SaveImage", "SaveImaged")
 _AFFINE_TOLERANCE_MM = 1e-3
 #: Marks a config id that a bundle's inference.json does not have.
 _MISSING = object()
+#: A labelled voxel whose winning softmax probability is below this counts as low-confidence.
+LOW_CONFIDENCE_PROBABILITY = 0.5
 
 
 def remap_labels(raw: npt.NDArray[np.integer], mapping: Mapping[int, SegmentLabel]) -> npt.NDArray[np.uint8]:
@@ -184,6 +198,38 @@ def label_map_to_volume(prediction: Any, volume: Volume, source: str) -> npt.NDA
 # --------------------------------------------------------------------------- running
 
 
+def low_confidence_fraction(logits: torch.Tensor) -> float | None:
+    """Of the voxels labelled foreground, the fraction the network was unsure of (the OOD signal).
+
+    ``logits``: ``(C, ...)`` network output, one channel per label value, channel 0
+    background, turned into probabilities by a softmax over the channels. A voxel is
+    labelled foreground when its argmax is not 0; it is low-confidence when its winning
+    softmax probability is below :data:`LOW_CONFIDENCE_PROBABILITY` (0.5). 0.0 when no
+    voxel is foreground. None for fewer than three channels: the winner of two classes
+    always has at least 0.5, so the signal would say nothing (and a rule that needs it
+    holds the result rather than passing it unverified).
+    """
+    if logits.ndim < 2 or logits.shape[0] < 3:
+        return None
+    with torch.no_grad():
+        top, winner = logits.max(dim=0)
+        foreground = winner != 0
+        labelled = int(foreground.sum())
+        if labelled == 0:
+            return 0.0
+        # p_max = exp(top - logsumexp): below 0.5 exactly when top - logsumexp < log 0.5.
+        unsure = (top - torch.logsumexp(logits, dim=0)) < math.log(LOW_CONFIDENCE_PROBABILITY)
+        return int((unsure & foreground).sum()) / labelled
+
+
+@dataclass(frozen=True)
+class InferenceOutput:
+    """What one run gives: the model's own label values on the volume's grid and its confidence signal."""
+
+    values: npt.NDArray[np.int64]
+    low_confidence_fraction: float | None
+
+
 @dataclass
 class InferencePipeline:
     """Preprocessing, network, inferer and postprocessing of one segmentation model, without file I/O.
@@ -192,6 +238,8 @@ class InferencePipeline:
     where these four parts come from; how a volume goes through them is the same.
     ``preprocessing`` and ``postprocessing`` are MONAI dictionary transforms on
     ``{image_key: image}`` and ``{image_key: image, pred_key: prediction}``.
+    ``softmax_output``: the network gives logits that the postprocessing turns into
+    probabilities with a softmax; only then is :func:`low_confidence_fraction` computed.
     """
 
     source: str
@@ -203,9 +251,14 @@ class InferencePipeline:
     amp: bool
     image_key: str = "image"
     pred_key: str = "pred"
+    softmax_output: bool = False
 
     def label_values(self, volume: Volume) -> npt.NDArray[np.int64]:
         """The model's output values on the volume's ``[slice, row, column]`` grid (its own label values)."""
+        return self.run(volume).values
+
+    def run(self, volume: Volume) -> InferenceOutput:
+        """Run on ``volume``: its label values (see :meth:`label_values`) and the low-confidence fraction."""
         data = self.preprocessing({self.image_key: volume_to_metatensor(volume)})
         image = data[self.image_key]
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
@@ -213,9 +266,10 @@ class InferencePipeline:
         if not isinstance(prediction, torch.Tensor):
             raise BundleError(f"{self.source}: inferer returned {type(prediction).__name__}, expected one tensor")
         data[self.pred_key] = prediction[0].float()
+        fraction = low_confidence_fraction(data[self.pred_key]) if self.softmax_output else None
         with torch.no_grad():
             data = self.postprocessing(data)
-        return label_map_to_volume(data[self.pred_key], volume, self.source)
+        return InferenceOutput(label_map_to_volume(data[self.pred_key], volume, self.source), fraction)
 
 
 def _without(compose: Any, names: Sequence[str], source: str, key: str) -> Any:
@@ -312,15 +366,17 @@ class MonaiBundleModel(LabelledModel):
         else:
             raise BundleError(f"{source}: no models/model.pt")
         network = network.to(self.device).eval()
+        postprocessing = _without(parser.get_parsed_content("postprocessing"), _SAVERS, source, "postprocessing")
         self._pipeline = InferencePipeline(
             source=source,
             preprocessing=_without(parser.get_parsed_content("preprocessing"), _LOADERS, source, "preprocessing"),
             network=network,
             inferer=parser.get_parsed_content("inferer"),
-            postprocessing=_without(parser.get_parsed_content("postprocessing"), _SAVERS, source, "postprocessing"),
+            postprocessing=postprocessing,
             device=self.device,
             amp=self.device.type == "cuda" if amp is None else bool(amp),
             image_key=str(parser.get("image_key", "image")),
+            softmax_output=applies_softmax(postprocessing, "pred"),
         )
         logger.info(
             "loaded %s as model %s on %s (AMP %s) in %.1f s",
@@ -343,17 +399,36 @@ class MonaiBundleModel(LabelledModel):
 
     def predict_values(self, volume: Volume) -> npt.NDArray[np.int64]:
         """The bundle's own output values on the volume's ``[slice, row, column]`` grid (before label mapping)."""
+        self._check_modality(volume)
+        return self._pipeline.label_values(volume)
+
+    def _check_modality(self, volume: Volume) -> None:
         if self._modality and volume.modality and volume.modality != self._modality:
             raise BundleError(
                 f"{self._pipeline.source}: expects {self._modality}, series {volume.series_instance_uid} is "
                 f"{volume.modality}"
             )
-        return self._pipeline.label_values(volume)
 
     def predict(self, volume: Volume) -> SegmentationResult:
-        """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels."""
-        raw = self.predict_values(volume)
-        return SegmentationResult(label_map=remap_labels(raw, self._mapping), labels=self.labels)
+        """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels.
+
+        ``low_confidence_fraction`` is set when the bundle's postprocessing applies a softmax.
+        """
+        self._check_modality(volume)
+        output = self._pipeline.run(volume)
+        return SegmentationResult(label_map=remap_labels(output.values, self._mapping), labels=self.labels,
+                                  low_confidence_fraction=output.low_confidence_fraction)
+
+
+def applies_softmax(compose: Any, key: str) -> bool:
+    """Whether the MONAI ``Compose`` ``compose`` applies a softmax to ``key`` (``Activationsd(softmax=True)``)."""
+    for transform in compose.flatten().transforms:
+        if type(transform).__name__ != "Activationsd":
+            continue
+        for name, softmax in zip(transform.keys, transform.softmax):
+            if name == key and softmax:
+                return True
+    return False
 
 
 def _check_channels(mapping: Mapping[int, SegmentLabel], meta: Mapping[str, Any], source: str) -> None:

@@ -8,7 +8,10 @@ registry: target spacing, HU window, sliding-window size) and this module builds
 the standard MONAI chain from it - RAS orientation, resampling, intensity window
 scaled to 0..1, sliding-window inference, softmax, argmax, inversion back to the
 input grid - and runs it with the same
-:class:`~workers.models.monai_bundle.InferencePipeline` as MONAI bundles.
+:class:`~workers.models.monai_bundle.InferencePipeline` as MONAI bundles. The
+network's output is softmaxed, so results carry ``low_confidence_fraction``
+(:func:`~workers.models.monai_bundle.low_confidence_fraction`, from the logits on the
+network's grid).
 """
 
 from __future__ import annotations
@@ -27,7 +30,13 @@ import torch
 from dicom_node.contracts import AlgorithmInfo, SegmentLabel
 from dicom_node.model_catalog import TorchScriptPreprocessing
 from workers.models.base import LabelledModel, ModelKind, SegmentationResult
-from workers.models.monai_bundle import BundleError, InferencePipeline, remap_labels, resolve_device
+from workers.models.monai_bundle import (
+    BundleError,
+    InferencePipeline,
+    applies_softmax,
+    remap_labels,
+    resolve_device,
+)
 from workers.volume import Volume
 
 __all__ = ["TorchScriptPreprocessing", "TorchScriptSegmentationModel"]
@@ -125,6 +134,7 @@ class TorchScriptSegmentationModel(LabelledModel):
             postprocessing=post,
             device=self.device,
             amp=self.device.type == "cuda" if amp is None else bool(amp),
+            softmax_output=applies_softmax(post, "pred"),
         )
         logger.info(
             "loaded %s as model %s on %s (AMP %s) in %.1f s",
@@ -140,6 +150,8 @@ class TorchScriptSegmentationModel(LabelledModel):
         return self._pipeline.label_values(volume)
 
     def predict(self, volume: Volume) -> SegmentationResult:
-        """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels."""
-        raw = self.predict_values(volume)
-        return SegmentationResult(label_map=remap_labels(raw, self._mapping), labels=self.labels)
+        """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels,
+        with the network's ``low_confidence_fraction``."""
+        output = self._pipeline.run(volume)
+        return SegmentationResult(label_map=remap_labels(output.values, self._mapping), labels=self.labels,
+                                  low_confidence_fraction=output.low_confidence_fraction)
