@@ -38,6 +38,7 @@ import re2
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dicom_node.contracts import require_unique_names
+from dicom_node.model_domain import HeaderFacts
 
 __all__ = [
     "DEMO_PIPELINES",
@@ -56,6 +57,7 @@ __all__ = [
     "check_condition",
     "disabled_pipeline_reason",
     "evaluate",
+    "header_facts",
     "load_stored_rule",
     "orientation_of",
     "regex_problem",
@@ -74,8 +76,9 @@ TEXT_ATTRIBUTES: dict[str, Literal["study", "series"]] = {
     "manufacturer": "series",
     "orientation": "series",
 }
-#: Attributes a range condition can test (all per series).
-RANGE_ATTRIBUTES = ("slice_thickness_mm", "instance_count")
+#: Attributes a range condition can test (all per series). ``slice_count`` counts the slices of
+#: the series' volume (the frames of a multi-frame instance); ``instance_count`` counts instances.
+RANGE_ATTRIBUTES = ("slice_thickness_mm", "slice_count", "instance_count")
 
 #: The longest pattern a condition may hold (a description is at most 64 characters).
 MAX_REGEX_LENGTH = 500
@@ -211,7 +214,7 @@ class TextCondition(_Strict):
 class RangeCondition(_Strict):
     """A numeric series attribute within ``[min, max]`` (either bound may be omitted)."""
 
-    attribute: Literal["slice_thickness_mm", "instance_count"]
+    attribute: Literal["slice_thickness_mm", "slice_count", "instance_count"]
     min: float | None = None
     max: float | None = None
 
@@ -240,8 +243,10 @@ class SeriesSelector(_Strict):
     """Which of a rule's candidate series feed its pipelines.
 
     ``thinnest``: the candidate with the smallest slice thickness (ties: more
-    instances, then the lower series number); ``most_instances``: the one with the
-    most instances; ``all``: every candidate, one job per series and pipeline.
+    slices, then the lower series number); ``most_instances``: the one with the
+    most images (slices: the frames of an enhanced multi-frame instance count, so one
+    108-frame instance beats 60 single-frame ones); ``all``: every candidate, one job
+    per series and pipeline.
     """
 
     prefer: Literal["thinnest", "most_instances", "all"] = "thinnest"
@@ -339,19 +344,40 @@ class RuleSet(_Strict):
 
 
 class SeriesFacts(_Strict):
-    """What routing knows of one series (from the index and one instance's header)."""
+    """What routing knows of one series (from the index and one instance's header).
+
+    ``instance_count``: instances received; ``slice_count``: slices of the series'
+    volume, the sum of NumberOfFrames over its instances (an enhanced multi-frame CT is
+    one instance of 100+ slices); left out, it is ``instance_count`` (single-frame).
+    ``pixel_spacing_mm``: the smaller in-plane spacing; ``slice_spacing_mm``:
+    SpacingBetweenSlices where the header gives it; ``contrast_agent``: the
+    ContrastBolusAgent (or the enhanced agent sequence) as short text, None when absent.
+    """
 
     series_instance_uid: str
     modality: str | None = None
     body_part_examined: str | None = None
     series_description: str | None = None
+    protocol_name: str | None = None
     manufacturer: str | None = None
     series_number: int | None = None
     slice_thickness_mm: float | None = None
+    pixel_spacing_mm: float | None = None
+    slice_spacing_mm: float | None = None
     orientation: Orientation | None = None
+    contrast_agent: str | None = None
     instance_count: int = 0
+    slice_count: int = 0
     is_image: bool = True
     produced_by_node: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _slices_default_to_instances(cls, data: Any) -> Any:
+        """A series whose slice count is not given is single-frame: one slice per instance."""
+        if isinstance(data, dict) and data.get("slice_count") is None and "instance_count" in data:
+            return {**data, "slice_count": data["instance_count"]}
+        return data
 
 
 class StudyFacts(_Strict):
@@ -443,11 +469,11 @@ def _select(candidates: list[SeriesFacts], prefer: str) -> list[SeriesFacts]:
     if prefer == "all":
         return candidates
     if prefer == "most_instances":
-        key = lambda s: (-s.instance_count, s.series_number if s.series_number is not None else 1 << 30)  # noqa: E731
+        key = lambda s: (-s.slice_count, s.series_number if s.series_number is not None else 1 << 30)  # noqa: E731
     else:
         key = lambda s: (  # noqa: E731
             s.slice_thickness_mm if s.slice_thickness_mm is not None else float("inf"),
-            -s.instance_count,
+            -s.slice_count,
             s.series_number if s.series_number is not None else 1 << 30,
         )
     return [min(candidates, key=key)]
@@ -547,8 +573,9 @@ DEMO_PIPELINES = ("chest-ct-segmentation", "lung-nodule-detection")
 def default_rules() -> list[Rule]:
     """The rule the node starts with: every complete CT study runs both demo models.
 
-    The thinnest CT series with at least 10 images is used (localizers and dose
-    reports are left out), and results go to every destination flagged default.
+    The thinnest CT series with at least 10 slices is used (localizers and dose
+    reports are left out; an enhanced multi-frame series counts its frames), and
+    results go to every destination flagged default.
     ``config/rules.yaml`` holds the same rule for admins to copy and change.
     """
     return [
@@ -557,10 +584,30 @@ def default_rules() -> list[Rule]:
             description="Every CT study: chest segmentation and lung nodule detection on the thinnest CT series",
             conditions=[
                 TextCondition(attribute="modality", **{"in": ["CT"]}),
-                RangeCondition(attribute="instance_count", min=10),
+                RangeCondition(attribute="slice_count", min=10),
             ],
             series=SeriesSelector(prefer="thinnest"),
             pipelines=list(DEMO_PIPELINES),
             destinations="default",
         )
     ]
+
+
+def header_facts(study: StudyFacts, series: SeriesFacts) -> HeaderFacts:
+    """What the header says of ``series``, as the applicability check reads it (slices = ``slice_count``).
+
+    Pure, so the router, ``dicom-node rules test`` and the UI judge a series from the same facts.
+    """
+    return HeaderFacts(
+        modality=series.modality,
+        body_part_examined=series.body_part_examined,
+        study_description=study.study_description,
+        series_description=series.series_description,
+        protocol_name=series.protocol_name,
+        slices=series.slice_count,
+        pixel_spacing_mm=series.pixel_spacing_mm,
+        slice_spacing_mm=series.slice_spacing_mm,
+        slice_thickness_mm=series.slice_thickness_mm,
+        orientation=series.orientation,
+        contrast_agent=series.contrast_agent,
+    )

@@ -92,6 +92,7 @@ def test_all_versus_any() -> None:
         ({"attribute": "series_description", "regex": "lung"}, False),
         ({"attribute": "orientation", "in": ["sagittal"]}, False),
         ({"attribute": "instance_count", "min": 50, "max": 200}, True),
+        ({"attribute": "slice_count", "min": 101}, False),
         ({"attribute": "slice_thickness_mm", "min": 2.0}, False),
     ],
 )
@@ -109,6 +110,19 @@ def test_selectors() -> None:
     assert pick("thinnest") == {"1.2.3.2"}
     assert pick("most_instances") == {"1.2.3.1"}
     assert pick("all") == {"1.2.3.1", "1.2.3.2"}
+
+
+def test_a_multi_frame_series_is_judged_and_chosen_by_its_slices_not_its_instances() -> None:
+    enhanced = series("1.2.3.1", slice_thickness_mm=1.0, instance_count=1, slice_count=108)
+    classic = series("1.2.3.2", slice_thickness_mm=1.0, instance_count=60)
+    decision = evaluate(default_rules(), study(enhanced))
+    assert {j.series_instance_uid for j in decision.jobs} == {"1.2.3.1"}
+    both = study(enhanced, classic)
+    pick = lambda prefer: {j.series_instance_uid for j in evaluate([rule(series={"prefer": prefer})], both).jobs}  # noqa: E731
+    assert pick("thinnest") == {"1.2.3.1"}  # same thickness: more slices wins
+    assert pick("most_instances") == {"1.2.3.1"}  # 108 images in one instance beat 60 instances
+    only_instances = rule(conditions=[{"attribute": "instance_count", "min": 10}])
+    assert evaluate([only_instances], study(enhanced)).jobs == ()  # what the old default rule did
 
 
 def test_higher_priority_rule_decides_a_shared_pipeline() -> None:
