@@ -10,8 +10,11 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import highdicom
+import pydicom
 import pytest
 from pydicom.filereader import read_file_meta_info
+from pydicom.uid import generate_uid
 
 from dicom_node.conductor import decide
 from dicom_node.db import audit, config_repo, repo
@@ -294,7 +297,7 @@ def test_form_only_errors_are_placed_at_their_inputs(web: WebEnv, admin: LoggedI
     ids = page(answer.text)
     assert squash(ids["cond-0-min-error"].text) == "min 'thin' is not a number"
     assert "give min and/or max, not 'regex'" in ids["cond-1-regex-error"].text
-    assert "max applies to slice_thickness_mm and instance_count only" in ids["cond-2-max-error"].text
+    assert "max applies to slice_thickness_mm, slice_count and instance_count only" in ids["cond-2-max-error"].text
     assert "choose the attribute" in ids["cond-3-attribute-error"].text
     assert "must start with a letter or digit" in ids["name-error"].text
     assert "(got 'high')" in ids["priority-error"].text
@@ -389,6 +392,27 @@ def test_testing_the_unsaved_form_against_a_stored_study(web: WebEnv, admin: Log
     assert "study_description 'Synthetic chest CT' is not matching /abdomen/" in squash(failing["test-series-0-cond-0"].text)
     assert "no series meets the conditions" in failing["test-reasons"].text
     assert "test-jobs" not in failing
+
+
+def test_slice_count_counts_the_frames_of_a_multi_frame_series_in_the_tester(
+    web: WebEnv, admin: LoggedIn, stored: StoredStudy, tmp_path: Path
+) -> None:
+    """The thin series again as one enhanced multi-frame CT: 1 instance but 24 slices, as the volume loader sees it."""
+    legacy = [pydicom.dcmread(path) for path in stored.thin.paths]
+    converted = highdicom.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=legacy, series_instance_uid=generate_uid(), series_number=4, sop_instance_uid=generate_uid(),
+        instance_number=1)
+    converted.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    ingest(web, [tmp_path / "enhanced.dcm"])
+    ids = page(admin.post("/rules/test", rule_form(**{
+        "study_pick": stored.uid, "cond-0-attribute": "slice_count", "cond-0-min": "20"})).text)
+    by_series = {ids[f"test-series-{i}"].attrs["data-series"]: i for i in range(3)}
+    enhanced = by_series[str(converted.SeriesInstanceUID)]
+    assert ids[f"test-series-{enhanced}-cond-0"].attrs["data-holds"] == "true"
+    assert "slice_count 24 is >= 20" in squash(ids[f"test-series-{enhanced}-cond-0"].text)
+    assert squash(ids[f"test-series-{enhanced}-images"].text) == "1 (24 slices)"
+    assert ids[f"test-series-{by_series[stored.thick.series_uid]}-cond-0"].attrs["data-holds"] == "false"
+    assert squash(ids[f"test-series-{by_series[stored.thin.series_uid]}-images"].text) == "24"
 
 
 def test_testing_a_disabled_rule_says_so_and_shows_what_it_would_do(

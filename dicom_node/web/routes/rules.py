@@ -496,6 +496,10 @@ def parse_rule_form(form: FormData) -> tuple[RuleForm, dict[str, Any]]:
     return state, definition
 
 
+#: The numeric attributes in words ("a, b and c"), for the message of a min/max on a text attribute.
+_RANGE_NAMES = ", ".join(RANGE_ATTRIBUTES[:-1]) + f" and {RANGE_ATTRIBUTES[-1]}"
+
+
 def _row_condition(state: RuleForm, row: int, item: ConditionRow) -> dict[str, Any] | None:
     """The condition of one form row (None for an empty or unusable row; problems go to ``state.errors``)."""
     key = f"cond-{row}"
@@ -528,7 +532,7 @@ def _row_condition(state: RuleForm, row: int, item: ConditionRow) -> dict[str, A
     else:
         for name, text in (("min", item.min), ("max", item.max)):
             if text:
-                state.error(f"{key}-{name}", f"{name} applies to {' and '.join(RANGE_ATTRIBUTES)} only; "
+                state.error(f"{key}-{name}", f"{name} applies to {_RANGE_NAMES} only; "
                                              f"{item.attribute} is text: use 'in' or 'regex'")
                 usable = False
         if has_text:
