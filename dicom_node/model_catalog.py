@@ -380,9 +380,10 @@ def _check_series_blocks(entries: Sequence[ModelEntry], source: str) -> None:
                 "needs a block of ten (series_number 9010, 9020, ...)")
 
 
-#: What the demo models were made for: axial chest CT with both lungs in the field of view.
+#: What the demo models were made for: axial chest CT. Not complete coverage: the phantoms they were
+#: trained and are shown on cut the lungs at the first and last slice (a hospital's lung model would ask it).
 DEMO_CHEST_CT = InputDomain(
-    modalities=("CT",), body_regions=("chest",), complete_coverage=True, slices=NumberRange(min=10),
+    modalities=("CT",), body_regions=("chest",), complete_coverage=False, slices=NumberRange(min=10),
     pixel_spacing_mm=NumberRange(min=0.3, max=3.0), slice_spacing_mm=NumberRange(min=0.3, max=6.0),
     orientations=("axial",),
 )

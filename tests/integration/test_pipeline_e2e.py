@@ -123,9 +123,11 @@ def test_orthanc_study_comes_back_with_seg_sr_and_gsps(
                 assert ds.StudyInstanceUID == study_uid
                 assert (ds.PatientID, ds.PatientName) == (source.PatientID, source.PatientName)
                 datasets.setdefault(sop_class, []).append(ds)
-        assert {int(ds.SeriesNumber) for ds in datasets[SEG]} == {9001}
-        assert {int(ds.SeriesNumber) for ds in datasets[SR]} == {9002}
-        assert {int(ds.SeriesNumber) for ds in datasets[PR]} == {9003}
+        # Each model its own series: segmentation 9011 (SEG) and 9012 (SR), detection 9022 (SR) and 9023 (GSPS).
+        assert {int(ds.SeriesNumber) for ds in datasets[SEG]} == {9011}
+        assert sorted(int(ds.SeriesNumber) for ds in datasets[SR]) == [9012, 9022]
+        assert {int(ds.SeriesNumber) for ds in datasets[PR]} == {9023}
+        assert len({str(ds.SeriesDescription) for ds in datasets[SR]}) == 2
         segments = {str(s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning) for s in datasets[SEG][0].SegmentSequence}
         assert {"Lung", "Heart", "Bone structure"} <= segments
 
