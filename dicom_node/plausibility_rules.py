@@ -64,7 +64,9 @@ class PlausibilityRules(_Strict):
             heart: {min: 150, max: 1500}
             nodule: {max: 500}
           inside_body: [lung, heart, nodule]
-          max_outside_fraction: 0.02      # of each such label's voxels
+          max_outside_fraction: 0.02      # of each such label's voxels ...
+          outside_fraction_by_label:      # ... except these
+            lung: 0.4
           adjacent:                       # label -> labels it must touch within adjacency_mm
             heart: [{label: lung, sides: both}]   # the heart lies between the two lungs
             nodule: [lung]                # short for {label: lung, sides: any}
@@ -83,7 +85,9 @@ class PlausibilityRules(_Strict):
       label missing from the result counts as 0 mL, so ``min`` also demands presence.
     * ``inside_body``: labels that must lie inside the patient's body, judged against
       the body mask of the image survey (independent of the model): at most
-      ``max_outside_fraction`` of each label's voxels may lie outside it.
+      ``max_outside_fraction`` of each label's voxels may lie outside it, or the
+      label's own fraction in ``outside_fraction_by_label`` (for a model known to
+      label some air outside the patient, without loosening the rule for the others).
     * ``adjacent``: ``{label: [neighbour, ...]}``: where ``label`` is present, some of
       it must come within ``adjacency_mm`` of each neighbour. A neighbour with
       ``sides: both`` must be found within that distance on the patient's left of the
@@ -107,6 +111,7 @@ class PlausibilityRules(_Strict):
     volumes_ml: dict[str, NumberRange] = {}
     inside_body: tuple[str, ...] = ()
     max_outside_fraction: float = Field(default=0.02, ge=0.0, le=1.0)
+    outside_fraction_by_label: dict[str, float] = {}
     adjacent: dict[str, tuple[Neighbour, ...]] = {}
     adjacency_mm: float = Field(default=10.0, gt=0.0)
     findings_inside: Literal["lungs"] | None = None
@@ -134,6 +139,15 @@ class PlausibilityRules(_Strict):
             if label in seen:
                 raise ValueError(f"inside_body: label {label!r} is listed twice")
             seen.add(label)
+        return value
+
+    @field_validator("outside_fraction_by_label")
+    @classmethod
+    def _fractions(cls, value: dict[str, float]) -> dict[str, float]:
+        for label, fraction in value.items():
+            _label_name(label, "outside_fraction_by_label")
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"outside_fraction_by_label: {label!r} has {fraction:g}, not a fraction in 0..1")
         return value
 
     @field_validator("adjacent", mode="before")
@@ -174,9 +188,17 @@ class PlausibilityRules(_Strict):
             )
         if not self.inside_body and "max_outside_fraction" in self.model_fields_set:
             raise ValueError(f"max_outside_fraction {self.max_outside_fraction:g} is given without inside_body")
+        stray = sorted(set(self.outside_fraction_by_label) - set(self.inside_body))
+        if stray:
+            raise ValueError(f"outside_fraction_by_label names {', '.join(map(repr, stray))}, which inside_body "
+                             f"does not list ({', '.join(self.inside_body) or 'empty'})")
         if not self.adjacent and "adjacency_mm" in self.model_fields_set:
             raise ValueError(f"adjacency_mm {self.adjacency_mm:g} is given without adjacent")
         return self
+
+    def outside_fraction(self, label: str) -> float:
+        """The largest fraction of ``label`` that may lie outside the body."""
+        return self.outside_fraction_by_label.get(label, self.max_outside_fraction)
 
     def label_names(self) -> set[str]:
         """Every label these rules mention (for the catalog to check against the model's labels)."""

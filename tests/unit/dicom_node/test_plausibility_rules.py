@@ -18,6 +18,7 @@ volumes_ml:
   nodule: {max: 500}
 inside_body: [lung, heart, nodule]
 max_outside_fraction: 0.02
+outside_fraction_by_label: {lung: 0.4}
 adjacent:
   heart: [{label: lung, sides: both}]
   nodule: [lung]
@@ -37,6 +38,7 @@ def test_the_documented_yaml_shape_reads_into_rules() -> None:
     assert rules.volumes_ml["lung"] == NumberRange(min=1000, max=9000)
     assert rules.volumes_ml["nodule"].min is None
     assert rules.inside_body == ("lung", "heart", "nodule")
+    assert (rules.outside_fraction("lung"), rules.outside_fraction("heart")) == (0.4, 0.02)
     assert rules.adjacent["heart"] == (Neighbour(label="lung", sides="both"),)
     assert rules.adjacent["nodule"] == (Neighbour(label="lung", sides="any"),)
     assert rules.max_low_confidence_fraction == 0.25
@@ -72,6 +74,9 @@ def test_detection_rules_and_their_defaults() -> None:
         ({"inside_body": ["lung", "lung"]}, ["inside_body", "'lung'", "twice"]),
         ({"inside_body": ["lung", " "]}, ["inside_body", "' '"]),
         ({"max_outside_fraction": 1.5, "inside_body": ["lung"]}, ["max_outside_fraction", "1.5"]),
+        ({"inside_body": ["lung"], "outside_fraction_by_label": {"lung": 1.2}}, ["'lung'", "1.2", "0..1"]),
+        ({"inside_body": ["lung"], "outside_fraction_by_label": {"heart": 0.1}},
+         ["outside_fraction_by_label names 'heart'", "inside_body does not list (lung)"]),
         ({"adjacent": {"heart": []}}, ["adjacent", "'heart'", "no neighbour"]),
         ({"adjacent": {"heart": ["heart"]}}, ["adjacent", "'heart'", "own neighbour"]),
         ({"adjacent": {"heart": ["lung", {"label": "lung", "sides": "both"}]}}, ["'heart'", "'lung'", "twice"]),

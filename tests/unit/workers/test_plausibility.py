@@ -157,6 +157,19 @@ def test_lung_painted_outside_the_body_is_held(chest: Chest) -> None:
     assert 0.3 < fraction < 0.8
 
 
+def test_a_label_may_have_its_own_outside_fraction(chest: Chest) -> None:
+    """A model known to label some air as lung gets a looser lung rule; the heart's stays strict."""
+    labels = chest.labels.copy()
+    labels[:, 58:, :] = LUNG
+    labels[:, 58:, 30:33] = HEART  # a sliver of "heart" in the air as well
+    rules = PlausibilityRules(inside_body=("lung", "heart"), outside_fraction_by_label={"lung": 0.8})
+    verdict = check_plausibility("chest", rules, _segmentation(labels), _volume(), _survey(chest.body, chest.lungs))
+    assert _check("lung inside the body", verdict.checks).passed is True
+    assert "(at most 80.0%;" in _check("lung inside the body", verdict.checks).detail
+    assert len(verdict.reasons) == 1
+    assert verdict.reasons[0].endswith("of heart lies outside the body (allowed at most 2.0%)")
+
+
 def test_the_heart_must_touch_both_lungs(chest: Chest) -> None:
     labels = np.where(chest.left_lung, BODY, chest.labels).astype(np.uint8)
     labels[chest.right_lung & (np.arange(SHAPE[0])[:, None, None] < 40)] = LUNG
