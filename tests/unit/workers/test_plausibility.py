@@ -340,3 +340,59 @@ def test_findings_without_a_survey_hold_and_no_findings_pass(chest: Chest) -> No
 def test_the_grid_without_a_survey_aims_at_four_millimetre_voxels() -> None:
     assert check_grid_step((1.0, 0.7, 0.7)) == (4, 6, 6)
     assert check_grid_step((5.0, 5.0, 5.0)) == (1, 1, 1)
+
+
+# --------------------------------------------------------------------------- with the real image survey
+
+
+@pytest.fixture(scope="module")
+def phantom_case() -> tuple[Volume, npt.NDArray[np.uint8], tuple[float, float, float]]:
+    """A chest phantom (48 x 80 x 80 at 5 x 4.4 x 4.4 mm, one nodule): its volume, true label map, nodule centre."""
+    from tests.unit.workers.model_fixtures import volume_from_geometry
+    from training.phantoms.chest import PhantomConfig, generate_chest_phantom
+    from training.phantoms.ct_series import SeriesGeometry
+
+    config = PhantomConfig(shape=(48, 80, 80), spacing_mm=(5.0, 4.4, 4.4), nodule_count=(1, 1),
+                           nodule_diameter_mm=(10.0, 14.0), vessel_count=4)
+    phantom = generate_chest_phantom(config, seed=11)
+    geometry = SeriesGeometry(rows=80, columns=80, slices=48, pixel_spacing=(4.4, 4.4), slice_spacing=5.0,
+                              slice_thickness=5.0, origin=phantom.origin_xyz_mm)
+    volume = volume_from_geometry(geometry, phantom.volume_hu)
+    return volume, phantom.labels.astype(np.uint8), phantom.nodules[0].centre_xyz_mm
+
+
+def test_with_the_real_survey_a_true_chest_passes_and_lungs_moved_into_the_air_are_held(
+    phantom_case: tuple[Volume, npt.NDArray[np.uint8], tuple[float, float, float]],
+) -> None:
+    from workers.body_regions import survey_body_regions
+
+    volume, truth, nodule_centre = phantom_case
+    survey = survey_body_regions(volume)
+    assert survey.available and survey.lung_mask.any()
+    rules = PlausibilityRules.model_validate({
+        "volumes_ml": {"lung": {"min": 1000, "max": 9000}, "heart": {"min": 100, "max": 1500}, "nodule": {"max": 500}},
+        "inside_body": ["lung", "heart", "nodule"], "outside_fraction_by_label": {"lung": 0.4},
+        "adjacent": {"heart": [{"label": "lung", "sides": "both"}], "nodule": ["lung"]},
+    })
+    verdict = check_plausibility("chest", rules, _segmentation(truth), volume, survey)
+    assert verdict.plausible, verdict.reasons
+    assert _check("lung inside the body", verdict.checks).detail.startswith("0.0% outside the body")
+
+    moved = np.where(truth == LUNG, BODY, truth).astype(np.uint8)
+    air_behind = (volume.array < -900) & (np.arange(volume.shape[1])[None, :, None] >= 62)
+    moved[air_behind] = LUNG
+    assert 1000 < np.count_nonzero(moved == LUNG) * float(np.prod(volume.spacing_mm)) / 1000 < 9000
+    held = check_plausibility("chest", rules, _segmentation(moved), volume, survey)
+    assert not held.plausible
+    assert held.reasons[0] == "100.0% of lung lies outside the body (allowed at most 40.0%)"
+    assert any(reason.startswith("heart does not touch lung") for reason in held.reasons)
+
+    detector = PlausibilityRules(findings_inside="lungs")
+    on_nodule = Detection(centre_mm=nodule_centre, size_mm=(12.0, 12.0, 12.0), diameter_mm=12.0, score=0.9,
+                          label=LABELS[NODULE - 1])
+    assert check_plausibility("det", detector, DetectionResult((on_nodule,)), volume, survey).plausible
+    heart = volume.index_to_world(np.argwhere(truth == HEART).mean(axis=0))
+    in_heart = on_nodule.model_copy(update={"centre_mm": tuple(float(v) for v in heart)})
+    verdict = check_plausibility("det", detector, DetectionResult((on_nodule, in_heart)), volume, survey)
+    assert not verdict.plausible
+    assert verdict.reasons[0].startswith("1 of 2 findings lie outside the lungs: finding 2 at ")
