@@ -166,10 +166,12 @@ class _Grid:
         return np.asarray(self.volume.spacing_mm, dtype=np.float64) * np.asarray(self.step)
 
     def label_mask(self, label_map: npt.NDArray[np.integer], value: int, census: _Census) -> npt.NDArray[np.bool_]:
-        """Grid cells holding ``value``: the strided sample, plus each cell a voxel of a small label falls in."""
+        """Grid cells holding ``value``: the strided sample, plus each cell a voxel of a small label (or of
+        one the stride missed entirely, such as a thin sheet between sampled slices) falls in."""
         s0, s1, s2 = self.step
         mask = label_map[::s0, ::s1, ::s2] == value
-        if 0 < census.counts[value] < SMALL_LABEL_VOXELS:
+        count = census.counts[value]
+        if count and (count < SMALL_LABEL_VOXELS or not mask.any()):
             for start, stop in census.slabs[value]:
                 where = np.argwhere(label_map[start:stop] == value)
                 where[:, 0] += start
