@@ -361,10 +361,12 @@ def demo_entries() -> tuple[ModelEntry, ...]:
     return (
         ModelEntry(id="chest-ct-segmentation", kind="segmentation", format="monai_bundle",
                    path=f"{PACKAGE_SCHEME}workers/bundles/chest_ct_segmentation", version="0.1.0",
-                   title="AI chest anatomy", input_domain=DEMO_CHEST_CT),
+                   title="AI chest anatomy", input_domain=DEMO_CHEST_CT,
+                   plausibility=DEMO_SEGMENTATION_PLAUSIBILITY),
         ModelEntry(id="lung-nodule-detection", kind="detection", format="monai_bundle",
                    path=f"{PACKAGE_SCHEME}workers/bundles/lung_nodule_detection", version="0.1.0",
-                   title="AI lung nodules", input_domain=DEMO_CHEST_CT),
+                   title="AI lung nodules", input_domain=DEMO_CHEST_CT,
+                   plausibility=DEMO_DETECTION_PLAUSIBILITY),
     )
 
 
@@ -387,6 +389,19 @@ DEMO_CHEST_CT = InputDomain(
     pixel_spacing_mm=NumberRange(min=0.3, max=3.0), slice_spacing_mm=NumberRange(min=0.3, max=6.0),
     orientations=("axial",),
 )
+
+
+#: The demo segmentation's results must pass these: lungs and heart of a human size, inside the body, the
+#: heart between the lungs, nodules in the lungs, and not too unsure of itself (out-of-distribution signal).
+DEMO_SEGMENTATION_PLAUSIBILITY = PlausibilityRules.model_validate({
+    "volumes_ml": {"lung": {"min": 1000, "max": 9000}, "heart": {"min": 100, "max": 1500}, "nodule": {"max": 500}},
+    "inside_body": ["lung", "heart", "nodule"],
+    "outside_fraction_by_label": {"lung": 0.4},
+    "adjacent": {"heart": [{"label": "lung", "sides": "both"}], "nodule": ["lung"]},
+    "max_low_confidence_fraction": 0.1,
+})
+#: The demo detector's findings must lie in the lungs.
+DEMO_DETECTION_PLAUSIBILITY = PlausibilityRules(findings_inside="lungs", findings_margin_mm=5.0)
 
 
 class ModelCatalog:
@@ -490,16 +505,44 @@ class ModelCatalog:
         """The rules ``model_id``'s results must pass before they are sent (entry, else bundle metadata
         ``dicom_node.plausibility``), or None when it declares none."""
         entry = self.entry(model_id)
-        if entry.plausibility is not None:
-            return entry.plausibility
-        declared = (self._metadata(model_id).get("dicom_node") or {}).get("plausibility")
-        if declared is None:
-            return None
+        where = f"{self.source}: model {model_id!r}"
+        rules = entry.plausibility
+        if rules is None:
+            declared = (self._metadata(model_id).get("dicom_node") or {}).get("plausibility")
+            if declared is None:
+                return None
+            try:
+                rules = PlausibilityRules.model_validate(declared)
+            except ValidationError as exc:
+                raise ModelRegistryError(f"{where}: the bundle's dicom_node.plausibility is invalid: {exc}") from exc
+        misfits = rules.misfits(entry.kind)
+        if misfits:
+            raise ModelRegistryError(f"{where}: plausibility rule(s) {', '.join(misfits)} cannot judge a "
+                                     f"{entry.kind} model's results")
+        known = self._label_names(model_id)
+        unknown = sorted(rules.label_names() - known) if known else []
+        if unknown:
+            raise ModelRegistryError(f"{where}: plausibility names label(s) {', '.join(map(repr, unknown))}, "
+                                     f"the model's labels are {', '.join(sorted(known))}")
+        return rules
+
+    def _label_names(self, model_id: str) -> set[str]:
+        """The names of the model's labels (entry, else bundle metadata); empty when unknown."""
+        entry = self.entry(model_id)
+        if entry.labels is not None:
+            return {label.name for label in entry.labels}
         try:
-            return PlausibilityRules.model_validate(declared)
-        except ValidationError as exc:
-            raise ModelRegistryError(f"{self.source}: model {model_id!r}: the bundle's dicom_node.plausibility "
-                                     f"is invalid: {exc}") from exc
+            labels = metadata_labels(self._metadata(model_id), model_id) or []
+        except BundleError:
+            return set()
+        return {label.name for label in labels}
+
+    def check(self) -> None:
+        """Read every model's declarations now (input domain, plausibility rules): a mistake is an error at
+        start, naming the model and the field, instead of a held or failed job later."""
+        for model_id in self.ids:
+            self.input_domain(model_id)
+            self.plausibility(model_id)
 
     def _metadata(self, model_id: str) -> dict[str, Any]:
         """A bundle's ``configs/metadata.json`` ({} for other formats or when it cannot be read)."""

@@ -132,6 +132,8 @@ def preload_models(models: ModelProvider) -> None:
     warm_up = _warm_up_volume()
     for model_id in getattr(models, "ids", ()):
         try:
+            models.input_domain(model_id)  # a wrong declaration shows now, as this model's failure
+            models.plausibility(model_id)
             models.load(model_id).predict(warm_up)
         except Exception as exc:  # a broken entry must not stop the worker; its jobs fail with the reason
             logger.error("model %s cannot be loaded: %s", model_id, exc)

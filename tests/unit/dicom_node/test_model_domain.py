@@ -129,3 +129,22 @@ def test_the_input_domain_comes_from_the_entry_else_the_bundle_else_its_modality
     (tmp_path / "models.yaml").write_text(yaml.safe_dump({"models": [entry]}))
     with pytest.raises(ModelRegistryError, match="dicom_node.input_domain is invalid"):
         ModelCatalog.from_file(tmp_path / "models.yaml").input_domain("m")
+
+
+def test_plausibility_rules_must_fit_the_model_kind_and_name_its_labels(tmp_path: Path) -> None:
+    labels = [{"value": 1, "name": "spleen", "code": {"value": "78961009", "scheme": "SCT", "meaning": "Spleen"},
+               "category": {"value": "123037004", "scheme": "SCT", "meaning": "Anatomical Structure"}}]
+    entry = {"id": "spleen", "kind": "segmentation", "format": "torchscript", "path": "m.ts", "version": "1",
+             "labels": labels, "preprocessing": {"spacing_mm": [1, 1, 1], "window_hu": [-100, 200],
+                                                 "roi_size": [32, 32, 32]}}
+
+    def catalog(plausibility: dict) -> ModelCatalog:
+        (tmp_path / "models.yaml").write_text(yaml.safe_dump({"models": [{**entry, "plausibility": plausibility}]}))
+        return ModelCatalog.from_file(tmp_path / "models.yaml")
+
+    assert catalog({"volumes_ml": {"spleen": {"max": 1500}}}).plausibility("spleen") is not None
+    with pytest.raises(ModelRegistryError, match="names label\\(s\\) 'liver', the model's labels are spleen"):
+        catalog({"inside_body": ["liver"]}).plausibility("spleen")
+    with pytest.raises(ModelRegistryError, match="findings_inside cannot judge a segmentation model"):
+        catalog({"findings_inside": "lungs"}).check()
+    ModelCatalog.demo().check()  # the shipped declarations are consistent
