@@ -9,14 +9,18 @@ distributed mode, and survive restarts.
 Study outcome, for a study (see :func:`classify_study`):
 
 * ``failed``: any of its jobs or deliveries is ``dead`` (needs a person);
+* ``held``: a job's results were judged implausible and wait for an operator to release
+  or discard them (needs a person; nothing of them was sent);
 * ``waiting``: not routed yet (``receiving`` or ``complete``);
 * ``ignored``: no rule matched, or every job was cancelled;
 * ``in_progress``: routed, with a job or delivery not finished yet (queued, running,
   failed and waiting for a retry, pending, sending);
-* ``done``: routed, every job succeeded (cancelled ones aside) and every delivery delivered.
+* ``done``: routed, every job finished (cancelled ones aside) and every delivery delivered.
+  Finished: succeeded, not applicable (the model was not made for the series: a normal
+  outcome), released (held results an operator sent) or discarded (thrown away).
 
 The dashboard counts the studies *first received* in a window by their outcome now,
-so ``received = waiting + in_progress + done + failed + ignored``.
+so ``received = waiting + in_progress + done + held + failed + ignored``.
 
 Cost: these run on every dashboard refresh and scrape. Time windows over the two
 big, ever-growing tables (instances, studies) are found through the primary key
@@ -63,20 +67,26 @@ __all__ = [
     "Throughput",
     "classify_study",
     "database_status",
+    "finished_job_stages",
     "job_briefs",
     "metrics_snapshot",
     "normalise_reject_reason",
     "queue_depths",
     "recent_errors",
     "study_counts",
-    "succeeded_job_stages",
     "throughput",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Study outcomes, in the order the dashboard shows them.
-OUTCOMES = ("waiting", "in_progress", "done", "failed", "ignored")
+OUTCOMES = ("waiting", "in_progress", "done", "held", "failed", "ignored")
+
+#: Job states that end a job's work: counted as done for the study.
+_FINISHED_JOB = (JobState.SUCCEEDED.value, JobState.NOT_APPLICABLE.value, JobState.RELEASED.value,
+                 JobState.DISCARDED.value)
+#: Jobs whose worker run ended and whose stage times are final (a held job keeps its times when released).
+_RAN_JOB = _FINISHED_JOB + (JobState.HELD.value,)
 
 _UNFINISHED_JOB = {JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value}
 _UNFINISHED_DELIVERY = {DeliveryState.PENDING.value, DeliveryState.SENDING.value, DeliveryState.FAILED.value}
@@ -135,13 +145,15 @@ def classify_study(study_state: str, jobs: Counter[str], deliveries: Counter[str
     """The outcome of one study from its state and the states of its jobs and deliveries (module docstring)."""
     if jobs[JobState.DEAD.value] or deliveries[DeliveryState.DEAD.value]:
         return "failed"
+    if jobs[JobState.HELD.value]:
+        return "held"
     if study_state in (StudyState.RECEIVING.value, StudyState.COMPLETE.value):
         return "waiting"
     if study_state == StudyState.IGNORED.value:
         return "ignored"
     if any(jobs[s] for s in _UNFINISHED_JOB) or any(deliveries[s] for s in _UNFINISHED_DELIVERY):
         return "in_progress"
-    if jobs[JobState.SUCCEEDED.value]:
+    if any(jobs[s] for s in _FINISHED_JOB):
         return "done"
     if jobs[JobState.CANCELLED.value]:
         return "ignored"
@@ -177,7 +189,7 @@ def _study_outcomes(session: Session, condition: ColumnElement[bool]) -> list[_S
         if study is None:
             continue
         study.jobs[str(state)] += int(count)
-        if state == JobState.SUCCEEDED.value:
+        if state in _FINISHED_JOB:
             study.finished_at = max(filter(None, (study.finished_at, _aware(finished))), default=None)
     for study_id, state, count, delivered in session.execute(
         select(Job.study_id, Delivery.state, func.count(), func.max(Delivery.delivered_at))
@@ -201,6 +213,7 @@ class StudyCounts:
     waiting: int = 0
     in_progress: int = 0
     done: int = 0
+    held: int = 0
     failed: int = 0
     ignored: int = 0
 
@@ -351,9 +364,21 @@ class RecentError:
 
 
 def recent_errors(sessions: sessionmaker[Session], *, limit: int = 20) -> list[RecentError]:
-    """The newest failed/dead jobs and deliveries, refused instances and rejected associations, newest first."""
+    """The newest failed/dead jobs and deliveries, held results (they wait for a person too), refused
+    instances and rejected associations, newest first."""
+    from dicom_node.db.job_checks import outcome_reason
+
     found: list[RecentError] = []
     with sessions() as session:
+        for job_id, uid, pipeline, at, checks in session.execute(
+            select(Job.id, Study.study_instance_uid, Job.pipeline, Job.state_changed_at, Job.checks)
+            .join(Study, Study.id == Job.study_id).where(Job.state == JobState.HELD.value)
+            .order_by(Job.state_changed_at.desc()).limit(limit)
+        ).all():
+            reason = outcome_reason(JobState.HELD.value, _json_object(checks, f"checks of job {job_id}"))
+            found.append(RecentError(at, "job", JobState.HELD.value,
+                                     f"job {job_id}: {pipeline} results held, not sent (release or discard them)",
+                                     reason or "(judged implausible; no reason recorded)", uid, job_id=job_id))
         for job_id, uid, pipeline, state, error, at, attempts, max_attempts in session.execute(
             select(Job.id, Study.study_instance_uid, Job.pipeline, Job.state, Job.error, Job.state_changed_at,
                    Job.attempts, Job.max_attempts)
@@ -486,16 +511,29 @@ def metrics_snapshot(sessions: sessionmaker[Session], *, now: datetime, worker_s
     )
 
 
-def succeeded_job_stages(
+def _json_object(text: str | None, what: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        logger.warning("%s is not JSON; left out", what)
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def finished_job_stages(
     sessions: sessionmaker[Session], *, finished_since: datetime | None = None, exclude: Iterable[int] = ()
 ) -> list[tuple[int, str, datetime, dict[str, float]]]:
-    """(job id, pipeline, finished_at, {stage: seconds}) of succeeded jobs finished at or after ``finished_since``.
+    """(job id, pipeline, finished_at, {stage: seconds}) of jobs whose run ended - succeeded, not applicable,
+    held, released or discarded - at or after ``finished_since``.
 
-    A succeeded job never changes again, so a caller can count each once (``exclude``: ids it has seen).
+    Their stage times never change again (releasing or discarding a held job keeps its
+    finished_at and stages), so a caller can count each once (``exclude``: ids it has seen).
     """
     skip = set(exclude)
     query = select(Job.id, Job.pipeline, Job.finished_at, Job.stage_seconds).where(
-        Job.state == JobState.SUCCEEDED.value, Job.finished_at.is_not(None))
+        Job.state.in_(_RAN_JOB), Job.finished_at.is_not(None))
     if finished_since is not None:
         query = query.where(Job.finished_at >= finished_since)
     result = []

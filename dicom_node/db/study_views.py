@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,6 +23,9 @@ from typing import Any
 from sqlalchemy import ColumnElement, and_, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.db.job_checks import ApplicabilityView, PlausibilityView, applicability_view, outcome_reason, \
+    plausibility_view
+from dicom_node.db.jobs import NOTICE_KIND
 from dicom_node.db.models import (
     AssociationRecord,
     AssociationStudy,
@@ -55,6 +59,7 @@ __all__ = [
     "findings",
     "get_delivery",
     "get_job",
+    "job_counts_by_study",
     "list_jobs",
     "list_studies",
     "study_detail",
@@ -65,10 +70,12 @@ logger = logging.getLogger(__name__)
 
 #: The "jobs" filter of the studies list: what became of the study's jobs and deliveries.
 #: in_progress: a job queued, running or awaiting its retry, or a delivery not yet final;
-#: done: jobs exist and all succeeded (or were cancelled) and every delivery arrived;
+#: done: jobs exist and all finished - succeeded, not applicable (the model was not made for the
+#: series), released or discarded by an operator, or cancelled - and every delivery arrived;
+#: held: a job's results were judged implausible and wait for an operator (release or discard);
 #: failed: a job or delivery whose last attempt failed, or that is dead;
 #: none: no job at all (still receiving, ignored, or not yet routed).
-JOB_OUTCOMES = ("in_progress", "done", "failed", "none")
+JOB_OUTCOMES = ("in_progress", "done", "held", "failed", "none")
 
 #: Modalities of series that are not images (results, reports, presentation states).
 NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN", "RTDOSE", "RTRECORD", "DOC",
@@ -76,6 +83,11 @@ NON_IMAGE_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "RTSTRUCT", "RTPLAN",
 
 _JOB_ACTIVE = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value)
 _JOB_TROUBLE = (JobState.FAILED.value, JobState.DEAD.value)
+#: Job states that end a run: the worker finished it (an operator may still act on a held one).
+_JOB_ENDED = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.DEAD.value, JobState.CANCELLED.value,
+              JobState.NOT_APPLICABLE.value, JobState.HELD.value)
+#: Job states whose results went (or may go) to the destinations.
+_JOB_RESULTS_SENT = (JobState.SUCCEEDED.value, JobState.RELEASED.value)
 _DELIVERY_ACTIVE = (DeliveryState.PENDING.value, DeliveryState.SENDING.value, DeliveryState.FAILED.value)
 _DELIVERY_TROUBLE = (DeliveryState.FAILED.value, DeliveryState.DEAD.value)
 
@@ -198,6 +210,13 @@ class DeliveryRow:
     next_attempt_at: datetime | None
     delivered_at: datetime | None
     state_changed_at: datetime
+    #: The result kinds it carries; None: the job's results (every kind the destination takes).
+    kinds: tuple[str, ...] | None = None
+
+    @property
+    def notice_only(self) -> bool:
+        """True when it carries only the "AI analysis not performed" SR."""
+        return self.kinds is not None and set(self.kinds) <= {NOTICE_KIND}
 
 
 @dataclass(frozen=True)
@@ -221,6 +240,8 @@ class JobRow:
     state_changed_at: datetime
     results: list[ResultRow] = field(default_factory=list)
     deliveries: list[DeliveryRow] = field(default_factory=list)
+    #: ``{"applicability": ..., "plausibility": ...}``: the worker's checks before and after the model.
+    checks: dict[str, Any] = field(default_factory=dict)
 
     @property
     def can_retry(self) -> bool:
@@ -229,6 +250,24 @@ class JobRow:
     @property
     def can_cancel(self) -> bool:
         return self.state in (JobState.QUEUED.value, JobState.FAILED.value, JobState.RUNNING.value)
+
+    @property
+    def can_release(self) -> bool:
+        """Held results may be released (sent after all) or discarded by an operator."""
+        return self.state == JobState.HELD.value
+
+    @property
+    def applicability(self) -> ApplicabilityView | None:
+        return applicability_view(self.checks)
+
+    @property
+    def plausibility(self) -> PlausibilityView | None:
+        return plausibility_view(self.checks)
+
+    @property
+    def outcome_reason(self) -> str | None:
+        """Why the model did not apply, or what a held result broke (None for other states)."""
+        return outcome_reason(self.state, self.checks)
 
     @property
     def run_seconds(self) -> float | None:
@@ -354,8 +393,10 @@ def _outcome_condition(outcome: str) -> ColumnElement[bool]:
         return job_in(_JOB_ACTIVE) | delivery_in(_DELIVERY_ACTIVE)
     if outcome == "failed":
         return job_in(_JOB_TROUBLE) | delivery_in(_DELIVERY_TROUBLE)
+    if outcome == "held":
+        return job_in((JobState.HELD.value,))
     if outcome == "done":
-        unfinished_jobs = job_in(_JOB_ACTIVE + (JobState.DEAD.value,))
+        unfinished_jobs = job_in(_JOB_ACTIVE + (JobState.DEAD.value, JobState.HELD.value))
         undelivered = exists().where(Job.study_id == Study.id, Delivery.job_id == Job.id,
                                      Delivery.state != DeliveryState.DELIVERED.value)
         return and_(job_in(None), ~unfinished_jobs, ~undelivered)
@@ -467,6 +508,7 @@ def _job_rows(session: Session, query: Any) -> list[JobRow]:
             summary=_load_json(job.summary, f"summary of job {job.id}"), created_at=job.created_at,
             queued_at=job.queued_at, started_at=job.started_at, finished_at=job.finished_at,
             state_changed_at=job.state_changed_at, results=results[job.id], deliveries=deliveries[job.id],
+            checks=_load_json(job.checks, f"checks of job {job.id}"),
         )
         for job, uid in rows
     ]
@@ -477,8 +519,21 @@ def _delivery_row(d: Delivery, study_uid: str) -> DeliveryRow:
         id=d.id, job_id=d.job_id, study_instance_uid=study_uid, destination=d.destination, state=d.state,
         attempts=d.attempts, max_attempts=d.max_attempts, error=d.error, objects_sent=d.objects_sent,
         created_at=d.created_at, next_attempt_at=d.next_attempt_at, delivered_at=d.delivered_at,
-        state_changed_at=d.state_changed_at,
+        state_changed_at=d.state_changed_at, kinds=_kinds(d.kinds, d.id),
     )
+
+
+def _kinds(text: str | None, delivery_id: int) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list):
+        logger.warning("kinds of delivery %d is not a JSON list (%r); shown as the results", delivery_id, text[:80])
+        return None
+    return tuple(str(v) for v in value)
 
 
 def _jobs_query() -> Any:
@@ -549,6 +604,20 @@ def list_jobs(
     return JobPage(items=items, total=total, limit=limit, offset=offset)
 
 
+def job_counts_by_study(sessions: sessionmaker[Session], study_uids: Sequence[str]) -> dict[str, dict[str, int]]:
+    """``{Study Instance UID: {job state: count}}`` of the given studies (one query; a study without jobs is left out)."""
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    if not study_uids:
+        return {}
+    with sessions() as session:
+        for uid, state, count in session.execute(
+            select(Study.study_instance_uid, Job.state, func.count()).join(Job, Job.study_id == Study.id)
+            .where(Study.study_instance_uid.in_(list(study_uids))).group_by(Study.study_instance_uid, Job.state)
+        ):
+            counts[str(uid)][str(state)] = int(count)
+    return dict(counts)
+
+
 def get_job(sessions: sessionmaker[Session], job_id: int) -> JobRow | None:
     """One job with its results and deliveries; None if unknown."""
     with sessions() as session:
@@ -583,9 +652,62 @@ _EVENT_TITLES = {
     "late_instance": "Late instance",
 }
 
+#: Timeline events about one job (the worker and the operator actions write them, naming the job first):
+#: event kind -> (entry kind, what happened). not_applicable and held are shown on the job's own end entry.
+_JOB_EVENTS = {
+    "job_checked": ("job.checked", "checked before the model"),
+    "job_released": ("job.released", "held results released"),
+    "job_discarded": ("job.discarded", "held results discarded"),
+}
+_MERGED_JOB_EVENTS = frozenset({"job_not_applicable", "job_held"})
+_EVENT_JOB = re.compile(r"^job (\d+)\b")
+#: How a job's end is titled on the timeline, where its state's name is not plain words.
+_END_TITLES = {JobState.NOT_APPLICABLE.value: "not applicable", JobState.HELD.value: "held: results not sent"}
+
+
+def _event_job(event: StudyEventRow) -> int | None:
+    found = _EVENT_JOB.match(event.detail or "")
+    return int(found.group(1)) if found else None
+
+
+def _job_event_entry(event: StudyEventRow, jobs_by_id: dict[int, JobRow]) -> TimelineEntry | None:
+    """The entry of an event about a job (None: it is shown on the job's end entry instead)."""
+    job_id = _event_job(event)
+    job = jobs_by_id.get(job_id) if job_id is not None else None
+    if event.kind in _MERGED_JOB_EVENTS and job is not None:
+        return None
+    kind, what = _JOB_EVENTS.get(event.kind, (f"study.{event.kind}", event.kind.replace("_", " ")))
+    title = f"Job {job.id} · {job.pipeline}: {what}" if job is not None else what[:1].upper() + what[1:]
+    state = kind.split(".", 1)[1] if kind in ("job.released", "job.discarded") else None
+    return TimelineEntry(at=event.at, kind=kind, title=title, state=state, detail=event.detail,
+                         job_id=job.id if job is not None else job_id)
+
+
+def _end_detail(job: JobRow, end_kind: str) -> str | None:
+    """What the end entry of a job says about how it ended."""
+    if end_kind == JobState.FAILED.value:
+        return f"{job.error or 'failed'}; attempt {job.attempts} of {job.max_attempts}, will be retried"
+    if end_kind == JobState.DEAD.value:
+        return f"{job.error or 'failed'}; attempt {job.attempts} of {job.max_attempts}, no retry"
+    if end_kind == JobState.SUCCEEDED.value:
+        return ", ".join(r.kind for r in job.results) or "no result objects"
+    if end_kind == JobState.NOT_APPLICABLE.value:
+        return job.outcome_reason or "the model was not made for this series"
+    if end_kind == JobState.HELD.value:
+        reasons = job.outcome_reason or "see the checks"
+        if job.state != JobState.HELD.value:  # released or discarded since: its own entry says so
+            return f"results judged implausible, held: {reasons}"
+        kept = ", ".join(r.kind for r in job.results if r.kind != NOTICE_KIND) or "no result objects"
+        return f"results judged implausible ({kept} kept, not sent): {reasons}"
+    return job.error
+
 
 def timeline(detail: StudyDetail, *, now: datetime) -> list[TimelineEntry]:
     """The study's life in time order: receiving, its events, each job's run and stages, each delivery.
+
+    A job's checks (before the model) and an operator's release or discard of held results
+    are entries of their own (kinds ``job.checked``, ``job.released``, ``job.discarded``); a job
+    that was not applicable or held says why on its end entry (``job.not_applicable``, ``job.held``).
 
     Durations: receiving from the first to the last instance; complete after the last
     instance; a job's start after it was queued (waiting), its end after it started
@@ -601,6 +723,7 @@ def timeline(detail: StudyDetail, *, now: datetime) -> list[TimelineEntry]:
         + (f" from {', '.join(detail.source_ae_titles)}" if detail.source_ae_titles else "")
         + f"; last instance {detail.last_received_at:%Y-%m-%d %H:%M:%S}",
     )]
+    jobs_by_id = {job.id: job for job in detail.jobs}
     late: list[StudyEventRow] = []
     for event in [*detail.events, None]:
         if event is not None and event.kind == "late_instance":
@@ -613,6 +736,11 @@ def timeline(detail: StudyDetail, *, now: datetime) -> list[TimelineEntry]:
                 detail=late[-1].detail))
             late = []
         if event is None or event.kind == "first_instance":  # the receiving entry already says it
+            continue
+        if event.kind.startswith("job_"):
+            entry = _job_event_entry(event, jobs_by_id)
+            if entry is not None:
+                entries.append(entry)
             continue
         complete = event.kind == "complete"
         entries.append(TimelineEntry(
@@ -629,27 +757,21 @@ def timeline(detail: StudyDetail, *, now: datetime) -> list[TimelineEntry]:
                 at=job.started_at, kind="job.started", title=f"{name} started (attempt {job.attempts})",
                 duration_seconds=_span(job.queued_at, job.started_at), duration_label="waited in the queue",
                 detail=f"on worker {job.worker or '?'}", stages=list(job.stage_seconds.items()), job_id=job.id))
-        end_kind = job.state if job.state in (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.DEAD.value,
-                                              JobState.CANCELLED.value) else None
+        # A released or discarded job ended its run held; the operator's action is an entry of its own.
+        end_kind = JobState.HELD.value if job.state in (JobState.RELEASED.value, JobState.DISCARDED.value) \
+            else job.state if job.state in _JOB_ENDED else None
         if job.state == JobState.RUNNING.value and job.started_at is not None:
             entries.append(TimelineEntry(at=now, kind="job.running", title=f"{name} running", state="running",
                                          duration_seconds=_span(job.started_at, now), duration_label="so far",
                                          job_id=job.id))
         elif end_kind is not None:
             at = job.state_changed_at if end_kind == JobState.CANCELLED.value else (job.finished_at or job.state_changed_at)
-            detail_text = job.error
-            if end_kind == JobState.FAILED.value:
-                detail_text = f"{job.error or 'failed'}; attempt {job.attempts} of {job.max_attempts}, will be retried"
-            elif end_kind == JobState.DEAD.value:
-                detail_text = f"{job.error or 'failed'}; attempt {job.attempts} of {job.max_attempts}, no retry"
-            elif end_kind == JobState.SUCCEEDED.value:
-                detail_text = ", ".join(r.kind for r in job.results) or "no result objects"
             entries.append(TimelineEntry(
-                at=at, kind=f"job.{end_kind}", title=f"{name} {end_kind}", state=end_kind,
+                at=at, kind=f"job.{end_kind}", title=f"{name} {_END_TITLES.get(end_kind, end_kind)}", state=end_kind,
                 duration_seconds=None if end_kind == JobState.CANCELLED.value else _span(job.started_at, at),
-                detail=detail_text, job_id=job.id))
+                detail=_end_detail(job, end_kind), job_id=job.id))
         for d in job.deliveries:
-            dname = f"Delivery {d.id} to {d.destination}"
+            dname = f"Delivery {d.id} to {d.destination}" + (" ('not performed' notice)" if d.notice_only else "")
             entries.append(TimelineEntry(at=d.created_at, kind="delivery.created", title=f"{dname} created",
                                          state="pending", job_id=job.id, delivery_id=d.id))
             if d.state == DeliveryState.DELIVERED.value:
@@ -676,14 +798,14 @@ def timeline(detail: StudyDetail, *, now: datetime) -> list[TimelineEntry]:
 
 
 def findings(detail: StudyDetail) -> list[FindingRow]:
-    """Segment volumes and detections from the summaries of the study's succeeded jobs.
+    """Segment volumes and detections from the summaries of the study's succeeded (or released) jobs.
 
     A segmentation job's summary holds ``volumes_ml`` (label -> millilitres); a
     detection job's ``detections`` (centre, diameter, score), largest first here.
     """
     rows: list[FindingRow] = []
     for job in detail.jobs:
-        if job.state != JobState.SUCCEEDED.value:
+        if job.state not in _JOB_RESULTS_SENT:
             continue
         summary = job.summary
         volumes = summary.get("volumes_ml")

@@ -165,6 +165,10 @@ def study_preview(settings: Settings, sessions: sessionmaker[Session], study_ins
 # --------------------------------------------------------------------------- what to show
 
 
+#: Jobs whose results are drawn: those sent (held results are not shown until an operator releases them).
+_SENT = (JobState.SUCCEEDED.value, JobState.RELEASED.value)
+
+
 def _plan(detail: study_views.StudyDetail) -> _Plan:
     """Pick the series (the one our newest successful job ran on, else any job's, else the largest image
     series) and the results on it to draw."""
@@ -173,8 +177,7 @@ def _plan(detail: study_views.StudyDetail) -> _Plan:
         kinds = ", ".join(sorted({s.modality or "?" for s in detail.series})) or "none"
         raise PreviewError(404, f"study {detail.study_instance_uid} has no image series to preview "
                                 f"(series modalities: {kinds})")
-    succeeded = [j for j in reversed(detail.jobs) if j.state == JobState.SUCCEEDED.value
-                 and j.series_instance_uid in images]
+    succeeded = [j for j in reversed(detail.jobs) if j.state in _SENT and j.series_instance_uid in images]
     others = [j for j in reversed(detail.jobs) if j.series_instance_uid in images]
     if succeeded:
         series = images[succeeded[0].series_instance_uid]
@@ -182,8 +185,7 @@ def _plan(detail: study_views.StudyDetail) -> _Plan:
         series = images[others[0].series_instance_uid]
     else:
         series = max(images.values(), key=lambda s: (s.instance_count, s.last_received_at))
-    on_series = [j for j in detail.jobs if j.state == JobState.SUCCEEDED.value
-                 and j.series_instance_uid == series.series_instance_uid]
+    on_series = [j for j in detail.jobs if j.state in _SENT and j.series_instance_uid == series.series_instance_uid]
     segs = [r for j in on_series for r in j.results if r.kind == "SEG"]
     detections = [d for j in on_series for d in (j.summary.get("detections") or []) if _valid_detection(d)]
     return _Plan(detail.study_instance_uid, series, segs, detections)

@@ -19,8 +19,8 @@ from tests.web.ops_data import HOSTILE_ERROR, Scenario, build_scenario, make_ser
 from training.phantoms.ct_series import GeneratedSeries
 
 EXPECTED = {
-    "hour": {"received": 6, "waiting": 1, "in_progress": 2, "done": 1, "failed": 1, "ignored": 1},
-    "day": {"received": 7, "waiting": 1, "in_progress": 2, "done": 2, "failed": 1, "ignored": 1},
+    "hour": {"received": 6, "waiting": 1, "in_progress": 2, "done": 1, "held": 0, "failed": 1, "ignored": 1},
+    "day": {"received": 7, "waiting": 1, "in_progress": 2, "done": 2, "held": 0, "failed": 1, "ignored": 1},
 }
 
 

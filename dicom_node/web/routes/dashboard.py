@@ -38,7 +38,10 @@ class StudyCountsOut(BaseModel):
     received: int
     waiting: int = Field(description="not routed yet: still receiving, or complete and about to be routed")
     in_progress: int = Field(description="routed; a job or delivery is not finished")
-    done: int = Field(description="every job succeeded and every delivery was delivered")
+    done: int = Field(description="every job finished (succeeded, not applicable, released or discarded) and every "
+                                  "delivery was delivered")
+    held: int = Field(description="a job's results were judged implausible and wait for an operator (release or "
+                                  "discard; needs a person)")
     failed: int = Field(description="a job or a delivery is dead (needs a person)")
     ignored: int = Field(description="no routing rule matched, or every job was cancelled")
 
@@ -83,7 +86,8 @@ class ThroughputOut(BaseModel):
 
 class ErrorOut(BaseModel):
     at: datetime
-    kind: str = Field(description="job, delivery, ingest (a refused instance) or association (rejected)")
+    kind: str = Field(description="job (failed, dead, or held: results waiting for an operator), delivery, ingest "
+                                  "(a refused instance) or association (rejected)")
     state: str
     what: str
     error: str

@@ -48,11 +48,12 @@ _STAGE_OVERLAP = timedelta(minutes=15)
 
 
 class _StageHistograms:
-    """dicom_node_job_stage_seconds, kept incrementally: each succeeded job's stage times are added once.
+    """dicom_node_job_stage_seconds, kept incrementally: each finished job's stage times are added once.
 
-    A succeeded job never changes, so the first scrape reads them all and later
-    scrapes read only jobs finished since the newest one seen (less an overlap,
-    with the ids in the overlap remembered so none is counted twice).
+    Finished: succeeded, not applicable, held, released or discarded (a not applicable job has
+    only the load and applicability stages). Their stage times never change, so the first
+    scrape reads them all and later scrapes read only jobs finished since the newest one
+    seen (less an overlap, with the ids in the overlap remembered so none is counted twice).
     """
 
     def __init__(self, buckets: tuple[float, ...] = STAGE_BUCKETS) -> None:
@@ -65,7 +66,7 @@ class _StageHistograms:
     def update(self, context: WebContext) -> None:
         with self._lock:
             since = None if self._newest is None else self._newest - _STAGE_OVERLAP
-            for job_id, pipeline, finished, stages in monitoring.succeeded_job_stages(
+            for job_id, pipeline, finished, stages in monitoring.finished_job_stages(
                     context.sessions, finished_since=since, exclude=self._recent):
                 for stage, seconds in stages.items():
                     series = self._series.setdefault((stage, pipeline), [[0] * len(self._buckets), 0.0, 0])
@@ -83,8 +84,9 @@ class _StageHistograms:
 
     def metric(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(
-            "dicom_node_job_stage_seconds", "Seconds each stage of succeeded jobs took (load, model_load, inference, "
-            "encoding, outbox).", labels=["stage", "pipeline"])
+            "dicom_node_job_stage_seconds", "Seconds each stage of finished jobs took (load, applicability, model_load, "
+            "inference, plausibility, encoding, outbox); finished: succeeded, not_applicable, held, released or "
+            "discarded.", labels=["stage", "pipeline"])
         with self._lock:
             for (stage, pipeline), (counts, total, count) in sorted(self._series.items()):
                 buckets = [(repr(float(b)), c) for b, c in zip(self._buckets, counts)] + [("+Inf", count)]
@@ -143,7 +145,9 @@ def _families(s: monitoring.MetricsSnapshot) -> Iterator[Metric]:
     for state in StudyState:
         studies.add_metric([state.value], s.studies.get(state.value, 0))
     yield studies
-    jobs = GaugeMetricFamily("dicom_node_jobs", "Jobs by state and pipeline.", labels=["state", "pipeline"])
+    jobs = GaugeMetricFamily("dicom_node_jobs", "Jobs by state and pipeline (held: results judged implausible, "
+                             "waiting for an operator; not_applicable: the model was not made for the series).",
+                             labels=["state", "pipeline"])
     pipelines = sorted({p for _, p in s.jobs})
     for pipeline in pipelines:
         for state in JobState:
