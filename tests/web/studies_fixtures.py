@@ -124,3 +124,18 @@ def fail_delivery(sessions: sessionmaker[Session], delivery_id: int, *, at: date
 def deliver(sessions: sessionmaker[Session], delivery_id: int, *, at: datetime) -> None:
     assert jobs.claim_delivery(sessions, delivery_id, now=at, lease_seconds=60) is not None
     jobs.finish_delivery(sessions, delivery_id, now=at + timedelta(seconds=2), objects_sent=2)
+
+
+def finish_checked(sessions: sessionmaker[Session], job_id: int, *, at: datetime, state: str,
+                   checks: dict[str, object], events: list[tuple[str, str]],
+                   results: list[jobs.ResultSpec] | None = None, deliveries: list[jobs.DeliverySpec] | None = None,
+                   summary: dict[str, object] | None = None, stages: dict[str, float] | None = None) -> list[int]:
+    """Claim and finish a job as the worker does after its checks (``state``: not_applicable, held, or
+    succeeded), with the checks' records and timeline events; returns the new delivery ids."""
+    stages = stages or {"load": 0.5, "applicability": 0.12}
+    assert jobs.claim_job(sessions, job_id, worker="gpu-1:42", now=at, lease_seconds=60) is not None
+    created = jobs.finish_job(sessions, job_id, now=at + timedelta(seconds=sum(stages.values())), stage_seconds=stages,
+                              summary=summary, results=results or [], deliveries=deliveries or [],
+                              delivery_max_attempts=2, state=state, checks=checks, events=events)
+    assert created is not None, f"job {job_id} was not running"
+    return created

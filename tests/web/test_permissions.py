@@ -55,9 +55,13 @@ POLICY: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/jobs/{job_id}"): V,
     ("POST", "/jobs/{job_id}/retry"): O,
     ("POST", "/jobs/{job_id}/cancel"): O,
+    ("POST", "/jobs/{job_id}/release"): O,
+    ("POST", "/jobs/{job_id}/discard"): O,
     ("POST", "/deliveries/{delivery_id}/retry"): O,
     ("POST", "/api/v1/jobs/{job_id}/retry"): O,
     ("POST", "/api/v1/jobs/{job_id}/cancel"): O,
+    ("POST", "/api/v1/jobs/{job_id}/release"): O,
+    ("POST", "/api/v1/jobs/{job_id}/discard"): O,
     ("POST", "/api/v1/deliveries/{delivery_id}/retry"): O,
     # routing rules: read by all, changed by admins. Testing a rule (stored or draft) makes the node read
     # and evaluate a study on demand: admins, the role that edits rules (issue 20).

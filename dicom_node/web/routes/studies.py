@@ -1,9 +1,11 @@
 """Studies, jobs and deliveries: the list and page of studies, their live timeline and preview, and the
-operator's actions (retry or cancel a job, re-send a delivery), as pages and as ``/api/v1``.
+operator's actions (retry or cancel a job, re-send a delivery, release or discard held results), as pages
+and as ``/api/v1``.
 
 Pages and API read through the same :mod:`dicom_node.db.study_views` functions and act
-through the same three action functions below, which check the state, change it with
-:mod:`dicom_node.db.jobs` and write the audit entry (before and after state).
+through the same action functions below, which check the state, change it with
+:mod:`dicom_node.db.jobs` (held results: :mod:`dicom_node.held_results`, shared with the
+CLI) and write the audit entry (before and after state).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dicom_node import held_results
 from dicom_node.db import jobs, study_views
 from dicom_node.db.models import DeliveryState, JobState, Role, StudyState
 from dicom_node.db.study_views import StudyFilters
+from dicom_node.spool import Spool
 from dicom_node.web.auth import Principal, audit_event, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
@@ -38,8 +42,9 @@ router = APIRouter(route_class=EncodedSlashRoute)
 _UID = Path(..., min_length=1, max_length=64, description="Study Instance UID")
 _DATE_PATTERN = r"^(\d{4}-?\d{2}-?\d{2})?$"
 StudyStateName = Literal["", "receiving", "complete", "routed", "ignored"]
-JobOutcomeName = Literal["", "in_progress", "done", "failed", "none"]
-JobStateName = Literal["", "queued", "running", "succeeded", "failed", "dead", "cancelled"]
+JobOutcomeName = Literal["", "in_progress", "done", "held", "failed", "none"]
+JobStateName = Literal["", "queued", "running", "succeeded", "failed", "dead", "cancelled", "not_applicable", "held",
+                       "released", "discarded"]
 _RETRYABLE_JOB = (JobState.FAILED.value, JobState.DEAD.value, JobState.CANCELLED.value)
 _CANCELLABLE_JOB = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value)
 _RETRYABLE_DELIVERY = (DeliveryState.FAILED.value, DeliveryState.DEAD.value)
@@ -66,7 +71,7 @@ class StudyItem(_Out):
     source_ae_titles: list[str] = Field(description="Calling AE titles of the associations that sent it")
     series_count: int
     instance_count: int
-    job_counts: dict[str, int] = Field(description="Jobs by state, e.g. {\"succeeded\": 2, \"dead\": 1}")
+    job_counts: dict[str, int] = Field(description="Jobs by state, e.g. {\"succeeded\": 2, \"held\": 1}")
     delivery_counts: dict[str, int] = Field(description="Deliveries by state")
     first_received_at: datetime
     last_received_at: datetime
@@ -132,6 +137,8 @@ class DeliveryOut(_Out):
     next_attempt_at: datetime | None
     delivered_at: datetime | None
     state_changed_at: datetime
+    kinds: list[str] | None = Field(None, description="The result kinds it carries: [\"NOTICE\"] for the "
+                                    "'AI analysis not performed' SR alone; null: the job's results")
 
 
 class JobOut(_Out):
@@ -140,7 +147,10 @@ class JobOut(_Out):
     series_instance_uid: str
     pipeline: str
     rule: str
-    state: str = Field(description="queued, running, succeeded, failed (to be retried), dead or cancelled")
+    state: str = Field(description="queued, running, succeeded, failed (to be retried), dead, cancelled, "
+                                   "not_applicable (the series is outside what the model was made for), held "
+                                   "(results judged implausible: kept, not sent), released (held results an "
+                                   "operator sent) or discarded (held results an operator threw away)")
     attempts: int
     max_attempts: int
     error: str | None
@@ -148,6 +158,12 @@ class JobOut(_Out):
     stage_seconds: dict[str, float] = Field(description="Seconds per stage of the last attempt "
                                                         "(load, model_load, inference, encoding, outbox)")
     summary: dict[str, Any] = Field(description="The findings: volumes_ml per segment, or detections")
+    checks: dict[str, Any] = Field(description="The worker's checks: applicability (before the model: applies, "
+                                   "reason_code, reason, header_regions, image_regions, checks [{name, passed, "
+                                   "detail}], seconds) and plausibility (after it: plausible, reasons, checks, "
+                                   "seconds); {} before the job ran")
+    outcome_reason: str | None = Field(description="not_applicable: why the model did not apply; held, released "
+                                       "or discarded: what the result broke; null otherwise")
     created_at: datetime
     queued_at: datetime
     started_at: datetime | None
@@ -226,7 +242,7 @@ class StudyOut(_Out):
 
 
 class ActionOut(BaseModel):
-    """What a retry, cancel or re-send did."""
+    """What a retry, cancel, re-send, release or discard did."""
 
     kind: Literal["job", "delivery"]
     id: int
@@ -268,8 +284,10 @@ def study_filters(
     date_to: str | None = Query(None, max_length=10, pattern=_DATE_PATTERN, description="Study date to, inclusive"),
     state: StudyStateName | None = Query(None, description="Study state"),
     jobs: JobOutcomeName | None = Query(
-        None, description="in_progress: a job or delivery not finished; done: every job succeeded and every "
-                          "delivery arrived; failed: a job or delivery failed or is dead; none: no job"),
+        None, description="in_progress: a job or delivery not finished; done: every job finished (succeeded, "
+                          "not applicable, released, discarded or cancelled) and every delivery arrived; held: a "
+                          "job's results wait for an operator (release or discard); failed: a job or delivery "
+                          "failed or is dead; none: no job"),
     modality: str | None = Query(None, max_length=16, description="Has a series of this modality (CT, MR, ...)"),
     source_ae: str | None = Query(None, max_length=16, description="Sent by this calling AE title"),
 ) -> StudyFilters:
@@ -364,6 +382,61 @@ def retry_delivery_action(
                              f"(it was {found.state})"), found.study_instance_uid
 
 
+def _held_or_409(context: WebContext, job_id: int, verb: str) -> study_views.JobRow:
+    job = _known_job(context, job_id)
+    if job.state != JobState.HELD.value:
+        raise ActionRefused(409, f"job {job_id} is {job.state}; only held jobs can be {verb}", job.state,
+                            job.study_instance_uid)
+    return job
+
+
+def _refused_now(context: WebContext, job: study_views.JobRow, verb: str) -> ActionRefused:
+    """The refusal when a job stopped being held between the check and the change (another operator acted)."""
+    current = _known_job(context, job.id).state
+    return ActionRefused(409, f"job {job.id} is {current}; only held jobs can be {verb}", current,
+                         job.study_instance_uid)
+
+
+def release_job_action(context: WebContext, request: Request, principal: Principal,
+                       job_id: int) -> tuple[ActionOut, str]:
+    """Send a held job's results to its destinations after all (the node's next sweep sends them)."""
+    job = _held_or_409(context, job_id, "released")
+    released = held_results.release_held(context.sessions, job_id, now=context.clock(), by=principal.username,
+                                         delivery_max_attempts=context.settings.delivery.max_attempts)
+    if released is None:
+        raise _refused_now(context, job, "released")
+    after = _known_job(context, job_id)
+    to = ", ".join(released.destinations) or "no destination (none is configured for it now)"
+    audit_event(context, request, principal, "job.release", target_kind="job", target=str(job_id),
+                before={**_job_facts(job), "reasons": job.outcome_reason},
+                after={**_job_facts(after), "destinations": released.destinations,
+                       "deliveries": released.delivery_ids},
+                detail=f"{job.pipeline} on series {job.series_instance_uid} of study {job.study_instance_uid}: "
+                       f"held results released to {to}")
+    return ActionOut(kind="job", id=job_id, action="release", before=job.state, after=after.state,
+                     message=f"job {job_id}: held results released to {to} (it was {job.state})"), \
+        job.study_instance_uid
+
+
+def discard_job_action(context: WebContext, request: Request, principal: Principal,
+                       job_id: int) -> tuple[ActionOut, str]:
+    """Throw a held job's results away (their outbox files too); a notice already sent stays."""
+    job = _held_or_409(context, job_id, "discarded")
+    outbox = Spool(context.settings.outbox_dir, fsync=context.settings.storage.fsync)
+    if not held_results.discard_held(context.sessions, outbox, job_id, now=context.clock(), by=principal.username):
+        raise _refused_now(context, job, "discarded")
+    after = _known_job(context, job_id)
+    thrown = [r.kind for r in job.results if r.kind != jobs.NOTICE_KIND]
+    audit_event(context, request, principal, "job.discard", target_kind="job", target=str(job_id),
+                before={**_job_facts(job), "reasons": job.outcome_reason, "results": thrown},
+                after={**_job_facts(after), "results": [r.kind for r in after.results]},
+                detail=f"{job.pipeline} on series {job.series_instance_uid} of study {job.study_instance_uid}: "
+                       f"held results discarded ({', '.join(thrown) or 'no result objects'})")
+    return ActionOut(kind="job", id=job_id, action="discard", before=job.state, after=after.state,
+                     message=f"job {job_id}: held results discarded, nothing will be sent (it was {job.state})"), \
+        job.study_instance_uid
+
+
 #: An action: (context, request, principal, job or delivery id) -> (what it did, the study's UID).
 Action = Callable[[WebContext, Request, Principal, int], tuple[ActionOut, str]]
 
@@ -383,6 +456,11 @@ _NOTICES = {
     ("job", "retry", False): "Job {id} was not retried: it is {was}; only failed, dead or cancelled jobs can be.",
     ("job", "cancel", False): "Job {id} was not cancelled: it is {was}; only queued, running or failed jobs can be.",
     ("delivery", "retry", False): "Delivery {id} was not re-sent: it is {was}; only failed or dead deliveries can be.",
+    ("job", "release", True): "Job {id}: its held results were released; the node sends them at its next sweep "
+                              "(it was {was}).",
+    ("job", "discard", True): "Job {id}: its held results were discarded; nothing will be sent (it was {was}).",
+    ("job", "release", False): "Job {id} was not released: it is {was}; only held jobs can be.",
+    ("job", "discard", False): "Job {id} was not discarded: it is {was}; only held jobs can be.",
 }
 _STATE_NAMES = frozenset(s.value for s in JobState) | frozenset(s.value for s in DeliveryState)
 
@@ -539,6 +617,22 @@ def cancel_job_page(
     return _page_action(cancel_job_action, "job", "cancel", context, request, principal, job_id)
 
 
+@router.post("/jobs/{job_id}/release", include_in_schema=False)
+def release_job_page(
+    request: Request, job_id: int, principal: Principal = Depends(require(Role.OPERATOR)),
+    context: WebContext = Depends(get_context),
+) -> Response:
+    return _page_action(release_job_action, "job", "release", context, request, principal, job_id)
+
+
+@router.post("/jobs/{job_id}/discard", include_in_schema=False)
+def discard_job_page(
+    request: Request, job_id: int, principal: Principal = Depends(require(Role.OPERATOR)),
+    context: WebContext = Depends(get_context),
+) -> Response:
+    return _page_action(discard_job_action, "job", "discard", context, request, principal, job_id)
+
+
 @router.post("/deliveries/{delivery_id}/retry", include_in_schema=False)
 def retry_delivery_page(
     request: Request, delivery_id: int, principal: Principal = Depends(require(Role.OPERATOR)),
@@ -629,6 +723,27 @@ def cancel_job_api(
 ) -> ActionOut:
     """Cancel a queued, running or failed job; a running attempt finishes on its worker but is discarded."""
     return _api_action(cancel_job_action, context, request, principal, job_id)
+
+
+@router.post("/api/v1/jobs/{job_id}/release", response_model=ActionOut, tags=["jobs"],
+             responses={404: {"description": "Unknown job"}, 409: {"description": "Not held"}})
+def release_job_api(
+    request: Request, job_id: int, principal: Principal = Depends(require(Role.OPERATOR)),
+    context: WebContext = Depends(get_context),
+) -> ActionOut:
+    """Send a held job's results (judged implausible) to its destinations after all; they go at the node's next
+    sweep. A destination that already had the job's 'AI analysis not performed' SR gets the results too."""
+    return _api_action(release_job_action, context, request, principal, job_id)
+
+
+@router.post("/api/v1/jobs/{job_id}/discard", response_model=ActionOut, tags=["jobs"],
+             responses={404: {"description": "Unknown job"}, 409: {"description": "Not held"}})
+def discard_job_api(
+    request: Request, job_id: int, principal: Principal = Depends(require(Role.OPERATOR)),
+    context: WebContext = Depends(get_context),
+) -> ActionOut:
+    """Throw a held job's results away (their files too); nothing of them is ever sent."""
+    return _api_action(discard_job_action, context, request, principal, job_id)
 
 
 @router.post("/api/v1/deliveries/{delivery_id}/retry", response_model=ActionOut, tags=["jobs"],
