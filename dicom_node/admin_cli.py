@@ -69,6 +69,7 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
             destination = DicomDestination(
                 name=args.name, ae_title=args.ae_title, host=args.host, port=args.port, default=args.default,
                 outputs=frozenset(o.strip().upper() for o in args.outputs.split(",") if o.strip()),
+                not_performed=args.not_performed,
             )
         except ValidationError as exc:
             print(f"dicom-node: invalid destination {args.name!r}: {exc}", file=sys.stderr)
@@ -109,10 +110,12 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
     if not listed:
         print("no destinations; add one with `dicom-node destinations add NAME --ae-title T --host H --port P --default`")
         return 0
-    print(f"{'NAME':<20} {'TYPE':<9} {'DEFAULT':<7} {'OUTPUTS':<13} ADDRESS")
+    print(f"{'NAME':<20} {'TYPE':<9} {'DEFAULT':<7} {'OUTPUTS':<13} {'NOT PERFORMED':<13} ADDRESS")
     for d in listed:
         address = f"{d.ae_title}@{d.host}:{d.port}" if d.type == "dicom" else d.url  # type: ignore[union-attr]
-        print(f"{d.name:<20} {d.type:<9} {'yes' if d.default else 'no':<7} {','.join(sorted(d.outputs)):<13} {address}")
+        notice = "SR" if d.not_performed == "sr" else "nothing"
+        print(f"{d.name:<20} {d.type:<9} {'yes' if d.default else 'no':<7} {','.join(sorted(d.outputs)):<13} "
+              f"{notice:<13} {address}")
     return 0
 
 
@@ -265,32 +268,96 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
         _audit(sessions, "delivery.retry", "delivery", str(args.delivery_id), after={"state": "failed", "attempts": 0})
         print(f"delivery {args.delivery_id} will be sent again (the running node sends it within a second)")
         return 0
-    listed = study_views.list_jobs(sessions, limit=args.limit, study_instance_uid=args.study).items
+    if args.sub in ("release", "discard"):
+        return _held_job(settings, sessions, args.sub, args.job_id)
+    listed = study_views.list_jobs(sessions, state=args.state, limit=args.limit, study_instance_uid=args.study).items
     if args.json:
         print(json.dumps([
             {"id": j.id, "study_instance_uid": j.study_instance_uid, "series_instance_uid": j.series_instance_uid,
              "pipeline": j.pipeline, "rule": j.rule, "state": j.state, "attempts": j.attempts,
              "max_attempts": j.max_attempts, "error": j.error, "stage_seconds": j.stage_seconds,
-             "summary": j.summary, "queued_at": j.queued_at.isoformat(),
+             "summary": j.summary, "checks": j.checks, "outcome_reason": j.outcome_reason,
+             "queued_at": j.queued_at.isoformat(),
              "started_at": j.started_at.isoformat() if j.started_at else None,
              "finished_at": j.finished_at.isoformat() if j.finished_at else None,
              "deliveries": [{"id": d.id, "destination": d.destination, "state": d.state, "attempts": d.attempts,
-                             "error": d.error} for d in j.deliveries]}
+                             "error": d.error, "kinds": list(d.kinds) if d.kinds is not None else None}
+                            for d in j.deliveries]}
             for j in listed
         ], indent=2))
         return 0
     if not listed:
-        print("no jobs yet")
+        print(f"no {args.state} jobs" if args.state else "no jobs yet")
     for j in listed:
-        deliveries = ", ".join(f"{d.destination}: {d.state} (delivery {d.id})" for d in j.deliveries) or "no deliveries"
-        print(f"{j.id:>5} {j.state:<10} {j.pipeline:<24} attempts {j.attempts}/{j.max_attempts}  {deliveries}")
+        deliveries = ", ".join(f"{d.destination}: {d.state} (delivery {d.id}{', notice' if d.notice_only else ''})"
+                               for d in j.deliveries) or "no deliveries"
+        print(f"{j.id:>5} {j.state:<14} {j.pipeline:<24} attempts {j.attempts}/{j.max_attempts}  {deliveries}")
         print(f"      study {j.study_instance_uid} series {j.series_instance_uid}")
         if j.error:
             print(f"      error: {j.error}")
+        for line in _outcome_lines(j):
+            print(f"      {line}")
         for d in j.deliveries:
             if d.error and d.state != "delivered":
                 print(f"      delivery {d.id} to {d.destination}: {d.error}")
     return 0
+
+
+def _outcome_lines(job: study_views.JobRow) -> list[str]:
+    """What ``jobs list`` says under a job that was not applicable or held: the reason from its checks."""
+    reason = job.outcome_reason
+    if job.state == "not_applicable":
+        return [f"not applicable: {reason or 'the model was not made for this series'}"]
+    if job.state == "held":
+        return [f"HELD, not sent: {reason or 'judged implausible'}",
+                f"(send anyway: dicom-node jobs release {job.id}; throw away: dicom-node jobs discard {job.id})"]
+    if job.state in ("released", "discarded") and reason:
+        return [f"{job.state} by an operator; it had been held for: {reason}"]
+    return []
+
+
+def _held_job(settings: Settings, sessions: sessionmaker[Session], action: str, job_id: int) -> int:
+    """Release (send after all) or discard a held job's results, as the web page does; audited as ``cli``."""
+    from dicom_node import held_results
+    from dicom_node.spool import Spool
+
+    verb = {"release": "released", "discard": "discarded"}[action]
+    job = study_views.get_job(sessions, job_id)
+    if job is None:
+        print(f"dicom-node: job {job_id} does not exist", file=sys.stderr)
+        return 1
+    if job.state != "held":
+        print(f"dicom-node: job {job_id} is {job.state}; only held jobs can be {verb}", file=sys.stderr)
+        return 1
+    before = {"state": job.state, "attempts": job.attempts, "max_attempts": job.max_attempts, "error": job.error,
+              "reasons": job.outcome_reason}
+    where = f"{job.pipeline} on series {job.series_instance_uid} of study {job.study_instance_uid}"
+    if action == "release":
+        released = held_results.release_held(sessions, job_id, now=_now(), by="cli",
+                                             delivery_max_attempts=settings.delivery.max_attempts)
+        if released is None:
+            return _no_longer_held(sessions, job_id, verb)
+        to = ", ".join(released.destinations) or "no destination (none is configured for it now)"
+        _audit(sessions, "job.release", "job", str(job_id), before=before,
+               after={**before, "state": "released", "destinations": released.destinations,
+                      "deliveries": released.delivery_ids}, detail=f"{where}: held results released to {to}")
+        print(f"job {job_id}: held results released to {to} (the running node sends them within a second)")
+        return 0
+    thrown = [r.kind for r in job.results if r.kind != jobs.NOTICE_KIND]
+    outbox = Spool(settings.outbox_dir, fsync=settings.storage.fsync)
+    if not held_results.discard_held(sessions, outbox, job_id, now=_now(), by="cli"):
+        return _no_longer_held(sessions, job_id, verb)
+    _audit(sessions, "job.discard", "job", str(job_id), before={**before, "results": thrown},
+           after={**before, "state": "discarded", "results": []},
+           detail=f"{where}: held results discarded ({', '.join(thrown) or 'no result objects'})")
+    print(f"job {job_id}: held results discarded ({', '.join(thrown) or 'no result objects'}); nothing will be sent")
+    return 0
+
+
+def _no_longer_held(sessions: sessionmaker[Session], job_id: int, verb: str) -> int:
+    now = study_views.get_job(sessions, job_id)
+    print(f"dicom-node: job {job_id} is {now.state if now else 'gone'}; only held jobs can be {verb}", file=sys.stderr)
+    return 1
 
 
 def _models(settings: Settings, args: argparse.Namespace) -> int:

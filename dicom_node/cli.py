@@ -28,6 +28,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from dicom_node.db.models import JobState
+
     parser = argparse.ArgumentParser(prog="dicom-node", description="DICOM AI node")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -63,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     dest_add.add_argument("--port", type=int, required=True)
     dest_add.add_argument("--default", action="store_true", help="receives the results of default rules")
     dest_add.add_argument("--outputs", default="SEG,SR,GSPS", help="objects it receives (default SEG,SR,GSPS)")
+    dest_add.add_argument("--not-performed", choices=("none", "sr"), default="none",
+                          help="when a model declines a study or its result is held: send nothing (none, the "
+                               "default) or an 'AI analysis not performed' SR with the reason (sr)")
     dest_list = dest_commands.add_parser("list", help="list destinations")
     _common(dest_list)
     dest_list.add_argument("--json", action="store_true")
@@ -96,10 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     _common(jobs_list)
     jobs_list.add_argument("--json", action="store_true")
     jobs_list.add_argument("--study", help="only this Study Instance UID")
+    jobs_list.add_argument("--state", choices=[s.value for s in JobState],
+                           help="only jobs in this state (held: results waiting for an operator)")
     jobs_list.add_argument("--limit", type=int, default=100)
     jobs_retry = job_commands.add_parser("retry", help="run a failed or dead job again")
     _common(jobs_retry)
     jobs_retry.add_argument("job_id", type=int)
+    jobs_release = job_commands.add_parser(
+        "release", help="send a held job's results (judged implausible) to its destinations after all")
+    _common(jobs_release)
+    jobs_release.add_argument("job_id", type=int)
+    jobs_discard = job_commands.add_parser(
+        "discard", help="throw a held job's results away (their files too); nothing of them is sent")
+    _common(jobs_discard)
+    jobs_discard.add_argument("job_id", type=int)
     deliveries_retry = job_commands.add_parser("retry-delivery", help="send a failed or dead delivery again")
     _common(deliveries_retry)
     deliveries_retry.add_argument("delivery_id", type=int)
@@ -169,7 +184,7 @@ def _db_upgrade(settings: Settings) -> int:
 
 
 def _studies(settings: Settings, as_json: bool, limit: int) -> int:
-    from dicom_node.db import repo
+    from dicom_node.db import repo, study_views
     from dicom_node.db.session import current_revision, head_revision, make_engine, make_session_factory
 
     engine = make_engine(settings.resolved_database_url)
@@ -181,7 +196,9 @@ def _studies(settings: Settings, as_json: bool, limit: int) -> int:
             file=sys.stderr,
         )
         return 1
-    studies = repo.list_studies(make_session_factory(engine), limit=limit)
+    sessions = make_session_factory(engine)
+    studies = repo.list_studies(sessions, limit=limit)
+    job_counts = study_views.job_counts_by_study(sessions, [s.study_instance_uid for s in studies])
     if as_json:
         rows = [
             {
@@ -197,6 +214,7 @@ def _studies(settings: Settings, as_json: bool, limit: int) -> int:
                 "first_received_at": s.first_received_at.isoformat(),
                 "last_received_at": s.last_received_at.isoformat(),
                 "completed_at": s.completed_at.isoformat() if s.completed_at else None,
+                "jobs": job_counts.get(s.study_instance_uid, {}),
             }
             for s in studies
         ]
@@ -205,15 +223,35 @@ def _studies(settings: Settings, as_json: bool, limit: int) -> int:
     if not studies:
         print("no studies received yet")
         return 0
-    header = f"{'STATE':<10} {'SERIES':>6} {'IMAGES':>7} {'MOD':<8} {'FIRST RECEIVED (UTC)':<20} {'COMPLETED (UTC)':<20} STUDY INSTANCE UID"
+    header = (f"{'STATE':<10} {'SERIES':>6} {'IMAGES':>7} {'MOD':<8} {'FIRST RECEIVED (UTC)':<20} "
+              f"{'COMPLETED (UTC)':<20} {'JOBS':<24} STUDY INSTANCE UID")
     print(header)
     for s in studies:
         completed = f"{s.completed_at:%Y-%m-%d %H:%M:%S}" if s.completed_at else "-"
+        counts = job_counts.get(s.study_instance_uid, {})
         print(
             f"{s.state:<10} {s.series_count:>6} {s.instance_count:>7} {s.modalities[:8]:<8} "
-            f"{s.first_received_at:%Y-%m-%d %H:%M:%S}  {completed:<20} {s.study_instance_uid}"
+            f"{s.first_received_at:%Y-%m-%d %H:%M:%S}  {completed:<20} {_job_summary(counts):<24} "
+            f"{s.study_instance_uid}"
         )
+    held = sum(1 for s in studies if job_counts.get(s.study_instance_uid, {}).get("held"))
+    if held:
+        print(f"\n{held} study(ies) have results HELD (judged implausible, not sent) waiting for an operator: "
+              "see `dicom-node jobs list --state held`, then `dicom-node jobs release|discard JOB_ID`")
     return 0
+
+
+#: Job states in the order ``studies`` lists them: what needs a person first.
+_JOB_STATE_ORDER = ("held", "dead", "failed", "running", "queued", "succeeded", "released", "not_applicable",
+                    "discarded", "cancelled")
+
+
+def _job_summary(counts: dict[str, int]) -> str:
+    """"1 held, 2 succeeded" (held and dead in capitals: they need a person), "-" without jobs."""
+    order = {state: i for i, state in enumerate(_JOB_STATE_ORDER)}
+    parts = [f"{n} {state.upper() if state in ('held', 'dead') else state.replace('_', ' ')}"
+             for state, n in sorted(counts.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))]
+    return ", ".join(parts) or "-"
 
 
 def main(argv: list[str] | None = None) -> int:
