@@ -37,8 +37,8 @@ from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
 from dicom_node.web.routes.rules import FieldError, FormData, invalid_response, submitted_form
 
-__all__ = ["MASK", "TestOutcome", "merge_secrets", "redacted", "router", "secret_moved", "test_destination",
-           "validate_destination"]
+__all__ = ["MASK", "NOT_PERFORMED_CHOICES", "TestOutcome", "merge_secrets", "redacted", "router", "secret_moved",
+           "test_destination", "validate_destination"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +54,12 @@ _DESTINATION = TypeAdapter(Destination)
 _KINDS = ("dicom", "dicomweb")
 _AUTH_KINDS = ("none", "basic", "bearer")
 _OUTPUTS = sorted(ALL_OUTPUTS)
+#: The choices of ``not_performed`` as the form offers them: (value, label).
+NOT_PERFORMED_CHOICES = (("none", "nothing"), ("sr", "'AI analysis not performed' SR"))
 
 #: Form inputs that have an error slot of their own; other errors go to the top of the form.
 _FORM_KEYS = frozenset({
-    "name", "type", "default", "outputs", "timeout_seconds", "ae_title", "host", "port", "calling_ae_title", "max_pdu",
+    "name", "type", "default", "outputs", "not_performed", "timeout_seconds", "ae_title", "host", "port", "calling_ae_title", "max_pdu",
     "tls", "tls-ca_certificates", "tls-certificate", "tls-private_key", "tls-check_hostname", "url", "auth",
     "auth-type", "auth-username", "auth-password", "auth-token", "verify_tls", "ca_certificates",
 })
@@ -302,12 +304,13 @@ class DestinationForm:
     @classmethod
     def blank(cls, kind: str) -> "DestinationForm":
         checks = {"tls-check_hostname", "verify_tls"}
-        return cls(kind=kind, values={"timeout_seconds": "30", "max_pdu": "1048576", "auth-type": "none"},
-                   checks=checks)
+        return cls(kind=kind, values={"timeout_seconds": "30", "max_pdu": "1048576", "auth-type": "none",
+                                      "not_performed": "none"}, checks=checks)
 
     @classmethod
     def from_destination(cls, destination: Destination) -> "DestinationForm":
-        values = {"name": destination.name, "timeout_seconds": f"{destination.timeout_seconds:g}"}
+        values = {"name": destination.name, "timeout_seconds": f"{destination.timeout_seconds:g}",
+                  "not_performed": destination.not_performed}
         checks = {"default"} if destination.default else set()
         secrets: dict[str, bool] = {}
         if isinstance(destination, DicomDestination):
@@ -344,7 +347,7 @@ def parse_destination_form(form: FormData, *, kind: str, name: str | None,
         return (form.get(key) or [""])[0].strip()
 
     state = DestinationForm(kind=kind, outputs={o for o in form.get("outputs", []) if o})
-    keys = ["name", "timeout_seconds"] + (
+    keys = ["name", "timeout_seconds", "not_performed"] + (
         ["ae_title", "host", "port", "calling_ae_title", "max_pdu", "tls-ca_certificates", "tls-certificate",
          "tls-private_key"] if kind == "dicom" else ["url", "auth-type", "auth-username", "ca_certificates"])
     state.values = {key: text(key) for key in keys}
@@ -355,7 +358,7 @@ def parse_destination_form(form: FormData, *, kind: str, name: str | None,
         state.stored_secret = {"password": hasattr(stored.auth, "password"), "token": hasattr(stored.auth, "token")}
     v = state.values
     data: dict[str, Any] = {"type": kind, "name": v["name"], "default": "default" in state.checks,
-                            "outputs": sorted(state.outputs)}
+                            "outputs": sorted(state.outputs), "not_performed": v["not_performed"] or "none"}
     if v["timeout_seconds"]:
         data["timeout_seconds"] = v["timeout_seconds"]
     if kind == "dicom":
@@ -395,6 +398,7 @@ def _form_page(request: Request, context: WebContext, state: DestinationForm, *,
     used_by = config_repo.rules_using_destination(context.sessions, original) if original else []
     return render(request, "destination_form.html", status_code=status_code, form=state, original=original,
                   record=record, test=test, stats=stats, used_by=used_by, all_outputs=_OUTPUTS,
+                  not_performed_choices=NOT_PERFORMED_CHOICES,
                   calling_ae_title=context.settings.delivery.calling_ae_title or context.settings.dicom.ae_title)
 
 
