@@ -9,14 +9,15 @@ are complete (landmark organ wholly in the field of view), the truth, the survey
   that cut the lungs; air around; upsampled to 300x512x512 for the timing that matters);
 * the real InVesalius head CT (``invesalius-examples``), whole and cut at either end;
 * the same volumes re-acquired feet-first, sagittal and coronal (same answer expected);
-* crude synthetic anatomy (two thighs; head on a neck on a chest phantom);
+* crude synthetic anatomy (two thighs; head on a neck on a chest phantom; that upper body on an
+  abdomen, a pelvis and thighs);
 * a constant volume, a non-CT, and pydicom's own test files (single-slice CT, MR, an
   enhanced multi-frame CT when ``--pydicom-data`` points at pydicom-data's files);
 * ``--atlas PATH``: TotalSegmentator's 1 mm CT brain template (a skull-stripped brain on a 0 HU
   background), read with nibabel when it is importable.
 
     python bench/body_regions.py [--repeat 3] [--seeds 5] [--atlas ct_brain_atlas_1mm.nii.gz]
-                                 [--pydicom-data DIR]
+                                 [--pydicom-data DIR] [--evidence] [--margin-seeds 20]
 
 Why: the check runs before every model; it must be right on what we have and cost well
 under a second on a full-size CT (the aim: under 0.3 s on one core).
@@ -47,6 +48,7 @@ from tests.unit.workers.body_region_volumes import (  # noqa: E402
     padded_with_air,
     reoriented,
     volume_from_array,
+    whole_body_volume,
     with_modality,
 )
 from workers.body_regions import survey_body_regions  # noqa: E402
@@ -99,6 +101,8 @@ def cases(work: Path, seeds: int, atlas: Path | None, pydicom_data: Path | None)
     yield ("head CT in 2x the field of view (air around)", "head, complete", lambda: padded_with_air(head(), 128))
     yield ("synthetic: head CT on a neck on a chest phantom", "head, neck, chest (complete)",
            lambda: head_neck_chest_volume(head(), chest_phantom((96, 160, 160), (2.5, 2.2, 2.2), 0)))
+    yield ("synthetic: thighs, pelvis, abdomen, chest phantom, neck, head CT", "every region, whole_body",
+           lambda: whole_body_volume(head(), chest_phantom((96, 160, 160), (2.5, 2.2, 2.2), 0)))
     yield ("synthetic: two thighs, no trunk", "extremities", legs_volume)
     yield ("constant 0 HU volume 40x64x64", "nothing", lambda: volume_from_array(np.zeros((40, 64, 64)), (5, 5, 5)))
     yield ("air only (-1000 HU) 40x64x64", "nothing",
@@ -151,17 +155,38 @@ def atlas_volume(path: Path, background: float | None) -> Volume:
     return volume_from_array(array, (float(zooms[2]), float(zooms[1]), float(zooms[0])), axes=axes)
 
 
-def describe(volume: Volume, repeat: int) -> tuple[str, str, float]:
+def describe(volume: Volume, repeat: int) -> tuple[str, str, float, str]:
+    """(regions decided, completeness, median seconds, notes) of ``repeat`` surveys of ``volume``."""
     times = []
     for _ in range(repeat):
         survey = survey_body_regions(volume)
         times.append(survey.seconds)
+    notes = "; ".join(survey.notes)
     if not survey.available:
-        return "not judged: " + "; ".join(survey.notes), "-", statistics.median(times)
+        return "not judged", "-", statistics.median(times), notes
     regions = ", ".join(r.region for r in survey.regions) or "none"
     complete = ", ".join(f"{r.region} {'yes' if r.complete else 'no'}" for r in survey.regions
                          if r.complete is not None) or "-"
-    return regions, complete, statistics.median(times)
+    return regions, complete, statistics.median(times), notes
+
+
+def phantom_margins(seeds: int) -> None:
+    """Whether the default training phantom shows both lungs wholly in the field of view, per seed:
+    the lungs' extent in the label map against the grid, and the survey's verdict."""
+    from training.phantoms.chest import LUNG, NODULE, PhantomConfig, generate_chest_phantom
+
+    print(f"\ndefault chest phantom {PhantomConfig().shape} @ {PhantomConfig().spacing_mm} mm, {seeds} seeds: "
+          "lung margins from the label map (slices below / above, columns left / right, rows front / back)")
+    for seed in range(seeds):
+        phantom = generate_chest_phantom(PhantomConfig(), seed=seed)
+        lung = (phantom.labels == LUNG) | (phantom.labels == NODULE)
+        nz, ny, nx = lung.shape
+        z, y, x = (np.nonzero(lung.any(axis=axes))[0] for axes in ((1, 2), (0, 2), (0, 1)))
+        survey = survey_body_regions(volume_from_array(phantom.volume_hu, phantom.spacing_mm))
+        chest = survey.region("chest")
+        print(f"  seed {seed:2d}: z {z[0]} / {nz - 1 - z[-1]}, x {x[0]} / {nx - 1 - x[-1]}, "
+              f"y {y[0]} / {ny - 1 - y[-1]}; "
+              f"survey: {'chest complete' if chest and chest.complete else chest.evidence if chest else 'no chest'}")
 
 
 def main() -> None:
@@ -171,9 +196,11 @@ def main() -> None:
     parser.add_argument("--atlas", type=Path, help="TotalSegmentator's ct_brain_atlas_1mm.nii.gz")
     parser.add_argument("--pydicom-data", type=Path, help="the data folder of the pydicom-data package")
     parser.add_argument("--evidence", action="store_true", help="also print each region's evidence")
+    parser.add_argument("--margin-seeds", type=int, default=0,
+                        help="also check the default training phantom's lung margins over this many seeds")
     args = parser.parse_args()
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; {os.cpu_count()} CPUs")
-    print(f"{'volume':<62} | {'truth':<28} | {'regions decided':<24} | {'complete':<18} | {'ms':>6} | load")
+    print(f"{'volume':<62} | {'truth':<28} | {'regions decided':<24} | {'complete':<18} | {'ms':>6} | load | notes")
     with tempfile.TemporaryDirectory(prefix="bench-body-regions-") as tmp:
         for name, truth, make in cases(Path(tmp), args.seeds, args.atlas, args.pydicom_data):
             try:
@@ -181,13 +208,15 @@ def main() -> None:
             except (OSError, VolumeError, ValueError, ImportError) as exc:
                 print(f"{name:<62} | {truth:<28} | cannot load: {type(exc).__name__}: {exc}")
                 continue
-            regions, complete, seconds = describe(volume, args.repeat)
+            regions, complete, seconds, notes = describe(volume, args.repeat)
             print(f"{name:<62} | {truth:<28} | {regions:<24} | {complete:<18} | {seconds * 1000:6.0f} | "
-                  f"{os.getloadavg()[0]:.2f}")
+                  f"{os.getloadavg()[0]:.2f}" + (f" | {notes}" if notes else ""))
             if args.evidence:
                 survey = survey_body_regions(volume)
                 for line in survey.image_regions().evidence:
                     print(f"    {line}")
+    if args.margin_seeds:
+        phantom_margins(args.margin_seeds)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,10 @@ logger = logging.getLogger(__name__)
 
 #: Target edge (mm) of a survey voxel: each axis is read with the stride closest to it.
 SURVEY_VOXEL_MM = 5.0
-#: At most this many survey cells along any axis (the stride grows instead).
+#: At most this many survey cells along an in-plane axis, and levels along the superior-inferior
+#: axis (the stride grows instead).
 MAX_CELLS = 128
+MAX_LEVELS = 256
 #: Fewer survey levels than this along the superior-inferior axis: the image is not judged.
 MIN_LEVELS = 5
 #: Fewer survey cells than this across a level (either in-plane axis): not judged.
@@ -104,9 +106,10 @@ FACE_MM = 60.0
 CRANIAL_END_FRACTION = 0.1
 #: Pelvis: bone denser than this ...
 PELVIS_BONE_HU = 200.0
-#: ... covering at least this (cm^2) on each side, outside the middle third of the body (iliac wings,
-#: acetabula and femoral heads; the spine lies in the middle third) ...
-PELVIS_SIDE_CM2 = 8.0
+#: ... in one piece of at least this (cm^2) on each side, outside the middle third of the body (iliac
+#: wings, acetabula and femoral heads: 10-30 cm2; a rib cut obliquely in the upper abdomen: < 7 cm2;
+#: the spine lies in the middle third) ...
+PELVIS_SIDE_CM2 = 10.0
 #: ... at least this far (mm) below the lungs' base, when the volume shows lungs.
 PELVIS_BELOW_LUNG_MM = 80.0
 #: Minimum extents (mm) for the best-effort regions to be reported.
@@ -225,13 +228,15 @@ def survey_body_regions(volume: Volume) -> BodyRegionSurvey:
 
 def survey_step(volume: Volume) -> tuple[int, int, int]:
     """Strides that read ``volume`` at about :data:`SURVEY_VOXEL_MM` per axis (at least 1), and
-    coarser where an axis would otherwise have more than :data:`MAX_CELLS` cells (a wide field
-    of view on coarse pixels) so the cost stays bounded."""
+    coarser where an in-plane axis would have more than :data:`MAX_CELLS` cells (a wide field of
+    view on coarse pixels) or the superior-inferior axis more than :data:`MAX_LEVELS` levels,
+    so the cost stays bounded."""
+    si = int(np.argmax(np.abs(np.asarray(volume.axes, dtype=np.float64)[:, 2])))
     steps = []
-    for spacing, size in zip(volume.spacing_mm, volume.array.shape):
+    for axis, (spacing, size) in enumerate(zip(volume.spacing_mm, volume.array.shape)):
         s = float(spacing)
         step = max(1, round(SURVEY_VOXEL_MM / s)) if math.isfinite(s) and s > 0 else 1
-        steps.append(max(step, -(-int(size) // MAX_CELLS)))
+        steps.append(max(step, -(-int(size) // (MAX_LEVELS if axis == si else MAX_CELLS))))
     return (steps[0], steps[1], steps[2])
 
 
@@ -343,8 +348,15 @@ class _Frame:
 
 def _fill_holes_per_level(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
     """``mask`` with every in-plane hole filled, level by level (one labelling for all levels)."""
-    background, _ = ndimage.label(~mask, structure=_CROSS)
-    return ~np.isin(background, _border_labels(background))
+    background, count = ndimage.label(~mask, structure=_CROSS)
+    return ~_lookup(count, _border_labels(background))[background]
+
+
+def _lookup(count: int, labels: npt.NDArray[np.int32]) -> npt.NDArray[np.bool_]:
+    """A table over label values 0..count, True at ``labels`` (indexing with it beats np.isin)."""
+    table = np.zeros(count + 1, dtype=bool)
+    table[labels] = True
+    return table
 
 
 def _border_labels(labels: npt.NDArray[np.int32]) -> npt.NDArray[np.int32]:
@@ -393,7 +405,7 @@ def _lungs(frame: _Frame, body: npt.NDArray[np.bool_], head: npt.NDArray[np.bool
     hu = frame.hu
     air, air_labels = _outside_air(frame)
     border = _border_labels(air_labels)
-    outside = np.isin(air_labels, border)
+    outside = _lookup(int(air_labels.max()), border)[air_labels]
     enclosed = air & ~outside & body & ~head[:, None, None]
     labels, count = ndimage.label(enclosed)
     rejected: list[dict[str, float]] = []
@@ -500,9 +512,7 @@ def _lung_like_outside(hu: npt.NDArray[np.float32], air_labels: npt.NDArray[np.i
     mean = sums / np.maximum(counts, 1)
     lung_like = (mean >= LUNG_MEAN_HU) & (counts * cell_cm2 >= LUNG_LEVEL_CM2)
     lung_like[0] = False
-    is_border = np.zeros(n + 1, dtype=bool)
-    is_border[border] = True
-    return (lung_like & is_border)[air_labels]
+    return (lung_like & _lookup(n, border))[air_labels]
 
 
 def _midline_x(frame: _Frame, body: npt.NDArray[np.bool_], lungs: npt.NDArray[np.bool_]) -> float:
@@ -557,7 +567,7 @@ def _skull(frame: _Frame, body: npt.NDArray[np.bool_], body_cm2: npt.NDArray[np.
                 cavity_sd[level] = sd[label]
         cranial = _main_run((cavity_cm2 >= CRANIAL_MIN_CM2) & (body_cm2 <= HEAD_MAX_CM2), CRANIAL_GAP_LEVELS)
         if cranial.any():
-            skull_cells = np.isin(labels, np.nonzero(brain)[0]) & cranial[:, None, None]
+            skull_cells = brain[labels] & cranial[:, None, None]
             rim = ndimage.binary_dilation(skull_cells, structure=_CROSS, iterations=2)
             touches_edge = bool(rim[:, 0, :].any() or rim[:, -1, :].any() or rim[:, :, 0].any()
                                 or rim[:, :, -1].any() or (rim & (hu < OUTSIDE_FOV_HU)).any())
@@ -572,9 +582,24 @@ class _Profile:
     largest_cm2: npt.NDArray[np.float64]  # largest in-plane body component
     limbs: npt.NDArray[np.int64]  # in-plane body components of at least LIMB_MIN_CM2
     airway: npt.NDArray[np.bool_]  # enclosed air of airway size (not lung)
-    lateral_bone_cm2: npt.NDArray[np.float64]  # min over the two sides of bone outside the middle third
+    lateral_bone_cm2: npt.NDArray[np.float64]  # min over the two sides of the largest bone piece outside
+    # the body's middle third (the spine lies inside it)
     bone_cm2: npt.NDArray[np.float64]  # bone (> PELVIS_BONE_HU) inside the body
     fills_fov: npt.NDArray[np.bool_]  # the body covers the field of view: no outline to measure
+
+
+def _largest_piece_cm2(mask: npt.NDArray[np.bool_], cell_cm2: float) -> npt.NDArray[np.float64]:
+    """Per level, the area of the largest in-plane connected piece of ``mask``."""
+    labels, count = ndimage.label(mask, structure=_SQUARE)
+    largest = np.zeros(mask.shape[0])
+    if count:
+        sizes = np.bincount(labels.ravel(), minlength=count + 1) * cell_cm2
+        level_of = np.zeros(count + 1, dtype=np.int64)
+        for label, where in enumerate(ndimage.find_objects(labels), start=1):
+            if where is not None:
+                level_of[label] = where[0].start
+        np.maximum.at(largest, level_of[1:], sizes[1:])
+    return largest
 
 
 def _profile(frame: _Frame, body: npt.NDArray[np.bool_], lungs: npt.NDArray[np.bool_]) -> _Profile:
@@ -610,8 +635,8 @@ def _profile(frame: _Frame, body: npt.NDArray[np.bool_], lungs: npt.NDArray[np.b
         half[level] = (float(xs.max()) - float(xs.min())) / 2
     offset = frame.x_mm[None] - centre[:, None, None]
     third = (half / 3)[:, None, None]
-    left = (bone & (offset > third)).sum(axis=(1, 2)) * frame.cell_cm2
-    right = (bone & (offset < -third)).sum(axis=(1, 2)) * frame.cell_cm2
+    left = _largest_piece_cm2(bone & (offset > third), frame.cell_cm2)
+    right = _largest_piece_cm2(bone & (offset < -third), frame.cell_cm2)
     in_fov = (hu > OUTSIDE_FOV_HU).sum(axis=(1, 2))
     fills = body.sum(axis=(1, 2)) >= FILLED_FOV_FRACTION * np.maximum(in_fov, 1)
     return _Profile(body_cm2=body_cm2, largest_cm2=largest, limbs=limbs, airway=airway,
@@ -729,7 +754,7 @@ def _regions(frame: _Frame, skull: _Skull, head: npt.NDArray[np.bool_], lungs: _
       below the head or above the lungs, or, with neither, one holding an airway;
     * abdomen: trunk levels (largest component >= :data:`TRUNK_MIN_CM2`) below the lungs, at
       least :data:`ABDOMEN_MIN_MM` (above the pelvis); pelvis: trunk levels with
-      :data:`PELVIS_SIDE_CM2` of bone on each side, far enough below the lungs, to the bottom
+      a piece of :data:`PELVIS_SIDE_CM2` of bone on each side, far enough below the lungs, to the bottom
       of the trunk; without lungs or pelvis the remaining trunk is abdomen;
     * extremities: runs of at least :data:`EXTREMITY_MIN_MM` with body but no trunk, head or
       neck, holding bone on most levels (legs below the pelvis, a limb scanned alone);

@@ -56,7 +56,8 @@ def reoriented(volume: Volume, order: Sequence[int], flip: Sequence[bool] = (Fal
             index0[axis] = volume.array.shape[axis] - 1
     axes = np.array([volume.axes[axis] * (-1.0 if reverse else 1.0) for axis, reverse in zip(order, flip)])
     spacing = [volume.spacing_mm[axis] for axis in order]
-    return volume_from_array(array, spacing, axes=axes, origin_mm=volume.index_to_world(index0), modality=volume.modality)
+    return volume_from_array(array, spacing, axes=axes, origin_mm=volume.index_to_world(index0),
+                             modality=volume.modality)
 
 
 def cropped(volume: Volume, region: tuple[slice, slice, slice]) -> Volume:
@@ -106,40 +107,73 @@ def head_volume(out_dir: Path) -> Volume:
 
 def legs_volume(slices: int = 60, spacing_mm: float = 5.0, size: int = 96, pixel_mm: float = 4.5) -> Volume:
     """Two thighs (muscle, a fat rim, a femur with marrow) in air, axial, with no trunk: extremities."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) * pixel_mm
-    centre = (size - 1) * pixel_mm / 2
-    plane = np.full((size, size), -1000.0)
-    for side in (-1.0, 1.0):
-        r = np.hypot(xx - centre - side * 95.0, yy - centre)
-        plane[r < 80.0] = -100.0  # subcutaneous fat
-        plane[r < 68.0] = 50.0  # muscle
-        plane[r < 15.0] = 700.0  # cortical bone
-        plane[r < 9.0] = -50.0  # marrow
+    plane = _thighs(size, size, pixel_mm, pixel_mm)
     rng = np.random.default_rng(5)
     array = np.repeat(plane[None], slices, axis=0) + rng.normal(0.0, 15.0, (slices, size, size))
     return volume_from_array(array, (spacing_mm, pixel_mm, pixel_mm))
 
 
-def head_neck_chest_volume(head: Volume, phantom: ChestPhantom, neck_mm: float = 80.0) -> Volume:
-    """A crude upper body on the phantom's grid: its chest, a neck (a soft-tissue cylinder with a
-    vertebra and an airway) and the real head CT resampled on top, all axial head-first."""
+def _thighs(rows: int, columns: int, sy: float, sx: float) -> npt.NDArray[np.float64]:
+    yy, xx = np.mgrid[0:rows, 0:columns].astype(np.float64)
+    y, x = (yy - (rows - 1) / 2) * sy, (xx - (columns - 1) / 2) * sx
+    plane = np.full((rows, columns), -1000.0)
+    for side in (-1.0, 1.0):
+        r = np.hypot(x - side * 95.0, y)
+        plane[r < 80.0] = -100.0  # subcutaneous fat
+        plane[r < 68.0] = 50.0  # muscle
+        plane[r < 15.0] = 700.0  # cortical bone
+        plane[r < 9.0] = -50.0  # marrow
+    return plane
+
+
+def _upper_body(head: Volume, phantom: ChestPhantom, neck_mm: float) -> list[npt.NDArray[np.float32]]:
+    """The phantom's chest, a neck (a soft-tissue cylinder with a vertebra and an airway) and the real
+    head CT resampled on the phantom's grid, inferior to superior."""
     sz, sy, sx = phantom.spacing_mm
     nz, ny, nx = phantom.volume_hu.shape
     # The head on the phantom's grid: head axes are (superior, anterior, right), the phantom's
     # (superior, posterior, left); flip the in-plane axes and resample to the phantom's spacing.
     hu = np.asarray(head.array)[:, ::-1, ::-1]
-    factors = (head.spacing_mm[0] / sz, head.spacing_mm[1] / sy, head.spacing_mm[2] / sx)
-    small = ndimage.zoom(hu, factors, order=1)
+    small = ndimage.zoom(hu, (head.spacing_mm[0] / sz, head.spacing_mm[1] / sy, head.spacing_mm[2] / sx), order=1)
     head_block = np.full((small.shape[0], ny, nx), -1000.0, dtype=np.float32)
     oy, ox = (ny - small.shape[1]) // 2, (nx - small.shape[2]) // 2
-    head_block[:, max(oy, 0):max(oy, 0) + min(ny, small.shape[1]), max(ox, 0):max(ox, 0) + min(nx, small.shape[2])] = \
-        small[:, max(-oy, 0):max(-oy, 0) + min(ny, small.shape[1]), max(-ox, 0):max(-ox, 0) + min(nx, small.shape[2])]
+    h, w = min(ny, small.shape[1]), min(nx, small.shape[2])
+    head_block[:, max(oy, 0):max(oy, 0) + h, max(ox, 0):max(ox, 0) + w] = \
+        small[:, max(-oy, 0):max(-oy, 0) + h, max(-ox, 0):max(-ox, 0) + w]
     yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    r = np.hypot((yy - ny / 2) * sy, (xx - nx / 2) * sx)
+    y, x = (yy - ny / 2) * sy, (xx - nx / 2) * sx
     neck_plane = np.full((ny, nx), -1000.0)
-    neck_plane[r < 60.0] = 40.0
-    neck_plane[np.hypot((yy - ny / 2) * sy - 25.0, (xx - nx / 2) * sx) < 12.0] = 600.0  # vertebra
-    neck_plane[np.hypot((yy - ny / 2) * sy + 20.0, (xx - nx / 2) * sx) < 8.0] = -1000.0  # airway
+    neck_plane[np.hypot(y, x) < 60.0] = 40.0
+    neck_plane[np.hypot(y - 25.0, x) < 12.0] = 600.0  # vertebra
+    neck_plane[np.hypot(y + 20.0, x) < 8.0] = -1000.0  # airway
     neck = np.repeat(neck_plane[None], int(round(neck_mm / sz)), axis=0).astype(np.float32)
-    array = np.concatenate([phantom.volume_hu.astype(np.float32), neck, head_block], axis=0)
-    return volume_from_array(array, phantom.spacing_mm, origin_mm=phantom.origin_xyz_mm)
+    return [phantom.volume_hu.astype(np.float32), neck, head_block]
+
+
+def head_neck_chest_volume(head: Volume, phantom: ChestPhantom, neck_mm: float = 80.0) -> Volume:
+    """A crude upper body on the phantom's grid: its chest, a neck and the real head CT, axial head-first."""
+    return volume_from_array(np.concatenate(_upper_body(head, phantom, neck_mm), axis=0), phantom.spacing_mm,
+                             origin_mm=phantom.origin_xyz_mm)
+
+
+def whole_body_volume(head: Volume, phantom: ChestPhantom) -> Volume:
+    """Crude whole body on the phantom's grid, feet to head: thighs (200 mm), a pelvis (the phantom's lowest
+    slice, an abdomen, with two lateral bone plates for iliac wings and femoral heads, 120 mm), an abdomen
+    (that slice with a few gas bubbles, 160 mm), then :func:`head_neck_chest_volume`'s upper body."""
+    sz, sy, sx = phantom.spacing_mm
+    nz, ny, nx = phantom.volume_hu.shape
+    belly = phantom.volume_hu[0].astype(np.float32)
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    y, x = (yy - (ny - 1) / 2) * sy, (xx - (nx - 1) / 2) * sx
+    abdomen = np.repeat(belly[None], int(round(160.0 / sz)), axis=0)
+    for k, (cy, cx) in enumerate(((-40.0, 30.0), (-20.0, -50.0), (10.0, 60.0))):
+        level = (k + 1) * abdomen.shape[0] // 4
+        abdomen[level, np.hypot(y - cy, x - cx) < 12.0] = -1000.0  # bowel gas
+    wide = float(np.abs(x[belly > -500]).max())
+    pelvis = np.repeat(belly[None], int(round(120.0 / sz)), axis=0)
+    for side in (-1.0, 1.0):
+        plate = (np.abs(x - side * 0.6 * wide) < 0.12 * wide) & (np.abs(y) < 45.0)
+        pelvis[:, plate] = 500.0
+    thighs = np.repeat(_thighs(ny, nx, sy, sx)[None], int(round(200.0 / sz)), axis=0).astype(np.float32)
+    array = np.concatenate([thighs, pelvis, abdomen, *_upper_body(head, phantom, 80.0)], axis=0)
+    return volume_from_array(array, phantom.spacing_mm)

@@ -26,6 +26,7 @@ from tests.unit.workers.body_region_volumes import (
     padded_with_air,
     reoriented,
     volume_from_array,
+    whole_body_volume,
     with_modality,
 )
 from training.phantoms.chest import LUNG, NODULE, ChestPhantom, PhantomConfig, generate_chest_phantom
@@ -219,6 +220,20 @@ def test_head_neck_and_chest_are_reported_head_to_feet(head: Volume, phantoms: d
     assert _names(survey) == ["head", "neck", "chest"], survey.image_regions()
     z_tops = [r.z_mm[1] for r in survey.regions]
     assert z_tops == sorted(z_tops, reverse=True)
+
+
+def test_a_crude_whole_body_shows_every_region_in_order(head: Volume, phantoms: dict[str, ChestPhantom]) -> None:
+    """Synthetic abdomen, pelvis and thighs below the phantom's chest: shows the best-effort rules run
+    together, not that they are right on real anatomy (see docs/applicability.md)."""
+    survey = survey_body_regions(whole_body_volume(head, phantoms["coarse"]))
+    assert _names(survey) == ["head", "neck", "chest", "abdomen", "pelvis", "extremities", "whole_body"], \
+        survey.image_regions()
+    pelvis, abdomen = survey.region("pelvis"), survey.region("abdomen")
+    assert pelvis is not None and abdomen is not None and pelvis.z_mm[1] < abdomen.z_mm[0]
+    # The bowel gas in the abdomen is not lung.
+    chest_alone = volume_from_array(phantoms["coarse"].volume_hu, phantoms["coarse"].spacing_mm)
+    assert survey.measurements["lung_ml"] == pytest.approx(
+        survey_body_regions(chest_alone).measurements["lung_ml"], rel=0.05)
 
 
 def test_two_limbs_without_a_trunk_are_extremities() -> None:
