@@ -237,6 +237,10 @@ def build_gsps(
         voi_lut_transformations=voi,
     )
     copy_body_part(gsps, first)
+    if not first.get("BodyPartExamined") and "Laterality" not in gsps:
+        # dciodvfy requires Laterality (Type 2C: for a paired body part) in a presentation state whose
+        # source names no body part; present and empty means unknown. (A SEG must not have it then.)
+        gsps.Laterality = ""
     logger.debug(
         "GSPS %s of series %s: %d detections on %d images",
         gsps.SOPInstanceUID,

@@ -208,3 +208,25 @@ def test_without_window_the_source_window_is_kept(written: Written) -> None:
     assert gsps is not None
     voi = gsps.SoftcopyVOILUTSequence[0]
     assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (40.0, 400.0)  # the phantom's soft-tissue window
+
+
+def test_a_source_without_body_part_gives_a_valid_gsps_and_seg(tmp_path: Path) -> None:
+    """Without BodyPartExamined dciodvfy wants Laterality (Type 2C) in the GSPS (written empty), not in the SEG."""
+    paths = write_phantom_series(tmp_path / "series", AXIAL, seed=33)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        del ds.BodyPartExamined
+        ds.save_as(path)
+    volume = volume_from_files(paths)
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    found = detections(volume)
+    labels[sphere_mask(volume, found[0].centre_mm, 6.0)] = NODULE.value
+    for name, built in (("gsps", build_gsps(volume, found, ALGORITHM, IDENTITY)),
+                        ("seg", build_seg(volume, SegmentationResult(labels, LABELS), ALGORITHM,
+                                          SeriesIdentity(series_number=901, series_description="AI nodules")))):
+        assert built is not None
+        built.save_as(tmp_path / f"{name}.dcm", enforce_file_format=True)
+        errors, _ = dciodvfy_findings(tmp_path / f"{name}.dcm")
+        assert errors == [], name
+        assert "BodyPartExamined" not in built
+        assert ("Laterality" in built) == (name == "gsps")
