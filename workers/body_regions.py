@@ -214,9 +214,9 @@ def survey_body_regions(volume: Volume) -> BodyRegionSurvey:
         levels, rows, columns = frame.hu.shape
         if levels < MIN_LEVELS or min(rows, columns) < MIN_CELLS:
             return unavailable(
-                f"too small to judge: {levels} survey levels of {frame.level_mm:.1f} mm along the patient's "
-                f"superior-inferior axis and {rows}x{columns} cells across (needs {MIN_LEVELS} levels "
-                f"and {MIN_CELLS}x{MIN_CELLS} cells)", levels=levels)
+                f"too small to judge: {levels} survey level{'s' if levels != 1 else ''} of {frame.level_mm:.1f} mm "
+                f"along the patient's superior-inferior axis and {rows}x{columns} cells across (needs "
+                f"{MIN_LEVELS} levels and {MIN_CELLS}x{MIN_CELLS} cells)", levels=levels)
         return _survey(frame, step, start)
     # The check must never fail a job: a volume that breaks it is reported as not judged
     # (the decision then falls back to the header), with the cause in the log and the note.
