@@ -45,7 +45,7 @@ from scipy import ndimage
 from dicom_node.model_domain import BODY_REGIONS, BodyRegion, ImageRegions
 from workers.volume import Volume
 
-__all__ = ["BodyRegionSurvey", "RegionExtent", "survey_body_regions"]
+__all__ = ["BodyRegionSurvey", "RegionExtent", "survey_body_regions", "survey_step"]
 
 logger = logging.getLogger(__name__)
 
