@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from dicom_node.contracts import CodedConcept
 
@@ -441,7 +441,3 @@ def _region_checks(domain: InputDomain, header: HeaderRegions, image: ImageRegio
                detail=f"the header says {', '.join(header.regions)}; the model is made for {need} "
                       "(the image was not judged)"), None if ok else "body-region")
 
-
-def describe_regions(regions: Sequence[str]) -> str:
-    """"chest, abdomen" (or "none")."""
-    return ", ".join(regions) or "none"

@@ -318,14 +318,9 @@ def release_job(
     the job is not held.
     """
     with sessions.begin() as session:
-        done = session.execute(
-            update(Job).where(Job.id == job_id, Job.state == JobState.HELD.value)
-            .values(state=JobState.RELEASED.value, state_changed_at=now)
-        ).rowcount
-        if not done:
+        job = _leave_held(session, job_id, JobState.RELEASED, now)
+        if job is None:
             return None
-        job = session.get(Job, job_id)
-        assert job is not None
         existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.job_id == job_id))}
         queued = []
         for name in destinations:
@@ -347,20 +342,24 @@ def release_job(
         return [d.id for d in queued]
 
 
+def _leave_held(session: Session, job_id: int, state: JobState, now: datetime) -> Job | None:
+    """Move a held job to ``state`` (one conditional update: two operators cannot both act); None if not held."""
+    done = session.execute(
+        update(Job).where(Job.id == job_id, Job.state == JobState.HELD.value)
+        .values(state=state.value, state_changed_at=now)
+    ).rowcount
+    return session.get(Job, job_id) if done else None
+
+
 def discard_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime, by: str) -> list[str] | None:
     """Throw a held job's results away: ``held`` -> ``discarded``; returns the outbox paths to remove.
 
     The notice (when one was sent) stays: it said AI looked and declined. None when the job is not held.
     """
     with sessions.begin() as session:
-        done = session.execute(
-            update(Job).where(Job.id == job_id, Job.state == JobState.HELD.value)
-            .values(state=JobState.DISCARDED.value, state_changed_at=now)
-        ).rowcount
-        if not done:
+        job = _leave_held(session, job_id, JobState.DISCARDED, now)
+        if job is None:
             return None
-        job = session.get(Job, job_id)
-        assert job is not None
         results = list(session.scalars(
             select(ResultObject).where(ResultObject.job_id == job_id, ResultObject.kind != NOTICE_KIND)))
         paths = [r.path for r in results]

@@ -29,7 +29,8 @@ import yaml
 
 from dicom_node.cli import main
 from peers import NodeProcess, Orthanc, wait_for
-from test_pipeline_e2e import FORWARD_STABLE_STUDIES, dciodvfy_errors
+from auto_routing import pacs_routing_to_node
+from test_pipeline_e2e import dciodvfy_errors
 from training.data.dicom_pair import write_dicom_case
 from training.data.invesalius import INVESALIUS_EXAMPLE, read_invesalius_project
 from training.phantoms.chest import PhantomConfig, generate_chest_phantom
@@ -163,25 +164,12 @@ def test_a_model_runs_only_on_what_it_was_made_for_and_nothing_implausible_is_se
                                                       "SeriesDescription": "Head 5 mm"})
     silent = _chest(tmp_path, "silent", 12, {"BodyPartExamined": None, "StudyDescription": None,
                                              "SeriesDescription": None, "ProtocolName": None})
-    orthanc = Orthanc(tmp_path / "orthanc", aet="PACS", lua_scripts={"forward.lua": FORWARD_STABLE_STUDIES},
-                      extra_config={"StableAge": 2}, label="orthanc-safety")
-    orthanc.start()
-    node: NodeProcess | None = None
-    try:
-        destinations = tmp_path / "destinations.yaml"
-        destinations.write_text(yaml.safe_dump({"destinations": [{
-            "type": "dicom", "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": orthanc.dicom_port,
-            "default": True, "not_performed": "sr"}]}))
-        rules = tmp_path / "rules.yaml"
-        rules.write_text(yaml.safe_dump({"rules": [{
-            "name": "ct", "pipelines": list(MODELS), "series": {"prefer": "thinnest"},
-            "conditions": [{"attribute": "modality", "in": ["CT"]}, {"attribute": "slice_count", "min": 10}]}]}))
-        node = NodeProcess(tmp_path / "node", overrides={
-            "queue": {"embedded_worker_queues": ["gpu", "io"], "sweep_interval_seconds": 0.2},
-            "routing.destinations_file": str(destinations), "routing.rules_file": str(rules),
-            "routing.models_file": str(_models_file(tmp_path)), "dicom.allowed_callers": [{"ae_title": "PACS"}],
-        }, label="node-safety").start()
-        orthanc.set_modality("node", node.ae_title, node.port)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"rules": [{
+        "name": "ct", "pipelines": list(MODELS), "series": {"prefer": "thinnest"},
+        "conditions": [{"attribute": "modality", "in": ["CT"]}, {"attribute": "slice_count", "min": 10}]}]}))
+    with pacs_routing_to_node(tmp_path, "safety", destination={"not_performed": "sr"}, overrides={
+            "routing.rules_file": str(rules), "routing.models_file": str(_models_file(tmp_path))}) as (orthanc, node):
         for files in (head, misleading, silent):
             orthanc.upload_files(files)
         uids = {name: _study_uid(files) for name, files in (("head", head), ("misleading", misleading),
@@ -252,7 +240,3 @@ def test_a_model_runs_only_on_what_it_was_made_for_and_nothing_implausible_is_se
         assert len(_in_pacs(orthanc, uids["silent"])) == 5  # nothing more after the discard
         events = [row[0] for row in node.query("SELECT kind FROM study_events")]
         assert {"job_checked", "job_not_applicable", "job_held", "job_released", "job_discarded"} <= set(events)
-    finally:
-        if node is not None:
-            node.close()
-        orthanc.stop()

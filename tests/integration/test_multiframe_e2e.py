@@ -21,11 +21,11 @@ import highdicom
 import numpy as np
 import pydicom
 import pytest
-import yaml
 from pydicom.uid import generate_uid
 
 from peers import NodeProcess, Orthanc, wait_for
-from test_pipeline_e2e import FORWARD_STABLE_STUDIES, finding_centres
+from auto_routing import pacs_routing_to_node
+from test_pipeline_e2e import finding_centres
 from training.data.dicom_pair import write_dicom_case
 from training.phantoms.chest import PhantomConfig, generate_chest_phantom
 
@@ -69,25 +69,8 @@ def two_studies(tmp_path_factory: pytest.TempPathFactory) -> TwoStudies:
 
 @pytest.fixture
 def orthanc_and_node(tmp_path: Path) -> Iterator[tuple[Orthanc, NodeProcess]]:
-    orthanc = Orthanc(tmp_path / "orthanc", aet="PACS", lua_scripts={"forward.lua": FORWARD_STABLE_STUDIES},
-                      extra_config={"StableAge": 2}, label="orthanc-multiframe")
-    orthanc.start()
-    node: NodeProcess | None = None
-    try:
-        destinations = tmp_path / "destinations.yaml"
-        destinations.write_text(yaml.safe_dump({"destinations": [{
-            "type": "dicom", "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": orthanc.dicom_port,
-            "default": True}]}))
-        node = NodeProcess(tmp_path / "node", overrides={
-            "queue": {"broker_url": "memory://", "embedded_worker_queues": ["gpu", "io"], "sweep_interval_seconds": 0.2},
-            "routing.destinations_file": str(destinations), "dicom.allowed_callers": [{"ae_title": "PACS"}],
-        }, label="node-multiframe").start()
-        orthanc.set_modality("node", node.ae_title, node.port)
-        yield orthanc, node
-    finally:
-        if node is not None:
-            node.close()
-        orthanc.stop()
+    with pacs_routing_to_node(tmp_path, "multiframe") as pair:
+        yield pair
 
 
 def study_jobs(node: NodeProcess, study_uid: str) -> list[tuple[int, str, str, str | None]]:

@@ -21,15 +21,11 @@ import pytest
 import requests
 import yaml
 
+from auto_routing import FORWARD_STABLE_STUDIES
 from peers import NodeProcess, Orthanc, WorkerProcess, run_tool, wait_for
 from training.data.dicom_pair import write_dicom_case
 from training.phantoms.chest import ChestPhantom, PhantomConfig, generate_chest_phantom
 
-FORWARD_STABLE_STUDIES = """
-function OnStableStudy(studyId, tags, metadata)
-  RestApiPost('/modalities/node/store', '{"Resources": ["' .. studyId .. '"], "Synchronous": false}')
-end
-"""
 SEG, SR, PR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.11.1"
 
 

@@ -23,7 +23,7 @@ from pydicom.sr.codedict import codes
 
 from dicom_node.contracts import AlgorithmInfo
 from workers.outputs.common import SeriesIdentity
-from workers.outputs.sr import _algorithm_id, _observation_context
+from workers.outputs.sr import comprehensive_3d_sr, device_observation_context, sr_algorithm_identification
 from workers.volume import Volume
 
 __all__ = ["NOT_PERFORMED", "REASON_CODES", "build_not_performed_sr"]
@@ -68,31 +68,18 @@ def build_not_performed_sr(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=hd.UID(), identifier=f"{algorithm.model_id} not performed"[:64]),
         finding_type=NOT_PERFORMED,
-        algorithm_id=_algorithm_id(algorithm),
+        algorithm_id=sr_algorithm_identification(algorithm),
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=_REASON, value=REASON_CODES[reason_code])],
     )
     group[0].ContentSequence.append(hd.sr.TextContentItem(
         name=_COMMENT, value=reason[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(series),
+        observation_context=device_observation_context(series),
         procedure_reported=_IMAGING,
         imaging_measurements=[group],
         title=codes.DCM.ImagingMeasurementReport,
     )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=list(volume.datasets),
-        content=report,
-        series_instance_uid=series.series_uid(),
-        series_number=series.series_number,
-        sop_instance_uid=sop_instance_uid,
-        instance_number=series.instance_number,
-        manufacturer=series.manufacturer,
-        manufacturer_model_name=series.manufacturer_model_name,
-        software_versions=series.software_versions,
-        device_serial_number=series.device_serial_number,
-        series_description=series.series_description,
-        is_complete=True,
-    )
+    sr = comprehensive_3d_sr(list(volume.datasets), report, series, sop_instance_uid)
     scheme = Dataset()
     scheme.CodingSchemeDesignator = SCHEME
     scheme.CodingSchemeName = "DICOM AI node: reasons AI analysis was not performed"

@@ -79,7 +79,16 @@ from workers.outputs.common import (
 from workers.outputs.measurements import SegmentMeasurement, measure_segments
 from workers.volume import Volume
 
-__all__ = ["CT_CHEST", "DetectionFindings", "Findings", "SegmentationFindings", "build_sr"]
+__all__ = [
+    "CT_CHEST",
+    "DetectionFindings",
+    "Findings",
+    "SegmentationFindings",
+    "build_sr",
+    "comprehensive_3d_sr",
+    "device_observation_context",
+    "sr_algorithm_identification",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +184,20 @@ def build_sr(
 
     # The image library is added after construction: see _add_image_library for why.
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(series),
+        observation_context=device_observation_context(series),
         procedure_reported=coded(procedure),
         imaging_measurements=groups,
     )
-    sr = hd.sr.Comprehensive3DSR(
+    sr = comprehensive_3d_sr(evidence, report, series, sop_instance_uid)
+    _add_image_library(sr, _image_library(volume))
+    logger.debug("SR %s of series %s: %d measurement groups", sop_instance_uid, volume.series_instance_uid, len(groups))
+    return sr
+
+
+def comprehensive_3d_sr(evidence: Sequence[Dataset], report: hd.sr.MeasurementReport, series: SeriesIdentity,
+                        sop_instance_uid: str) -> hd.sr.Comprehensive3DSR:
+    """A complete Comprehensive 3D SR document of ``report`` in ``series``, identified as our results are."""
+    return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
         series_instance_uid=series.series_uid(),
@@ -193,9 +211,6 @@ def build_sr(
         series_description=series.series_description,
         is_complete=True,
     )
-    _add_image_library(sr, _image_library(volume))
-    logger.debug("SR %s of series %s: %d measurement groups", sop_instance_uid, volume.series_instance_uid, len(groups))
-    return sr
 
 
 _CONTAINS = hd.sr.RelationshipTypeValues.CONTAINS
@@ -265,7 +280,7 @@ def _add_image_library(sr: hd.sr.Comprehensive3DSR, library: hd.sr.ContainerCont
         sequence.insert(len(sequence) - 1, library)
 
 
-def _observation_context(series: SeriesIdentity) -> hd.sr.ObservationContext:
+def device_observation_context(series: SeriesIdentity) -> hd.sr.ObservationContext:
     """Device observer = this node, with a UID that stays the same for the same node configuration."""
     device_uid = generate_uid(
         entropy_srcs=[
@@ -289,7 +304,7 @@ def _observation_context(series: SeriesIdentity) -> hd.sr.ObservationContext:
     )
 
 
-def _algorithm_id(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
+def sr_algorithm_identification(algorithm: AlgorithmInfo) -> hd.sr.AlgorithmIdentification:
     """TID 4019: name, version, AI family, and the registry id as a parameter."""
     return hd.sr.AlgorithmIdentification(
         name=algorithm.name,
@@ -325,7 +340,7 @@ def _absent_group(
         tracking_identifier=tracking.item(),
         finding_type=coded(label.property_type),
         finding_category=coded(label.property_category),
-        algorithm_id=_algorithm_id(algorithm),
+        algorithm_id=sr_algorithm_identification(algorithm),
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=coded(label.property_type), value=_ABSENT)],
     )
 
@@ -458,7 +473,7 @@ def _segmentation_groups(
                     ),
                     finding_type=segment.property_type,
                     finding_category=segment.property_category,
-                    algorithm_id=_algorithm_id(findings.algorithm),
+                    algorithm_id=sr_algorithm_identification(findings.algorithm),
                     finding_sites=[hd.sr.FindingSite(site) for site in sites] or None,
                     measurements=_segment_measurements(volume, measured[label.value]),
                 )
@@ -508,7 +523,7 @@ def _finding_context(tracking: _Tracking, label: SegmentLabel, algorithm: Algori
         "tracking_identifier": tracking.item(),
         "finding_type": coded(label.property_type),
         "finding_category": coded(label.property_category),
-        "algorithm_id": _algorithm_id(algorithm),
+        "algorithm_id": sr_algorithm_identification(algorithm),
     }
 
 
