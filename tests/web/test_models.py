@@ -4,6 +4,7 @@ disable models (audited), and the router and the rule tester skip a disabled mod
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from datetime import timedelta
@@ -16,7 +17,7 @@ from dicom_node.db import audit, config_repo, model_settings, workers
 from dicom_node.ingest import utc_now
 from dicom_node.routing import default_rules
 from tests.web.conftest import LoggedIn, WebEnv, make_web_env
-from tests.web.test_rules import ingest
+from tests.web.test_rules import ingest, page, squash
 from training.phantoms.ct_series import GeneratedSeries, SeriesGeometry, generate_ct_series
 
 BUNDLES = Path(__file__).resolve().parents[2] / "workers" / "bundles"
@@ -88,6 +89,81 @@ def test_models_api_gives_the_same_figures(web: WebEnv) -> None:
     missing = web.client().get("/api/v1/models/nope", headers={"Authorization": f"Bearer {token}"})
     assert missing.status_code == 404 and "nope" in missing.json()["detail"]
     assert web.client().get("/api/v1/models").status_code == 401
+
+
+CHEST_LINE = "CT; chest; slices >= 10; pixel spacing mm 0.3-3; slice spacing mm 0.3-6; axial"
+
+
+def test_each_model_shows_what_it_was_made_for_its_rules_and_its_series(web: WebEnv, viewer: LoggedIn) -> None:
+    ids = page(viewer.client.get("/models").text)
+    assert squash(ids["model-chest-ct-segmentation-made-for"].text) == CHEST_LINE
+    assert "model-chest-ct-segmentation-region-warning" not in ids
+    rules = squash(ids["model-chest-ct-segmentation-plausibility"].text)
+    assert rules.startswith("lung 1000-9000 mL; heart 100-1500 mL; nodule <= 500 mL; lung, heart, nodule inside the "
+                            "body (2 % may be outside, lung: 40 %); heart touches lung on both sides (within 10 mm)")
+    assert squash(ids["model-lung-nodule-detection-plausibility"].text) == "findings inside the lungs (margin 5 mm)"
+    assert squash(ids["model-chest-ct-segmentation-series"].text) == (
+        "9011 AI chest anatomy - SEG (chest-ct-segmentation 0.1.0) "
+        "9012 AI chest anatomy - SR (chest-ct-segmentation 0.1.0) "
+        "9019 AI chest anatomy - not performed (chest-ct-segmentation 0.1.0)")
+    assert "9023 AI lung nodules - GSPS (lung-nodule-detection 0.1.0)" in squash(
+        ids["model-lung-nodule-detection-series"].text)
+
+    models = {m["id"]: m for m in viewer.client.get("/api/v1/models").json()["models"]}
+    seg, det = models["chest-ct-segmentation"], models["lung-nodule-detection"]
+    assert seg["made_for"] == CHEST_LINE and seg["made_for_warning"] is None and seg["error"] is None
+    assert seg["input_domain"]["body_regions"] == ["chest"]
+    assert seg["input_domain"]["slices"] == {"min": 10, "max": None}
+    assert seg["plausibility"]["volumes_ml"]["lung"] == {"min": 1000, "max": 9000}
+    assert seg["plausibility"]["adjacent"]["heart"] == [{"label": "lung", "sides": "both"}]
+    assert "heart touches lung on both sides (within 10 mm)" in seg["plausibility_summary"]
+    assert det["plausibility"] == {"findings_inside": "lungs", "findings_margin_mm": 5.0}
+    assert [(s["kind"], s["series_number"]) for s in det["result_series"]] == [("SR", 9022), ("GSPS", 9023),
+                                                                               ("NOTICE", 9029)]
+    assert seg["result_series"][0] == {"kind": "SEG", "series_number": 9011,
+                                       "description": "AI chest anatomy - SEG (chest-ct-segmentation 0.1.0)"}
+
+
+def test_a_model_without_body_regions_is_flagged_and_a_bad_declaration_is_its_error(tmp_path: Path) -> None:
+    broken = tmp_path / "thorax"
+    shutil.copytree(BUNDLES / "chest_ct_segmentation" / "configs", broken / "configs")
+    meta = json.loads((broken / "configs" / "metadata.json").read_text())
+    meta["dicom_node"]["input_domain"] = {"modalities": ["CT"], "body_regions": ["thorax"]}
+    (broken / "configs" / "metadata.json").write_text(json.dumps(meta))
+    registry = tmp_path / "models.yaml"
+    registry.write_text("""
+models:
+  - {id: anywhere, kind: segmentation, format: monai_bundle, path: package://workers/bundles/chest_ct_segmentation,
+     version: "0.1.0", input_domain: {modalities: [CT], slices: {min: 20}}}
+  - {id: liver-rules, kind: segmentation, format: monai_bundle, path: package://workers/bundles/chest_ct_segmentation,
+     version: "0.1.0", input_domain: {modalities: [CT], body_regions: [chest]},
+     plausibility: {volumes_ml: {liver: {max: 3000}}}}
+  - {id: thorax, kind: segmentation, format: monai_bundle, path: thorax, version: "0.1.0"}
+""")
+    env = make_web_env(tmp_path / "web", **{"routing.models_file": registry})
+    viewer = env.login("viewer")
+    answer = viewer.client.get("/models")
+    assert answer.status_code == 200
+    ids = page(answer.text)
+    assert squash(ids["model-anywhere-made-for"].text).startswith("CT; slices >= 20")
+    warning = ids["model-anywhere-region-warning"]
+    assert squash(warning.text) == "Warning: no body region declared - runs on any region of its modality."
+    assert warning.attrs["role"] == "alert"
+    assert squash(ids["model-anywhere-plausibility"].text) == "none: results are sent without a plausibility check"
+    assert "model-liver-rules-region-warning" not in ids
+    models = {m["id"]: m for m in viewer.client.get("/api/v1/models").json()["models"]}
+    assert models["anywhere"]["made_for_warning"] == "no body region declared - runs on any region of its modality"
+    assert models["anywhere"]["error"] is None and models["anywhere"]["plausibility"] is None
+    liver, thorax = models["liver-rules"], models["thorax"]
+    assert "plausibility names label(s) 'liver'" in liver["error"] and liver["made_for"] == "CT; chest"
+    assert liver["plausibility"] is None and liver["plausibility_summary"] == []
+    assert "dicom_node.input_domain is invalid" in thorax["error"] and thorax["input_domain"] is None
+    assert [s["series_number"] for s in thorax["result_series"]] == [9031, 9032, 9039]
+    for model_id, words in (("liver-rules", "plausibility names label(s) &#39;liver&#39;"),
+                            ("thorax", "dicom_node.input_domain is invalid")):
+        row = _section(answer.text, model_id)
+        assert "model-error" in row and words in row, model_id
+    assert squash(ids["model-thorax-made-for"].text) == "-"
 
 
 def _registry(tmp_path: Path) -> Path:

@@ -7,7 +7,10 @@ MONAI is imported here), and for each entry the bundle's ``configs/metadata.json
 labels with their codes and colours, the input spacing and intensity window, and
 the evaluation figures the training run wrote (``dicom_node.evaluation``, held-out
 figures first). It never builds a network or reads weights - only JSON and file
-sizes - so the page is fast and safe to open while workers are busy. Each model's
+sizes - so the page is fast and safe to open while workers are busy. What each model declares
+(:mod:`dicom_node.model_declarations`) is shown in words: what it was made for (a model that names
+no body region is flagged: nothing keeps it off another region), the plausibility rules its results
+must pass, and the series numbers its results arrive in. Each model's
 load state comes from the heartbeats of the online workers
 (:mod:`dicom_node.db.workers`). A broken entry or bundle shows its error in its own
 row; an unreadable registry file shows one error and the page still renders.
@@ -38,6 +41,8 @@ from dicom_node.model_catalog import (
     metadata_labels,
     read_bundle_json,
 )
+from dicom_node.model_declarations import ResultSeries, model_declarations
+from dicom_node.model_domain import InputDomain
 from dicom_node.web.auth import Principal, audit_event, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
@@ -101,7 +106,15 @@ class ModelOut(BaseModel):
     labels: list[LabelOut]
     evaluations: list[EvaluationOut]
     workers: list[WorkerModelOut] = Field(description="load state reported by each online worker")
-    error: str | None = Field(None, description="why this entry or its bundle cannot be used")
+    input_domain: InputDomain | None = Field(None, description="what the model was made for (None: unreadable)")
+    made_for: str | None = Field(None, description="the input domain in one line, e.g. 'CT; chest; slices >= 10'")
+    made_for_warning: str | None = Field(None, description="set when the model names no body region: nothing keeps "
+                                                           "it off a series of another region")
+    plausibility: dict[str, Any] | None = Field(None, description="the rules its results must pass before they are "
+                                                                  "sent, as declared (None: no rules)")
+    plausibility_summary: list[str] = Field([], description="each plausibility rule in words (empty: none)")
+    result_series: list[ResultSeries] = Field([], description="the series its results arrive in")
+    error: str | None = Field(None, description="why this entry, its bundle or its declarations cannot be used")
     enabled: bool = Field(True, description="false: an admin disabled the model; the router creates no job for it")
     note: str | None = Field(None, description="the admin's reason for the last enable/disable")
     updated_by: str | None = Field(None, description="who last enabled/disabled the model (None: never changed)")
@@ -255,6 +268,10 @@ def _describe(registry: ModelCatalog, model_id: str, states: list[WorkerModelOut
     except Exception as exc:  # a broken bundle is shown in its row; the page must still render
         logger.info("model %s: %s", model_id, exc)
         values["error"] = str(exc)
+    declared = model_declarations(registry, model_id)  # a bad declaration is its error, never an exception
+    values.update({name: value for name, value in declared if name != "error"})
+    if declared.error:
+        values["error"] = "; ".join(filter(None, [values.get("error"), declared.error]))
     return ModelOut(**values)
 
 
@@ -381,7 +398,8 @@ def disable_model_submit(request: Request, model_id: str, form: FormData = Depen
 @router.get("/api/v1/models", response_model=ModelsOut, tags=["models"])
 def models_api(principal: Principal = Depends(require(Role.VIEWER)),
                context: WebContext = Depends(get_context)) -> ModelsOut:
-    """The model registry: per model its labels, input, evaluation figures, files and load state on each worker."""
+    """The model registry: per model what it was made for (input domain), the plausibility rules its results must
+    pass, its result series, labels, input, evaluation figures, files and load state on each worker."""
     return model_catalog(context)
 
 
