@@ -12,7 +12,7 @@ import argparse
 import json
 import sys
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
@@ -20,6 +20,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db import config_repo, jobs, study_views
 from dicom_node.db.session import current_revision, head_revision, make_engine, make_session_factory, upgrade
 from dicom_node.settings import Settings
+
+if TYPE_CHECKING:
+    from dicom_node.db.model_settings import ModelSettingView
+    from dicom_node.model_catalog import ModelCatalog
 
 __all__ = ["run", "worker"]
 
@@ -198,9 +202,8 @@ def _rules_test(settings: Settings, sessions: sessionmaker[Session], study_uid: 
 def _applicability_report(settings: Settings, sessions: sessionmaker[Session], study_id: int,
                           specs: Any, *, image: bool) -> int:
     """Whether each job's model may run on its series: from the header (always) and the image (``image``)."""
-    from dicom_node.model_catalog import ModelCatalog, ModelRegistryError, UnknownModel
-    from dicom_node.model_domain import decide as applies
-    from dicom_node.routing import header_facts
+    from dicom_node.applicability_preview import preview_applicability
+    from dicom_node.model_catalog import ModelCatalog, ModelRegistryError
     from dicom_node.study_facts import study_facts
 
     try:
@@ -210,13 +213,11 @@ def _applicability_report(settings: Settings, sessions: sessionmaker[Session], s
         return 1
     facts = study_facts(sessions, settings.spool_dir, study_id)
     synonyms = settings.applicability.synonym_table()
-    series_by_uid = {series.series_instance_uid: series for series in facts.series}
     print("check before each model (the worker decides with the image too; the image wins):")
-    for spec in specs:
-        try:
-            domain = catalog.input_domain(spec.pipeline)
-        except (UnknownModel, ModelRegistryError) as exc:
-            print(f"    {spec.pipeline}: {exc}")
+    for planned in preview_applicability(catalog, synonyms, facts, specs):
+        spec, domain, decision = planned.spec, planned.domain, planned.applicability
+        if domain is None:
+            print(f"    {spec.pipeline}: {planned.error}")
             continue
         print(f"    {spec.pipeline} is made for: {domain.describe()}")
         if image:
@@ -225,9 +226,9 @@ def _applicability_report(settings: Settings, sessions: sessionmaker[Session], s
             except (ValueError, LookupError, OSError) as exc:  # a series the worker could not load either
                 print(f"      cannot load the series: {exc}")
                 continue
-        else:
-            series = series_by_uid[spec.series_instance_uid]
-            decision = applies(spec.pipeline, domain, header_facts(facts, series), synonyms=synonyms)
+        if decision is None:
+            print(f"      cannot check: {planned.error}")
+            continue
         print(f"      {'APPLIES' if decision.applies else 'NOT APPLICABLE'}: "
               f"{decision.summary()} ({decision.seconds:.3f} s)")
         for check in decision.checks:
@@ -374,15 +375,7 @@ def _models(settings: Settings, args: argparse.Namespace) -> int:
     if sessions is None:
         return 1
     if args.sub == "list":
-        stored = model_settings.model_settings(sessions)
-        rows = [model_settings.setting_of(stored, model_id).as_dict() | {"kind": registry.entry(model_id).kind}
-                for model_id in registry.ids]
-        if args.json:
-            print(json.dumps(rows, indent=2, default=str))
-        for row in [] if args.json else rows:
-            state = "enabled" if row["enabled"] else "DISABLED"
-            print(f"{row['model_id']:<28} {row['kind']:<13} {state:<9} {row['note'] or ''}")
-        return 0
+        return _list_models(registry, model_settings.model_settings(sessions), as_json=args.json)
     if args.model_id not in registry.ids:
         print(f"dicom-node: no model {args.model_id!r} in the registry (known: {', '.join(registry.ids)})",
               file=sys.stderr)
@@ -398,6 +391,42 @@ def _models(settings: Settings, args: argparse.Namespace) -> int:
            after=after.audit_state())
     print(f"model {args.model_id} {'enabled' if enabled else 'disabled'}"
           + ("" if enabled else ": routing creates no new jobs for it"))
+    return 0
+
+
+#: How ``models list`` names the kinds of result series ("NOTICE" is the "AI analysis not performed" SR).
+_KIND_WORDS = {"NOTICE": "not performed"}
+
+
+def _list_models(registry: ModelCatalog, stored: dict[str, ModelSettingView], *, as_json: bool) -> int:
+    """Each model: its state, what it was made for, what its results must pass and their series numbers."""
+    from dicom_node.db import model_settings
+    from dicom_node.model_declarations import model_declarations
+
+    rows = []
+    for model_id in registry.ids:
+        declared = model_declarations(registry, model_id)
+        rows.append(model_settings.setting_of(stored, model_id).as_dict() | {
+            "kind": registry.entry(model_id).kind,
+            "input_domain": declared.input_domain.model_dump(mode="json") if declared.input_domain else None,
+            "made_for": declared.made_for, "made_for_warning": declared.made_for_warning,
+            "plausibility": declared.plausibility, "plausibility_summary": declared.plausibility_summary,
+            "result_series": [s.model_dump() for s in declared.result_series], "error": declared.error})
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for row in rows:
+        state = "enabled" if row["enabled"] else "DISABLED"
+        series = ", ".join(f"{s['series_number']} {_KIND_WORDS.get(s['kind'], s['kind'])}"
+                           for s in row["result_series"])
+        print(f"{row['model_id']:<28} {row['kind']:<13} {state:<9} series {series}"
+              + (f"  note: {row['note']}" if row["note"] else ""))
+        if row["error"]:
+            print(f"    ERROR: {row['error']}")
+            continue
+        warning = f" - WARNING: {row['made_for_warning']}" if row["made_for_warning"] else ""
+        checks = "; ".join(row["plausibility_summary"]) or "none"
+        print(f"    made for {row['made_for']}{warning} | results must pass: {checks}")
     return 0
 
 

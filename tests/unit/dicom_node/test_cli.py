@@ -142,3 +142,81 @@ def test_configuration_changes_from_the_shell_are_audited_without_secrets(tmp_pa
     assert entries[2].detail == f"imported from {archive}"
     assert "hunter2-secret" not in json.dumps([(e.before, e.after) for e in entries])
     assert entries[5].before["pipelines"] == ["chest-ct-segmentation"] and entries[5].after is None
+
+
+CHEST_LINE = "CT; chest; slices >= 10; pixel spacing mm 0.3-3; slice spacing mm 0.3-6; axial"
+
+
+def test_models_list_shows_what_each_model_was_made_for(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = ["--data-dir", str(tmp_path / "data")]
+    assert main(["db", "upgrade", *data]) == 0
+    capsys.readouterr()
+    assert main(["models", "list", *data]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4  # two lines per model
+    assert lines[0].split()[:3] == ["chest-ct-segmentation", "segmentation", "enabled"]
+    assert lines[0].endswith("series 9011 SEG, 9012 SR, 9019 not performed")
+    assert lines[1].startswith(f"    made for {CHEST_LINE} | results must pass: lung 1000-9000 mL; heart 100-1500 mL;")
+    assert lines[3] == f"    made for {CHEST_LINE} | results must pass: findings inside the lungs (margin 5 mm)"
+    assert main(["models", "list", "--json", *data]) == 0
+    rows = {row["model_id"]: row for row in json.loads(capsys.readouterr().out)}
+    seg, det = rows["chest-ct-segmentation"], rows["lung-nodule-detection"]
+    assert seg["input_domain"]["body_regions"] == ["chest"] and seg["input_domain"]["orientations"] == ["axial"]
+    assert seg["plausibility"]["volumes_ml"]["heart"] == {"min": 100, "max": 1500}
+    assert det["plausibility"] == {"findings_inside": "lungs", "findings_margin_mm": 5.0}
+    assert det["result_series"] == [
+        {"kind": "SR", "series_number": 9022, "description": "AI lung nodules - SR (lung-nodule-detection 0.1.0)"},
+        {"kind": "GSPS", "series_number": 9023, "description": "AI lung nodules - GSPS (lung-nodule-detection 0.1.0)"},
+        {"kind": "NOTICE", "series_number": 9029,
+         "description": "AI lung nodules - not performed (lung-nodule-detection 0.1.0)"}]
+    assert seg["error"] is None and seg["made_for_warning"] is None
+
+    registry = tmp_path / "models.yaml"
+    registry.write_text("""
+models:
+  - {id: anywhere, kind: detection, format: monai_bundle, path: package://workers/bundles/lung_nodule_detection,
+     version: "0.1.0", input_domain: {modalities: [CT]}}
+  - {id: misfit, kind: detection, format: monai_bundle, path: package://workers/bundles/lung_nodule_detection,
+     version: "0.1.0", plausibility: {volumes_ml: {nodule: {max: 50}}}}
+""")
+    config = tmp_path / "node.yaml"
+    config.write_text(f"routing:\n  models_file: {registry}\n")
+    assert main(["models", "list", "--config", str(config), *data]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == ("    made for CT - WARNING: no body region declared - runs on any region of its modality"
+                        " | results must pass: none")
+    assert lines[2].startswith("misfit ") and "series 9022 SR, 9023 GSPS, 9029 not performed" in lines[2]
+    assert lines[3].startswith("    ERROR: ") and "plausibility rule(s) volumes_ml cannot judge a detection" in lines[3]
+
+
+def test_rules_test_prints_the_header_check_before_each_model(  # type: ignore[no-untyped-def]
+    tmp_path: Path, capsys
+) -> None:
+    """A study whose header names the head: the rule matches, both chest models would decline it."""
+    import pydicom
+
+    from dicom_node.db import config_repo
+    from dicom_node.ingest import utc_now
+    from dicom_node.routing import default_rules
+    from tests.web.conftest import make_web_env
+    from tests.web.test_rules import ingest
+    from training.phantoms.ct_series import SeriesGeometry, generate_ct_series
+
+    head = generate_ct_series(tmp_path / "head", geometry=SeriesGeometry(rows=32, columns=32, slices=12), seed=58,
+                              study_description="CT HEAD")
+    for path in head.paths:
+        dataset = pydicom.dcmread(path)
+        dataset.BodyPartExamined = "HEAD"
+        dataset.save_as(path)
+    env = make_web_env(tmp_path / "data")
+    ingest(env, head.paths)
+    config_repo.upsert_rules(env.sessions, default_rules(), source="test", now=utc_now())
+    assert main(["rules", "test", head.study_uid, "--data-dir", str(tmp_path / "data")]) == 0
+    out = capsys.readouterr().out
+    assert "MATCH    ct-default" in out
+    assert f"    chest-ct-segmentation is made for: {CHEST_LINE}\n" in out
+    assert ("      NOT APPLICABLE: chest-ct-segmentation not applicable: body region: the header says head; the model "
+            "is made for chest (the image was not judged) (0.000 s)\n") in out
+    assert "        ok   modality: CT is CT\n" in out and "        FAIL body region: the header says head;" in out
+    assert "        FAIL header regions: body_part_examined 'HEAD': HEAD -> head;" in out
+    assert out.count("NOT APPLICABLE") == 2 and "(header only; add --image" in out
