@@ -467,6 +467,81 @@ def test_api_rule_test_is_the_routers_evaluation(web: WebEnv, stored: StoredStud
     assert [j["series_instance_uid"] for j in mine.json()["result"]["jobs"]] == [stored.thin.series_uid]
 
 
+# --------------------------------------------------------------------------- the check before each model
+
+
+@pytest.fixture(scope="module")
+def head_series(tmp_path_factory: pytest.TempPathFactory) -> GeneratedSeries:
+    """A CT series whose header names the head (BodyPartExamined HEAD, "CT HEAD", "Brain 5mm"), 12 slices."""
+    series = generate_ct_series(tmp_path_factory.mktemp("rules_head"), geometry=SeriesGeometry(
+        rows=32, columns=32, slices=12, slice_spacing=5.0, slice_thickness=5.0), seed=57,
+        study_description="CT HEAD", series_description="Brain 5mm")
+    for path in series.paths:
+        dataset = pydicom.dcmread(path)
+        dataset.BodyPartExamined = "HEAD"
+        dataset.save_as(path)
+    return series
+
+
+CHEST_LINE = "CT; chest; slices >= 10; pixel spacing mm 0.3-3; slice spacing mm 0.3-6; axial"
+HEAD_REASON = ("The series does not show the body region the model was made for: the header says head; "
+               "the model is made for chest (the image was not judged)")
+
+
+def test_the_tester_shows_whether_each_model_applies_from_the_header(
+    web: WebEnv, admin: LoggedIn, stored: StoredStudy, head_series: GeneratedSeries
+) -> None:
+    chest = page(admin.post("/rules/test", rule_form(study_pick=stored.uid)).text)
+    check = chest["test-job-0-check"]
+    assert (check.attrs["data-pipeline"], check.attrs["data-applies"]) == (PIPELINE, "true")
+    assert f"{PIPELINE} on series 3: applies" in squash(check.text) and f"Made for: {CHEST_LINE}" in squash(check.text)
+    assert "test-job-0-reason" not in chest and "test-job-0-warning" not in chest
+    note = squash(chest["test-applicability-note"].text)
+    assert "header only" in note and "the worker checks again with the image itself" in note
+    assert "the image wins" in note
+
+    ingest(web, head_series.paths)
+    answer = admin.post("/rules/test", rule_form(study_pick=head_series.study_uid))
+    assert answer.status_code == 200
+    head = page(answer.text)
+    assert head["test-job-0-check"].attrs["data-applies"] == "false"
+    assert f"{PIPELINE} on series 1: not applicable" in squash(head["test-job-0-check"].text)
+    assert squash(head["test-job-0-reason"].text) == HEAD_REASON
+    table = html.unescape(squash(answer.text.split('id="test-job-0-check"')[1].split('id="test-series"')[0]))
+    assert ('<tr data-check="modality"><td>modality</td><td><span class="badge check-passed">passed</span></td>'
+            "<td>CT is CT</td></tr>") in table
+    assert ('<td>header regions</td><td><span class="badge check-failed">failed</span></td><td>body_part_examined '
+            "'HEAD': HEAD -> head;") in table
+    assert ('<tr data-check="body region"><td>body region</td><td><span class="badge check-failed">failed</span>'
+            "</td><td>the header says head; the model is made for chest (the image was not judged)</td></tr>") in table
+    assert "matches" in head["test-verdict"].text  # the rule matches; the model would decline the series
+
+    both = web.client().post("/api/v1/rules/test", headers=api(web), json={
+        "rule": {"name": "any", "pipelines": [PIPELINE, "lung-nodule-detection"]},
+        "study_instance_uid": head_series.study_uid})
+    assert both.status_code == 200, both.text
+    jobs = both.json()["result"]["jobs"]
+    assert [j["pipeline"] for j in jobs] == [PIPELINE, "lung-nodule-detection"]
+    for job in jobs:
+        assert job["made_for"] == CHEST_LINE and job["made_for_warning"] is None and job["check_error"] is None
+        assert job["applicability"]["applies"] is False and job["applicability"]["reason_code"] == "body-region"
+        assert job["applicability"]["header_regions"] == ["head"]
+
+
+def test_the_tester_names_a_model_registry_it_cannot_read(tmp_path: Path, head_series: GeneratedSeries) -> None:
+    registry = tmp_path / "models.yaml"
+    registry.write_text("models:\n  - {id: chest-ct-segmentation, kind: segmentation, colour: red}\n")
+    env = make_web_env(tmp_path / "web", **{"routing.models_file": registry})
+    ingest(env, head_series.paths)
+    admin = env.login("admin")
+    answer = admin.post("/rules/test", rule_form(study_pick=head_series.study_uid))
+    assert answer.status_code == 200
+    ids = page(answer.text)
+    assert ids["test-job-0-check"].attrs["data-applies"] == "unknown"
+    error = squash(ids["test-job-0-error"].text)
+    assert error.startswith("the model registry cannot be read:") and "colour" in error
+
+
 # --------------------------------------------------------------------------- hostile input, PostgreSQL
 
 

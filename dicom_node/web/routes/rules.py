@@ -7,7 +7,9 @@ is the regex input of condition row 1); the pages and the API share one validati
 function (:func:`validate_rule`) and one tester (:func:`test_rule`), and the tester
 runs the router's own :func:`dicom_node.routing.evaluate` on the router's own
 :func:`dicom_node.study_facts.study_facts` of a stored study, so what an admin tests
-is what the router does. Every change is audited with the rule before and after.
+is what the router does; for each job it also shows whether the model would apply to
+the series from its header (the worker's own decision, :mod:`dicom_node.applicability_preview`).
+Every change is audited with the rule before and after.
 
 The form needs no JavaScript: condition rows are numbered inputs (``cond-<row>-<field>``,
 with ``cond-<row>-<field>-error`` holding that field's error), and a few empty rows are
@@ -28,14 +30,18 @@ from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 
+from dicom_node.applicability_preview import JobCheck, preview_applicability
 from dicom_node.conductor import evaluate_with
 from dicom_node.db import config_repo, repo
+from dicom_node.db.job_checks import ApplicabilityView, applicability_view
 from dicom_node.db.models import Role
+from dicom_node.model_catalog import ModelCatalog
+from dicom_node.model_declarations import NO_REGION_WARNING
+from dicom_node.model_domain import Applicability
 from dicom_node.routing import (
     DEMO_PIPELINES,
     RANGE_ATTRIBUTES,
     TEXT_ATTRIBUTES,
-    JobSpec,
     RangeCondition,
     RoutingDecision,
     Rule,
@@ -259,7 +265,11 @@ class SeriesResult(BaseModel):
 
 
 class JobPreview(BaseModel):
-    """A job the router would create, with its destinations spelled out."""
+    """A job the router would create, with its destinations spelled out and the check before its model.
+
+    ``applicability`` is the header-only decision (:mod:`dicom_node.applicability_preview`);
+    the worker decides again with the image itself, and where they disagree the image wins.
+    """
 
     pipeline: str
     series_instance_uid: str
@@ -268,6 +278,11 @@ class JobPreview(BaseModel):
     priority: int
     destinations: list[str]
     default_destinations: bool
+    made_for: str | None = Field(None, description="what the model was made for, in one line")
+    made_for_warning: str | None = Field(None, description="set when the model names no body region")
+    applicability: Applicability | None = Field(
+        None, description="whether the model applies to the series, judged from its header (None: see check_error)")
+    check_error: str | None = Field(None, description="why the check could not be made")
 
 
 class RuleEvaluation(BaseModel):
@@ -312,17 +327,44 @@ def describe_condition(condition: TextCondition | RangeCondition) -> str:
     return text if problem is None else f"{text} - the rule is never applied until this is fixed: {problem}"
 
 
-def _jobs(decision: RoutingDecision, facts: StudyFacts, defaults: list[str]) -> list[JobPreview]:
-    numbers = {s.series_instance_uid: s.series_number for s in facts.series}
+#: What the model registry gives the tester: a catalog, or why it cannot be read.
+_Catalog = ModelCatalog | str
 
-    def preview(job: JobSpec) -> JobPreview:
+
+def _catalog(context: WebContext) -> _Catalog:
+    """The registry the workers use, or the reason it cannot be read (shown at each job's check)."""
+    try:
+        return ModelCatalog.configured(context.settings.routing.models_file)
+    except (ValueError, OSError) as exc:  # ModelRegistryError is a ValueError
+        return f"the model registry cannot be read: {exc}"
+
+
+def _jobs(decision: RoutingDecision, facts: StudyFacts, defaults: list[str], catalog: _Catalog,
+          context: WebContext) -> list[JobPreview]:
+    numbers = {s.series_instance_uid: s.series_number for s in facts.series}
+    if isinstance(catalog, str):
+        checks = [JobCheck(job, None, None, catalog) for job in decision.jobs]
+    else:
+        checks = preview_applicability(catalog, context.settings.applicability.synonym_table(), facts, decision.jobs)
+
+    def preview(check: JobCheck) -> JobPreview:
+        job, domain = check.spec, check.domain
         is_default = job.destinations == "default"
         return JobPreview(pipeline=job.pipeline, series_instance_uid=job.series_instance_uid,
                           series_number=numbers.get(job.series_instance_uid), rule=job.rule, priority=job.priority,
                           destinations=list(defaults if is_default else job.destinations),
-                          default_destinations=is_default)
+                          default_destinations=is_default, made_for=domain.describe() if domain else None,
+                          made_for_warning=NO_REGION_WARNING if domain and not domain.body_regions else None,
+                          applicability=check.applicability, check_error=check.error)
 
-    return [preview(job) for job in decision.jobs]
+    return [preview(check) for check in checks]
+
+
+def check_view(applicability: Applicability) -> ApplicabilityView:
+    """A decision as the study page shows a job's checks (reason in words, passed/failed/unknown)."""
+    view = applicability_view({"applicability": applicability.as_record()})
+    assert view is not None  # a record of Applicability is always readable
+    return view
 
 
 def _condition_matrix(rule: Rule, facts: StudyFacts, selected: Sequence[str]) -> list[SeriesResult]:
@@ -356,7 +398,9 @@ def test_rule(context: WebContext, rule: Rule, study_instance_uid: str) -> RuleT
     """Evaluate ``rule`` alone against the stored study ``study_instance_uid`` (saved or not, enabled or not).
 
     Evaluated by the router's own :func:`~dicom_node.conductor.evaluate_with` (models an admin
-    disabled get no job, and the reason says so).
+    disabled get no job, and the reason says so). Each job carries the check before its model from
+    the series header (:func:`~dicom_node.applicability_preview.preview_applicability`, as
+    ``dicom-node rules test`` prints it); the worker checks again with the image, which wins.
 
     KeyError naming the UID when no such study has been received.
     """
@@ -365,15 +409,16 @@ def test_rule(context: WebContext, rule: Rule, study_instance_uid: str) -> RuleT
         raise KeyError(f"no study with Study Instance UID {study_instance_uid!r} has been received")
     facts = study_facts(context.sessions, context.settings.spool_dir, study_id)
     defaults = config_repo.default_destination_names(context.sessions)
+    catalog = _catalog(context)
     decision = evaluate_with(context.sessions, [rule], facts)
     [outcome] = decision.outcomes
-    result = RuleEvaluation(outcome=outcome, jobs=_jobs(decision, facts, defaults))
+    result = RuleEvaluation(outcome=outcome, jobs=_jobs(decision, facts, defaults, catalog, context))
     if_enabled = None
     evaluated = outcome
     if not rule.enabled:
         enabled = evaluate_with(context.sessions, [rule.model_copy(update={"enabled": True})], facts)
         evaluated = enabled.outcomes[0]
-        if_enabled = RuleEvaluation(outcome=evaluated, jobs=_jobs(enabled, facts, defaults))
+        if_enabled = RuleEvaluation(outcome=evaluated, jobs=_jobs(enabled, facts, defaults, catalog, context))
     return RuleTestResult(
         rule=rule, study_instance_uid=facts.study_instance_uid, study_description=facts.study_description,
         calling_ae_titles=list(facts.calling_ae_titles), called_ae_titles=list(facts.called_ae_titles),
@@ -600,6 +645,7 @@ def _form_page(
         default_destinations=config_repo.default_destination_names(context.sessions),
         text_attributes=list(TEXT_ATTRIBUTES), range_attributes=list(RANGE_ATTRIBUTES),
         studies=repo.list_studies(context.sessions, limit=25), test=test, test_error=test_error, study_uid=study_uid,
+        check_view=check_view,
     )
 
 
