@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.bundle import dicom_node_section, read_bundle_metadata, write_bundle
+from training.bundle import dicom_node_section, read_bundle_metadata, target_name, write_bundle
 from training.labels import BACKGROUND, CHEST_LABELS, LESION_CATEGORY_VALUE, LabelSpec
 from training.lesion_plots import LesionCrop, lesion_crop, plot_lesion_gallery
 from training.metrics import (
@@ -49,11 +49,14 @@ from training.metrics import (
     lesion_matches,
     lesion_summary,
 )
+from workers.models.postprocessing import KeepInsideBodyd
 
 __all__ = [
+    "BODY_TISSUE_LABELS",
     "DEFAULT_PATCH_SIZE",
     "DEFAULT_SPACING_MM",
     "DEFAULT_WINDOW_HU",
+    "INSIDE_BODY_LABELS",
     "evaluate_segmentation",
     "inference_config",
     "network_def",
@@ -70,6 +73,10 @@ DEFAULT_WINDOW_HU: tuple[float, float] = (-1000.0, 500.0)
 #: Training patch and sliding-window size (x, y, z voxels), multiples of 8 (SegResNet's 3 downsamplings):
 #: 14 x 14 x 12 cm at the default spacing, enough context to tell lung from outside air and find the heart.
 DEFAULT_PATCH_SIZE: tuple[int, int, int] = (64, 64, 48)
+#: Chest labels that exist only inside the body, and the tissue labels that outline the body: the bundle's
+#: postprocessing clears the first outside the second (the network labels some outside air as lung).
+INSIDE_BODY_LABELS: tuple[str, ...] = ("lung", "heart", "nodule")
+BODY_TISSUE_LABELS: tuple[str, ...] = ("body", "bone")
 #: Lung window for the plots (level, width) in HU.
 _LUNG_WINDOW = (-600.0, 1500.0)
 
@@ -137,11 +144,23 @@ def inference_config(
     roi_size: Sequence[int] = DEFAULT_PATCH_SIZE,
     sw_batch_size: int = 2,
     overlap: float = 0.25,
+    inside_labels: Sequence[int] = (),
+    body_labels: Sequence[int] = (),
 ) -> dict[str, Any]:
     """The bundle's ``configs/inference.json`` (Model Zoo layout, runnable by ``monai.bundle run``).
 
     ``network_def`` is left out: :func:`training.bundle.write_bundle` puts it in.
+    ``inside_labels`` (label values): organs that exist only inside the body; when
+    given, the postprocessing clears them outside the body that ``body_labels``
+    outline, after the argmax (:class:`~workers.models.postprocessing.KeepInsideBodyd`).
     """
+    post: list[dict[str, Any]] = [
+        {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+        {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+    ]
+    if inside_labels:
+        post.append({"_target_": target_name(KeepInsideBodyd), "keys": "pred",
+                     "inside_labels": [int(v) for v in inside_labels], "body_labels": [int(v) for v in body_labels]})
     return {
         "imports": ["$import glob", "$import numpy", "$import os"],
         "bundle_root": ".",
@@ -180,8 +199,7 @@ def inference_config(
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
-                {"_target_": "Activationsd", "keys": "pred", "softmax": True},
-                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                *post,
                 {
                     "_target_": "Invertd",
                     "keys": "pred",
@@ -222,6 +240,11 @@ def inference_config(
         "initialize": ["$monai.utils.set_determinism(seed=0)", "$@checkpointloader(@evaluator) if @load_pretrain else None"],
         "run": ["$@evaluator.run()"],
     }
+
+
+def _values(labels: Sequence[LabelSpec], names: Sequence[str]) -> list[int]:
+    """The values of the labels named ``names`` (those ``labels`` has, in value order)."""
+    return sorted(spec.value for spec in labels if spec.name in names)
 
 
 def _metadata(
@@ -554,7 +577,9 @@ def train_segmentation(
         network=network,
         network_def=net_config,
         inference_config=inference_config(spacing_mm=spacing_mm, window_hu=window_hu, roi_size=patch_size,
-                                          sw_batch_size=sw_batch_size),
+                                          sw_batch_size=sw_batch_size,
+                                          inside_labels=_values(labels, INSIDE_BODY_LABELS),
+                                          body_labels=_values(labels, BODY_TISSUE_LABELS)),
         metadata=_metadata(labels=labels, spacing_mm=spacing_mm, window_hu=window_hu, patch_size=patch_size,
                            evaluation=evaluation, training=training),
         example_input=torch.rand(1, 1, *patch_size),

@@ -2,7 +2,7 @@
 
 The model was trained on chest phantoms, so a head is far outside what it knows; what
 must hold is that it runs, returns a label map on the series' own grid, and says "body" and "bone" where the head and skull are, not
-lungs or nodules in the brain. A picture of what it does is written to
+lungs or nodules in the brain or in the air around the head. A picture of what it does is written to
 ``test-artifacts/real_ct_segmentation.png``.
 """
 
@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from training.data.invesalius import INVESALIUS_EXAMPLE, read_invesalius_project
 from training.phantoms.ct_series import SeriesGeometry, ct_series_datasets, write_series
@@ -57,10 +58,15 @@ def test_chest_model_on_a_real_head_ct_keeps_geometry_and_says_body_and_bone(hea
     bone = by_name["bone"]
     bone_dice = 2 * float((bone & skull).sum()) / max(1, int(bone.sum() + skull.sum()))
     assert bone_dice > 0.5, bone_dice
-    # No lung or nodule inside the head's tissue. (Air outside the head is partly called lung: the phantoms
-    # it was trained on have little air around the body; that is a domain gap, not a geometry error.)
+    # No lung or nodule inside the head's tissue.
     inside = float(((by_name["lung"] | by_name["nodule"]) & head).sum() / head.sum())
     assert inside < 0.01, inside
+    # Nor in the air around the head: the network calls much of it lung (2.6 L; the phantoms it was trained on
+    # have little air around the body), and the bundle's postprocessing clears organs outside the body (what
+    # is left, 45 mL, is the air of the sinuses and airways).
+    enclosed = np.stack([ndimage.binary_fill_holes(level) for level in volume.array > -500])
+    outside_ml = float((by_name["lung"] & ~enclosed).sum()) * float(np.prod(volume.spacing_mm)) / 1000
+    assert outside_ml < 5.0, outside_ml
     assert int(labelled.sum()) > 0
 
 

@@ -297,6 +297,8 @@ def test_nodule_branch_learns_and_leaves_the_anatomy_network_as_it_was(
         assert steps[:3] == ["Activationsd", "workers.models.postprocessing.DropSmallComponentsd", "AsDiscreted"]
     else:
         assert "workers.models.postprocessing.DropSmallComponentsd" not in steps
+    # The anatomy bundle's filter of organs outside the body (after the argmax) is kept by the joined bundle.
+    assert steps[steps.index("AsDiscreted") + 1] == "workers.models.postprocessing.KeepInsideBodyd"
 
 
 def test_joined_bundle_runs_in_the_node_and_under_monai_bundle_run(branched: dict[str, Any], tmp_path: Path) -> None:
