@@ -393,10 +393,12 @@ DEMO_CHEST_CT = InputDomain(
 
 #: The demo segmentation's results must pass these: lungs and heart of a human size, inside the body, the
 #: heart between the lungs, nodules in the lungs, and not too unsure of itself (out-of-distribution signal).
+#: Lung gets 5 % outside the body: the network's body label is a few voxels thick at the skin, so a thin band
+#: of lung just outside it survives the bundle's keep-inside-body step (at most 1.4 % on six phantoms).
 DEMO_SEGMENTATION_PLAUSIBILITY = PlausibilityRules.model_validate({
     "volumes_ml": {"lung": {"min": 1000, "max": 9000}, "heart": {"min": 100, "max": 1500}, "nodule": {"max": 500}},
     "inside_body": ["lung", "heart", "nodule"],
-    "outside_fraction_by_label": {"lung": 0.4},
+    "outside_fraction_by_label": {"lung": 0.05},
     "adjacent": {"heart": [{"label": "lung", "sides": "both"}], "nodule": ["lung"]},
     "max_low_confidence_fraction": 0.1,
 })

@@ -100,7 +100,7 @@ def test_each_model_shows_what_it_was_made_for_its_rules_and_its_series(web: Web
     assert "model-chest-ct-segmentation-region-warning" not in ids
     rules = squash(ids["model-chest-ct-segmentation-plausibility"].text)
     assert rules.startswith("lung 1000-9000 mL; heart 100-1500 mL; nodule <= 500 mL; lung, heart, nodule inside the "
-                            "body (2 % may be outside, lung: 40 %); heart touches lung on both sides (within 10 mm)")
+                            "body (2 % may be outside, lung: 5 %); heart touches lung on both sides (within 10 mm)")
     assert squash(ids["model-lung-nodule-detection-plausibility"].text) == "findings inside the lungs (margin 5 mm)"
     assert squash(ids["model-chest-ct-segmentation-series"].text) == (
         "9011 AI chest anatomy - SEG (chest-ct-segmentation 0.1.0) "

@@ -21,7 +21,7 @@ CHEST_LINE = "CT; chest; slices >= 10; pixel spacing mm 0.3-3; slice spacing mm 
 def test_plausibility_rules_in_words() -> None:
     assert describe_plausibility(DEMO_SEGMENTATION_PLAUSIBILITY) == [
         "lung 1000-9000 mL", "heart 100-1500 mL", "nodule <= 500 mL",
-        "lung, heart, nodule inside the body (2 % may be outside, lung: 40 %)",
+        "lung, heart, nodule inside the body (2 % may be outside, lung: 5 %)",
         "heart touches lung on both sides (within 10 mm)", "nodule touches lung (within 10 mm)",
         "at most 10 % low-confidence voxels",
     ]
@@ -39,7 +39,7 @@ def test_demo_models_declare_chest_ct_rules_and_their_series() -> None:
     seg = model_declarations(catalog, "chest-ct-segmentation")
     assert seg.error is None and seg.made_for == CHEST_LINE and seg.made_for_warning is None
     assert seg.input_domain is not None and seg.input_domain.body_regions == ("chest",)
-    assert seg.plausibility is not None and seg.plausibility["outside_fraction_by_label"] == {"lung": 0.4}
+    assert seg.plausibility is not None and seg.plausibility["outside_fraction_by_label"] == {"lung": 0.05}
     assert "findings_margin_mm" not in seg.plausibility  # as declared: defaults left out
     assert PlausibilityRules.model_validate(seg.plausibility) == DEMO_SEGMENTATION_PLAUSIBILITY  # round trip
     assert [(s.kind, s.series_number, s.description) for s in seg.result_series] == [
