@@ -69,6 +69,7 @@ __all__ = [
     "ModelFormat",
     "ModelKind",
     "ModelRegistryError",
+    "NnUNetOptions",
     "TorchScriptPreprocessing",
     "UnknownModel",
     "algorithm_info",
@@ -85,8 +86,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: What a model gives: a label map, or findings in patient coordinates.
-ModelKind = Literal["segmentation", "detection"]
-ModelFormat = Literal["monai_bundle", "torchscript"]
+ModelKind = Literal["segmentation", "detection", "classification"]
+#: monai_bundle: a MONAI bundle folder; torchscript: one .ts file; onnx: one .onnx file (ONNX Runtime);
+#: nnunet: an nnU-Net v2 trained-model folder (dataset.json, plans.json, fold_*/checkpoint_*.pth).
+ModelFormat = Literal["monai_bundle", "torchscript", "onnx", "nnunet"]
 #: Series number of each kind of result, added to a model's base number (see ModelCatalog.result_series).
 RESULT_SERIES_OFFSETS = {"SEG": 1, "SR": 2, "GSPS": 3, "NOTICE": 9}
 #: Prefix of paths inside an installed Python package.
@@ -261,6 +264,25 @@ class TorchScriptPreprocessing(BaseModel):
         return value
 
 
+class NnUNetOptions(BaseModel):
+    """How to run an nnU-Net v2 trained-model folder (``nnunet`` in a registry entry of format nnunet).
+
+    ``configuration``: the folder's configuration to use (``3d_fullres``, ``3d_lowres``, ``2d``,
+    ...; a cascade's ``3d_cascade_fullres`` needs its ``3d_lowres`` beside it); ``folds``: the
+    folds to ensemble (``all`` is nnU-Net's fold trained on every case); ``checkpoint``: the file
+    name in each fold folder; ``use_mirroring`` and ``tile_step_size`` as nnU-Net's predictor
+    takes them.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    configuration: str = Field(default="3d_fullres", min_length=1)
+    folds: tuple[int | Literal["all"], ...] = (0,)
+    checkpoint: str = Field(default="checkpoint_final.pth", min_length=1)
+    use_mirroring: bool = True
+    tile_step_size: float = Field(default=0.5, gt=0.0, le=1.0)
+
+
 class ModelEntry(BaseModel):
     """One model of ``config/models.yaml`` (see the module docstring for the fields)."""
 
@@ -275,6 +297,7 @@ class ModelEntry(BaseModel):
     labels: tuple[BundleLabel, ...] | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
     preprocessing: TorchScriptPreprocessing | None = None
+    nnunet: NnUNetOptions | None = None
     input_domain: InputDomain | None = None
     plausibility: PlausibilityRules | None = None
     title: str | None = Field(default=None, min_length=1, max_length=40)
@@ -282,17 +305,27 @@ class ModelEntry(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:
-        if self.format == "torchscript":
-            if self.kind != "segmentation":
-                raise ValueError("format torchscript serves segmentation models only; use a bundle for detection")
+        if self.format in ("torchscript", "onnx"):
+            if self.kind == "detection":
+                raise ValueError(f"format {self.format} serves segmentation and classification models; "
+                                 "use a bundle for detection")
             if self.preprocessing is None:
-                raise ValueError("format torchscript needs 'preprocessing' (spacing_mm, window_hu, roi_size)")
+                raise ValueError(f"format {self.format} needs 'preprocessing' (spacing_mm, window_hu, roi_size)")
             if not self.labels:
-                raise ValueError("format torchscript needs 'labels' (a .ts file carries none)")
+                raise ValueError(f"format {self.format} needs 'labels' (the file carries none)")
             if self.overrides:
-                raise ValueError("'overrides' apply to bundles; a torchscript entry takes 'preprocessing'")
+                raise ValueError(f"'overrides' apply to bundles; a {self.format} entry takes 'preprocessing'")
         elif self.preprocessing is not None:
-            raise ValueError("'preprocessing' is for torchscript entries; a bundle brings its own")
+            raise ValueError("'preprocessing' is for torchscript and onnx entries; bundles and nnU-Net folders "
+                             "bring their own")
+        if self.format == "nnunet":
+            if self.kind != "segmentation":
+                raise ValueError("format nnunet serves segmentation models")
+            if not self.labels:
+                raise ValueError("format nnunet needs 'labels': the coded concept of each label of its dataset.json "
+                                 "(bundle_value: the label's value there)")
+        elif self.nnunet is not None:
+            raise ValueError("'nnunet' options are for entries of format nnunet")
         if self.labels is not None:
             if not self.labels:
                 raise ValueError("'labels' is empty: leave it out to use the bundle's own labels")

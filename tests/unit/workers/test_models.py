@@ -458,11 +458,11 @@ def test_registry_serves_bundles_and_torchscript_from_relative_paths(
     ("fields", "message"),
     [
         ({"colour": [1, 2, 3]}, r"models\[0\] \(id 'm'\): colour: Extra inputs are not permitted"),
-        ({"kind": "classification"}, r"models\[0\] \(id 'm'\): kind: Input should be 'segmentation' or 'detection'"),
+        ({"kind": "regression"}, r"models\[0\] \(id 'm'\): kind: Input should be 'segmentation', 'detection' or 'classification'"),
         ({"version": ""}, r"models\[0\] \(id 'm'\): version: String should have at least 1 character"),
         ({"format": "torchscript"}, r"format torchscript needs 'preprocessing'"),
         ({"preprocessing": {"spacing_mm": [1, 1, 1], "window_hu": [0, 1], "roi_size": [8, 8, 8]}},
-         r"'preprocessing' is for torchscript entries"),
+         r"'preprocessing' is for torchscript and onnx entries"),
         ({"kind": "detection", "labels": [{"value": 5, "name": "nodule",
                                            "code": {"value": "1", "scheme": "SCT", "meaning": "x"},
                                            "category": {"value": "2", "scheme": "SCT", "meaning": "y"}}]},
