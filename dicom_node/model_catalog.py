@@ -516,6 +516,18 @@ class ModelCatalog:
         self.entry(model_id)
         return self._paths[model_id]
 
+    def device_uid(self, model_id: str) -> str:
+        """The Device UID of ``model_id``'s weights: derived from their SHA-256, so the same weights give the
+        same UID and new weights a new one. The hash is cached per file path, mtime and size.
+
+        Raises :class:`dicom_node.model_files.ModelFilesError` naming a missing weight file.
+        """
+        from dicom_node.model_files import cached_weights_digest, device_uid_for_digest, weight_files
+
+        entry = self.entry(model_id)
+        path = self._paths[model_id]
+        return device_uid_for_digest(cached_weights_digest(weight_files(path, entry.format, entry), path))
+
     def input_domain(self, model_id: str) -> InputDomain:
         """What ``model_id`` was made for: its entry's ``input_domain``, else its bundle's
         ``dicom_node.input_domain``, else only the modality the bundle declares (no region constraint).
