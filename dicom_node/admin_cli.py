@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -366,6 +367,8 @@ def _models(settings: Settings, args: argparse.Namespace) -> int:
     from dicom_node.db import model_settings
     from dicom_node.model_catalog import ModelCatalog, ModelRegistryError
 
+    if args.sub == "add":
+        return _add_model(settings, args)
     try:
         registry = ModelCatalog.configured(settings.routing.models_file)
     except (ModelRegistryError, OSError) as exc:
@@ -391,6 +394,62 @@ def _models(settings: Settings, args: argparse.Namespace) -> int:
            after=after.audit_state())
     print(f"model {args.model_id} {'enabled' if enabled else 'disabled'}"
           + ("" if enabled else ": routing creates no new jobs for it"))
+    return 0
+
+
+def _add_model(settings: Settings, args: argparse.Namespace) -> int:
+    """``models add``: check the model's files, append its entry to the registry, record the registration."""
+    import yaml
+
+    from dicom_node.db import model_history
+    from dicom_node.model_register import RegistrationError, register_model
+
+    registry_file = args.registry or settings.routing.models_file
+    if registry_file is None:
+        print("dicom-node: no model registry file: this node serves the built-in demo models. Copy "
+              "config/models.yaml (it lists the demo models) to a place of your choice, set routing.models_file "
+              "to it in the settings (or DICOM_NODE_ROUTING__MODELS_FILE), then run this again (or give "
+              "--registry FILE)", file=sys.stderr)
+        return 1
+    extra: dict[str, Any] = {}
+    if args.entry is not None:
+        try:
+            extra = yaml.safe_load(args.entry.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            print(f"dicom-node: --entry {args.entry}: {exc}", file=sys.stderr)
+            return 2
+        if not isinstance(extra, dict):
+            print(f"dicom-node: --entry {args.entry} must hold a mapping of entry fields", file=sys.stderr)
+            return 2
+    try:
+        registered = register_model(Path(registry_file), args.path, args.model_id,
+                                    model_format=None if args.format == "auto" else args.format, kind=args.kind,
+                                    version=args.version, extra=extra, replace=args.replace)
+    except RegistrationError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    entry = registered.entry
+    sessions = _sessions(settings, writes=True)
+    if sessions is not None:
+        model_history.record_registration(
+            sessions, model_id=entry.id, version=entry.version, model_format=entry.format, path=entry.path,
+            device_uid=registered.device_uid, weights_sha256=registered.weights_sha256, by="cli", now=_now(),
+            registry_file=str(registered.registry_file))
+        _audit(sessions, "model.register", "model", entry.id,
+               before={"version": registered.replaced_version} if registered.replaced_version else None,
+               after={"version": entry.version, "format": entry.format, "path": entry.path,
+                      "device_uid": registered.device_uid, "weights_sha256": registered.weights_sha256},
+               detail=f"added to {registered.registry_file}")
+    what = f"version {entry.version}" + (f" (was {registered.replaced_version})" if registered.replaced_version
+                                         else "")
+    print(f"model {entry.id}: {entry.format} {entry.kind}, {what}, registered in {registered.registry_file}\n"
+          f"    path {entry.path}\n    Device UID {registered.device_uid} (weights sha256 "
+          f"{registered.weights_sha256[:16]}...)")
+    if settings.routing.models_file is None or Path(settings.routing.models_file).resolve() != \
+            Path(registered.registry_file).resolve():
+        print(f"note: routing.models_file does not name {registered.registry_file}; the node serves it only once "
+              "it does")
+    print("restart the workers to load it; routing rules name it by its id")
     return 0
 
 
@@ -445,7 +504,7 @@ def worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     import socket
 
     from dicom_node.node import build_worker
-    from dicom_node.queue import CeleryQueue, GPU_QUEUE, IO_QUEUE
+    from dicom_node.queue import GPU_QUEUE, IO_QUEUE, CeleryQueue
     from dicom_node.stopping import StopSignals, run_bounded
     from workers.celery_app import make_celery_app
 

@@ -123,11 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_user_commands(commands, _common)
 
-    models = commands.add_parser("models", help="the model registry: list, enable or disable a model")
+    models = commands.add_parser("models", help="the model registry: list, add, enable or disable a model")
     model_commands = models.add_subparsers(dest="sub", required=True)
     models_list = model_commands.add_parser("list", help="models of the registry and whether routing may use them")
     _common(models_list)
     models_list.add_argument("--json", action="store_true")
+    models_add = model_commands.add_parser(
+        "add", help="check a model folder or file and register it (a new entry of routing.models_file)")
+    _common(models_add)
+    models_add.add_argument("path", type=Path, help="a MONAI bundle folder, an nnU-Net v2 results folder "
+                                                    "(dataset.json, plans.json, fold_*), a .ts or an .onnx file")
+    models_add.add_argument("--id", required=True, dest="model_id", help="the id routing rules will name it by")
+    models_add.add_argument("--format", default="auto",
+                            choices=("auto", "monai_bundle", "torchscript", "onnx", "nnunet"),
+                            help="the model's format (default: detected from the files)")
+    models_add.add_argument("--kind", choices=("segmentation", "detection", "classification"),
+                            help="what it gives (default: the bundle's dicom_node.kind, else segmentation)")
+    models_add.add_argument("--version", help="the version written into results (default: the bundle's metadata "
+                                              "version; required for other formats)")
+    models_add.add_argument("--registry", type=Path,
+                            help="the registry file to add it to (default: routing.models_file)")
+    models_add.add_argument("--entry", type=Path,
+                            help="a YAML file of more entry fields: labels, preprocessing, nnunet, input_domain, "
+                                 "plausibility, title, series_number, name, overrides")
+    models_add.add_argument("--replace", action="store_true",
+                            help="register a new version of a model id already in the registry (its entry is "
+                                 "replaced; fields not given are kept)")
     for name, text in (("enable", "let routing create jobs for a model again"),
                        ("disable", "stop routing from creating jobs for a model (queued jobs still run)")):
         command = model_commands.add_parser(name, help=text)

@@ -442,3 +442,24 @@ class ModelSetting(Base):
     note: Mapped[str | None] = mapped_column(Text, doc="The admin's reason, at most 500 characters.")
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_by: Mapped[str] = mapped_column(String(64), doc="Username (or 'cli') of who changed it last.")
+
+
+class ModelRegistration(Base):
+    """One registration of a model in the registry (``dicom-node models add``): its version history.
+
+    The Device UID is derived from the SHA-256 of the weight files, so a registration with new
+    weights shows a new UID and one with the same weights the same UID.
+    """
+
+    __tablename__ = "model_registrations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model_id: Mapped[str] = mapped_column(String(64), index=True, doc="Model id of the registry.")
+    version: Mapped[str] = mapped_column(String(64))
+    format: Mapped[str] = mapped_column(String(32), doc="monai_bundle, torchscript, onnx or nnunet.")
+    path: Mapped[str] = mapped_column(Text, doc="The model's path as the registry names it.")
+    device_uid: Mapped[str] = mapped_column(String(64))
+    weights_sha256: Mapped[str] = mapped_column(String(64))
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    registered_by: Mapped[str] = mapped_column(String(64), doc="Username, or 'cli'.")
+    registry_file: Mapped[str | None] = mapped_column(Text, doc="The registry file the entry was added to.")
