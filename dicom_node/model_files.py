@@ -40,7 +40,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: File name suffixes of the single-file formats.
-_FILE_FORMATS: dict[str, "ModelFormat"] = {".ts": "torchscript", ".onnx": "onnx"}
+_FILE_FORMATS: dict[str, ModelFormat] = {".ts": "torchscript", ".onnx": "onnx"}
 #: Entropy prefix of the Device UIDs of model weights (so they never collide with other derived UIDs).
 _DEVICE_UID_SOURCE = "dicom-ai-node model weights sha256"
 _FOLD = re.compile(r"^fold_(\d+|all)$")

@@ -6,8 +6,11 @@
 MONAI is imported here), and for each entry the bundle's ``configs/metadata.json``:
 labels with their codes and colours, the input spacing and intensity window, and
 the evaluation figures the training run wrote (``dicom_node.evaluation``, held-out
-figures first). It never builds a network or reads weights - only JSON and file
-sizes - so the page is fast and safe to open while workers are busy. What each model declares
+figures first). It never builds a network or loads weights - JSON, file sizes and
+the SHA-256 of the weight files (the Device UID; hashed once per file version and
+cached) - so the page is fast and safe to open while workers are busy. Each model
+also shows the input it expects, the routing rules that name it and its version
+history (:mod:`dicom_node.db.model_history`, written by ``dicom-node models add``). What each model declares
 (:mod:`dicom_node.model_declarations`) is shown in words: what it was made for (a model that names
 no body region is flagged: nothing keeps it off another region), the plausibility rules its results
 must pass, and the series numbers its results arrive in. Each model's
@@ -33,7 +36,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from dicom_node.db import model_settings, workers
+from dicom_node.db import config_repo, model_history, model_settings, workers
 from dicom_node.db.models import Role
 from dicom_node.model_catalog import (
     BundleLabel,
@@ -89,6 +92,18 @@ class WorkerModelOut(BaseModel):
     error: str | None = None
 
 
+class RegistrationOut(BaseModel):
+    """One registration of the model (``dicom-node models add``), newest first."""
+
+    version: str
+    format: str
+    path: str
+    device_uid: str
+    weights_sha256: str
+    registered_at: datetime
+    registered_by: str
+
+
 class ModelOut(BaseModel):
     id: str
     name: str
@@ -119,6 +134,12 @@ class ModelOut(BaseModel):
     note: str | None = Field(None, description="the admin's reason for the last enable/disable")
     updated_by: str | None = Field(None, description="who last enabled/disabled the model (None: never changed)")
     updated_at: datetime | None = Field(None, description="when the model was last enabled/disabled (UTC)")
+    device_uid: str | None = Field(None, description="Device UID of the model's weights (from their SHA-256: the "
+                                                     "same weights, the same UID); None when they cannot be read")
+    inputs: list[tuple[str, str]] = Field([], description="(what, value) of the input it expects: preprocessing, "
+                                                          "spacing, window, nnU-Net configuration")
+    used_by_rules: list[str] = Field([], description="routing rules whose pipelines name this model")
+    history: list[RegistrationOut] = Field([], description="its registrations, newest first")
 
 
 class ModelSettingIn(BaseModel):
@@ -268,11 +289,36 @@ def _describe(registry: ModelCatalog, model_id: str, states: list[WorkerModelOut
     except Exception as exc:  # a broken bundle is shown in its row; the page must still render
         logger.info("model %s: %s", model_id, exc)
         values["error"] = str(exc)
+    try:
+        values["device_uid"] = registry.device_uid(model_id)
+    except (ValueError, OSError) as exc:  # missing weights: the path error above says so
+        logger.info("model %s: no Device UID: %s", model_id, exc)
+    values["inputs"] = _inputs(entry, values)
     declared = model_declarations(registry, model_id)  # a bad declaration is its error, never an exception
     values.update({name: value for name, value in declared if name != "error"})
     if declared.error:
         values["error"] = "; ".join(filter(None, [values.get("error"), declared.error]))
     return ModelOut(**values)
+
+
+def _inputs(entry: Any, values: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """The input a model expects, in words: how it is preprocessed (format-specific)."""
+    found: list[tuple[str, str]] = []
+    if entry.preprocessing is not None:
+        pre = entry.preprocessing
+        found += [("Sliding window", f"{' x '.join(map(str, pre.roi_size))} voxels, overlap {pre.overlap:g}, "
+                                     f"batch {pre.sw_batch_size}")]
+    if entry.nnunet is not None:
+        options = entry.nnunet
+        found += [("nnU-Net configuration", options.configuration),
+                  ("Folds", ", ".join(map(str, options.folds)) + f" ({options.checkpoint})"),
+                  ("Mirroring", "on" if options.use_mirroring else "off"),
+                  ("Tile step", f"{options.tile_step_size:g}")]
+    elif entry.format == "nnunet":
+        found.append(("Preprocessing", "nnU-Net's own (plans.json)"))
+    if entry.format == "monai_bundle":
+        found.append(("Preprocessing", "the bundle's configs/inference.json"))
+    return found
 
 
 def _registry(context: WebContext) -> tuple[str, ModelCatalog | None, str | None]:
@@ -299,6 +345,11 @@ def model_catalog(context: WebContext) -> ModelsOut:
     settings = model_settings.model_settings(context.sessions)
     online = [w for w in workers.list_workers(context.sessions, now=context.clock(),
                                               stale_seconds=context.settings.web.worker_stale_seconds) if w.online]
+    uses: dict[str, list[str]] = {}
+    for rule in config_repo.list_rules(context.sessions):
+        for pipeline in dict.fromkeys(rule.pipelines):
+            uses.setdefault(pipeline, []).append(rule.name)
+    history = model_history.history(context.sessions)
     models = []
     for model_id in registry.ids:
         states = [
@@ -307,8 +358,10 @@ def model_catalog(context: WebContext) -> ModelsOut:
             for w in online if (s := w.models.get(model_id)) is not None
         ]
         described = _describe(registry, model_id, states)
-        models.append(described.model_copy(
-            update=_setting_fields(model_settings.setting_of(settings, model_id))))
+        models.append(described.model_copy(update=_setting_fields(model_settings.setting_of(settings, model_id)) | {
+            "used_by_rules": uses.get(model_id, []),
+            "history": [RegistrationOut(**{k: v for k, v in r.as_dict().items() if k in RegistrationOut.model_fields})
+                        for r in history.get(model_id, [])]}))
     return ModelsOut(source=source, models=models)
 
 
