@@ -62,6 +62,12 @@ def build_model(entry: ModelEntry, path: Path, device: str | torch.device | None
         return TorchScriptSegmentationModel(
             path, preprocessing=entry.preprocessing, labels=labels, version=entry.version, **common
         )
+    if entry.kind == "detection" and entry.format == "monai_bundle":
+        from workers.models.retinanet import RetinaNetBundleModel, is_retinanet_bundle
+
+        if is_retinanet_bundle(path):  # MONAI RetinaNet (Model Zoo layout); others are the demo CenterNet
+            return RetinaNetBundleModel(path, labels=labels, overrides=entry.overrides, version=entry.version,
+                                        **common)
     if entry.kind == "detection":
         from workers.models.nodule_detector import NoduleDetectorModel
 
