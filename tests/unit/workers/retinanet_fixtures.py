@@ -71,6 +71,8 @@ class PlantedResponse(nn.Module):
         level0 = int(torch.tensor(classification[0].shape[2:]).prod()) * self.num_anchors
         coder = BoxCoder(weights=(1.0,) * 6)
         for b in range(batch):
+            if not bool((images[b] > 0.5).any()):
+                continue  # nothing bright (a sliding window's patch beside the object): nothing fires
             centre = self.bright_centre(images[b].float().cpu())
             target = torch.cat([centre - self.box_size / 2, centre + self.box_size / 2])[None].float()
             candidates = anchors[b][:level0].cpu()

@@ -143,6 +143,25 @@ def test_intermediate_layers_run_every_kept_child_in_order() -> None:
         IntermediateLayers(model, {"nope": "x"})
 
 
+def test_config_references_to_torchvision_helpers_are_redirected() -> None:
+    from workers.models.retinanet import _torchvision_free
+
+    config = {
+        "imports": ["$from monai.apps.detection.networks.retinanet_network import resnet_fpn_feature_extractor"],
+        "fe": "$monai.apps.detection.networks.retinanet_network.resnet_fpn_feature_extractor(@backbone,3)",
+        "fpn": {"_target_": "monai.networks.blocks.backbone_fpn_utils.BackboneWithFPN", "out_channels": 8},
+        "short": [{"_target_": "resnet_fpn_feature_extractor"}],
+        "other": "$monai.networks.nets.resnet.resnet50(spatial_dims=3)",
+    }
+    out = _torchvision_free(config)
+    redirected = "$from workers.models.retinanet import resnet_fpn_feature_extractor as resnet_fpn_feature_extractor"
+    assert out["imports"] == [redirected]
+    assert out["fe"] == "$_dicom_node_retinanet.resnet_fpn_feature_extractor(@backbone,3)"
+    assert out["fpn"] == {"_target_": "workers.models.retinanet.BackboneWithFPN", "out_channels": 8}
+    assert out["short"] == [{"_target_": "workers.models.retinanet.resnet_fpn_feature_extractor"}]
+    assert out["other"] == config["other"]
+
+
 def test_only_retinanet_bundles_are_recognised(tmp_path: Path) -> None:
     assert is_retinanet_bundle(ZOO_DETECTION)
     assert not is_retinanet_bundle(REPO / "workers" / "bundles" / "lung_nodule_detection")
@@ -246,7 +265,7 @@ def test_registry_entry_for_a_detector_needs_bundle_values() -> None:
 # --------------------------------------------------------------------------- geometry: a planted response
 
 
-def _planted_model() -> RetinaNetBundleModel:
+def _planted_model(**more_overrides: object) -> RetinaNetBundleModel:
     network = {
         "_target_": "tests.unit.workers.retinanet_fixtures.PlantedResponse",
         "anchor_generator": "@anchor_generator",
@@ -255,7 +274,7 @@ def _planted_model() -> RetinaNetBundleModel:
         "size_divisible": "@size_divisible",
     }
     overrides = {"network_def": network, "whether_raw_luna16": True,
-                 "preprocessing#transforms#4#pixdim": list(PIXDIM)}
+                 "preprocessing#transforms#4#pixdim": list(PIXDIM), **more_overrides}
     return RetinaNetBundleModel(ZOO_DETECTION, device="cpu", random_weights=True, labels={0: NODULE},
                                 overrides=overrides)
 
@@ -290,6 +309,21 @@ def test_planted_box_lands_at_the_planted_object_in_patient_space(
     assert np.linalg.norm(np.asarray(found.centre_mm) - PLANTED_CENTRE_MM) < 0.8
     # size: the planted voxel box on the preprocessed grid (RAS x, y, z extents = LPS x, y, z extents)
     assert found.size_mm == pytest.approx(tuple(b * p for b, p in zip(BOX_VOXELS, PIXDIM)), abs=1e-3)
+
+
+def test_sliding_window_path_finds_the_same_box(planted_model: RetinaNetBundleModel) -> None:
+    """force_sliding_window (the Zoo inferer's flag) runs the detector's SlidingWindowInferer; same box."""
+    volume = _planted_volume(AXIAL_FLIPPED)
+    whole = planted_model.predict(volume).detections
+    # the preprocessed image is 32 x 36 x 27 voxels, padded to 32 x 48 x 32 (size_divisible): one window
+    sliding = _planted_model(force_sliding_window=True, infer_patch_size=[32, 48, 32])
+    _, image = sliding.raw_detections(volume)
+    assert tuple(image.shape[1:]) == (32, 36, 27)
+    assert sliding._use_sliding_window(image) and not planted_model._use_sliding_window(image)
+    found = sliding.predict(volume).detections
+    assert len(whole) == len(found) == 1
+    assert found[0].centre_mm == pytest.approx(whole[0].centre_mm, abs=1e-3)
+    assert found[0].size_mm == pytest.approx(whole[0].size_mm, abs=1e-3)
 
 
 def test_world_mapping_equals_the_zoo_postprocessing(planted_model: RetinaNetBundleModel) -> None:
