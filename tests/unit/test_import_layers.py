@@ -171,7 +171,7 @@ NODE_MODULES = (
     "dicom_node/web/**/*.py", "dicom_node/db/**/*.py", "dicom_node/routing.py", "dicom_node/conductor.py",
     "dicom_node/completion.py", "dicom_node/scp*.py", "dicom_node/ingest.py", "dicom_node/dispatch.py",
     "dicom_node/scu.py", "dicom_node/stow.py", "dicom_node/contracts.py", "dicom_node/settings.py",
-    "dicom_node/model_catalog.py",
+    "dicom_node/model_catalog.py", "dicom_node/model_files.py", "dicom_node/model_register.py",
 )
 WORKERS = "workers"
 
