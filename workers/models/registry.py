@@ -62,6 +62,13 @@ def build_model(entry: ModelEntry, path: Path, device: str | torch.device | None
         return TorchScriptSegmentationModel(
             path, preprocessing=entry.preprocessing, labels=labels, version=entry.version, **common
         )
+    if entry.format == "nnunet":
+        # dynamic_network_architectures is imported only where nnU-Net folders are served
+        from workers.models.nnunet import NnUNetModel, NnUNetOptions
+
+        assert labels is not None  # checked by ModelEntry
+        return NnUNetModel(path, options=entry.nnunet or NnUNetOptions(), labels=labels, version=entry.version,
+                           **common)
     if entry.kind == "detection" and entry.format == "monai_bundle":
         from workers.models.retinanet import RetinaNetBundleModel, is_retinanet_bundle
 
