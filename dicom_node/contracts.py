@@ -24,8 +24,9 @@ __all__ = [
     "SegmentLabel",
 ]
 
-#: The DICOM result objects a pipeline can produce and a destination can receive.
-OutputKind = Literal["SEG", "SR", "GSPS"]
+#: The DICOM result objects a pipeline can produce and a destination can receive: PMAP (Parametric Map)
+#: and SC (colour Secondary Capture overlays) carry a classifier's explanation map.
+OutputKind = Literal["SEG", "SR", "GSPS", "PMAP", "SC"]
 
 
 class _Frozen(BaseModel):

@@ -35,6 +35,7 @@ from dicom_node.settings import _check_ae_title
 
 __all__ = [
     "ALL_OUTPUTS",
+    "DEFAULT_OUTPUTS",
     "BasicAuth",
     "BearerAuth",
     "Destination",
@@ -46,8 +47,13 @@ __all__ = [
     "NoAuth",
 ]
 
-#: Every result kind; a destination receives all of them unless its ``outputs`` say otherwise.
-ALL_OUTPUTS: frozenset[OutputKind] = frozenset({"SEG", "SR", "GSPS"})
+#: Every result kind a destination can ask for (the form's choices).
+ALL_OUTPUTS: frozenset[OutputKind] = frozenset({"SEG", "SR", "GSPS", "PMAP", "SC"})
+#: What a destination receives when its ``outputs`` say nothing: SEG, SR and GSPS. A classifier's explanation
+#: map (PMAP: Parametric Map, SC: colour Secondary Capture overlays) must be asked for: many PACS do not accept
+#: the Parametric Map SOP class (the association would refuse it and the delivery fail), and colour overlay
+#: images are a series a reading list shows; destinations set up before they existed keep receiving what they did.
+DEFAULT_OUTPUTS: frozenset[OutputKind] = frozenset({"SEG", "SR", "GSPS"})
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]+$")  # DNS name, IPv4, IPv6 (with zone id)
@@ -69,7 +75,8 @@ class _DestinationBase(_Definition):
 
     name: str = Field(description="Unique name; routing rules refer to destinations by it.")
     outputs: frozenset[OutputKind] = Field(
-        default=ALL_OUTPUTS, description="Result kinds this destination receives (SEG, SR, GSPS)."
+        default=DEFAULT_OUTPUTS,
+        description="Result kinds this destination receives (SEG, SR, GSPS; PMAP and SC only when named)."
     )
     default: bool = Field(default=False, description="Receives the results of rules that name no destinations.")
     not_performed: Literal["none", "sr"] = Field(

@@ -91,7 +91,7 @@ ModelKind = Literal["segmentation", "detection", "classification"]
 #: nnunet: an nnU-Net v2 trained-model folder (dataset.json, plans.json, fold_*/checkpoint_*.pth).
 ModelFormat = Literal["monai_bundle", "torchscript", "onnx", "nnunet"]
 #: Series number of each kind of result, added to a model's base number (see ModelCatalog.result_series).
-RESULT_SERIES_OFFSETS = {"SEG": 1, "SR": 2, "GSPS": 3, "NOTICE": 9}
+RESULT_SERIES_OFFSETS = {"SEG": 1, "SR": 2, "GSPS": 3, "PMAP": 4, "SC": 5, "NOTICE": 9}
 #: Prefix of paths inside an installed Python package.
 PACKAGE_SCHEME = "package://"
 
@@ -602,10 +602,11 @@ class ModelCatalog:
             return {}
 
     def result_series(self, model_id: str, kind: str) -> tuple[int, str]:
-        """Series number and description of ``model_id``'s results of ``kind`` (SEG, SR, GSPS, NOTICE).
+        """Series number and description of ``model_id``'s results of ``kind`` (SEG, SR, GSPS, PMAP, SC, NOTICE).
 
         Each model has its own block of ten series numbers (``series_number`` in its entry, else
-        9000 + 10 x its position in the registry, from 1): SEG +1, SR +2, GSPS +3, the "AI analysis
+        9000 + 10 x its position in the registry, from 1): SEG +1, SR +2, GSPS +3, the explanation
+        map's Parametric Map +4 and colour overlay Secondary Captures +5, the "AI analysis
         not performed" SR +9. The description names the model, the object and the version, for example
         "AI lung nodules - SR (lung-nodule-detection 0.1.0)", so two models' SRs never look alike.
         """

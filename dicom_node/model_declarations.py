@@ -40,13 +40,14 @@ NO_REGION_WARNING = "no body region declared - runs on any region of its modalit
 RESULT_KINDS: dict[str, tuple[str, ...]] = {
     "segmentation": ("SEG", "SR", "NOTICE"),
     "detection": ("SR", "GSPS", "NOTICE"),
+    "classification": ("SR", "PMAP", "SC", "NOTICE"),
 }
 
 
 class ResultSeries(BaseModel):
     """One series a model's results arrive in at the destinations."""
 
-    kind: str = Field(description="SEG, SR, GSPS, or NOTICE (the 'AI analysis not performed' SR)")
+    kind: str = Field(description="SEG, SR, GSPS, PMAP, SC, or NOTICE (the 'AI analysis not performed' SR)")
     series_number: int
     description: str = Field(description="the Series Description the objects carry")
 

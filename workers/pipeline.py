@@ -40,7 +40,7 @@ from dicom_node.study_store import SeriesNotFound
 from dicom_node.work_in_flight import StopRequested
 from workers.applicability import check_applicability
 from workers.context import WorkerContext
-from workers.models.base import DetectionResult, Model, SegmentationResult
+from workers.models.base import ClassificationResult, DetectionResult, Model, SegmentationResult
 from workers.models.registry import UnknownModel
 from workers.outputs.common import SeriesIdentity
 from workers.plausibility import check_plausibility
@@ -97,7 +97,8 @@ def _identity(ctx: WorkerContext, model_id: str, kind: str) -> SeriesIdentity:
 
 
 def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any) -> ResultObjects:
-    """The DICOM objects for one model result: SEG + SR for segmentations, SR + GSPS for detections.
+    """The DICOM objects for one model result: SEG + SR for segmentations, SR + GSPS for detections,
+    SR + PMAP + SC (the explanation map) for classifications.
 
     An empty result still gives an SR that says nothing was found.
     """
@@ -120,6 +121,16 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
         gsps = build_gsps(volume, result.detections, algorithm, _identity(ctx, model_id, "GSPS"))
         if gsps is not None:
             objects.append(("GSPS", gsps))
+    elif isinstance(result, ClassificationResult):
+        from workers.outputs.explanation import build_overlay_sc, build_parametric_map
+        from workers.outputs.sr import ClassificationFindings
+
+        objects.append(("SR", build_sr(volume, [ClassificationFindings(algorithm, result)],
+                                       _identity(ctx, model_id, "SR"))))
+        if result.explanation is not None:  # sent only to destinations that ask for PMAP / SC
+            objects.append(("PMAP", build_parametric_map(volume, result, algorithm, _identity(ctx, model_id, "PMAP"))))
+            objects.extend(("SC", sc) for sc in build_overlay_sc(volume, result, algorithm,
+                                                                 _identity(ctx, model_id, "SC")))
     else:
         raise TypeError(f"model {algorithm.model_id} returned {type(result).__name__}, not a known result type")
     return objects
@@ -133,6 +144,10 @@ def _summary(result: Any, volume: Volume) -> dict[str, Any]:
         counts, voxel_ml = label_counts(result.label_map), voxel_volume_ml(volume)
         return {"kind": "segmentation",
                 "volumes_ml": {label.name: round(float(counts[label.value]) * voxel_ml, 2) for label in result.labels}}
+    if isinstance(result, ClassificationResult):
+        return {"kind": "classification", "class": result.winner.name,
+                "probabilities": {label.name: round(p, 4) for label, p in zip(result.labels, result.probabilities)},
+                "explanation": result.explanation_method}
     return {
         "kind": "detection",
         "findings": len(result.detections),

@@ -2,8 +2,10 @@
 
 Why: the pipeline must not care whether a model is a MONAI bundle, a TorchScript
 file or something else; it calls :meth:`Model.predict` on a :class:`Volume` and
-gets one of the two result types below, in the volume's own voxel grid
-(segmentation) or in patient coordinates (detection).
+gets one of the result types below: a label map in the volume's own voxel grid
+(segmentation), findings in patient coordinates (detection), or class
+probabilities for the whole series with an optional explanation map on the
+volume's grid (classification).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dicom_node.contracts import AlgorithmInfo, Detection, SegmentLabel
 from dicom_node.model_catalog import ModelKind
 from workers.volume import Volume
 
-__all__ = ["DetectionResult", "LabelledModel", "Model", "ModelKind", "SegmentationResult"]
+__all__ = ["ClassificationResult", "DetectionResult", "LabelledModel", "Model", "ModelKind", "SegmentationResult"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,6 +47,54 @@ class DetectionResult:
     """Findings in patient coordinates (LPS mm), best first; empty when nothing was found."""
 
     detections: tuple[Detection, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class ClassificationResult:
+    """A series-level classification: one probability per class, the winner, and optionally where it looked.
+
+    ``labels``: the classes, in label-value order; each one's ``property_type`` is the class's
+    coded value (e.g. SCT 52101004 "Present") and its ``property_category`` the question the
+    model answers (e.g. SCT 27925004 "Nodule"), the same for every class. ``probabilities``:
+    one per label, same order, each in [0, 1], summing to 1 (a softmax). ``explanation``: a
+    float32 map on the volume's ``[slice, row, column]`` grid, values in [0, 1], of where the
+    evidence for the winning class lies (``explanation_method`` says how it was computed:
+    ``"grad-cam"`` or ``"occlusion"``); None when the model computes none.
+    """
+
+    labels: tuple[SegmentLabel, ...]
+    probabilities: tuple[float, ...]
+    explanation: npt.NDArray[np.float32] | None = None
+    explanation_method: str | None = None
+
+    def __post_init__(self) -> None:
+        """Reject results that could not be reported: mismatched lengths, probabilities that are not a distribution."""
+        if len(self.labels) < 2 or len(self.labels) != len(self.probabilities):
+            raise ValueError(f"classification result: {len(self.labels)} labels and {len(self.probabilities)} "
+                             "probabilities (need the same number, at least 2)")
+        if any(not 0.0 <= p <= 1.0 for p in self.probabilities) or abs(sum(self.probabilities) - 1.0) > 1e-3:
+            raise ValueError(f"classification result: probabilities {self.probabilities} are not a distribution")
+        if self.explanation is not None:
+            if self.explanation.ndim != 3 or self.explanation.dtype != np.float32:
+                raise ValueError(f"classification result: explanation must be a 3-D float32 array, got "
+                                 f"{self.explanation.dtype} {self.explanation.shape}")
+            if self.explanation.size and (self.explanation.min() < 0.0 or self.explanation.max() > 1.0):
+                raise ValueError("classification result: explanation values must lie in [0, 1]")
+
+    @property
+    def winner_index(self) -> int:
+        """Position of the most probable class in ``labels``."""
+        return int(np.argmax(self.probabilities))
+
+    @property
+    def winner(self) -> SegmentLabel:
+        """The most probable class."""
+        return self.labels[self.winner_index]
+
+    @property
+    def winner_probability(self) -> float:
+        """The most probable class's probability."""
+        return float(self.probabilities[self.winner_index])
 
 
 class LabelledModel:
@@ -75,4 +125,4 @@ class Model(Protocol):
     @property
     def labels(self) -> tuple[SegmentLabel, ...]: ...
 
-    def predict(self, volume: Volume) -> SegmentationResult | DetectionResult: ...
+    def predict(self, volume: Volume) -> SegmentationResult | DetectionResult | ClassificationResult: ...

@@ -57,6 +57,14 @@ def build_model(entry: ModelEntry, path: Path, device: str | torch.device | None
     """Load the model an entry describes from ``path`` (already resolved) onto ``device``."""
     labels = entry.label_mapping()
     common: dict[str, Any] = {"device": device, "model_id": entry.id, "name": entry.name}
+    if entry.kind == "classification" and entry.format in ("monai_bundle", "torchscript"):
+        from workers.models.classification import MonaiBundleClassifier, TorchScriptClassifier
+
+        if entry.format == "torchscript":
+            assert entry.preprocessing is not None and labels is not None  # checked by ModelEntry
+            return TorchScriptClassifier(path, preprocessing=entry.preprocessing, labels=labels,
+                                         version=entry.version, **common)
+        return MonaiBundleClassifier(path, labels=labels, overrides=entry.overrides, version=entry.version, **common)
     if entry.format == "torchscript":
         assert entry.preprocessing is not None and labels is not None  # checked by ModelEntry
         return TorchScriptSegmentationModel(

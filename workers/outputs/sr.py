@@ -43,6 +43,15 @@ Content tree (TID 1500):
     the ellipsoid's bounding box (TID 1411 allows one volume surface per group
     and highdicom forbids coordinates on ROI-group measurements, so an
     ellipsoid is the one SCOORD3D that carries both).
+  - **Classification** -> one TID 1501 group (measurements and qualitative
+    evaluations, no region: the answer is about the whole series): finding
+    type = the question (the classes' shared category, e.g. SCT 27925004
+    "Nodule"), a qualitative evaluation with that question as concept name and
+    the winning class's coded value (e.g. SCT 52101004 "Present") as value, and
+    Certainty of Finding (DCM 111012) = the winner's probability x 100 in ``%``;
+    every class's probability follows as a Probability (DCM 122157) measurement
+    in ``%`` with a HAS CONCEPT MOD "Finding" (DCM 121071) = that class's coded
+    value (:func:`_classification_group`).
   - **Declared label not found** (no voxel, no detection) -> a TID 1501 group
     with finding type = that label and a qualitative evaluation
     "<label type>" = Absent (SCT 272519000, CID 241 "Present-Absent Only"),
@@ -67,7 +76,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 from dicom_node.contracts import AlgorithmInfo, CodedConcept, Detection, SegmentLabel
-from workers.models.base import SegmentationResult
+from workers.models.base import ClassificationResult, SegmentationResult
 from workers.outputs.common import (
     AI_ALGORITHM_FAMILY,
     SeriesIdentity,
@@ -81,6 +90,7 @@ from workers.volume import Volume
 
 __all__ = [
     "CT_CHEST",
+    "ClassificationFindings",
     "DetectionFindings",
     "Findings",
     "SegmentationFindings",
@@ -102,6 +112,8 @@ _ML = hd.sr.CodedConcept(value="mL", scheme_designator="UCUM", meaning="millilit
 _MM = codes.UCUM.Millimeter
 _PERCENT = codes.UCUM.Percent
 _HU = codes.UCUM.HounsfieldUnit
+#: The probability of one class of a classification (DCM 122157 "Probability"; the winner's is Certainty of Finding).
+_PROBABILITY = codes.DCM.Probability
 #: Absent, from CID 241 "Present-Absent Only".
 _ABSENT = codes.SCT.Absent
 #: Points on a detection's outline circle (the polyline repeats the first to close it).
@@ -147,8 +159,26 @@ class DetectionFindings:
             )
 
 
+@dataclass(frozen=True, eq=False)
+class ClassificationFindings:
+    """A classification model's output as the SR reports it (see the module docstring).
+
+    ``result.labels`` are the classes; they share one category, the question answered.
+    """
+
+    algorithm: AlgorithmInfo
+    result: ClassificationResult
+
+    def __post_init__(self) -> None:
+        """Reject classes that answer different questions: the SR states one answer to one question."""
+        questions = {(label.property_category.value, label.property_category.scheme) for label in self.result.labels}
+        if len(questions) != 1:
+            raise ValueError(f"classification findings of {self.algorithm.name}: the classes name {len(questions)} "
+                             "questions (categories); they must share one")
+
+
 #: One model's output, as :func:`build_sr` takes it.
-Findings = SegmentationFindings | DetectionFindings
+Findings = SegmentationFindings | DetectionFindings | ClassificationFindings
 _Group = (
     hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations
     | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
@@ -179,6 +209,8 @@ def build_sr(
             groups.extend(_segmentation_groups(volume, findings_set, sop_instance_uid, len(groups)))
             if findings_set.seg is not None:
                 evidence.append(findings_set.seg)
+        elif isinstance(findings_set, ClassificationFindings):
+            groups.append(_classification_group(findings_set, sop_instance_uid, len(groups)))
         else:
             groups.extend(_detection_groups(volume, findings_set, sop_instance_uid, len(groups)))
 
@@ -574,3 +606,35 @@ def _detection_groups(
             tracking = _tracking(sop_instance_uid, first_index + len(groups), f"{label.name} (not found)")
             groups.append(_absent_group(label, findings.algorithm, tracking))
     return groups
+
+
+# --- classification ------------------------------------------------------------------------------------------
+
+
+def _classification_group(
+    findings: ClassificationFindings, sop_instance_uid: str, index: int
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """TID 1501 group: question = the winning class, Certainty of Finding in %, each class's probability in %."""
+    result = findings.result
+    winner = result.winner
+    question = coded(winner.property_category)
+    tracking = _tracking(sop_instance_uid, index, f"{question.meaning}: {winner.name}")
+    measurements = [hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding, value=result.winner_probability * 100.0,
+                                      unit=_PERCENT)]
+    for label, probability in zip(result.labels, result.probabilities):
+        measurement = hd.sr.Measurement(name=_PROBABILITY, value=probability * 100.0, unit=_PERCENT)
+        # Which class the probability is of: a HAS CONCEPT MOD "Finding" = the class's coded value.
+        modifier = hd.sr.CodeContentItem(name=codes.DCM.Finding, value=coded(label.property_type),
+                                         relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)
+        item = measurement[0]  # the template's NUM content item
+        if "ContentSequence" not in item:
+            item.ContentSequence = []
+        item.ContentSequence.append(modifier)
+        measurements.append(measurement)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking.item(),
+        finding_type=question,
+        algorithm_id=sr_algorithm_identification(findings.algorithm),
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=question, value=coded(winner.property_type))],
+        measurements=measurements,
+    )

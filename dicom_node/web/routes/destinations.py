@@ -30,7 +30,7 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from dicom_node.db import config_repo
 from dicom_node.db.models import Role
-from dicom_node.destinations import ALL_OUTPUTS, Destination, DicomDestination, DicomWebDestination
+from dicom_node.destinations import ALL_OUTPUTS, DEFAULT_OUTPUTS, Destination, DicomDestination, DicomWebDestination
 from dicom_node.tls_files import destination_tls_problems
 from dicom_node.web.auth import Principal, audit_event, require
 from dicom_node.web.context import WebContext, get_context
@@ -291,7 +291,7 @@ class DestinationForm:
     kind: str = "dicom"
     values: dict[str, str] = field(default_factory=dict)
     checks: set[str] = field(default_factory=set)  # ticked checkboxes: default, tls, verify_tls, ...
-    outputs: set[str] = field(default_factory=lambda: set(_OUTPUTS))
+    outputs: set[str] = field(default_factory=lambda: set(DEFAULT_OUTPUTS))
     stored_secret: dict[str, bool] = field(default_factory=dict)  # password/token: a stored one exists
     errors: dict[str, list[str]] = field(default_factory=dict)
 
