@@ -33,6 +33,7 @@ __all__ = [
     "add_training_commands",
     "build_parser",
     "evaluate_command",
+    "export_onnx_command",
     "main",
     "phantom_command",
     "train_command",
@@ -42,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 
 def add_training_commands(subparsers: Any) -> None:
-    """Add ``train`` and ``evaluate`` to an ``argparse`` subparsers object."""
+    """Add ``train``, ``evaluate`` and ``export-onnx`` to an ``argparse`` subparsers object."""
     train = subparsers.add_parser(
         "train",
         help="train a segmentation or detection network and export it as a MONAI bundle",
@@ -114,6 +115,22 @@ def add_training_commands(subparsers: Any) -> None:
                           help="store the figures in the bundle's metadata as dicom_node.evaluation.held_out")
     evaluate.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch")
     evaluate.set_defaults(handler=evaluate_command)
+
+    export = subparsers.add_parser(
+        "export-onnx",
+        help="export a bundle's network to ONNX (optionally also INT8-quantised) for an onnx registry entry",
+        description="Write the bundle's network with its weights as ONNX (dynamic batch and spatial axes) and "
+        "print the registry entry's 'preprocessing' for it; parts that do not export are named. --int8 also "
+        "writes FILE with .int8.onnx, quantised by ONNX Runtime (static: calibrated on phantom volumes).",
+    )
+    export.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="bundle directory")
+    export.add_argument("--out", type=Path, required=True, metavar="FILE", help="the .onnx file to write")
+    export.add_argument("--int8", choices=("static", "dynamic"), default=None,
+                        help="also write an INT8 quantisation (static: QDQ calibrated on phantoms; dynamic: "
+                        "weights only, leaves 3D convolutions in float)")
+    export.add_argument("--calibration", type=int, default=2, metavar="N",
+                        help="phantom volumes whose sliding windows calibrate static INT8 (default 2)")
+    export.set_defaults(handler=export_onnx_command)
 
 
 def add_phantom_command(subparsers: Any) -> None:
@@ -276,6 +293,34 @@ def evaluate_command(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         return _error(str(exc))
     print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def export_onnx_command(args: argparse.Namespace) -> int:
+    """Handler of ``export-onnx``: prints the files, the entry's preprocessing and what was left out; 0 on success."""
+    from training.onnx_export import (
+        calibration_windows,
+        export_bundle_onnx,
+        quantize_int8,
+    )
+
+    if args.calibration < 1:
+        return _error(f"--calibration must be >= 1, got {args.calibration}")
+    try:
+        export = export_bundle_onnx(args.bundle, args.out)
+        summary: dict[str, Any] = {"onnx": str(export.path), "kind": export.kind,
+                                   "preprocessing": export.preprocessing, "left_out": list(export.left_out)}
+        if args.int8 is not None:
+            target = export.path.with_suffix(".int8.onnx")
+            windows = None
+            if args.int8 == "static":
+                if export.preprocessing is None:
+                    return _error(f"--int8 static needs a segmentation bundle, {args.bundle} is {export.kind}")
+                windows = calibration_windows(export.preprocessing, args.calibration)
+            summary["int8"] = str(quantize_int8(export.path, target, mode=args.int8, calibration=windows))
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        return _error(str(exc))
+    print(json.dumps(summary, indent=2))
     return 0
 
 

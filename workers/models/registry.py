@@ -77,6 +77,14 @@ def build_model(entry: ModelEntry, path: Path, device: str | torch.device | None
         assert labels is not None  # checked by ModelEntry
         return NnUNetModel(path, options=entry.nnunet or NnUNetOptions(), labels=labels, version=entry.version,
                            **common)
+    if entry.format == "onnx" and entry.kind == "segmentation":
+        # onnxruntime is imported only where ONNX models are served
+        from workers.models.onnx_model import OnnxSegmentationModel
+
+        assert entry.preprocessing is not None and labels is not None  # checked by ModelEntry
+        return OnnxSegmentationModel(
+            path, preprocessing=entry.preprocessing, labels=labels, version=entry.version, **common
+        )
     if entry.kind == "detection" and entry.format == "monai_bundle":
         from workers.models.retinanet import RetinaNetBundleModel, is_retinanet_bundle
 
