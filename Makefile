@@ -7,10 +7,23 @@ BIN := $(VENV)/bin
 
 .PHONY: run test bench peers models
 
-$(BIN)/dicom-node: pyproject.toml
+# nnU-Net v2 (docs/nnunet.md): serving needs only dynamic-network-architectures' U-Net classes, the tests
+# compare with nnunetv2's own predictor. Both are installed without their declared dependencies, which lead
+# to timm and torchvision (torchvision does not import beside the pinned torch); what their code imports is
+# listed here instead.
+NNUNET_SERVING := dynamic-network-architectures==0.4.4
+NNUNET_TESTS := nnunetv2==2.8.1 acvl-utils==0.2.6 batchgenerators==0.25.5 batchgeneratorsv2==0.3.6 \
+	SimpleITK==2.5.7 scikit-image==0.26.0 imageio==2.38.2 tifffile==2026.3.3 lazy_loader==0.6 \
+	connected-components-3d==4.1.1 blosc2==4.16.1 ndindex==1.10.1 msgpack==1.2.4 numexpr==2.14.2 \
+	py-cpuinfo==9.0.0 platformdirs==4.14.9 pandas==3.1.1 pytz==2026.6 tzdata==2026.6 scikit-learn==1.9.1 \
+	joblib==1.6.0 threadpoolctl==3.8.0 narwhals==2.29.0 seaborn==0.13.2 cloudpickle==3.1.3 einops==0.8.2 \
+	future==1.0.0
+
+$(BIN)/dicom-node: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps $(NNUNET_SERVING) $(NNUNET_TESTS)
 	touch $@
 
 run: $(BIN)/dicom-node
