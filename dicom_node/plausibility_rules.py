@@ -27,7 +27,7 @@ from dicom_node.model_domain import Check, NumberRange
 __all__ = ["Neighbour", "Plausibility", "PlausibilityRules", "ResultKind"]
 
 #: The two kinds of results the rules judge (the model's kind in the catalog).
-ResultKind = Literal["segmentation", "detection"]
+ResultKind = Literal["segmentation", "detection", "classification"]
 
 #: Rules that judge a label map, and the rule that judges detections.
 _SEGMENTATION_RULES = ("volumes_ml", "inside_body", "adjacent", "max_low_confidence_fraction")
@@ -209,7 +209,8 @@ class PlausibilityRules(_Strict):
 
     def misfits(self, kind: ResultKind) -> tuple[str, ...]:
         """The rules given here that cannot judge a ``kind`` model's results (the catalog rejects them)."""
-        other = _DETECTION_RULES if kind == "segmentation" else _SEGMENTATION_RULES
+        other = {"segmentation": _DETECTION_RULES, "detection": _SEGMENTATION_RULES,
+                 "classification": _SEGMENTATION_RULES + _DETECTION_RULES}[kind]  # none judges a class
         fields = type(self).model_fields
         return tuple(name for name in other if getattr(self, name) != fields[name].default)
 

@@ -38,9 +38,9 @@ import numpy.typing as npt
 from scipy import ndimage
 
 from dicom_node.model_domain import Check, NumberRange
-from dicom_node.plausibility_rules import Neighbour, Plausibility, PlausibilityRules
+from dicom_node.plausibility_rules import Neighbour, Plausibility, PlausibilityRules, ResultKind
 from workers.body_regions import BodyRegionSurvey
-from workers.models.base import DetectionResult, SegmentationResult
+from workers.models.base import ClassificationResult, DetectionResult, SegmentationResult
 from workers.volume import Volume
 
 __all__ = ["check_plausibility", "check_grid_step"]
@@ -63,7 +63,7 @@ def check_grid_step(spacing_mm: tuple[float, float, float], target_mm: float = G
 def check_plausibility(
     model_id: str,
     rules: PlausibilityRules,
-    result: SegmentationResult | DetectionResult,
+    result: SegmentationResult | DetectionResult | ClassificationResult,
     volume: Volume,
     survey: BodyRegionSurvey | None,
 ) -> Plausibility:
@@ -77,12 +77,15 @@ def check_plausibility(
     started = time.perf_counter()
     verdict = _Verdict()
     grid = _Grid.build(volume, survey)
+    kind: ResultKind
     if isinstance(result, SegmentationResult):
         kind = "segmentation"
         _check_segmentation(rules, result, volume, grid, verdict)
-    else:
+    elif isinstance(result, DetectionResult):
         kind = "detection"
         _check_detections(rules, result, volume, grid, verdict)
+    else:
+        kind = "classification"  # no rule judges a class yet: any rule given is a misfit below
     for name in rules.misfits(kind):
         verdict.unverified(name, f"the rule {name} does not apply to a {kind} result",
                            f"cannot verify {name}: the model returned a {kind} result, which that rule cannot judge")
