@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     dest_add.add_argument("--host", required=True)
     dest_add.add_argument("--port", type=int, required=True)
     dest_add.add_argument("--default", action="store_true", help="receives the results of default rules")
-    dest_add.add_argument("--outputs", default="SEG,SR,GSPS", help="objects it receives (default SEG,SR,GSPS)")
+    dest_add.add_argument("--outputs", default="SEG,SR,GSPS", help="objects it receives, any of SEG,SR,GSPS,PMAP,SC (default SEG,SR,GSPS)")
     dest_add.add_argument("--not-performed", choices=("none", "sr"), default="none",
                           help="when a model declines a study or its result is held: send nothing (none, the "
                                "default) or an 'AI analysis not performed' SR with the reason (sr)")
