@@ -215,6 +215,8 @@ def child(args: argparse.Namespace) -> int:
 
 
 def _row(r: dict[str, Any]) -> str:
+    if r.get("error"):
+        return f"{r['format']:<13} {r['device']:<6} DID NOT FINISH: {r['error']}"
     if not r.get("available"):
         return f"{r['format']:<13} {r['device']:<6} not available: {r.get('reason')}"
     gpu = f"{r['peak_gpu_mib']:>8.0f}" if "peak_gpu_mib" in r else f"{'-':>8}"
@@ -259,11 +261,11 @@ def main() -> int:
                                       check=False)
                 lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
                 row = json.loads(lines[-1]) if done.returncode == 0 and lines else {
-                    "format": fmt, "device": device, "available": False,
-                    "reason": f"failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or ['?'])[-1]}"}
+                    "format": fmt, "device": device, "available": True,
+                    "error": f"failed (exit {done.returncode}): {(done.stderr.strip().splitlines() or ['?'])[-1]}"}
             except subprocess.TimeoutExpired:
-                row = {"format": fmt, "device": device, "available": False,
-                       "reason": f"timed out after {args.timeout} s"}
+                row = {"format": fmt, "device": device, "available": True,
+                       "error": f"timed out after {args.timeout} s (--timeout)"}
             row["wall_s"] = round(time.perf_counter() - started, 1)
             rows.append(row)
             print(_row(row), flush=True)
