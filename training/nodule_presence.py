@@ -12,13 +12,17 @@ serving agree by construction.
 Run: ``python -m training.nodule_presence OUT_BUNDLE [--cache DIR]`` (writes configs, weights and a
 model card with the validation figures).
 
-Status (no bundle shipped yet): on 200 training / 80 validation phantoms the network has not
-generalised within a few CPU minutes - validation accuracy stayed at 0.50 for 7-12 epochs with
-10-30 mm nodules (InstanceNorm, AdamW 2e-3, batch 8) and with 18-30 mm nodules (BatchNorm;
-Adam 3e-3 batch 8, Adam 1e-3 batch 16 with shifts, no normalisation), and reached 0.65 (training
-0.95: memorised) at epoch 8 with BatchNorm, Adam 1e-3, batch 16, no augmentation. At 7.4 mm
-voxels a nodule is a 3-4 voxel bright blob like the hilar vessels; more phantoms or a finer grid
-are the next things to try.
+What made it learn (it stayed at 0.50, a constant answer, before): the labels and inputs were
+right (nodules of about -60 HU in -820 HU lung, 3-4 voxels across at 48 x 48 x 24), but
+BatchNorm with batches of a few volumes trained on batch statistics and evaluated on running
+statistics that did not match them (validation swung between 0.50 and 0.81 while training
+accuracy rose), and average pooling diluted the one nodule over the chest. With InstanceNorm,
+global max pooling only (:class:`SmallClassifier3D`), 400 training phantoms, batches of 8 and
+AdamW 1e-3, the shipped run reached validation accuracy 0.99 (epoch 13 of 20) and **test accuracy
+0.93** (46/50 absent, 47/50 present) in 392 s on 2 shared CPU threads, phantoms included. The epoch
+is chosen on the validation phantoms (seeds 9000...); the figures of the model card come from
+separate test phantoms (seeds 20000...) never used for any choice. The explanation is HiResCAM on
+``features.2.conv`` (Grad-CAM on the last convolution peaked far from the nodules, see the card).
 """
 
 from __future__ import annotations
@@ -121,20 +125,32 @@ def _accuracy(network: torch.nn.Module, images: torch.Tensor, classes: torch.Ten
     return float((predicted == classes).float().mean())
 
 
-def train(train_cases: int = 200, val_cases: int = 80, epochs: int = 16, batch_size: int = 16, lr: float = 1e-3,
-          seed: int = 0, cache_dir: Path | None = None) -> tuple[SmallClassifier3D, dict[str, Any]]:
-    """Train on ``train_cases`` phantoms (seeds 1000...), validate on ``val_cases`` (seeds 9000...).
+def _confusion(network: torch.nn.Module, images: torch.Tensor, classes: torch.Tensor) -> dict[str, int]:
+    """Counts of (true class, predicted class) pairs: ``{"absent_as_absent": n, "absent_as_present": n, ...}``."""
+    network.eval()
+    with torch.no_grad():
+        predicted = torch.cat([network(images[i:i + 16]).argmax(dim=1) for i in range(0, len(images), 16)])
+    names = ("absent", "present")
+    return {f"{names[t]}_as_{names[p]}": int(((classes == t) & (predicted == p)).sum()) for t in (0, 1) for p in (0, 1)}
 
-    Keeps the weights of the epoch with the best validation accuracy. Returns the network and
-    its figures (validation accuracy, per-class accuracy, epochs, time).
+
+def train(train_cases: int = 400, val_cases: int = 80, test_cases: int = 100, epochs: int = 20, batch_size: int = 8,
+          lr: float = 1e-3, seed: int = 0, cache_dir: Path | None = None) -> tuple[SmallClassifier3D, dict[str, Any]]:
+    """Train on ``train_cases`` phantoms (seeds 1000...), choose the epoch on ``val_cases`` (seeds 9000...).
+
+    Keeps the weights of the epoch with the best validation accuracy (the later epoch on a tie),
+    then measures them on ``test_cases`` phantoms (seeds 20000...) that took part in no choice.
+    Returns the network and its figures (test accuracy and confusion counts, validation accuracy,
+    epochs, time).
     """
     torch.manual_seed(seed)
     started = time.perf_counter()
     train_x, train_y = _cases(train_cases, 1000, cache_dir / "train.pt" if cache_dir else None)
     val_x, val_y = _cases(val_cases, 9000, cache_dir / "val.pt" if cache_dir else None)
+    test_x, test_y = _cases(test_cases, 20000, cache_dir / "test.pt" if cache_dir else None)
     logger.info("cases ready in %.1f s", time.perf_counter() - started)
-    network = SmallClassifier3D(num_classes=2, dropout=0.0)
-    optimiser = torch.optim.Adam(network.parameters(), lr=lr)
+    network = SmallClassifier3D(num_classes=2)
+    optimiser = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
     best, best_state, best_epoch = -1.0, None, 0
     for epoch in range(1, epochs + 1):
@@ -146,8 +162,6 @@ def train(train_cases: int = 200, val_cases: int = 80, epochs: int = 16, batch_s
             batch = train_x[index].clone()
             flip = torch.rand(len(index), generator=generator) < 0.5  # left-right mirror: nodules on either side
             batch[flip] = batch[flip].flip(dims=(2,))
-            shift = [int(v) for v in torch.randint(-2, 3, (2,), generator=generator)]  # a few voxels in-plane
-            batch = torch.roll(batch, shifts=shift, dims=(2, 3))
             loss = torch.nn.functional.cross_entropy(network(batch), train_y[index])
             optimiser.zero_grad()
             loss.backward()
@@ -155,21 +169,25 @@ def train(train_cases: int = 200, val_cases: int = 80, epochs: int = 16, batch_s
             total += float(loss.detach()) * len(index)
         accuracy = _accuracy(network, val_x, val_y)
         logger.info("epoch %d: loss %.4f, validation accuracy %.3f", epoch, total / len(order), accuracy)
-        if accuracy > best:
+        if accuracy >= best:
             best, best_epoch = accuracy, epoch
             best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
     assert best_state is not None
     network.load_state_dict(best_state)
-    network.eval()
-    with torch.no_grad():
-        predicted = network(val_x).argmax(dim=1)
+    confusion = _confusion(network, test_x, test_y)
+    absent = confusion["absent_as_absent"] + confusion["absent_as_present"]
+    present = confusion["present_as_absent"] + confusion["present_as_present"]
     figures = {
+        "test_accuracy": round((confusion["absent_as_absent"] + confusion["present_as_present"]) / len(test_y), 4),
+        "test_accuracy_absent": round(confusion["absent_as_absent"] / max(absent, 1), 4),
+        "test_accuracy_present": round(confusion["present_as_present"] / max(present, 1), 4),
+        "test_confusion": confusion,
+        "test_cases": {"absent": absent, "present": present},
         "validation_accuracy": round(best, 4),
-        "validation_accuracy_absent": round(float((predicted[val_y == 0] == 0).float().mean()), 4),
-        "validation_accuracy_present": round(float((predicted[val_y == 1] == 1).float().mean()), 4),
         "validation_cases": {"absent": int((val_y == 0).sum()), "present": int((val_y == 1).sum())},
-        "training_cases": len(train_x), "epochs": epochs, "best_epoch": best_epoch,
-        "training_seconds": round(time.perf_counter() - started, 1), "device": "cpu",
+        "training_cases": len(train_x), "epochs": epochs, "best_epoch": best_epoch, "batch_size": batch_size,
+        "learning_rate": lr, "training_seconds": round(time.perf_counter() - started, 1), "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
     }
     return network, figures
 
@@ -190,7 +208,7 @@ def _inference_config() -> dict[str, Any]:
         "image_key": "image",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "network_def": {"_target_": "workers.models.classification_networks.SmallClassifier3D", "in_channels": 1,
-                        "num_classes": 2},
+                        "num_classes": 2, "channels": [8, 16, 32, 48]},
         "network": "$@network_def.to(@device)",
         "preprocessing": {"_target_": "Compose", "transforms": transforms},
     }
@@ -218,7 +236,7 @@ def _metadata(figures: dict[str, Any]) -> dict[str, Any]:
                          "scaled to [0, 1]",
         "label_classes": "0: nodule absent, 1: nodule present",
         "pred_classes": "2 logits (softmax: probabilities of absent, present)",
-        "eval_metrics": {"accuracy": figures["validation_accuracy"]},
+        "eval_metrics": {"accuracy": figures["test_accuracy"]},
         "intended_use": "Demonstration and testing of the dicom-node classification path. Not for clinical use.",
         "network_data_format": {
             "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
@@ -234,7 +252,7 @@ def _metadata(figures: dict[str, Any]) -> dict[str, Any]:
             "kind": "classification",
             "input": {"modality": "CT", "intensity_window_hu": list(WINDOW_HU), "roi_size": list(ROI_SIZE)},
             "labels": list(CLASS_LABELS),
-            "explanation": {"method": "grad-cam", "layer": "features.3.conv"},
+            "explanation": {"method": "hirescam", "layer": "features.2.conv"},
             "evaluation": figures,
         },
     }
@@ -242,11 +260,12 @@ def _metadata(figures: dict[str, Any]) -> dict[str, Any]:
 
 def _model_card(figures: dict[str, Any]) -> str:
     """docs/README.md: what the model is, its classes and codes, how it was trained and validated, its limits."""
-    cases = figures["validation_cases"]
+    val, test, confusion = figures["validation_cases"], figures["test_cases"], figures["test_confusion"]
     return f"""# Lung nodule presence (demo classifier) 0.1.0
 
-**Not for diagnosis.** A demonstration of the dicom-node classification path, trained on synthetic chest
-phantoms only (`training.phantoms.chest`); it has never seen a patient's CT.
+**Demo only, not for diagnosis.** A demonstration of the dicom-node classification path, trained on synthetic
+chest phantoms only (`training.phantoms.chest`); it has never seen a patient's CT, and its figures below say
+how it does on more phantoms, nothing about patients.
 
 ## What it answers
 
@@ -267,35 +286,51 @@ probability (DCM 122157 "Probability", %).
 
 Axial CT in HU, oriented to RAS, HU window [{WINDOW_HU[0]:g}, {WINDOW_HU[1]:g}] scaled to 0..1, the **whole field of
 view resized to {ROI_SIZE[0]} x {ROI_SIZE[1]} x {ROI_SIZE[2]}** voxels (x, y, z; `Resized`, area interpolation): about
-7.4 x 7.4 x 10 mm voxels for a 355 mm field of view and a 240 mm scan. `SmallClassifier3D`
-(`workers/models/classification_networks.py`): four conv-BatchNorm-ReLU blocks (8, 16, 32, 48 channels, max
-pooling between), global average and max pooling, a linear layer to 2 logits; the node applies the softmax.
-Explanation: Grad-CAM on the last convolution (`features.3.conv`, a grid of 6 x 6 x 3), resampled to the
-series' grid.
+7.4 x 7.4 x 10 mm voxels for a 355 mm field of view and a 240 mm scan. The bundle's `preprocessing` is the chain
+the trainer used (`workers.models.classification.classification_preprocessing`). `SmallClassifier3D`
+(`workers/models/classification_networks.py`): four conv-InstanceNorm-ReLU blocks (8, 16, 32, 48 channels, max
+pooling between), global max pooling, a linear layer to 2 logits; the node applies the softmax. Explanation:
+HiResCAM (gradient x activation per voxel; `dicom_node.explanation` method `hirescam`) on the third convolution
+(`features.2.conv`, a grid of 12 x 12 x 6, about 30 mm a cell in-plane), resampled to the series' grid. Why not
+Grad-CAM on the last convolution: behind global max pooling its per-channel mean gradient spread the weight over
+the chest, and its peak lay 60-150 mm from the nodule on 8 phantoms; HiResCAM on `features.2.conv` peaked
+14-57 mm from the nearest nodule on the same 8.
 
-## Training and validation
+## Data, training and validation
 
 - Phantoms of {PHANTOM_SHAPE[0]} x {PHANTOM_SHAPE[1]} x {PHANTOM_SHAPE[2]} voxels (z, y, x) at
   {PHANTOM_SPACING_MM[0]} x {PHANTOM_SPACING_MM[1]} x {PHANTOM_SPACING_MM[2]} mm; class "present": 1-3 solid nodules
-  of {NODULE_DIAMETER_MM[0]:g}-{NODULE_DIAMETER_MM[1]:g} mm; class "absent": no nodule.
-- {figures['training_cases']} training phantoms (seeds 1000...), {cases['absent'] + cases['present']} validation phantoms
-  (seeds 9000..., {cases['absent']} absent, {cases['present']} present), never trained on.
-- {figures['epochs']} epochs on the CPU ({figures['training_seconds']} s including generating the phantoms), best
-  epoch {figures['best_epoch']} by validation accuracy.
+  of {NODULE_DIAMETER_MM[0]:g}-{NODULE_DIAMETER_MM[1]:g} mm; class "absent": no nodule. Half of each class.
+- {figures['training_cases']} training phantoms (seeds 1000...), left-right mirrored at random; AdamW, learning rate
+  {figures['learning_rate']:g}, batches of {figures['batch_size']}, {figures['epochs']} epochs on the CPU
+  ({figures['torch_threads']} threads, {figures['training_seconds']} s including generating the phantoms).
+- Epoch chosen on {val['absent'] + val['present']} validation phantoms (seeds 9000...): epoch
+  {figures['best_epoch']}, validation accuracy {figures['validation_accuracy']:.3f} (optimistic: it made the choice).
+- Measured on {test['absent'] + test['present']} **test** phantoms (seeds 20000..., {test['absent']} absent,
+  {test['present']} present) that took part in no training or choice:
 
-| validation figure | value |
+| test figure | value |
 |---|---|
-| accuracy | {figures['validation_accuracy']:.3f} |
-| accuracy on "absent" phantoms (specificity) | {figures['validation_accuracy_absent']:.3f} |
-| accuracy on "present" phantoms (sensitivity) | {figures['validation_accuracy_present']:.3f} |
+| accuracy | {figures['test_accuracy']:.3f} |
+| accuracy on "absent" phantoms (specificity) | {figures['test_accuracy_absent']:.3f} |
+| accuracy on "present" phantoms (sensitivity) | {figures['test_accuracy_present']:.3f} |
 
-The best epoch was chosen on the same validation phantoms, so the accuracy is optimistic by the selection.
+| true \\ predicted | absent | present |
+|---|---|---|
+| absent | {confusion['absent_as_absent']} | {confusion['absent_as_present']} |
+| present | {confusion['present_as_absent']} | {confusion['present_as_present']} |
 
 ## Limits
 
-Solid nodules of 18 mm and more only; ground-glass and part-solid nodules, and nodules below about 18 mm, are
-below what a 7 mm grid and this network see. Phantom anatomy only. Retrain: `python -m training.nodule_presence
-OUT_BUNDLE`.
+- Phantom anatomy, phantom noise and a phantom-like field of view (about 350 mm) only; a real CT, another field of
+  view (which changes the scale the network sees) or another body region is outside what it was trained on.
+- Solid nodules of {NODULE_DIAMETER_MM[0]:g} mm and more only; ground-glass and part-solid nodules, and nodules below
+  about 18 mm, are below what a 7 mm grid and this network see: "absent" means "no large solid nodule seen".
+- The probabilities are a small network's softmax, not calibrated.
+- The explanation map points at the region that drove the answer at about 30 mm resolution; it is no
+  segmentation.
+
+Retrain: `python -m training.nodule_presence OUT_BUNDLE [--cache DIR]`.
 """
 
 
@@ -315,9 +350,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Train and write the bundle; prints the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--train", type=int, default=200)
+    parser.add_argument("--train", type=int, default=400)
     parser.add_argument("--val", type=int, default=80)
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--test", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--cache", type=Path, default=None, help="folder to keep the generated cases in")
     args = parser.parse_args(argv)
@@ -325,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(2)
     if args.cache is not None:
         args.cache.mkdir(parents=True, exist_ok=True)
-    network, figures = train(args.train, args.val, args.epochs, lr=args.lr, cache_dir=args.cache)
+    network, figures = train(args.train, args.val, args.test, args.epochs, lr=args.lr, cache_dir=args.cache)
     write_nodule_presence_bundle(args.out, network, figures)
     print(json.dumps(figures, indent=2))
     return 0

@@ -19,9 +19,9 @@ are below what such a model can see (the model card says so).
 * MONAI bundle (:class:`MonaiBundleClassifier`): the bundle's own ``network_def`` and
   ``preprocessing`` (without ``LoadImaged``); the preprocessing must end on the network's
   input grid (e.g. ``Resized``), the network returns ``(1, N)`` logits, the loader applies
-  the softmax. ``metadata.json`` ``dicom_node.explanation``: ``{"method": "grad-cam" |
+  the softmax. ``metadata.json`` ``dicom_node.explanation``: ``{"method": "grad-cam" | "hirescam" |
   "occlusion" | "none", "layer": "<module name>"}`` (default: Grad-CAM on the last
-  ``Conv3d``).
+  ``Conv3d``; HiResCAM = gradient x activation per voxel, for networks with global max pooling).
 * TorchScript (:class:`TorchScriptClassifier`): the registry's ``preprocessing`` (RAS,
   ``spacing_mm``, ``window_hu`` scaled to 0..1, then ``Resized`` to ``roi_size``); the
   explanation is occlusion (a scripted module takes no hooks, so Grad-CAM's activations and
@@ -77,8 +77,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ExplanationMethod = Literal["grad-cam", "occlusion", "none"]
-_METHODS = ("grad-cam", "occlusion", "none")
+ExplanationMethod = Literal["grad-cam", "hirescam", "occlusion", "none"]
+_METHODS = ("grad-cam", "hirescam", "occlusion", "none")
+#: Methods that read a layer's activations and gradients (a scripted network offers neither).
+_GRADIENT_METHODS = ("grad-cam", "hirescam")
 #: Occlusion: the network grid is cut into this many patches along each axis.
 OCCLUSION_PATCHES = 8
 #: Occluded inputs per forward pass.
@@ -134,11 +136,17 @@ def _normalised(cam: torch.Tensor) -> npt.NDArray[np.float32]:
     return cam.cpu().numpy().astype(np.float32)
 
 
-def grad_cam(network: nn.Module, layer: nn.Module, image: torch.Tensor, target: int) -> npt.NDArray[np.float32]:
+def grad_cam(network: nn.Module, layer: nn.Module, image: torch.Tensor, target: int,
+             elementwise: bool = False) -> npt.NDArray[np.float32]:
     """Grad-CAM of class ``target`` for ``image`` ``(1, C, X, Y, Z)``, on the image's grid, 0..1.
 
     The layer's activations weighted by the spatial mean of the target logit's gradient
     per channel, summed over channels, ReLU, upsampled trilinearly to the input size.
+    ``elementwise``: HiResCAM instead (Draelos & Carin 2020): activations times the gradient at
+    each voxel, summed over channels. Why: behind global max pooling the gradient reaches only
+    the voxel that won the maximum, and Grad-CAM's spatial mean spreads that channel's weight
+    over every voxel where the channel is active (e.g. the chest wall), so its peak can lie far
+    from the finding; HiResCAM keeps the location.
     """
     saved: dict[str, torch.Tensor] = {}
 
@@ -157,7 +165,7 @@ def grad_cam(network: nn.Module, layer: nn.Module, image: torch.Tensor, target: 
     if "activation" not in saved or "gradient" not in saved:
         raise BundleError(f"Grad-CAM: layer {type(layer).__name__} did not take part in the forward pass")
     activation, gradient = saved["activation"].detach(), saved["gradient"].detach()
-    weights = gradient.mean(dim=(2, 3, 4), keepdim=True)
+    weights = gradient if elementwise else gradient.mean(dim=(2, 3, 4), keepdim=True)
     cam = torch.relu((weights * activation).sum(dim=1, keepdim=True))
     cam = torch.nn.functional.interpolate(cam, size=tuple(image.shape[2:]), mode="trilinear", align_corners=False)
     return _normalised(cam[0, 0])
@@ -220,7 +228,7 @@ class ClassificationPipeline:
     """Preprocessing, network and explanation of one classification model, without file I/O.
 
     ``mapping``: ``{network output index: class label}``, one entry per output.
-    ``layer``: Grad-CAM's layer (``method`` "grad-cam" only).
+    ``layer``: Grad-CAM's layer (``method`` "grad-cam" or "hirescam" only).
     """
 
     source: str
@@ -262,9 +270,9 @@ class ClassificationPipeline:
         order = sorted(self.mapping, key=lambda index: self.mapping[index].value)
         winner = int(np.argmax(probabilities))
         explanation = None
-        if self.method == "grad-cam":
+        if self.method in _GRADIENT_METHODS:
             assert isinstance(self.network, nn.Module) and self.layer is not None
-            cam = grad_cam(self.network, self.layer, image, winner)
+            cam = grad_cam(self.network, self.layer, image, winner, elementwise=self.method == "hirescam")
         elif self.method == "occlusion":
             cam = occlusion_map(self.logits, image, winner)
         if self.method != "none":
@@ -359,7 +367,7 @@ class MonaiBundleClassifier(LabelledModel):
         _load_weights(network, weights, source)
         network = network.to(self.device).eval()
         layer = None
-        if method == "grad-cam":
+        if method in _GRADIENT_METHODS:
             layer_name = explanation.get("layer")
             if layer_name:
                 try:
@@ -416,8 +424,8 @@ class TorchScriptClassifier(LabelledModel):
         source = f"TorchScript classifier {self.path}"
         if not self.path.is_file():
             raise BundleError(f"{source}: no such file")
-        if explanation == "grad-cam":
-            raise BundleError(f"{source}: Grad-CAM needs the network's layers; a TorchScript file gets occlusion")
+        if explanation in _GRADIENT_METHODS:
+            raise BundleError(f"{source}: {explanation} needs the network's layers; a TorchScript file gets occlusion")
         self._mapping = dict(labels)
         _check_mapping(self._mapping, source)
         self.device = resolve_device(device)
