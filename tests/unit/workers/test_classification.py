@@ -27,6 +27,7 @@ from dicom_node.model_catalog import (
     ModelCatalog,
     ModelEntry,
     TorchScriptPreprocessing,
+    resolve_model_path,
 )
 from tests.unit.workers.outputs_fixtures import dciodvfy_findings
 from training.data.dicom_pair import write_dicom_case
@@ -162,15 +163,15 @@ def test_grad_cam_and_occlusion_peak_at_the_evidence() -> None:
     centre = (-40.0, -10.0, 20.0)
     volume = _sphere_volume(centre)
     network = BrightSpotNet().eval()
-    for method in ("grad-cam", "occlusion"):
+    for method in ("grad-cam", "hirescam", "occlusion"):
         pipeline = ClassificationPipeline(
             source="test", preprocessing=classification_preprocessing(WINDOW, (32, 32, 16)), network=network,
             mapping=CLASSES, device=torch.device("cpu"), method=method,
-            layer=last_conv_layer(network) if method == "grad-cam" else None)
+            layer=last_conv_layer(network) if method != "occlusion" else None)
         result = pipeline.run(volume)
         assert result.winner.name == "nodule present" and result.explanation_method == method
         # Grad-CAM's layer is the network grid (6 x 6 x 11 mm); occlusion blocks are 4 x 4 x 2 of its voxels.
-        tolerance = 8.0 if method == "grad-cam" else 30.0
+        tolerance = 8.0 if method != "occlusion" else 30.0
         assert np.linalg.norm(_peak_mm(result, volume) - np.asarray(centre)) < tolerance, method
         far = np.linalg.norm(volume.index_to_world(np.asarray((0.0, 0.0, 0.0))) - np.asarray(centre))
         assert far > 60 and result.explanation[0, 0, 0] < 0.2, method
@@ -190,6 +191,39 @@ def test_torchscript_classifier_through_the_registry(tmp_path: Path) -> None:
     assert model.kind == "classification" and result.explanation_method == "occlusion"
     assert result.winner.name == "nodule present" and abs(sum(result.probabilities) - 1) < 1e-6
     assert np.linalg.norm(_peak_mm(result, volume) - np.asarray((30.0, 20.0, -10.0))) < 30.0
+
+
+#: The shipped demo classifier, as a registry entry would name it (config/models.yaml is the lead's to change).
+SHIPPED_NODULE_PRESENCE = {"id": "nodule-presence", "kind": "classification", "format": "monai_bundle",
+                           "path": "package://workers/bundles/nodule_presence_classification", "version": "0.1.0"}
+
+
+def test_shipped_nodule_presence_bundle_answers_on_phantoms() -> None:
+    """The shipped bundle through the registry: a phantom with a large nodule is "present", one without "absent".
+
+    Seeds outside the trainer's (1000..., 9000..., 20000...). The explanation (HiResCAM) reads a 12 x 12 x 6
+    grid (about 30 x 30 x 40 mm a cell), so its peak is only asked to lie within 60 mm of a nodule's centre.
+    """
+    entry = ModelEntry.model_validate(SHIPPED_NODULE_PRESENCE)
+    path = resolve_model_path(entry.path, Path.cwd())
+    model = build_model(entry, path, "cpu")
+    assert isinstance(model, MonaiBundleClassifier) and model.kind == "classification"
+    with_nodule = generate_chest_phantom(phantom_config(True), seed=30000)
+    without = generate_chest_phantom(phantom_config(False), seed=30001)
+    assert max(nodule.diameter_mm for nodule in with_nodule.nodules) >= 20.0 and not without.nodules
+    for phantom, expected in ((with_nodule, PRESENT), (without, ABSENT)):
+        volume = phantom_volume(phantom)
+        result = model.predict(volume)
+        assert abs(sum(result.probabilities) - 1.0) < 1e-6
+        assert (result.winner.property_type.value, result.winner.property_type.scheme) == expected
+        # "Absent" is the less confident answer (0.53-0.97 on 8 phantoms of seeds 30001...; 0.68 on this one).
+        assert result.winner_probability > 0.6
+        assert result.explanation is not None and result.explanation.shape == volume.shape
+        assert result.explanation_method == "hirescam"
+    result = model.predict(phantom_volume(with_nodule))
+    distances = [np.linalg.norm(_peak_mm(result, phantom_volume(with_nodule)) - np.asarray(nodule.centre_xyz_mm))
+                 for nodule in with_nodule.nodules]
+    assert min(distances) < 60.0, distances
 
 
 def _saved(dataset: pydicom.Dataset, path: Path) -> pydicom.Dataset:
