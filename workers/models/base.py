@@ -59,7 +59,7 @@ class ClassificationResult:
     one per label, same order, each in [0, 1], summing to 1 (a softmax). ``explanation``: a
     float32 map on the volume's ``[slice, row, column]`` grid, values in [0, 1], of where the
     evidence for the winning class lies (``explanation_method`` says how it was computed:
-    ``"grad-cam"`` or ``"occlusion"``); None when the model computes none.
+    ``"grad-cam"``, ``"hirescam"`` or ``"occlusion"``); None when the model computes none.
     """
 
     labels: tuple[SegmentLabel, ...]
