@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.models.onnx_model import OnnxSegmentationModel
     from workers.models.torchscript import (
         TorchScriptSegmentationModel,
-        _pipeline_transforms,
+        pipeline_transforms,
     )
 
     torch.set_num_threads(args.threads)
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     print("preprocessing:", json.dumps(export.preprocessing))
 
     # Calibration windows: other phantoms through the same preprocessing chain.
-    chain, _ = _pipeline_transforms(pre, "image", "pred")
+    chain, _ = pipeline_transforms(pre, "image", "pred")
     images = (chain({"image": volume_to_metatensor(phantom_volume(1000 + k, tuple(args.shape), tuple(args.spacing)))})
               ["image"].numpy() for k in range(args.calibration))
     started = time.perf_counter()
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     # The exported network in PyTorch through the ONNX model's chain: what the conversion alone changes.
     dense, _ = _exportable(bundle_network(seg_bundle)[0])
-    chain_pre, chain_post = _pipeline_transforms(pre, "image", "pred")
+    chain_pre, chain_post = pipeline_transforms(pre, "image", "pred")
     from monai.inferers import SlidingWindowInferer
 
     torch_chain = InferencePipeline(

@@ -259,10 +259,10 @@ def calibration_windows(preprocessing: dict[str, Any], volumes: int, *, per_imag
     """
     from dicom_node.model_catalog import TorchScriptPreprocessing
     from workers.models.monai_bundle import volume_to_metatensor
-    from workers.models.torchscript import _pipeline_transforms
+    from workers.models.torchscript import pipeline_transforms
 
     pre = TorchScriptPreprocessing(**preprocessing)
-    chain, _ = _pipeline_transforms(pre, "image", "pred")
+    chain, _ = pipeline_transforms(pre, "image", "pred")
     images = (chain({"image": volume_to_metatensor(phantom_volume(first_seed + k, config))})["image"].numpy()
               for k in range(volumes))
     return sliding_windows(images, pre.roi_size, per_image=per_image, seed=first_seed)

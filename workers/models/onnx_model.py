@@ -46,7 +46,7 @@ from workers.models.monai_bundle import (
     remap_labels,
     resolve_device,
 )
-from workers.models.torchscript import _pipeline_transforms
+from workers.models.torchscript import check_file_and_labels, pipeline_transforms
 from workers.volume import Volume
 
 __all__ = ["OnnxNetwork", "OnnxSegmentationModel", "execution_providers"]
@@ -175,12 +175,7 @@ class OnnxSegmentationModel(LabelledModel):
         started = time.perf_counter()
         self.path = Path(path)
         source = f"ONNX model {self.path}"
-        if not self.path.is_file():
-            raise BundleError(f"{source}: no such file")
-        if not labels:
-            raise BundleError(f"{source}: no labels given")
-        if 0 in labels:
-            raise BundleError(f"{source}: label {labels[0].name!r} maps output value 0, which is background")
+        check_file_and_labels(self.path, labels, source)
         self.device = resolve_device(device)
         self.network = OnnxNetwork(self.path, self.device, threads)
         _check_fixed_axes(self.network.input_shape, preprocessing, source)
@@ -188,7 +183,7 @@ class OnnxSegmentationModel(LabelledModel):
         self._algorithm = AlgorithmInfo(
             name=(name or self.path.stem)[:64], version=version[:64], model_id=model_id or self.path.stem
         )
-        pre, post = _pipeline_transforms(preprocessing, "image", "pred")
+        pre, post = pipeline_transforms(preprocessing, "image", "pred")
         self._pipeline = InferencePipeline(
             source=source,
             preprocessing=pre,

@@ -39,12 +39,23 @@ from workers.models.monai_bundle import (
 )
 from workers.volume import Volume
 
-__all__ = ["TorchScriptPreprocessing", "TorchScriptSegmentationModel"]
+__all__ = ["TorchScriptPreprocessing", "TorchScriptSegmentationModel", "check_file_and_labels", "pipeline_transforms"]
 
 logger = logging.getLogger(__name__)
 
 
-def _pipeline_transforms(pre: TorchScriptPreprocessing, image_key: str, pred_key: str) -> tuple[Any, Any]:
+def check_file_and_labels(path: Path, labels: Mapping[int, SegmentLabel], source: str) -> None:
+    """What a single-file model (TorchScript, ONNX) needs before it loads: the file, and labels that do not
+    map output value 0 (background). Raises BundleError naming ``source`` and the problem."""
+    if not path.is_file():
+        raise BundleError(f"{source}: no such file")
+    if not labels:
+        raise BundleError(f"{source}: no labels given")
+    if 0 in labels:
+        raise BundleError(f"{source}: label {labels[0].name!r} maps output value 0, which is background")
+
+
+def pipeline_transforms(pre: TorchScriptPreprocessing, image_key: str, pred_key: str) -> tuple[Any, Any]:
     """(preprocessing, postprocessing) MONAI Composes for ``pre``: the layout of the project's bundles."""
     from monai.transforms import (
         Activationsd,
@@ -100,12 +111,7 @@ class TorchScriptSegmentationModel(LabelledModel):
         started = time.perf_counter()
         self.path = Path(path)
         source = f"TorchScript model {self.path}"
-        if not self.path.is_file():
-            raise BundleError(f"{source}: no such file")
-        if not labels:
-            raise BundleError(f"{source}: no labels given")
-        if 0 in labels:
-            raise BundleError(f"{source}: label {labels[0].name!r} maps output value 0, which is background")
+        check_file_and_labels(self.path, labels, source)
         self.device = resolve_device(device)
         with warnings.catch_warnings():
             # torch.jit is deprecated in recent PyTorch, but model.ts is what MONAI bundles ship.
@@ -119,7 +125,7 @@ class TorchScriptSegmentationModel(LabelledModel):
         self._algorithm = AlgorithmInfo(
             name=(name or self.path.stem)[:64], version=version[:64], model_id=model_id or self.path.stem
         )
-        pre, post = _pipeline_transforms(preprocessing, "image", "pred")
+        pre, post = pipeline_transforms(preprocessing, "image", "pred")
         self._pipeline = InferencePipeline(
             source=source,
             preprocessing=pre,

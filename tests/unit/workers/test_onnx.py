@@ -33,7 +33,7 @@ from workers.models.monai_bundle import (
 )
 from workers.models.onnx_model import OnnxSegmentationModel, execution_providers
 from workers.models.registry import load_model_registry
-from workers.models.torchscript import TorchScriptPreprocessing, _pipeline_transforms
+from workers.models.torchscript import TorchScriptPreprocessing, pipeline_transforms
 from workers.volume import Volume
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -184,7 +184,7 @@ def _dice(a: np.ndarray, b: np.ndarray, value: int) -> float:
 def chest_windows(chest_export, chest: Volume) -> np.ndarray:
     """Two sliding windows (2, 1, 64, 64, 48) of the phantom through the ONNX entry's preprocessing: lung and body."""
     pre = TorchScriptPreprocessing(**chest_export.preprocessing)
-    chain, _ = _pipeline_transforms(pre, "image", "pred")
+    chain, _ = pipeline_transforms(pre, "image", "pred")
     image = chain({"image": volume_to_metatensor(chest)})["image"].numpy()  # (1, X, Y, Z) on the 2.2 mm grid
     centre = [s // 2 for s in image.shape[1:]]
     windows = []
@@ -244,7 +244,7 @@ def test_int8_quantisation_of_the_demo_segmentation_agrees_with_float(
     chest_export, chest_windows: np.ndarray, tmp_path: Path
 ) -> None:
     pre = TorchScriptPreprocessing(**chest_export.preprocessing)
-    chain, _ = _pipeline_transforms(pre, "image", "pred")
+    chain, _ = pipeline_transforms(pre, "image", "pred")
     images = [chain({"image": volume_to_metatensor(_volume(seed))})["image"].numpy() for seed in (11, 12)]
     int8 = quantize_int8(chest_export.path, tmp_path / "chest.int8.onnx", mode="static",
                          calibration=sliding_windows(images, pre.roi_size, per_image=2))
