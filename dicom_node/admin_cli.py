@@ -1,4 +1,4 @@
-"""The admin commands of ``dicom-node``: destinations, rules, jobs, models, and the worker process.
+"""The admin commands of ``dicom-node``: destinations, rules, jobs and models.
 
 Why: admins without the web UI manage the node from a shell; these commands use the
 same repository functions, validation and routing evaluator as the node and the UI.
@@ -13,20 +13,26 @@ import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import config_repo, jobs, study_views
-from dicom_node.db.session import current_revision, head_revision, make_engine, make_session_factory, upgrade
+from dicom_node.db.session import DatabaseNotReady, open_sessions
 from dicom_node.settings import Settings
 
 if TYPE_CHECKING:
     from dicom_node.db.model_settings import ModelSettingView
     from dicom_node.model_catalog import ModelCatalog
+    from dicom_node.model_domain import Applicability, InputDomain, SynonymTable
 
-__all__ = ["run", "worker"]
+#: The worker's check of a series' images before a model: (the series' files, model id, what the model was made
+#: for, header synonyms) -> the decision. ``rules test --image`` runs it as the worker will.
+ImageCheck = Callable[[Sequence[Path], str, "InputDomain", "SynonymTable"], "Applicability"]
+
+__all__ = ["ImageCheck", "run"]
 
 
 def _now() -> datetime:
@@ -34,15 +40,12 @@ def _now() -> datetime:
 
 
 def _sessions(settings: Settings, *, writes: bool) -> sessionmaker[Session] | None:
-    engine = make_engine(settings.resolved_database_url)
-    if writes:
-        upgrade(engine)
-    elif current_revision(engine) != head_revision():
-        print(f"dicom-node: the database at {engine.url.render_as_string(hide_password=True)} is at revision "
-              f"{current_revision(engine) or 'none'}, this version needs {head_revision()}; start the node or run "
-              "`dicom-node db upgrade`", file=sys.stderr)
+    """Sessions on the node's database: migrated first for a change; a listing refuses another revision."""
+    try:
+        return open_sessions(settings.resolved_database_url, migrate=writes)
+    except DatabaseNotReady as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
         return None
-    return make_session_factory(engine)
 
 
 def _audit(sessions: sessionmaker[Session], action: str, target_kind: str, target: str, *,
@@ -124,7 +127,7 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _rules(settings: Settings, args: argparse.Namespace) -> int:
+def _rules(settings: Settings, args: argparse.Namespace, image_check: ImageCheck | None) -> int:
     from dicom_node.config_files import ConfigFileError, load_rules_file
 
     sessions = _sessions(settings, writes=args.sub in ("import", "remove"))
@@ -169,7 +172,11 @@ def _rules(settings: Settings, args: argparse.Namespace) -> int:
             for problem in rule.problems():
                 print(f"    NEVER APPLIED until fixed: {problem}")
         return 0
-    return _rules_test(settings, sessions, args.study_uid, image=args.image)
+    if args.image and image_check is None:
+        print("dicom-node: --image needs the worker's image check, which this installation lacks "
+              "(install dicom-node[worker])", file=sys.stderr)
+        return 2
+    return _rules_test(settings, sessions, args.study_uid, image_check=image_check if args.image else None)
 
 
 def _describe(condition: dict[str, Any]) -> str:
@@ -179,7 +186,8 @@ def _describe(condition: dict[str, Any]) -> str:
     return f"{'NOT ' if negate else ''}{attribute} " + " ".join(parts)
 
 
-def _rules_test(settings: Settings, sessions: sessionmaker[Session], study_uid: str, *, image: bool = False) -> int:
+def _rules_test(settings: Settings, sessions: sessionmaker[Session], study_uid: str, *,
+                image_check: ImageCheck | None) -> int:
     from dicom_node.conductor import decide
 
     study_id = config_repo.study_id_for_uid(sessions, study_uid)
@@ -197,15 +205,16 @@ def _rules_test(settings: Settings, sessions: sessionmaker[Session], study_uid: 
     print("jobs:")
     for job in decision.jobs:
         print(f"    {job.pipeline} on series {job.series_instance_uid} (rule {job.rule})")
-    return _applicability_report(settings, sessions, study_id, decision.jobs, image=image)
+    return _applicability_report(settings, sessions, study_id, decision.jobs, image_check=image_check)
 
 
 def _applicability_report(settings: Settings, sessions: sessionmaker[Session], study_id: int,
-                          specs: Any, *, image: bool) -> int:
-    """Whether each job's model may run on its series: from the header (always) and the image (``image``)."""
+                          specs: Any, *, image_check: ImageCheck | None) -> int:
+    """Whether each job's model may run on its series: from the header (always) and the image (``image_check``)."""
     from dicom_node.applicability_preview import preview_applicability
     from dicom_node.model_catalog import ModelCatalog, ModelRegistryError
     from dicom_node.study_facts import study_facts
+    from dicom_node.study_store import FileStudyStore
 
     try:
         catalog = ModelCatalog.configured(settings.routing.models_file)
@@ -221,9 +230,11 @@ def _applicability_report(settings: Settings, sessions: sessionmaker[Session], s
             print(f"    {spec.pipeline}: {planned.error}")
             continue
         print(f"    {spec.pipeline} is made for: {domain.describe()}")
-        if image:
+        if image_check is not None:
             try:
-                decision = _image_decision(settings, sessions, facts.study_instance_uid, spec, domain, synonyms)
+                files = FileStudyStore(sessions, settings.spool_dir).series_files(
+                    spec.series_instance_uid, study_instance_uid=facts.study_instance_uid)
+                decision = image_check(files, spec.pipeline, domain, synonyms)
             except (ValueError, LookupError, OSError) as exc:  # a series the worker could not load either
                 print(f"      cannot load the series: {exc}")
                 continue
@@ -235,21 +246,9 @@ def _applicability_report(settings: Settings, sessions: sessionmaker[Session], s
         for check in decision.checks:
             mark = {True: "ok  ", False: "FAIL", None: "?   "}[check.passed]
             print(f"        {mark} {check.name}: {check.detail}")
-    if not image:
+    if image_check is None:
         print("  (header only; add --image to survey the images as the worker will)")
     return 0
-
-
-def _image_decision(settings: Settings, sessions: sessionmaker[Session], study_uid: str, spec: Any, domain: Any,
-                    synonyms: Any) -> Any:
-    """The worker's own check on the series (loads it: the CLI is the wiring layer and may use the workers)."""
-    from dicom_node.study_store import FileStudyStore
-    from workers.applicability import check_applicability
-    from workers.volume import load_series
-
-    files = FileStudyStore(sessions, settings.spool_dir).series_files(spec.series_instance_uid,
-                                                                      study_instance_uid=study_uid)
-    return check_applicability(spec.pipeline, domain, load_series(files), synonyms).applicability
 
 
 def _jobs(settings: Settings, args: argparse.Namespace) -> int:
@@ -489,39 +488,13 @@ def _list_models(registry: ModelCatalog, stored: dict[str, ModelSettingView], *,
     return 0
 
 
-def run(settings: Settings, args: argparse.Namespace) -> int:
-    """Run a ``destinations``, ``rules``, ``jobs`` or ``models`` sub-command; returns the exit code."""
-    handler = {"destinations": _destinations, "rules": _rules, "jobs": _jobs, "models": _models}[args.command]
-    return handler(settings, args)
+def run(settings: Settings, args: argparse.Namespace, *, image_check: ImageCheck | None = None) -> int:
+    """Run a ``destinations``, ``rules``, ``jobs`` or ``models`` sub-command; returns the exit code.
 
-
-def worker(settings: Settings, queues: list[str], concurrency: int) -> int:
-    """Run a Celery worker on ``queues`` until SIGTERM/SIGINT (distributed mode), then stop in bounded time.
-
-    The running job or delivery gets ``queue.stop_grace_seconds`` and is then handed
-    back to the queue; a second signal ends the process at once (see :mod:`dicom_node.stopping`).
+    ``image_check``: the worker's own check of a series' images, for ``rules test --image``
+    (handed in by the wiring layer; this module never imports the workers).
     """
-    import socket
-
-    from dicom_node.node import build_worker
-    from dicom_node.queue import GPU_QUEUE, IO_QUEUE, CeleryQueue
-    from dicom_node.stopping import StopSignals, run_bounded
-    from workers.celery_app import make_celery_app
-
-    unknown = sorted(set(queues) - {GPU_QUEUE, IO_QUEUE})
-    if unknown or not queues:
-        print(f"dicom-node: --queues must list gpu and/or io, got {','.join(queues) or 'nothing'}", file=sys.stderr)
-        return 2
-    sessions = _sessions(settings, writes=False)
-    if sessions is None:
-        return 1
-    signals = StopSignals("dicom-node worker").install()
-    app = make_celery_app(settings.queue.broker_url)
-    parts = build_worker(settings, app, sessions, CeleryQueue(app), queues, _now, job_concurrency=concurrency,
-                         pool_threads=concurrency + (1 if IO_QUEUE in queues else 0),
-                         hostname=f"{'+'.join(queues)}@{socket.gethostname()}")
-    parts.worker.start()  # the heartbeat, the models (gpu), then the queues, in a thread of its own
-    signals.wait()
-    parts.worker.stop(settings.queue.stop_grace_seconds)
-    run_bounded("worker heartbeat", parts.heartbeat.stop, 5.0)
-    return 0
+    if args.command == "rules":
+        return _rules(settings, args, image_check)
+    handler = {"destinations": _destinations, "jobs": _jobs, "models": _models}[args.command]
+    return handler(settings, args)

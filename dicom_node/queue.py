@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 #: Celery queue for inference (one worker per GPU) and for delivery (network I/O).
 GPU_QUEUE = "gpu"
 IO_QUEUE = "io"
-#: Task names, shared with :mod:`workers.tasks` (by name, so the producer never imports the workers).
+#: Task names, shared with :mod:`dicom_node.app.tasks` (by name, so the producer never imports the workers).
 RUN_JOB_TASK = "dicom_node.run_job"
 DELIVER_TASK = "dicom_node.deliver"
 

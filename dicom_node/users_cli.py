@@ -77,11 +77,9 @@ def _password(from_stdin: bool) -> str:
 
 
 def _sessions(settings: Settings) -> sessionmaker[Session]:
-    from dicom_node.db.session import make_engine, make_session_factory, upgrade
+    from dicom_node.db.session import open_sessions
 
-    engine = make_engine(settings.resolved_database_url)
-    upgrade(engine)
-    return make_session_factory(engine)
+    return open_sessions(settings.resolved_database_url, migrate=True)
 
 
 def _user_json(user: users.UserView) -> dict[str, Any]:

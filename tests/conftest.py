@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 
 from dicom_node.db.session import make_engine, upgrade
-from dicom_node.node import Node
+from dicom_node.app.node import Node
 from dicom_node.settings import Settings, load_settings
 from peers import PEER_LOGS, tail
 from training.phantoms.ct_series import GeneratedSeries, SeriesGeometry, generate_ct_series

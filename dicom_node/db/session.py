@@ -79,3 +79,45 @@ def current_revision(engine: Engine) -> str | None:
 
     with engine.connect() as connection:
         return MigrationContext.configure(connection).get_current_revision()
+
+
+class DatabaseNotReady(RuntimeError):
+    """The node's database is missing, empty or at another revision than this version needs (message says which)."""
+
+
+def missing_database(url: str) -> str | None:
+    """Why ``url`` names no existing node database, or ``None`` when it does.
+
+    Checked before a command that expects the node's database (listing, changing
+    settings, a worker): connecting to a SQLite file that does not exist would create
+    it empty, and the admin would then work on a second database without knowing.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if not parsed.database or parsed.database == ":memory:":
+            return None
+        if not Path(parsed.database).is_file():
+            return f"no database at {parsed.database}"
+    engine = make_engine(url)
+    try:
+        if current_revision(engine) is None:
+            return f"the database at {engine.url.render_as_string(hide_password=True)} holds no dicom-node tables"
+    finally:
+        engine.dispose()
+    return None
+
+
+def open_sessions(url: str, *, migrate: bool) -> sessionmaker[Session]:
+    """Sessions on the node's database at ``url``: brought up to date first (``migrate``, for a change),
+    else refused with :class:`DatabaseNotReady` when it is at another revision (a listing never migrates)."""
+    engine = make_engine(url)
+    if migrate:
+        upgrade(engine)
+    else:
+        revision, head = current_revision(engine), head_revision()
+        if revision != head:
+            engine.dispose()
+            raise DatabaseNotReady(
+                f"the database at {engine.url.render_as_string(hide_password=True)} is at revision "
+                f"{revision or 'none'}, this version needs {head}; start the node or run `dicom-node db upgrade`")
+    return make_session_factory(engine)

@@ -23,7 +23,7 @@ import numpy.typing as npt
 from dicom_node.db import config_repo, jobs, study_views
 from dicom_node.destinations import DicomDestination
 from dicom_node.ingest import utc_now
-from dicom_node.node import Node
+from dicom_node.app.node import Node
 from dicom_node.spool import Spool
 from dicom_node.study_store import FileStudyStore
 from tests.integration.peers import run_tool, wait_for

@@ -9,7 +9,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node.node import Node
+from dicom_node.app.node import Node
 
 
 def store_all(node: Node, datasets: Iterable[Dataset], calling_ae: str = "PACS") -> None:

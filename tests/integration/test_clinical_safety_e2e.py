@@ -27,7 +27,7 @@ import pytest
 import torch
 import yaml
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from peers import NodeProcess, Orthanc, wait_for
 from auto_routing import pacs_routing_to_node
 from test_pipeline_e2e import dciodvfy_errors

@@ -31,7 +31,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from sqlalchemy import select
 
 from dicom_node.db.models import AssociationRecord, IngestError, Study
-from dicom_node.node import Node
+from dicom_node.app.node import Node
 from dicom_node.scp import error_comment
 from peers import COMPLETED_STATES
 from tests.conftest import NodeFactory

@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import yaml
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from peers import NodeProcess, wait_for
 from training.phantoms.ct_series import SeriesGeometry, generate_ct_series
 

@@ -21,11 +21,11 @@ import yaml
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from dicom_node.db import config_repo, repo
 from dicom_node.db.session import make_engine, make_session_factory, upgrade
 from dicom_node.ingest import utc_now
-from dicom_node.node import Node
+from dicom_node.app.node import Node
 from dicom_node.routing import load_stored_rule
 from tests.conftest import NodeFactory
 from tests.integration.store_scu import store_all

@@ -30,7 +30,7 @@ from sqlalchemy import select
 
 from dicom_node.db import repo
 from dicom_node.db.models import AssociationRecord, IngestError, Instance
-from dicom_node.node import Node
+from dicom_node.app.node import Node
 from peers import COMPLETED_STATES
 from tests.conftest import NodeFactory
 from training.phantoms.ct_series import GeneratedSeries, encode_series

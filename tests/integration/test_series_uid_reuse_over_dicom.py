@@ -17,7 +17,7 @@ from sqlalchemy import select
 from dicom_node.db import repo
 from dicom_node.db.models import Job, Series, Study
 from dicom_node.db.uid_reuse import SERIES_UID_REUSED, SOP_INSTANCE_UID_REUSED
-from dicom_node.node import Node
+from dicom_node.app.node import Node
 from dicom_node.study_store import FileStudyStore
 from peers import wait_for
 from tests.conftest import NodeFactory

@@ -39,7 +39,7 @@ ALLOWED = {
     # The command-line entry registers `dicom-node train ...` and `dicom-node phantom`, which run the training
     # package on a machine that has it (the [train] extra). It is the CLI, not serving: `serve` and `worker`
     # never reach those imports.
-    "dicom_node/cli.py": "registers the `dicom-node train` and `phantom` commands",
+    "dicom_node/app/cli.py": "registers the `dicom-node train` and `phantom` commands",
 }
 
 #: A ``training`` module named in a bundle config's ``$`` expression (``$import training...``, ``$training.x(...)``).
@@ -54,9 +54,10 @@ def _constant_string(node: ast.AST) -> str | None:
     return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
 
 
-def imported_modules(source: str, filename: str) -> Iterator[tuple[int, str]]:
+def imported_modules(source: str, filename: str, *, names: bool = False) -> Iterator[tuple[int, str]]:
     """(line, module) of every import in ``source``, at any depth: statements, and calls of
-    ``importlib.import_module`` / ``__import__`` with a literal module name."""
+    ``importlib.import_module`` / ``__import__`` with a literal module name. With ``names``,
+    ``from package import name`` also yields ``package.name`` (``name`` may be a submodule)."""
     for node in ast.walk(ast.parse(source, filename=filename)):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -65,6 +66,9 @@ def imported_modules(source: str, filename: str) -> Iterator[tuple[int, str]]:
             # A relative import stays inside its own package, which is not `training` for these modules.
             if node.level == 0 and node.module:
                 yield node.lineno, node.module
+                if names:
+                    for alias in node.names:
+                        yield node.lineno, f"{node.module}.{alias.name}"
         elif isinstance(node, ast.Call) and node.args:
             func = node.func
             name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
@@ -162,64 +166,118 @@ def test_every_shipped_bundle_has_configs() -> None:
         assert (bundle / "configs" / "inference.json").is_file(), f"{bundle.name}: no configs/inference.json"
 
 
-# --------------------------------------------------------------------------- the node's code never imports workers
+# --------------------------------------------------------------------------- the layers of dicom_node and workers
 
-#: The node's receive, route, deliver and web code, and the shared lower layer under it (DESIGN.md, "Layers"):
-#: none of it may import ``workers``. The wiring layer (node.py, cli.py, admin_cli.py) builds the serve and
-#: worker processes and may import both sides.
-NODE_MODULES = (
-    "dicom_node/web/**/*.py", "dicom_node/db/**/*.py", "dicom_node/routing.py", "dicom_node/conductor.py",
-    "dicom_node/completion.py", "dicom_node/scp*.py", "dicom_node/ingest.py", "dicom_node/dispatch.py",
-    "dicom_node/scu.py", "dicom_node/stow.py", "dicom_node/contracts.py", "dicom_node/settings.py",
-    "dicom_node/model_catalog.py", "dicom_node/model_files.py", "dicom_node/model_register.py",
-)
-WORKERS = "workers"
-
-
-def _imports_workers(module: str) -> bool:
-    return module == WORKERS or module.startswith(WORKERS + ".")
-
-
-def node_modules() -> list[Path]:
-    """The files of :data:`NODE_MODULES`, repository-relative; each pattern must still match a file."""
-    found: dict[Path, None] = {}
-    for pattern in NODE_MODULES:
-        matches = sorted(path.relative_to(REPO_ROOT) for path in REPO_ROOT.glob(pattern)
-                         if "__pycache__" not in path.parts)
-        assert matches, f"{pattern} matches no module any more: update NODE_MODULES"
-        found.update(dict.fromkeys(matches))
-    return list(found)
-
-
-def workers_imports(path: Path, source: str) -> list[str]:
-    """``"path:line imports module"`` for each import of ``workers`` in ``source`` (the module at ``path``)."""
-    return [f"{path.as_posix()}:{line} imports {module}"
-            for line, module in imported_modules(source, str(path)) if _imports_workers(module)]
-
-
-def test_the_parser_finds_workers_imports_and_not_the_db_module_of_that_name() -> None:
-    source = (
-        "from dicom_node.db import workers\n"
-        "from dicom_node.db.workers import list_workers\n"
-        "def describe():\n"
-        "    from workers.models.registry import default_registry\n"
-        "    import workers.volume\n"
-        "    importlib.import_module('workers.models.monai_bundle')\n"
-        "    from .workers import heartbeat\n"
-        "    import workersuite\n"
-    )
-    assert workers_imports(Path("example.py"), source) == [
-        "example.py:4 imports workers.models.registry", "example.py:5 imports workers.volume",
-        "example.py:6 imports workers.models.monai_bundle"]
+#: Every module of ``dicom_node`` in its layer (DESIGN.md, "Layers"), as glob patterns; a module in no layer fails
+#: :func:`test_every_module_is_in_one_layer` (place it). The layers and what each may import:
+#:
+#: * ``shared`` - the lower layer both sides use: contracts, settings, the database and its repositories, the typed
+#:   configuration (rules with their pure evaluator, destinations), the model catalog and what a model declares,
+#:   the storage layout and its reader (spool, study store), the queue's names and protocol. Imports ``shared`` only.
+#: * ``node`` - receive, completion and routing loop, delivery, web, the admin commands. Imports ``shared`` and
+#:   ``node``, never ``workers``.
+#: * ``app`` - the wiring layer: builds the processes from settings; may import everything.
+#: ``workers`` (a package of its own) imports ``shared`` only; ``training`` imports ``workers`` and ``shared``.
+LAYERS: dict[str, tuple[str, ...]] = {
+    "shared": (
+        "dicom_node/__init__.py", "dicom_node/contracts.py", "dicom_node/settings.py", "dicom_node/config_lookup.py",
+        "dicom_node/db/**/*.py", "dicom_node/routing.py", "dicom_node/destinations.py", "dicom_node/delivery_types.py",
+        "dicom_node/model_catalog.py", "dicom_node/model_domain.py", "dicom_node/model_declarations.py",
+        "dicom_node/model_files.py", "dicom_node/model_register.py", "dicom_node/plausibility_rules.py",
+        "dicom_node/spool.py", "dicom_node/study_store.py", "dicom_node/queue.py", "dicom_node/work_in_flight.py",
+        "dicom_node/stopping.py", "dicom_node/tls_files.py", "dicom_node/header.py", "dicom_node/codestream.py",
+        "dicom_node/dataset_layout.py",
+    ),
+    "node": (
+        "dicom_node/scp*.py", "dicom_node/scp_accel/**/*.py", "dicom_node/association_server.py", "dicom_node/ingest.py",
+        "dicom_node/indexer.py", "dicom_node/recovery.py", "dicom_node/completion.py", "dicom_node/conductor.py",
+        "dicom_node/study_facts.py", "dicom_node/periodic.py", "dicom_node/dispatch.py", "dicom_node/scu.py",
+        "dicom_node/stow.py", "dicom_node/held_results.py", "dicom_node/applicability_preview.py",
+        "dicom_node/config_files.py",
+        "dicom_node/access.py", "dicom_node/web/**/*.py", "dicom_node/admin_cli.py", "dicom_node/users_cli.py",
+        "dicom_node/studies_cli.py",
+    ),
+    "app": ("dicom_node/app/**/*.py", "dicom_node/__main__.py"),
+}
+#: What each layer may import, of the three packages (``workers`` and ``training`` are layers of their own).
+MAY_IMPORT: dict[str, frozenset[str]] = {
+    "shared": frozenset({"shared"}),
+    "node": frozenset({"shared", "node"}),
+    "app": frozenset({"shared", "node", "app", "workers", "training"}),
+    "workers": frozenset({"shared", "workers"}),
+    "training": frozenset({"shared", "workers", "training"}),
+}
 
 
-def test_node_code_never_imports_workers() -> None:
-    modules = node_modules()
-    assert Path("dicom_node/web/preview.py") in modules and Path("dicom_node/db/jobs.py") in modules
-    offending = [hit for path in modules
-                 for hit in workers_imports(path, (REPO_ROOT / path).read_text(encoding="utf-8"))]
-    assert not offending, ("the node's receive/route/web code imports the workers (read through "
-                           "dicom_node.model_catalog or another shared module instead):\n" + "\n".join(offending))
+def _python_files(package: str) -> list[Path]:
+    return sorted(path.relative_to(REPO_ROOT) for path in (REPO_ROOT / package).rglob("*.py")
+                  if "__pycache__" not in path.parts)
+
+
+def layer_of_files() -> dict[Path, str]:
+    """Each module of ``dicom_node``, ``workers`` and ``training`` with its layer; a pattern matching nothing fails."""
+    layers: dict[Path, str] = {}
+    for layer, patterns in LAYERS.items():
+        for pattern in patterns:
+            matches = [path.relative_to(REPO_ROOT) for path in REPO_ROOT.glob(pattern) if "__pycache__" not in path.parts]
+            assert matches, f"{pattern} matches no module any more: update LAYERS"
+            for path in matches:
+                assert layers.get(path, layer) == layer, f"{path} is in two layers: {layers[path]} and {layer}"
+                layers[path] = layer
+    for package in ("workers", "training"):
+        layers.update(dict.fromkeys(_python_files(package), package))
+    return layers
+
+
+def module_file(module: str, files: dict[str, Path]) -> Path | None:
+    """The file of ``module`` or of its longest known parent (``dicom_node.db.jobs.JobRow`` -> db/jobs.py)."""
+    name = module
+    while name:
+        if name in files:
+            return files[name]
+        name = name.rpartition(".")[0]
+    return None
+
+
+def layer_violations(layers: dict[Path, str]) -> list[str]:
+    """``"path:line (layer) imports module (layer)"`` for every import across layers that :data:`MAY_IMPORT` forbids."""
+    files = {".".join(path.with_suffix("").parts).removesuffix(".__init__"): path for path in layers}
+    found: dict[tuple[Path, int, Path], str] = {}
+    for path, layer in sorted(layers.items()):
+        for line, module in imported_modules((REPO_ROOT / path).read_text(encoding="utf-8"), str(path), names=True):
+            target = module_file(module, files)
+            if target is not None and layers[target] not in MAY_IMPORT[layer]:
+                found.setdefault((path, line, target), f"{path.as_posix()}:{line} ({layer}) imports "
+                                                        f"{target.as_posix()} ({layers[target]})")
+    return list(found.values())
+
+
+def test_every_module_is_in_one_layer() -> None:
+    layers = layer_of_files()
+    unplaced = [path.as_posix() for path in _python_files("dicom_node") if path not in layers]
+    assert not unplaced, f"modules in no layer (add them to LAYERS in {Path(__file__).name}): {unplaced}"
+    assert layers[Path("dicom_node/web/preview.py")] == "node" and layers[Path("dicom_node/db/jobs.py")] == "shared"
+
+
+def test_the_layer_check_finds_imports_across_layers(tmp_path: Path) -> None:
+    source = ("from dicom_node.db import jobs\n"
+              "def preview():\n"
+              "    from dicom_node import scp\n"
+              "    import workers.pipeline\n")
+    found = [(line, module) for line, module in imported_modules(source, "x.py", names=True)]
+    assert (3, "dicom_node.scp") in found and (1, "dicom_node.db.jobs") in found and (4, "workers.pipeline") in found
+    files = {"dicom_node.scp": Path("dicom_node/scp.py"), "dicom_node.db.jobs": Path("dicom_node/db/jobs.py")}
+    assert module_file("dicom_node.db.jobs.JobRow", files) == Path("dicom_node/db/jobs.py")
+    assert module_file("dicom_node.elsewhere", files) is None
+    assert "node" not in MAY_IMPORT["shared"] and "workers" not in MAY_IMPORT["node"]
+    assert "node" not in MAY_IMPORT["workers"] and "app" not in MAY_IMPORT["workers"]
+
+
+def test_imports_follow_the_layers() -> None:
+    """shared imports shared; the node never imports workers; workers never import the node or the wiring layer;
+    training never imports the node; only dicom_node.app imports both sides."""
+    violations = layer_violations(layer_of_files())
+    assert not violations, "imports across layers (DESIGN.md, 'Layers'):\n" + "\n".join(violations)
 
 
 def test_the_web_app_and_the_model_catalog_load_neither_workers_nor_torch_nor_monai() -> None:

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from dicom_node.db import audit, config_repo, jobs, monitoring, study_views
 from dicom_node.destinations import DicomDestination
 from dicom_node.model_domain import Applicability, Check

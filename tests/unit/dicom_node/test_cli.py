@@ -9,13 +9,18 @@ import sys
 from pathlib import Path
 
 import pydicom
+import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
+from sqlalchemy import text
 
-from dicom_node.cli import main
-from dicom_node.db.session import head_revision
+from dicom_node.app.cli import main
+from dicom_node.db.session import head_revision, make_engine
+from dicom_node.settings import load_settings
 from tests.conftest import NodeFactory
 from training.phantoms.ct_series import GeneratedSeries
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_db_upgrade_creates_the_database(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -62,10 +67,76 @@ def test_studies_lists_state_counts_and_timestamps(
 
 
 def test_studies_does_not_create_or_migrate_a_database(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    assert main(["studies", "--data-dir", str(tmp_path)]) == 1
-    assert "db upgrade" in capsys.readouterr().err
-    assert main(["db", "upgrade", "--data-dir", str(tmp_path)]) == 0
-    assert main(["studies", "--data-dir", str(tmp_path)]) == 0
+    data_dir = tmp_path / "var"
+    assert main(["studies", "--data-dir", str(data_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"no database at {data_dir / 'dicom-node.db'}" in err and "Nothing was created" in err
+    assert "looked at: --config (not given)" in err and "DICOM_NODE_CONFIG" in err
+    assert not data_dir.exists()  # not even the folder
+    assert main(["db", "upgrade", "--data-dir", str(data_dir)]) == 0
+    assert main(["studies", "--data-dir", str(data_dir)]) == 0
+    engine = make_engine(load_settings(None, {"data_dir": data_dir}).resolved_database_url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0001'"))
+    engine.dispose()
+    assert main(["studies", "--data-dir", str(data_dir)]) == 1
+    assert "is at revision 0001" in capsys.readouterr().err
+
+
+def test_admin_commands_refuse_to_create_a_database(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    data = ["--data-dir", str(tmp_path / "var")]
+    for command in (["destinations", "add", "pacs", "--ae-title", "PACS", "--host", "h", "--port", "104"],
+                    ["rules", "list"], ["jobs", "list"], ["models", "list"], ["users", "list"], ["worker"]):
+        assert main([*command, *data]) == 1, command
+        assert "no database at" in capsys.readouterr().err, command
+    assert not (tmp_path / "var").exists()
+
+
+def test_the_cli_finds_its_settings_the_same_way_wherever_it_runs(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from dicom_node.config_lookup import anchor_relative_paths, find_config
+
+    checkout, system = tmp_path / "checkout", tmp_path / "etc" / "node.yaml"
+    (checkout / "config").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text("")
+    (checkout / "config" / "default.yaml").write_text("data_dir: ./var\n")
+    named = tmp_path / "named.yaml"
+    named.write_text("data_dir: ./elsewhere\n")
+
+    def choose(cli: Path | None, env: dict[str, str]):  # type: ignore[no-untyped-def]
+        return find_config(cli, env, system_file=system, checkout=checkout)
+
+    assert choose(named, {"DICOM_NODE_CONFIG": "/nowhere.yaml"}).path == named  # --config first
+    assert choose(None, {"DICOM_NODE_CONFIG": str(named)}).source == "$DICOM_NODE_CONFIG"
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+        choose(None, {"DICOM_NODE_CONFIG": "/nowhere.yaml"})
+    in_checkout = choose(None, {})
+    assert in_checkout.path == checkout / "config" / "default.yaml" and in_checkout.base_dir == checkout
+    system.parent.mkdir()
+    system.write_text("data_dir: /srv/dicom-node\n")
+    assert choose(None, {}).path == system  # before the checkout
+    system.unlink()
+    (checkout / "pyproject.toml").unlink()  # an installed copy, not a checkout: built-in defaults
+    defaults = choose(None, {})
+    assert defaults.path is None and f"{checkout / 'config' / 'default.yaml'} (absent)" in defaults.describe()
+    # A relative data_dir of the checkout's file is the checkout's, from whatever folder the command runs in.
+    monkeypatch.chdir(tmp_path)
+    settings = anchor_relative_paths(load_settings(in_checkout.path), in_checkout.base_dir)
+    assert settings.data_dir == checkout / "var"
+    assert load_settings(named).data_dir == Path("elsewhere")  # --config: relative to the current folder
+
+
+def test_the_checkouts_own_settings_are_found_from_another_folder(tmp_path: Path) -> None:
+    """``dicom-node studies`` run outside the checkout reads the checkout's var/, and creates nothing where it runs."""
+    env = {key: value for key, value in os.environ.items() if key != "DICOM_NODE_CONFIG"}
+    done = subprocess.run([sys.executable, "-m", "dicom_node", "studies"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    checkout_db = REPO_ROOT / "var" / "dicom-node.db"
+    if checkout_db.is_file():
+        assert done.returncode in (0, 1) and "no database at" not in done.stderr
+    else:
+        assert done.returncode == 1 and f"no database at {checkout_db}" in done.stderr, done.stderr
+        assert str(REPO_ROOT / "config" / "default.yaml") in done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_models_disable_enable_list_and_audit(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -74,7 +145,7 @@ def test_models_disable_enable_list_and_audit(tmp_path: Path, capsys) -> None:  
 
     data = ["--data-dir", str(tmp_path)]
     assert main(["models", "list", *data]) == 1  # listing never creates or migrates a database
-    assert "needs" in capsys.readouterr().err
+    assert "no database at" in capsys.readouterr().err
     assert main(["db", "upgrade", *data]) == 0
     assert main(["models", "disable", "lung-nodule-detection", "--note", "<b>recall</b>", *data]) == 0
     assert "disabled" in capsys.readouterr().out
@@ -118,6 +189,7 @@ def test_configuration_changes_from_the_shell_are_audited_without_secrets(tmp_pa
     from dicom_node.db.session import make_engine, make_session_factory
 
     data = ["--data-dir", str(tmp_path / "data")]
+    assert main(["db", "upgrade", *data]) == 0
     assert main(["destinations", "add", "pacs", "--ae-title", "PACS", "--host", "10.0.0.5", "--port", "104",
                  *data]) == 0
     assert main(["destinations", "add", "pacs", "--ae-title", "PACS2", "--host", "10.0.0.5", "--port", "104",

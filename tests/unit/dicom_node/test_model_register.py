@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from dicom_node.db import model_history
 from dicom_node.db.session import make_engine, make_session_factory
 from dicom_node.model_catalog import ModelCatalog

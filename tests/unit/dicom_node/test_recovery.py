@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 
 from dicom_node.db import repo
 from dicom_node.db.models import Instance
-from dicom_node.node import Node
+from dicom_node.app.node import Node
 from dicom_node.recovery import CLEAN_STOP_MARKER
 from dicom_node.settings import load_settings
 from dicom_node.spool import PART_SUFFIX

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from dicom_node.config_files import ConfigFileError, load_rules_file
 from dicom_node.routing import (
     MAX_REGEX_LENGTH,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from dicom_node.cli import main
+from dicom_node.app.cli import main
 from dicom_node.db import audit, users
 from dicom_node.db.models import Role, User
 from dicom_node.db.session import make_engine, make_session_factory
@@ -24,6 +24,10 @@ from dicom_node.settings import load_settings
 
 
 def _cli(data_dir: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """``dicom-node ARGS --data-dir DATA_DIR`` in a process of its own, on the node's database there (created
+    first, as the node's start or ``db upgrade`` does: the user commands never create one)."""
+    if not (data_dir / "dicom-node.db").is_file():
+        assert main(["db", "upgrade", "--data-dir", str(data_dir)]) == 0
     return subprocess.run([sys.executable, "-m", "dicom_node", *args, "--data-dir", str(data_dir)],
                           input=stdin, capture_output=True, text=True, timeout=120)
 
@@ -36,6 +40,9 @@ def _sessions(data_dir: Path):  # type: ignore[no-untyped-def]
 def _run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, data_dir: Path, *args: str,
          stdin: str = "") -> tuple[int, str, str]:
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    if not (data_dir / "dicom-node.db").is_file():
+        assert main(["db", "upgrade", "--data-dir", str(data_dir)]) == 0
+        capsys.readouterr()
     code = main([*args, "--data-dir", str(data_dir)])
     out = capsys.readouterr()
     return code, out.out, out.err

@@ -18,7 +18,7 @@ from dicom_node.db.session import make_engine, make_session_factory
 from dicom_node.header import InstanceHeader
 from dicom_node.indexer import IndexRecord, InstanceIndexer
 from dicom_node.ingest import utc_now
-from dicom_node.node import Node, worker_heartbeat
+from dicom_node.app.node import Node, worker_heartbeat
 from dicom_node.queue import CeleryQueue
 from dicom_node.routing import JobSpec, RoutingDecision, RuleOutcome
 from dicom_node.settings import load_settings

@@ -1,4 +1,9 @@
-"""The ``dicom-node`` command line."""
+"""The ``dicom-node`` command line: finds the settings (:mod:`dicom_node.config_lookup`) and runs a command.
+
+Part of the wiring layer: ``serve`` and ``worker`` build their processes here
+(:mod:`dicom_node.app.node`), and ``rules test --image`` is given the worker's image
+check; the other commands live beside the code they drive.
+"""
 
 from __future__ import annotations
 
@@ -8,11 +13,19 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from dicom_node.config_lookup import ConfigChoice, anchor_relative_paths, find_config
+from dicom_node.db.session import missing_database
 from dicom_node.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from dicom_node.admin_cli import ImageCheck
+    from dicom_node.model_domain import Applicability, InputDomain, SynonymTable
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +34,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         type=Path,
-        default=Path(os.environ["DICOM_NODE_CONFIG"]) if os.environ.get("DICOM_NODE_CONFIG") else None,
-        help="YAML settings file (default: $DICOM_NODE_CONFIG, else built-in defaults)",
+        help="YAML settings file (default: $DICOM_NODE_CONFIG, else /etc/dicom-node/node.yaml, else the "
+             "checkout's config/default.yaml, else built-in defaults)",
     )
     parser.add_argument("--data-dir", type=Path, help="where the database, spool and quarantine live")
 
@@ -164,13 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace) -> Settings:
-    overrides: dict[str, Any] = {"data_dir": args.data_dir}
+def _settings(args: argparse.Namespace, choice: ConfigChoice) -> Settings:
+    overrides: dict[str, Any] = {"data_dir": args.data_dir.resolve() if args.data_dir is not None else None}
     if args.command == "serve":
         overrides.update({"dicom.port": args.port, "web.port": args.web_port, "dicom.ae_title": args.ae_title})
     if args.command == "worker":
         overrides.update({"queue.broker_url": args.broker})
-    return load_settings(args.config, overrides)
+    return anchor_relative_paths(load_settings(choice.path, overrides), choice.base_dir)
 
 
 def _configure_logging(level: str) -> None:
@@ -184,7 +197,7 @@ def _configure_logging(level: str) -> None:
 
 
 def _serve(settings: Settings) -> int:
-    from dicom_node.node import Node
+    from dicom_node.app.node import Node
     from dicom_node.stopping import exit_process
 
     try:
@@ -204,75 +217,8 @@ def _db_upgrade(settings: Settings) -> int:
     return 0
 
 
-def _studies(settings: Settings, as_json: bool, limit: int) -> int:
-    from dicom_node.db import repo, study_views
-    from dicom_node.db.session import current_revision, head_revision, make_engine, make_session_factory
-
-    engine = make_engine(settings.resolved_database_url)
-    revision, head = current_revision(engine), head_revision()
-    if revision != head:
-        print(
-            f"dicom-node: the database at {engine.url.render_as_string(hide_password=True)} is at revision "
-            f"{revision or 'none'}, this version needs {head}; start the node or run `dicom-node db upgrade`",
-            file=sys.stderr,
-        )
-        return 1
-    sessions = make_session_factory(engine)
-    studies = repo.list_studies(sessions, limit=limit)
-    job_counts = study_views.job_counts_by_study(sessions, [s.study_instance_uid for s in studies])
-    if as_json:
-        rows = [
-            {
-                "study_instance_uid": s.study_instance_uid,
-                "patient_id": s.patient_id,
-                "accession_number": s.accession_number,
-                "study_date": s.study_date,
-                "modalities": s.modalities.split(",") if s.modalities else [],
-                "state": s.state,
-                "series": s.series_count,
-                "instances": s.instance_count,
-                "late_instances": s.late_instance_count,
-                "first_received_at": s.first_received_at.isoformat(),
-                "last_received_at": s.last_received_at.isoformat(),
-                "completed_at": s.completed_at.isoformat() if s.completed_at else None,
-                "jobs": job_counts.get(s.study_instance_uid, {}),
-            }
-            for s in studies
-        ]
-        print(json.dumps(rows, indent=2))
-        return 0
-    if not studies:
-        print("no studies received yet")
-        return 0
-    header = (f"{'STATE':<10} {'SERIES':>6} {'IMAGES':>7} {'MOD':<8} {'FIRST RECEIVED (UTC)':<20} "
-              f"{'COMPLETED (UTC)':<20} {'JOBS':<24} STUDY INSTANCE UID")
-    print(header)
-    for s in studies:
-        completed = f"{s.completed_at:%Y-%m-%d %H:%M:%S}" if s.completed_at else "-"
-        counts = job_counts.get(s.study_instance_uid, {})
-        print(
-            f"{s.state:<10} {s.series_count:>6} {s.instance_count:>7} {s.modalities[:8]:<8} "
-            f"{s.first_received_at:%Y-%m-%d %H:%M:%S}  {completed:<20} {_job_summary(counts):<24} "
-            f"{s.study_instance_uid}"
-        )
-    held = sum(1 for s in studies if job_counts.get(s.study_instance_uid, {}).get("held"))
-    if held:
-        print(f"\n{held} study(ies) have results HELD (judged implausible, not sent) waiting for an operator: "
-              "see `dicom-node jobs list --state held`, then `dicom-node jobs release|discard JOB_ID`")
-    return 0
-
-
-#: Job states in the order ``studies`` lists them: what needs a person first.
-_JOB_STATE_ORDER = ("held", "dead", "failed", "running", "queued", "succeeded", "released", "not_applicable",
-                    "discarded", "cancelled")
-
-
-def _job_summary(counts: dict[str, int]) -> str:
-    """"1 held, 2 succeeded" (held and dead in capitals: they need a person), "-" without jobs."""
-    order = {state: i for i, state in enumerate(_JOB_STATE_ORDER)}
-    parts = [f"{n} {state.upper() if state in ('held', 'dead') else state.replace('_', ' ')}"
-             for state, n in sorted(counts.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))]
-    return ", ".join(parts) or "-"
+#: Commands that work on the node's existing database and must not create one (``serve`` and ``db upgrade`` may).
+_NEEDS_DATABASE = frozenset({"studies", "worker", "destinations", "rules", "jobs", "models", "users", "tokens"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,23 +227,32 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         return int(args.handler(args))
     try:
-        settings = _settings(args)
+        choice = find_config(args.config, os.environ)
+        settings = _settings(args, choice)
     except (ValidationError, FileNotFoundError) as exc:
         print(f"dicom-node: invalid configuration: {exc}", file=sys.stderr)
         return 2
     _configure_logging(settings.log_level)
+    logger.debug("%s", choice.describe())
+    if args.command in _NEEDS_DATABASE:
+        missing = missing_database(settings.resolved_database_url)
+        if missing is not None:
+            print(f"dicom-node: {missing} (data_dir {settings.data_dir}); {choice.describe()}. Nothing was created: "
+                  "point --config or --data-dir at the node's settings, or start the node (`dicom-node serve`) or "
+                  "run `dicom-node db upgrade` with these settings to create a new, empty database.",
+                  file=sys.stderr)
+            return 1
     if args.command == "serve":
         return _serve(settings)
     if args.command == "db":
         return _db_upgrade(settings)
     if args.command == "studies":
         return _studies(settings, args.json, args.limit)
-    from dicom_node import admin_cli
-
     if args.command == "worker":
+        from dicom_node.app.node import run_worker
         from dicom_node.stopping import exit_process
 
-        code = admin_cli.worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.concurrency)
+        code = run_worker(settings, [q.strip() for q in args.queues.split(",") if q.strip()], args.concurrency)
         if code != 0:  # refused to start: nothing is running yet
             return code
         exit_process(code)  # without waiting for a model still computing a job that was handed back
@@ -306,8 +261,37 @@ def main(argv: list[str] | None = None) -> int:
 
         return users_cli.run(settings, args)
     if args.command in ("destinations", "rules", "jobs", "models"):
-        return admin_cli.run(settings, args)
+        from dicom_node import admin_cli
+
+        return admin_cli.run(settings, args, image_check=_image_check())
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _studies(settings: Settings, as_json: bool, limit: int) -> int:
+    from dicom_node.db.session import DatabaseNotReady, open_sessions
+    from dicom_node.studies_cli import list_studies
+
+    try:
+        sessions = open_sessions(settings.resolved_database_url, migrate=False)
+    except DatabaseNotReady as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    return list_studies(sessions, as_json=as_json, limit=limit)
+
+
+def _image_check() -> "ImageCheck | None":
+    """The worker's check of a series' images before a model (``rules test --image``); ``None`` without the
+    worker's packages (a receive-only installation)."""
+    try:
+        from workers.applicability import check_applicability
+        from workers.volume import load_series
+    except ImportError:
+        return None
+
+    def check(files: "Sequence[Path]", model_id: str, domain: "InputDomain", synonyms: "SynonymTable") -> "Applicability":
+        return check_applicability(model_id, domain, load_series(files), synonyms).applicability
+
+    return check
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Wires the receiving node together from settings and runs it until asked to stop.
+"""Wires the node (``serve``) and the worker of either process together from settings.
 
 Stopping (SIGTERM, SIGINT) takes bounded time, well inside systemd's ``TimeoutStopSec``
 (60 s): the DICOM listener closes first, the running job or delivery gets
@@ -198,7 +198,7 @@ def build_worker(
     """
     from workers.celery_app import EmbeddedWorker
     from workers.context import build_worker_context, preload_models
-    from workers.tasks import register_tasks
+    from dicom_node.app.tasks import register_tasks
 
     work = WorkInFlight()
     context = build_worker_context(settings, sessions, queue, job_concurrency=job_concurrency, work=work)
@@ -240,3 +240,38 @@ def worker_heartbeat(sessions: sessionmaker[Session], context: "WorkerContext", 
     models = context.models if isinstance(context.models, TrackedModels) else None
     return WorkerHeartbeat(sessions, name=context.worker_name, queues=queues,
                            device=describe_device() if GPU_QUEUE in queues else None, models=models, clock=clock)
+
+
+def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
+    """``dicom-node worker``: a Celery worker on ``queues`` until SIGTERM/SIGINT (distributed mode), then a stop
+    in bounded time; returns the exit code (2 for queues it does not know, 1 without the node's database).
+
+    The running job or delivery gets ``queue.stop_grace_seconds`` and is then handed
+    back to the queue; a second signal ends the process at once (see :mod:`dicom_node.stopping`).
+    """
+    import socket
+    import sys
+
+    from dicom_node.db.session import DatabaseNotReady, open_sessions
+    from dicom_node.queue import IO_QUEUE
+    from workers.celery_app import make_celery_app
+
+    unknown = sorted(set(queues) - {GPU_QUEUE, IO_QUEUE})
+    if unknown or not queues:
+        print(f"dicom-node: --queues must list gpu and/or io, got {','.join(queues) or 'nothing'}", file=sys.stderr)
+        return 2
+    try:
+        sessions = open_sessions(settings.resolved_database_url, migrate=False)
+    except DatabaseNotReady as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    signals = StopSignals("dicom-node worker").install()
+    app = make_celery_app(settings.queue.broker_url)
+    parts = build_worker(settings, app, sessions, CeleryQueue(app), queues, utc_now, job_concurrency=concurrency,
+                         pool_threads=concurrency + (1 if IO_QUEUE in queues else 0),
+                         hostname=f"{'+'.join(queues)}@{socket.gethostname()}")
+    parts.worker.start()  # the heartbeat, the models (gpu), then the queues, in a thread of its own
+    signals.wait()
+    parts.worker.stop(settings.queue.stop_grace_seconds)
+    run_bounded("worker heartbeat", parts.heartbeat.stop, 5.0)
+    return 0

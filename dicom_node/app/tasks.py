@@ -1,7 +1,9 @@
 """The Celery tasks: thin wrappers that take an id and call the pipeline or the dispatcher.
 
 Why thin: everything worth testing lives in :mod:`workers.pipeline` and
-:mod:`dicom_node.dispatch`, which run without Celery. The tasks are ``acks_late``
+:mod:`dicom_node.dispatch`, which run without Celery. Why here, in the wiring layer:
+a worker process runs both (inference on ``gpu``, deliveries on ``io``), and neither
+side may import the other. The tasks are ``acks_late``
 with ``reject_on_worker_lost``: a worker that dies mid-task leaves the message to be
 redelivered, and the database claim makes the redelivery harmless. The context is
 handed in (no module globals), built once per worker process.
@@ -22,6 +24,7 @@ from dicom_node.dispatch import Dispatcher
 from dicom_node.queue import DELIVER_TASK, RUN_JOB_TASK
 from dicom_node.work_in_flight import StopRequested
 from workers.context import WorkerContext
+from workers.pipeline import run_job as run_pipeline_job
 
 __all__ = ["register_tasks"]
 
@@ -35,10 +38,8 @@ def register_tasks(
 
     @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True, shared=False)
     def run_job(job_id: int) -> str | None:
-        from workers.pipeline import run_job as run
-
         try:
-            return run(context(), int(job_id))
+            return run_pipeline_job(context(), int(job_id))
         except StopRequested as stop:
             _send_back(context().queue.enqueue_job, int(job_id), stop)
             return None
