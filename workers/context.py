@@ -99,10 +99,11 @@ class WorkerContext:
 
 def build_worker_context(
     settings: Settings, sessions: sessionmaker[Session], queue: JobQueue, models: ModelProvider | None = None,
-    *, job_concurrency: int = 1, work: WorkInFlight | None = None,
+    *, job_concurrency: int = 1, work: WorkInFlight | None = None, worker_name: str | None = None,
 ) -> WorkerContext:
     """The context of a worker (embedded or separate) from the node's settings; at most ``job_concurrency``
-    jobs run at once in this process (one per GPU). ``work``: the process's :class:`WorkInFlight` (new if none)."""
+    jobs run at once in this process (one per GPU). ``work``: the process's :class:`WorkInFlight` (new if none);
+    ``worker_name``: how its job claims name it (default host:pid)."""
     if models is None:
         from workers.models.registry import default_registry, load_model_registry
 
@@ -120,7 +121,7 @@ def build_worker_context(
         synonyms=settings.applicability.synonym_table(),
         job_lease_seconds=settings.routing.job_lease_seconds,
         delivery_max_attempts=settings.delivery.max_attempts,
-        worker_name=f"{socket.gethostname()}:{os.getpid()}",
+        worker_name=worker_name or f"{socket.gethostname()}:{os.getpid()}",
         job_slots=threading.Semaphore(job_concurrency),
         work=work if work is not None else WorkInFlight(),
     )

@@ -9,6 +9,8 @@ queued in the database, and every other part gets a few seconds (see :meth:`Node
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -177,11 +179,12 @@ class Node:
 
 @dataclass(frozen=True)
 class WorkerParts:
-    """A worker of this process (:func:`build_worker`): the Celery worker, its heartbeat and its context."""
+    """A worker of this process (:func:`build_worker`): the Celery worker, its heartbeat and, when it runs
+    jobs (``gpu``), its context; a worker of deliveries only (``io``) has none and loads no model."""
 
     worker: "EmbeddedWorker"
     heartbeat: "WorkerHeartbeat"
-    context: "WorkerContext"
+    context: "WorkerContext | None"
 
 
 def build_worker(
@@ -195,26 +198,35 @@ def build_worker(
     Its job and its deliveries share one :class:`WorkInFlight`, so that a stop hands back
     both: what still runs after ``queue.stop_grace_seconds`` is queued again (the
     attempt not counted) and its id sent to ``queue`` for whichever worker comes next.
+    Without ``gpu`` nothing of the workers' model code is imported: a machine installed
+    without ``[worker]`` (no torch, no MONAI) runs deliveries.
     """
-    from workers.celery_app import EmbeddedWorker
-    from workers.context import build_worker_context, preload_models
     from dicom_node.app.tasks import register_tasks
+    from workers.celery_app import EmbeddedWorker
 
     work = WorkInFlight()
-    context = build_worker_context(settings, sessions, queue, job_concurrency=job_concurrency, work=work)
+    name = f"{socket.gethostname()}:{os.getpid()}"  # as the job claims and the heartbeat row name it
+    context = None
+    if GPU_QUEUE in queues:
+        from workers.context import build_worker_context
+
+        context = build_worker_context(settings, sessions, queue, job_concurrency=job_concurrency, work=work,
+                                       worker_name=name)
     dispatcher = make_dispatcher(settings, sessions, clock, work=work)
-    register_tasks(celery, lambda: context, lambda: dispatcher)
-    heartbeat = worker_heartbeat(sessions, context, queues, clock)
+    register_tasks(celery, queue, lambda: dispatcher, None if context is None else (lambda: context))
+    heartbeat = worker_heartbeat(sessions, name, context, queues, clock)
     grace = settings.queue.stop_grace_seconds
 
     def prepare() -> None:
         heartbeat.start()  # before loading, so the models page shows them loading
-        if GPU_QUEUE in queues:
+        if context is not None:
+            from workers.context import preload_models
+
             preload_models(context.models)  # the first study must not wait for them
 
     def hand_back() -> None:
-        hand_back_unfinished(work, sessions, queue, worker=context.worker_name, clock=clock,
-                             reason=f"worker {context.worker_name} stopped and did not finish within the stop grace "
+        hand_back_unfinished(work, sessions, queue, worker=name, clock=clock,
+                             reason=f"worker {name} stopped and did not finish within the stop grace "
                              f"period ({grace:g} s)")
 
     worker = EmbeddedWorker(celery, queues, work=work, hand_back=hand_back, concurrency=pool_threads,
@@ -232,13 +244,14 @@ def make_dispatcher(settings: Settings, sessions: sessionmaker[Session], clock: 
     )
 
 
-def worker_heartbeat(sessions: sessionmaker[Session], context: "WorkerContext", queues: Sequence[str],
-                     clock: Callable[[], datetime]) -> "WorkerHeartbeat":
-    """The heartbeat of a worker process (embedded or ``dicom-node worker``), named like its job claims."""
+def worker_heartbeat(sessions: sessionmaker[Session], name: str, context: "WorkerContext | None",
+                     queues: Sequence[str], clock: Callable[[], datetime]) -> "WorkerHeartbeat":
+    """The heartbeat of a worker process (embedded or ``dicom-node worker``), named ``name`` like its job claims;
+    it reports the models' load states of ``context`` (a worker of jobs) and the device of a ``gpu`` worker."""
     from workers.heartbeat import TrackedModels, WorkerHeartbeat, describe_device
 
-    models = context.models if isinstance(context.models, TrackedModels) else None
-    return WorkerHeartbeat(sessions, name=context.worker_name, queues=queues,
+    models = context.models if context is not None and isinstance(context.models, TrackedModels) else None
+    return WorkerHeartbeat(sessions, name=name, queues=queues,
                            device=describe_device() if GPU_QUEUE in queues else None, models=models, clock=clock)
 
 
@@ -249,7 +262,6 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     The running job or delivery gets ``queue.stop_grace_seconds`` and is then handed
     back to the queue; a second signal ends the process at once (see :mod:`dicom_node.stopping`).
     """
-    import socket
     import sys
 
     from dicom_node.db.session import DatabaseNotReady, open_sessions

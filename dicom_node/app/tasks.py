@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from celery import Celery
 
 from dicom_node.dispatch import Dispatcher
-from dicom_node.queue import DELIVER_TASK, RUN_JOB_TASK
+from dicom_node.queue import DELIVER_TASK, RUN_JOB_TASK, JobQueue
 from dicom_node.work_in_flight import StopRequested
-from workers.context import WorkerContext
-from workers.pipeline import run_job as run_pipeline_job
+
+if TYPE_CHECKING:
+    from workers.context import WorkerContext
 
 __all__ = ["register_tasks"]
 
@@ -32,29 +34,37 @@ logger = logging.getLogger(__name__)
 
 
 def register_tasks(
-    app: Celery, context: Callable[[], WorkerContext], dispatcher: Callable[[], Dispatcher]
+    app: Celery, queue: JobQueue, dispatcher: Callable[[], Dispatcher], context: Callable[[], WorkerContext] | None,
 ) -> None:
-    """Register ``run_job`` and ``deliver`` on ``app``; ``context``/``dispatcher`` give this process's instances."""
-
-    @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True, shared=False)
-    def run_job(job_id: int) -> str | None:
-        try:
-            return run_pipeline_job(context(), int(job_id))
-        except StopRequested as stop:
-            _send_back(context().queue.enqueue_job, int(job_id), stop)
-            return None
+    """Register ``deliver`` and, with a worker ``context`` (a process that runs models), ``run_job`` on ``app``;
+    ``dispatcher``/``context`` give this process's instances, ``queue`` takes back what a stopping worker
+    could not start."""
+    if context is not None:
+        _register_run_job(app, queue, context)
 
     @app.task(name=DELIVER_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True, shared=False)
     def deliver(delivery_id: int) -> str | None:
         try:
             return dispatcher().deliver(int(delivery_id))
         except StopRequested as stop:
-            _send_back(context().queue.enqueue_delivery, int(delivery_id), stop)
+            _send_back(queue.enqueue_delivery, int(delivery_id), stop)
             return None
 
     # Register now: Celery adds decorated tasks lazily, and a worker that receives a message waiting in
     # the queue before that happens reports the task as never registered.
     app.finalize(auto=True)
+
+
+def _register_run_job(app: Celery, queue: JobQueue, context: Callable[[], WorkerContext]) -> None:
+    from workers.pipeline import run_job as run  # only a process that runs models imports the pipeline
+
+    @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True, shared=False)
+    def run_job(job_id: int) -> str | None:
+        try:
+            return run(context(), int(job_id))
+        except StopRequested as stop:
+            _send_back(queue.enqueue_job, int(job_id), stop)
+            return None
 
 
 def _send_back(send: Callable[[int], None], item_id: int, stop: StopRequested) -> None:

@@ -104,7 +104,7 @@ def test_worker_context_reports_real_model_load_states_and_its_running_job(engin
     context = build_worker_context(settings, sessions, CeleryQueue(make_celery_app("memory://")))
     assert isinstance(context.models, TrackedModels)
     assert context.worker_name == f"{socket.gethostname()}:{os.getpid()}"
-    heartbeat = worker_heartbeat(sessions, context, ["gpu"], utc_now)
+    heartbeat = worker_heartbeat(sessions, context.worker_name, context, ["gpu"], utc_now)
     heartbeat.beat()
     before = row(sessions, context.worker_name)
     assert before is not None and before.device is not None and before.device.startswith(("cpu", "cuda:0"))

@@ -37,6 +37,7 @@ from tests.unit.workers.model_fixtures import (
     sample_world,
 )
 from tests.unit.workers.outputs_fixtures import dciodvfy_findings
+from tests.zoo import model_zoo_bundle
 from training.data.dicom_pair import write_dicom_case
 from training.phantoms.chest import PhantomConfig, generate_chest_phantom
 from workers.models.base import DetectionResult
@@ -53,7 +54,11 @@ from workers.outputs.sr import DetectionFindings, build_sr
 from workers.volume import Volume, load_series
 
 REPO = Path(__file__).resolve().parents[3]
-ZOO_DETECTION = REPO.parent / "shared" / "monai-bundles" / "lung_nodule_ct_detection"
+
+
+def zoo_detection() -> Path:
+    """The Model Zoo's lung_nodule_ct_detection configs (skips, or fails in CI, without them: tests/zoo.py)."""
+    return model_zoo_bundle("lung_nodule_ct_detection")
 
 NODULE = SegmentLabel(
     value=1,
@@ -109,7 +114,7 @@ def test_zoo_network_builds_without_torchvision_with_the_zoos_state_dict_layout(
     with pytest.raises(ImportError):
         import torchvision  # noqa: F401  (the point: none here)
     torch.manual_seed(0)
-    model = RetinaNetBundleModel(ZOO_DETECTION, device="cpu", random_weights=True, labels={0: NODULE})
+    model = RetinaNetBundleModel(zoo_detection(), device="cpu", random_weights=True, labels={0: NODULE})
     state = model._detector.network.state_dict()
 
     backbone = resnet50(spatial_dims=3, n_input_channels=1, conv1_t_stride=[2, 2, 1], conv1_t_size=[7, 7, 7])
@@ -163,7 +168,7 @@ def test_config_references_to_torchvision_helpers_are_redirected() -> None:
 
 
 def test_only_retinanet_bundles_are_recognised(tmp_path: Path) -> None:
-    assert is_retinanet_bundle(ZOO_DETECTION)
+    assert is_retinanet_bundle(zoo_detection())
     assert not is_retinanet_bundle(REPO / "workers" / "bundles" / "lung_nodule_detection")
     assert not is_retinanet_bundle(tmp_path)
 
@@ -175,7 +180,7 @@ def test_only_retinanet_bundles_are_recognised(tmp_path: Path) -> None:
 def zoo_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the Zoo config with seeded random weights as models/model.pt (the Zoo's weights are not here)."""
     bundle = tmp_path_factory.mktemp("zoo") / "lung_nodule_ct_detection"
-    shutil.copytree(ZOO_DETECTION, bundle)
+    shutil.copytree(zoo_detection(), bundle)
     torch.manual_seed(22)
     model = RetinaNetBundleModel(bundle, device="cpu", random_weights=True, labels={0: NODULE})
     (bundle / "models").mkdir()
@@ -248,12 +253,12 @@ def test_gsps_and_sr_accept_the_zoo_detections(
 
 def test_zoo_bundle_without_coded_labels_is_refused() -> None:
     with pytest.raises(BundleError, match=r"no coded labels .*bundle_value"):
-        RetinaNetBundleModel(ZOO_DETECTION, device="cpu", random_weights=True)
+        RetinaNetBundleModel(zoo_detection(), device="cpu", random_weights=True)
 
 
 def test_label_for_a_class_the_detector_lacks_is_refused() -> None:
     with pytest.raises(BundleError, match=r"class indices \[1\].*1 class\(es\)"):
-        RetinaNetBundleModel(ZOO_DETECTION, device="cpu", random_weights=True, labels={1: NODULE})
+        RetinaNetBundleModel(zoo_detection(), device="cpu", random_weights=True, labels={1: NODULE})
 
 
 def test_registry_entry_for_a_detector_needs_bundle_values() -> None:
@@ -275,7 +280,7 @@ def _planted_model(**more_overrides: object) -> RetinaNetBundleModel:
     }
     overrides = {"network_def": network, "whether_raw_luna16": True,
                  "preprocessing#transforms#4#pixdim": list(PIXDIM), **more_overrides}
-    return RetinaNetBundleModel(ZOO_DETECTION, device="cpu", random_weights=True, labels={0: NODULE},
+    return RetinaNetBundleModel(zoo_detection(), device="cpu", random_weights=True, labels={0: NODULE},
                                 overrides=overrides)
 
 
@@ -336,7 +341,7 @@ def test_world_mapping_equals_the_zoo_postprocessing(planted_model: RetinaNetBun
     edge = torch.tensor([[-3.0, 2.0, 1.0, 4.0, 9.0, 5.0]])
     boxes = torch.cat([boxes, edge])
     parser = ConfigParser()
-    parser.read_config(str(ZOO_DETECTION / "configs" / "inference.json"))
+    parser.read_config(str(zoo_detection() / "configs" / "inference.json"))
     post = parser.get_parsed_content("postprocessing")
     out = post({"box": boxes.clone(), "label": torch.zeros(len(boxes), dtype=torch.long), "image": image})
     zoo = torch.as_tensor(out["box"]).double().numpy()  # LPS cccwhd
