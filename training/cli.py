@@ -161,10 +161,9 @@ def _error(message: str) -> int:
 
 
 def _set_threads(threads: int | None) -> None:
-    if threads is not None:
-        import torch
+    from training.loop import set_threads  # torch: only when a command runs
 
-        torch.set_num_threads(threads)
+    set_threads(threads)
 
 
 def _accepted(function: Callable[..., Any], options: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -237,11 +236,11 @@ def train_command(args: argparse.Namespace) -> int:
     if given:
         return _error(f"{', '.join(given)} not supported when training {args.kind}")
     if args.kind == "segmentation":
-        from training.segmentation import train_segmentation as trainer
+        from training.segmentation.train import train_segmentation as trainer
     elif args.kind == "nodule-branch":
-        from training.nodule_branch import train_nodule_branch as trainer
+        from training.segmentation.nodule_branch import train_nodule_branch as trainer
     elif args.kind == "small-nodules":
-        from training.candidate_classifier import train_small_nodule_stage as trainer
+        from training.segmentation.small_nodules import train_small_nodule_stage as trainer
     else:
         from training.detection import train_detection as trainer
     kwargs, unknown = _accepted(trainer, options)
@@ -278,7 +277,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     _set_threads(args.threads)
     try:
         if kind == "segmentation":
-            from training.segmentation import evaluate_segmentation
+            from training.segmentation.evaluate import evaluate_segmentation
 
             result = evaluate_segmentation(args.bundle, args.dataset, device=args.device, out_dir=args.out,
                                            record=args.record)

@@ -2,7 +2,7 @@
 
 Everything runs on CPU in well under a minute: the networks here are tiny and the
 volumes small; the shipped settings are measured separately (see the report in
-training/detection.py's docstring).
+training/detection/__init__.py docstring).
 """
 
 from __future__ import annotations
@@ -243,7 +243,7 @@ def test_dataset_cases_match_the_phantom_nodules(tiny_dataset: Path) -> None:
 
 
 def test_tiny_training_reduces_loss_and_writes_a_bundle(tiny_dataset: Path, tmp_path: Path) -> None:
-    from training.detection import _PatchSampler
+    from training.detection.data import PatchSampler
 
     out = tmp_path / "bundle"
     record = train_detection(
@@ -252,7 +252,7 @@ def test_tiny_training_reduces_loss_and_writes_a_bundle(tiny_dataset: Path, tmp_
     )
     # the loss on fixed patches (training mode: batch statistics) drops from the initial network's
     cases = load_detection_cases(tiny_dataset, TINY)
-    batch = _PatchSampler([c for c in cases if c.name in record["train_cases"]], TINY, seed=123).batch(4)
+    batch = PatchSampler([c for c in cases if c.name in record["train_cases"]], TINY, seed=123).batch(4)
     trained, _ = load_detector(out, prefer_torchscript=False)
     torch.manual_seed(1)
     initial = build_network(TINY)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.lesion_plots import lesion_crop, plot_lesion_gallery
+from training.plots import lesion_crop, plot_lesion_gallery
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

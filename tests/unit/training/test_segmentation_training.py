@@ -228,7 +228,7 @@ def test_fine_tuning_starts_from_the_given_bundle(trained: dict[str, Any], tmp_p
 @pytest.fixture(scope="module")
 def branched(trained: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """The tiny bundle above with a nodule branch trained on the same phantoms."""
-    from training.nodule_branch import train_nodule_branch
+    from training.segmentation.nodule_branch import train_nodule_branch
 
     bundle = tmp_path_factory.mktemp("branch_bundle") / "bundle"
     record = train_nodule_branch(trained["dataset"], bundle, base_bundle=trained["bundle"], epochs=3, seed=0,
@@ -322,7 +322,7 @@ def test_nodule_branch_retrains_on_a_joined_bundle_and_refuses_bad_bases(
     branched: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from training.cli import main
-    from training.nodule_branch import train_nodule_branch
+    from training.segmentation.nodule_branch import train_nodule_branch
 
     again = train_nodule_branch(branched["dataset"], tmp_path / "again", base_bundle=branched["bundle"], epochs=1,
                                 seed=0, patch_size=PATCH, batch_size=2, val_fraction=0.34, progress=False)
@@ -383,7 +383,7 @@ def test_nodule_branch_fine_tunes_from_a_joined_bundle_with_the_per_lesion_loss(
     from monai.bundle import ConfigParser
 
     from training.cli import main
-    from training.nodule_branch import train_nodule_branch
+    from training.segmentation.nodule_branch import train_nodule_branch
 
     common: dict[str, Any] = dict(base_bundle=branched["bundle"], epochs=1, seed=0, patch_size=PATCH, batch_size=2,
                                   val_fraction=0.34, progress=False)
@@ -426,7 +426,7 @@ def test_nodule_branch_on_a_finer_grid_pools_for_the_anatomy_network(
     trained: dict[str, Any], branched: dict[str, Any], tmp_path: Path
 ) -> None:
     from training.cli import main
-    from training.nodule_branch import train_nodule_branch
+    from training.segmentation.nodule_branch import train_nodule_branch
     from workers.models.segmentation_networks import AnatomyWithNoduleBranch
 
     fine = tuple(v / 2 for v in SPACING_XYZ)
@@ -488,7 +488,7 @@ def test_nodule_branch_on_a_finer_grid_pools_for_the_anatomy_network(
 def test_small_nodule_stage_trains_on_a_joined_bundle_and_exports_with_it(
     trained: dict[str, Any], branched: dict[str, Any], tmp_path: Path
 ) -> None:
-    from training.candidate_classifier import train_small_nodule_stage
+    from training.segmentation.small_nodules import train_small_nodule_stage
     from workers.models.monai_bundle import MonaiBundleModel
     from workers.models.segmentation_networks import CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranch
     from workers.models.small_nodules import SmallNoduleStage

@@ -23,7 +23,7 @@ import torch
 from training.bundle import write_bundle
 from training.labels import CHEST_LABELS, LabelSpec, label_by_name
 from training.phantoms.ct_series import SeriesGeometry
-from training.segmentation import _metadata as segmentation_metadata
+from training.segmentation.export import bundle_metadata as segmentation_metadata
 from training.segmentation import inference_config, network_def
 from workers.volume import FrameRef, Volume
 

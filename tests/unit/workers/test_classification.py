@@ -31,7 +31,7 @@ from dicom_node.model_catalog import (
 )
 from tests.unit.workers.outputs_fixtures import dciodvfy_findings
 from training.data.dicom_pair import write_dicom_case
-from training.nodule_presence import CLASS_LABELS, phantom_config, phantom_volume
+from training.classification.nodule_presence import CLASS_LABELS, phantom_config, phantom_volume
 from training.phantoms.chest import generate_chest_phantom
 from workers.models.base import ClassificationResult
 from workers.models.classification import (

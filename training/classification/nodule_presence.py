@@ -9,7 +9,7 @@ of view resized to 48 x 48 x 24 voxels (x, y, z), the same preprocessing the nod
 (:func:`workers.models.classification.classification_preprocessing`), so training and
 serving agree by construction.
 
-Run: ``python -m training.nodule_presence OUT_BUNDLE [--cache DIR]`` (writes configs, weights and a
+Run: ``python -m training.classification.nodule_presence OUT_BUNDLE [--cache DIR]`` (writes configs, weights and a
 model card with the validation figures).
 
 What made it learn (it stayed at 0.50, a constant answer, before): the labels and inputs were
@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.loop import Optimisation, Validation, fit
 from training.phantoms.chest import ChestPhantom, PhantomConfig, generate_chest_phantom
 from workers.models.classification import classification_preprocessing
 from workers.models.classification_networks import SmallClassifier3D
@@ -152,8 +153,9 @@ def train(train_cases: int = 400, val_cases: int = 80, test_cases: int = 100, ep
     network = SmallClassifier3D(num_classes=2)
     optimiser = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=1e-4)
     generator = torch.Generator().manual_seed(seed)
-    best, best_state, best_epoch = -1.0, None, 0
-    for epoch in range(1, epochs + 1):
+    optimisation = Optimisation(optimiser)
+
+    def train_epoch(epoch: int) -> dict[str, Any]:
         network.train()
         order = torch.randperm(len(train_x), generator=generator)
         total = 0.0
@@ -163,17 +165,18 @@ def train(train_cases: int = 400, val_cases: int = 80, test_cases: int = 100, ep
             flip = torch.rand(len(index), generator=generator) < 0.5  # left-right mirror: nodules on either side
             batch[flip] = batch[flip].flip(dims=(2,))
             loss = torch.nn.functional.cross_entropy(network(batch), train_y[index])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
+            optimisation.step(loss)
             total += float(loss.detach()) * len(index)
+        return {"loss": total / len(order)}
+
+    def validate(epoch: int) -> Validation:
         accuracy = _accuracy(network, val_x, val_y)
-        logger.info("epoch %d: loss %.4f, validation accuracy %.3f", epoch, total / len(order), accuracy)
-        if accuracy >= best:
-            best, best_epoch = accuracy, epoch
-            best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-    assert best_state is not None
-    network.load_state_dict(best_state)
+        return Validation(accuracy, {"validation_accuracy": accuracy}, f"accuracy {accuracy:.3f}")
+
+    fitted = fit(network, epochs=epochs, train_epoch=train_epoch, validate=validate, ties="later",
+                 name="nodule presence")
+    assert fitted.best is not None  # every epoch validates
+    best, best_epoch = fitted.best.score, fitted.best_epoch
     confusion = _confusion(network, test_x, test_y)
     absent = confusion["absent_as_absent"] + confusion["absent_as_present"]
     present = confusion["present_as_absent"] + confusion["present_as_present"]
@@ -225,7 +228,7 @@ def _metadata(figures: dict[str, Any]) -> dict[str, Any]:
         "description": "A small 3D CNN (SmallClassifier3D) on the whole chest CT resized to 48x48x24; trained on "
                        "synthetic chest phantoms only. A demonstration of the node's classification path; not "
                        "for diagnosis.",
-        "authors": "dicom-node training package (training/nodule_presence.py)",
+        "authors": "dicom-node training package (training/classification/nodule_presence.py)",
         "copyright": "see LICENSE of the repository",
         "monai_version": __import__("monai").__version__,
         "pytorch_version": torch.__version__.split("+")[0],
@@ -330,7 +333,7 @@ the chest, and its peak lay 60-150 mm from the nodule on 8 phantoms; HiResCAM on
 - The explanation map points at the region that drove the answer at about 30 mm resolution; it is no
   segmentation.
 
-Retrain: `python -m training.nodule_presence OUT_BUNDLE [--cache DIR]`.
+Retrain: `python -m training.classification.nodule_presence OUT_BUNDLE [--cache DIR]`.
 """
 
 

@@ -1,6 +1,6 @@
 """Train the binary nodule branch of the chest CT segmentation model and export the joined bundle.
 
-Why: the anatomy SegResNet (:mod:`training.segmentation`) segments body, lungs,
+Why: the anatomy SegResNet (:mod:`training.segmentation.train`) segments body, lungs,
 heart and bone well but, trained as one softmax over all labels, never learns
 the nodule class (about 1e-4 of the voxels). This second stage trains a small
 binary network on nodule-rich patches with its own Dice+BCE loss, keeps the
@@ -10,7 +10,7 @@ preprocessing, same multi-class output, so the node serves it like any other
 segmentation bundle.
 
 What: :func:`train_nodule_branch` - data, preprocessing and patch sampling as in
-:func:`training.segmentation.train_segmentation` (patch centres drawn per label,
+:func:`training.segmentation.train.train_segmentation` (patch centres drawn per label,
 nodules and lung most often, so the branch sees nodules and the vessels it
 must not call nodules; nodule patches per nodule, not per nodule voxel);
 validation by sliding window over whole validation cases, Dice of the branch's
@@ -26,7 +26,6 @@ import copy
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,26 +34,20 @@ import numpy as np
 import torch
 
 from training.bundle import read_bundle_metadata, target_name, with_current_targets, write_bundle
+from training.data.split import split_cases
 from training.labels import LabelSpec, label_by_name
+from training.loop import Validation, fit, seed_everything
 from training.losses import LesionDiceLoss
 from training.metrics import dice_per_label
+from training.plots import plot_segmentation_training
 from training.sampling import NODULE_SAMPLINGS
-from training.segmentation import (
-    _cases,
-    _load_bundle,
-    _Optimisation,
-    _parse,
-    _plain,
-    _plot_training,
-    _plot_validation_slices,
-    _split,
-    _train_transforms,
-    preprocessing_config,
-)
+from training.segmentation.data import labelled_cases, parse_config, plain, preprocessing_config, train_transforms
+from training.segmentation.network import load_bundle
+from training.segmentation.train import loader_epoch, one_cycle, plot_validation_slices
 from workers.models.postprocessing import DropSmallComponentsd, component_sizes
 from workers.models.segmentation_networks import AnatomyWithNoduleBranch, mirror_axes, nodule_branch_def
 
-__all__ = ["DEFAULT_BRANCH_PATCH_SIZE", "DEFAULT_MIRROR_AXES", "train_nodule_branch"]
+__all__ = ["DEFAULT_BRANCH_PATCH_SIZE", "DEFAULT_MIRROR_AXES", "SIZE_FILTER", "train_nodule_branch"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +86,7 @@ def _base_network(
     be retrained on a shipped model.
     """
     inference = with_current_targets(json.loads((bundle_dir / "configs" / "inference.json").read_text()))
-    _, network = _load_bundle(bundle_dir, device)
+    _, network = load_bundle(bundle_dir, device)
     network_def = copy.deepcopy(inference["network_def"])
     pool: tuple[int, int, int] = (1, 1, 1)
     if isinstance(network, AnatomyWithNoduleBranch):
@@ -108,7 +101,7 @@ def _branch_state(bundle_dir: Path, device: torch.device) -> dict[str, torch.Ten
     if not (bundle_dir / "models" / "model.pt").is_file():
         raise FileNotFoundError(f"init bundle {bundle_dir} has no models/model.pt")
     try:
-        _, network = _load_bundle(bundle_dir, device)
+        _, network = load_bundle(bundle_dir, device)
     except RuntimeError as exc:  # weights that do not fit the network its inference.json builds
         raise ValueError(f"init bundle {bundle_dir} cannot be loaded: {str(exc).splitlines()[0]}") from exc
     if not isinstance(network, AnatomyWithNoduleBranch):
@@ -131,7 +124,7 @@ def _branch_dice(
     every: dict[tuple[float, int], list[float]] = {(t, m): [] for t in thresholds for m in min_sizes}
     with_nodules: dict[tuple[float, int], list[float]] = {key: [] for key in every}
     for item in val_ds:
-        probability = torch.sigmoid(inferer(_plain(item["image"])[None].to(dev), branch)[0, 0]).cpu().numpy()
+        probability = torch.sigmoid(inferer(plain(item["image"])[None].to(dev), branch)[0, 0]).cpu().numpy()
         ref = np.asarray(item["label"][0]).round().astype(np.uint8) == nodule_value
         for t in thresholds:
             components, sizes = component_sizes(probability > t)
@@ -204,8 +197,6 @@ def train_nodule_branch(
     from monai.inferers import SlidingWindowInferer
     from monai.losses import DiceCELoss
     from monai.transforms import Compose
-    from monai.utils import set_determinism
-    from tqdm.auto import tqdm
 
     dataset_dir, out, base = Path(dataset_dir), Path(out_dir), Path(base_bundle)
     patch_size = tuple(int(v) for v in patch_size)
@@ -241,27 +232,26 @@ def train_nodule_branch(
     dev = torch.device(device)
     use_amp = dev.type == "cuda"
 
-    set_determinism(seed=seed)
-    torch.manual_seed(seed)
+    seed_everything(seed)
     inference, anatomy, anatomy_def, base_pool = _base_network(base, dev)
     spacing_mm, pool = _branch_grid([float(s) * p for s, p in zip(node["input"]["spacing_mm"], base_pool)],
                                     spacing_mm)
-    cases = _cases(dataset_dir)
-    train_idx, val_idx = _split(len(cases), val_fraction, seed)
+    cases = labelled_cases(dataset_dir)
+    train_idx, val_idx = split_cases(len(cases), val_fraction, seed)
     train_cases, val_cases = [cases[i] for i in train_idx], [cases[i] for i in val_idx]
     logger.info("nodule branch: %d training, %d validation cases", len(train_cases), len(val_cases))
 
-    preprocess = _parse(preprocessing_config(image_key="image", label_key="label", spacing_mm=spacing_mm,
-                                             window_hu=window_hu))
+    preprocess = parse_config(preprocessing_config(image_key="image", label_key="label", spacing_mm=spacing_mm,
+                                                   window_hu=window_hu))
     # On a finer grid (~20 M voxels per chest) train on the lungs' box only, and let the exported network skip
     # the branch where the anatomy sees no lung: there the branch is most of the inference cost.
     lung = next((spec.value for spec in labels if spec.name == "lung"), None) if pool != (1, 1, 1) else None
     if lung is not None:
         preprocess = Compose([*preprocess.transforms, _lung_box(lung, nodule.value, patch_size)])
     offset = [v // 2 - _NODULE_PATCH_MARGIN for v in patch_size] if nodule_sampling == "per-nodule-anywhere" else None
-    det, rnd = _train_transforms(patch_size, n_classes, ratios, batch_size,
-                                 balance_label=None if nodule_sampling == "per-voxel" else nodule.value,
-                                 balance_offset=offset)
+    det, rnd = train_transforms(patch_size, n_classes, ratios, batch_size,
+                                balance_label=None if nodule_sampling == "per-voxel" else nodule.value,
+                                balance_offset=offset)
     files = lambda cs: [{"image": c["image"], "label": c["label"]} for c in cs]  # noqa: E731
     train_transform = Compose([*preprocess.transforms, *det, *rnd])
     train_transform.set_random_state(seed=seed)
@@ -271,7 +261,7 @@ def train_nodule_branch(
                               generator=torch.Generator().manual_seed(seed))
 
     torch.manual_seed(seed)  # the branch's start must not depend on what building the base network drew
-    branch = _parse(branch_def).to(dev)
+    branch = parse_config(branch_def).to(dev)
     if init_bundle is not None:
         try:
             branch.load_state_dict(_branch_state(Path(init_bundle), dev))
@@ -284,7 +274,7 @@ def train_nodule_branch(
     lesion_dice = LesionDiceLoss()
     loss_fn = (dice_ce if lesion_loss_weight == 0
                else lambda logits, target: dice_ce(logits, target) + lesion_loss_weight * lesion_dice(logits, target))
-    optimisation = _Optimisation.for_network(branch, learning_rate, epochs * len(train_loader), use_amp)
+    optimisation = one_cycle(branch, learning_rate, epochs * len(train_loader), use_amp)
     is_nodule = lambda labels: (labels.round() == nodule.value).float()  # noqa: E731
     inference = _on_grid(inference, spacing_mm, [p / b for p, b in zip(pool, base_pool)])
     window = inference["inferer"]
@@ -323,35 +313,19 @@ def train_nodule_branch(
             "nodule_mirror_axes": list(mirrors),
             "amp": use_amp,
         },
-        "epochs": [],
     }
-    best_score, best_state, best_epoch = -math.inf, None, 0
-    started = time.perf_counter()
-    epoch_bar = tqdm(range(1, epochs + 1), desc="nodule branch", unit="epoch", disable=not progress)
-    for epoch in epoch_bar:
-        epoch_start = time.perf_counter()
-        entry = optimisation.epoch(branch, train_loader, loss_fn, is_nodule, dev, epoch=epoch, progress=progress)
-        if epoch % val_interval == 0 or epoch == epochs:
-            val_start = time.perf_counter()
-            branch.eval()
-            every, with_nodules = _branch_dice(branch, val_ds, inferer, nodule.value, dev)[(0.5, 1)]
-            entry["validation_dice"] = {nodule.name: every}
-            entry["validation_mean_dice"] = every
-            entry["validation_dice_cases_with_nodules"] = with_nodules
-            entry["validation_seconds"] = time.perf_counter() - val_start
-            if every > best_score:
-                best_score, best_epoch = every, epoch
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in branch.state_dict().items()}
-        entry["seconds"] = time.perf_counter() - epoch_start
-        record["epochs"].append(entry)
-        logger.info("epoch %d/%d: loss %.4f, %.1f s, validation nodule Dice %s", epoch, epochs, entry["loss"],
-                    entry["seconds"], entry.get("validation_mean_dice"))
-        epoch_bar.set_postfix(loss=f"{entry['loss']:.3f}", dice=f"{entry.get('validation_mean_dice', math.nan):.3f}")
-    record["training_seconds"] = time.perf_counter() - started
-    record["best_epoch"] = best_epoch
 
-    assert best_state is not None  # the last epoch always validates
-    branch.load_state_dict(best_state)
+    def validate(epoch: int) -> Validation:
+        branch.eval()
+        every, with_nodules = _branch_dice(branch, val_ds, inferer, nodule.value, dev)[(0.5, 1)]
+        return Validation(every, {"validation_dice": {nodule.name: every}, "validation_mean_dice": every,
+                                  "validation_dice_cases_with_nodules": with_nodules}, f"nodule Dice {every:.4f}")
+
+    fitted = fit(branch, epochs=epochs, val_interval=val_interval, validate=validate, name="nodule branch",
+                 progress=progress,
+                 train_epoch=loader_epoch(branch, train_loader, loss_fn, is_nodule, optimisation, dev,
+                                          use_amp=use_amp, progress=progress))
+    record.update(epochs=fitted.epochs, training_seconds=fitted.seconds, best_epoch=fitted.best_epoch)
     # The decision threshold and size filter of the best checkpoint, picked on the validation cases (ties:
     # the threshold nearest 0.5, then the smallest filter) with the mirroring the exported network does.
     mirrored = AnatomyWithNoduleBranch(anatomy, branch, nodule.value, nodule_mirror_axes=mirrors).to(dev).eval()
@@ -389,14 +363,14 @@ def train_nodule_branch(
     )
     record["bundle"] = str(out)
     (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
-    _plot_training(record, [nodule], out / "plots")
-    _plot_validation_slices(joined, val_ds, inferer, labels, dev, out / "plots" / "validation_slices.png",
+    plot_segmentation_training(record, [nodule], out / "plots")
+    plot_validation_slices(joined, val_ds, inferer, labels, dev, out / "plots" / "validation_slices.png",
                             window_hu=window_hu)
     return record
 
 
 #: The nodule size filter's ``_target_`` (a base bundle's, once read through ``with_current_targets``).
-_SIZE_FILTER = target_name(DropSmallComponentsd)
+SIZE_FILTER = target_name(DropSmallComponentsd)
 
 
 def _branch_grid(
@@ -466,12 +440,12 @@ def _with_size_filter(inference: dict[str, Any], channel: int, min_voxels: int) 
     ``min_voxels`` 1 means no filter.
     """
     out = copy.deepcopy(inference)
-    steps = [step for step in out["postprocessing"]["transforms"] if step.get("_target_") != _SIZE_FILTER]
+    steps = [step for step in out["postprocessing"]["transforms"] if step.get("_target_") != SIZE_FILTER]
     if min_voxels > 1:
         after = next((i + 1 for i, step in enumerate(steps) if step.get("_target_") == "Activationsd"), None)
         if after is None:
             raise ValueError("the base bundle's postprocessing has no Activationsd to put the nodule size filter after")
-        steps.insert(after, {"_target_": _SIZE_FILTER, "keys": "pred", "channel": channel, "min_voxels": min_voxels})
+        steps.insert(after, {"_target_": SIZE_FILTER, "keys": "pred", "channel": channel, "min_voxels": min_voxels})
     out["postprocessing"]["transforms"] = steps
     return out
 
@@ -513,7 +487,7 @@ def _joined_metadata(
         anatomy_description
         + branch_note + f" ({target_name(AnatomyWithNoduleBranch)}) trained on nodule-rich patches with Dice+BCE"
         + (" and a per-lesion Dice term" if record["settings"].get("lesion_loss_weight") else "")
-        + " while the anatomy network stayed frozen (training/nodule_branch.py)."
+        + " while the anatomy network stayed frozen (training/segmentation/nodule_branch.py)."
         + (_grid_note(record["settings"]["spacing_mm"], record["settings"]["anatomy_pool"])
            if any(p != 1 for p in record["settings"]["anatomy_pool"]) else "")
         + " configs/inference.json builds "

@@ -30,9 +30,12 @@ import numpy as np
 import torch
 
 from training.bundle import read_bundle_metadata, target_name, with_current_targets, write_bundle
+from training.data.split import split_cases
+from training.loop import Optimisation, fit, seed_everything
 from training.metrics import dice_per_label
-from training.nodule_branch import _SIZE_FILTER
-from training.segmentation import _cases, _load_bundle, _parse, _plain, _split, preprocessing_config
+from training.segmentation.data import labelled_cases, parse_config, plain, preprocessing_config
+from training.segmentation.network import load_bundle
+from training.segmentation.nodule_branch import SIZE_FILTER
 from workers.models.blobness import DEFAULT_BLOB_SIGMAS_MM, HessianBlobness
 from workers.models.postprocessing import drop_small_components
 from workers.models.segmentation_networks import CERTAIN_NODULE_PROBABILITY, AnatomyWithNoduleBranch
@@ -91,7 +94,7 @@ def _augment(batch: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
 def _train_classifier(
     classifier: torch.nn.Module, patches: torch.Tensor, labels: torch.Tensor, *, epochs: int, batch_size: int,
     learning_rate: float, seed: int, dev: torch.device,
-) -> list[dict[str, float]]:
+) -> list[dict[str, Any]]:
     """BCE training, each batch half positives, half negatives; one epoch = as many batches as negatives / half."""
     rng = np.random.default_rng(seed)
     positives, negatives = torch.nonzero(labels).flatten().numpy(), torch.nonzero(~labels).flatten().numpy()
@@ -101,26 +104,24 @@ def _train_classifier(
     half = batch_size // 2
     steps = max(1, negatives.size // half)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=learning_rate, weight_decay=1e-4)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=epochs * steps)
+    optimisation = Optimisation(optimizer, torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=epochs * steps))
     loss_fn = torch.nn.BCEWithLogitsLoss()
-    history = []
-    for epoch in range(1, epochs + 1):
+
+    def train_epoch(epoch: int) -> dict[str, Any]:
         classifier.train()
         order = rng.permutation(negatives)
-        total, started = 0.0, time.perf_counter()
+        total = 0.0
         for step in range(steps):
             chosen = np.concatenate([rng.choice(positives, half), order[step * half:(step + 1) * half]])
             batch = _augment(patches[chosen].float(), rng).to(dev)
             target = labels[chosen].float()[:, None].to(dev)
             loss = loss_fn(classifier(batch), target)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            optimisation.step(loss)
             total += float(loss.detach())
-        history.append({"epoch": epoch, "loss": total / steps, "seconds": time.perf_counter() - started})
-        logger.info("candidate classifier epoch %d/%d: loss %.4f", epoch, epochs, total / steps)
-    return history
+        return {"loss": total / steps}
+
+    return fit(classifier, epochs=epochs, train_epoch=train_epoch, name="candidate classifier").epochs
 
 
 @torch.no_grad()
@@ -163,7 +164,6 @@ def train_small_nodule_stage(
     ``seed`` on CPU.
     """
     from monai.inferers import SlidingWindowInferer
-    from monai.utils import set_determinism
     from tqdm.auto import tqdm
 
     dataset_dir, out, base = Path(dataset_dir), Path(out_dir), Path(base_bundle)
@@ -181,7 +181,7 @@ def train_small_nodule_stage(
     nodule_value, lung_value = values["nodule"], values["lung"]
     dev = torch.device(device)
     inference = with_current_targets(json.loads((base / "configs" / "inference.json").read_text()))
-    _, network = _load_bundle(base, dev)
+    _, network = load_bundle(base, dev)
     if not isinstance(network, AnatomyWithNoduleBranch):
         raise ValueError(f"base bundle {base} has no nodule branch (its network is a {type(network).__name__}); "
                          "train one with `dicom-node train nodule-branch` first")
@@ -189,13 +189,13 @@ def train_small_nodule_stage(
     spacing_mm = [float(v) for v in node["input"]["spacing_mm"]]
     window_hu = node["input"]["intensity_window_hu"]
     min_voxels = next((int(step.get("min_voxels", 1)) for step in inference["postprocessing"]["transforms"]
-                       if step.get("_target_") == _SIZE_FILTER), 1)
+                       if step.get("_target_") == SIZE_FILTER), 1)
 
-    set_determinism(seed=seed)
-    cases = _cases(dataset_dir)
-    train_idx, val_idx = _split(len(cases), val_fraction, seed)
-    preprocess = _parse(preprocessing_config(image_key="image", label_key="label", spacing_mm=spacing_mm,
-                                             window_hu=window_hu))
+    seed_everything(seed)
+    cases = labelled_cases(dataset_dir)
+    train_idx, val_idx = split_cases(len(cases), val_fraction, seed)
+    preprocess = parse_config(preprocessing_config(image_key="image", label_key="label", spacing_mm=spacing_mm,
+                                                   window_hu=window_hu))
     blobness = HessianBlobness(spacing_mm, sigmas_mm).to(dev)
     floor = min(_CANDIDATE_THRESHOLDS)
     started = time.perf_counter()
@@ -205,7 +205,7 @@ def train_small_nodule_stage(
         data = preprocess({"image": cases[i]["image"], "label": cases[i]["label"]})
         ref = np.asarray(data["label"][0]).round().astype(np.int64)
         allowed = _dilate((ref == lung_value) | (ref == nodule_value))
-        _, p, _, y = _case_candidates(_plain(data["image"]).to(dev), allowed, ref == nodule_value, blobness, floor,
+        _, p, _, y = _case_candidates(plain(data["image"]).to(dev), allowed, ref == nodule_value, blobness, floor,
                                       patch, _TRAINING_CANDIDATES_PER_CASE)
         patches.append(p.cpu())
         labels.append(y)
@@ -216,7 +216,7 @@ def train_small_nodule_stage(
 
     torch.manual_seed(seed)
     classifier_def = candidate_classifier_def(patch)
-    classifier = _parse(classifier_def).to(dev)
+    classifier = parse_config(classifier_def).to(dev)
     history = _train_classifier(classifier, all_patches, all_labels, epochs=epochs, batch_size=batch_size,
                                 learning_rate=learning_rate, seed=seed, dev=dev)
 
@@ -228,7 +228,7 @@ def train_small_nodule_stage(
     base_scores: dict[str, list[float]] = {"all": [], "with": []}
     for i in tqdm(val_idx, desc="validation", unit="case", disable=not progress):
         data = preprocess({"image": cases[i]["image"], "label": cases[i]["label"]})
-        image = _plain(data["image"]).to(dev)
+        image = plain(data["image"]).to(dev)
         logits = inferer(image[None], network)[0]
         probability = drop_small_components(torch.softmax(logits.float(), 0), nodule_value, min_voxels)
         ranked = probability.argmax(0).cpu().numpy()
@@ -265,7 +265,7 @@ def train_small_nodule_stage(
         "patch": [int(v) for v in patch],
         "paint_fraction": paint_fraction,
     }
-    stage = _parse(stage_def)  # the exported config itself, with the trained classifier's weights
+    stage = parse_config(stage_def)  # the exported config itself, with the trained classifier's weights
     stage.classifier.load_state_dict(classifier.state_dict())
     network.add_small_nodules(stage.eval())
     network_def = copy.deepcopy(inference["network_def"])
@@ -316,7 +316,7 @@ def _keeping_painted(inference: dict[str, Any]) -> dict[str, Any]:
     """``inference`` whose nodule size filter keeps the components the small-nodule stage painted."""
     out = copy.deepcopy(inference)
     for step in out["postprocessing"]["transforms"]:
-        if step.get("_target_") == _SIZE_FILTER:
+        if step.get("_target_") == SIZE_FILTER:
             step["keep_probability"] = CERTAIN_NODULE_PROBABILITY
     return out
 
@@ -331,7 +331,7 @@ def _stage_metadata(base_meta: Mapping[str, Any], record: Mapping[str, Any], val
     description = str(meta.get("description", "")).split(note)[0].rstrip()
     meta["description"] = (
         description + note + f" ({target_name(SmallNoduleStage)}): local maxima of a Hessian blob "
-        "filter inside the lungs, kept by a 3D CNN classifier on a patch around each (training/candidate_classifier.py)."
+        "filter inside the lungs, kept by a 3D CNN classifier on a patch around each (training/segmentation/small_nodules.py)."
     )
     for key in ("version", "changelog", "monai_version", "pytorch_version", "numpy_version",
                 "optional_packages_version", "required_packages_version", "schema"):
