@@ -23,6 +23,8 @@ Anatomy is defined relative to the field of view (the reconstruction field of
 view and the scan range are fitted to the patient's chest, as on a scanner), so
 any grid gives a complete chest; nodule sizes are in millimetres. Everything is
 vectorised numpy/scipy: the default 96x160x160 volume takes well under a second.
+The shapes it is drawn with are in :mod:`training.phantoms.geometry`, the
+nodules (placement and painting) in :mod:`training.phantoms.nodules`.
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
 from training.labels import label_names
+from training.phantoms.geometry import Grid, Vec3, capsule, occupancy, random_perpendicular, smooth_field, smoothstep
+from training.phantoms.nodules import NODULE_KINDS, Nodule, NoduleKind, place_nodules
 
 __all__ = [
     "BACKGROUND",
@@ -59,13 +62,7 @@ LABELS: dict[int, str] = label_names()
 BACKGROUND, BODY, LUNG, HEART, BONE, NODULE = 0, 1, 2, 3, 4, 5
 assert LABELS == {0: "background", 1: "body", 2: "lung", 3: "heart", 4: "bone", 5: "nodule"}
 
-NoduleKind = Literal["solid", "part-solid", "ground-glass"]
-#: Nodule kinds, in the order of :attr:`PhantomConfig.nodule_kind_weights`.
-NODULE_KINDS: tuple[NoduleKind, ...] = ("solid", "part-solid", "ground-glass")
 
-Vec3 = tuple[float, float, float]
-FloatArray = npt.NDArray[np.float32]
-BoolArray = npt.NDArray[np.bool_]
 
 # Nominal tissue values (HU); per-patient jitter is added where realistic.
 AIR_HU = -1000.0
@@ -84,10 +81,6 @@ CANCELLOUS_HU = 300.0
 DISC_HU = 90.0
 CSF_HU = 15.0
 CARTILAGE_HU = 120.0
-SOLID_NODULE_HU = 30.0
-PART_SOLID_CORE_HU = 20.0
-PART_SOLID_HALO_HU = -500.0
-GROUND_GLASS_HU = -550.0
 # Range a 12-bit CT scanner reports; the volume is clipped to it.
 _HU_MIN, _HU_MAX = -1024, 3071
 
@@ -175,34 +168,6 @@ class PhantomConfig:
 
 
 @dataclass
-class Nodule:
-    """A lung nodule: where it is, how large, and what it looks like.
-
-    ``centre_zyx`` is in (fractional) voxel indices of the phantom grid and
-    ``centre_xyz_mm`` the same point in patient LPS world coordinates;
-    ``diameter_mm`` is the nominal diameter (the surface is mildly lobulated
-    around it by up to ~8%).
-    """
-
-    centre_zyx: Vec3
-    centre_xyz_mm: Vec3
-    diameter_mm: float
-    kind: NoduleKind
-
-    @property
-    def radius_mm(self) -> float:
-        """Half the nominal diameter."""
-        return self.diameter_mm / 2.0
-
-    @property
-    def box_xyz_mm(self) -> tuple[float, float, float, float, float, float]:
-        """Axis-aligned bounding box ``(cx, cy, cz, w, h, d)`` in world LPS mm."""
-        cx, cy, cz = self.centre_xyz_mm
-        d = float(self.diameter_mm)
-        return (float(cx), float(cy), float(cz), d, d, d)
-
-
-@dataclass
 class ChestPhantom:
     """A generated chest CT: HU volume, label map, geometry and nodules.
 
@@ -237,133 +202,6 @@ class ChestPhantom:
         p = np.asarray(xyz, dtype=np.float64)
         spacing = np.asarray(self.spacing_mm, dtype=np.float64)[::-1]
         return ((p - np.asarray(self.origin_xyz_mm, dtype=np.float64)) / spacing)[..., ::-1]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _smoothstep(x: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """Hermite ramp 0 -> 1 on [0, 1], flat outside: smooth anatomical transitions."""
-    t = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _smooth_field(
-    rng: np.random.Generator,
-    coords: Sequence[npt.NDArray[np.float64]],
-    corr_mm: float,
-) -> FloatArray:
-    """Smooth random field with unit standard deviation on a separable grid.
-
-    Gaussian-kernel interpolation of white noise drawn on a coarse lattice with
-    spacing ``corr_mm`` (one interpolation matrix per axis, applied with
-    tensordot): smooth, cheap (no full-size FFT or spline), and deterministic.
-    ``coords`` are the 1D coordinates (mm) of each axis; the result has shape
-    ``tuple(len(c) for c in coords)``.
-    """
-    mats = []
-    for c in coords:
-        lo, hi = float(c.min()), float(c.max())
-        n = max(2, int(math.ceil((hi - lo) / corr_mm)) + 3)
-        ctrl = np.linspace(lo - corr_mm, lo - corr_mm + (n - 1) * corr_mm, n)
-        w = np.exp(-0.5 * ((c[:, None] - ctrl[None, :]) / (0.6 * corr_mm)) ** 2)
-        mats.append(w / w.sum(axis=1, keepdims=True))
-    out = rng.standard_normal(tuple(m.shape[1] for m in mats))
-    for axis, m in enumerate(mats):
-        out = np.moveaxis(np.tensordot(m, out, axes=([1], [axis])), 0, axis)
-    sd = float(out.std())
-    return (out / (sd if sd > 0 else 1.0)).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class _Grid:
-    """Voxel-centre coordinates (mm) of each axis in the body-centred frame.
-
-    ``X`` (patient left +), ``Y`` (posterior +) are relative to the body centre;
-    ``Z`` is the height above the centre of slice 0. Used to rasterise shapes
-    inside bounding boxes.
-    """
-
-    z: npt.NDArray[np.float64]
-    y: npt.NDArray[np.float64]
-    x: npt.NDArray[np.float64]
-    spacing: Vec3
-
-    def box(self, lo: Sequence[float], hi: Sequence[float]) -> tuple[slice, slice, slice] | None:
-        """Index slices of voxels with centres in the mm box ``lo..hi`` (x, y, z), or None."""
-        out = []
-        for axis_coords, s, a, b in zip(
-            (self.z, self.y, self.x), self.spacing, (lo[2], lo[1], lo[0]), (hi[2], hi[1], hi[0])
-        ):
-            i0 = max(0, int(math.ceil((a - axis_coords[0]) / s)))
-            i1 = min(len(axis_coords), int(math.floor((b - axis_coords[0]) / s)) + 1)
-            if i1 <= i0:
-                return None
-            out.append(slice(i0, i1))
-        return (out[0], out[1], out[2])
-
-    def sub(self, sl: tuple[slice, slice, slice]) -> tuple[
-        npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]
-    ]:
-        """Broadcastable (Z, Y, X) coordinate arrays of a box."""
-        return (
-            self.z[sl[0]][:, None, None],
-            self.y[sl[1]][None, :, None],
-            self.x[sl[2]][None, None, :],
-        )
-
-    def index(self, p: Sequence[float]) -> tuple[int, int, int] | None:
-        """Nearest voxel (z, y, x) of point ``p`` = (X, Y, Z) mm, or None outside."""
-        idx = []
-        for axis_coords, s, v in zip((self.z, self.y, self.x), self.spacing, (p[2], p[1], p[0])):
-            i = int(round((v - axis_coords[0]) / s))
-            if not 0 <= i < len(axis_coords):
-                return None
-            idx.append(i)
-        return (idx[0], idx[1], idx[2])
-
-
-def _capsule(
-    grid: _Grid, p0: npt.ArrayLike, p1: npt.ArrayLike, reach: float
-) -> tuple[tuple[slice, slice, slice], FloatArray, FloatArray] | None:
-    """Distance (mm) of voxels near segment p0-p1 (X, Y, Z mm) to the segment.
-
-    Only voxels in the segment's bounding box grown by ``reach`` are
-    evaluated. Returns (box slices, distance, t) where t in [0, 1] is the
-    position of the closest point along the segment (for tapering), or None
-    when the box misses the grid.
-    """
-    a = np.asarray(p0, dtype=np.float64)
-    b = np.asarray(p1, dtype=np.float64)
-    sl = grid.box(np.minimum(a, b) - reach, np.maximum(a, b) + reach)
-    if sl is None:
-        return None
-    z, y, x = grid.sub(sl)
-    v = b - a
-    length2 = float(v @ v) or 1e-12
-    dx, dy, dz = x - a[0], y - a[1], z - a[2]
-    t = np.clip((dx * v[0] + dy * v[1] + dz * v[2]) / length2, 0.0, 1.0)
-    dist = np.sqrt((dx - t * v[0]) ** 2 + (dy - t * v[1]) ** 2 + (dz - t * v[2]) ** 2)
-    return sl, dist.astype(np.float32), t.astype(np.float32)
-
-
-def _occupancy(dist: npt.NDArray[np.floating], radius: npt.ArrayLike, width: float) -> FloatArray:
-    """Partial-volume fraction of a voxel at ``dist`` from the axis/centre of a
-    structure of ``radius``: a one-voxel linear ramp across the surface, and
-    a reduced peak for structures thinner than a voxel."""
-    r = np.asarray(radius, dtype=np.float32)
-    occ = np.clip(0.5 + (r - dist) / width, 0.0, 1.0) * np.minimum(1.0, 2.0 * r / width)
-    return occ.astype(np.float32)
-
-
-def _random_perpendicular(rng: np.random.Generator, d: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """A random unit vector perpendicular to unit vector ``d``."""
-    while True:
-        v = rng.standard_normal(3)
-        v -= (v @ d) * d
-        n = float(np.linalg.norm(v))
-        if n > 1e-6:
-            return v / n
 
 
 # ---------------------------------------------------------------------- generator
@@ -413,7 +251,7 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
     B = min(A * rng_anat.uniform(0.64, 0.74), fov_y * 0.44)  # body half AP depth
     bcx = fov_x * rng_anat.uniform(-0.01, 0.01)
     bcy = fov_y * rng_anat.uniform(-0.01, 0.03)
-    grid = _Grid(
+    grid = Grid(
         z=np.arange(nz) * sz,
         y=origin[1] + np.arange(ny) * sy - bcy,
         x=origin[0] + np.arange(nx) * sx - bcx,
@@ -463,7 +301,7 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
     # The rib cage narrows towards the thoracic inlet - more laterally and
     # anteriorly than posteriorly - while the shoulders keep the body wide.
     h1 = (Z1 - z_lo) / Lh  # normalised lung height per slice
-    cage = _smoothstep((h1 - 0.35) / 0.65)  # 0 up to mid-chest, 1 at the apex
+    cage = smoothstep((h1 - 0.35) / 0.65)  # 0 up to mid-chest, 1 at the apex
     s_th = np.sin(theta)
     k2 = 0.28 * np.cos(theta) ** 2 + np.where(s_th < 0, 0.2, 0.04) * s_th**2
     rc2 = cdepth + r  # cavity boundary radius along each ray (mm)
@@ -481,7 +319,7 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
     ac = (ac_left + ac_right) / 2.0
 
     hu2 = np.full((ny, nx), AIR_HU, dtype=np.float32)
-    fat_field = 8.0 * _smooth_field(rng_anat, (grid.y, grid.x), 40.0)
+    fat_field = 8.0 * smooth_field(rng_anat, (grid.y, grid.x), 40.0)
     hu2[body2] = SKIN_HU
     hu2[body2 & (depth >= 2.0)] = (FAT_HU + fat_field)[body2 & (depth >= 2.0)]
     hu2[body2 & (depth >= fat2)] = MUSCLE_HU
@@ -553,7 +391,7 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
         return height * np.clip(q, 0.0, 1.0) ** 0.6
 
     z_d2 = z_lo + np.maximum(dome(-0.4 * ac_right, h_dome + right_extra), dome(0.4 * ac_left, h_dome))
-    z_d2 = z_d2 + 4.0 * _smooth_field(rng_anat, (grid.y, grid.x), 60.0)
+    z_d2 = z_d2 + 4.0 * smooth_field(rng_anat, (grid.y, grid.x), 60.0)
 
     # ---- heart (rotated ellipsoid resting on the diaphragm)
     ha, hb, hc = 0.42 * ac, 0.5 * bc, 0.28 * Lh
@@ -609,7 +447,7 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
     exclude3 = np.zeros(shape, dtype=bool)  # keeps lungs away from mediastinal structures
     for points, radius in soft_tubes:
         for p0, p1 in zip(points[:-1], points[1:]):
-            cap = _capsule(grid, p0, p1, radius + 4.0)
+            cap = capsule(grid, p0, p1, radius + 4.0)
             if cap is None:
                 continue
             sl, dist, _ = cap
@@ -619,7 +457,7 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
             exclude3[sl] |= dist <= radius + 3.0
     for points, radius in airways:
         for p0, p1 in zip(points[:-1], points[1:]):
-            cap = _capsule(grid, p0, p1, radius + 5.0)
+            cap = capsule(grid, p0, p1, radius + 5.0)
             if cap is None:
                 continue
             sl, dist, _ = cap
@@ -652,7 +490,7 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
         exclude3[hbox] |= (qh <= 1.0 + 7.0 / min(ha, hb)) & above
 
     # ---- lungs
-    lung_noise = _smooth_field(rng_anat, (grid.z, grid.y, grid.x), 45.0)
+    lung_noise = smooth_field(rng_anat, (grid.z, grid.y, grid.x), 45.0)
     # Each lung: an ellipse filling its half of the cage (so the rib cage forms
     # its lateral wall), narrowing and moving posteriorly with the cage.
     csx = (1.0 - 0.28 * cage)[:, None, None]
@@ -663,7 +501,7 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
     q3 = np.minimum(q_right, q_left).astype(np.float32)
     taper = np.where(h1 <= 0.55, 1.0, np.sqrt(np.clip(1.0 - ((h1 - 0.55) / 0.45) ** 2, 0.0, 1.0)))
     taper = taper.astype(np.float32)[:, None, None]
-    slab_w = 9.0 + 16.0 * _smoothstep((Z1 - z_heart_top) / (0.2 * Lh))  # upper mediastinum wider
+    slab_w = 9.0 + 16.0 * smoothstep((Z1 - z_heart_top) / (0.2 * Lh))  # upper mediastinum wider
     lung3 = q3 < taper * (1.0 + 0.06 * lung_noise)
     lung3 &= cdepth3 > 1.5
     lung3 &= zz3 > z_d2[None] + 4.0 + 2.0 * lung_noise
@@ -709,22 +547,22 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
     while stack:
         start, d, length, radius, gen = stack.pop()
         end = start + d * length
-        cap = _capsule(grid, start, end, radius + width)
+        cap = capsule(grid, start, end, radius + width)
         if cap is not None:
             sl, dist, t = cap
-            occ = _occupancy(dist, radius * (1.0 - 0.15 * t), width)
+            occ = occupancy(dist, radius * (1.0 - 0.15 * t), width)
             np.maximum(vessel_occ[sl], occ, out=vessel_occ[sl])
         if gen >= config.vessel_generations or radius < 0.6:
             continue
         ie = grid.index(end)
         if ie is None or not lung3[ie]:
             continue
-        perp = _random_perpendicular(rng_vessel, d)  # the two children diverge in one plane
+        perp = random_perpendicular(rng_vessel, d)  # the two children diverge in one plane
         for sign in (1.0, -1.0):
             child_len = length * rng_vessel.uniform(0.65, 0.85)
             for attempt in range(4):  # prefer a direction that stays in the lung
                 if attempt:
-                    perp = _random_perpendicular(rng_vessel, d)
+                    perp = random_perpendicular(rng_vessel, d)
                 ang = math.radians(rng_vessel.uniform(20.0, 45.0))
                 nd = math.cos(ang) * d + sign * math.sin(ang) * perp
                 nd /= np.linalg.norm(nd)
@@ -752,7 +590,8 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
     bone3 = vert3 | post2[None] | rib3 | stern3 | scap3
 
     # ---- nodules
-    nodules, nodule3 = _place_nodules(config, rng_nod, grid, lung3, hu, origin)
+    nodules, nodule3 = place_nodules(rng_nod, grid, lung3, hu, origin, count_range=config.nodule_count,
+                                     diameter_mm=config.nodule_diameter_mm, kind_weights=config.nodule_kind_weights)
 
     # ---- labels
     labels = np.zeros(shape, dtype=np.uint8)
@@ -790,144 +629,3 @@ def generate_chest_phantom(config: PhantomConfig = PhantomConfig(), seed: int = 
         seed=seed,
         slice_thickness_mm=thick,
     )
-
-
-def _place_nodules(
-    config: PhantomConfig,
-    rng: np.random.Generator,
-    grid: _Grid,
-    lung3: BoolArray,
-    hu: FloatArray,
-    origin: Vec3,
-) -> tuple[list[Nodule], BoolArray]:
-    """Draw, place and paint the nodules; returns them and their label mask.
-
-    Centres are drawn uniformly over lung voxels (plus sub-voxel jitter) and
-    accepted when every voxel centre within 1.12 radius + 1 mm is lung (so the
-    lobulated nodule lies fully inside the lung, vessels included) and the
-    nodule keeps >= 2 mm from every nodule already placed. Largest first;
-    after 200 failed draws the diameter shrinks by 20% (not below the minimum),
-    and a nodule that still does not fit is dropped. ``hu`` is painted in place.
-    """
-    shape = lung3.shape
-    mask = np.zeros(shape, dtype=bool)
-    lo, hi = config.nodule_count
-    count = int(rng.integers(lo, hi + 1))
-    dmin, dmax = config.nodule_diameter_mm
-    diameters = np.exp(rng.uniform(math.log(dmin), math.log(dmax), size=count))
-    weights = np.asarray(config.nodule_kind_weights, dtype=np.float64)
-    kinds = rng.choice(len(NODULE_KINDS), size=count, p=weights / weights.sum())
-    order = np.argsort(-diameters, kind="stable")
-    lung_idx = np.flatnonzero(lung3)
-    spacing = np.asarray(grid.spacing, dtype=np.float64)  # z, y, x
-    width = float(spacing.mean())
-    placed: list[tuple[npt.NDArray[np.float64], float]] = []  # (zyx mm-centre in grid frame, radius)
-    nodules: list[Nodule] = []
-    if lung_idx.size == 0:
-        return nodules, mask
-    lobe_max = 1.12
-
-    def fits(centre_zyx: npt.NDArray[np.float64], radius: float) -> bool:
-        """Whether every voxel centre within the (lobulated) radius + 1 mm is lung."""
-        reach = lobe_max * radius + 1.0
-        lo_i = np.ceil(centre_zyx - reach / spacing).astype(int)
-        hi_i = np.floor(centre_zyx + reach / spacing).astype(int) + 1
-        if (lo_i < 0).any() or (hi_i > np.asarray(shape)).any():
-            return False
-        zz, yy, xx = (
-            ((np.arange(a, b) - c) * s)
-            for a, b, c, s in zip(lo_i, hi_i, centre_zyx, spacing)
-        )
-        d2 = zz[:, None, None] ** 2 + yy[None, :, None] ** 2 + xx[None, None, :] ** 2
-        sub = lung3[lo_i[0] : hi_i[0], lo_i[1] : hi_i[1], lo_i[2] : hi_i[2]]
-        return bool(sub[d2 <= reach * reach].all())
-
-    for n in order:
-        diameter = float(diameters[n])
-        centre: npt.NDArray[np.float64] | None = None
-        while centre is None:
-            radius = diameter / 2.0
-            for _ in range(200):
-                c = np.array(np.unravel_index(lung_idx[rng.integers(lung_idx.size)], shape), dtype=np.float64)
-                c += rng.uniform(-0.5, 0.5, size=3)
-                c_mm = c * spacing
-                if any(
-                    np.linalg.norm(c_mm - p) < lobe_max * (radius + pr) + 2.0 for p, pr in placed
-                ):
-                    continue
-                if fits(c, radius):
-                    centre = c
-                    break
-            if centre is None:
-                if diameter * 0.8 < dmin:
-                    break
-                diameter *= 0.8
-        if centre is None:
-            continue
-        radius = diameter / 2.0
-        placed.append((centre * spacing, radius))
-        kind = NODULE_KINDS[int(kinds[n])]
-        _paint_nodule(rng, hu, mask, centre, radius, kind, spacing, width)
-        xyz = (
-            origin[0] + centre[2] * spacing[2],
-            origin[1] + centre[1] * spacing[1],
-            origin[2] + centre[0] * spacing[0],
-        )
-        nodules.append(
-            Nodule(
-                centre_zyx=(float(centre[0]), float(centre[1]), float(centre[2])),
-                centre_xyz_mm=(float(xyz[0]), float(xyz[1]), float(xyz[2])),
-                diameter_mm=diameter,
-                kind=kind,
-            )
-        )
-    return nodules, mask
-
-
-def _paint_nodule(
-    rng: np.random.Generator,
-    hu: FloatArray,
-    mask: BoolArray,
-    centre: npt.NDArray[np.float64],
-    radius: float,
-    kind: NoduleKind,
-    spacing: npt.NDArray[np.float64],
-    width: float,
-) -> None:
-    """Blend one mildly lobulated nodule into ``hu`` and mark it in ``mask``.
-
-    Lobulation: the surface radius varies by up to ~8% with direction (two
-    random low-order angular harmonics). Partial volume: a one-voxel ramp
-    (:func:`_occupancy`). The label covers voxel centres inside the surface
-    plus the voxel nearest the centre, so even a sub-voxel nodule is labelled.
-    """
-    reach = 1.12 * radius + width
-    lo_i = np.maximum(np.ceil(centre - reach / spacing).astype(int), 0)
-    hi_i = np.minimum(np.floor(centre + reach / spacing).astype(int) + 1, np.asarray(hu.shape))
-    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo_i, hi_i))
-    dz = ((np.arange(lo_i[0], hi_i[0]) - centre[0]) * spacing[0])[:, None, None]
-    dy = ((np.arange(lo_i[1], hi_i[1]) - centre[1]) * spacing[1])[None, :, None]
-    dx = ((np.arange(lo_i[2], hi_i[2]) - centre[2]) * spacing[2])[None, None, :]
-    dist = np.sqrt(dz**2 + dy**2 + dx**2)
-    safe = np.maximum(dist, 1e-6)
-    azimuth = np.arctan2(dy, dx)
-    elevation = np.arcsin(np.clip(dz / safe, -1.0, 1.0))
-    amp = {"solid": 0.08, "part-solid": 0.05, "ground-glass": 0.05}[kind]
-    p1, p2 = rng.uniform(0, 2 * np.pi, size=2)
-    lobe = 1.0 + amp * (np.cos(3 * azimuth + p1) * np.cos(elevation) + 0.5 * np.cos(2 * elevation + p2)) / 1.5
-    r_eff = radius * lobe
-    sub = hu[sl]
-    if kind == "solid":
-        occ = _occupancy(dist, r_eff, width)
-        sub += (SOLID_NODULE_HU + rng.uniform(-15, 15) - sub) * occ
-    elif kind == "ground-glass":
-        occ = _occupancy(dist, r_eff, width)
-        sub += (GROUND_GLASS_HU + rng.uniform(-60, 60) - sub) * occ
-    else:
-        occ = _occupancy(dist, r_eff, width)
-        sub += (PART_SOLID_HALO_HU + rng.uniform(-50, 50) - sub) * occ
-        core = _occupancy(dist, r_eff * rng.uniform(0.3, 0.55), width)
-        sub += (PART_SOLID_CORE_HU + rng.uniform(-15, 15) - sub) * core
-    inside = dist <= r_eff
-    mask[sl] |= inside
-    mask[tuple(int(round(c)) for c in centre)] = True
