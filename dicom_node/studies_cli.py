@@ -10,7 +10,7 @@ import json
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import repo, study_views
+from dicom_node.db import job_views, repo
 
 __all__ = ["list_studies"]
 
@@ -18,7 +18,7 @@ __all__ = ["list_studies"]
 def list_studies(sessions: sessionmaker[Session], *, as_json: bool, limit: int) -> int:
     """Print the newest ``limit`` studies (a table, or JSON with ``as_json``); returns the exit code."""
     studies = repo.list_studies(sessions, limit=limit)
-    job_counts = study_views.job_counts_by_study(sessions, [s.study_instance_uid for s in studies])
+    job_counts = job_views.job_counts_by_study(sessions, [s.study_instance_uid for s in studies])
     if as_json:
         rows = [
             {

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from dicom_node.db import config_repo, jobs, study_views
+from dicom_node.db import config_repo, job_views, jobs
 from dicom_node.destinations import DicomDestination
 from dicom_node.ingest import utc_now
 from dicom_node.app.node import Node
@@ -61,10 +61,10 @@ def send_study(node: Node, paths: list[Path], *, calling_ae: str = "CT_SCANNER")
     assert answer.returncode == 0, f"storescu failed ({answer.returncode}): {answer.stderr[-2000:]}"
 
 
-def wait_for_jobs(node: Node, study_uid: str, count: int, timeout: float = 20.0) -> list[study_views.JobRow]:
+def wait_for_jobs(node: Node, study_uid: str, count: int, timeout: float = 20.0) -> list[job_views.JobRow]:
     """The study's jobs once the node has completed and routed it into ``count`` jobs."""
     return wait_for(f"{count} job(s) for study {study_uid}",
-                    lambda: (found if len(found := study_views.list_jobs(
+                    lambda: (found if len(found := job_views.list_jobs(
                         node.sessions, study_instance_uid=study_uid).items) >= count else None), timeout=timeout)
 
 

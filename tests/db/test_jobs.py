@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Engine, select
 
-from dicom_node.db import config_repo, jobs, study_views
+from dicom_node.db import config_repo, job_views, jobs
 from dicom_node.db.models import Job, JobState, Study, StudyEvent, StudyState
 from dicom_node.db.session import make_session_factory
 from dicom_node.routing import JobSpec, RoutingDecision, RuleOutcome
@@ -104,7 +104,7 @@ def test_errors_retrying_cannot_fix_are_dead_at_once(engine: Engine) -> None:
     jobs.claim_job(sessions, job_id, worker="w", now=T0, lease_seconds=60)
     message = "series 1.2.9.1: slice spacing varies 2.5-5.0 mm at index 41"
     assert jobs.fail_job(sessions, job_id, now=T0, error=message, retryable=False) == "dead"
-    [view] = study_views.list_jobs(sessions).items
+    [view] = job_views.list_jobs(sessions).items
     assert view.state == "dead" and view.error == message and view.attempts == 1
 
 
@@ -115,7 +115,7 @@ def test_a_worker_that_dies_loses_its_job_to_another_after_the_lease(engine: Eng
     jobs.heartbeat_job(sessions, job_id, now=T0 + timedelta(seconds=50), lease_seconds=60)
     assert jobs.requeue_jobs(sessions, now=T0 + timedelta(seconds=100)) == []  # lease renewed until 110 s
     assert jobs.requeue_jobs(sessions, now=T0 + timedelta(seconds=111)) == [job_id]
-    [view] = study_views.list_jobs(sessions).items
+    [view] = job_views.list_jobs(sessions).items
     assert view.state == "queued" and "worker gpu-1 stopped during attempt 1" in view.error  # type: ignore[operator]
     # The late finish of the lost worker changes nothing.
     assert jobs.finish_job(sessions, job_id, now=T0, stage_seconds={}, summary={}, results=[], destinations=["x"],
@@ -138,12 +138,12 @@ def test_finished_job_keeps_results_and_creates_a_delivery_per_destination(engin
     job_id, deliveries = finished_job(sessions, ["pacs", "archive"])
     assert len(deliveries) == 2
     assert [r.kind for r in jobs.results_of_job(sessions, job_id)] == ["SEG", "SR"]
-    study_id = config_repo.study_id_for_uid(sessions, study_views.list_jobs(sessions).items[0].study_instance_uid)
+    study_id = config_repo.study_id_for_uid(sessions, job_views.list_jobs(sessions).items[0].study_instance_uid)
     assert study_id is not None
     assert jobs.own_result_series(sessions, study_id, ["1.2.9.100", "1.2.9.1", "1.2.9.101"]) == {
         "1.2.9.100", "1.2.9.101"}
     assert jobs.own_result_series(sessions, study_id + 1, ["1.2.9.100"]) == set()  # results of this study only
-    [view] = study_views.list_jobs(sessions).items
+    [view] = job_views.list_jobs(sessions).items
     assert view.state == "succeeded" and view.stage_seconds == {"inference": 1.5}
     assert sorted((d.destination, d.state) for d in view.deliveries) == [("archive", "pending"), ("pacs", "pending")]
 
@@ -183,7 +183,7 @@ def test_a_sender_that_dies_mid_delivery_is_replaced_after_its_lease(engine: Eng
     assert jobs.due_deliveries(sessions, now=T0 + timedelta(seconds=31)) == [delivery_id]
     jobs.claim_delivery(sessions, delivery_id, now=T0 + timedelta(seconds=31), lease_seconds=30)
     jobs.finish_delivery(sessions, delivery_id, now=T0 + timedelta(seconds=32), objects_sent=2)
-    [view] = study_views.list_jobs(sessions).items
+    [view] = job_views.list_jobs(sessions).items
     assert [(d.destination, d.state, d.attempts, d.error, d.id) for d in view.deliveries] == [
         ("pacs", "delivered", 2, None, delivery_id)]
 

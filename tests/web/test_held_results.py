@@ -20,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.app.cli import main
-from dicom_node.db import audit, config_repo, jobs, monitoring, study_views
+from dicom_node.db import audit, config_repo, job_views, jobs, monitoring
 from dicom_node.destinations import DicomDestination
 from dicom_node.model_domain import Applicability, Check
 from tests.web.conftest import LoggedIn, WebEnv
@@ -214,7 +214,7 @@ def test_study_list_filters_and_counts_held_as_needing_attention(web: WebEnv, vi
         assert jobs.release_job(web.sessions, job_id, now=T0 + timedelta(minutes=5), destinations=["pacs"],
                                 delivery_max_attempts=2, by="test") is not None
     jobs.due_deliveries(web.sessions, now=T0 + timedelta(minutes=6))  # the node's sweep: due -> pending
-    for job in study_views.list_jobs(web.sessions, study_instance_uid=ward.uid).items:
+    for job in job_views.list_jobs(web.sessions, study_instance_uid=ward.uid).items:
         for d in job.deliveries:
             if d.state != "delivered":
                 deliver(web.sessions, d.id, at=T0 + timedelta(minutes=6))
@@ -369,7 +369,7 @@ def test_cli_lists_reasons_and_releases_and_discards_held_jobs(web: WebEnv, ward
     [discard] = _audit(web, "job.discard")
     assert (release.actor, release.target, release.after["destinations"]) == ("cli", str(ward.held), ["pacs"])
     assert (discard.actor, discard.before["results"], discard.after["state"]) == ("cli", ["SEG", "SR"], "discarded")
-    assert study_views.get_job(web.sessions, ward.held).state == "released"  # type: ignore[union-attr]
+    assert job_views.get_job(web.sessions, ward.held).state == "released"  # type: ignore[union-attr]
     assert main(["jobs", "list", "--state", "released", *data]) == 0
     assert "released by an operator; it had been held for: lung volume" in capsys.readouterr().out
 

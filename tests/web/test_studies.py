@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import event
 
-from dicom_node.db import audit, jobs, study_views
+from dicom_node.db import audit, job_views, jobs
 from tests.web.conftest import LoggedIn, WebEnv, make_web_env
 from tests.web.studies_fixtures import (
     GEOMETRY,
@@ -338,7 +338,7 @@ def test_worker_cannot_overwrite_a_cancel(web: WebEnv, study_files: dict[str, li
     jobs.heartbeat_job(sessions, job_id, now=T0 + timedelta(seconds=3), lease_seconds=60)
     assert jobs.requeue_jobs(sessions, now=T0 + timedelta(hours=1)) == []
     assert jobs.claim_job(sessions, job_id, worker="gpu-2:8", now=T0 + timedelta(hours=1), lease_seconds=60) is None
-    job = study_views.list_jobs(sessions, study_instance_uid=h.uids["D"]).items[0]
+    job = job_views.list_jobs(sessions, study_instance_uid=h.uids["D"]).items[0]
     assert job.state == "cancelled" and job.deliveries == [] and jobs.results_of_job(sessions, job_id) == []
     assert jobs.cancel_job(sessions, job_id, now=T0) is None  # already cancelled
     assert jobs.cancel_job(sessions, 987654, now=T0) is None
