@@ -16,7 +16,6 @@ from pathlib import Path
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import config_repo, jobs, study_views
@@ -57,58 +56,40 @@ def _audit(sessions: sessionmaker[Session], action: str, target_kind: str, targe
                  before=before, after=after, detail=detail)
 
 
-def _destination_state(destination: Any) -> dict[str, Any] | None:
-    """A destination as the audit log keeps it: secrets redacted."""
-    if destination is None:
-        return None
-    return destination.model_dump(mode="json", context={"reveal_secrets": False})  # type: ignore[no-any-return]
-
-
 def _destinations(settings: Settings, args: argparse.Namespace) -> int:
-    from dicom_node.config_files import ConfigFileError, load_destinations_file
-    from dicom_node.destinations import DicomDestination
+    from dicom_node.config_files import ConfigFileError, import_destinations_file
+    from dicom_node.config_service import CLI, DestinationsService, Refused
 
     writes = args.sub in ("add", "import", "remove")
     sessions = _sessions(settings, writes=writes)
     if sessions is None:
         return 1
+    service = DestinationsService(sessions, clock=_now)
     if args.sub == "add":
+        outputs = sorted(o.strip().upper() for o in args.outputs.split(",") if o.strip())
         try:
-            destination = DicomDestination(
-                name=args.name, ae_title=args.ae_title, host=args.host, port=args.port, default=args.default,
-                outputs=frozenset(o.strip().upper() for o in args.outputs.split(",") if o.strip()),
-                not_performed=args.not_performed,
-            )
-        except ValidationError as exc:
-            print(f"dicom-node: invalid destination {args.name!r}: {exc}", file=sys.stderr)
+            destination, _ = service.save_or_replace({
+                "type": "dicom", "name": args.name, "ae_title": args.ae_title, "host": args.host, "port": args.port,
+                "default": args.default, "outputs": outputs, "not_performed": args.not_performed}, CLI)
+        except Refused as exc:
+            print(f"dicom-node: {exc}", file=sys.stderr)
             return 2
-        before = config_repo.get_destination(sessions, destination.name)
-        config_repo.upsert_destination(sessions, destination, source="cli", now=_now())
-        _audit(sessions, "destination.update" if before else "destination.create", "destination", destination.name,
-               before=_destination_state(before), after=_destination_state(destination))
-        print(f"destination {destination.name}: {destination.ae_title}@{destination.host}:{destination.port}"
-              f"{' (default)' if destination.default else ''}")
+        print(f"destination {destination.name}: {destination.peer}{' (default)' if destination.default else ''}")
         return 0
     if args.sub == "import":
         try:
-            imported = load_destinations_file(args.file)
+            imported = import_destinations_file(args.file, service, CLI)
         except ConfigFileError as exc:
             print(f"dicom-node: {exc}", file=sys.stderr)
             return 2
-        for destination in imported:
-            before = config_repo.get_destination(sessions, destination.name)
-            config_repo.upsert_destination(sessions, destination, source=str(args.file), now=_now())
-            _audit(sessions, "destination.update" if before else "destination.create", "destination",
-                   destination.name, before=_destination_state(before), after=_destination_state(destination),
-                   detail=f"imported from {args.file}")
         print(f"imported {len(imported)} destination(s) from {args.file}")
         return 0
     if args.sub == "remove":
-        before = config_repo.get_destination(sessions, args.name)
-        if not config_repo.delete_destination(sessions, args.name):
-            print(f"dicom-node: no destination named {args.name!r}", file=sys.stderr)
+        try:
+            service.delete(args.name, CLI)
+        except Refused as exc:
+            print(f"dicom-node: {exc}", file=sys.stderr)
             return 1
-        _audit(sessions, "destination.delete", "destination", args.name, before=_destination_state(before))
         print(f"destination {args.name} removed")
         return 0
     listed = config_repo.list_destinations(sessions)
@@ -128,31 +109,27 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _rules(settings: Settings, args: argparse.Namespace, image_check: ImageCheck | None) -> int:
-    from dicom_node.config_files import ConfigFileError, load_rules_file
+    from dicom_node.config_files import ConfigFileError, import_rules_file
+    from dicom_node.config_service import CLI, Refused, RulesService
 
     sessions = _sessions(settings, writes=args.sub in ("import", "remove"))
     if sessions is None:
         return 1
-    stored = ({rule.name: rule.model_dump(mode="json", by_alias=True) for rule in config_repo.list_rules(sessions)}
-              if args.sub in ("import", "remove") else {})  # the state before a change, for the audit log
+    service = RulesService(sessions, models_file=settings.routing.models_file, clock=_now)
     if args.sub == "remove":
-        if not config_repo.delete_rule(sessions, args.name):
-            print(f"dicom-node: no rule named {args.name!r}", file=sys.stderr)
+        try:
+            service.delete(args.name, CLI)
+        except Refused as exc:
+            print(f"dicom-node: {exc}", file=sys.stderr)
             return 1
-        _audit(sessions, "rule.delete", "rule", args.name, before=stored.get(args.name))
         print(f"rule {args.name} removed")
         return 0
     if args.sub == "import":
         try:
-            rules = load_rules_file(args.file)
+            rules = import_rules_file(args.file, service, CLI)
         except ConfigFileError as exc:
             print(f"dicom-node: {exc}", file=sys.stderr)
             return 2
-        config_repo.upsert_rules(sessions, rules, source=str(args.file), now=_now())
-        for rule in rules:
-            _audit(sessions, "rule.update" if rule.name in stored else "rule.create", "rule", rule.name,
-                   before=stored.get(rule.name), after=rule.model_dump(mode="json", by_alias=True),
-                   detail=f"imported from {args.file}")
         print(f"imported {len(rules)} rule(s) from {args.file}")
         return 0
     if args.sub == "list":

@@ -1,8 +1,9 @@
 """``dicom-node users ...`` and ``dicom-node tokens ...``: accounts and API tokens from the shell.
 
 There is no default password: the first admin is created here (``users create NAME --admin``),
-after which admins can manage users in the web app too. Every change is audited with
-the actor ``cli``.
+after which admins can manage users in the web app too. Changes go through the same
+:class:`dicom_node.config_service.UsersService` as the web app (the same checks and
+messages), audited with the actor ``cli``.
 """
 
 from __future__ import annotations
@@ -11,16 +12,16 @@ import argparse
 import getpass
 import json
 import sys
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import audit, users
+from dicom_node.config_service import CLI, Refused, UsersService
+from dicom_node.config_service.users import user_json
+from dicom_node.db import users
 from dicom_node.db.models import Role
 from dicom_node.ingest import utc_now
 from dicom_node.settings import Settings
-from dicom_node.web.passwords import check_password_policy, hash_password
 
 __all__ = ["add_commands", "run"]
 
@@ -82,39 +83,30 @@ def _sessions(settings: Settings) -> sessionmaker[Session]:
     return open_sessions(settings.resolved_database_url, migrate=True)
 
 
-def _user_json(user: users.UserView) -> dict[str, Any]:
-    return {"username": user.username, "role": user.role.value, "disabled": user.disabled,
-            "created_at": user.created_at.isoformat(),
-            "last_login_at": user.last_login_at.isoformat() if user.last_login_at else None}
-
-
 def run(settings: Settings, args: argparse.Namespace) -> int:
     """Run a ``users`` or ``tokens`` sub-command; errors print one line and return 1."""
     try:
         return _run(_sessions(settings), args)
-    except (ValueError, LookupError) as exc:
+    except Refused as exc:
+        print(f"dicom-node: {exc.message}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # the passwords typed differ
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 1
 
 
 def _run(sessions: sessionmaker[Session], args: argparse.Namespace) -> int:
-    now = utc_now()
-
-    def log(action: str, target_kind: str, target: str, before: Any = None, after: Any = None) -> None:
-        audit.record(sessions, at=now, actor="cli", action=action, target_kind=target_kind, target=target,
-                     before=before, after=after)
-
+    service = UsersService(sessions, clock=utc_now)
     if args.command == "users":
         if args.sub == "create":
-            users.validate_username(args.username)
+            users.validate_username(args.username)  # before asking for a password
             role = Role.ADMIN if args.admin else Role(args.role)
-            password = check_password_policy(_password(args.password_stdin))
-            user = users.create_user(sessions, args.username, hash_password(password), role, now=now)
-            log("user.create", "user", user.username, after=_user_json(user))
+            user = service.create_user(CLI, username=args.username, role=role,
+                                       password=_password(args.password_stdin))
             print(f"created {role.value} {user.username}")
             return 0
         if args.sub == "list":
-            rows = [_user_json(u) for u in users.list_users(sessions)]
+            rows = [user_json(u) for u in users.list_users(sessions)]
             if args.json:
                 print(json.dumps(rows, indent=2))
             else:
@@ -122,26 +114,19 @@ def _run(sessions: sessionmaker[Session], args: argparse.Namespace) -> int:
                     state = "disabled" if row["disabled"] else "enabled"
                     print(f"{row['username']:<24} {row['role']:<9} {state:<9} last login {row['last_login_at'] or '-'}")
             return 0
-        before = users.get_user(sessions, args.username)
-        if before is None:
-            raise LookupError(f"no user {args.username!r}")
-        if args.sub == "set-role":
-            after = users.update_user(sessions, args.username, now=now, role=Role(args.role))
-        elif args.sub in ("disable", "enable"):
-            after = users.update_user(sessions, args.username, now=now, disabled=args.sub == "disable")
-        else:  # set-password
-            password = check_password_policy(_password(args.password_stdin))
-            after = users.update_user(sessions, args.username, now=now, password_hash=hash_password(password))
-        assert after is not None
-        log(f"user.{args.sub}", "user", args.username, before=_user_json(before), after=_user_json(after))
+        change: dict[str, Any] = {"set-role": {"role": getattr(args, "role", None)}, "disable": {"disabled": True},
+                                  "enable": {"disabled": False}}.get(args.sub) or {}
+        if args.sub == "set-password":
+            if users.get_user(sessions, args.username) is None:  # before asking for a password
+                raise Refused.not_found(f"no user {args.username!r}")
+            change = {"password": _password(args.password_stdin)}
+        after, _ = service.update_user(CLI, args.username, **change)
         print(f"{args.sub}: {args.username} ({after.role.value}, {'disabled' if after.disabled else 'enabled'})")
         return 0
 
     if args.sub == "create":
-        expires = now + timedelta(days=args.expires_days) if args.expires_days else None
-        view, token = users.create_api_token(sessions, args.username, args.name, now=now, expires_at=expires)
-        log("token.create", "token", f"{view.id} {view.name}", after={"user": view.username, "name": view.name,
-                                                                      "prefix": view.prefix})
+        view, token = service.create_token(CLI, username=args.username, name=args.name,
+                                           expires_days=args.expires_days)
         print(token)
         print(f"token {view.id} for {view.username} ({view.name}); it is shown only now", file=sys.stderr)
         return 0
@@ -159,9 +144,6 @@ def _run(sessions: sessionmaker[Session], args: argparse.Namespace) -> int:
                 print(f"{r['id']:>4} {r['user']:<20} {r['name']:<24} {r['prefix']}… "
                       f"{'revoked' if r['revoked'] else 'active'}")
         return 0
-    revoked = users.revoke_api_token(sessions, args.token_id, now=now)
-    if revoked is None:
-        raise LookupError(f"no API token {args.token_id}")
-    log("token.revoke", "token", f"{revoked.id} {revoked.name}")
+    revoked = service.revoke_token(CLI, args.token_id)
     print(f"revoked token {revoked.id} ({revoked.name}) of {revoked.username}")
     return 0

@@ -49,8 +49,9 @@ __all__ = [
 
 _USERNAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 API_TOKEN_PREFIX = "dnt_"
-#: Names a user may not take: the audit log's non-user actors, and a path of the users pages.
-RESERVED_USERNAMES = frozenset({"anonymous", "system", "cli", "new"})
+#: Names a user may not take: the audit log's non-user actors (``config-file``: a file imported at the node's
+#: start), and a path of the users pages.
+RESERVED_USERNAMES = frozenset({"anonymous", "system", "cli", "config-file", "new"})
 TOKEN_NAME_MAX = 64
 
 

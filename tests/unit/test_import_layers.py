@@ -193,7 +193,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "dicom_node/indexer.py", "dicom_node/recovery.py", "dicom_node/completion.py", "dicom_node/conductor.py",
         "dicom_node/study_facts.py", "dicom_node/periodic.py", "dicom_node/dispatch.py", "dicom_node/scu.py",
         "dicom_node/stow.py", "dicom_node/held_results.py", "dicom_node/applicability_preview.py",
-        "dicom_node/config_files.py",
+        "dicom_node/config_files.py", "dicom_node/config_service/**/*.py",
         "dicom_node/access.py", "dicom_node/web/**/*.py", "dicom_node/admin_cli.py", "dicom_node/users_cli.py",
         "dicom_node/studies_cli.py",
     ),

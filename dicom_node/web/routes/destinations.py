@@ -1,58 +1,55 @@
 """Destinations in the admin UI and the REST API: list with delivery statistics, edit, delete, test connection.
 
 Why: admins add and change where results go (a PACS by C-STORE, a DICOMweb server by
-STOW-RS) and need to see at a glance whether deliveries get through. Definitions are
-the same pydantic types the senders use (:mod:`dicom_node.destinations`), validated
-when saved with each error placed at its field. Secrets (a basic-auth password, a
-bearer token) never leave the server: pages show "(unchanged)" and keep the stored
-value when the field is left blank, the API answers ``**********`` and takes that
-(or nothing) back as "keep the stored secret", and the audit log stores the
-definition redacted. A stored secret is only ever sent to the server it was entered
-for: a save that moves the URL to another scheme, host or port must carry the secret
-again (422 at ``auth.password``/``auth.token``, audited as ``destination.secret_refused``).
-TLS files (CA bundle, client certificate and key) must load when the definition is saved
-and before a test runs (422 naming the field, the path and what is wrong). "Test
-connection" runs a C-ECHO (DICOM) or a QIDO-RS request (DICOMweb) with the destination's
-own AE titles, TLS settings and credentials.
+STOW-RS) and need to see at a glance whether deliveries get through. Routes here only
+parse and render: :class:`dicom_node.config_service.DestinationsService` validates
+(each error at its field), keeps secrets on the server (pages show "(unchanged)" and
+keep the stored value when the field is left blank, the API answers ``**********`` and
+takes that, or nothing, back as "keep the stored secret"), refuses a stored secret
+following an edited URL to another server (422 at ``auth.password``/``auth.token``,
+audited as ``destination.secret_refused``), checks TLS files, saves, tests the
+connection (C-ECHO or QIDO-RS) and audits every change with the definition redacted.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel
 
+from dicom_node.config_service import Refused
+from dicom_node.config_service.base import FieldError
+from dicom_node.config_service.destinations import KINDS, TestOutcome, UnusableTlsFiles, redacted, secret_moved
 from dicom_node.db import config_repo
 from dicom_node.db.models import Role
 from dicom_node.destinations import ALL_OUTPUTS, DEFAULT_OUTPUTS, Destination, DicomDestination, DicomWebDestination
-from dicom_node.tls_files import destination_tls_problems
-from dicom_node.web.auth import Principal, audit_event, require
+from dicom_node.web.auth import Principal, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
-from dicom_node.web.routes.rules import FieldError, FormData, invalid_response, submitted_form
+from dicom_node.web.routes.config_edit import (
+    FormData,
+    actor,
+    api_delete,
+    api_save,
+    destinations_service,
+    form_save,
+    or_404,
+    refused_json,
+    submitted_form,
+)
 
-__all__ = ["MASK", "NOT_PERFORMED_CHOICES", "TestOutcome", "merge_secrets", "redacted", "router", "secret_moved",
-           "test_destination", "validate_destination"]
+__all__ = ["NOT_PERFORMED_CHOICES", "router"]
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
-#: How a secret is shown (pydantic's SecretStr text); sent back, it means "keep the stored secret".
-MASK = "**********"
-#: A connection test waits at most this long, whatever the destination's own timeout.
-TEST_TIMEOUT_SECONDS = 15.0
-MAX_TEXT = 2000
-_SOURCE = "ui"
-_DESTINATION = TypeAdapter(Destination)
-_KINDS = ("dicom", "dicomweb")
-_AUTH_KINDS = ("none", "basic", "bearer")
 _OUTPUTS = sorted(ALL_OUTPUTS)
 #: The choices of ``not_performed`` as the form offers them: (value, label).
 NOT_PERFORMED_CHOICES = (("none", "nothing"), ("sr", "'AI analysis not performed' SR"))
@@ -65,220 +62,8 @@ _FORM_KEYS = frozenset({
 })
 
 
-# --------------------------------------------------------------------------- shared by pages and API
-
-
-def redacted(destination: Destination) -> dict[str, Any]:
-    """The definition as JSON with every secret replaced by :data:`MASK` (for pages, API and audit log)."""
-    return destination.model_dump(mode="json")
-
-
-def _origin(url: Any) -> str:
-    """``scheme://host:port`` of a URL (default port filled in), the unit a secret is entered for."""
-    if not isinstance(url, str):
-        return repr(url)
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-    except ValueError:
-        return url.strip()
-    return f"{parts.scheme.lower()}://{(parts.hostname or '').lower()}:{port}"
-
-
-@dataclass(frozen=True)
-class SecretMoved:
-    """A save that would send the stored secret to another server: which secret, from where, to where."""
-
-    secret: str  # "password" or "token"
-    stored_origin: str
-    new_origin: str
-
-    @property
-    def error(self) -> FieldError:
-        what = self.secret
-        return (("auth", self.secret),
-                f"the URL now points to {self.new_origin} instead of {self.stored_origin}: type the {what} again "
-                f"(a stored {what} is only sent to the server it was entered for)")
-
-
-def secret_moved(data: Any, stored: Destination | None) -> SecretMoved | None:
-    """Whether ``data`` keeps (blank or masked) a stored secret while its URL moves to another scheme, host or
-    port: the stored secret must not follow an edited URL to a server it was never meant for."""
-    if not isinstance(data, dict) or not isinstance(stored, DicomWebDestination):
-        return None
-    auth = data.get("auth")
-    if not isinstance(auth, dict) or auth.get("type") != stored.auth.type:
-        return None
-    if _origin(data.get("url")) == _origin(stored.url):
-        return None
-    for name in ("password", "token"):
-        if getattr(stored.auth, name, None) is not None and auth.get(name) in (None, "", MASK):
-            return SecretMoved(name, _origin(stored.url), _origin(data.get("url")))
-    return None
-
-
-def merge_secrets(data: Any, stored: Destination | None) -> Any:
-    """``data`` with blank or masked secrets replaced by the stored ones (same auth kind and same server only:
-    see :func:`secret_moved`)."""
-    if not isinstance(data, dict) or not isinstance(stored, DicomWebDestination):
-        return data
-    auth = data.get("auth")
-    if not isinstance(auth, dict) or auth.get("type") != stored.auth.type:
-        return data
-    if _origin(data.get("url")) != _origin(stored.url):
-        return data
-    merged = dict(auth)
-    for name in ("password", "token"):
-        secret = getattr(stored.auth, name, None)
-        if secret is not None and merged.get(name) in (None, "", MASK):
-            merged[name] = secret.get_secret_value()
-    return {**data, "auth": merged}
-
-
-def _location(location: Sequence[str | int]) -> tuple[str | int, ...]:
-    """pydantic's location without the union tags (``dicomweb.auth.basic.password`` -> ``auth.password``)."""
-    parts = list(location)
-    if parts and parts[0] in _KINDS:
-        parts = parts[1:]
-    if len(parts) >= 2 and parts[0] == "auth" and parts[1] in _AUTH_KINDS:
-        parts = [parts[0], *parts[2:]]
-    return tuple(parts)
-
-
-def _message(error: Mapping[str, Any]) -> str:
-    kind, message = str(error.get("type", "")), str(error.get("msg", "invalid"))
-    if kind == "value_error":
-        return message.removeprefix("Value error, ")
-    value = error.get("input")
-    if isinstance(value, str | int | float) and not isinstance(value, bool) and kind != "missing":
-        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
-        return f"{message} (got {shown})"
-    return message
-
-
-def validate_destination(data: Any, *, stored: Destination | None) -> tuple[Destination | None, list[FieldError]]:
-    """The destination ``data`` describes (blank/masked secrets taken from ``stored``), or its problems.
-
-    Locations are the model's fields without the union tags (``port``, ``tls.certificate``,
-    ``auth.password``), so pages and API name the same field. Refused besides the model's
-    own rules: a stored secret kept while the URL moves to another server
-    (:func:`secret_moved`), and TLS files on the node that are not what their field says
-    (:func:`dicom_node.tls_files.destination_tls_problems`).
-    """
-    if not isinstance(data, dict):
-        return None, [((), f"a destination must be a JSON object, got {type(data).__name__}")]
-    long = [key for key in ("url", "host", "name") if isinstance(data.get(key), str) and len(data[key]) > MAX_TEXT]
-    if long:
-        return None, [((key,), f"{key} is {len(data[key])} characters long; at most {MAX_TEXT} are allowed")
-                      for key in long]
-    moved = secret_moved(data, stored)
-    try:
-        destination = _DESTINATION.validate_python(merge_secrets(data, stored))
-    except ValidationError as exc:
-        errors = _model_errors(exc)
-        if moved is not None:
-            errors = [moved.error, *(e for e in errors if e[0] != moved.error[0])]
-        return None, errors
-    errors = [*([moved.error] if moved is not None else []), *destination_tls_problems(destination)]
-    return (None, errors) if errors else (destination, [])
-
-
-def _model_errors(exc: ValidationError) -> list[FieldError]:
-    """pydantic's errors at the definition's own field names."""
-    errors: list[FieldError] = []
-    for error in exc.errors():
-        location = _location(error["loc"])
-        if error["type"] in ("union_tag_not_found", "union_tag_invalid"):  # no or an unknown "type"
-            given = error["input"].get("type") if isinstance(error["input"], dict) else None
-            auth = location[:1] == ("auth",)
-            location = ("auth", "type") if auth else ("type",)
-            kinds = _AUTH_KINDS if auth else _KINDS
-            errors.append((location, f"{'.'.join(location)} must be one of {', '.join(kinds)} (got {given!r})"))
-        else:
-            errors.append((location, _message(error)))
-    return errors
-
-
-@dataclass(frozen=True)
-class TestOutcome:
-    """A connection test's result, as shown and audited."""
-
-    ok: bool
-    detail: str
-    seconds: float
-    method: str
-
-    @property
-    def round_trip_ms(self) -> float:
-        return round(self.seconds * 1000, 1)
-
-
-def test_destination(context: WebContext, destination: Destination) -> TestOutcome:
-    """C-ECHO a DICOM destination, or QIDO-RS a DICOMweb one; never raises for network trouble."""
-    timeout = min(destination.timeout_seconds, TEST_TIMEOUT_SECONDS)
-    if isinstance(destination, DicomDestination):
-        from dicom_node.scu import echo
-
-        calling = context.settings.delivery.calling_ae_title or context.settings.dicom.ae_title
-        ok, detail, seconds = echo(destination, calling, timeout)
-        return TestOutcome(ok, detail, seconds, "C-ECHO")
-    from dicom_node.stow import check_dicomweb
-
-    ok, detail, seconds = check_dicomweb(destination, timeout)
-    return TestOutcome(ok, detail, seconds, "QIDO-RS GET /studies?limit=1")
-
-
-def _or_404(context: WebContext, name: str) -> config_repo.DestinationRecord:
-    record = config_repo.get_destination_record(context.sessions, name)
-    if record is None:
-        raise HTTPException(404, f"no destination named {name!r}")
-    return record
-
-
-class UnusableTlsFiles(Exception):
-    """The destination's TLS files cannot be loaded, so no connection test was run: ``problems`` by field."""
-
-    def __init__(self, problems: list[FieldError]) -> None:
-        super().__init__("; ".join(message for _, message in problems))
-        self.problems = problems
-
-
-def _run_test(request: Request, context: WebContext, principal: Principal, destination: Destination) -> TestOutcome:
-    """Test and audit; raises :class:`UnusableTlsFiles` (audited too) instead of trying with broken TLS files."""
-    problems: list[FieldError] = list(destination_tls_problems(destination))
-    if problems:
-        audit_event(context, request, principal, "destination.test", target_kind="destination",
-                    target=destination.name, after={"ok": False, "method": "not run", "detail": str(
-                        UnusableTlsFiles(problems))}, detail="not run: unusable TLS files")
-        raise UnusableTlsFiles(problems)
-    outcome = test_destination(context, destination)
-    audit_event(context, request, principal, "destination.test", target_kind="destination", target=destination.name,
-                after={"ok": outcome.ok, "method": outcome.method, "round_trip_ms": outcome.round_trip_ms,
-                       "detail": outcome.detail},
-                detail=f"{'ok' if outcome.ok else 'failed'} in {outcome.round_trip_ms:g} ms")
-    return outcome
-
-
-def _audit_secret_refused(request: Request, context: WebContext, principal: Principal, name: str,
-                          moved: SecretMoved) -> None:
-    """Record that a save was refused because it would have sent the stored secret to another server."""
-    audit_event(context, request, principal, "destination.secret_refused", target_kind="destination", target=name,
-                before={"url_origin": moved.stored_origin}, after={"url_origin": moved.new_origin},
-                detail=f"not saved: the URL moved from {moved.stored_origin} to {moved.new_origin} "
-                       f"without a new {moved.secret}")
-
-
-def _delete(request: Request, context: WebContext, principal: Principal, name: str) -> None:
-    """Delete ``name``; 404 unknown, 409 while rules send to it by name."""
-    record = _or_404(context, name)
-    users = config_repo.rules_using_destination(context.sessions, name)
-    if users:
-        raise HTTPException(409, f"destination {name!r} is used by routing rule(s) {', '.join(users)}; "
-                                 "change those rules first")
-    if not config_repo.delete_destination(context.sessions, name):
-        raise HTTPException(404, f"no destination named {name!r}")
-    audit_event(context, request, principal, "destination.delete", target_kind="destination", target=name,
-                before=redacted(record.destination))
+def _record(context: WebContext, name: str) -> config_repo.DestinationRecord:
+    return or_404(lambda: destinations_service(context).record_of(name))
 
 
 # --------------------------------------------------------------------------- the form
@@ -402,6 +187,7 @@ def _form_page(request: Request, context: WebContext, state: DestinationForm, *,
                   calling_ae_title=context.settings.delivery.calling_ae_title or context.settings.dicom.ae_title)
 
 
+
 # --------------------------------------------------------------------------- pages
 
 
@@ -436,35 +222,26 @@ def new_destination_page(
 
 def _save_from_form(request: Request, context: WebContext, principal: Principal, form: FormData,
                     original: str | None) -> Response:
-    record = None if original is None else _or_404(context, original)
+    record = None if original is None else _record(context, original)
     kind = (form.get("type") or ["dicom"])[0]
-    if kind not in _KINDS:
-        raise HTTPException(422, f"type must be one of {', '.join(_KINDS)}, got {kind[:20]!r}")
+    if kind not in KINDS:
+        raise HTTPException(422, f"type must be one of {', '.join(KINDS)}, got {kind[:20]!r}")
     stored = record.destination if record else None
     state, data = parse_destination_form(form, kind=kind, name=original, stored=stored)
-    destination, errors = validate_destination(data, stored=stored)
-    _place(state, errors)
-    if destination is None:
-        moved = secret_moved(data, stored)
-        if moved is not None:
-            state.stored_secret[moved.secret] = False  # no "(unchanged)": it has to be typed again
-            _audit_secret_refused(request, context, principal, original or "", moved)
-        return _form_page(request, context, state, original=original, record=record, status_code=422)
-    try:
-        if original is None:
-            config_repo.create_destination(context.sessions, destination, source=_SOURCE, now=context.clock())
+
+    def refused(exc: Refused) -> Response:
+        if exc.status == 409:
+            state.error("name", exc.message)
         else:
-            config_repo.update_destination(context.sessions, destination, source=_SOURCE, now=context.clock())
-    except config_repo.NameTaken as exc:
-        state.error("name", str(exc))
-        return _form_page(request, context, state, original=original, record=record, status_code=409)
-    except config_repo.ConfigNotFound as exc:
-        raise HTTPException(404, str(exc)) from exc
-    audit_event(context, request, principal, "destination.create" if stored is None else "destination.update",
-                target_kind="destination", target=destination.name,
-                before=redacted(stored) if stored is not None else None, after=redacted(destination))
-    done = "created" if stored is None else "updated"
-    return RedirectResponse(f"/destinations?done={done}&destination={quote(destination.name)}", status_code=303)
+            _place(state, exc.errors)
+            moved = secret_moved(data, stored)
+            if moved is not None:
+                state.stored_secret[moved.secret] = False  # no "(unchanged)": it has to be typed again
+        return _form_page(request, context, state, original=original, record=record, status_code=exc.status)
+
+    return form_save(destinations_service(context), request, principal, data, original=original, refused=refused,
+                     done=lambda saved, created: f"/destinations?done={'created' if created else 'updated'}"
+                                                 f"&destination={quote(saved.name)}")
 
 
 @router.post("/destinations", include_in_schema=False)
@@ -480,7 +257,7 @@ def destination_page(
     request: Request, name: str, principal: Principal = Depends(require(Role.VIEWER)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    record = _or_404(context, name)
+    record = _record(context, name)
     return _form_page(request, context, DestinationForm.from_destination(record.destination), original=name,
                       record=record)
 
@@ -498,7 +275,7 @@ def delete_destination_submit(
     request: Request, name: str, principal: Principal = Depends(require(Role.ADMIN)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    _delete(request, context, principal, name)
+    or_404(lambda: destinations_service(context).delete(name, actor(request, principal)))
     return RedirectResponse(f"/destinations?done=deleted&destination={quote(name)}", status_code=303)
 
 
@@ -508,12 +285,12 @@ def test_destination_submit(
     context: WebContext = Depends(get_context),
 ) -> Response:
     """Test the stored destination's connection; the result is shown on its page."""
-    record = _or_404(context, name)
+    record = _record(context, name)
     state = DestinationForm.from_destination(record.destination)
     try:
-        outcome = _run_test(request, context, principal, record.destination)
+        outcome = destinations_service(context).test(record.destination, actor(request, principal))
     except UnusableTlsFiles as exc:
-        _place(state, exc.problems)
+        _place(state, exc.errors)
         failed = TestOutcome(False, f"not run: {exc}", 0.0, "not run")
         return _form_page(request, context, state, original=name, record=record, test=failed, status_code=422)
     return _form_page(request, context, state, original=name, record=record, test=outcome)
@@ -540,36 +317,6 @@ class ConnectionTestResult(BaseModel):
     round_trip_ms: float
 
 
-def _api_save(request: Request, context: WebContext, principal: Principal, body: Any,
-              original: str | None) -> Response:
-    stored = None if original is None else _or_404(context, original).destination
-    if original is not None and isinstance(body, dict) and body.get("name", original) != original:
-        return invalid_response("destination", [(("name",), f"a destination cannot be renamed ({original!r} to "
-                                                            f"{body.get('name')!r}): rules refer to it by name; create "
-                                                            "a new one and delete this one")])
-    if original is not None and isinstance(body, dict):
-        body = {**body, "name": original}
-    destination, errors = validate_destination(body, stored=stored)
-    if destination is None:
-        moved = secret_moved(body, stored)
-        if moved is not None:
-            _audit_secret_refused(request, context, principal, original or "", moved)
-        return invalid_response("destination", errors)
-    try:
-        if original is None:
-            config_repo.create_destination(context.sessions, destination, source="api", now=context.clock())
-        else:
-            config_repo.update_destination(context.sessions, destination, source="api", now=context.clock())
-    except config_repo.NameTaken as exc:
-        raise HTTPException(409, str(exc)) from exc
-    except config_repo.ConfigNotFound as exc:
-        raise HTTPException(404, str(exc)) from exc
-    audit_event(context, request, principal, "destination.create" if stored is None else "destination.update",
-                target_kind="destination", target=destination.name,
-                before=redacted(stored) if stored is not None else None, after=redacted(destination))
-    return JSONResponse(redacted(destination), status_code=201 if stored is None else 200)
-
-
 @router.get("/api/v1/destinations", tags=["destinations"], response_model=list[Destination])
 def api_list_destinations(
     principal: Principal = Depends(require(Role.VIEWER)), context: WebContext = Depends(get_context)
@@ -584,14 +331,14 @@ def api_create_destination(
     request: Request, body: Any = Body(...), principal: Principal = Depends(require(Role.ADMIN)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    return _api_save(request, context, principal, body, None)
+    return api_save(destinations_service(context), request, principal, body, None)
 
 
 @router.get("/api/v1/destinations/{name}", tags=["destinations"], response_model=Destination, responses=_ERRORS)
 def api_get_destination(
     name: str, principal: Principal = Depends(require(Role.VIEWER)), context: WebContext = Depends(get_context)
 ) -> Response:
-    return JSONResponse(redacted(_or_404(context, name).destination))
+    return JSONResponse(redacted(_record(context, name).destination))
 
 
 @router.put("/api/v1/destinations/{name}", tags=["destinations"], response_model=Destination, openapi_extra=_BODY,
@@ -601,7 +348,7 @@ def api_update_destination(
     context: WebContext = Depends(get_context),
 ) -> Response:
     """Replace the destination; a password or token left out, empty or ``**********`` keeps the stored one."""
-    return _api_save(request, context, principal, body, name)
+    return api_save(destinations_service(context), request, principal, body, name)
 
 
 @router.delete("/api/v1/destinations/{name}", tags=["destinations"], status_code=204, responses=_ERRORS)
@@ -609,8 +356,7 @@ def api_delete_destination(
     request: Request, name: str, principal: Principal = Depends(require(Role.ADMIN)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    _delete(request, context, principal, name)
-    return Response(status_code=204)
+    return api_delete(destinations_service(context), request, principal, name)
 
 
 @router.post("/api/v1/destinations/{name}/test", tags=["destinations"], response_model=ConnectionTestResult,
@@ -620,10 +366,10 @@ def api_test_destination(
     context: WebContext = Depends(get_context),
 ) -> ConnectionTestResult | Response:
     """C-ECHO (DICOM) or QIDO-RS (DICOMweb) the stored destination; ``ok`` false explains why in ``detail``."""
-    destination = _or_404(context, name).destination
+    destination = _record(context, name).destination
     try:
-        outcome = _run_test(request, context, principal, destination)
-    except UnusableTlsFiles as exc:
-        return invalid_response("destination: its TLS files cannot be used, so it was not tested", exc.problems)
+        outcome = destinations_service(context).test(destination, actor(request, principal, api=True))
+    except Refused as exc:
+        return refused_json(exc)
     return ConnectionTestResult(destination=name, kind=destination.type, method=outcome.method, ok=outcome.ok,
                                 detail=outcome.detail, round_trip_ms=outcome.round_trip_ms)

@@ -1,29 +1,32 @@
 """Users and API tokens: the admin pages (``/users``, ``/tokens``) and the REST API (``/api/v1/users``, ``/api/v1/tokens``).
 
-Everything here needs the admin role. Pages and API call the same service functions
-below, which validate, change the database through :mod:`dicom_node.db.users` and write
-the audit log (``user.create``, ``user.update``, ``token.create``, ``token.revoke``).
-Password hashes never leave the database layer: audit entries and answers carry the
-user's name, role and state only. An API token is shown once, in the answer that created it.
+Everything here needs the admin role. Pages and API parse the request and call
+:class:`dicom_node.config_service.UsersService` (as ``dicom-node users`` does), which
+validates, changes the database and writes the audit log (``user.create``,
+``user.update``, ``token.create``, ``token.revoke``). Password hashes never leave the
+database layer. An API token is shown once, in the answer that created it.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from dicom_node.config_service import Refused
+from dicom_node.config_service.users import MAX_EXPIRY_DAYS, token_state
 from dicom_node.db import audit, users
 from dicom_node.db.models import Role
 from dicom_node.db.users import ApiTokenView, UserView
-from dicom_node.web.auth import Principal, audit_event, require
+from dicom_node.web.auth import Principal, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
-from dicom_node.web.passwords import MIN_PASSWORD_LENGTH, check_password_policy, hash_password
+from dicom_node.web.passwords import MIN_PASSWORD_LENGTH
+from dicom_node.web.routes.config_edit import actor, refused_json, users_service
 
 __all__ = ["router"]
 
@@ -33,7 +36,6 @@ router = APIRouter()
 
 #: Generous caps on what a form may submit; the service functions give the precise limits.
 _FORM_MAX = 20_000
-_MAX_EXPIRY_DAYS = 3650
 
 #: Messages after a change, chosen by a fixed code in the redirect (never text from the URL).
 DONE_MESSAGES = {
@@ -45,160 +47,6 @@ DONE_MESSAGES = {
     "revoked": "API token revoked.",
     "unchanged": "Nothing to change.",
 }
-
-
-# --------------------------------------------------------------------------- service functions
-
-
-class Refused(Exception):
-    """A change that cannot be made: HTTP status, and a message per form field ("" for the whole form)."""
-
-    def __init__(self, status: int, errors: dict[str, str]) -> None:
-        super().__init__(status, errors)
-        self.status = status
-        self.errors = errors
-
-    @property
-    def message(self) -> str:
-        return "; ".join(f"{k}: {v}" if k else v for k, v in self.errors.items())
-
-
-def user_json(user: UserView) -> dict[str, Any]:
-    """What the audit log and the API show of a user (never the password hash)."""
-    return {"username": user.username, "role": user.role.value, "disabled": user.disabled,
-            "created_at": user.created_at.isoformat(),
-            "last_login_at": user.last_login_at.isoformat() if user.last_login_at else None}
-
-
-def token_state(token: ApiTokenView, now: datetime) -> str:
-    """active, revoked or expired."""
-    if token.revoked_at is not None:
-        return "revoked"
-    if token.expires_at is not None and token.expires_at <= now:
-        return "expired"
-    return "active"
-
-
-def token_json(token: ApiTokenView) -> dict[str, Any]:
-    """What the audit log keeps of a token (never the token itself)."""
-    return {"id": token.id, "user": token.username, "name": token.name, "prefix": token.prefix,
-            "expires_at": token.expires_at.isoformat() if token.expires_at else None,
-            "revoked_at": token.revoked_at.isoformat() if token.revoked_at else None}
-
-
-def _role(value: str | Role) -> Role:
-    try:
-        return Role(value)
-    except ValueError:
-        raise Refused(422, {"role": f"role {str(value)[:64]!r} is not one of viewer, operator, admin"}) from None
-
-
-def _check_password(password: str, repeated: str | None) -> None:
-    try:
-        check_password_policy(password)
-    except ValueError as exc:
-        raise Refused(422, {"password": str(exc)}) from None
-    if repeated is not None and repeated != password:
-        raise Refused(422, {"password2": "the two passwords differ"})
-
-
-def create_user(context: WebContext, request: Request, actor: Principal, *, username: str, role: str | Role,
-                password: str, repeated: str | None = None) -> UserView:
-    """Validate and add a user; audited as ``user.create``. 422 names each bad field, 409 a taken name."""
-    errors: dict[str, str] = {}
-    try:
-        users.validate_username(username)
-    except ValueError as exc:
-        errors["username"] = str(exc)
-    for check in (lambda: _role(role), lambda: _check_password(password, repeated)):
-        try:
-            check()
-        except Refused as exc:
-            errors.update(exc.errors)
-    if errors:
-        raise Refused(422, errors)
-    try:
-        user = users.create_user(context.sessions, username, hash_password(password), _role(role),
-                                 now=context.clock())
-    except users.UserExists as exc:
-        raise Refused(409, {"username": str(exc)}) from None
-    audit_event(context, request, actor, "user.create", target_kind="user", target=user.username,
-                after=user_json(user))
-    logger.info("%s created %s user %s", actor.username, user.role.value, user.username)
-    return user
-
-
-def update_user(context: WebContext, request: Request, actor: Principal, username: str, *,
-                role: str | Role | None = None, disabled: bool | None = None, password: str | None = None,
-                repeated: str | None = None) -> tuple[UserView, bool]:
-    """Change role / enabled state / password: (the user, whether anything changed); audited as ``user.update``.
-
-    404 for an unknown user, 409 when the last enabled admin would be disabled or demoted.
-    """
-    before = users.get_user(context.sessions, username)
-    if before is None:
-        raise Refused(404, {"": f"no user {username!r}"})
-    new_role = None if role is None else _role(role)
-    new_hash = None
-    if password is not None:
-        _check_password(password, repeated)
-        new_hash = hash_password(password)
-    try:
-        after = users.update_user(context.sessions, username, now=context.clock(), role=new_role, disabled=disabled,
-                                  password_hash=new_hash)
-    except users.LastAdmin as exc:
-        raise Refused(409, {"": str(exc)}) from None
-    if after is None:  # deleted meanwhile
-        raise Refused(404, {"": f"no user {username!r}"})
-    changed = user_json(before) != user_json(after) or new_hash is not None
-    if changed:
-        audit_event(context, request, actor, "user.update", target_kind="user", target=username,
-                    before=user_json(before), after=user_json(after),
-                    detail="password reset" if new_hash is not None else None)
-        logger.info("%s changed user %s", actor.username, username)
-    return after, changed
-
-
-def create_token(context: WebContext, request: Request, actor: Principal, *, username: str, name: str,
-                 expires_days: float | None) -> tuple[ApiTokenView, str]:
-    """A new API token for ``username``: (its record, the token - shown once); audited as ``token.create``."""
-    errors: dict[str, str] = {}
-    user = users.get_user(context.sessions, username)
-    if user is None:
-        errors["username"] = f"no user {username[:64]!r}"
-    if not name.strip() or len(name.strip()) > users.TOKEN_NAME_MAX:
-        errors["name"] = f"the name must be 1-{users.TOKEN_NAME_MAX} characters (it has {len(name.strip())})"
-    if expires_days is not None and not 0 < expires_days <= _MAX_EXPIRY_DAYS:
-        errors["expires_days"] = f"expiry must be more than 0 and at most {_MAX_EXPIRY_DAYS} days"
-    if errors:
-        raise Refused(422, errors)
-    assert user is not None
-    if user.disabled:
-        raise Refused(409, {"username": f"user {username!r} is disabled: enable them before giving them a token"})
-    now = context.clock()
-    expires_at = None if expires_days is None else now + timedelta(days=expires_days)
-    try:
-        view, token = users.create_api_token(context.sessions, username, name, now=now, expires_at=expires_at)
-    except LookupError as exc:
-        raise Refused(422, {"username": str(exc)}) from None
-    audit_event(context, request, actor, "token.create", target_kind="token", target=f"{view.id} {view.name}",
-                after=token_json(view))
-    logger.info("%s created API token %d for %s", actor.username, view.id, view.username)
-    return view, token
-
-
-def revoke_token(context: WebContext, request: Request, actor: Principal, token_id: int) -> ApiTokenView:
-    """Revoke a token (revoking it again changes nothing); audited as ``token.revoke``."""
-    before = users.get_api_token(context.sessions, token_id)
-    if before is None:
-        raise Refused(404, {"": f"no API token {token_id}"})
-    after = users.revoke_api_token(context.sessions, token_id, now=context.clock())
-    assert after is not None
-    if before.revoked_at is None:
-        audit_event(context, request, actor, "token.revoke", target_kind="token", target=f"{after.id} {after.name}",
-                    before=token_json(before), after=token_json(after))
-        logger.info("%s revoked API token %d of %s", actor.username, after.id, after.username)
-    return after
 
 
 # --------------------------------------------------------------------------- API models
@@ -270,14 +118,6 @@ class TokenCreated(TokenOut):
     token: str = Field(description="The token: send it as `Authorization: Bearer <token>`. Shown only now.")
 
 
-def _api_error(exc: Refused) -> Response:
-    """Refusals in the app's error format: 422 lists the fields, others carry one detail message."""
-    if exc.status == 422:
-        return JSONResponse({"detail": "invalid request",
-                             "errors": [{"field": k, "message": v} for k, v in exc.errors.items()]}, status_code=422)
-    return JSONResponse({"detail": exc.message}, status_code=exc.status)
-
-
 # --------------------------------------------------------------------------- API
 
 
@@ -298,10 +138,11 @@ def api_create_user(
 ) -> Any:
     """Create a user with a role and an initial password."""
     try:
-        return UserOut.of(create_user(context, request, principal, username=body.username, role=body.role,
-                                      password=body.password))
+        return UserOut.of(users_service(context).create_user(actor(request, principal, api=True),
+                                                             username=body.username, role=body.role,
+                                                             password=body.password))
     except Refused as exc:
-        return _api_error(exc)
+        return refused_json(exc)
 
 
 @router.get("/api/v1/users/{username}", tags=["users"], response_model=UserOut)
@@ -323,10 +164,10 @@ def api_update_user(
 ) -> Any:
     """Change a user's role, disable or enable them, or set a new password."""
     try:
-        user, _ = update_user(context, request, principal, username, role=body.role, disabled=body.disabled,
-                              password=body.password)
+        user, _ = users_service(context).update_user(actor(request, principal, api=True), username, role=body.role,
+                                                     disabled=body.disabled, password=body.password)
     except Refused as exc:
-        return _api_error(exc)
+        return refused_json(exc)
     return UserOut.of(user)
 
 
@@ -349,10 +190,11 @@ def api_create_token(
 ) -> Any:
     """Create an API token for a user; the answer holds the token, which is not shown again."""
     try:
-        view, token = create_token(context, request, principal, username=body.username, name=body.name,
-                                   expires_days=body.expires_days)
+        view, token = users_service(context).create_token(actor(request, principal, api=True),
+                                                          username=body.username, name=body.name,
+                                                          expires_days=body.expires_days)
     except Refused as exc:
-        return _api_error(exc)
+        return refused_json(exc)
     return TokenCreated(**TokenOut.of(view, context.clock()).model_dump(), token=token)
 
 
@@ -364,9 +206,9 @@ def api_revoke_token(
 ) -> Response:
     """Revoke a token (it is kept, marked revoked, for the record)."""
     try:
-        revoke_token(context, request, principal, token_id)
+        users_service(context).revoke_token(actor(request, principal, api=True), token_id)
     except Refused as exc:
-        return _api_error(exc)
+        return refused_json(exc)
     return Response(status_code=204)
 
 
@@ -414,10 +256,10 @@ def create_user_submit(
     principal: Principal = Depends(require(Role.ADMIN)),
 ) -> Response:
     try:
-        user = create_user(context, request, principal, username=username, role=role, password=password,
-                           repeated=password2)
+        user = users_service(context).create_user(actor(request, principal), username=username, role=role,
+                                                  password=password, repeated=password2)
     except Refused as exc:
-        return _new_user_form(request, values={"username": username, "role": role}, errors=exc.errors,
+        return _new_user_form(request, values={"username": username, "role": role}, errors=exc.by_field(),
                               status_code=exc.status)
     return RedirectResponse(f"/users/{user.username}?done=created", status_code=303)
 
@@ -461,11 +303,11 @@ def user_submit(
     if change not in changes:
         raise HTTPException(422, f"change {change[:64]!r} is not one of role, disable, enable, password")
     try:
-        _, changed = update_user(context, request, principal, username, **changes[change])
+        _, changed = users_service(context).update_user(actor(request, principal), username, **changes[change])
     except Refused as exc:
         if exc.status == 404:
             raise HTTPException(404, exc.message) from None
-        return _user_page(request, context, username, errors=exc.errors, status_code=exc.status)
+        return _user_page(request, context, username, errors=exc.by_field(), status_code=exc.status)
     if changed and username == principal.username and change != "enable":
         return RedirectResponse("/login", status_code=303)  # their own sessions just ended
     return RedirectResponse(f"/users/{username}?done={change if changed else 'unchanged'}", status_code=303)
@@ -480,7 +322,7 @@ def _tokens_page(request: Request, context: WebContext, *, user: str = "", state
     return render(request, "tokens.html", status_code=status_code, tokens=[(t, token_state(t, now)) for t in tokens],
                   users=users.list_users(context.sessions, disabled=False), filters={"user": user, "state": state_filter},
                   any_filter=bool(user or state_filter), values=values or {}, errors=errors or {},
-                  max_expiry=_MAX_EXPIRY_DAYS, message=DONE_MESSAGES.get(request.query_params.get("done", "")))
+                  max_expiry=MAX_EXPIRY_DAYS, message=DONE_MESSAGES.get(request.query_params.get("done", "")))
 
 
 @router.get("/tokens", include_in_schema=False)
@@ -509,9 +351,10 @@ def create_token_submit(
             return _tokens_page(request, context, values=values, status_code=422,
                                 errors={"expires_days": f"{expires_days[:32]!r} is not a number of days"})
     try:
-        view, token = create_token(context, request, principal, username=username, name=name, expires_days=days)
+        view, token = users_service(context).create_token(actor(request, principal), username=username, name=name,
+                                                          expires_days=days)
     except Refused as exc:
-        return _tokens_page(request, context, values=values, errors=exc.errors, status_code=exc.status)
+        return _tokens_page(request, context, values=values, errors=exc.by_field(), status_code=exc.status)
     # 201 with the token in the page (never in a URL): it is shown this once and not stored.
     return render(request, "tokens_created.html", status_code=201, token=token, view=view)
 
@@ -522,7 +365,7 @@ def revoke_token_submit(
     context: WebContext = Depends(get_context), principal: Principal = Depends(require(Role.ADMIN)),
 ) -> Response:
     try:
-        revoked = revoke_token(context, request, principal, token_id)
+        revoked = users_service(context).revoke_token(actor(request, principal), token_id)
     except Refused as exc:
         raise HTTPException(exc.status, exc.message) from None
     target = f"/users/{revoked.username}" if back == "user" else "/tokens"

@@ -114,6 +114,8 @@ def test_rules_files_and_the_cli_refuse_a_backreference_naming_rule_condition_an
     assert f"rules file {rules} is invalid" in message
     assert "rules[1] ('echo'): conditions: Value error, condition 1 (series_description): regex '(ax)\\\\1' " \
            "cannot be used: backreferences" in message
+    assert main(["db", "upgrade", "--data-dir", str(tmp_path / "data")]) == 0  # the CLI creates no database
+    capsys.readouterr()
     assert main(["rules", "import", str(rules), "--data-dir", str(tmp_path / "data")]) == 2
     err = capsys.readouterr().err
     assert "rules[1] ('echo'): conditions: Value error, condition 1 (series_description)" in err

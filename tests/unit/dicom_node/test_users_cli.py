@@ -42,7 +42,7 @@ def _run(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, da
     monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
     if not (data_dir / "dicom-node.db").is_file():
         assert main(["db", "upgrade", "--data-dir", str(data_dir)]) == 0
-        capsys.readouterr()
+    capsys.readouterr()  # what came before (``_cli``'s ``db upgrade``) is not this command's output
     code = main([*args, "--data-dir", str(data_dir)])
     out = capsys.readouterr()
     return code, out.out, out.err
@@ -117,8 +117,8 @@ def test_list_set_role_disable_enable_and_tokens(
     sessions = _sessions(tmp_path)
     assert users.resolve_api_token(sessions, secret.strip(), now=utc_now()) is None
     changes = [e.action for e in audit.list_entries(sessions)]
-    assert changes == ["token.revoke", "token.create", "user.enable", "user.disable", "user.set-role",
-                       "user.create", "user.create"]
-    role_change = audit.list_entries(sessions, action="user.set-role")[0]
+    assert changes == ["token.revoke", "token.create", "user.update", "user.update", "user.update",
+                       "user.create", "user.create"]  # the web app's actions: one service audits both
+    role_change = audit.list_entries(sessions, action="user.update")[-1]
     assert (role_change.before["role"], role_change.after["role"]) == ("operator", "viewer")
     assert "password" not in json.dumps(role_change.after)
