@@ -55,6 +55,7 @@ from workers.models.small_nodules import SmallNoduleStage
 __all__ = [
     "BUNDLE_KINDS",
     "METADATA_SCHEMA_URL",
+    "ct_network_data_format",
     "dicom_node_section",
     "label_entries",
     "moved_targets",
@@ -117,6 +118,32 @@ def label_entries(specs: Iterable[Any]) -> list[dict[str, Any]]:
             }
         )
     return entries
+
+
+def ct_network_data_format(
+    spatial_shape: Sequence[int], pred: Mapping[str, Any], *, is_patch_data: bool = True
+) -> dict[str, Any]:
+    """MONAI's ``network_data_format`` of a network whose input is one CT channel in HU scaled to [0, 1].
+
+    ``spatial_shape`` is the input's (a training patch, or the whole resized
+    image with ``is_patch_data`` False); ``pred`` describes the output.
+    """
+    return {
+        "inputs": {
+            "image": {
+                "type": "image",
+                "format": "hounsfield",
+                "modality": "CT",
+                "num_channels": 1,
+                "spatial_shape": [int(v) for v in spatial_shape],
+                "dtype": "float32",
+                "value_range": [0, 1],
+                "is_patch_data": is_patch_data,
+                "channel_def": {"0": "image"},
+            }
+        },
+        "outputs": {"pred": dict(pred)},
+    }
 
 
 def dicom_node_section(

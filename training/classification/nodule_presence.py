@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.bundle import ct_network_data_format
 from training.loop import Optimisation, Validation, fit
 from training.phantoms.chest import ChestPhantom, PhantomConfig, generate_chest_phantom
 from workers.models.classification import classification_preprocessing
@@ -241,15 +242,11 @@ def _metadata(figures: dict[str, Any]) -> dict[str, Any]:
         "pred_classes": "2 logits (softmax: probabilities of absent, present)",
         "eval_metrics": {"accuracy": figures["test_accuracy"]},
         "intended_use": "Demonstration and testing of the dicom-node classification path. Not for clinical use.",
-        "network_data_format": {
-            "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
-                                 "spatial_shape": list(ROI_SIZE), "dtype": "float32", "value_range": [0, 1],
-                                 "is_patch_data": False, "channel_def": {"0": "image"}}},
-            "outputs": {"pred": {"type": "probabilities", "format": "classes", "num_channels": 2,
-                                 "spatial_shape": [2], "dtype": "float32", "value_range": [0, 1],
-                                 "is_onehot": False,
-                                 "channel_def": {"0": "nodule absent", "1": "nodule present"}}},
-        },
+        "network_data_format": ct_network_data_format(
+            ROI_SIZE, {"type": "probabilities", "format": "classes", "num_channels": 2, "spatial_shape": [2],
+                       "dtype": "float32", "value_range": [0, 1], "is_onehot": False,
+                       "channel_def": {"0": "nodule absent", "1": "nodule present"}},
+            is_patch_data=False),
         "training": figures,
         "dicom_node": {
             "kind": "classification",

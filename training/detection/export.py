@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.bundle import dicom_node_section, target_name, write_bundle
+from training.bundle import ct_network_data_format, dicom_node_section, target_name, write_bundle
 from training.detection.evaluate import jsonable
 from training.labels import label_by_name
 from workers.models.detection_network import (
@@ -130,41 +130,24 @@ def bundle_metadata(config: DetectorConfig, evaluation: Mapping[str, Any], train
             "cpm": evaluation.get("all", {}).get("cpm"),
             "cpm_6mm": evaluation.get("large", {}).get("cpm"),
         },
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "hounsfield",
-                    "modality": "CT",
-                    "num_channels": 1,
-                    "spatial_shape": patch,
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_patch_data": True,
-                    "channel_def": {"0": "image"},
-                }
+        "network_data_format": ct_network_data_format(patch, {
+            "type": "object",
+            "format": "centernet",
+            "num_channels": N_OUTPUT_CHANNELS,
+            "spatial_shape": out_patch,
+            "dtype": "float32",
+            "value_range": [],
+            "is_patch_data": True,
+            "channel_def": {
+                "0": "heatmap logits",
+                "1": "log size x (mm)",
+                "2": "log size y (mm)",
+                "3": "log size z (mm)",
+                "4": "offset x",
+                "5": "offset y",
+                "6": "offset z",
             },
-            "outputs": {
-                "pred": {
-                    "type": "object",
-                    "format": "centernet",
-                    "num_channels": N_OUTPUT_CHANNELS,
-                    "spatial_shape": out_patch,
-                    "dtype": "float32",
-                    "value_range": [],
-                    "is_patch_data": True,
-                    "channel_def": {
-                        "0": "heatmap logits",
-                        "1": "log size x (mm)",
-                        "2": "log size y (mm)",
-                        "3": "log size z (mm)",
-                        "4": "offset x",
-                        "5": "offset y",
-                        "6": "offset z",
-                    },
-                }
-            },
-        },
+        }),
         "training": dict(training),
         "dicom_node": dicom_node_section(
             kind="detection",

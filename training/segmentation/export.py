@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from training.bundle import dicom_node_section, target_name
+from training.bundle import ct_network_data_format, dicom_node_section, target_name
 from training.labels import BACKGROUND, LabelSpec
 from training.segmentation.data import DEFAULT_PATCH_SIZE, DEFAULT_SPACING_MM, DEFAULT_WINDOW_HU, preprocessing_config
 from workers.models.postprocessing import KeepInsideBodyd
@@ -160,33 +160,16 @@ def bundle_metadata(
         "label_classes": f"single channel label map: 0 {BACKGROUND}, {names}",
         "pred_classes": f"{n_channels} channels (softmax), channel i is label value i",
         "eval_metrics": {"mean_dice": mean_dice} if mean_dice is not None else {},
-        "network_data_format": {
-            "inputs": {
-                "image": {
-                    "type": "image",
-                    "format": "hounsfield",
-                    "modality": "CT",
-                    "num_channels": 1,
-                    "spatial_shape": [int(v) for v in patch_size],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_patch_data": True,
-                    "channel_def": {"0": "image"},
-                }
-            },
-            "outputs": {
-                "pred": {
-                    "type": "image",
-                    "format": "segmentation",
-                    "num_channels": n_channels,
-                    "spatial_shape": [int(v) for v in patch_size],
-                    "dtype": "float32",
-                    "value_range": [0, 1],
-                    "is_patch_data": True,
-                    "channel_def": channel_def,
-                }
-            },
-        },
+        "network_data_format": ct_network_data_format(patch_size, {
+            "type": "image",
+            "format": "segmentation",
+            "num_channels": n_channels,
+            "spatial_shape": [int(v) for v in patch_size],
+            "dtype": "float32",
+            "value_range": [0, 1],
+            "is_patch_data": True,
+            "channel_def": channel_def,
+        }),
         "training": dict(training),
         "dicom_node": dicom_node_section(
             kind="segmentation",
