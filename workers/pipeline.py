@@ -9,6 +9,12 @@ Destinations that ask for it (``not_performed: sr``) receive an "AI analysis not
 performed" SR with the coded reason in both cases. Both decisions, their evidence and
 their cost are stored with the job and written on the study's timeline.
 
+With the results the worker draws a preview picture (:mod:`workers.outputs.preview`: the
+key slice with the result on it) from the volume and the result it holds, and writes it
+beside the result objects in the outbox; the job's summary names its files
+(``summary["preview"]``) or why none was drawn. It is not a result object: it is never
+delivered, and a preview that cannot be drawn never fails the job.
+
 Why: the Celery task is a thin wrapper; this is the whole pipeline, callable with
 a :class:`WorkerContext` from a test, the embedded worker or a GPU worker alike.
 It is idempotent: a job that is not ``queued`` (already running elsewhere, or done)
@@ -43,6 +49,7 @@ from workers.context import WorkerContext
 from workers.models.base import ClassificationResult, DetectionResult, Model, SegmentationResult
 from workers.models.registry import UnknownModel
 from workers.outputs.common import SeriesIdentity
+from workers.outputs.preview import PreviewPicture, render_preview
 from workers.plausibility import check_plausibility
 from workers.volume import Volume, VolumeError
 
@@ -201,15 +208,44 @@ def _algorithm(ctx: WorkerContext, model_id: str) -> AlgorithmInfo:
     return AlgorithmInfo(name=(entry.name or entry.title or entry.id)[:64], version=entry.version, model_id=entry.id)
 
 
+def _job_folder(job_id: int) -> str:
+    """The job's folder in the outbox: its result objects and its preview."""
+    return f"job-{job_id}"
+
+
 def _write_objects(ctx: WorkerContext, job_id: int, objects: ResultObjects) -> list[jobs.ResultSpec]:
     specs = []
     for kind, dataset in objects:
         data = _encode_file(dataset)
-        relative = f"job-{job_id}/{kind.lower()}-{dataset.SOPInstanceUID}.dcm"
+        relative = f"{_job_folder(job_id)}/{kind.lower()}-{dataset.SOPInstanceUID}.dcm"
         ctx.outbox.write(relative, [data])
         specs.append(jobs.ResultSpec(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
                                      str(dataset.SeriesInstanceUID), relative))
     return specs
+
+
+def _render_preview(volume: Volume, result: Any, model: Model) -> PreviewPicture | str:
+    """The job's preview picture, or why none could be drawn (a preview is not worth failing the job for)."""
+    try:
+        return render_preview(volume, result, model.algorithm)
+    except Exception as exc:  # a drawing bug must cost the picture only
+        logger.warning("no preview of series %s by %s: %s: %s", volume.series_instance_uid,
+                       model.algorithm.model_id, type(exc).__name__, exc, exc_info=True)
+        return f"the preview could not be drawn: {type(exc).__name__}: {exc}"
+
+
+def _write_preview(ctx: WorkerContext, job_id: int, preview: PreviewPicture | str) -> dict[str, str]:
+    """Write the preview beside the job's result objects (never recorded as a result, so never delivered);
+    returns what the job's summary says of it: ``{"png": path, "facts": path}`` (outbox-relative) or
+    ``{"error": why}``."""
+    if isinstance(preview, str):
+        return {"error": preview}
+    written = {}
+    for role, (name, data) in preview.files().items():
+        relative = f"{_job_folder(job_id)}/{name}"
+        ctx.outbox.write(relative, [data])
+        written[role] = relative
+    return written
 
 
 def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
@@ -222,6 +258,8 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
     events: list[tuple[str, str]] = []
     objects: ResultObjects = []
     state, summary, result = JobState.SUCCEEDED.value, None, None
+    preview: PreviewPicture | str | None = None
+    preview_files: dict[str, str] = {}
     reason_code, reason = None, None
     try:
         with _lease_kept(ctx, job_id):
@@ -253,6 +291,7 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
                         events.append(("job_held", f"job {job_id} ({model_id}): results held, not sent: {reason}"))
                 with stages.stage("encoding"):
                     objects = encode_results(ctx, model, volume, result)
+                    preview = _render_preview(volume, result, model)
                 summary = _summary(result, volume)
             destinations = config_repo.resolve_destination_names(ctx.sessions, claim.destinations)
             noticed = _notice_destinations(ctx, destinations) if reason_code is not None else []
@@ -266,6 +305,8 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
                         _identity(ctx, model_id, jobs.NOTICE_KIND))))
             with stages.stage("outbox"):
                 specs = _write_objects(ctx, job_id, objects)
+                if summary is not None and preview is not None:
+                    summary["preview"] = preview_files = _write_preview(ctx, job_id, preview)
     except (VolumeError, SeriesNotFound, UnknownModel) as exc:
         return _fail(ctx, job_id, str(exc), retryable=False, stages=stages)
     except Exception as exc:  # a model or encoder bug must fail this job, not the worker
@@ -283,8 +324,8 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
         worker=ctx.worker_name, state=state, checks=checks, events=events,
     )
     if delivery_ids is None:
-        for spec in specs:
-            ctx.outbox.remove(spec.path)
+        for path in [spec.path for spec in specs] + [path for role, path in preview_files.items() if role != "error"]:
+            ctx.outbox.remove(path)
         logger.info("job %d was cancelled, handed back or taken over while it ran; its results are discarded",
                     job_id)
         return None

@@ -289,7 +289,7 @@ def test_the_web_app_and_the_model_catalog_load_neither_workers_nor_torch_nor_mo
         "from dicom_node.model_catalog import ModelCatalog, metadata_labels, read_bundle_json\n"
         "from dicom_node.settings import load_settings\n"
         "from dicom_node.web.app import create_app\n"
-        "import dicom_node.web.preview, dicom_node.web.slice_stack\n"
+        "import dicom_node.web.preview\n"
         "create_app(load_settings(None, {'data_dir': Path(sys.argv[1])}))\n"
         "catalog = ModelCatalog.demo()\n"
         "for model_id in catalog.ids:\n"

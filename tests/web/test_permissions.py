@@ -53,6 +53,8 @@ POLICY: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/studies/{study_instance_uid}/preview.png"): V,
     ("GET", "/api/v1/jobs"): V,
     ("GET", "/api/v1/jobs/{job_id}"): V,
+    ("GET", "/api/v1/jobs/{job_id}/preview.png"): V,
+    ("GET", "/jobs/{job_id}/preview.png"): V,
     ("POST", "/jobs/{job_id}/retry"): O,
     ("POST", "/jobs/{job_id}/cancel"): O,
     ("POST", "/jobs/{job_id}/release"): O,

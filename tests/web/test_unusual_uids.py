@@ -10,6 +10,7 @@ open its own page and not the live fragment of the study whose UID is its prefix
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import re
 from datetime import timedelta
@@ -22,9 +23,14 @@ import pytest
 from PIL import Image
 from sqlalchemy import text
 
+from dicom_node.spool import Spool
 from dicom_node.web.urls import path_segment
+from tests.unit.workers.outputs_fixtures import ALGORITHM
 from tests.web.conftest import PASSWORD, LoggedIn, WebEnv
-from tests.web.studies_fixtures import T0, complete_and_route, fail_job_dead, ingest, write_study
+from tests.web.studies_fixtures import T0, complete_and_route, fail_job_dead, ingest, run_job, write_study
+from workers.models.base import DetectionResult
+from workers.outputs.preview import render_preview
+from workers.volume import load_series
 
 ODD = "1.2.826/5?x=1#frag%41 \ufffdä"  # what a broken modality and the lossy header decoding can leave
 ODD_SERIES = "1.2.826.5.\ufffd\ufffd.Ω"
@@ -56,14 +62,27 @@ def series_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Pat
 
 @pytest.fixture
 def odd_studies(web: WebEnv, series_files: dict[str, list[Path]]) -> dict[str, int]:
-    """The studies received and routed; each has one dead job (so the dashboard lists it). Job ids by UID."""
+    """The studies received and routed; each has one dead job (so the dashboard lists it), whose ids by UID are
+    returned, and one finished detection job with the preview its worker drew."""
     job_ids = {}
     for uid, paths in series_files.items():
         series_uid = SERIES[uid]
         _receive_as(web, paths, uid, series_uid)
-        [job_ids[uid]] = complete_and_route(web.sessions, uid, series_uid, ["chest-seg"], at=T0 + timedelta(minutes=1))
+        [job_ids[uid], detection] = complete_and_route(web.sessions, uid, series_uid, ["chest-seg", "nodules"],
+                                                       at=T0 + timedelta(minutes=1))
         fail_job_dead(web.sessions, job_ids[uid], at=T0 + timedelta(minutes=2), error="model crashed")
+        _finish_with_preview(web, detection, paths, series_uid)
     return job_ids
+
+
+def _finish_with_preview(env: WebEnv, job_id: int, paths: list[Path], series_uid: str) -> None:
+    """Finish a detection job that found nothing, with the preview the worker draws for it in the outbox."""
+    volume = dataclasses.replace(load_series(paths), series_instance_uid=series_uid)
+    outbox = Spool(env.settings.outbox_dir, fsync=False)
+    files = {role: outbox.write(f"job-{job_id}/{name}", [data]).relative
+             for role, (name, data) in render_preview(volume, DetectionResult(()), ALGORITHM).files().items()}
+    run_job(env.sessions, job_id, at=T0 + timedelta(minutes=3), stages={"inference": 1.0}, destinations=(),
+            summary={"kind": "detection", "findings": 0, "detections": [], "preview": files})
 
 
 def _links(html: str) -> set[str]:

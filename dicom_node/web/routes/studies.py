@@ -22,14 +22,14 @@ from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dicom_node import held_results
-from dicom_node.db import jobs, study_views
+from dicom_node.db import job_views, jobs, study_timeline, study_views
 from dicom_node.db.models import DeliveryState, JobState, Role, StudyState
 from dicom_node.db.study_views import StudyFilters
 from dicom_node.spool import Spool
 from dicom_node.web.auth import Principal, audit_event, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
-from dicom_node.web.preview import PreviewError, study_preview
+from dicom_node.web.preview import Preview, PreviewError, job_preview, study_preview, study_preview_job
 from dicom_node.web.urls import EncodedSlashRoute, api_study_path, header_text, study_path
 
 __all__ = ["router"]
@@ -313,17 +313,17 @@ class ActionRefused(Exception):
         self.status, self.message, self.state, self.study_uid = status, message, state, study_uid
 
 
-def _job_facts(job: study_views.JobRow) -> dict[str, Any]:
+def _job_facts(job: job_views.JobRow) -> dict[str, Any]:
     return {"state": job.state, "attempts": job.attempts, "max_attempts": job.max_attempts, "error": job.error}
 
 
-def _delivery_facts(d: study_views.DeliveryRow) -> dict[str, Any]:
+def _delivery_facts(d: job_views.DeliveryRow) -> dict[str, Any]:
     return {"state": d.state, "attempts": d.attempts, "max_attempts": d.max_attempts, "error": d.error,
             "next_attempt_at": d.next_attempt_at}
 
 
-def _known_job(context: WebContext, job_id: int) -> study_views.JobRow:
-    job = study_views.get_job(context.sessions, job_id)
+def _known_job(context: WebContext, job_id: int) -> job_views.JobRow:
+    job = job_views.get_job(context.sessions, job_id)
     if job is None:
         raise ActionRefused(404, f"job {job_id} does not exist")
     return job
@@ -364,16 +364,16 @@ def retry_delivery_action(
     context: WebContext, request: Request, principal: Principal, delivery_id: int
 ) -> tuple[ActionOut, str]:
     """Send a failed or dead delivery again now (fresh attempts; never re-runs inference)."""
-    found = study_views.get_delivery(context.sessions, delivery_id)
+    found = job_views.get_delivery(context.sessions, delivery_id)
     if found is None:
         raise ActionRefused(404, f"delivery {delivery_id} does not exist")
     if found.state not in _RETRYABLE_DELIVERY or not jobs.retry_delivery(context.sessions, delivery_id,
                                                                          now=context.clock()):
-        current = study_views.get_delivery(context.sessions, delivery_id)
+        current = job_views.get_delivery(context.sessions, delivery_id)
         state = current.state if current else found.state
         raise ActionRefused(409, f"delivery {delivery_id} is {state}; only failed or dead deliveries can be re-sent",
                             state, found.study_instance_uid)
-    after = study_views.get_delivery(context.sessions, delivery_id) or found
+    after = job_views.get_delivery(context.sessions, delivery_id) or found
     audit_event(context, request, principal, "delivery.retry", target_kind="delivery", target=str(delivery_id),
                 before=_delivery_facts(found), after=_delivery_facts(after),
                 detail=f"to {found.destination}, job {found.job_id}, study {found.study_instance_uid}")
@@ -382,7 +382,7 @@ def retry_delivery_action(
                              f"(it was {found.state})"), found.study_instance_uid
 
 
-def _held_or_409(context: WebContext, job_id: int, verb: str) -> study_views.JobRow:
+def _held_or_409(context: WebContext, job_id: int, verb: str) -> job_views.JobRow:
     job = _known_job(context, job_id)
     if job.state != JobState.HELD.value:
         raise ActionRefused(409, f"job {job_id} is {job.state}; only held jobs can be {verb}", job.state,
@@ -390,7 +390,7 @@ def _held_or_409(context: WebContext, job_id: int, verb: str) -> study_views.Job
     return job
 
 
-def _refused_now(context: WebContext, job: study_views.JobRow, verb: str) -> ActionRefused:
+def _refused_now(context: WebContext, job: job_views.JobRow, verb: str) -> ActionRefused:
     """The refusal when a job stopped being held between the check and the change (another operator acted)."""
     current = _known_job(context, job.id).state
     return ActionRefused(409, f"job {job.id} is {current}; only held jobs can be {verb}", current,
@@ -507,23 +507,33 @@ def _study_out(context: WebContext, detail: study_views.StudyDetail) -> StudyOut
     return StudyOut.model_validate({
         **{name: getattr(detail, name) for name in StudyOut.model_fields
            if name not in ("timeline", "findings", "preview_url")},
-        "timeline": study_views.timeline(detail, now=context.clock()),
-        "findings": study_views.findings(detail),
+        "timeline": study_timeline.timeline(detail, now=context.clock()),
+        "findings": study_timeline.findings(detail),
         "preview_url": api_study_path(detail.study_instance_uid, "/preview.png"),
     })
 
 
-def _preview_response(context: WebContext, uid: str) -> Response:
+def _preview_response(load: Callable[[], Preview]) -> Response:
+    """The PNG the worker drew, with what it shows in X-Preview-* headers; 404/422 with the reason when none."""
     try:
-        preview = study_preview(context.settings, context.sessions, uid)
+        preview = load()
     except PreviewError as exc:
         raise HTTPException(exc.status, exc.message) from None
     return Response(preview.png, media_type="image/png", headers={
         "Cache-Control": "private, no-store",
+        "X-Preview-Job": str(preview.job_id),
         "X-Preview-Series": header_text(preview.series_instance_uid),  # percent-encoded UTF-8 if not ASCII
         "X-Preview-Slice": f"{preview.slice_index + 1}/{preview.slice_count}",
         "X-Preview-Overlay": "yes" if preview.overlay else "no",
     })
+
+
+def _study_preview_response(context: WebContext, uid: str) -> Response:
+    return _preview_response(lambda: study_preview(context.settings, context.sessions, uid))
+
+
+def _job_preview_response(context: WebContext, job_id: int) -> Response:
+    return _preview_response(lambda: job_preview(context.settings, context.sessions, job_id))
 
 
 def _page_links(filters: StudyFilters, limit: int, offset: int, total: int) -> tuple[str | None, str | None]:
@@ -585,11 +595,20 @@ def study_live(
 def _study_values(context: WebContext, detail: study_views.StudyDetail) -> dict[str, Any]:
     return {
         "study": detail,
-        "timeline": study_views.timeline(detail, now=context.clock()),
-        "findings": study_views.findings(detail),
-        "has_image": any(s.is_image and s.instance_count for s in detail.series),
+        "timeline": study_timeline.timeline(detail, now=context.clock()),
+        "findings": study_timeline.findings(detail),
+        "preview_missing": _preview_missing(detail),
         "study_link": study_path(detail.study_instance_uid),
     }
+
+
+def _preview_missing(detail: study_views.StudyDetail) -> str | None:
+    """Why the study has no preview picture (shown instead of a broken image), None when it has one."""
+    try:
+        study_preview_job(detail)
+    except PreviewError as exc:
+        return exc.message
+    return None
 
 
 @router.get("/studies/{study_instance_uid}/preview.png", include_in_schema=False)
@@ -598,7 +617,14 @@ def study_preview_page(
     principal: Principal = Depends(require(Role.VIEWER)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    return _preview_response(context, study_instance_uid)
+    return _study_preview_response(context, study_instance_uid)
+
+
+@router.get("/jobs/{job_id}/preview.png", include_in_schema=False)
+def job_preview_page(
+    job_id: int, principal: Principal = Depends(require(Role.VIEWER)), context: WebContext = Depends(get_context),
+) -> Response:
+    return _job_preview_response(context, job_id)
 
 
 @router.post("/jobs/{job_id}/retry", include_in_schema=False)
@@ -667,17 +693,33 @@ def get_study_api(
     return _study_out(context, _detail_or_404(context, study_instance_uid))
 
 
+_PREVIEW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"image/png": {}},
+          "description": "Key slice with the results drawn on it and a legend; X-Preview-Job, X-Preview-Series, "
+                         "X-Preview-Slice (n/count) and X-Preview-Overlay (yes/no) say what it shows"},
+    404: {"description": "No preview, and why (unknown, no finished job, failed, not performed, discarded)"},
+    422: {"description": "The preview files cannot be read"}}
+
+
 @router.get("/api/v1/studies/{study_instance_uid}/preview.png", tags=["studies"], response_class=Response,
-            responses={200: {"content": {"image/png": {}}, "description": "Key slice with results drawn on it"},
-                       404: {"description": "Unknown study, or no image series"},
-                       422: {"description": "The series or a result cannot be read"}})
+            responses=_PREVIEW_RESPONSES)
 def study_preview_api(
     study_instance_uid: str = _UID,
     principal: Principal = Depends(require(Role.VIEWER)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    """PNG of the key slice (largest detection, most lesion, most segmented, else middle) with the results."""
-    return _preview_response(context, study_instance_uid)
+    """The study's preview: the picture its newest detection job's worker drew (else segmentation's, else
+    classification's) of the key slice (largest detection, most lesion, most segmented, else middle)."""
+    return _study_preview_response(context, study_instance_uid)
+
+
+@router.get("/api/v1/jobs/{job_id}/preview.png", tags=["jobs"], response_class=Response,
+            responses=_PREVIEW_RESPONSES)
+def job_preview_api(
+    job_id: int, principal: Principal = Depends(require(Role.VIEWER)), context: WebContext = Depends(get_context),
+) -> Response:
+    """The preview the job's worker drew when it encoded its results (succeeded, released or held jobs)."""
+    return _job_preview_response(context, job_id)
 
 
 @router.get("/api/v1/jobs", response_model=JobList, tags=["jobs"])
@@ -690,7 +732,7 @@ def list_jobs_api(
     context: WebContext = Depends(get_context),
 ) -> JobList:
     """Jobs, newest first, optionally of one state and/or pipeline, with their results and deliveries."""
-    page = study_views.list_jobs(context.sessions, state=state or None, pipeline=_clean(pipeline), limit=limit,
+    page = job_views.list_jobs(context.sessions, state=state or None, pipeline=_clean(pipeline), limit=limit,
                                  offset=offset)
     return JobList.model_validate(page)
 
@@ -699,7 +741,7 @@ def list_jobs_api(
 def get_job_api(
     job_id: int, principal: Principal = Depends(require(Role.VIEWER)), context: WebContext = Depends(get_context),
 ) -> JobOut:
-    job = study_views.get_job(context.sessions, job_id)
+    job = job_views.get_job(context.sessions, job_id)
     if job is None:
         raise HTTPException(404, f"job {job_id} does not exist")
     return JobOut.model_validate(job)
