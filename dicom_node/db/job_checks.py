@@ -123,12 +123,20 @@ def _text(value: Any) -> str | None:
     return str(value) if value not in (None, "") else None
 
 
+def _record(checks: Mapping[str, Any], name: str, verdict: str) -> Mapping[str, Any] | None:
+    """The ``name`` record of a job's ``checks`` when it holds a boolean ``verdict``; else None (logged if present)."""
+    record = checks.get(name)
+    if not isinstance(record, Mapping) or not isinstance(record.get(verdict), bool):
+        if record is not None:
+            logger.warning("%s record %r is not readable; not shown", name, str(record)[:200])
+        return None
+    return record
+
+
 def applicability_view(checks: Mapping[str, Any]) -> ApplicabilityView | None:
     """The applicability record of a job's ``checks`` (None when there is none, or it says nothing)."""
-    record = checks.get("applicability")
-    if not isinstance(record, Mapping) or not isinstance(record.get("applies"), bool):
-        if record is not None:
-            logger.warning("applicability record %r is not readable; not shown", str(record)[:200])
+    record = _record(checks, "applicability", "applies")
+    if record is None:
         return None
     image = record.get("image_regions")
     return ApplicabilityView(
@@ -142,10 +150,8 @@ def applicability_view(checks: Mapping[str, Any]) -> ApplicabilityView | None:
 
 def plausibility_view(checks: Mapping[str, Any]) -> PlausibilityView | None:
     """The plausibility record of a job's ``checks`` (None when the model's result was not judged)."""
-    record = checks.get("plausibility")
-    if not isinstance(record, Mapping) or not isinstance(record.get("plausible"), bool):
-        if record is not None:
-            logger.warning("plausibility record %r is not readable; not shown", str(record)[:200])
+    record = _record(checks, "plausibility", "plausible")
+    if record is None:
         return None
     reasons = record.get("reasons")
     return PlausibilityView(

@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db.job_checks import ApplicabilityView, PlausibilityView, applicability_view, outcome_reason, \
     plausibility_view
 from dicom_node.db.jobs import NOTICE_KIND
-from dicom_node.db.models import Delivery, DeliveryState, Job, JobState, ResultObject, Study
+from dicom_node.db.models import Delivery, DeliveryState, Job, JobState, ResultObject, Study, json_object
 
 __all__ = [
     "DELIVERY_ACTIVE_STATES",
@@ -162,17 +162,6 @@ class JobPage:
     offset: int
 
 
-def _load_json(text: str | None, what: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError:
-        logger.warning("%s is not valid JSON; shown as empty", what)
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
 def job_rows(session: Session, query: Any) -> list[JobRow]:
     """Jobs selected by ``query`` (selecting Job and Study.study_instance_uid), with results and deliveries.
 
@@ -196,11 +185,11 @@ def job_rows(session: Session, query: Any) -> list[JobRow]:
         JobRow(
             id=job.id, study_instance_uid=uid, series_instance_uid=job.series_instance_uid, pipeline=job.pipeline,
             rule=job.rule, state=job.state, attempts=job.attempts, max_attempts=job.max_attempts, error=job.error,
-            worker=job.worker, stage_seconds=_load_json(job.stage_seconds, f"stage_seconds of job {job.id}"),
-            summary=_load_json(job.summary, f"summary of job {job.id}"), created_at=job.created_at,
+            worker=job.worker, stage_seconds=json_object(job.stage_seconds, f"stage_seconds of job {job.id}"),
+            summary=json_object(job.summary, f"summary of job {job.id}"), created_at=job.created_at,
             queued_at=job.queued_at, started_at=job.started_at, finished_at=job.finished_at,
             state_changed_at=job.state_changed_at, results=results[job.id], deliveries=deliveries[job.id],
-            checks=_load_json(job.checks, f"checks of job {job.id}"),
+            checks=json_object(job.checks, f"checks of job {job.id}"),
         )
         for job, uid in rows
     ]

@@ -9,7 +9,10 @@ aware UTC datetimes so SQLite and PostgreSQL behave the same.
 from __future__ import annotations
 
 import enum
+import json
+import logging
 from datetime import datetime, timezone
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -24,6 +27,28 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+logger = logging.getLogger(__name__)
+
+
+def json_object(text: str | None, what: str) -> dict[str, Any]:
+    """A text column that holds a JSON object, read back: ``{}`` when empty, not JSON or not an object.
+
+    Why ``{}`` rather than an error: these columns (a job's stages, summary and checks, a
+    worker's models) are shown, never acted on; one damaged row must not break a page. A
+    damaged value is logged, naming ``what`` (e.g. "checks of job 12").
+    """
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        logger.warning("%s is not valid JSON; shown as empty", what)
+        return {}
+    if not isinstance(value, dict):
+        logger.warning("%s is not a JSON object; shown as empty", what)
+        return {}
+    return value
 
 
 class UTCDateTime(TypeDecorator[datetime]):

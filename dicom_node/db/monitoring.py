@@ -55,6 +55,7 @@ from dicom_node.db.models import (
     Study,
     StudyState,
     WorkerStatus,
+    json_object,
 )
 
 __all__ = [
@@ -375,7 +376,7 @@ def recent_errors(sessions: sessionmaker[Session], *, limit: int = 20) -> list[R
             .join(Study, Study.id == Job.study_id).where(Job.state == JobState.HELD.value)
             .order_by(Job.state_changed_at.desc()).limit(limit)
         ).all():
-            reason = outcome_reason(JobState.HELD.value, _json_object(checks, f"checks of job {job_id}"))
+            reason = outcome_reason(JobState.HELD.value, json_object(checks, f"checks of job {job_id}"))
             found.append(RecentError(at, "job", JobState.HELD.value,
                                      f"job {job_id}: {pipeline} results held, not sent (release or discard them)",
                                      reason or "(judged implausible; no reason recorded)", uid, job_id=job_id))
@@ -509,17 +510,6 @@ def metrics_snapshot(sessions: sessionmaker[Session], *, now: datetime, worker_s
         associations_open=open_count, rejected=dict(rejected), ingest_errors=ingest, studies=studies, jobs=jobs,
         deliveries=deliveries, delivery_failures=dict(failures), queues=queues, workers_online=online,
     )
-
-
-def _json_object(text: str | None, what: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        logger.warning("%s is not JSON; left out", what)
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def finished_job_stages(

@@ -57,6 +57,7 @@ __all__ = [
     "StudyDetail",
     "StudyEventRow",
     "StudyFilters",
+    "StudyHeader",
     "StudyPage",
     "StudyRow",
     "list_studies",
@@ -105,8 +106,8 @@ class StudyFilters:
 
 
 @dataclass(frozen=True)
-class StudyRow:
-    """One line of the studies list."""
+class StudyHeader:
+    """Who and what a study is, as the list and the study page both head it."""
 
     study_instance_uid: str
     patient_id: str | None
@@ -115,6 +116,12 @@ class StudyRow:
     study_date: str | None
     study_description: str | None
     state: str
+
+
+@dataclass(frozen=True)
+class StudyRow(StudyHeader):
+    """One line of the studies list."""
+
     modalities: list[str]
     source_ae_titles: list[str]
     series_count: int
@@ -170,16 +177,9 @@ class StudyEventRow:
 
 
 @dataclass(frozen=True)
-class StudyDetail:
+class StudyDetail(StudyHeader):
     """Everything the study page shows, read in a fixed number of queries."""
 
-    study_instance_uid: str
-    patient_id: str | None
-    patient_name: str | None
-    accession_number: str | None
-    study_date: str | None
-    study_description: str | None
-    state: str
     instance_count: int
     late_instance_count: int
     first_received_at: datetime

@@ -23,7 +23,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.models import Job, JobState, WorkerStatus
+from dicom_node.db.models import Job, JobState, WorkerStatus, json_object
 
 __all__ = [
     "FORGET_OFFLINE_AFTER",
@@ -123,15 +123,7 @@ def prune_workers(sessions: sessionmaker[Session], *, now: datetime, older_than:
 
 
 def _models(raw: str | None, name: str) -> dict[str, dict[str, Any]]:
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        logger.warning("worker %s: models column is not JSON; shown as empty", name)
-        return {}
-    if not isinstance(value, dict):
-        return {}
+    value = json_object(raw, f"models column of worker {name}")
     return {str(k): dict(v) if isinstance(v, Mapping) else {"state": str(v)} for k, v in value.items()}
 
 
