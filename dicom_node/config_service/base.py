@@ -209,14 +209,6 @@ class AuditedStore(ABC, Generic[T]):
         name = data.get("name") if isinstance(data, dict) else None
         return f"{self.noun} {name[:64]!r}" if isinstance(name, str) else self.noun
 
-    def validate(self, data: Any, *, original: str | None = None) -> T:
-        """The definition ``data`` describes (as a save of it would store it); Refused (422) listing every problem."""
-        stored = None if original is None else self.get(original)
-        item, errors = self.problems(data, stored=stored, original=original)
-        if item is None:
-            raise Refused.invalid(self.what(data), errors)
-        return item
-
     def save(self, data: Any, actor: Actor, *, original: str | None = None) -> Saved[T]:
         """Validate ``data``, store it (new, or replacing ``original``) and audit ``<kind>.create``/``.update``
         (a rename says so in the entry's detail).
