@@ -7,8 +7,10 @@ Generates a 300-slice 512x512 CT series, then pushes it on loopback with DCMTK
 (the series split in four). Prints images/s for each and the ratio ours/storescp. The
 node also runs with ``storage.fsync: false``, like for like with storescp, to show how
 much of the difference is the price of durability (the disk) and how much is software.
+Each node row is measured twice: with pynetdicom's public API (the default) and with
+``dicom.accelerate: true`` (docs/receive-acceleration.md). ``--targets`` runs a subset.
 
-    python bench/ingest.py [--repeat 3] [--slices 300] [--keep]
+    python bench/ingest.py [--repeat 3] [--slices 300] [--targets NAME,...] [--keep]
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ def wait_for_echo(port: int, ae_title: str, timeout: float = 60) -> None:
 
 
 @contextmanager
-def our_node(workdir: Path, fsync: bool = True) -> Iterator[tuple[int, str]]:
+def our_node(workdir: Path, fsync: bool = True, accelerate: bool = False) -> Iterator[tuple[int, str]]:
     port = free_port()
     data = workdir / "node-data"
     log = (workdir / "node.log").open("w")
@@ -65,6 +67,7 @@ def our_node(workdir: Path, fsync: bool = True) -> Iterator[tuple[int, str]]:
             **ENV,
             "DICOM_NODE_STORAGE__MIN_FREE_MB": "0",
             "DICOM_NODE_STORAGE__FSYNC": str(fsync).lower(),
+            "DICOM_NODE_DICOM__ACCELERATE": str(accelerate).lower(),
             "DICOM_NODE_LOG_LEVEL": "WARNING",
         },
         stdout=log,
@@ -129,12 +132,27 @@ def measure(target, workdir: Path, files: list[Path], associations: int, repeat:
     return statistics.median(rates)
 
 
+TARGETS = {
+    "dicom-node": our_node,
+    "dicom-node no-fsync": lambda d: our_node(d, fsync=False),
+    "dicom-node accelerate": lambda d: our_node(d, accelerate=True),
+    "dicom-node accelerate no-fsync": lambda d: our_node(d, fsync=False, accelerate=True),
+    "storescp": lambda d: storescp(d, fork=False),
+    "storescp --fork": lambda d: storescp(d, fork=True),
+}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--targets", default="", help=f"comma-separated subset of: {', '.join(TARGETS)}")
     args = parser.parse_args()
+    chosen = [name.strip() for name in args.targets.split(",") if name.strip()] or list(TARGETS)
+    unknown = sorted(set(chosen) - set(TARGETS))
+    if unknown:
+        parser.error(f"unknown targets {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
 
     workdir = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
     print(f"generating {args.slices}-slice 512x512 CT series in {workdir} ...", flush=True)
@@ -145,30 +163,23 @@ def main() -> int:
     size_mb = sum(path.stat().st_size for path in files) / 1e6
     print(f"{len(files)} files, {size_mb:.0f} MB; median of {args.repeat} runs each\n", flush=True)
 
-    targets = {
-        "dicom-node": our_node,
-        "dicom-node no-fsync": lambda d: our_node(d, fsync=False),
-        "storescp": lambda d: storescp(d, fork=False),
-        "storescp --fork": lambda d: storescp(d, fork=True),
-    }
     results: dict[tuple[str, int], float] = {}
     for associations in (1, 4):
-        for name, target in targets.items():
-            results[name, associations] = measure(target, workdir, files, associations, args.repeat)
-            print(f"  {name:<16} {associations} assoc: {results[name, associations]:7.0f} images/s", flush=True)
+        for name in chosen:
+            results[name, associations] = measure(TARGETS[name], workdir, files, associations, args.repeat)
+            print(f"  {name:<30} {associations} assoc: {results[name, associations]:7.0f} images/s", flush=True)
 
     print("\nratios against storescp (no fsync, serial associations) and storescp --fork:")
     print("| node | associations | img/s | storescp img/s | ratio | storescp --fork img/s | ratio |")
     print("|---|---|---|---|---|---|---|")
-    for name in ("dicom-node", "dicom-node no-fsync"):
+    for name in (name for name in chosen if name.startswith("dicom-node")):
         for associations in (1, 4):
             ours = results[name, associations]
-            plain = results["storescp", associations]
-            forked = results["storescp --fork", associations]
-            print(
-                f"| {name} | {associations} | {ours:.0f} | {plain:.0f} | {ours / plain:.2f} "
-                f"| {forked:.0f} | {ours / forked:.2f} |"
-            )
+            cells = [f"| {name} | {associations} | {ours:.0f} "]
+            for peer in ("storescp", "storescp --fork"):
+                theirs = results.get((peer, associations))
+                cells.append(f"| {theirs:.0f} | {ours / theirs:.2f} " if theirs else "| - | - ")
+            print("".join(cells) + "|")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

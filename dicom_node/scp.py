@@ -3,6 +3,14 @@
 Handlers are thin: the access decision comes from :mod:`dicom_node.access`, each
 instance goes to :class:`dicom_node.ingest.IngestService`, and every association is
 recorded with who sent what and how it ended. Handlers return statuses and never raise.
+
+By default only pynetdicom's public API is used: AE settings, event handlers, a
+``server_class`` whose sockets bound what a peer can make the node hold
+(:mod:`dicom_node.scp_transport`), and the node's own reaper for associations that end
+without telling. ``dicom.accelerate: true`` installs :mod:`dicom_node.scp_accel` on every
+accepted association instead (faster, pinned to one pynetdicom version; see
+docs/receive-acceleration.md); on any other pynetdicom version the node says so and
+uses the public-API path.
 """
 
 from __future__ import annotations
@@ -15,22 +23,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from types import ModuleType
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import scp_fastpath
 from dicom_node.access import AccessPolicy
-from dicom_node.association_server import BoundedAssociationServer, serve_in_thread
+from dicom_node.association_server import serve_in_thread
 from dicom_node.db import repo
 from dicom_node.db.models import AssociationOutcome
 from dicom_node.header import STATUS_INVALID_UID, STATUS_MISSING_UID, uid_problem
 from dicom_node.ingest import STATUS_SUCCESS, IncomingInstance, IngestService, StoreOutcome, StoreRequest, utc_now
+from dicom_node.scp_transport import ANSWERED_OVERSHOOT, GuardedAssociationServer, GuardedSSLSocket
 from dicom_node.settings import DicomSettings
 from dicom_node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_node.tls_files import ca_bundle_problem, client_certificate_problems, no_key_password
@@ -82,6 +92,7 @@ def build_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
     if problems:
         raise RuntimeError("; ".join(problems))
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.sslsocket_class = GuardedSSLSocket  # bounded reads on the public-API path (scp_transport)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(certfile=str(tls.certificate), keyfile=str(tls.private_key), password=no_key_password)
     if tls.ca_certificates is not None:
@@ -98,6 +109,8 @@ REAP_INTERVAL_SECONDS = 0.5
 PENDING_GRACE_SECONDS = 1.0
 #: The longest Error Comment (LO, PS3.5 6.2); the whole reason stays in the node's records.
 ERROR_COMMENT_LENGTH = 64
+#: A data set reassembled in memory by pynetdicom goes to the staging file in slices of this size.
+_WRITE_SLICE = 4 * 1_048_576
 
 
 def error_comment(reason: str) -> str:
@@ -179,7 +192,8 @@ class StorageSCP:
         self._lock = threading.Lock()
         self._connections: dict[int, _Connection] = {}
         self._unrecorded: list[_AssociationEnd] = []
-        self._server: BoundedAssociationServer | None = None
+        self._server: GuardedAssociationServer | None = None
+        self._accel: ModuleType | None = None  # dicom_node.scp_accel when dicom.accelerate is in effect
         self._server_thread: threading.Thread | None = None
         self._reaper: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -225,6 +239,7 @@ class StorageSCP:
         return True, f"accepting associations on port {self.port} ({open_now} of {maximum} open)"
 
     def start(self) -> None:
+        self._accel = self._acceleration()
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_connection_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -232,18 +247,24 @@ class StorageSCP:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_CONN_CLOSE, self._on_connection_close),
         ]
-        server = cast(BoundedAssociationServer, self.ae.make_server(
+        if self._accel is None:  # the accelerated DIMSE answers these requests itself
+            handlers.append((evt.EVT_DIMSE_RECV, self._on_dimse_received))
+        server = cast(GuardedAssociationServer, self.ae.make_server(
             (self._settings.bind_address, self._settings.port),
             evt_handlers=handlers,
             ssl_context=build_ssl_context(self._settings),
-            server_class=BoundedAssociationServer,
+            server_class=GuardedAssociationServer,
         ))
         server.configure(
             handshake_timeout=self._settings.acse_timeout_seconds,
             io_timeout=self._settings.network_timeout_seconds,
             on_handshake_failed=self._record_failed_handshake,
         )
-        server.contexts = scp_fastpath.cheap_copy_contexts(server.contexts)
+        if self._accel is not None:
+            server.contexts = self._accel.cheap_copy_contexts(server.contexts)
+        else:
+            server.guard_limits = (self._settings.max_pdu_size,
+                                   self._settings.max_instance_mb * 1_048_576 + ANSWERED_OVERSHOOT)
         self._server = server
         self._stopping.clear()
         self._server_thread = serve_in_thread(server, f"dicom-listener-{self.port}")
@@ -252,12 +273,26 @@ class StorageSCP:
         if self._policy.open_to_any_caller:
             logger.warning("dicom.allowed_callers is empty: any calling AE title may store to this node")
         logger.info(
-            "DICOM listener %s on %s:%d%s",
+            "DICOM listener %s on %s:%d%s%s",
             self._settings.ae_title,
             self._settings.bind_address,
             self.port,
             " (TLS)" if self._tls else "",
+            " (accelerated)" if self._accel is not None else "",
         )
+
+    def _acceleration(self) -> ModuleType | None:
+        """:mod:`dicom_node.scp_accel` if ``dicom.accelerate`` is set and supports this pynetdicom (a warning if not)."""
+        if not self._settings.accelerate:
+            return None
+        from dicom_node import scp_accel  # only then: the default path never loads pynetdicom internals
+
+        reason = scp_accel.unsupported_reason()
+        if reason is not None:
+            logger.warning("dicom.accelerate is true but %s: receiving through pynetdicom's public API instead",
+                           reason)
+            return None
+        return scp_accel
 
     def stop(self, drain_seconds: float = 0.0) -> None:
         """Stop listening; give open associations up to ``drain_seconds`` to end, abort the rest, record their ends.
@@ -292,7 +327,8 @@ class StorageSCP:
     def _on_connection_open(self, event: evt.Event) -> None:
         assoc: Association = event.assoc
         address, port = event.address[0], event.address[1]
-        scp_fastpath.accelerate(assoc, open_dataset=self._open_dataset)
+        if self._accel is not None:
+            self._accel.accelerate(assoc, open_dataset=self._open_dataset)
         now = time.monotonic()
         with self._lock:
             new = self._connections[id(assoc)] = _Connection(assoc, str(address), int(port), now)
@@ -398,12 +434,14 @@ class StorageSCP:
     def _on_store(self, event: evt.Event) -> int | Dataset:
         connection = self._connections.get(id(event.assoc))
         incoming: IncomingInstance | None = getattr(event, "dataset_sink", None)
-        if incoming is None:  # not streamed (a pynetdicom path without the fast path)
+        if incoming is None:  # reassembled in memory by pynetdicom (the public-API path)
             incoming = self._open_dataset(event.assoc, event.context.context_id,
                                           str(event.request.AffectedSOPClassUID or ""),
                                           str(event.request.AffectedSOPInstanceUID or ""))
             if event.request.DataSet is not None:
-                incoming.write(event.request.DataSet.getvalue())
+                with event.request.DataSet.getbuffer() as received:
+                    for start in range(0, len(received), _WRITE_SLICE):
+                        incoming.write(received[start:start + _WRITE_SLICE])
         if connection is not None and incoming in connection.incoming:
             connection.incoming.remove(incoming)
         try:
@@ -429,20 +467,68 @@ class StorageSCP:
 
     def _finish(self, incoming: IncomingInstance) -> StoreOutcome:
         """Refuse a request without usable UIDs before its data set is looked at; else let ingest decide."""
-        request = incoming.request
+        refusal = self._refuse_unusable_uids(incoming.request)
+        if refusal is not None:
+            incoming.discard()
+            return refusal
+        return self._ingest.finish(incoming)
+
+    def _refuse_unusable_uids(self, request: StoreRequest) -> StoreOutcome | None:
+        """The failure (recorded) for a C-STORE request whose Affected SOP Class or Instance UID is unusable."""
         for uid, what in ((request.sop_class_uid, "SOP Class"), (request.sop_instance_uid, "SOP Instance")):
             problem = uid_problem(uid)
             if problem is not None:
-                incoming.discard()
                 status = STATUS_MISSING_UID if not uid.strip("\0 ") else STATUS_INVALID_UID
                 reason = f"the C-STORE request's Affected {what} UID {problem}"
                 self._ingest.record_failure(request, status, reason)
                 return StoreOutcome(status, reason)
-        return self._ingest.finish(incoming)
+        return None
+
+    def _on_dimse_received(self, event: evt.Event) -> None:
+        """Answer a C-STORE request with an unusable UID that pynetdicom would drop (public-API path only).
+
+        pynetdicom ignores a request whose Affected SOP Instance UID is empty (the sender
+        waits for a response until its own timeout) and aborts on one longer than 64
+        characters. This runs on the DUL thread before pynetdicom turns the message into a
+        request: the failure status goes out now, and the unusable UIDs are set to None so
+        pynetdicom drops the request without aborting the association.
+        """
+        command = event.message.command_set
+        if command.get("CommandField") != 0x0001:  # C-STORE-RQ
+            return
+        class_uid = _ae_text(command.get("AffectedSOPClassUID") or "")
+        instance_uid = _ae_text(command.get("AffectedSOPInstanceUID") or "")
+        if uid_problem(class_uid) is None and uid_problem(instance_uid) is None:
+            return
+        connection = self._connections.get(id(event.assoc))
+        association_id = connection.association_id if connection else None
+        request = StoreRequest(sop_class_uid=class_uid, sop_instance_uid=instance_uid, transfer_syntax_uid="",
+                               calling_ae_title=connection.calling_ae_title if connection else "",
+                               association_id=association_id if association_id and association_id > 0 else None)
+        outcome = self._refuse_unusable_uids(request)
+        assert outcome is not None
+        if connection is not None:
+            connection.failed += 1
+        response = C_STORE()
+        response.MessageIDBeingRespondedTo = command.MessageID
+        if uid_problem(class_uid) is None:
+            response.AffectedSOPClassUID = class_uid
+        response.Status = outcome.status
+        response.ErrorComment = error_comment(outcome.reason or "")
+        for keyword, uid in (("AffectedSOPClassUID", class_uid), ("AffectedSOPInstanceUID", instance_uid)):
+            if uid_problem(uid) is not None:
+                setattr(command, keyword, None)
+        event.assoc.dimse.send_msg(response, event.message.context_id)
 
     def _on_connection_close(self, event: evt.Event) -> None:
         # Called on the DUL thread, possibly a moment before the association thread has
         # set is_released/is_aborted; record the outcome once that thread has finished.
+        assoc: Association = event.assoc
+        if self._accel is None and assoc.requestor.primitive is None and assoc.dul.to_user_queue.empty():
+            # Closed before an A-ASSOCIATE-RQ: pynetdicom's acceptor thread would wait the
+            # whole ACSE timeout for one, holding a place in its own association count.
+            # ``None`` is what that wait returns when it times out, so the thread ends now.
+            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]
         threading.Thread(
             target=self._record_end, args=(event.assoc,), name="association-end", daemon=True
         ).start()

@@ -101,6 +101,10 @@ class DicomSettings(_Section):
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
     duplicate_policy: Literal["keep_first", "replace"] = "keep_first"
+    accelerate: bool = Field(
+        default=False,
+        description="Receive through the accelerated SCP (dicom_node.scp_accel, pinned pynetdicom version) instead "
+        "of pynetdicom's public API; see docs/receive-acceleration.md.")
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
     @field_validator("ae_title")

@@ -10,7 +10,10 @@ node must answer C-ECHO within 2 s, hold no association, have written nothing ou
 its data directory and still receive and route a valid study.
 
 A failure names each case as ``seed S case I [mutation] base: detail``; replay it with
-``fuzz_store_cases.make_case(load_bases(dir), S, I)``. ``bench/fault.py`` runs the long
+``fuzz_store_cases.make_case(load_bases(dir), S, I)``.
+
+The batches and bombs run against the default receive path (pynetdicom's public API);
+the first batch's cases and the bombs run again with ``dicom.accelerate: true``. ``bench/fault.py`` runs the long
 campaign with the same code.
 """
 
@@ -45,6 +48,13 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzNode]:
         yield fuzzed
 
 
+@pytest.fixture(scope="module")
+def accelerated_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzNode]:
+    with running_node(tmp_path_factory.mktemp("fuzz-cstore-accel"), overrides={"dicom.accelerate": True},
+                      label="fuzzed-accelerated-node") as fuzzed:
+        yield fuzzed
+
+
 @pytest.mark.parametrize("batch", range(BATCHES))
 def test_mutated_instances_are_answered_and_only_complete_ones_acknowledged(
     node: FuzzNode, bases: list[BaseInstance], batch: int, tmp_path: Path
@@ -65,3 +75,19 @@ def test_deflate_bombs_are_refused_without_inflating_them_in_memory(
     tally = bomb_batch(node, bombs, tmp_path)
     if tally.failures:
         pytest.fail(tally.report(), pytrace=False)
+
+
+def test_the_accelerated_receive_path_answers_the_same_cases_and_bombs(
+    accelerated_node: FuzzNode, bases: list[BaseInstance], tmp_path: Path
+) -> None:
+    """``dicom.accelerate: true`` against the cases of batch 0 and the two bombs."""
+    cases = [make_case(bases, SEED, i) for i in range(BATCH_SIZE)]
+    tally = store_batch(accelerated_node, cases, tmp_path)
+    assert tally.cases == BATCH_SIZE
+    base = next(b for b in bases if b.name == "CT_small.dcm")
+    bombs = [deflate_bomb(base, SEED, 100_000 + k, BOMB_BYTES, consistent=k == 0) for k in range(2)]
+    bomb_tally = bomb_batch(accelerated_node, bombs, tmp_path)
+    failures = [tally.report()] if tally.failures else []
+    failures += [bomb_tally.report()] if bomb_tally.failures else []
+    if failures:
+        pytest.fail("\n".join(failures), pytrace=False)

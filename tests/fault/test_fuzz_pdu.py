@@ -9,6 +9,9 @@ within 2 s. A stalled or half-closed peer must be dropped within the node's own 
 nothing may be written outside the data directory and a valid study must still be
 received and routed.
 
+The batches run against the default receive path (pynetdicom's public API); one more
+batch, the first one's cases again, runs against ``dicom.accelerate: true``.
+
 A failure names each case as ``seed S pdu case I [kind]: detail``; replay it with
 ``fuzz_pdu_cases.make_pdu_case(S, I)``.
 """
@@ -44,6 +47,13 @@ def tls_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzNode]:
         yield fuzzed
 
 
+@pytest.fixture(scope="module")
+def accelerated_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzNode]:
+    with running_node(tmp_path_factory.mktemp("fuzz-pdu-accel"), overrides={"dicom.accelerate": True},
+                      label="fuzzed-accelerated-node") as fuzzed:
+        yield fuzzed
+
+
 @pytest.mark.parametrize("batch", range(BATCHES))
 def test_protocol_violations_cost_no_slot_and_leave_the_node_serving(node: FuzzNode, batch: int, tmp_path: Path) -> None:
     cases = [make_pdu_case(SEED, batch * BATCH_SIZE + i) for i in range(BATCH_SIZE)]
@@ -58,5 +68,14 @@ def test_tls_listener_survives_silent_tcp_peers_and_protocol_violations(tls_node
     cases = [make_pdu_case(SEED + 1, i) for i in range(TLS_CASES)]
     tally = pdu_batch(tls_node, cases, tmp_path)
     assert tally.cases == TLS_CASES
+    if tally.failures:
+        pytest.fail(tally.report(), pytrace=False)
+
+
+def test_the_accelerated_receive_path_survives_the_same_violations(accelerated_node: FuzzNode, tmp_path: Path) -> None:
+    """``dicom.accelerate: true`` against the cases of batch 0."""
+    cases = [make_pdu_case(SEED, i) for i in range(BATCH_SIZE)]
+    tally = pdu_batch(accelerated_node, cases, tmp_path)
+    assert tally.cases == BATCH_SIZE
     if tally.failures:
         pytest.fail(tally.report(), pytrace=False)

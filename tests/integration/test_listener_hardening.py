@@ -20,6 +20,7 @@ import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -36,6 +37,17 @@ from dicom_node.scp import error_comment
 from peers import COMPLETED_STATES
 from tests.conftest import NodeFactory
 from training.phantoms.ct_series import GeneratedSeries
+
+
+@pytest.fixture(params=["public", "accelerated"])
+def node_factory(node_factory: NodeFactory, request: pytest.FixtureRequest) -> NodeFactory:
+    """Every hardening test runs against both receive paths: pynetdicom's public API and ``dicom.accelerate``."""
+    accelerate = request.param == "accelerated"
+
+    def start(**overrides: Any) -> Node:
+        return node_factory(**{"dicom.accelerate": accelerate, **overrides})
+
+    return start
 
 
 def client(*syntaxes: str) -> AE:

@@ -13,6 +13,7 @@ import ssl
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import pytest
@@ -34,6 +35,26 @@ from dicom_node.app.node import Node
 from peers import COMPLETED_STATES
 from tests.conftest import NodeFactory
 from training.phantoms.ct_series import GeneratedSeries, encode_series
+
+
+@pytest.fixture
+def node_factory(node_factory: NodeFactory, request: pytest.FixtureRequest) -> NodeFactory:
+    """Nodes on pynetdicom's public API; ``indirect`` parametrization with "accelerated" sets ``dicom.accelerate``.
+
+    Access control, contexts and the ingest checks are the same code in both receive
+    paths; the tests that exercise the wire (compression, bad data sets, garbage on the
+    socket, parallel associations, TLS) run in both (the whole set in both settings is
+    in test_listener_hardening.py).
+    """
+    accelerate = getattr(request, "param", "public") == "accelerated"
+
+    def start(**overrides: Any) -> Node:
+        return node_factory(**{"dicom.accelerate": accelerate, **overrides})
+
+    return start
+
+
+BOTH_PATHS = pytest.mark.parametrize("node_factory", ["public", "accelerated"], indirect=True)
 
 
 def client(calling: str = "TEST_SCU", contexts: list[tuple[str, list[str]]] | None = None) -> AE:
@@ -67,6 +88,7 @@ def stored_dataset(node: Node, sop_uid: str) -> pydicom.Dataset:
     return pydicom.dcmread(node.spool.absolute(found.path))
 
 
+@BOTH_PATHS
 def test_store_success_means_on_disk_and_indexed(node_factory: NodeFactory, small_series: GeneratedSeries) -> None:
     node = node_factory()
     assoc = associate(node, client())
@@ -140,6 +162,7 @@ def test_private_sop_class_is_refused(node_factory: NodeFactory) -> None:
     assoc.abort()
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, DeflatedExplicitVRLittleEndian])
 def test_compressed_transfer_syntaxes_are_stored_as_received(
     node_factory: NodeFactory, small_series: GeneratedSeries, syntax: str
@@ -194,6 +217,7 @@ def _body(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+@BOTH_PATHS
 def test_truncated_dataset_is_refused_quarantined_and_recorded(node_factory: NodeFactory, small_series: GeneratedSeries) -> None:
     node = node_factory()
     sent = pydicom.dcmread(small_series.paths[2])
@@ -252,6 +276,7 @@ def test_duplicates_never_make_two_copies(node_factory: NodeFactory, small_serie
     assert repo.list_studies(node.sessions)[0].instance_count == 1
 
 
+@BOTH_PATHS
 def test_garbage_on_the_socket_ends_only_that_connection(
     node_factory: NodeFactory, small_series: GeneratedSeries, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -298,6 +323,7 @@ def test_association_limit(node_factory: NodeFactory) -> None:
     assert reasons == ["2 associations open, the maximum is 2"]
 
 
+@BOTH_PATHS
 def test_many_parallel_associations(node_factory: NodeFactory, small_series: GeneratedSeries, second_series: GeneratedSeries) -> None:
     node = node_factory(**{"dicom.max_associations": 16})
     files = small_series.paths + second_series.paths
@@ -326,6 +352,7 @@ def test_many_parallel_associations(node_factory: NodeFactory, small_series: Gen
     assert len(list(node.spool.root.rglob("*.dcm"))) == len(files)
 
 
+@BOTH_PATHS
 def test_dicom_tls_with_client_certificates(node_factory: NodeFactory, tls_files: dict[str, Path], small_series: GeneratedSeries) -> None:
     node = node_factory(**{
         "dicom.tls.enabled": True,
@@ -348,3 +375,22 @@ def test_dicom_tls_with_client_certificates(node_factory: NodeFactory, tls_files
     assert not plain.is_established
     wait_for(lambda: rows(node, AssociationRecord)[0].outcome == "released")
     assert rows(node, AssociationRecord)[0].tls is True
+
+
+def test_acceleration_on_another_pynetdicom_version_falls_back_to_the_public_api(
+    node_factory: NodeFactory, small_series: GeneratedSeries, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import pynetdicom
+
+    monkeypatch.setattr(pynetdicom, "__version__", "9.9.9")
+    node = node_factory(**{"dicom.accelerate": True})
+    assert "dicom.accelerate is true but pynetdicom 9.9.9 is installed" in caplog.text
+    assert "receiving through pynetdicom's public API instead" in caplog.text
+    assoc = associate(node, client())
+    assert assoc.send_c_store(pydicom.dcmread(small_series.paths[0])).Status == 0x0000
+    from pynetdicom.association import Association
+
+    acceptors = [thread for thread in threading.enumerate() if isinstance(thread, Association) and thread.is_acceptor]
+    assert acceptors and {type(thread).__name__ for thread in acceptors} == {"Association"}
+    assoc.release()

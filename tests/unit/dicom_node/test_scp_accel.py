@@ -1,8 +1,9 @@
-"""Tests for dicom_node.scp_fastpath (accelerated pynetdicom C-STORE SCP).
+"""Tests for dicom_node.scp_accel (the opt-in accelerated pynetdicom C-STORE SCP, ``dicom.accelerate``).
 
 A real pynetdicom AE server is started on a free loopback port with the
-acceleration installed, and exercised with pynetdicom SCUs and (when
-available) DCMTK ``storescu``/``echoscu``.
+acceleration installed, and exercised with pynetdicom SCUs and DCMTK
+``storescu``/``echoscu``. The tests that concern both settings (statuses, bytes,
+parallel associations) also run against the same server without the acceleration.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import Verification
 from pydicom.uid import AllTransferSyntaxes
 
-from dicom_node import scp_fastpath
+from dicom_node import scp_accel
 
 
 def test_the_pinned_pynetdicom_is_supported() -> None:
-    assert scp_fastpath.is_supported(), f"scp_fastpath does not support pynetdicom {pynetdicom.__version__}"
+    assert scp_accel.is_supported(), f"scp_accel does not support pynetdicom {pynetdicom.__version__}"
+    assert scp_accel.unsupported_reason() is None
 
 # Statuses chosen by the handler, keyed by InstanceNumber
 RAISE = "raise"
@@ -51,6 +53,10 @@ STATUS_PLAN: dict[int, int | str] = {
     7: RAISE,  # pynetdicom answers 0xC211
     8: 0x0000,
 }
+
+
+#: DCMTK on Debian leaves Nagle on unless told.
+_DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 
 
 def _free_port() -> int:
@@ -88,9 +94,10 @@ def _make_ct(instance_number: int, rows: int = 512, cols: int = 512) -> Dataset:
 
 
 class _Node:
-    """A pynetdicom storage SCP with the fast path installed."""
+    """A pynetdicom storage SCP, with the fast path installed when ``accelerated``."""
 
-    def __init__(self, max_pdu: int = 16382) -> None:
+    def __init__(self, max_pdu: int = 16382, accelerated: bool = True) -> None:
+        self.accelerated = accelerated
         self.port = _free_port()
         self.received: dict[str, bytes] = {}
         self.assoc_types: set[str] = set()
@@ -116,7 +123,8 @@ class _Node:
                 (evt.EVT_ABORTED, self._on_aborted),
             ],
         )
-        scp_fastpath.install(self.server)
+        if accelerated:
+            scp_accel.install(self.server)
 
     def _on_store(self, event: evt.Event) -> int:
         req = event.request
@@ -155,6 +163,18 @@ def node():
     n.close()
 
 
+@pytest.fixture(params=["public", "accelerated"])
+def either_node(request: pytest.FixtureRequest):
+    """The server with pynetdicom's public behaviour, then with the acceleration (``dicom.accelerate``)."""
+    n = _Node(accelerated=request.param == "accelerated")
+    yield n
+    n.close()
+
+
+def _expected_association_types(node: _Node) -> set[str]:
+    return {"_FastAssociation"} if node.accelerated else {"Association"}
+
+
 def _scu(transfer_syntax=ExplicitVRLittleEndian) -> AE:
     ae = AE("FASTSCU")
     ae.add_requested_context(CTImageStorage, transfer_syntax)
@@ -183,7 +203,7 @@ def test_template_matches_pynetdicom_encoding(status: int, inst_uid: str) -> Non
     msg = C_STORE_RSP()
     msg.primitive_to_message(rsp)
     expected = encode(msg.command_set, True, True)
-    got = scp_fastpath.encode_c_store_rsp(
+    got = scp_accel.encode_c_store_rsp(
         CTImageStorage, rsp.MessageIDBeingRespondedTo, status, inst_uid
     )
     assert got == expected
@@ -196,34 +216,35 @@ def test_cheap_copy_contexts_equivalent() -> None:
     for cx in AllStoragePresentationContexts[:5]:
         ae.add_supported_context(cx.abstract_syntax, AllTransferSyntaxes)
     orig = ae.supported_contexts
-    fast = scp_fastpath.cheap_copy_contexts(orig)
+    fast = scp_accel.cheap_copy_contexts(orig)
     copied = copy.deepcopy(fast)
     for a, b in zip(orig, copied):
-        assert isinstance(b, scp_fastpath.FastCopyPresentationContext)
+        assert isinstance(b, scp_accel.FastCopyPresentationContext)
         assert a.abstract_syntax == b.abstract_syntax
         assert a.transfer_syntax == b.transfer_syntax
         assert (a.scu_role, a.scp_role) == (b.scu_role, b.scp_role)
         assert b._transfer_syntax is not a._transfer_syntax
 
 
-def test_unsupported_version_is_noop(monkeypatch, caplog) -> None:
+def test_unsupported_version_is_noop(monkeypatch) -> None:
     ae = AE()
     ae.add_supported_context(Verification)
     from pynetdicom.association import Association
 
     assoc = Association(ae, "acceptor")
     monkeypatch.setattr(pynetdicom, "__version__", "0.0.0")
-    monkeypatch.setattr(scp_fastpath, "_warned_version", False)
-    with caplog.at_level("WARNING", logger="dicom_node.scp_fastpath"):
-        scp_fastpath.accelerate(assoc)
-    assert type(assoc) is Association
-    assert "not one of the supported" in caplog.text
+    assert not scp_accel.is_supported()
+    assert scp_accel.unsupported_reason() == ("pynetdicom 0.0.0 is installed; the receive acceleration supports "
+                                              "only 3.0.4")
+    assert scp_accel.accelerate(assoc) is False
+    assert type(assoc) is Association and type(assoc.dul).__name__ == "DULServiceProvider"
 
 
 # ---------------------------------------------------------------------------
 # Live server
 # ---------------------------------------------------------------------------
-def test_store_statuses_and_bytes(node: _Node) -> None:
+def test_store_statuses_and_bytes(either_node: _Node) -> None:
+    node = either_node
     node.plan = dict(STATUS_PLAN)
     datasets = [_make_ct(i) for i in sorted(STATUS_PLAN)]
     # A few small instances too (single PDU) and one with an odd-length UID
@@ -249,7 +270,7 @@ def test_store_statuses_and_bytes(node: _Node) -> None:
     for ds in datasets + small:
         sent = encode(ds, False, True)
         assert node.received[str(ds.SOPInstanceUID)] == sent
-    assert node.assoc_types == {"_FastAssociation"}
+    assert node.assoc_types == _expected_association_types(node)
     assert node.released == 1 and node.aborted == 0
 
 
@@ -352,35 +373,42 @@ def test_server_shutdown_with_open_association() -> None:
     assert assoc.is_aborted
 
 
-def test_four_parallel_associations(node: _Node) -> None:
+def test_four_parallel_associations(either_node: _Node, tmp_path: Path) -> None:
+    """Four senders at once, each six CT images on its own association: every image answered and received.
+
+    The senders are DCMTK ``storescu`` processes, as a PACS would be. With pynetdicom
+    SCUs in this process the test once waited 30 s for a response and failed with
+    "'Dataset' object has no attribute 'Status'": pynetdicom's requestor reactor can take
+    the C-STORE-RSP off the queue that ``send_c_store`` is waiting on (it sets
+    ``_is_paused`` before it waits on ``_reactor_checkpoint``, so ``send_c_store`` can
+    go ahead while the reactor is past the checkpoint; pynetdicom logs "Received
+    unexpected C-STORE service message" and drops the response). That is the sender's
+    race, not the SCP's; see docs/receive-acceleration.md.
+    """
+    node = either_node
     n_per = 6
-    results: dict[int, list[int]] = {}
-    errors: list[BaseException] = []
     sets = [[_make_ct(1000 + 10 * k + i) for i in range(n_per)] for k in range(4)]
-
-    def worker(k: int) -> None:
-        try:
-            ae = _scu()
-            assoc = ae.associate("127.0.0.1", node.port, ae_title="FASTNODE")
-            assert assoc.is_established
-            results[k] = [assoc.send_c_store(ds).Status for ds in sets[k]]
-            assoc.release()
-            assert assoc.is_released
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    assert all(results[k] == [0] * n_per for k in range(4))
-    for k in range(4):
-        for ds in sets[k]:
+    commands = []
+    for k, datasets in enumerate(sets):
+        paths = []
+        for i, ds in enumerate(datasets):
+            path = tmp_path / f"{k}-{i}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            paths.append(str(path))
+        commands.append(["storescu", "-v", "-xe", "-aec", "FASTNODE", "-to", "30", "-ta", "30", "-td", "30",
+                         "127.0.0.1", str(node.port), *paths])
+    senders = [subprocess.Popen(command, env=_DCMTK_ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+               for command in commands]
+    outputs = [sender.communicate(timeout=120)[0].decode(errors="replace") for sender in senders]
+    for sender, output in zip(senders, outputs):
+        assert sender.returncode == 0, output
+        assert output.count("Received Store Response (Success)") == n_per, output
+    for datasets in sets:
+        for ds in datasets:
             assert node.received[str(ds.SOPInstanceUID)] == encode(ds, False, True)
     node.wait_idle()
     assert node.released == 4
+    assert node.assoc_types == _expected_association_types(node)
 
 
 def test_unlimited_pdu_server() -> None:
@@ -402,7 +430,6 @@ def test_unlimited_pdu_server() -> None:
 # ---------------------------------------------------------------------------
 # DCMTK interoperability
 # ---------------------------------------------------------------------------
-_DCMTK_ENV = dict(os.environ, TCP_NODELAY="1")
 
 
 def test_dcmtk_storescu_and_echoscu(node: _Node, tmp_path: Path) -> None:
