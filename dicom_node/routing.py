@@ -252,6 +252,21 @@ class SeriesSelector(_Strict):
     prefer: Literal["thinnest", "most_instances", "all"] = "thinnest"
 
 
+def condition_model(attribute: Any) -> type[TextCondition] | type[RangeCondition] | None:
+    """The condition type that compares ``attribute`` (numbers: a range; text: values or a regex); ``None`` for an
+    attribute no rule knows."""
+    if attribute in RANGE_ATTRIBUTES:
+        return RangeCondition
+    if attribute in TEXT_ATTRIBUTES:
+        return TextCondition
+    return None
+
+
+def known_attributes() -> str:
+    """Every attribute a condition may name, for messages."""
+    return ", ".join(sorted([*TEXT_ATTRIBUTES, *RANGE_ATTRIBUTES]))
+
+
 class Rule(_Strict):
     """One routing rule: when it applies, and what to do then."""
 
@@ -278,14 +293,9 @@ class Rule(_Strict):
             if not isinstance(item, dict):
                 raise ValueError(f"condition {index} must be a mapping, got {item!r}")
             attribute = item.get("attribute")
-            model: type[TextCondition] | type[RangeCondition]
-            if attribute in RANGE_ATTRIBUTES:
-                model = RangeCondition
-            elif attribute in TEXT_ATTRIBUTES:
-                model = TextCondition
-            else:
-                known = sorted([*TEXT_ATTRIBUTES, *RANGE_ATTRIBUTES])
-                raise ValueError(f"condition {index}: unknown attribute {attribute!r}; known: {', '.join(known)}")
+            model = condition_model(attribute)
+            if model is None:
+                raise ValueError(f"condition {index}: unknown attribute {attribute!r}; known: {known_attributes()}")
             try:
                 typed.append(model.model_validate(item, context=info.context))
             except ValidationError as exc:  # name the condition: pydantic would drop its index

@@ -200,9 +200,11 @@ def _serve(settings: Settings) -> int:
     from dicom_node.app.node import Node
     from dicom_node.stopping import exit_process
 
+    from dicom_node.config_files import ConfigFileError
+
     try:
         Node(settings).serve_forever()
-    except (RuntimeError, OSError) as exc:  # a port in use, an unreadable TLS key, ...
+    except (RuntimeError, OSError, ConfigFileError) as exc:  # a port in use, an unreadable TLS key, a bad rule ...
         print(f"dicom-node: cannot start: {exc}", file=sys.stderr)
         return 1
     exit_process(0)  # without waiting for a model still computing a job that was handed back

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.config_service.base import Actor, AuditedStore, FieldError, Refused, pydantic_errors, pydantic_message
 from dicom_node.db import config_repo
 from dicom_node.model_catalog import ModelCatalog
-from dicom_node.routing import RANGE_ATTRIBUTES, TEXT_ATTRIBUTES, RangeCondition, Rule, TextCondition
+from dicom_node.routing import RangeCondition, Rule, TextCondition, condition_model, known_attributes
 
 __all__ = [
     "MAX_PIPELINES",
@@ -84,14 +84,9 @@ def _validate_condition(index: int, item: Any) -> tuple[TextCondition | RangeCon
     if not isinstance(item, dict):
         return None, [(where, f"condition {index} must be a mapping, got {item!r:.80}")]
     attribute = item.get("attribute")
-    model: type[TextCondition] | type[RangeCondition]
-    if attribute in RANGE_ATTRIBUTES:
-        model = RangeCondition
-    elif attribute in TEXT_ATTRIBUTES:
-        model = TextCondition
-    else:
-        known = ", ".join(sorted([*TEXT_ATTRIBUTES, *RANGE_ATTRIBUTES]))
-        return None, [(where + ("attribute",), f"unknown attribute {attribute!r:.80}; known: {known}")]
+    model = condition_model(attribute)
+    if model is None:
+        return None, [(where + ("attribute",), f"unknown attribute {attribute!r:.80}; known: {known_attributes()}")]
     errors: list[FieldError] = []
     values = item.get("in")  # a regex's length and syntax (RE2) are TextCondition's own checks
     if isinstance(values, list):

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from dicom_node.app.cli import main
 from dicom_node.db.session import head_revision, make_engine
 from dicom_node.settings import load_settings
-from tests.conftest import NodeFactory
+from tests.conftest import NodeFactory, free_port
 from training.phantoms.ct_series import GeneratedSeries
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -162,6 +162,19 @@ def test_models_disable_enable_list_and_audit(tmp_path: Path, capsys) -> None:  
     assert [(e.actor, e.action, e.target) for e in entries] == [
         ("cli", "model.enable", "lung-nodule-detection"), ("cli", "model.disable", "lung-nodule-detection")]
     assert entries[1].before == {"enabled": True, "note": None} and entries[1].after["enabled"] is False
+
+
+def test_serve_with_a_rules_file_naming_an_unknown_model_exits_1_naming_it(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: chest\n    pipelines: [no-such-model]\n")
+    config = tmp_path / "node.yaml"
+    config.write_text(f"routing:\n  rules_file: {rules}\n")
+    done = subprocess.run([sys.executable, "-m", "dicom_node", "serve", "--config", str(config), "--data-dir",
+                           str(tmp_path / "var"), "--port", str(free_port()), "--web-port", str(free_port())],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "cannot start" in done.stderr and "no-such-model" in done.stderr and str(rules) in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_serve_with_the_web_port_in_use_exits_1_naming_it(tmp_path: Path) -> None:
