@@ -28,6 +28,7 @@ from dicom_node.db.models import (
     Study,
     StudyEvent,
     StudyState,
+    json_object,
 )
 from dicom_node.routing import JobSpec, RoutingDecision
 
@@ -351,8 +352,17 @@ def _leave_held(session: Session, job_id: int, state: JobState, now: datetime) -
     return session.get(Job, job_id) if done else None
 
 
+def preview_paths(job: Job) -> list[str]:
+    """The outbox paths of the preview picture ``job``'s summary names (``summary["preview"]``: png and facts)."""
+    preview = json_object(job.summary, f"summary of job {job.id}").get("preview")
+    if not isinstance(preview, dict):
+        return []
+    return [path for role, path in preview.items() if role != "error" and isinstance(path, str)]
+
+
 def discard_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime, by: str) -> list[str] | None:
-    """Throw a held job's results away: ``held`` -> ``discarded``; returns the outbox paths to remove.
+    """Throw a held job's results away: ``held`` -> ``discarded``; returns the outbox paths to remove (the
+    result objects and the preview picture the worker drew of them).
 
     The notice (when one was sent) stays: it said AI looked and declined. None when the job is not held.
     """
@@ -362,7 +372,7 @@ def discard_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime, 
             return None
         results = list(session.scalars(
             select(ResultObject).where(ResultObject.job_id == job_id, ResultObject.kind != NOTICE_KIND)))
-        paths = [r.path for r in results]
+        paths = [r.path for r in results] + preview_paths(job)
         for result in results:
             session.delete(result)
         session.add(StudyEvent(study_id=job.study_id, at=now, kind="job_discarded", detail=(

@@ -161,9 +161,12 @@ def test_held_results_have_their_own_preview_and_a_discarded_one_is_gone(
     page = viewer.client.get(f"/studies/{study}").text
     assert "preview-missing" in page and "held for review" in page and 'class="preview"' not in page
 
+    held_folder = web.settings.outbox_dir / f"job-{held}"
+    assert (held_folder / "preview.png").is_file()
     assert operator.post(f"/jobs/{held}/discard").status_code == 303
     gone = viewer.client.get(f"/jobs/{held}/preview.png")
     assert gone.status_code == 404 and "its held results were discarded" in gone.text
+    assert not (held_folder / "preview.png").exists() and not (held_folder / "preview.json").exists()
 
 
 def test_without_a_picture_the_page_and_the_api_say_why(
