@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import config_repo, jobs, study_views
+from dicom_node.db import config_repo, job_views, jobs
 from dicom_node.db.session import DatabaseNotReady, open_sessions
 from dicom_node.settings import Settings
 
@@ -49,11 +49,11 @@ def _sessions(settings: Settings, *, writes: bool) -> sessionmaker[Session] | No
 
 def _audit(sessions: sessionmaker[Session], action: str, target_kind: str, target: str, *,
            before: Any = None, after: Any = None, detail: str | None = None) -> None:
-    """Append an audit entry for a change made from the shell (actor ``cli``), as the web app does for its users."""
-    from dicom_node.db import audit
+    """Audit a change made from the shell (actor ``cli``) through the config service's one audit path."""
+    from dicom_node.config_service.base import CLI, record_change
 
-    audit.record(sessions, at=_now(), actor="cli", action=action, target_kind=target_kind, target=target,
-                 before=before, after=after, detail=detail)
+    record_change(sessions, _now(), CLI, action, target_kind=target_kind, target=target, before=before,
+                  after=after, detail=detail)
 
 
 def _destinations(settings: Settings, args: argparse.Namespace) -> int:
@@ -248,7 +248,7 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if args.sub in ("release", "discard"):
         return _held_job(settings, sessions, args.sub, args.job_id)
-    listed = study_views.list_jobs(sessions, state=args.state, limit=args.limit, study_instance_uid=args.study).items
+    listed = job_views.list_jobs(sessions, state=args.state, limit=args.limit, study_instance_uid=args.study).items
     if args.json:
         print(json.dumps([
             {"id": j.id, "study_instance_uid": j.study_instance_uid, "series_instance_uid": j.series_instance_uid,
@@ -281,7 +281,7 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _outcome_lines(job: study_views.JobRow) -> list[str]:
+def _outcome_lines(job: job_views.JobRow) -> list[str]:
     """What ``jobs list`` says under a job that was not applicable or held: the reason from its checks."""
     reason = job.outcome_reason
     if job.state == "not_applicable":
@@ -300,7 +300,7 @@ def _held_job(settings: Settings, sessions: sessionmaker[Session], action: str, 
     from dicom_node.spool import Spool
 
     verb = {"release": "released", "discard": "discarded"}[action]
-    job = study_views.get_job(sessions, job_id)
+    job = job_views.get_job(sessions, job_id)
     if job is None:
         print(f"dicom-node: job {job_id} does not exist", file=sys.stderr)
         return 1
@@ -333,7 +333,7 @@ def _held_job(settings: Settings, sessions: sessionmaker[Session], action: str, 
 
 
 def _no_longer_held(sessions: sessionmaker[Session], job_id: int, verb: str) -> int:
-    now = study_views.get_job(sessions, job_id)
+    now = job_views.get_job(sessions, job_id)
     print(f"dicom-node: job {job_id} is {now.state if now else 'gone'}; only held jobs can be {verb}", file=sys.stderr)
     return 1
 
