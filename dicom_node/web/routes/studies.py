@@ -2,10 +2,10 @@
 operator's actions (retry or cancel a job, re-send a delivery, release or discard held results), as pages
 and as ``/api/v1``.
 
-Pages and API read through the same :mod:`dicom_node.db.study_views` functions and act
-through the same action functions below, which check the state, change it with
-:mod:`dicom_node.db.jobs` (held results: :mod:`dicom_node.held_results`, shared with the
-CLI) and write the audit entry (before and after state).
+Pages and API read through the same :mod:`dicom_node.db.study_views` and
+:mod:`dicom_node.db.job_views` functions and act through the same actions
+(:mod:`dicom_node.web.routes.job_actions`: state checked, changed, audited); the API's
+JSON models are in :mod:`dicom_node.web.routes.study_api_models`.
 """
 
 from __future__ import annotations
@@ -18,18 +18,26 @@ from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import RedirectResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.responses import Response
 
-from dicom_node import held_results
-from dicom_node.db import job_views, jobs, study_timeline, study_views
-from dicom_node.db.models import DeliveryState, JobState, Role, StudyState
+from dicom_node.db import job_views, study_timeline, study_views
+from dicom_node.db.models import Role, StudyState
 from dicom_node.db.study_views import StudyFilters
-from dicom_node.spool import Spool
-from dicom_node.web.auth import Principal, audit_event, require
+from dicom_node.web.auth import Principal, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
 from dicom_node.web.preview import Preview, PreviewError, job_preview, study_preview, study_preview_job
+from dicom_node.web.routes.job_actions import (
+    action_notice,
+    api_action,
+    cancel_job_action,
+    discard_job_action,
+    page_action,
+    release_job_action,
+    retry_delivery_action,
+    retry_job_action,
+)
+from dicom_node.web.routes.study_api_models import ActionOut, JobList, JobOut, StudyList, StudyOut
 from dicom_node.web.urls import EncodedSlashRoute, api_study_path, header_text, study_path
 
 __all__ = ["router"]
@@ -45,211 +53,6 @@ StudyStateName = Literal["", "receiving", "complete", "routed", "ignored"]
 JobOutcomeName = Literal["", "in_progress", "done", "held", "failed", "none"]
 JobStateName = Literal["", "queued", "running", "succeeded", "failed", "dead", "cancelled", "not_applicable", "held",
                        "released", "discarded"]
-_RETRYABLE_JOB = (JobState.FAILED.value, JobState.DEAD.value, JobState.CANCELLED.value)
-_CANCELLABLE_JOB = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value)
-_RETRYABLE_DELIVERY = (DeliveryState.FAILED.value, DeliveryState.DEAD.value)
-
-
-# --------------------------------------------------------------------------- API models
-
-
-class _Out(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
-
-
-class StudyItem(_Out):
-    """One study of the list, with what became of its jobs and deliveries (counts by state)."""
-
-    study_instance_uid: str
-    patient_id: str | None
-    patient_name: str | None
-    accession_number: str | None
-    study_date: str | None = Field(description="YYYYMMDD, as in the DICOM header")
-    study_description: str | None
-    state: str = Field(description="receiving, complete, routed or ignored")
-    modalities: list[str]
-    source_ae_titles: list[str] = Field(description="Calling AE titles of the associations that sent it")
-    series_count: int
-    instance_count: int
-    job_counts: dict[str, int] = Field(description="Jobs by state, e.g. {\"succeeded\": 2, \"held\": 1}")
-    delivery_counts: dict[str, int] = Field(description="Deliveries by state")
-    first_received_at: datetime
-    last_received_at: datetime
-    completed_at: datetime | None
-
-
-class StudyList(_Out):
-    items: list[StudyItem]
-    total: int = Field(description="Studies matching the filters, all pages")
-    limit: int
-    offset: int
-
-
-class SeriesOut(_Out):
-    series_instance_uid: str
-    series_number: int | None
-    modality: str | None
-    series_description: str | None
-    body_part_examined: str | None
-    instance_count: int
-    first_received_at: datetime
-    last_received_at: datetime
-    is_result: bool = Field(description="A series of results this node produced, sent back to it")
-
-
-class AssociationOut(_Out):
-    id: int
-    calling_ae_title: str
-    peer_address: str
-    started_at: datetime
-    ended_at: datetime | None
-    outcome: str
-    instances_stored: int
-
-
-class EventOut(_Out):
-    at: datetime
-    kind: str
-    detail: str | None
-
-
-class ResultOut(_Out):
-    id: int
-    job_id: int
-    kind: str = Field(description="SEG, SR or GSPS")
-    sop_class_uid: str
-    sop_instance_uid: str
-    series_instance_uid: str
-    created_at: datetime
-
-
-class DeliveryOut(_Out):
-    id: int
-    job_id: int
-    study_instance_uid: str
-    destination: str
-    state: str = Field(description="pending, sending, delivered, failed (awaiting its next attempt) or dead")
-    attempts: int
-    max_attempts: int
-    error: str | None
-    objects_sent: int
-    created_at: datetime
-    next_attempt_at: datetime | None
-    delivered_at: datetime | None
-    state_changed_at: datetime
-    kinds: list[str] | None = Field(None, description="The result kinds it carries: [\"NOTICE\"] for the "
-                                    "'AI analysis not performed' SR alone; null: the job's results")
-
-
-class JobOut(_Out):
-    id: int
-    study_instance_uid: str
-    series_instance_uid: str
-    pipeline: str
-    rule: str
-    state: str = Field(description="queued, running, succeeded, failed (to be retried), dead, cancelled, "
-                                   "not_applicable (the series is outside what the model was made for), held "
-                                   "(results judged implausible: kept, not sent), released (held results an "
-                                   "operator sent) or discarded (held results an operator threw away)")
-    attempts: int
-    max_attempts: int
-    error: str | None
-    worker: str | None
-    stage_seconds: dict[str, float] = Field(description="Seconds per stage of the last attempt "
-                                                        "(load, model_load, inference, encoding, outbox)")
-    summary: dict[str, Any] = Field(description="The findings: volumes_ml per segment, or detections")
-    checks: dict[str, Any] = Field(description="The worker's checks: applicability (before the model: applies, "
-                                   "reason_code, reason, header_regions, image_regions, checks [{name, passed, "
-                                   "detail}], seconds) and plausibility (after it: plausible, reasons, checks, "
-                                   "seconds); {} before the job ran")
-    outcome_reason: str | None = Field(description="not_applicable: why the model did not apply; held, released "
-                                       "or discarded: what the result broke; null otherwise")
-    created_at: datetime
-    queued_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    state_changed_at: datetime
-    results: list[ResultOut]
-    deliveries: list[DeliveryOut]
-
-
-class JobList(_Out):
-    items: list[JobOut]
-    total: int
-    limit: int
-    offset: int
-
-
-class StageOut(BaseModel):
-    stage: str
-    seconds: float
-
-
-class TimelineOut(_Out):
-    at: datetime
-    kind: str = Field(description="received, study.<event>, job.<state>, delivery.<state>")
-    title: str
-    state: str | None
-    duration_seconds: float | None
-    duration_label: str
-    detail: str | None
-    stages: list[StageOut]
-    job_id: int | None
-    delivery_id: int | None
-
-    @field_validator("stages", mode="before")
-    @classmethod
-    def _pairs(cls, value: Any) -> Any:
-        return [{"stage": v[0], "seconds": v[1]} if isinstance(v, (tuple, list)) else v for v in value]
-
-
-class FindingOut(_Out):
-    job_id: int
-    pipeline: str
-    kind: str = Field(description="segment or detection")
-    label: str
-    volume_ml: float | None
-    diameter_mm: float | None
-    score: float | None
-    centre_mm: list[float] | None
-
-
-class StudyOut(_Out):
-    """A study with everything known about it."""
-
-    study_instance_uid: str
-    patient_id: str | None
-    patient_name: str | None
-    accession_number: str | None
-    study_date: str | None
-    study_description: str | None
-    state: str
-    instance_count: int
-    late_instance_count: int
-    first_received_at: datetime
-    last_received_at: datetime
-    completed_at: datetime | None
-    state_changed_at: datetime
-    modalities: list[str]
-    source_ae_titles: list[str]
-    series: list[SeriesOut]
-    associations: list[AssociationOut]
-    events: list[EventOut]
-    jobs: list[JobOut]
-    timeline: list[TimelineOut]
-    findings: list[FindingOut]
-    preview_url: str
-
-
-class ActionOut(BaseModel):
-    """What a retry, cancel, re-send, release or discard did."""
-
-    kind: Literal["job", "delivery"]
-    id: int
-    action: str
-    before: str = Field(description="State before")
-    after: str = Field(description="State after")
-    message: str
 
 
 # --------------------------------------------------------------------------- filters
@@ -300,197 +103,6 @@ def study_filters(
         date_from=start, date_to=end, state=state or None, jobs=jobs or None,
         modality=(_clean(modality) or "").upper() or None, source_ae=_clean(source_ae),
     )
-
-
-# --------------------------------------------------------------------------- actions (pages and API)
-
-
-class ActionRefused(Exception):
-    """The action cannot be done: ``status`` 404 (unknown) or 409 (its state does not allow it)."""
-
-    def __init__(self, status: int, message: str, state: str | None = None, study_uid: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.state, self.study_uid = status, message, state, study_uid
-
-
-def _job_facts(job: job_views.JobRow) -> dict[str, Any]:
-    return {"state": job.state, "attempts": job.attempts, "max_attempts": job.max_attempts, "error": job.error}
-
-
-def _delivery_facts(d: job_views.DeliveryRow) -> dict[str, Any]:
-    return {"state": d.state, "attempts": d.attempts, "max_attempts": d.max_attempts, "error": d.error,
-            "next_attempt_at": d.next_attempt_at}
-
-
-def _known_job(context: WebContext, job_id: int) -> job_views.JobRow:
-    job = job_views.get_job(context.sessions, job_id)
-    if job is None:
-        raise ActionRefused(404, f"job {job_id} does not exist")
-    return job
-
-
-def retry_job_action(context: WebContext, request: Request, principal: Principal, job_id: int) -> tuple[ActionOut, str]:
-    """Retry a failed, dead or cancelled job (fresh attempts; the node's next sweep queues it)."""
-    job = _known_job(context, job_id)
-    if job.state not in _RETRYABLE_JOB or not jobs.retry_job(context.sessions, job_id, now=context.clock()):
-        current = _known_job(context, job_id).state
-        raise ActionRefused(409, f"job {job_id} is {current}; only failed, dead or cancelled jobs can be retried",
-                            current, job.study_instance_uid)
-    after = _known_job(context, job_id)
-    audit_event(context, request, principal, "job.retry", target_kind="job", target=str(job_id),
-                before=_job_facts(job), after=_job_facts(after),
-                detail=f"{job.pipeline} on series {job.series_instance_uid} of study {job.study_instance_uid}")
-    return ActionOut(kind="job", id=job_id, action="retry", before=job.state, after=after.state,
-                     message=f"job {job_id} will run again (it was {job.state})"), job.study_instance_uid
-
-
-def cancel_job_action(context: WebContext, request: Request, principal: Principal, job_id: int) -> tuple[ActionOut, str]:
-    """Cancel a queued, running or failed job (a running attempt's results are discarded)."""
-    job = _known_job(context, job_id)
-    before = jobs.cancel_job(context.sessions, job_id, now=context.clock())
-    if before is None:
-        current = _known_job(context, job_id).state
-        raise ActionRefused(409, f"job {job_id} is {current}; only queued, running or failed jobs can be cancelled",
-                            current, job.study_instance_uid)
-    after = _known_job(context, job_id)
-    audit_event(context, request, principal, "job.cancel", target_kind="job", target=str(job_id),
-                before={**_job_facts(job), "state": before}, after=_job_facts(after),
-                detail=f"{job.pipeline} on series {job.series_instance_uid} of study {job.study_instance_uid}")
-    return ActionOut(kind="job", id=job_id, action="cancel", before=before, after=after.state,
-                     message=f"job {job_id} was cancelled (it was {before})"), job.study_instance_uid
-
-
-def retry_delivery_action(
-    context: WebContext, request: Request, principal: Principal, delivery_id: int
-) -> tuple[ActionOut, str]:
-    """Send a failed or dead delivery again now (fresh attempts; never re-runs inference)."""
-    found = job_views.get_delivery(context.sessions, delivery_id)
-    if found is None:
-        raise ActionRefused(404, f"delivery {delivery_id} does not exist")
-    if found.state not in _RETRYABLE_DELIVERY or not jobs.retry_delivery(context.sessions, delivery_id,
-                                                                         now=context.clock()):
-        current = job_views.get_delivery(context.sessions, delivery_id)
-        state = current.state if current else found.state
-        raise ActionRefused(409, f"delivery {delivery_id} is {state}; only failed or dead deliveries can be re-sent",
-                            state, found.study_instance_uid)
-    after = job_views.get_delivery(context.sessions, delivery_id) or found
-    audit_event(context, request, principal, "delivery.retry", target_kind="delivery", target=str(delivery_id),
-                before=_delivery_facts(found), after=_delivery_facts(after),
-                detail=f"to {found.destination}, job {found.job_id}, study {found.study_instance_uid}")
-    return ActionOut(kind="delivery", id=delivery_id, action="retry", before=found.state, after=after.state,
-                     message=f"delivery {delivery_id} to {found.destination} will be sent again "
-                             f"(it was {found.state})"), found.study_instance_uid
-
-
-def _held_or_409(context: WebContext, job_id: int, verb: str) -> job_views.JobRow:
-    job = _known_job(context, job_id)
-    if job.state != JobState.HELD.value:
-        raise ActionRefused(409, f"job {job_id} is {job.state}; only held jobs can be {verb}", job.state,
-                            job.study_instance_uid)
-    return job
-
-
-def _refused_now(context: WebContext, job: job_views.JobRow, verb: str) -> ActionRefused:
-    """The refusal when a job stopped being held between the check and the change (another operator acted)."""
-    current = _known_job(context, job.id).state
-    return ActionRefused(409, f"job {job.id} is {current}; only held jobs can be {verb}", current,
-                         job.study_instance_uid)
-
-
-def release_job_action(context: WebContext, request: Request, principal: Principal,
-                       job_id: int) -> tuple[ActionOut, str]:
-    """Send a held job's results to its destinations after all (the node's next sweep sends them)."""
-    job = _held_or_409(context, job_id, "released")
-    released = held_results.release_held(context.sessions, job_id, now=context.clock(), by=principal.username,
-                                         delivery_max_attempts=context.settings.delivery.max_attempts)
-    if released is None:
-        raise _refused_now(context, job, "released")
-    after = _known_job(context, job_id)
-    to = ", ".join(released.destinations) or "no destination (none is configured for it now)"
-    audit_event(context, request, principal, "job.release", target_kind="job", target=str(job_id),
-                before={**_job_facts(job), "reasons": job.outcome_reason},
-                after={**_job_facts(after), "destinations": released.destinations,
-                       "deliveries": released.delivery_ids},
-                detail=f"{job.pipeline} on series {job.series_instance_uid} of study {job.study_instance_uid}: "
-                       f"held results released to {to}")
-    return ActionOut(kind="job", id=job_id, action="release", before=job.state, after=after.state,
-                     message=f"job {job_id}: held results released to {to} (it was {job.state})"), \
-        job.study_instance_uid
-
-
-def discard_job_action(context: WebContext, request: Request, principal: Principal,
-                       job_id: int) -> tuple[ActionOut, str]:
-    """Throw a held job's results away (their outbox files too); a notice already sent stays."""
-    job = _held_or_409(context, job_id, "discarded")
-    outbox = Spool(context.settings.outbox_dir, fsync=context.settings.storage.fsync)
-    if not held_results.discard_held(context.sessions, outbox, job_id, now=context.clock(), by=principal.username):
-        raise _refused_now(context, job, "discarded")
-    after = _known_job(context, job_id)
-    thrown = [r.kind for r in job.results if r.kind != jobs.NOTICE_KIND]
-    audit_event(context, request, principal, "job.discard", target_kind="job", target=str(job_id),
-                before={**_job_facts(job), "reasons": job.outcome_reason, "results": thrown},
-                after={**_job_facts(after), "results": [r.kind for r in after.results]},
-                detail=f"{job.pipeline} on series {job.series_instance_uid} of study {job.study_instance_uid}: "
-                       f"held results discarded ({', '.join(thrown) or 'no result objects'})")
-    return ActionOut(kind="job", id=job_id, action="discard", before=job.state, after=after.state,
-                     message=f"job {job_id}: held results discarded, nothing will be sent (it was {job.state})"), \
-        job.study_instance_uid
-
-
-#: An action: (context, request, principal, job or delivery id) -> (what it did, the study's UID).
-Action = Callable[[WebContext, Request, Principal, int], tuple[ActionOut, str]]
-
-
-def _api_action(fn: Action, context: WebContext, request: Request, principal: Principal, target: int) -> ActionOut:
-    try:
-        outcome, _ = fn(context, request, principal, target)
-    except ActionRefused as refused:
-        raise HTTPException(refused.status, refused.message) from None
-    return outcome
-
-
-_NOTICES = {
-    ("job", "retry", True): "Job {id} will run again at the node's next sweep (it was {was}).",
-    ("job", "cancel", True): "Job {id} was cancelled (it was {was}).",
-    ("delivery", "retry", True): "Delivery {id} will be sent again now (it was {was}).",
-    ("job", "retry", False): "Job {id} was not retried: it is {was}; only failed, dead or cancelled jobs can be.",
-    ("job", "cancel", False): "Job {id} was not cancelled: it is {was}; only queued, running or failed jobs can be.",
-    ("delivery", "retry", False): "Delivery {id} was not re-sent: it is {was}; only failed or dead deliveries can be.",
-    ("job", "release", True): "Job {id}: its held results were released; the node sends them at its next sweep "
-                              "(it was {was}).",
-    ("job", "discard", True): "Job {id}: its held results were discarded; nothing will be sent (it was {was}).",
-    ("job", "release", False): "Job {id} was not released: it is {was}; only held jobs can be.",
-    ("job", "discard", False): "Job {id} was not discarded: it is {was}; only held jobs can be.",
-}
-_STATE_NAMES = frozenset(s.value for s in JobState) | frozenset(s.value for s in DeliveryState)
-
-
-def _page_action(fn: Action, kind: str, action: str, context: WebContext, request: Request, principal: Principal,
-                 target: int) -> Response:
-    """Run an action from a page's form and go back to the study page (303) with what happened."""
-    try:
-        outcome, study_uid = fn(context, request, principal, target)
-        ok, was = True, outcome.before
-    except ActionRefused as refused:
-        if refused.status == 404 or refused.study_uid is None:
-            raise HTTPException(refused.status, refused.message) from None
-        ok, was, study_uid = False, refused.state or "", refused.study_uid
-    query = urlencode({"notice": f"{kind}.{action}.{'done' if ok else 'refused'}", "id": target, "was": was})
-    return RedirectResponse(f"{study_path(study_uid)}?{query}#jobs", status_code=303)
-
-
-def _notice(notice: str | None, target: int | None, was: str | None) -> str | None:
-    """The flash message of a redirect after an action: fixed texts only (nothing from the URL is echoed
-    but a number and a known state name)."""
-    if not notice or target is None:
-        return None
-    parts = notice.split(".")
-    if len(parts) != 3 or parts[2] not in ("done", "refused"):
-        return None
-    text = _NOTICES.get((parts[0], parts[1], parts[2] == "done"))
-    if text is None:
-        return None
-    return text.format(id=target, was=was if was in _STATE_NAMES else "in another state")
 
 
 # --------------------------------------------------------------------------- study views shared by page and API
@@ -577,7 +189,8 @@ def study_page(
     context: WebContext = Depends(get_context),
 ) -> Response:
     detail = _detail_or_404(context, study_instance_uid)
-    return render(request, "study.html", **_study_values(context, detail), message=_notice(notice, subject, was))
+    return render(request, "study.html", **_study_values(context, detail),
+                  message=action_notice(notice, subject, was))
 
 
 @router.get("/studies/{study_instance_uid}/live", include_in_schema=False)
@@ -632,7 +245,7 @@ def retry_job_page(
     request: Request, job_id: int, principal: Principal = Depends(require(Role.OPERATOR)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    return _page_action(retry_job_action, "job", "retry", context, request, principal, job_id)
+    return page_action(retry_job_action, "job", "retry", context, request, principal, job_id)
 
 
 @router.post("/jobs/{job_id}/cancel", include_in_schema=False)
@@ -640,7 +253,7 @@ def cancel_job_page(
     request: Request, job_id: int, principal: Principal = Depends(require(Role.OPERATOR)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    return _page_action(cancel_job_action, "job", "cancel", context, request, principal, job_id)
+    return page_action(cancel_job_action, "job", "cancel", context, request, principal, job_id)
 
 
 @router.post("/jobs/{job_id}/release", include_in_schema=False)
@@ -648,7 +261,7 @@ def release_job_page(
     request: Request, job_id: int, principal: Principal = Depends(require(Role.OPERATOR)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    return _page_action(release_job_action, "job", "release", context, request, principal, job_id)
+    return page_action(release_job_action, "job", "release", context, request, principal, job_id)
 
 
 @router.post("/jobs/{job_id}/discard", include_in_schema=False)
@@ -656,7 +269,7 @@ def discard_job_page(
     request: Request, job_id: int, principal: Principal = Depends(require(Role.OPERATOR)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    return _page_action(discard_job_action, "job", "discard", context, request, principal, job_id)
+    return page_action(discard_job_action, "job", "discard", context, request, principal, job_id)
 
 
 @router.post("/deliveries/{delivery_id}/retry", include_in_schema=False)
@@ -664,7 +277,7 @@ def retry_delivery_page(
     request: Request, delivery_id: int, principal: Principal = Depends(require(Role.OPERATOR)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    return _page_action(retry_delivery_action, "delivery", "retry", context, request, principal, delivery_id)
+    return page_action(retry_delivery_action, "delivery", "retry", context, request, principal, delivery_id)
 
 
 # --------------------------------------------------------------------------- API
@@ -754,7 +367,7 @@ def retry_job_api(
     context: WebContext = Depends(get_context),
 ) -> ActionOut:
     """Run a failed, dead or cancelled job again, with a fresh attempt budget."""
-    return _api_action(retry_job_action, context, request, principal, job_id)
+    return api_action(retry_job_action, context, request, principal, job_id)
 
 
 @router.post("/api/v1/jobs/{job_id}/cancel", response_model=ActionOut, tags=["jobs"],
@@ -764,7 +377,7 @@ def cancel_job_api(
     context: WebContext = Depends(get_context),
 ) -> ActionOut:
     """Cancel a queued, running or failed job; a running attempt finishes on its worker but is discarded."""
-    return _api_action(cancel_job_action, context, request, principal, job_id)
+    return api_action(cancel_job_action, context, request, principal, job_id)
 
 
 @router.post("/api/v1/jobs/{job_id}/release", response_model=ActionOut, tags=["jobs"],
@@ -775,7 +388,7 @@ def release_job_api(
 ) -> ActionOut:
     """Send a held job's results (judged implausible) to its destinations after all; they go at the node's next
     sweep. A destination that already had the job's 'AI analysis not performed' SR gets the results too."""
-    return _api_action(release_job_action, context, request, principal, job_id)
+    return api_action(release_job_action, context, request, principal, job_id)
 
 
 @router.post("/api/v1/jobs/{job_id}/discard", response_model=ActionOut, tags=["jobs"],
@@ -785,7 +398,7 @@ def discard_job_api(
     context: WebContext = Depends(get_context),
 ) -> ActionOut:
     """Throw a held job's results away (their files too); nothing of them is ever sent."""
-    return _api_action(discard_job_action, context, request, principal, job_id)
+    return api_action(discard_job_action, context, request, principal, job_id)
 
 
 @router.post("/api/v1/deliveries/{delivery_id}/retry", response_model=ActionOut, tags=["jobs"],
@@ -795,4 +408,4 @@ def retry_delivery_api(
     context: WebContext = Depends(get_context),
 ) -> ActionOut:
     """Send a failed or dead delivery again now, with a fresh attempt budget (inference is not re-run)."""
-    return _api_action(retry_delivery_action, context, request, principal, delivery_id)
+    return api_action(retry_delivery_action, context, request, principal, delivery_id)
