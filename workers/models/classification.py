@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,18 +48,21 @@ import numpy.typing as npt
 import torch
 from torch import nn
 
-from dicom_node.contracts import AlgorithmInfo, SegmentLabel
-from dicom_node.model_catalog import (
-    BundleError,
-    TorchScriptPreprocessing,
-    algorithm_info,
-    declared_modality,
-    label_mapping,
-    metadata_labels,
-    read_bundle_json,
-)
+from dicom_node.contracts import SegmentLabel
+from dicom_node.model_catalog import BundleError, TorchScriptPreprocessing
 from workers.models.base import ClassificationResult, LabelledModel, ModelKind
-from workers.models.monai_bundle import ras_affine, resolve_device, volume_to_metatensor
+from workers.models.loading import (
+    BundleModel,
+    bundle_network,
+    bundle_parser,
+    check_modality,
+    file_algorithm,
+    load_torchscript,
+    mapping_or_metadata,
+    open_bundle,
+    resolve_device,
+)
+from workers.models.monai_bundle import FILE_LOADERS, ras_affine, volume_to_metatensor, without_transforms
 from workers.volume import Volume
 
 __all__ = [
@@ -299,7 +301,7 @@ def _check_mapping(mapping: Mapping[int, SegmentLabel], source: str) -> None:
                           f"got {sorted(questions)}")
 
 
-class MonaiBundleClassifier(LabelledModel):
+class MonaiBundleClassifier(BundleModel):
     """A classification MONAI bundle, loaded once (see the module docstring for the bundle's contract).
 
     Arguments as for :class:`workers.models.monai_bundle.MonaiBundleModel`; ``labels``
@@ -317,55 +319,18 @@ class MonaiBundleClassifier(LabelledModel):
         name: str | None = None,
         version: str | None = None,
     ) -> None:
-        from monai.bundle import ConfigParser
-
-        from workers.models.monai_bundle import _load_weights, _without
-
         started = time.perf_counter()
-        self.bundle_dir = Path(bundle_dir)
-        source = f"bundle {self.bundle_dir}"
-        config_path = self.bundle_dir / "configs" / "inference.json"
-        if not config_path.is_file():
-            raise BundleError(f"{source}: no configs/inference.json")
-        meta = read_bundle_json(self.bundle_dir, "metadata.json")
-        node = meta.get("dicom_node") or {}
-        if node.get("kind", "segmentation") != "classification":
-            raise BundleError(f"{source}: dicom_node.kind is {node.get('kind')!r}; this loader serves classification "
-                              "bundles")
-        self._algorithm = algorithm_info(meta, self.bundle_dir, model_id, name, version)
-        self._modality = declared_modality(meta)
-        if labels is None:
-            entries = metadata_labels(meta, source)
-            if entries is None:
-                raise BundleError(f"{source}: metadata has no dicom_node.labels; give the classes in the registry "
-                                  "entry")
-            labels = label_mapping(entries, source)
-        self._mapping = dict(labels)
+        bundle = open_bundle(bundle_dir, kind="classification", device=device, model_id=model_id, name=name,
+                             version=version)
+        source = self._keep(bundle)
+        self._mapping = mapping_or_metadata(labels, bundle.meta, source, "give the classes in the registry entry")
         _check_mapping(self._mapping, source)
-        explanation = node.get("explanation") or {}
+        explanation = (bundle.meta.get("dicom_node") or {}).get("explanation") or {}
         method = explanation.get("method", "grad-cam")
         if method not in _METHODS:
             raise BundleError(f"{source}: dicom_node.explanation.method {method!r} is not one of {_METHODS}")
-        self.device = resolve_device(device)
-
-        parser = ConfigParser()
-        parser.read_config(str(config_path))
-        parser.read_meta(str(self.bundle_dir / "configs" / "metadata.json"))
-        parser["bundle_root"] = str(self.bundle_dir)
-        parser["device"] = f"$torch.device({str(self.device)!r})"
-        for key, value in (overrides or {}).items():
-            if parser.get(key, None) is None:
-                raise BundleError(f"{source}: override {key!r} names no item of configs/inference.json")
-            parser[key] = value
-        for key in ("network_def", "preprocessing"):
-            if parser.get(key, None) is None:
-                raise BundleError(f"{source}: configs/inference.json has no {key!r}")
-        network = parser.get_parsed_content("network_def")
-        weights = self.bundle_dir / "models" / "model.pt"
-        if not weights.is_file():
-            raise BundleError(f"{source}: no models/model.pt")
-        _load_weights(network, weights, source)
-        network = network.to(self.device).eval()
+        parser = bundle_parser(bundle, overrides, ("network_def", "preprocessing"))
+        network = bundle_network(parser, bundle)
         layer = None
         if method in _GRADIENT_METHODS:
             layer_name = explanation.get("layer")
@@ -379,8 +344,8 @@ class MonaiBundleClassifier(LabelledModel):
                 layer = last_conv_layer(network)
         self._pipeline = ClassificationPipeline(
             source=source,
-            preprocessing=_without(parser.get_parsed_content("preprocessing"), ("LoadImage", "LoadImaged"), source,
-                                   "preprocessing"),
+            preprocessing=without_transforms(parser.get_parsed_content("preprocessing"), FILE_LOADERS, source,
+                                             "preprocessing"),
             network=network, mapping=self._mapping, device=self.device, method=method, layer=layer,
             image_key=str(parser.get("image_key", "image")),
         )
@@ -393,9 +358,7 @@ class MonaiBundleClassifier(LabelledModel):
 
     def predict(self, volume: Volume) -> ClassificationResult:
         """Class probabilities of ``volume`` and the explanation map on its grid."""
-        if self._modality and volume.modality and volume.modality != self._modality:
-            raise BundleError(f"{self._pipeline.source}: expects {self._modality}, series "
-                              f"{volume.series_instance_uid} is {volume.modality}")
+        check_modality(self._modality, volume, self._pipeline.source)
         return self._pipeline.run(volume)
 
 
@@ -429,15 +392,8 @@ class TorchScriptClassifier(LabelledModel):
         self._mapping = dict(labels)
         _check_mapping(self._mapping, source)
         self.device = resolve_device(device)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
-            try:
-                network = torch.jit.load(str(self.path), map_location=self.device)
-            except RuntimeError as exc:
-                raise BundleError(f"{source}: not a loadable TorchScript file: {exc}") from exc
-        network.eval()
-        self._algorithm = AlgorithmInfo(name=(name or self.path.stem)[:64], version=version[:64],
-                                        model_id=model_id or self.path.stem)
+        network = load_torchscript(self.path, self.device, source)
+        self._algorithm = file_algorithm(self.path, model_id, name, version)
         self._pipeline = ClassificationPipeline(
             source=source,
             preprocessing=classification_preprocessing(preprocessing.window_hu, preprocessing.roi_size,

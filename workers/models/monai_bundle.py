@@ -32,8 +32,9 @@ without a mapping become background (0), so an admin can serve a subset of a
 large model's labels (e.g. a few organs of a whole-body model).
 
 Reading a bundle's metadata (labels, version, declared input and outputs) is
-:mod:`dicom_node.model_catalog`'s job, shared with the node's pages; its names
-are re-exported here for the loaders.
+:mod:`dicom_node.model_catalog`'s job, shared with the node's pages; opening a
+bundle (device, config, overrides, weights) is :mod:`workers.models.loading`'s,
+shared with the other loaders.
 
 Trust: a bundle's configs are code (MONAI evaluates their ``$`` expressions and
 imports their ``_target_`` classes), so install only bundles from trusted sources;
@@ -55,50 +56,43 @@ import numpy.typing as npt
 import torch
 
 from dicom_node.contracts import SegmentLabel
-from dicom_node.model_catalog import (
-    BundleError,
-    BundleLabel,
-    algorithm_info,
-    declared_modality,
-    label_mapping,
-    metadata_labels,
-    output_channel_def,
-    read_bundle_json,
-)
+from dicom_node.model_catalog import BundleError, output_channel_def
 from workers.models.base import LabelledModel, ModelKind, SegmentationResult
+from workers.models.loading import (
+    BundleModel,
+    bundle_network,
+    bundle_parser,
+    check_modality,
+    mapping_or_metadata,
+    open_bundle,
+)
 from workers.volume import Volume
 
 __all__ = [
-    "BundleError",
-    "BundleLabel",
+    "FILE_LOADERS",
+    "InferenceOutput",
     "InferencePipeline",
     "MonaiBundleModel",
-    "InferenceOutput",
-    "algorithm_info",
+    "SegmentationPipelineModel",
     "applies_softmax",
     "label_map_to_volume",
-    "label_mapping",
     "low_confidence_fraction",
-    "metadata_labels",
-    "output_channel_def",
     "ras_affine",
-    "read_bundle_json",
     "remap_labels",
-    "resolve_device",
     "volume_to_metatensor",
+    "without_transforms",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Flips LPS (DICOM patient) coordinates to RAS (MONAI/NIfTI world) and back.
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-#: Transforms that read or write files: the node hands volumes in and takes label maps out itself.
-_LOADERS = ("LoadImage", "LoadImaged")
+#: Transforms that read or write files: the node hands volumes in and takes label maps out itself
+#: (every bundle loader leaves them out).
+FILE_LOADERS = ("LoadImage", "LoadImaged")
 _SAVERS = ("SaveImage", "SaveImaged")
 #: Largest disagreement (mm) between the input affine and the returned label map's affine.
 _AFFINE_TOLERANCE_MM = 1e-3
-#: Marks a config id that a bundle's inference.json does not have.
-_MISSING = object()
 #: A labelled voxel whose winning softmax probability is below this counts as low-confidence.
 LOW_CONFIDENCE_PROBABILITY = 0.5
 
@@ -110,19 +104,6 @@ def remap_labels(raw: npt.NDArray[np.integer], mapping: Mapping[int, SegmentLabe
     for source, label in mapping.items():
         lut[source] = label.value
     return lut[raw]
-
-
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None`` or ``"auto"``: the first GPU when CUDA is available, else the CPU; else ``device`` itself.
-
-    Raises ValueError for a CUDA device on a machine without CUDA.
-    """
-    if device is None or str(device) == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} requested, but CUDA is not available on this machine")
-    return dev
 
 
 # --------------------------------------------------------------------------- geometry
@@ -272,7 +253,7 @@ class InferencePipeline:
         return InferenceOutput(label_map_to_volume(data[self.pred_key], volume, self.source), fraction)
 
 
-def _without(compose: Any, names: Sequence[str], source: str, key: str) -> Any:
+def without_transforms(compose: Any, names: Sequence[str], source: str, key: str) -> Any:
     """A copy of the MONAI ``Compose`` ``compose`` without transforms whose class is named in ``names``."""
     from monai.transforms import Compose
 
@@ -289,21 +270,41 @@ def _without(compose: Any, names: Sequence[str], source: str, key: str) -> Any:
     )
 
 
-def _load_weights(network: torch.nn.Module, path: Path, source: str) -> None:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping):  # CheckpointSaver's {"model": ...}
-        state = state["model"]
-    try:
-        network.load_state_dict(state)
-    except RuntimeError as exc:
-        raise BundleError(f"{source}: {path} does not fit the bundle's network_def: {exc}") from exc
+class SegmentationPipelineModel(LabelledModel):
+    """What every segmentation loader serves once it has its :class:`InferencePipeline` and labels.
+
+    Subclasses set ``_pipeline``, ``_mapping`` and ``_algorithm``; ``_modality`` (the
+    declared input modality, None: any) is checked before every run.
+    """
+
+    _pipeline: InferencePipeline
+    _modality: str | None = None
+
+    @property
+    def kind(self) -> ModelKind:
+        return "segmentation"
+
+    def predict_values(self, volume: Volume) -> npt.NDArray[np.int64]:
+        """The model's own output values on the volume's ``[slice, row, column]`` grid (before label mapping)."""
+        check_modality(self._modality, volume, self._pipeline.source)
+        return self._pipeline.label_values(volume)
+
+    def predict(self, volume: Volume) -> SegmentationResult:
+        """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels.
+
+        ``low_confidence_fraction`` is set when the model's postprocessing applies a softmax.
+        """
+        check_modality(self._modality, volume, self._pipeline.source)
+        output = self._pipeline.run(volume)
+        return SegmentationResult(label_map=remap_labels(output.values, self._mapping), labels=self.labels,
+                                  low_confidence_fraction=output.low_confidence_fraction)
 
 
-class MonaiBundleModel(LabelledModel):
+class MonaiBundleModel(SegmentationPipelineModel, BundleModel):
     """A segmentation MONAI bundle, loaded once, run on volumes with its own configs.
 
-    ``bundle_dir``: the bundle folder. ``device``: see :func:`resolve_device`; AMP
-    (float16 autocast) is used on CUDA unless ``amp`` says otherwise. ``labels``:
+    ``bundle_dir``: the bundle folder. ``device``: see :func:`~workers.models.loading.resolve_device`;
+    AMP (float16 autocast) is used on CUDA unless ``amp`` says otherwise. ``labels``:
     ``{bundle value: SegmentLabel}`` (default: the metadata's ``dicom_node.labels``).
     ``overrides``: MONAI config ids and values set before parsing, e.g.
     ``{"inferer#sw_batch_size": 2}`` (what ``monai.bundle run`` takes as overrides).
@@ -326,50 +327,21 @@ class MonaiBundleModel(LabelledModel):
         name: str | None = None,
         version: str | None = None,
     ) -> None:
-        from monai.bundle import ConfigParser
-
         started = time.perf_counter()
-        self.bundle_dir = Path(bundle_dir)
-        source = f"bundle {self.bundle_dir}"
-        config_path = self.bundle_dir / "configs" / "inference.json"
-        if not config_path.is_file():
-            raise BundleError(f"{source}: no configs/inference.json")
-        meta = read_bundle_json(self.bundle_dir, "metadata.json")
-        kind = (meta.get("dicom_node") or {}).get("kind", "segmentation")
-        if kind != "segmentation":
-            raise BundleError(f"{source}: dicom_node.kind is {kind!r}; this loader serves segmentation bundles")
-        self._algorithm = algorithm_info(meta, self.bundle_dir, model_id, name, version)
-        self._modality = declared_modality(meta)
-        self._mapping = dict(labels) if labels is not None else self._metadata_mapping(meta, source)
-        _check_channels(self._mapping, meta, source)
-        self.device = resolve_device(device)
-
-        parser = ConfigParser()
-        parser.read_config(str(config_path))
-        parser.read_meta(str(self.bundle_dir / "configs" / "metadata.json"))
-        parser["bundle_root"] = str(self.bundle_dir)
-        parser["device"] = f"$torch.device({str(self.device)!r})"
-        for key, value in (overrides or {}).items():
-            if parser.get(key, _MISSING) is _MISSING:
-                raise BundleError(f"{source}: override {key!r} names no item of configs/inference.json")
-            parser[key] = value
-        for key in ("network_def", "preprocessing", "inferer", "postprocessing"):
-            if parser.get(key, _MISSING) is _MISSING:
-                raise BundleError(f"{source}: configs/inference.json has no {key!r}")
-
-        network = parser.get_parsed_content("network_def")
-        weights = self.bundle_dir / "models" / "model.pt"
-        if random_weights:
-            logger.warning("%s: serving randomly initialised weights (compatibility testing only)", source)
-        elif weights.is_file():
-            _load_weights(network, weights, source)
-        else:
-            raise BundleError(f"{source}: no models/model.pt")
-        network = network.to(self.device).eval()
-        postprocessing = _without(parser.get_parsed_content("postprocessing"), _SAVERS, source, "postprocessing")
+        bundle = open_bundle(bundle_dir, kind="segmentation", device=device, model_id=model_id, name=name,
+                             version=version)
+        source = self._keep(bundle)
+        self._mapping = mapping_or_metadata(labels, bundle.meta, source, "give the model's labels (bundle value -> "
+                                            "coded concept) in its config/models.yaml entry")
+        _check_channels(self._mapping, bundle.meta, source)
+        parser = bundle_parser(bundle, overrides, ("network_def", "preprocessing", "inferer", "postprocessing"))
+        network = bundle_network(parser, bundle, random_weights=random_weights)
+        postprocessing = without_transforms(parser.get_parsed_content("postprocessing"), _SAVERS, source,
+                                            "postprocessing")
         self._pipeline = InferencePipeline(
             source=source,
-            preprocessing=_without(parser.get_parsed_content("preprocessing"), _LOADERS, source, "preprocessing"),
+            preprocessing=without_transforms(parser.get_parsed_content("preprocessing"), FILE_LOADERS, source,
+                                             "preprocessing"),
             network=network,
             inferer=parser.get_parsed_content("inferer"),
             postprocessing=postprocessing,
@@ -382,42 +354,6 @@ class MonaiBundleModel(LabelledModel):
             "loaded %s as model %s on %s (AMP %s) in %.1f s",
             source, self._algorithm.model_id, self.device, self._pipeline.amp, time.perf_counter() - started,
         )
-
-    @staticmethod
-    def _metadata_mapping(meta: Mapping[str, Any], source: str) -> dict[int, SegmentLabel]:
-        entries = metadata_labels(meta, source)
-        if entries is None:
-            raise BundleError(
-                f"{source}: metadata has no dicom_node.labels; give the model's labels (bundle value -> coded "
-                "concept) in its config/models.yaml entry"
-            )
-        return label_mapping(entries, source)
-
-    @property
-    def kind(self) -> ModelKind:
-        return "segmentation"
-
-    def predict_values(self, volume: Volume) -> npt.NDArray[np.int64]:
-        """The bundle's own output values on the volume's ``[slice, row, column]`` grid (before label mapping)."""
-        self._check_modality(volume)
-        return self._pipeline.label_values(volume)
-
-    def _check_modality(self, volume: Volume) -> None:
-        if self._modality and volume.modality and volume.modality != self._modality:
-            raise BundleError(
-                f"{self._pipeline.source}: expects {self._modality}, series {volume.series_instance_uid} is "
-                f"{volume.modality}"
-            )
-
-    def predict(self, volume: Volume) -> SegmentationResult:
-        """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels.
-
-        ``low_confidence_fraction`` is set when the bundle's postprocessing applies a softmax.
-        """
-        self._check_modality(volume)
-        output = self._pipeline.run(volume)
-        return SegmentationResult(label_map=remap_labels(output.values, self._mapping), labels=self.labels,
-                                  low_confidence_fraction=output.low_confidence_fraction)
 
 
 def applies_softmax(compose: Any, key: str) -> bool:

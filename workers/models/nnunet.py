@@ -55,14 +55,11 @@ import numpy.typing as npt
 import torch
 from scipy import ndimage
 
-from dicom_node.contracts import AlgorithmInfo, SegmentLabel
+from dicom_node.contracts import SegmentLabel
 from dicom_node.model_catalog import BundleError, NnUNetOptions
 from workers.models.base import LabelledModel, ModelKind, SegmentationResult
-from workers.models.monai_bundle import (
-    low_confidence_fraction,
-    remap_labels,
-    resolve_device,
-)
+from workers.models.loading import file_algorithm, resolve_device
+from workers.models.monai_bundle import low_confidence_fraction, remap_labels
 from workers.volume import Volume
 
 __all__ = [
@@ -460,8 +457,7 @@ class NnUNetModel(LabelledModel):
         pp_path = self.path / "postprocessing.pkl"
         self.postprocessing = read_postprocessing(pp_path) if pp_path.is_file() else []
         self._mapping = dict(labels)
-        self._algorithm = AlgorithmInfo(name=(name or self.path.name)[:64], version=version[:64],
-                                        model_id=model_id or self.path.name)
+        self._algorithm = file_algorithm(self.path, model_id, name, version)
         logger.info("loaded %s (%s, folds %s, postprocessing steps %d) as model %s on %s in %.1f s", where,
                     options.configuration, list(options.folds), len(self.postprocessing),
                     self._algorithm.model_id, self.device, time.perf_counter() - started)

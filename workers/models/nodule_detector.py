@@ -28,16 +28,10 @@ import numpy.typing as npt
 import torch
 
 from dicom_node.contracts import Detection, SegmentLabel
-from workers.models.base import DetectionResult, LabelledModel, ModelKind
+from dicom_node.model_catalog import BundleError, label_mapping, metadata_labels, read_bundle_json
+from workers.models.base import DetectionResult, ModelKind
 from workers.models.detection_network import DetectorConfig, detect, load_detector
-from workers.models.monai_bundle import (
-    BundleError,
-    algorithm_info,
-    label_mapping,
-    metadata_labels,
-    read_bundle_json,
-    resolve_device,
-)
+from workers.models.loading import BundleModel, open_bundle
 from workers.volume import Volume
 
 __all__ = ["AxialGrid", "NoduleDetectorModel", "axial_lps_grid"]
@@ -136,10 +130,10 @@ def _resample_oblique(volume: Volume, spacing_zyx: tuple[float, float, float]) -
     )
 
 
-class NoduleDetectorModel(LabelledModel):
+class NoduleDetectorModel(BundleModel):
     """A CenterNet detection bundle (written by :mod:`training.detection`), loaded once.
 
-    ``bundle_dir``: the bundle. ``device``: see :func:`~workers.models.monai_bundle.resolve_device`
+    ``bundle_dir``: the bundle. ``device``: see :func:`~workers.models.loading.resolve_device`
     (AMP on CUDA, as :func:`~workers.models.detection_network.predict_heads` does). ``labels``:
     ``{class index: SegmentLabel}`` (default: the metadata's ``dicom_node.labels``
     matched to the bundle's classes by name). ``overrides``: :class:`~workers.models.detection_network.DetectorConfig`
@@ -160,17 +154,16 @@ class NoduleDetectorModel(LabelledModel):
         version: str | None = None,
     ) -> None:
         started = time.perf_counter()
-        self.bundle_dir = Path(bundle_dir)
-        source = f"bundle {self.bundle_dir}"
-        meta = read_bundle_json(self.bundle_dir, "metadata.json")
+        bundle = open_bundle(bundle_dir, kind=None, device=device, model_id=model_id, name=name, version=version,
+                             need_config=False)
+        source = self._keep(bundle)
         inference = read_bundle_json(self.bundle_dir, "inference.json")
-        kind = (meta.get("dicom_node") or {}).get("kind")
+        kind = (bundle.meta.get("dicom_node") or {}).get("kind")
         if kind != "detection" or "detection" not in inference:
             raise BundleError(
                 f"{source}: not a CenterNet detection bundle (dicom_node.kind {kind!r}, "
                 f"inference.json {'has' if 'detection' in inference else 'lacks'} a 'detection' section)"
             )
-        self.device = resolve_device(device)
         network, config = load_detector(self.bundle_dir, device=self.device, prefer_torchscript=prefer_torchscript)
         if overrides:
             known = {f.name for f in dataclasses.fields(DetectorConfig)}
@@ -180,9 +173,8 @@ class NoduleDetectorModel(LabelledModel):
             config = dataclasses.replace(config, **dict(overrides))
         self._network = network
         self._config = config
-        self._algorithm = algorithm_info(meta, self.bundle_dir, model_id, name, version)
         classes = [str(c) for c in (inference.get("postprocessing") or {}).get("classes", [])]
-        self._mapping = dict(labels) if labels is not None else _class_labels(meta, classes, source)
+        self._mapping = dict(labels) if labels is not None else _class_labels(bundle.meta, classes, source)
         self._source = source
         logger.info(
             "loaded %s as model %s on %s in %.1f s",

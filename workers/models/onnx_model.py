@@ -36,18 +36,11 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from dicom_node.contracts import AlgorithmInfo, SegmentLabel
-from dicom_node.model_catalog import TorchScriptPreprocessing
-from workers.models.base import LabelledModel, ModelKind, SegmentationResult
-from workers.models.monai_bundle import (
-    BundleError,
-    InferencePipeline,
-    applies_softmax,
-    remap_labels,
-    resolve_device,
-)
-from workers.models.torchscript import check_file_and_labels, pipeline_transforms
-from workers.volume import Volume
+from dicom_node.contracts import SegmentLabel
+from dicom_node.model_catalog import BundleError, TorchScriptPreprocessing
+from workers.models.loading import file_algorithm, resolve_device
+from workers.models.monai_bundle import SegmentationPipelineModel
+from workers.models.torchscript import check_file_and_labels, sliding_window_pipeline
 
 __all__ = ["OnnxNetwork", "OnnxSegmentationModel", "execution_providers"]
 
@@ -147,12 +140,12 @@ class OnnxNetwork:
         return np.asarray(out, dtype=np.float32)
 
 
-class OnnxSegmentationModel(LabelledModel):
+class OnnxSegmentationModel(SegmentationPipelineModel):
     """An ONNX segmentation network with explicit preprocessing, loaded once into an ONNX Runtime session.
 
     ``path``: the ``.onnx`` file. ``preprocessing``: see :class:`TorchScriptPreprocessing`.
     ``labels``: ``{network output value: SegmentLabel}``; values without a label
-    become background. ``device``: see :func:`~workers.models.monai_bundle.resolve_device`;
+    become background. ``device``: see :func:`~workers.models.loading.resolve_device`;
     the session's providers follow it (:func:`execution_providers`). ``threads``:
     the session's intra-op threads. ``model_id``, ``name``, ``version`` name the
     model in results.
@@ -170,8 +163,6 @@ class OnnxSegmentationModel(LabelledModel):
         name: str | None = None,
         version: str = "unknown",
     ) -> None:
-        from monai.inferers import SlidingWindowInferer
-
         started = time.perf_counter()
         self.path = Path(path)
         source = f"ONNX model {self.path}"
@@ -180,26 +171,9 @@ class OnnxSegmentationModel(LabelledModel):
         self.network = OnnxNetwork(self.path, self.device, threads)
         _check_fixed_axes(self.network.input_shape, preprocessing, source)
         self._mapping = dict(labels)
-        self._algorithm = AlgorithmInfo(
-            name=(name or self.path.stem)[:64], version=version[:64], model_id=model_id or self.path.stem
-        )
-        pre, post = pipeline_transforms(preprocessing, "image", "pred")
-        self._pipeline = InferencePipeline(
-            source=source,
-            preprocessing=pre,
-            network=self.network,
-            inferer=SlidingWindowInferer(
-                roi_size=list(preprocessing.roi_size),
-                sw_batch_size=preprocessing.sw_batch_size,
-                overlap=preprocessing.overlap,
-                mode="gaussian",
-                padding_mode=preprocessing.padding_mode,
-            ),
-            postprocessing=post,
-            device=self.device,
-            amp=False,  # the session decides its own precision; autocast would only touch the blending
-            softmax_output=applies_softmax(post, "pred"),
-        )
+        self._algorithm = file_algorithm(self.path, model_id, name, version)
+        # amp False: the session decides its own precision; autocast would only touch the blending.
+        self._pipeline = sliding_window_pipeline(source, self.network, preprocessing, self.device, amp=False)
         logger.info(
             "loaded %s as model %s on %s with ONNX Runtime providers %s in %.1f s",
             source, self._algorithm.model_id, self.device, ", ".join(self.network.providers),
@@ -207,24 +181,9 @@ class OnnxSegmentationModel(LabelledModel):
         )
 
     @property
-    def kind(self) -> ModelKind:
-        return "segmentation"
-
-    @property
     def providers(self) -> list[str]:
         """The ONNX Runtime execution providers the model runs with, best first."""
         return self.network.providers
-
-    def predict_values(self, volume: Volume) -> npt.NDArray[np.int64]:
-        """The network's argmax output values on the volume's ``[slice, row, column]`` grid."""
-        return self._pipeline.label_values(volume)
-
-    def predict(self, volume: Volume) -> SegmentationResult:
-        """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels,
-        with the network's ``low_confidence_fraction``."""
-        output = self._pipeline.run(volume)
-        return SegmentationResult(label_map=remap_labels(output.values, self._mapping), labels=self.labels,
-                                  low_confidence_fraction=output.low_confidence_fraction)
 
 
 def _check_fixed_axes(shape: Sequence[Any], pre: TorchScriptPreprocessing, source: str) -> None:

@@ -99,7 +99,28 @@ def _small_wins(probabilities: torch.Tensor, channel: int, min_voxels: int,
     return torch.from_numpy(wins_np & small[components]).to(probabilities.device)
 
 
-class DropSmallComponentsd:
+class _EachKey:
+    """A MONAI-style dictionary transform that applies :meth:`apply` to the tensor at each of ``keys``.
+
+    Why: the transforms below differ only in what they do to one tensor; taking the keys, making
+    a tensor of the value and leaving the other items alone is the same for all of them.
+    """
+
+    def __init__(self, keys: str | Sequence[str]) -> None:
+        self.keys = [keys] if isinstance(keys, str) else list(keys)
+
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        out = dict(data)
+        for key in self.keys:
+            value = out[key]
+            out[key] = self.apply(value if isinstance(value, torch.Tensor) else torch.as_tensor(value))
+        return out
+
+
+class DropSmallComponentsd(_EachKey):
     """Dictionary transform for a bundle's postprocessing: :func:`drop_small_components` on ``keys``.
 
     Place it after ``Activationsd(softmax=True)`` and before ``AsDiscreted(argmax=True)``.
@@ -108,20 +129,14 @@ class DropSmallComponentsd:
 
     def __init__(self, keys: str | Sequence[str], channel: int, min_voxels: int,
                  keep_probability: float | None = None) -> None:
-        self.keys = [keys] if isinstance(keys, str) else list(keys)
+        super().__init__(keys)
         self.channel, self.min_voxels = int(channel), int(min_voxels)
         self.keep_probability = None if keep_probability is None else float(keep_probability)
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = dict(data)
-        for key in self.keys:
-            value = out[key]
-            if not isinstance(value, torch.Tensor):
-                value = torch.as_tensor(value)
-            # drop_small_components checks the arguments and clones; a MetaTensor's clone keeps its metadata
-            # (affine and applied operations, which Invertd needs).
-            out[key] = drop_small_components(value, self.channel, self.min_voxels, self.keep_probability)
-        return out
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        # drop_small_components checks the arguments and clones; a MetaTensor's clone keeps its metadata
+        # (affine and applied operations, which Invertd needs).
+        return drop_small_components(value, self.channel, self.min_voxels, self.keep_probability)
 
 
 def _in_plane_disk(radius: int) -> np.ndarray:
@@ -199,7 +214,7 @@ def keep_inside_body(labels: torch.Tensor, inside_labels: Sequence[int], body_la
     return out
 
 
-class KeepInsideBodyd:
+class KeepInsideBodyd(_EachKey):
     """Dictionary transform for a bundle's postprocessing: :func:`keep_inside_body` on ``keys``.
 
     Place it after ``AsDiscreted(argmax=True)`` and before ``Invertd``: on the
@@ -210,18 +225,12 @@ class KeepInsideBodyd:
 
     def __init__(self, keys: str | Sequence[str], inside_labels: Sequence[int], body_labels: Sequence[int],
                  closing_voxels: int = 0) -> None:
-        self.keys = [keys] if isinstance(keys, str) else list(keys)
+        super().__init__(keys)
         # Checked here too, so that a bundle with a wrong step fails when it is loaded, not on the first study.
         self.inside_labels, self.body_labels = _label_sets(inside_labels, body_labels)
         if closing_voxels < 0:
             raise ValueError(f"closing_voxels must be >= 0, got {closing_voxels}")
         self.closing_voxels = int(closing_voxels)
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        out = dict(data)
-        for key in self.keys:
-            value = out[key]
-            if not isinstance(value, torch.Tensor):
-                value = torch.as_tensor(value)
-            out[key] = keep_inside_body(value, self.inside_labels, self.body_labels, self.closing_voxels)
-        return out
+    def apply(self, value: torch.Tensor) -> torch.Tensor:
+        return keep_inside_body(value, self.inside_labels, self.body_labels, self.closing_voxels)

@@ -33,7 +33,8 @@ from dicom_node.model_catalog import (
     resolve_model_path,
 )
 from workers.models.base import Model
-from workers.models.monai_bundle import MonaiBundleModel, resolve_device
+from workers.models.loading import resolve_device
+from workers.models.monai_bundle import MonaiBundleModel
 from workers.models.torchscript import TorchScriptSegmentationModel
 
 __all__ = [

@@ -61,16 +61,17 @@ import torch
 from torch import nn
 
 from dicom_node.contracts import Detection, SegmentLabel
-from dicom_node.model_catalog import (
-    BundleError,
-    algorithm_info,
-    declared_modality,
-    label_mapping,
-    metadata_labels,
-    read_bundle_json,
+from dicom_node.model_catalog import BundleError
+from workers.models.base import DetectionResult, ModelKind
+from workers.models.loading import (
+    MISSING,
+    BundleModel,
+    bundle_network,
+    bundle_parser,
+    check_modality,
+    mapping_or_metadata,
+    open_bundle,
 )
-from workers.models.base import DetectionResult, LabelledModel, ModelKind
-from workers.models.monai_bundle import _load_weights, resolve_device
 from workers.models.nodule_detector import AxialGrid, axial_lps_grid
 from workers.volume import Volume
 
@@ -102,7 +103,6 @@ _LOADERS = frozenset({"LoadImaged", "LoadImage", "monai.transforms.LoadImaged", 
 _ZOO_INFERER = "scripts.detection_inferer.RetinaNetInferer"
 #: Flips LPS to RAS and back (x and y change sign).
 _LPS_RAS = np.array([-1.0, -1.0, 1.0])
-_MISSING = object()
 
 
 # --------------------------------------------------------------------------- torchvision-free feature extractor
@@ -355,10 +355,10 @@ def boxes_to_world_lps(
 # --------------------------------------------------------------------------- the model
 
 
-class RetinaNetBundleModel(LabelledModel):
+class RetinaNetBundleModel(BundleModel):
     """A MONAI RetinaNet detection bundle (Model Zoo layout), loaded once, run on volumes without torchvision.
 
-    ``bundle_dir``: the bundle. ``device``: see :func:`~workers.models.monai_bundle.resolve_device`
+    ``bundle_dir``: the bundle. ``device``: see :func:`~workers.models.loading.resolve_device`
     (AMP on CUDA when the bundle's ``amp`` says so). ``labels``: ``{class index:
     SegmentLabel}`` (required unless the metadata has ``dicom_node.labels``).
     ``overrides``: MONAI config ids and values set before parsing, e.g.
@@ -381,50 +381,24 @@ class RetinaNetBundleModel(LabelledModel):
         version: str | None = None,
     ) -> None:
         import monai
-        from monai.bundle import ConfigParser
 
         started = time.perf_counter()
-        self.bundle_dir = Path(bundle_dir)
-        source = f"bundle {self.bundle_dir}"
-        self._source = source
-        config_path = self.bundle_dir / "configs" / "inference.json"
-        if not config_path.is_file():
-            raise BundleError(f"{source}: no configs/inference.json")
-        meta = read_bundle_json(self.bundle_dir, "metadata.json")
-        self._algorithm = algorithm_info(meta, self.bundle_dir, model_id, name, version)
-        self._modality = declared_modality(meta)
-        self._mapping = dict(labels) if labels is not None else self._metadata_mapping(meta, source)
-        self.device = resolve_device(device)
-
-        parser = ConfigParser(globals={"monai": monai, "torch": torch, "np": np, "numpy": np,
-                                       _SELF: __import__(__name__, fromlist=["_"])})
-        parser.read_config(str(config_path))
-        parser.read_meta(str(self.bundle_dir / "configs" / "metadata.json"))
-        for key, value in (overrides or {}).items():
-            if parser.get(key, _MISSING) is _MISSING:
-                raise BundleError(f"{source}: override {key!r} names no item of configs/inference.json")
-            parser[key] = value
-        for key in ("network_def", "detector", "preprocessing"):
-            if parser.get(key, _MISSING) is _MISSING:
-                raise BundleError(f"{source}: configs/inference.json has no {key!r}")
+        bundle = open_bundle(bundle_dir, kind=None, device=device, model_id=model_id, name=name, version=version)
+        source = self._source = self._keep(bundle)
+        self._mapping = mapping_or_metadata(
+            labels, bundle.meta, source, "the Model Zoo's RetinaNet bundles name no coded labels in theirs: give "
+            "the model's labels in its config/models.yaml entry, each with bundle_value = the detector's class "
+            "index (0 for a one-class detector)")
+        parser = bundle_parser(bundle, overrides, ("network_def", "detector", "preprocessing"),
+                               config_globals={"monai": monai, "torch": torch, "np": np, "numpy": np,
+                                               _SELF: __import__(__name__, fromlist=["_"])})
         parser[""] = _torchvision_free(parser.get())
-        parser["bundle_root"] = str(self.bundle_dir)
-        parser["device"] = f"$torch.device({str(self.device)!r})"
         parser["preprocessing"] = _without_loaders(parser["preprocessing"], source)
-
-        network = parser.get_parsed_content("network_def")
-        weights = self.bundle_dir / "models" / "model.pt"
-        if random_weights:
-            logger.warning("%s: serving the network as built, without weights (compatibility testing only)", source)
-        elif weights.is_file():
-            _load_weights(network, weights, source)
-        else:
-            raise BundleError(f"{source}: no models/model.pt")
-        network.to(self.device).eval()
+        network = bundle_network(parser, bundle, random_weights=random_weights)
         detector = parser.get_parsed_content("detector")
         if type(detector).__name__ != "RetinaNetDetector":
             raise BundleError(f"{source}: 'detector' is a {type(detector).__name__}, expected a RetinaNetDetector")
-        if parser.get("detector_ops", _MISSING) is not _MISSING:
+        if parser.get("detector_ops", MISSING) is not MISSING:
             parser.get_parsed_content("detector_ops")
         detector.network = network
         detector.eval()
@@ -438,22 +412,11 @@ class RetinaNetBundleModel(LabelledModel):
                            "their own spacing (for the Model Zoo bundle set override whether_raw_luna16: true)", source)
         self._image_key = str(parser.get("image_key", "image"))
         self._amp = self.device.type == "cuda" and bool(parser.get_parsed_content("amp")
-                                                         if parser.get("amp", _MISSING) is not _MISSING else True)
+                                                         if parser.get("amp", MISSING) is not MISSING else True)
         logger.info(
             "loaded %s as RetinaNet model %s on %s (AMP %s) in %.1f s",
             source, self._algorithm.model_id, self.device, self._amp, time.perf_counter() - started,
         )
-
-    @staticmethod
-    def _metadata_mapping(meta: Mapping[str, Any], source: str) -> dict[int, SegmentLabel]:
-        entries = metadata_labels(meta, source)
-        if entries is None:
-            raise BundleError(
-                f"{source}: a RetinaNet bundle's metadata names no coded labels (no dicom_node.labels); give the "
-                "model's labels in its config/models.yaml entry, each with bundle_value = the detector's class index "
-                "(0 for a one-class detector)"
-            )
-        return label_mapping(entries, source)
 
     def _check_labels(self, num_classes: int) -> None:
         outside = sorted(value for value in self._mapping if not 0 <= value < num_classes)
@@ -464,8 +427,8 @@ class RetinaNetBundleModel(LabelledModel):
             )
 
     def _sliding_window_flag(self, parser: Any) -> bool:
-        inferer = parser.get("inferer", _MISSING)
-        if inferer is _MISSING:
+        inferer = parser.get("inferer", MISSING)
+        if inferer is MISSING:
             return False
         target = str(inferer.get("_target_", "")) if isinstance(inferer, dict) else ""
         if target != _ZOO_INFERER:
@@ -495,10 +458,7 @@ class RetinaNetBundleModel(LabelledModel):
 
     def raw_detections(self, volume: Volume) -> tuple[dict[str, torch.Tensor], Any]:
         """The detector's output for ``volume`` (boxes in voxels of the preprocessed image) and that image."""
-        if self._modality and volume.modality and volume.modality != self._modality:
-            raise BundleError(
-                f"{self._source}: expects {self._modality}, series {volume.series_instance_uid} is {volume.modality}"
-            )
+        check_modality(self._modality, volume, self._source)
         data = self._preprocessing({self._image_key: _grid_metatensor(self._grid(volume))})
         image = data[self._image_key]
         sliding = self._use_sliding_window(image)

@@ -18,28 +18,19 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 import torch
 
-from dicom_node.contracts import AlgorithmInfo, SegmentLabel
-from dicom_node.model_catalog import TorchScriptPreprocessing
-from workers.models.base import LabelledModel, ModelKind, SegmentationResult
-from workers.models.monai_bundle import (
-    BundleError,
-    InferencePipeline,
-    applies_softmax,
-    remap_labels,
-    resolve_device,
-)
-from workers.volume import Volume
+from dicom_node.contracts import SegmentLabel
+from dicom_node.model_catalog import BundleError, TorchScriptPreprocessing
+from workers.models.loading import file_algorithm, load_torchscript, resolve_device
+from workers.models.monai_bundle import InferencePipeline, SegmentationPipelineModel, applies_softmax
 
-__all__ = ["TorchScriptPreprocessing", "TorchScriptSegmentationModel", "check_file_and_labels", "pipeline_transforms"]
+__all__ = ["TorchScriptPreprocessing", "TorchScriptSegmentationModel", "check_file_and_labels", "pipeline_transforms",
+           "sliding_window_pipeline"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +75,32 @@ def pipeline_transforms(pre: TorchScriptPreprocessing, image_key: str, pred_key:
     return preprocessing, postprocessing
 
 
-class TorchScriptSegmentationModel(LabelledModel):
+def sliding_window_pipeline(source: str, network: Any, pre: TorchScriptPreprocessing, device: torch.device,
+                            amp: bool) -> InferencePipeline:
+    """The :class:`InferencePipeline` of a single-file network: :func:`pipeline_transforms` around a Gaussian
+    sliding window of ``pre.roi_size`` (what the project's bundles run; the softmax gives the confidence signal)."""
+    from monai.inferers import SlidingWindowInferer
+
+    preprocessing, postprocessing = pipeline_transforms(pre, "image", "pred")
+    return InferencePipeline(
+        source=source,
+        preprocessing=preprocessing,
+        network=network,
+        inferer=SlidingWindowInferer(
+            roi_size=list(pre.roi_size),
+            sw_batch_size=pre.sw_batch_size,
+            overlap=pre.overlap,
+            mode="gaussian",
+            padding_mode=pre.padding_mode,
+        ),
+        postprocessing=postprocessing,
+        device=device,
+        amp=amp,
+        softmax_output=applies_softmax(postprocessing, "pred"),
+    )
+
+
+class TorchScriptSegmentationModel(SegmentationPipelineModel):
     """A TorchScript segmentation network with explicit preprocessing, loaded once.
 
     ``path``: the ``.ts`` file. ``preprocessing``: see :class:`TorchScriptPreprocessing`.
@@ -106,58 +122,17 @@ class TorchScriptSegmentationModel(LabelledModel):
         name: str | None = None,
         version: str = "unknown",
     ) -> None:
-        from monai.inferers import SlidingWindowInferer
-
         started = time.perf_counter()
         self.path = Path(path)
         source = f"TorchScript model {self.path}"
         check_file_and_labels(self.path, labels, source)
         self.device = resolve_device(device)
-        with warnings.catch_warnings():
-            # torch.jit is deprecated in recent PyTorch, but model.ts is what MONAI bundles ship.
-            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
-            try:
-                network = torch.jit.load(str(self.path), map_location=self.device)
-            except RuntimeError as exc:
-                raise BundleError(f"{source}: not a loadable TorchScript file: {exc}") from exc
-        network.eval()
+        network = load_torchscript(self.path, self.device, source)
         self._mapping = dict(labels)
-        self._algorithm = AlgorithmInfo(
-            name=(name or self.path.stem)[:64], version=version[:64], model_id=model_id or self.path.stem
-        )
-        pre, post = pipeline_transforms(preprocessing, "image", "pred")
-        self._pipeline = InferencePipeline(
-            source=source,
-            preprocessing=pre,
-            network=network,
-            inferer=SlidingWindowInferer(
-                roi_size=list(preprocessing.roi_size),
-                sw_batch_size=preprocessing.sw_batch_size,
-                overlap=preprocessing.overlap,
-                mode="gaussian",
-                padding_mode=preprocessing.padding_mode,
-            ),
-            postprocessing=post,
-            device=self.device,
-            amp=self.device.type == "cuda" if amp is None else bool(amp),
-            softmax_output=applies_softmax(post, "pred"),
-        )
+        self._algorithm = file_algorithm(self.path, model_id, name, version)
+        self._pipeline = sliding_window_pipeline(source, network, preprocessing, self.device,
+                                                 self.device.type == "cuda" if amp is None else bool(amp))
         logger.info(
             "loaded %s as model %s on %s (AMP %s) in %.1f s",
             source, self._algorithm.model_id, self.device, self._pipeline.amp, time.perf_counter() - started,
         )
-
-    @property
-    def kind(self) -> ModelKind:
-        return "segmentation"
-
-    def predict_values(self, volume: Volume) -> npt.NDArray[np.int64]:
-        """The network's argmax output values on the volume's ``[slice, row, column]`` grid."""
-        return self._pipeline.label_values(volume)
-
-    def predict(self, volume: Volume) -> SegmentationResult:
-        """Segment ``volume``: a uint8 label map in its own grid, values mapped to this model's labels,
-        with the network's ``low_confidence_fraction``."""
-        output = self._pipeline.run(volume)
-        return SegmentationResult(label_map=remap_labels(output.values, self._mapping), labels=self.labels,
-                                  low_confidence_fraction=output.low_confidence_fraction)

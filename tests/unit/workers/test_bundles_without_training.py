@@ -89,9 +89,9 @@ def test_the_detection_bundle_builds_and_runs_its_network_without_training(tmp_p
     bundle = BUNDLES / "lung_nodule_detection"
     config = json.loads((bundle / "configs" / "inference.json").read_text())
     # Nothing for `monai.bundle run` to run: workers.models.nodule_detector drives the network. Its
-    # `postprocessing` is a description of the decoding (no _target_), and its `inferer` carries a "note"
-    # key that SlidingWindowInferer does not take, so neither is instantiated here.
-    assert "run" not in config and "_target_" not in config["postprocessing"] and "note" in config["inferer"]
+    # `postprocessing` is a description of the decoding (no _target_), so it is not instantiated here; its
+    # `inferer` explains itself in MONAI's `_desc_` key, which ConfigParser leaves out of the arguments.
+    assert "run" not in config and "_target_" not in config["postprocessing"] and "_desc_" in config["inferer"]
     image = tmp_path / "case.nii.gz"
     _phantom_nifti(image)
     done = _run(f"""
@@ -106,6 +106,8 @@ def test_the_detection_bundle_builds_and_runs_its_network_without_training(tmp_p
         state = torch.load({str(bundle / "models" / "model.pt")!r}, map_location="cpu", weights_only=True)
         network.load_state_dict(state.get("model", state) if "model" in state else state)
         image = parser.get_parsed_content("preprocessing")({{"image": {str(image)!r}}})["image"]
+        inferer = parser.get_parsed_content("inferer")
+        print("inferer:", type(inferer).__name__, list(inferer.roi_size))
         with torch.no_grad():
             out = network.eval()(image[None].float())
         outs = out if isinstance(out, (list, tuple)) else list(out.values()) if isinstance(out, dict) else [out]
@@ -114,3 +116,4 @@ def test_the_detection_bundle_builds_and_runs_its_network_without_training(tmp_p
     assert done.returncode == 0, done.stderr[-4000:]
     assert "training modules: []" in done.stdout
     assert "input: (1, 160, 160, 96) outputs: [(1, 7, 80, 80, 48)]" in done.stdout, done.stdout
+    assert "inferer: SlidingWindowInferer [192, 192, 128]" in done.stdout, done.stdout

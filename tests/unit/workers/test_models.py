@@ -52,17 +52,18 @@ from tests.unit.workers.model_fixtures import (
     write_random_chest_bundle,
     write_threshold_bundle,
 )
+from tests.zoo import model_zoo_bundle
 from training.labels import CHEST_LABELS
 from training.phantoms.chest import PhantomConfig, generate_chest_phantom
 from training.phantoms.ct_series import SeriesGeometry, generate_ct_series, simple_body_phantom
 from workers.models.base import DetectionResult, Model, SegmentationResult
+from dicom_node.model_catalog import BundleError
+from workers.models.loading import resolve_device
 from workers.models.monai_bundle import (
-    BundleError,
     MonaiBundleModel,
     label_map_to_volume,
     ras_affine,
     remap_labels,
-    resolve_device,
     volume_to_metatensor,
 )
 from workers.models.nodule_detector import NoduleDetectorModel, axial_lps_grid
@@ -71,7 +72,6 @@ from workers.models.torchscript import TorchScriptPreprocessing, TorchScriptSegm
 from workers.volume import Volume
 
 REPO = Path(__file__).resolve().parents[3]
-ZOO = REPO.parent / "shared" / "monai-bundles"
 DETECTOR = REPO / "workers" / "bundles" / "lung_nodule_detection"
 
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
@@ -310,7 +310,7 @@ def test_model_zoo_spleen_bundle_runs_with_its_own_configs(tmp_path: Path) -> No
     from monai.bundle import ConfigParser
 
     bundle = tmp_path / "spleen_ct_segmentation"
-    shutil.copytree(ZOO / "spleen_ct_segmentation", bundle)
+    shutil.copytree(model_zoo_bundle("spleen_ct_segmentation"), bundle)
     parser = ConfigParser()
     parser.read_config(str(bundle / "configs" / "inference.json"))
     (bundle / "models").mkdir()
@@ -326,7 +326,7 @@ def test_model_zoo_spleen_bundle_runs_with_its_own_configs(tmp_path: Path) -> No
 
 
 def test_model_zoo_whole_body_bundle_runs_with_its_own_configs() -> None:
-    bundle = ZOO / "wholeBody_ct_segmentation"
+    bundle = model_zoo_bundle("wholeBody_ct_segmentation")
     liver = SPLEEN.model_copy(update={"value": 2, "name": "liver"})
     model = MonaiBundleModel(bundle, device="cpu", random_weights=True, labels={1: SPLEEN, 5: liver})
     volume = _zoo_volume(SAGITTAL)

@@ -26,11 +26,8 @@ from training.onnx_export import (
 )
 from training.phantoms.chest import PhantomConfig, generate_chest_phantom
 from training.phantoms.ct_series import SeriesGeometry
-from workers.models.monai_bundle import (
-    BundleError,
-    MonaiBundleModel,
-    volume_to_metatensor,
-)
+from dicom_node.model_catalog import BundleError
+from workers.models.monai_bundle import MonaiBundleModel, volume_to_metatensor
 from workers.models.onnx_model import OnnxSegmentationModel, execution_providers
 from workers.models.registry import load_model_registry
 from workers.models.torchscript import TorchScriptPreprocessing, pipeline_transforms
