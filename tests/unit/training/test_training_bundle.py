@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.zoo import model_zoo_bundle
 from training.bundle import (
     HAND_WRITTEN_MARKER,
     dicom_node_section,
@@ -24,7 +25,6 @@ from training.bundle import (
 )
 from training.labels import CHEST_LABELS
 
-SHARED_BUNDLES = Path(__file__).resolve().parents[3].parent / "shared" / "monai-bundles"
 
 
 class Unscriptable(nn.Module):
@@ -164,7 +164,7 @@ def test_regenerated_model_cards_keep_their_hand_written_part(tmp_path: Path) ->
 
 
 def test_read_bundle_metadata_of_a_model_zoo_bundle() -> None:
-    meta = read_bundle_metadata(SHARED_BUNDLES / "spleen_ct_segmentation")
+    meta = read_bundle_metadata(model_zoo_bundle("spleen_ct_segmentation"))
     assert "dicom_node" not in meta
     assert meta["network_data_format"]["outputs"]["pred"]["channel_def"]["1"] == "spleen"
 

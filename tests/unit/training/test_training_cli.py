@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.zoo import model_zoo_bundle
 from training.cli import (
     add_phantom_command,
     add_training_commands,
@@ -20,7 +21,6 @@ from training.cli import (
     train_command,
 )
 
-SHARED_BUNDLES = Path(__file__).resolve().parents[3].parent / "shared" / "monai-bundles"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -79,7 +79,7 @@ def test_missing_dataset_is_an_error(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_evaluate_needs_a_dicom_node_bundle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code = main(["evaluate", "--bundle", str(SHARED_BUNDLES / "spleen_ct_segmentation"), "--dataset", str(tmp_path)])
+    code = main(["evaluate", "--bundle", str(model_zoo_bundle("spleen_ct_segmentation")), "--dataset", str(tmp_path)])
     assert code == 2 and "dicom_node.kind" in capsys.readouterr().err
     assert main(["evaluate", "--bundle", str(tmp_path / "none"), "--dataset", str(tmp_path)]) == 2
 
