@@ -44,7 +44,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 BUNDLES = ROOT / "workers" / "bundles"
-ZOO = Path(os.environ.get("DICOM_NODE_ZOO_CONFIGS") or ROOT.parent / "shared" / "monai-bundles") / "lung_nodule_ct_detection"
+ZOO_CONFIGS = Path(os.environ.get("DICOM_NODE_ZOO_CONFIGS") or ROOT.parent / "shared" / "monai-bundles")
+ZOO = ZOO_CONFIGS / "lung_nodule_ct_detection"
 FORMATS = ("monai_bundle", "torchscript", "onnx", "nnunet", "retinanet")
 #: The phantom before it is repeated 4x along each axis (z, y, x) and its spacing (mm).
 BASE_SHAPE, BASE_SPACING = (75, 128, 128), (3.2, 2.75, 2.75)
