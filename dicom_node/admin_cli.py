@@ -57,7 +57,7 @@ def _audit(sessions: sessionmaker[Session], action: str, target_kind: str, targe
 
 
 def _destinations(settings: Settings, args: argparse.Namespace) -> int:
-    from dicom_node.config_files import ConfigFileError, import_destinations_file
+    from dicom_node.config_files import import_destinations_file
     from dicom_node.config_service import CLI, DestinationsService, Refused
 
     writes = args.sub in ("add", "import", "remove")
@@ -77,21 +77,9 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
         print(f"destination {destination.name}: {destination.peer}{' (default)' if destination.default else ''}")
         return 0
     if args.sub == "import":
-        try:
-            imported = import_destinations_file(args.file, service, CLI)
-        except ConfigFileError as exc:
-            print(f"dicom-node: {exc}", file=sys.stderr)
-            return 2
-        print(f"imported {len(imported)} destination(s) from {args.file}")
-        return 0
+        return _import_file(lambda: import_destinations_file(args.file, service, CLI), args.file, "destination")
     if args.sub == "remove":
-        try:
-            service.delete(args.name, CLI)
-        except Refused as exc:
-            print(f"dicom-node: {exc}", file=sys.stderr)
-            return 1
-        print(f"destination {args.name} removed")
-        return 0
+        return _remove(lambda: service.delete(args.name, CLI), args.name, "destination")
     listed = config_repo.list_destinations(sessions)
     if args.json:
         print(json.dumps([d.model_dump(mode="json", context={"reveal_secrets": False}) for d in listed], indent=2))
@@ -108,30 +96,44 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _import_file(load: Callable[[], Sequence[Any]], path: Path, what: str) -> int:
+    """Import a rules or destinations file through the config service (``load``); 2 when it is refused."""
+    from dicom_node.config_files import ConfigFileError
+
+    try:
+        imported = load()
+    except ConfigFileError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    print(f"imported {len(imported)} {what}(s) from {path}")
+    return 0
+
+
+def _remove(delete: Callable[[], object], name: str, what: str) -> int:
+    """Remove a rule or destination through the config service (``delete``); 1 when it is refused."""
+    from dicom_node.config_service import Refused
+
+    try:
+        delete()
+    except Refused as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    print(f"{what} {name} removed")
+    return 0
+
+
 def _rules(settings: Settings, args: argparse.Namespace, image_check: ImageCheck | None) -> int:
-    from dicom_node.config_files import ConfigFileError, import_rules_file
-    from dicom_node.config_service import CLI, Refused, RulesService
+    from dicom_node.config_files import import_rules_file
+    from dicom_node.config_service import CLI, RulesService
 
     sessions = _sessions(settings, writes=args.sub in ("import", "remove"))
     if sessions is None:
         return 1
     service = RulesService(sessions, models_file=settings.routing.models_file, clock=_now)
     if args.sub == "remove":
-        try:
-            service.delete(args.name, CLI)
-        except Refused as exc:
-            print(f"dicom-node: {exc}", file=sys.stderr)
-            return 1
-        print(f"rule {args.name} removed")
-        return 0
+        return _remove(lambda: service.delete(args.name, CLI), args.name, "rule")
     if args.sub == "import":
-        try:
-            rules = import_rules_file(args.file, service, CLI)
-        except ConfigFileError as exc:
-            print(f"dicom-node: {exc}", file=sys.stderr)
-            return 2
-        print(f"imported {len(rules)} rule(s) from {args.file}")
-        return 0
+        return _import_file(lambda: import_rules_file(args.file, service, CLI), args.file, "rule")
     if args.sub == "list":
         rules = config_repo.list_rules(sessions)
         if args.json:
