@@ -80,6 +80,7 @@ __all__ = [
     "metadata_labels",
     "output_channel_def",
     "read_bundle_json",
+    "read_json_object",
     "resolve_model_path",
 ]
 
@@ -161,11 +162,16 @@ def label_mapping(entries: Sequence[BundleLabel], where: str) -> dict[int, Segme
 
 def read_bundle_json(bundle_dir: Path, name: str) -> dict[str, Any]:
     """``configs/<name>`` of a bundle as a dict (BundleError when missing or not a JSON object)."""
-    path = bundle_dir / "configs" / name
+    return read_json_object(bundle_dir / "configs" / name, f"bundle {bundle_dir}: no configs/{name}")
+
+
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """The JSON object in the model file ``path``; BundleError saying ``missing`` when there is no such file,
+    naming the path when it is not JSON or not an object."""
     try:
         content = json.loads(path.read_text())
     except FileNotFoundError as exc:
-        raise BundleError(f"bundle {bundle_dir}: no configs/{name}") from exc
+        raise BundleError(missing) from exc
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(content, dict):

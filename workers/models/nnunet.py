@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
-import json
 import logging
 import pickle
 import time
@@ -56,7 +55,7 @@ import torch
 from scipy import ndimage
 
 from dicom_node.contracts import SegmentLabel
-from dicom_node.model_catalog import BundleError, NnUNetOptions
+from dicom_node.model_catalog import BundleError, NnUNetOptions, read_json_object
 from workers.models.base import LabelledModel, ModelKind, SegmentationResult
 from workers.models.loading import file_algorithm, resolve_device
 from workers.models.monai_bundle import low_confidence_fraction, remap_labels
@@ -110,18 +109,6 @@ class NnUNetPlan:
         return len(set(self.labels.values()))
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError as exc:
-        raise BundleError(f"nnU-Net folder {path.parent}: no {path.name}") from exc
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(content, dict):
-        raise BundleError(f"{path} must hold a JSON object, got {type(content).__name__}")
-    return content
-
-
 def _configuration(plans: Mapping[str, Any], name: str, where: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The configuration ``name`` with its ``inherits_from`` chain resolved (as nnU-Net's PlansManager does)."""
     configurations = plans.get("configurations") or {}
@@ -142,8 +129,8 @@ def _configuration(plans: Mapping[str, Any], name: str, where: str, seen: tuple[
 def read_plan(folder: Path, configuration: str) -> NnUNetPlan:
     """The :class:`NnUNetPlan` of ``configuration`` in a trained-model folder (BundleError naming what is wrong)."""
     where = f"nnU-Net folder {folder}"
-    plans = _read_json(folder / "plans.json")
-    dataset = _read_json(folder / "dataset.json")
+    plans = read_json_object(folder / "plans.json", f"nnU-Net folder {folder}: no plans.json")
+    dataset = read_json_object(folder / "dataset.json", f"nnU-Net folder {folder}: no dataset.json")
     config = _configuration(plans, configuration, where)
     if config.get("previous_stage"):
         raise BundleError(f"{where}: configuration {configuration!r} is a cascade stage (after "
