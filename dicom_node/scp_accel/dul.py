@@ -169,6 +169,16 @@ class _FastDUL(DULServiceProvider):
             got += r
         return got
 
+    def _fp_read(self, raw: socket.socket, buf: bytearray) -> int | None:
+        """:meth:`_fp_recv_exact`, or None (Evt17 queued) when the connection failed."""
+        try:
+            return self._fp_recv_exact(raw, buf)
+        except (OSError, TimeoutError) as exc:
+            LOGGER.error("Connection closed before the entire PDU was received")
+            LOGGER.exception(exc)
+            self.event_queue.put("Evt17")
+            return None
+
     def _read_pdu_data(self) -> None:  # noqa: D102
         asock = self.socket
         raw = getattr(asock, "socket", None)
@@ -176,12 +186,8 @@ class _FastDUL(DULServiceProvider):
             return super()._read_pdu_data()
 
         header = bytearray(6)
-        try:
-            got = self._fp_recv_exact(raw, header)
-        except (OSError, TimeoutError) as exc:
-            LOGGER.error("Connection closed before the entire PDU was received")
-            LOGGER.exception(exc)
-            self.event_queue.put("Evt17")
+        got = self._fp_read(raw, header)
+        if got is None:
             return
         if got != 6:
             self.event_queue.put("Evt17")
@@ -200,12 +206,8 @@ class _FastDUL(DULServiceProvider):
             return
 
         body = bytearray(pdu_length)
-        try:
-            got = self._fp_recv_exact(raw, body)
-        except (OSError, TimeoutError) as exc:
-            LOGGER.error("Connection closed before the entire PDU was received")
-            LOGGER.exception(exc)
-            self.event_queue.put("Evt17")
+        got = self._fp_read(raw, body)
+        if got is None:
             return
         if got != pdu_length:
             LOGGER.error(
