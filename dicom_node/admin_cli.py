@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 #: for, header synonyms) -> the decision. ``rules test --image`` runs it as the worker will.
 ImageCheck = Callable[[Sequence[Path], str, "InputDomain", "SynonymTable"], "Applicability"]
 
-__all__ = ["ImageCheck", "run"]
+__all__ = ["ImageCheck", "add_commands", "run"]
 
 
 def _now() -> datetime:
@@ -465,6 +465,85 @@ def _list_models(registry: ModelCatalog, stored: dict[str, ModelSettingView], *,
         checks = "; ".join(row["plausibility_summary"]) or "none"
         print(f"    made for {row['made_for']}{warning} | results must pass: {checks}")
     return 0
+
+
+def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add the ``destinations``, ``rules``, ``jobs`` and ``models`` sub-commands to the CLI parser; ``common``
+    adds the options every command that reads the settings has (``--config``, ``--data-dir``)."""
+    from dicom_node.db.models import JobState
+
+    def command(group: Any, name: str, text: str, *positional: tuple[str, type]) -> argparse.ArgumentParser:
+        parser = group.add_parser(name, help=text)
+        common(parser)
+        for argument, kind in positional:
+            parser.add_argument(argument, type=kind)
+        return parser
+
+    def group(name: str, text: str) -> Any:
+        return commands.add_parser(name, help=text).add_subparsers(dest="sub", required=True)
+
+    name, file, model = ("name", str), ("file", Path), ("model_id", str)
+    job, delivery = ("job_id", int), ("delivery_id", int)
+    destinations = group("destinations", "where results are sent")
+    add = command(destinations, "add", "add or replace a DICOM destination", name)
+    add.add_argument("--ae-title", required=True, help="the destination's AE title")
+    add.add_argument("--host", required=True)
+    add.add_argument("--port", type=int, required=True)
+    add.add_argument("--default", action="store_true", help="receives the results of default rules")
+    add.add_argument("--outputs", default="SEG,SR,GSPS",
+                     help="objects it receives, any of SEG,SR,GSPS,PMAP,SC (default SEG,SR,GSPS)")
+    add.add_argument("--not-performed", choices=("none", "sr"), default="none",
+                     help="when a model declines a study or its result is held: send nothing (none, the default) "
+                          "or an 'AI analysis not performed' SR with the reason (sr)")
+    command(destinations, "list", "list destinations").add_argument("--json", action="store_true")
+    command(destinations, "import", "import destinations from a YAML file", file)
+    command(destinations, "remove", "remove a destination", name)
+
+    rules = group("rules", "routing rules")
+    command(rules, "list", "list routing rules").add_argument("--json", action="store_true")
+    command(rules, "import", "import rules from a YAML file (validated first)", file)
+    command(rules, "remove", "remove a routing rule", name)
+    command(rules, "test", "which rules match a received study, and why the others do not", ("study_uid", str)
+            ).add_argument("--image", action="store_true",
+                           help="also survey the images (which body regions they show), as the worker will")
+
+    job_commands = group("jobs", "jobs and their deliveries")
+    listing = command(job_commands, "list", "list jobs, newest first")
+    listing.add_argument("--json", action="store_true")
+    listing.add_argument("--study", help="only this Study Instance UID")
+    listing.add_argument("--state", choices=[s.value for s in JobState],
+                         help="only jobs in this state (held: results waiting for an operator)")
+    listing.add_argument("--limit", type=int, default=100)
+    command(job_commands, "retry", "run a failed or dead job again", job)
+    command(job_commands, "release", "send a held job's results (judged implausible) to its destinations after all",
+            job)
+    command(job_commands, "discard", "throw a held job's results away (their files too); nothing of them is sent",
+            job)
+    command(job_commands, "retry-delivery", "send a failed or dead delivery again", delivery)
+
+    models = group("models", "the model registry: list, add, enable or disable a model")
+    command(models, "list", "models of the registry and whether routing may use them").add_argument(
+        "--json", action="store_true")
+    add = command(models, "add", "check a model folder or file and register it (a new entry of routing.models_file)")
+    add.add_argument("path", type=Path, help="a MONAI bundle folder, an nnU-Net v2 results folder "
+                                             "(dataset.json, plans.json, fold_*), a .ts or an .onnx file")
+    add.add_argument("--id", required=True, dest="model_id", help="the id routing rules will name it by")
+    add.add_argument("--format", default="auto", choices=("auto", "monai_bundle", "torchscript", "onnx", "nnunet"),
+                     help="the model's format (default: detected from the files)")
+    add.add_argument("--kind", choices=("segmentation", "detection", "classification"),
+                     help="what it gives (default: the bundle's dicom_node.kind, else segmentation)")
+    add.add_argument("--version", help="the version written into results (default: the bundle's metadata version; "
+                                       "required for other formats)")
+    add.add_argument("--registry", type=Path, help="the registry file to add it to (default: routing.models_file)")
+    add.add_argument("--entry", type=Path, help="a YAML file of more entry fields: labels, preprocessing, nnunet, "
+                                                "input_domain, plausibility, title, series_number, name, overrides")
+    add.add_argument("--replace", action="store_true",
+                     help="register a new version of a model id already in the registry (its entry is replaced; "
+                          "fields not given are kept)")
+    for verb, text in (("enable", "let routing create jobs for a model again"),
+                       ("disable", "stop routing from creating jobs for a model (queued jobs still run)")):
+        command(models, verb, text, model).add_argument(
+            "--note", help="why (shown on the models page and kept in the audit log)")
 
 
 def run(settings: Settings, args: argparse.Namespace, *, image_check: ImageCheck | None = None) -> int:

@@ -41,8 +41,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from dicom_node.db.models import JobState
-
     parser = argparse.ArgumentParser(prog="dicom-node", description="DICOM AI node")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -68,106 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int, default=1, help="tasks at a time (1 per GPU for gpu)")
     worker.add_argument("--broker", help="broker URL (queue.broker_url), e.g. redis://host:6379/0")
 
-    destinations = commands.add_parser("destinations", help="where results are sent")
-    dest_commands = destinations.add_subparsers(dest="sub", required=True)
-    dest_add = dest_commands.add_parser("add", help="add or replace a DICOM destination")
-    _common(dest_add)
-    dest_add.add_argument("name")
-    dest_add.add_argument("--ae-title", required=True, help="the destination's AE title")
-    dest_add.add_argument("--host", required=True)
-    dest_add.add_argument("--port", type=int, required=True)
-    dest_add.add_argument("--default", action="store_true", help="receives the results of default rules")
-    dest_add.add_argument("--outputs", default="SEG,SR,GSPS", help="objects it receives, any of SEG,SR,GSPS,PMAP,SC (default SEG,SR,GSPS)")
-    dest_add.add_argument("--not-performed", choices=("none", "sr"), default="none",
-                          help="when a model declines a study or its result is held: send nothing (none, the "
-                               "default) or an 'AI analysis not performed' SR with the reason (sr)")
-    dest_list = dest_commands.add_parser("list", help="list destinations")
-    _common(dest_list)
-    dest_list.add_argument("--json", action="store_true")
-    dest_import = dest_commands.add_parser("import", help="import destinations from a YAML file")
-    _common(dest_import)
-    dest_import.add_argument("file", type=Path)
-    dest_remove = dest_commands.add_parser("remove", help="remove a destination")
-    _common(dest_remove)
-    dest_remove.add_argument("name")
+    from dicom_node import admin_cli, users_cli
 
-    rules = commands.add_parser("rules", help="routing rules")
-    rule_commands = rules.add_subparsers(dest="sub", required=True)
-    rules_list = rule_commands.add_parser("list", help="list routing rules")
-    _common(rules_list)
-    rules_list.add_argument("--json", action="store_true")
-    rules_import = rule_commands.add_parser("import", help="import rules from a YAML file (validated first)")
-    _common(rules_import)
-    rules_import.add_argument("file", type=Path)
-    rules_remove = rule_commands.add_parser("remove", help="remove a routing rule")
-    _common(rules_remove)
-    rules_remove.add_argument("name")
-    rules_test = rule_commands.add_parser("test", help="which rules match a received study, and why the others do not")
-    _common(rules_test)
-    rules_test.add_argument("study_uid")
-    rules_test.add_argument("--image", action="store_true",
-                            help="also survey the images (which body regions they show), as the worker will")
-
-    jobs_parser = commands.add_parser("jobs", help="jobs and their deliveries")
-    job_commands = jobs_parser.add_subparsers(dest="sub", required=True)
-    jobs_list = job_commands.add_parser("list", help="list jobs, newest first")
-    _common(jobs_list)
-    jobs_list.add_argument("--json", action="store_true")
-    jobs_list.add_argument("--study", help="only this Study Instance UID")
-    jobs_list.add_argument("--state", choices=[s.value for s in JobState],
-                           help="only jobs in this state (held: results waiting for an operator)")
-    jobs_list.add_argument("--limit", type=int, default=100)
-    jobs_retry = job_commands.add_parser("retry", help="run a failed or dead job again")
-    _common(jobs_retry)
-    jobs_retry.add_argument("job_id", type=int)
-    jobs_release = job_commands.add_parser(
-        "release", help="send a held job's results (judged implausible) to its destinations after all")
-    _common(jobs_release)
-    jobs_release.add_argument("job_id", type=int)
-    jobs_discard = job_commands.add_parser(
-        "discard", help="throw a held job's results away (their files too); nothing of them is sent")
-    _common(jobs_discard)
-    jobs_discard.add_argument("job_id", type=int)
-    deliveries_retry = job_commands.add_parser("retry-delivery", help="send a failed or dead delivery again")
-    _common(deliveries_retry)
-    deliveries_retry.add_argument("delivery_id", type=int)
-
-    from dicom_node.users_cli import add_commands as add_user_commands
-
-    add_user_commands(commands, _common)
-
-    models = commands.add_parser("models", help="the model registry: list, add, enable or disable a model")
-    model_commands = models.add_subparsers(dest="sub", required=True)
-    models_list = model_commands.add_parser("list", help="models of the registry and whether routing may use them")
-    _common(models_list)
-    models_list.add_argument("--json", action="store_true")
-    models_add = model_commands.add_parser(
-        "add", help="check a model folder or file and register it (a new entry of routing.models_file)")
-    _common(models_add)
-    models_add.add_argument("path", type=Path, help="a MONAI bundle folder, an nnU-Net v2 results folder "
-                                                    "(dataset.json, plans.json, fold_*), a .ts or an .onnx file")
-    models_add.add_argument("--id", required=True, dest="model_id", help="the id routing rules will name it by")
-    models_add.add_argument("--format", default="auto",
-                            choices=("auto", "monai_bundle", "torchscript", "onnx", "nnunet"),
-                            help="the model's format (default: detected from the files)")
-    models_add.add_argument("--kind", choices=("segmentation", "detection", "classification"),
-                            help="what it gives (default: the bundle's dicom_node.kind, else segmentation)")
-    models_add.add_argument("--version", help="the version written into results (default: the bundle's metadata "
-                                              "version; required for other formats)")
-    models_add.add_argument("--registry", type=Path,
-                            help="the registry file to add it to (default: routing.models_file)")
-    models_add.add_argument("--entry", type=Path,
-                            help="a YAML file of more entry fields: labels, preprocessing, nnunet, input_domain, "
-                                 "plausibility, title, series_number, name, overrides")
-    models_add.add_argument("--replace", action="store_true",
-                            help="register a new version of a model id already in the registry (its entry is "
-                                 "replaced; fields not given are kept)")
-    for name, text in (("enable", "let routing create jobs for a model again"),
-                       ("disable", "stop routing from creating jobs for a model (queued jobs still run)")):
-        command = model_commands.add_parser(name, help=text)
-        _common(command)
-        command.add_argument("model_id")
-        command.add_argument("--note", help="why (shown on the models page and kept in the audit log)")
+    admin_cli.add_commands(commands, _common)
+    users_cli.add_commands(commands, _common)
 
     # Making and checking the models the node serves (the training package owns them).
     from training.cli import add_phantom_command, add_training_commands

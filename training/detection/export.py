@@ -85,7 +85,7 @@ def inference_config(config: DetectorConfig) -> dict[str, Any]:
             "sw_batch_size": 1,
             "overlap": float(config.overlap),
             "mode": "gaussian",
-            "note": "used only when the image exceeds roi_size; otherwise the whole image in one pass",
+            "_desc_": "used only when the image exceeds roi_size; otherwise the whole image in one pass",
         },
         "postprocessing": {
             "output_channels": {

@@ -164,6 +164,8 @@ def test_an_entry_that_breaks_the_registry_leaves_the_file_as_it_was(tmp_path: P
 def test_cli_adds_records_the_history_and_says_how_to_start_a_registry(tmp_path: Path, registry: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data"
+    assert main(["db", "upgrade", "--data-dir", str(data)]) == 0  # models add works on the node's database
+    capsys.readouterr()
     assert main(["models", "add", str(_bundle(tmp_path)), "--id", "x", "--data-dir", str(data)]) == 1
     assert "copy config/models.yaml" in capsys.readouterr().err.replace("Copy", "copy")
     entry = tmp_path / "entry.yaml"
