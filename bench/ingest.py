@@ -10,7 +10,12 @@ much of the difference is the price of durability (the disk) and how much is sof
 Each node row is measured twice: with pynetdicom's public API (the default) and with
 ``dicom.accelerate: true`` (docs/receive-acceleration.md). ``--targets`` runs a subset.
 
-    python bench/ingest.py [--repeat 3] [--slices 300] [--targets NAME,...] [--keep]
+The node runs without its embedded worker (``queue.embedded_worker_queues: []``), so
+that, like storescp, it only receives: a node started for each run would otherwise load
+and warm up its models while the series arrives, and on a 2-core machine that measures
+the models, not the receive path (``--with-worker`` measures that case).
+
+    python bench/ingest.py [--repeat 3] [--slices 300] [--targets NAME,...] [--with-worker] [--keep]
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ sys.path.insert(0, str(REPO))
 from training.phantoms.ct_series import SeriesGeometry, generate_ct_series  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
+#: Whether the measured nodes run their embedded worker too (``--with-worker``).
+WITH_WORKER = False
 
 
 def free_port() -> int:
@@ -57,6 +64,7 @@ def wait_for_echo(port: int, ae_title: str, timeout: float = 60) -> None:
 
 @contextmanager
 def our_node(workdir: Path, fsync: bool = True, accelerate: bool = False) -> Iterator[tuple[int, str]]:
+    """``dicom-node serve`` on free ports in ``workdir``, receiving only unless ``WITH_WORKER`` is set."""
     port = free_port()
     data = workdir / "node-data"
     log = (workdir / "node.log").open("w")
@@ -69,6 +77,7 @@ def our_node(workdir: Path, fsync: bool = True, accelerate: bool = False) -> Ite
             "DICOM_NODE_STORAGE__FSYNC": str(fsync).lower(),
             "DICOM_NODE_DICOM__ACCELERATE": str(accelerate).lower(),
             "DICOM_NODE_LOG_LEVEL": "WARNING",
+            **({} if WITH_WORKER else {"DICOM_NODE_QUEUE__EMBEDDED_WORKER_QUEUES": "[]"}),
         },
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -148,7 +157,11 @@ def main() -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--targets", default="", help=f"comma-separated subset of: {', '.join(TARGETS)}")
+    parser.add_argument("--with-worker", action="store_true",
+                        help="run the node's embedded worker too (it loads the models while the series arrives)")
     args = parser.parse_args()
+    global WITH_WORKER
+    WITH_WORKER = args.with_worker
     chosen = [name.strip() for name in args.targets.split(",") if name.strip()] or list(TARGETS)
     unknown = sorted(set(chosen) - set(TARGETS))
     if unknown:
@@ -161,7 +174,8 @@ def main() -> int:
     )
     files = series.paths
     size_mb = sum(path.stat().st_size for path in files) / 1e6
-    print(f"{len(files)} files, {size_mb:.0f} MB; median of {args.repeat} runs each\n", flush=True)
+    print(f"{len(files)} files, {size_mb:.0f} MB; median of {args.repeat} runs each; node "
+          f"{'with' if WITH_WORKER else 'without'} its embedded worker; load average {_load()}\n", flush=True)
 
     results: dict[tuple[str, int], float] = {}
     for associations in (1, 4):
@@ -180,9 +194,14 @@ def main() -> int:
                 theirs = results.get((peer, associations))
                 cells.append(f"| {theirs:.0f} | {ours / theirs:.2f} " if theirs else "| - | - ")
             print("".join(cells) + "|")
+    print(f"\nload average at the end: {_load()}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
+
+
+def _load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 if __name__ == "__main__":
