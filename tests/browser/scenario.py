@@ -3,7 +3,8 @@
 Why: the admin UI must be tested on what a running node really holds. The study
 arrives over DICOM (DCMTK ``storescu`` to the node's own SCP) and is completed and
 routed by the node's own completion monitor and conductor (the built-in default
-rule); the worker's part (a real DICOM SEG written to the outbox, the job finished)
+rule); the worker's part (a real DICOM SEG and the worker's own preview picture written to
+the outbox, the job finished)
 and a delivery that fails until it is dead are done with the same
 ``dicom_node.db.jobs`` functions the workers and the dispatcher call. Nothing
 here patches the application.
@@ -30,6 +31,7 @@ from tests.integration.peers import run_tool, wait_for
 from tests.unit.workers.outputs_fixtures import ALGORITHM, LABELS, sphere_mask
 from workers.models.base import SegmentationResult
 from workers.outputs.common import SeriesIdentity
+from workers.outputs.preview import render_preview
 from workers.outputs.seg import build_seg
 from workers.volume import Volume, load_series
 
@@ -88,18 +90,24 @@ def finish_with_seg(node: Node, job_id: int, series_uid: str, destinations: list
     start = utc_now()
     assert jobs.claim_job(node.sessions, job_id, worker="browser-test:1", now=start, lease_seconds=60)
     volume = _stored_volume(node, series_uid)
-    seg = build_seg(volume, SegmentationResult(_label_map(volume), LABELS), ALGORITHM, IDENTITY)
+    result = SegmentationResult(_label_map(volume), LABELS)
+    seg = build_seg(volume, result, ALGORITHM, IDENTITY)
     assert seg is not None, "build_seg made no SEG from a label map with lungs and a nodule"
     buffer = io.BytesIO()
     seg.save_as(buffer, enforce_file_format=True)
     relative = f"job-{job_id}/seg-{seg.SOPInstanceUID}.dcm"
-    Spool(node.settings.outbox_dir, fsync=False).write(relative, [buffer.getvalue()])
+    outbox = Spool(node.settings.outbox_dir, fsync=False)
+    outbox.write(relative, [buffer.getvalue()])
+    preview: dict[str, str] = {}
+    for role, (name, data) in render_preview(volume, result, ALGORITHM).files().items():  # as the worker draws it
+        preview[role] = f"job-{job_id}/{name}"
+        outbox.write(preview[role], [data])
     stages = {"load": 0.18, "model_load": 0.52, "inference": 0.61, "encoding": 0.09, "outbox": 0.02}
     finished = start + timedelta(seconds=sum(stages.values()))
     _wait_until(finished)  # what happens next (the delivery's attempts) is stamped later, as it really would be
     return jobs.finish_job(
         node.sessions, job_id, now=finished, stage_seconds=stages,
-        summary={"kind": "segmentation", "volumes_ml": {"lung": 2310.4, "lung nodule": 0.5}},
+        summary={"kind": "segmentation", "volumes_ml": {"lung": 2310.4, "lung nodule": 0.5}, "preview": preview},
         results=[jobs.ResultSpec("SEG", str(seg.SOPClassUID), str(seg.SOPInstanceUID), str(seg.SeriesInstanceUID),
                                  relative)],
         destinations=destinations, delivery_max_attempts=2,
