@@ -148,8 +148,14 @@ class _Connection:
 
     @property
     def negotiated(self) -> bool:
-        """An association was requested and accepted (it holds a slot)."""
+        """An association was requested and accepted."""
         return self.association_id is not None and not self.rejected
+
+    @property
+    def holds_slot(self) -> bool:
+        """Accepted and its threads still run: an association whose threads ended holds no slot, even before
+        the reaper records its end (a peer's garbage ends pynetdicom's DUL thread without closing the socket)."""
+        return self.negotiated and self.assoc.is_alive()
 
 
 @dataclass(frozen=True)
@@ -227,7 +233,7 @@ class StorageSCP:
     def open_associations(self) -> int:
         """Associations holding a slot now (accepted, their threads not yet ended)."""
         with self._lock:
-            return sum(1 for connection in self._connections.values() if connection.negotiated)
+            return sum(1 for connection in self._connections.values() if connection.holds_slot)
 
     def listener_status(self) -> tuple[bool, str]:
         """Whether new associations can be accepted now, and a sentence saying why (for /readyz)."""
@@ -365,7 +371,7 @@ class StorageSCP:
                 _Connection(assoc, str(assoc.requestor.address), int(assoc.requestor.port), time.monotonic()),
             )
             connection.calling_ae_title = calling
-            open_now = sum(1 for other in self._connections.values() if other.negotiated)
+            open_now = sum(1 for other in self._connections.values() if other is not connection and other.holds_slot)
             decision = self._policy.decide(calling, called, connection.peer_address, open_now)
             connection.rejected = decision.rejection is not None
             if not connection.rejected:
