@@ -6,13 +6,42 @@ views as the web app) and grow with the study actions an admin needs.
 
 from __future__ import annotations
 
+import argparse
 import json
+from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import job_views, repo
+from dicom_node.settings import Settings
 
-__all__ = ["list_studies"]
+__all__ = ["add_commands", "list_studies", "run"]
+
+
+def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add ``studies`` (the list, as ``studies`` or ``studies list``) and its actions to the CLI parser;
+    ``common`` adds the options every command that reads the settings has (``--config``, ``--data-dir``)."""
+    studies = commands.add_parser("studies", help="received studies: list them, act on one")
+    common(studies)
+    _list_options(studies)
+    actions = studies.add_subparsers(dest="studies_command")
+    listing = actions.add_parser("list", help="list received studies and their state (the default)")
+    common(listing)
+    _list_options(listing)
+
+
+def _list_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--limit", type=int, default=500)
+
+
+def run(settings: Settings, sessions: sessionmaker[Session], args: argparse.Namespace) -> int:
+    """Run the ``studies`` sub-command ``args`` names (the list when none); returns the exit code."""
+    command = getattr(args, "studies_command", None) or "list"
+    if command == "list":
+        return list_studies(sessions, as_json=args.json, limit=args.limit)
+    raise AssertionError(f"unhandled studies command {command}")
 
 
 def list_studies(sessions: sessionmaker[Session], *, as_json: bool, limit: int) -> int:

@@ -55,10 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     db_upgrade = db_commands.add_parser("upgrade", help="apply the database migrations")
     _common(db_upgrade)
 
-    studies = commands.add_parser("studies", help="list received studies and their state")
-    _common(studies)
-    studies.add_argument("--json", action="store_true", help="machine-readable output")
-    studies.add_argument("--limit", type=int, default=500)
+    from dicom_node import studies_cli
+
+    studies_cli.add_commands(commands, _common)
 
     worker = commands.add_parser("worker", help="run a Celery worker (GPU inference and/or delivery)")
     _common(worker)
@@ -151,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "db":
         return _db_upgrade(settings)
     if args.command == "studies":
-        return _studies(settings, args.json, args.limit)
+        return _studies(settings, args)
     if args.command == "worker":
         from dicom_node.app.node import run_worker
         from dicom_node.stopping import exit_process
@@ -171,16 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     raise AssertionError(f"unhandled command {args.command}")
 
 
-def _studies(settings: Settings, as_json: bool, limit: int) -> int:
+def _studies(settings: Settings, args: argparse.Namespace) -> int:
+    from dicom_node import studies_cli
     from dicom_node.db.session import DatabaseNotReady, open_sessions
-    from dicom_node.studies_cli import list_studies
 
     try:
         sessions = open_sessions(settings.resolved_database_url, migrate=False)
     except DatabaseNotReady as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 1
-    return list_studies(sessions, as_json=as_json, limit=limit)
+    return studies_cli.run(settings, sessions, args)
 
 
 def _image_check() -> "ImageCheck | None":

@@ -114,6 +114,8 @@ class Study(Base):
     )
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    purged_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime(), doc="When retention deleted its instances and results; the record stays.")
 
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
     events: Mapped[list[StudyEvent]] = relationship(back_populates="study", order_by="StudyEvent.id")
@@ -300,9 +302,19 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    generation: Mapped[int] = mapped_column(
+        Integer, server_default="1",
+        doc="1 for the job routing created; 2, 3, ... for each re-run of the model on the series.")
+    supersedes_job_id: Mapped[int | None] = mapped_column(
+        Integer, doc="The earlier job (same model, series) whose results this one replaces.")
+    superseded_at: Mapped[datetime | None] = mapped_column(
+        UTCDateTime(), doc="When a later job's results replaced this job's (set when that job finished).")
+    input_instances: Mapped[int | None] = mapped_column(
+        Integer, doc="Instances the series had when the job was claimed (a series that grew since is noticed).")
 
     __table_args__ = (
-        Index("ux_jobs_study_pipeline_series", "study_id", "pipeline", "series_instance_uid", unique=True),
+        Index("ux_jobs_study_pipeline_series_generation", "study_id", "pipeline", "series_instance_uid",
+              "generation", unique=True),
     )
 
 
