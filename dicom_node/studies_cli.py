@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,17 @@ def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None
     listing = actions.add_parser("list", help="list received studies and their state (the default)")
     common(listing)
     _list_options(listing)
+    resend = actions.add_parser("resend", help="send a study's results again (to a destination added later too)")
+    common(resend)
+    resend.add_argument("study_uid", help="Study Instance UID")
+    resend.add_argument("--destination", help="only to this destination (default: those the job's rule names now)")
+    resend.add_argument("--job", type=int, dest="job_id", help="only this job's results")
+    reprocess = actions.add_parser("reprocess", help="evaluate the rules again and run their models again on a "
+                                                     "study (new results in new series; the earlier ones superseded)")
+    common(reprocess)
+    reprocess.add_argument("study_uid", help="Study Instance UID")
+    reprocess.add_argument("--model", action="append", dest="models", default=[],
+                           help="only this model (repeat for several; default: every model the rules ask for)")
 
 
 def _list_options(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +53,8 @@ def run(settings: Settings, sessions: sessionmaker[Session], args: argparse.Name
     command = getattr(args, "studies_command", None) or "list"
     if command == "list":
         return list_studies(sessions, as_json=args.json, limit=args.limit)
+    if command in ("resend", "reprocess"):
+        return _study_action(settings, sessions, args)
     raise AssertionError(f"unhandled studies command {command}")
 
 
@@ -87,6 +101,42 @@ def list_studies(sessions: sessionmaker[Session], *, as_json: bool, limit: int) 
     if held:
         print(f"\n{held} study(ies) have results HELD (judged implausible, not sent) waiting for an operator: "
               "see `dicom-node jobs list --state held`, then `dicom-node jobs release|discard JOB_ID`")
+    return 0
+
+
+def _study_action(settings: Settings, sessions: sessionmaker[Session], args: argparse.Namespace) -> int:
+    """``studies resend`` / ``studies reprocess`` through the same service as the web page; audited as ``cli``."""
+    from datetime import datetime, timezone
+
+    from dicom_node.config_service.base import CLI
+    from dicom_node.study_actions import StudyActionRefused, reprocess_study, resend_results
+
+    now = datetime.now(timezone.utc)
+    try:
+        if args.studies_command == "resend":
+            resent = resend_results(sessions, args.study_uid, now=now, actor=CLI, destination=args.destination,
+                                    job_id=args.job_id, delivery_max_attempts=settings.delivery.max_attempts)
+        else:
+            reprocessed = reprocess_study(sessions, settings.spool_dir, args.study_uid, now=now, actor=CLI,
+                                          models=args.models, job_max_attempts=settings.routing.job_max_attempts)
+    except StudyActionRefused as refused:
+        print(f"dicom-node: {refused.message}", file=sys.stderr)
+        return 1
+    if args.studies_command == "resend":
+        for target in resent.targets:
+            print(f"job {target.job_id} ({target.pipeline}) -> {target.destination}: delivery {target.delivery_id} "
+                  f"{'created' if target.created else 'due again'}")
+        for line in resent.skipped:
+            print(f"skipped: {line}")
+        print("the node sends them within seconds; follow them with `dicom-node jobs list` or on the study page")
+        return 0
+    for rerun in reprocessed.reruns:
+        if rerun.job_id is None:
+            print(f"{rerun.pipeline} on {rerun.series_instance_uid}: not run again: {rerun.skipped}")
+        else:
+            replaces = f", replaces job {rerun.supersedes_job_id}" if rerun.supersedes_job_id else ""
+            print(f"{rerun.pipeline} on {rerun.series_instance_uid}: job {rerun.job_id}{replaces}")
+    print("the node queues the new jobs within seconds; their results go out as new series")
     return 0
 
 

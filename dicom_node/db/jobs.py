@@ -19,6 +19,8 @@ from typing import Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.db import job_reruns
+from dicom_node.db.job_checks import outcome_reason
 from dicom_node.db.models import (
     Delivery,
     DeliveryState,
@@ -30,7 +32,7 @@ from dicom_node.db.models import (
     StudyState,
     json_object,
 )
-from dicom_node.routing import JobSpec, RoutingDecision
+from dicom_node.routing import RoutingDecision
 
 __all__ = [
     "DeliveryClaim",
@@ -133,10 +135,6 @@ def own_result_series(sessions: sessionmaker[Session], study_id: int, series_uid
     return {str(r[0]) for r in rows}
 
 
-def _destinations_json(spec: JobSpec) -> str:
-    return json.dumps(spec.destinations if spec.destinations == "default" else list(spec.destinations))
-
-
 def record_routing(
     sessions: sessionmaker[Session], study_id: int, decision: RoutingDecision, *, now: datetime, max_attempts: int
 ) -> list[int]:
@@ -144,7 +142,10 @@ def record_routing(
 
     A job that already exists for the same study, pipeline and series is not created
     again (a study that completes again, e.g. when our own results come back, does
-    not re-run). The study becomes ``routed`` when it has any job, else ``ignored``
+    not re-run) - except one that gave up on its series (dead: e.g. slices missing;
+    not applicable: e.g. too few slices) when the series has received more instances
+    since: its next generation is queued, with a ``rerun_on_more_instances`` event saying why
+    (an interrupted PACS send that the PACS repeats heals itself). The study becomes ``routed`` when it has any job, else ``ignored``
     with the reason kept as a study event. A rule that cannot be applied (a regex
     stored before RE2, see :meth:`dicom_node.routing.Rule.problems`) adds a
     ``rule_unusable`` event naming it, whatever the other rules decided.
@@ -154,31 +155,42 @@ def record_routing(
         study = session.get(Study, study_id, with_for_update=True)
         if study is None or study.state != StudyState.COMPLETE.value:
             return []  # routed meanwhile by someone else, or reopened
-        existing = {
-            (p, s)
-            for p, s in session.execute(
-                select(Job.pipeline, Job.series_instance_uid).where(Job.study_id == study_id)
-            ).all()
-        }
+        latest = job_reruns.latest_jobs(session, study_id)
+        kept: list[str] = []
         for spec in decision.jobs:
-            if (spec.pipeline, spec.series_instance_uid) in existing:
+            earlier = latest.get((spec.pipeline, spec.series_instance_uid))
+            if earlier is None:
+                job = Job(
+                    study_id=study_id, series_instance_uid=spec.series_instance_uid, pipeline=spec.pipeline,
+                    rule=spec.rule, destinations=job_reruns.destinations_json(spec), priority=spec.priority,
+                    state=JobState.QUEUED.value, attempts=0, max_attempts=max_attempts, created_at=now,
+                    queued_at=now, state_changed_at=now,
+                )
+                session.add(job)
+                session.flush()
+                new_ids.append(job.id)
                 continue
-            job = Job(
-                study_id=study_id, series_instance_uid=spec.series_instance_uid, pipeline=spec.pipeline,
-                rule=spec.rule, destinations=_destinations_json(spec), priority=spec.priority,
-                state=JobState.QUEUED.value, attempts=0, max_attempts=max_attempts, created_at=now,
-                queued_at=now, state_changed_at=now,
-            )
-            session.add(job)
-            session.flush()
+            grown = job_reruns.grown_since(session, earlier) if earlier.state in job_reruns.GAVE_UP_STATES else 0
+            if not grown:
+                kept.append(f"{spec.pipeline} on {spec.series_instance_uid}: job {earlier.id} {earlier.state}")
+                continue
+            job = job_reruns.new_generation(session, earlier, now=now, max_attempts=max_attempts, queued=True,
+                                            rule=spec.rule, destinations=job_reruns.destinations_json(spec),
+                                            priority=spec.priority)
             new_ids.append(job.id)
-        has_jobs = bool(decision.jobs) or bool(existing)
+            why = earlier.error or outcome_reason(earlier.state, json_object(earlier.checks, f"checks of job {earlier.id}")) \
+                or earlier.state
+            session.add(StudyEvent(study_id=study_id, at=now, kind="rerun_on_more_instances", detail=(
+                f"job {job.id} runs {spec.pipeline} again on series {spec.series_instance_uid}: the series received "
+                f"{grown} more instance(s) since job {earlier.id} ended {earlier.state.replace('_', ' ')} ({why})")))
+        has_jobs = bool(decision.jobs) or bool(latest)
         study.state = (StudyState.ROUTED if has_jobs else StudyState.IGNORED).value
         study.state_changed_at = now
         if decision.jobs:
             detail = ", ".join(f"{j.pipeline} on {j.series_instance_uid} (rule {j.rule})" for j in decision.jobs)
-            if len(new_ids) < len(decision.jobs):
-                detail += f"; {len(decision.jobs) - len(new_ids)} already existed and were not repeated"
+            if kept:
+                detail += ("; not run again: " + "; ".join(kept) + " (finished jobs run again only on request, "
+                           "`dicom-node studies reprocess`, or when a series they gave up on received more instances)")
             session.add(StudyEvent(study_id=study_id, at=now, kind="routed", detail=detail))
         else:
             session.add(StudyEvent(study_id=study_id, at=now, kind="ignored", detail=decision.ignored_reason))
@@ -200,6 +212,7 @@ def claim_job(
             .values(
                 state=JobState.RUNNING.value, attempts=Job.attempts + 1, worker=worker[:255], started_at=now,
                 finished_at=None, lease_expires_at=now + timedelta(seconds=lease_seconds), state_changed_at=now,
+                input_instances=job_reruns.input_instances_now(),
             )
         ).rowcount
         if not claimed:
@@ -262,6 +275,8 @@ def finish_job(
         if not done:
             return None
         study_id = session.execute(select(Job.study_id).where(Job.id == job_id)).scalar_one()
+        if state == JobState.SUCCEEDED.value:
+            job_reruns.supersede_on_success(session, job_id, now=now)
         for kind, detail in events:
             session.add(StudyEvent(study_id=study_id, at=now, kind=kind, detail=detail))
         for result in results:
@@ -340,6 +355,7 @@ def release_job(
             f"job {job_id} ({job.pipeline}): held results released by {by} to "
             f"{', '.join(destinations) or 'no destination'}")))
         session.flush()
+        job_reruns.supersede_on_success(session, job_id, now=now)
         return [d.id for d in queued]
 
 

@@ -51,7 +51,7 @@ def test_routing_creates_jobs_once_and_records_why(engine: Engine) -> None:
     with sessions() as session:
         assert session.get(Study, study_id).state == StudyState.ROUTED.value  # type: ignore[union-attr]
         events = session.scalars(select(StudyEvent.detail).where(StudyEvent.kind == "routed")).all()
-    assert "2 already existed and were not repeated" in events[-1]
+    assert "not run again: seg on 1.2.9.1: job 1 queued; det on 1.2.9.1: job 2 queued" in events[-1]
 
 
 def test_study_without_matching_rule_is_ignored_with_the_reason(engine: Engine) -> None:

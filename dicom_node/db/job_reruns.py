@@ -1,0 +1,291 @@
+"""Running a model again on a series, and sending existing results again: the rows behind both.
+
+Why a module of its own: three paths create a later *generation* of a job (the same model
+on the same series of a study) and must agree on what that means - an operator's
+re-process, the node's own re-run of a job that gave up on an incomplete series that has
+since received more instances (self-healing, from :func:`dicom_node.db.jobs.record_routing`),
+and nothing else. A later generation never reuses the earlier one's UIDs (the worker makes
+new objects in a new series), and the earlier job is marked ``superseded`` when the later
+one's results are ready - at once when the earlier job had no results to replace. Re-sending
+never re-runs anything: it makes the existing results' deliveries due again.
+
+Everything here works inside the caller's transaction (``session``) or as one short
+transaction of its own, like :mod:`dicom_node.db.jobs`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ScalarSelect, func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    ResultObject,
+    Series,
+    Study,
+    StudyEvent,
+    StudyState,
+)
+from dicom_node.routing import JobSpec
+
+__all__ = [
+    "ACTIVE_JOB_STATES",
+    "GAVE_UP_STATES",
+    "RESENDABLE_JOB_STATES",
+    "Rerun",
+    "ResendTarget",
+    "destinations_json",
+    "grown_since",
+    "input_instances_now",
+    "job_destinations",
+    "latest_jobs",
+    "mark_superseded",
+    "new_generation",
+    "reprocess",
+    "resend_deliveries",
+    "result_count",
+    "supersede_on_success",
+]
+
+#: A job still on its way (a re-run of its model on its series waits for it).
+ACTIVE_JOB_STATES = (JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value)
+#: A job that gave up on its series: run again when the series has received more instances since.
+GAVE_UP_STATES = (JobState.DEAD.value, JobState.NOT_APPLICABLE.value)
+#: A job whose results may be sent (again).
+RESENDABLE_JOB_STATES = (JobState.SUCCEEDED.value, JobState.RELEASED.value)
+#: States whose results a later generation replaces only once its own results are ready.
+_WITH_RESULTS = (JobState.SUCCEEDED.value, JobState.RELEASED.value, JobState.HELD.value)
+
+_NOTICE_KIND = "NOTICE"
+
+
+def input_instances_now() -> ScalarSelect[Any]:
+    """A correlated subquery for UPDATEs of ``jobs``: how many instances the job's series holds now.
+
+    Claiming a job records it (``jobs.input_instances``), so that the node can tell later that
+    the series received more instances than the job read.
+    """
+    return (
+        select(Series.instance_count)
+        .where(Series.study_id == Job.study_id, Series.series_instance_uid == Job.series_instance_uid)
+        .scalar_subquery()
+    )
+
+
+def destinations_json(spec: JobSpec) -> str:
+    """A job spec's destinations as the ``jobs.destinations`` column stores them."""
+    return json.dumps(spec.destinations if spec.destinations == "default" else list(spec.destinations))
+
+
+def latest_jobs(session: Session, study_id: int) -> dict[tuple[str, str], Job]:
+    """The latest generation of each (pipeline, series) of study ``study_id``."""
+    latest: dict[tuple[str, str], Job] = {}
+    for job in session.scalars(select(Job).where(Job.study_id == study_id).order_by(Job.generation)):
+        latest[(job.pipeline, job.series_instance_uid)] = job
+    return latest
+
+
+def grown_since(session: Session, job: Job) -> int:
+    """How many more instances ``job``'s series holds now than when the job read it (0: none, or unknown)."""
+    now_count = session.scalar(
+        select(Series.instance_count).where(Series.study_id == job.study_id,
+                                            Series.series_instance_uid == job.series_instance_uid))
+    if now_count is None or job.input_instances is None:
+        return 0
+    return max(0, int(now_count) - int(job.input_instances))
+
+
+def new_generation(session: Session, earlier: Job, *, now: datetime, max_attempts: int, queued: bool,
+                   rule: str | None = None, destinations: str | None = None, priority: int | None = None) -> Job:
+    """Add the next generation of ``earlier`` (same study, model, series), due now, superseding it.
+
+    ``queued``: the new job is ``queued`` and the caller sends its message after commit (the
+    router); otherwise it is ``failed`` with no attempt made, like a manual retry, and the node's
+    next sweep queues it, so whoever asks needs no queue. Rule, destinations and priority default to
+    ``earlier``'s (re-processing passes the ones the rules decide now). An earlier job without
+    results to replace (dead, not applicable, cancelled, discarded) is marked superseded at once.
+    """
+    job = Job(
+        study_id=earlier.study_id, series_instance_uid=earlier.series_instance_uid, pipeline=earlier.pipeline,
+        rule=earlier.rule if rule is None else rule,
+        destinations=earlier.destinations if destinations is None else destinations,
+        priority=earlier.priority if priority is None else priority,
+        state=(JobState.QUEUED if queued else JobState.FAILED).value, attempts=0, max_attempts=max_attempts, created_at=now, queued_at=now,
+        state_changed_at=now, generation=earlier.generation + 1, supersedes_job_id=earlier.id,
+    )
+    session.add(job)
+    session.flush()
+    if earlier.state not in _WITH_RESULTS and earlier.superseded_at is None:
+        earlier.superseded_at = now
+    return job
+
+
+def mark_superseded(session: Session, job: Job, *, now: datetime) -> list[int]:
+    """Mark every earlier generation ``job`` supersedes (its chain) as superseded; returns their ids.
+
+    Called when ``job``'s results are ready (it succeeded, or its held results were released).
+    """
+    marked = []
+    earlier_id = job.supersedes_job_id
+    while earlier_id is not None:
+        earlier = session.get(Job, earlier_id)
+        if earlier is None:
+            break
+        if earlier.superseded_at is None:
+            earlier.superseded_at = now
+            marked.append(earlier.id)
+        earlier_id = earlier.supersedes_job_id
+    return marked
+
+
+def supersede_on_success(session: Session, job_id: int, *, now: datetime) -> None:
+    """``job_id``'s results are ready: mark what it supersedes, with a timeline event naming the objects."""
+    job = session.get(Job, job_id)
+    if job is None or job.supersedes_job_id is None:
+        return
+    marked = mark_superseded(session, job, now=now)
+    replaced = session.execute(
+        select(ResultObject.kind, ResultObject.sop_instance_uid)
+        .where(ResultObject.job_id.in_(marked), ResultObject.kind != _NOTICE_KIND).order_by(ResultObject.id)
+    ).all() if marked else []
+    if replaced:
+        objects = ", ".join(f"{kind} {uid}" for kind, uid in replaced)
+        session.add(StudyEvent(study_id=job.study_id, at=now, kind="results_superseded", detail=(
+            f"job {job.id} ({job.pipeline}, run {job.generation}) replaces the results of job(s) "
+            f"{', '.join(map(str, marked))}: {objects} are superseded (the new objects are in new series; "
+            "the PACS keeps the earlier ones until someone removes them)")))
+
+
+@dataclass(frozen=True)
+class ResendTarget:
+    """One delivery made due again by a re-send: the job, the destination, the delivery row."""
+
+    job_id: int
+    pipeline: str
+    destination: str
+    delivery_id: int
+    created: bool  # a new delivery (the destination never had these results) rather than a repeated one
+
+
+def resend_deliveries(
+    sessions: sessionmaker[Session], plan: Sequence[tuple[int, Sequence[str]]], *, now: datetime,
+    max_attempts: int, by: str,
+) -> list[ResendTarget]:
+    """Make each job's results due at each named destination: ``plan`` is ``[(job_id, destinations)]``.
+
+    A destination that already has a delivery of the job gets it again on the same row (fresh
+    attempt budget); one that never had it gets a new delivery. Jobs that are no longer
+    resendable (superseded, or not succeeded/released) meanwhile are left out. Due now: the
+    node's next sweep sends them. Each job gets one ``results_resent`` timeline event naming ``by``.
+    """
+    targets: list[ResendTarget] = []
+    with sessions.begin() as session:
+        for job_id, names in plan:
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None or job.state not in RESENDABLE_JOB_STATES or job.superseded_at is not None:
+                continue
+            existing = {d.destination: d for d in session.scalars(select(Delivery).where(Delivery.job_id == job_id))}
+            for name in names:
+                delivery = existing.get(name)
+                created = delivery is None
+                if delivery is None:
+                    delivery = Delivery(job_id=job_id, destination=name, max_attempts=max_attempts, created_at=now,
+                                        objects_sent=0)
+                    session.add(delivery)
+                delivery.kinds = None
+                delivery.state = DeliveryState.FAILED.value
+                delivery.attempts = 0
+                delivery.error = None
+                delivery.next_attempt_at = now
+                delivery.lease_expires_at = None
+                delivery.state_changed_at = now
+                session.flush()
+                targets.append(ResendTarget(job_id, job.pipeline, name, delivery.id, created))
+            if names:
+                session.add(StudyEvent(study_id=job.study_id, at=now, kind="results_resent", detail=(
+                    f"job {job_id} ({job.pipeline}): results sent again by {by} to {', '.join(names)}")))
+    return targets
+
+
+def job_destinations(job: Job) -> list[str] | str:
+    """The destinations the job's rule named (a list of names, or ``"default"``)."""
+    value = json.loads(job.destinations)
+    return value if value == "default" else [str(v) for v in value]
+
+
+def result_count(session: Session, job_id: int) -> int:
+    """How many result objects (notices aside) job ``job_id`` has."""
+    return int(session.scalar(select(func.count(ResultObject.id))
+                              .where(ResultObject.job_id == job_id, ResultObject.kind != _NOTICE_KIND)) or 0)
+
+
+@dataclass(frozen=True)
+class Rerun:
+    """What a re-process did for one job spec: the new job (None when skipped) and what it replaces or why not."""
+
+    pipeline: str
+    series_instance_uid: str
+    job_id: int | None
+    supersedes_job_id: int | None
+    skipped: str | None = None
+
+
+def reprocess(
+    sessions: sessionmaker[Session], study_id: int, specs: Sequence[JobSpec], *, now: datetime, max_attempts: int,
+    by: str,
+) -> list[Rerun] | None:
+    """Run the models of ``specs`` (what the rules decide now) on study ``study_id`` again; None: no such study.
+
+    Each spec gets a new job, due now (the next sweep queues it): the next generation of the
+    latest job of its model and series (which it supersedes once its results are ready), or a
+    first job when the rules now ask for a model that never ran on that series. A spec whose
+    latest job is still queued, running or awaiting a retry is skipped (say so; it is about to
+    run anyway). The study becomes ``routed`` (an ignored study too, when a rule matches now) and
+    gets one ``reprocess`` event naming ``by``.
+    """
+    reruns: list[Rerun] = []
+    with sessions.begin() as session:
+        study = session.get(Study, study_id, with_for_update=True)
+        if study is None:
+            return None
+        latest = latest_jobs(session, study_id)
+        for spec in specs:
+            earlier = latest.get((spec.pipeline, spec.series_instance_uid))
+            if earlier is not None and earlier.state in ACTIVE_JOB_STATES:
+                reruns.append(Rerun(spec.pipeline, spec.series_instance_uid, None, None, skipped=(
+                    f"job {earlier.id} is still {earlier.state}; it runs with the current model and rules")))
+                continue
+            if earlier is None:
+                job = Job(
+                    study_id=study_id, series_instance_uid=spec.series_instance_uid, pipeline=spec.pipeline,
+                    rule=spec.rule, destinations=destinations_json(spec), priority=spec.priority,
+                    state=JobState.FAILED.value, attempts=0, max_attempts=max_attempts, created_at=now,
+                    queued_at=now, state_changed_at=now,
+                )
+                session.add(job)
+                session.flush()
+            else:
+                job = new_generation(session, earlier, now=now, max_attempts=max_attempts, queued=False,
+                                     rule=spec.rule, destinations=destinations_json(spec), priority=spec.priority)
+            reruns.append(Rerun(spec.pipeline, spec.series_instance_uid, job.id,
+                                None if earlier is None else earlier.id))
+        started = [r for r in reruns if r.job_id is not None]
+        if started and study.state in (StudyState.COMPLETE.value, StudyState.IGNORED.value):
+            study.state = StudyState.ROUTED.value
+            study.state_changed_at = now
+        session.add(StudyEvent(study_id=study_id, at=now, kind="reprocess", detail=(
+            f"re-process requested by {by}: " + "; ".join(
+                f"{r.pipeline} on {r.series_instance_uid}: "
+                + (f"not run again, {r.skipped}" if r.job_id is None else
+                   f"job {r.job_id}" + (f" replaces job {r.supersedes_job_id}" if r.supersedes_job_id else " (new)"))
+                for r in reruns) or f"re-process requested by {by}: no model to run")))
+    return reruns
