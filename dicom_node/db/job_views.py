@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.job_checks import ApplicabilityView, PlausibilityView, applicability_view, outcome_reason, \
     plausibility_view
+from dicom_node.db.job_reruns import job_destinations
 from dicom_node.db.jobs import NOTICE_KIND
 from dicom_node.db.models import Delivery, DeliveryState, Job, JobState, ResultObject, Study, json_object
 
@@ -120,6 +121,14 @@ class JobRow:
     deliveries: list[DeliveryRow] = field(default_factory=list)
     #: ``{"applicability": ..., "plausibility": ...}``: the worker's checks before and after the model.
     checks: dict[str, Any] = field(default_factory=dict)
+    #: 1 for the job routing created; 2, 3, ... for re-runs of the model on the series (re-process, self-healing).
+    generation: int = 1
+    #: The earlier job whose results this one replaces (when its own are ready).
+    supersedes_job_id: int | None = None
+    #: When a later job's results replaced this job's: history, no longer a current job of its study.
+    superseded_at: datetime | None = None
+    #: What the job's rule named: a list of destination names, or "default".
+    destinations: list[str] | str = "default"
 
     @property
     def can_retry(self) -> bool:
@@ -189,7 +198,9 @@ def job_rows(session: Session, query: Any) -> list[JobRow]:
             summary=json_object(job.summary, f"summary of job {job.id}"), created_at=job.created_at,
             queued_at=job.queued_at, started_at=job.started_at, finished_at=job.finished_at,
             state_changed_at=job.state_changed_at, results=results[job.id], deliveries=deliveries[job.id],
-            checks=json_object(job.checks, f"checks of job {job.id}"),
+            checks=json_object(job.checks, f"checks of job {job.id}"), generation=job.generation or 1,
+            supersedes_job_id=job.supersedes_job_id, superseded_at=job.superseded_at,
+            destinations=job_destinations(job),
         )
         for job, uid in rows
     ]

@@ -12,6 +12,8 @@ from dicom_node.web.routes import (
     models,
     rules,
     studies,
+    study_actions,
+    study_record,
     users,
 )
 
@@ -20,6 +22,8 @@ ROUTERS: tuple[APIRouter, ...] = (
     login.router,
     dashboard.router,
     studies.router,
+    study_actions.router,
+    study_record.router,
     rules.router,
     destinations.router,
     models.router,

@@ -191,6 +191,9 @@ _NOTICES = {
     ("job", "discard", True): "Job {id}: its held results were discarded; nothing will be sent (it was {was}).",
     ("job", "release", False): "Job {id} was not released: it is {was}; only held jobs can be.",
     ("job", "discard", False): "Job {id} was not discarded: it is {was}; only held jobs can be.",
+    ("study", "resend", True): "Results will be sent again: {id} delivery(ies) are due now (see Deliveries below).",
+    ("study", "reprocess", True): "{id} job(s) will run again at the node's next sweep; their results go out as new "
+                                  "series and replace the earlier ones when ready.",
 }
 _STATE_NAMES = frozenset(s.value for s in JobState) | frozenset(s.value for s in DeliveryState)
 
