@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
 from dicom_node.contracts import AlgorithmInfo
-from dicom_node.db import config_repo, jobs
+from dicom_node.db import config_repo, job_reruns, jobs
 from dicom_node.db.models import JobState
 from dicom_node.model_domain import Applicability
 from dicom_node.study_store import SeriesNotFound
@@ -97,17 +97,34 @@ def _lease_kept(ctx: WorkerContext, job_id: int) -> Iterator[None]:
         thread.join(timeout=5)
 
 
-def _identity(ctx: WorkerContext, model_id: str, kind: str) -> SeriesIdentity:
-    """Series number and description of ``model_id``'s results of ``kind`` (each model has its own)."""
+def _identity(ctx: WorkerContext, model_id: str, kind: str, generation: int = 1) -> SeriesIdentity:
+    """Series number and description of ``model_id``'s results of ``kind`` (each model has its own); a re-run
+    (``generation`` 2, 3, ...) says so in the description ("... (run 2)"), its objects being new ones in new series."""
     number, description = ctx.models.result_series(model_id, kind)
+    if generation > 1:
+        suffix = f" (run {generation})"
+        description = description[:64 - len(suffix)] + suffix
     return SeriesIdentity(series_number=number, series_description=description, manufacturer=ctx.results.manufacturer)
 
 
-def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any) -> ResultObjects:
+def _replaced_reports(volume: Volume, lineage: job_reruns.Lineage) -> list[Dataset]:
+    """The earlier reports a re-run's SR replaces, as highdicom takes them (Predecessor Documents Sequence)."""
+    replaced = []
+    for sop_class, sop_instance, series in lineage.replaced_reports:
+        ds = Dataset()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = volume.study_instance_uid, series
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
+        replaced.append(ds)
+    return replaced
+
+
+def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any,
+                   lineage: job_reruns.Lineage = job_reruns.Lineage(1, ())) -> ResultObjects:
     """The DICOM objects for one model result: SEG + SR for segmentations, SR + GSPS for detections,
     SR + PMAP + SC (the explanation map) for classifications.
 
-    An empty result still gives an SR that says nothing was found.
+    An empty result still gives an SR that says nothing was found. ``lineage``: for a re-run of the
+    model on the series, its generation (in the series descriptions) and the reports its SR replaces.
     """
     from workers.outputs.gsps import build_gsps
     from workers.outputs.seg import build_seg
@@ -116,28 +133,33 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
     objects: ResultObjects = []
     algorithm = model.algorithm
     model_id = algorithm.model_id
+    replaces = _replaced_reports(volume, lineage)
+
+    def identity(kind: str) -> SeriesIdentity:
+        return _identity(ctx, model_id, kind, lineage.generation)
+
     if isinstance(result, SegmentationResult):
-        seg = build_seg(volume, result, algorithm, _identity(ctx, model_id, "SEG"))
+        seg = build_seg(volume, result, algorithm, identity("SEG"))
         if seg is not None:
             objects.append(("SEG", seg))
-        objects.append(("SR", build_sr(volume, [SegmentationFindings(algorithm, result, seg)],
-                                       _identity(ctx, model_id, "SR"))))
+        objects.append(("SR", build_sr(volume, [SegmentationFindings(algorithm, result, seg)], identity("SR"),
+                                       replaces=replaces)))
     elif isinstance(result, DetectionResult):
         findings = DetectionFindings(algorithm, result.detections, model.labels)
-        objects.append(("SR", build_sr(volume, [findings], _identity(ctx, model_id, "SR"))))
-        gsps = build_gsps(volume, result.detections, algorithm, _identity(ctx, model_id, "GSPS"))
+        objects.append(("SR", build_sr(volume, [findings], identity("SR"), replaces=replaces)))
+        gsps = build_gsps(volume, result.detections, algorithm, identity("GSPS"))
         if gsps is not None:
             objects.append(("GSPS", gsps))
     elif isinstance(result, ClassificationResult):
         from workers.outputs.explanation import build_overlay_sc, build_parametric_map
         from workers.outputs.sr import ClassificationFindings
 
-        objects.append(("SR", build_sr(volume, [ClassificationFindings(algorithm, result)],
-                                       _identity(ctx, model_id, "SR"))))
+        objects.append(("SR", build_sr(volume, [ClassificationFindings(algorithm, result)], identity("SR"),
+                                       replaces=replaces)))
         if result.explanation is not None:  # sent only to destinations that ask for PMAP / SC
-            objects.append(("PMAP", build_parametric_map(volume, result, algorithm, _identity(ctx, model_id, "PMAP"))))
+            objects.append(("PMAP", build_parametric_map(volume, result, algorithm, identity("PMAP"))))
             objects.extend(("SC", sc) for sc in build_overlay_sc(volume, result, algorithm,
-                                                                 _identity(ctx, model_id, "SC")))
+                                                                 identity("SC")))
     else:
         raise TypeError(f"model {algorithm.model_id} returned {type(result).__name__}, not a known result type")
     return objects
@@ -290,7 +312,7 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
                             "; ".join(plausibility.reasons)
                         events.append(("job_held", f"job {job_id} ({model_id}): results held, not sent: {reason}"))
                 with stages.stage("encoding"):
-                    objects = encode_results(ctx, model, volume, result)
+                    objects = encode_results(ctx, model, volume, result, job_reruns.lineage(ctx.sessions, job_id))
                     preview = _render_preview(volume, result, model)
                 summary = _summary(result, volume)
             destinations = config_repo.resolve_destination_names(ctx.sessions, claim.destinations)

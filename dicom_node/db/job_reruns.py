@@ -42,12 +42,14 @@ __all__ = [
     "GAVE_UP_STATES",
     "RESENDABLE_JOB_STATES",
     "Rerun",
+    "Lineage",
     "ResendTarget",
     "destinations_json",
     "grown_since",
     "input_instances_now",
     "job_destinations",
     "latest_jobs",
+    "lineage",
     "mark_superseded",
     "new_generation",
     "reprocess",
@@ -163,6 +165,34 @@ def supersede_on_success(session: Session, job_id: int, *, now: datetime) -> Non
             f"job {job.id} ({job.pipeline}, run {job.generation}) replaces the results of job(s) "
             f"{', '.join(map(str, marked))}: {objects} are superseded (the new objects are in new series; "
             "the PACS keeps the earlier ones until someone removes them)")))
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where a job stands among the runs of its model on its series, for the worker that encodes its results."""
+
+    generation: int
+    #: (SOP Class UID, SOP Instance UID, Series Instance UID) of the reports (SR) of the nearest earlier run that
+    #: made any: what this run's report replaces.
+    replaced_reports: tuple[tuple[str, str, str], ...]
+
+
+def lineage(sessions: sessionmaker[Session], job_id: int) -> Lineage:
+    """Job ``job_id``'s generation and the earlier reports it replaces (none for a first run)."""
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise KeyError(f"job {job_id} does not exist")
+        generation, earlier_id = job.generation or 1, job.supersedes_job_id
+        while earlier_id is not None:
+            reports = session.execute(
+                select(ResultObject.sop_class_uid, ResultObject.sop_instance_uid, ResultObject.series_instance_uid)
+                .where(ResultObject.job_id == earlier_id, ResultObject.kind == "SR").order_by(ResultObject.id)
+            ).all()
+            if reports:
+                return Lineage(generation, tuple((str(a), str(b), str(c)) for a, b, c in reports))
+            earlier_id = session.scalar(select(Job.supersedes_job_id).where(Job.id == earlier_id))
+    return Lineage(generation, ())
 
 
 @dataclass(frozen=True)

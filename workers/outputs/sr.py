@@ -192,8 +192,13 @@ def build_sr(
     series: SeriesIdentity,
     *,
     procedure: CodedConcept = CT_CHEST,
+    replaces: Sequence[Dataset] = (),
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR (TID 1500) of ``findings`` on ``volume``'s source series; see the module docstring.
+
+    ``replaces``: the earlier SRs of the same model on the same series that this one supersedes (a
+    re-run), each with StudyInstanceUID, SeriesInstanceUID, SOPClassUID and SOPInstanceUID; they are
+    named in the Predecessor Documents Sequence, the standard way for a report to say what it replaces.
 
     Pure: no I/O. Patient and study attributes are copied by highdicom from the
     source instances (the evidence). Raises ValueError when there is nothing to
@@ -220,15 +225,16 @@ def build_sr(
         procedure_reported=coded(procedure),
         imaging_measurements=groups,
     )
-    sr = comprehensive_3d_sr(evidence, report, series, sop_instance_uid)
+    sr = comprehensive_3d_sr(evidence, report, series, sop_instance_uid, replaces=replaces)
     _add_image_library(sr, _image_library(volume))
     logger.debug("SR %s of series %s: %d measurement groups", sop_instance_uid, volume.series_instance_uid, len(groups))
     return sr
 
 
 def comprehensive_3d_sr(evidence: Sequence[Dataset], report: hd.sr.MeasurementReport, series: SeriesIdentity,
-                        sop_instance_uid: str) -> hd.sr.Comprehensive3DSR:
-    """A complete Comprehensive 3D SR document of ``report`` in ``series``, identified as our results are."""
+                        sop_instance_uid: str, *, replaces: Sequence[Dataset] = ()) -> hd.sr.Comprehensive3DSR:
+    """A complete Comprehensive 3D SR document of ``report`` in ``series``, identified as our results are;
+    ``replaces``: the earlier reports it supersedes (Predecessor Documents Sequence)."""
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -242,6 +248,7 @@ def comprehensive_3d_sr(evidence: Sequence[Dataset], report: hd.sr.MeasurementRe
         device_serial_number=series.device_serial_number,
         series_description=series.series_description,
         is_complete=True,
+        previous_versions=list(replaces) or None,
     )
 
 

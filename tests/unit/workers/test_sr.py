@@ -458,3 +458,22 @@ def test_image_library_lists_exactly_the_source_instances_before_the_measurement
     written = _library_references(dataset.ContentSequence[-2])
     assert sorted(written) == expected
     assert _library_references(sr.content[0].ContentSequence[-2]) == written  # the parsed view is the document
+
+
+def test_a_rerun_report_names_the_report_it_replaces(sources: dict[str, Source], tmp_path: Path) -> None:
+    """A re-run of a model on a series: the new SR lists the earlier SR in its Predecessor Documents Sequence."""
+    source = sources["axial"]
+    volume = source.volume
+    findings = [DetectionFindings(DETECTOR, _detections(volume), (NODULE,))]
+    earlier, _ = _write_and_read(build_sr(volume, findings, SR_SERIES), tmp_path / "earlier.dcm")
+    later, _ = _write_and_read(build_sr(volume, findings, SR_SERIES, replaces=[earlier]), tmp_path / "later.dcm")
+
+    [study_ref] = later.PredecessorDocumentsSequence
+    [series_ref] = study_ref.ReferencedSeriesSequence
+    [instance_ref] = series_ref.ReferencedSOPSequence
+    assert (study_ref.StudyInstanceUID, series_ref.SeriesInstanceUID) == (earlier.StudyInstanceUID,
+                                                                         earlier.SeriesInstanceUID)
+    assert (instance_ref.ReferencedSOPClassUID, instance_ref.ReferencedSOPInstanceUID) == (
+        earlier.SOPClassUID, earlier.SOPInstanceUID)
+    assert later.SOPInstanceUID != earlier.SOPInstanceUID and "PredecessorDocumentsSequence" not in earlier
+    _assert_valid(tmp_path / "later.dcm", source.files)
