@@ -236,7 +236,7 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     if args.sub == "retry":
         if not jobs.retry_job(sessions, args.job_id, now=_now()):
-            print(f"dicom-node: job {args.job_id} does not exist or is not failed/dead", file=sys.stderr)
+            print(f"dicom-node: {_why_not_retried(sessions, args.job_id)}", file=sys.stderr)
             return 1
         _audit(sessions, "job.retry", "job", str(args.job_id), after={"state": "failed", "attempts": 0})
         print(f"job {args.job_id} will run again (the running node enqueues it within a second)")
@@ -465,6 +465,23 @@ def _list_models(registry: ModelCatalog, stored: dict[str, ModelSettingView], *,
         checks = "; ".join(row["plausibility_summary"]) or "none"
         print(f"    made for {row['made_for']}{warning} | results must pass: {checks}")
     return 0
+
+
+def _why_not_retried(sessions: sessionmaker[Session], job_id: int) -> str:
+    """Why ``jobs retry`` did nothing, and what to do instead."""
+    job = job_views.get_job(sessions, job_id)
+    if job is None:
+        return f"job {job_id} does not exist"
+    if job.superseded_at is not None:
+        return (f"job {job_id} was superseded by a later run of {job.pipeline} on its series; to run it again: "
+                f"dicom-node studies reprocess {job.study_instance_uid}")
+    if job.state in ("succeeded", "released"):
+        return (f"job {job_id} {job.state}; nothing to retry. To send its results (again, or to a destination added "
+                f"since): dicom-node studies resend {job.study_instance_uid}; to run the model again: "
+                f"dicom-node studies reprocess {job.study_instance_uid}")
+    if job.state == "held":
+        return f"job {job_id} is held; release or discard its results: dicom-node jobs release|discard {job_id}"
+    return f"job {job_id} is {job.state.replace('_', ' ')}; only failed, dead or cancelled jobs can be retried"
 
 
 def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:

@@ -132,7 +132,9 @@ class JobRow:
 
     @property
     def can_retry(self) -> bool:
-        return self.state in (JobState.FAILED.value, JobState.DEAD.value, JobState.CANCELLED.value)
+        """Failed, dead or cancelled, and not superseded by a later run of its model on its series."""
+        return self.superseded_at is None and \
+            self.state in (JobState.FAILED.value, JobState.DEAD.value, JobState.CANCELLED.value)
 
     @property
     def can_cancel(self) -> bool:

@@ -451,12 +451,14 @@ def hand_back_job(sessions: sessionmaker[Session], job_id: int, *, worker: str, 
 
 
 def retry_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime) -> bool:
-    """Manual retry of a failed or dead job with a fresh attempt budget; the node's next sweep enqueues it."""
+    """Manual retry of a failed or dead job with a fresh attempt budget; the node's next sweep enqueues it.
+
+    A superseded job (a later run of its model on its series replaced it) is history: not retried."""
     with sessions.begin() as session:
         return bool(session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.state.in_([JobState.FAILED.value, JobState.DEAD.value,
-                                                     JobState.CANCELLED.value]))
+            .where(Job.id == job_id, Job.superseded_at.is_(None),
+                   Job.state.in_([JobState.FAILED.value, JobState.DEAD.value, JobState.CANCELLED.value]))
             .values(state=JobState.FAILED.value, attempts=0, state_changed_at=now)
         ).rowcount)
 

@@ -63,6 +63,8 @@ _EVENT_TITLES = {
     "ignored": "Ignored (no rule matched)",
     "reopened": "Reopened by a late instance",
     "late_instance": "Late instance",
+    "reprocess": "Re-process requested",
+    "purged": "Files removed by retention",
 }
 
 #: Timeline events about one job (the worker and the operator actions write them, naming the job first):
@@ -71,6 +73,9 @@ _JOB_EVENTS = {
     "job_checked": ("job.checked", "checked before the model"),
     "job_released": ("job.released", "held results released"),
     "job_discarded": ("job.discarded", "held results discarded"),
+    "rerun_on_more_instances": ("job.rerun", "runs again: the series received more instances"),
+    "results_superseded": ("job.superseded", "its results replace the earlier ones"),
+    "results_resent": ("job.resent", "results sent again"),
 }
 _MERGED_JOB_EVENTS = frozenset({"job_not_applicable", "job_held"})
 _EVENT_JOB = re.compile(r"^job (\d+)\b")
@@ -150,7 +155,7 @@ def timeline(detail: StudyDetail, *, now: datetime) -> list[TimelineEntry]:
             late = []
         if event is None or event.kind == "first_instance":  # the receiving entry already says it
             continue
-        if event.kind.startswith("job_"):
+        if event.kind.startswith("job_") or event.kind in _JOB_EVENTS:
             entry = _job_event_entry(event, jobs_by_id)
             if entry is not None:
                 entries.append(entry)

@@ -10,8 +10,10 @@ from datetime import timedelta
 from pathlib import Path
 
 import pydicom
+import pytest
 from sqlalchemy import select
 
+from dicom_node.app.cli import main
 from dicom_node.db import audit, config_repo, jobs
 from dicom_node.db.models import Delivery, DeliveryState, Job, JobState
 from dicom_node.destinations import DicomDestination
@@ -115,3 +117,27 @@ def test_reprocess_over_the_api_runs_what_the_rules_ask_for_now(web: WebEnv, ope
 
     page = operator.post(f"/studies/{uid}/reprocess")
     assert page.status_code == 303 and "notice=study.reprocess.done&id=0" in page.headers["location"]
+
+
+def test_a_superseded_job_is_history_and_retry_says_what_to_do(web: WebEnv, operator: LoggedIn, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    uid, _, job_id = processed_without_destination(web, tmp_path)
+    assert main(["jobs", "retry", str(job_id), "--data-dir", str(web.data_dir)]) == 1
+    said = capsys.readouterr().err
+    assert f"job {job_id} succeeded; nothing to retry" in said and f"dicom-node studies resend {uid}" in said
+
+    config_repo.upsert_rules(web.sessions, [Rule(name="everything-ct", pipelines=["chest-seg"])], source="test",
+                             now=T0)
+    [rerun] = operator.send("POST", f"/api/v1/studies/{uid}/reprocess", json={}).json()["jobs"]
+    assert rerun["supersedes_job_id"] == job_id
+    jobs.requeue_jobs(web.sessions, now=T0)
+    run_job(web.sessions, rerun["job_id"], at=T0 + timedelta(hours=1), stages={"inference": 2.0}, destinations=(),
+            results=[jobs.ResultSpec("SEG", SEG_CLASS, "2.25.81", "2.25.82", "seg.dcm")])
+    with web.sessions() as session:
+        assert session.get(Job, job_id).superseded_at is not None  # type: ignore[union-attr]
+    refused = operator.send("POST", f"/api/v1/jobs/{job_id}/retry")
+    assert refused.status_code == 409 and "superseded by a later run of chest-seg" in refused.text
+    assert main(["jobs", "retry", str(job_id), "--data-dir", str(web.data_dir)]) == 1
+    assert f"dicom-node studies reprocess {uid}" in capsys.readouterr().err
+    page = operator.client.get(f"/studies/{uid}")
+    assert "Re-process requested" in page.text and "its results replace the earlier ones" in page.text

@@ -63,9 +63,12 @@ def retry_job_action(context: WebContext, request: Request, principal: Principal
     """Retry a failed, dead or cancelled job (fresh attempts; the node's next sweep queues it)."""
     job = _known_job(context, job_id)
     if job.state not in _RETRYABLE_JOB or not jobs.retry_job(context.sessions, job_id, now=context.clock()):
-        current = _known_job(context, job_id).state
-        raise ActionRefused(409, f"job {job_id} is {current}; only failed, dead or cancelled jobs can be retried",
-                            current, job.study_instance_uid)
+        current = _known_job(context, job_id)
+        if current.superseded_at is not None:
+            raise ActionRefused(409, f"job {job_id} was superseded by a later run of {job.pipeline} on its series; "
+                                     "re-process the study to run it again", current.state, job.study_instance_uid)
+        raise ActionRefused(409, f"job {job_id} is {current.state}; only failed, dead or cancelled jobs can be "
+                                 "retried", current.state, job.study_instance_uid)
     after = _known_job(context, job_id)
     audit_event(context, request, principal, "job.retry", target_kind="job", target=str(job_id),
                 before=_job_facts(job), after=_job_facts(after),
