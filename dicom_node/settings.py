@@ -130,6 +130,24 @@ class CompletionSettings(_Section):
     check_interval_seconds: float = Field(default=1.0, gt=0)
 
 
+class RetentionSettings(_Section):
+    """Deleting the files of finished studies (received instances and, optionally, results); the record stays.
+
+    Off by default: with neither ``keep_days`` nor ``max_disk_used_percent`` nothing is ever deleted.
+    A study with unfinished work (receiving, not yet routed, a job queued, running, awaiting its
+    retry or held, a delivery not yet delivered or dead) is never deleted (see ``dicom_node.retention``).
+    """
+
+    keep_days: float | None = Field(
+        default=None, gt=0, description="Delete a finished study's files this many days after its last activity.")
+    max_disk_used_percent: float | None = Field(
+        default=None, gt=0, lt=100,
+        description="When the data disk is fuller than this, delete finished studies, oldest first, until it is not.")
+    check_interval_seconds: float = Field(default=3600.0, gt=0, description="How often the node applies retention.")
+    delete_results: bool = Field(
+        default=True, description="Delete the study's result objects and previews in the outbox too.")
+
+
 class WebSettings(_Section):
     """The admin web application, its REST API and the monitoring endpoints."""
 
@@ -275,6 +293,7 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     applicability: ApplicabilitySettings = Field(default_factory=ApplicabilitySettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @property
     def resolved_database_url(self) -> str:

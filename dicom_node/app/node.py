@@ -28,7 +28,9 @@ from dicom_node.indexer import InstanceIndexer
 from dicom_node.dispatch import Dispatcher
 from dicom_node.ingest import IngestService, utc_now
 from dicom_node.queue import GPU_QUEUE, CeleryQueue
+from dicom_node.periodic import Periodic
 from dicom_node.recovery import CLEAN_STOP_MARKER, reindex_orphans
+from dicom_node.retention import Retention, RetentionPolicy
 from dicom_node.scp import StorageSCP
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
@@ -90,6 +92,12 @@ class Node:
             interval_seconds=settings.queue.sweep_interval_seconds,
             resend_after_seconds=settings.queue.resend_after_seconds,
         )
+        retention = RetentionPolicy.from_settings(settings.retention)
+        self.retention = Retention(self.sessions, spool_dir=settings.spool_dir, outbox_dir=settings.outbox_dir,
+                                   policy=retention, clock=clock, fsync=settings.storage.fsync)
+        #: Runs retention every retention.check_interval_seconds, when a limit is set (off by default).
+        self.retention_loop = Periodic("retention", settings.retention.check_interval_seconds,
+                                       lambda: self.retention.run(actor="system")) if retention.active else None
         self.worker: EmbeddedWorker | None = None
         self.heartbeat: WorkerHeartbeat | None = None
         if settings.queue.embedded_worker_queues:
@@ -134,6 +142,8 @@ class Node:
         self.scp.start()
         self.completion.start()
         self.conductor.start()
+        if self.retention_loop is not None:
+            self.retention_loop.start()
 
     def stop(self) -> bool:
         """Stop in bounded time; True when every part stopped (a handed-back job counts as stopped).
@@ -151,6 +161,9 @@ class Node:
                                       LISTENER_STOP_SECONDS)
         parts = [start_step(f"{server.name} server", server.stop) for server in self.web_servers]
         parts += [start_step("completion monitor", self.completion.stop), start_step("router", self.conductor.stop)]
+        if self.retention_loop is not None:
+            self.retention.request_stop()  # between two studies; a purge cut short is finished by the next run
+            parts.append(start_step("retention", self.retention_loop.stop))
         worker_stopped = True
         if self.worker is not None:
             worker_stopped = self.worker.stop(self.settings.queue.stop_grace_seconds)

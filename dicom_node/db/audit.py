@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.models import AuditEntry
 
-__all__ = ["AuditView", "count_entries", "list_entries", "record", "target_kinds"]
+__all__ = ["AuditView", "add_entry", "count_entries", "list_entries", "record", "target_kinds"]
 
 
 @dataclass(frozen=True)
@@ -53,15 +53,35 @@ def record(
 ) -> int:
     """Append one entry; returns its id. ``before``/``after`` are anything JSON can hold."""
     with sessions.begin() as session:
-        # Cut to the column sizes: PostgreSQL refuses longer values, and an entry must never be lost.
-        entry = AuditEntry(at=at, actor=actor[:64], action=action[:64],
-                           target_kind=None if target_kind is None else target_kind[:32],
-                           target=None if target is None else target[:255], before=_json(before),
-                           after=_json(after), remote_addr=None if remote_addr is None else remote_addr[:64],
-                           detail=detail)
-        session.add(entry)
+        entry = add_entry(session, at=at, actor=actor, action=action, target_kind=target_kind, target=target,
+                          before=before, after=after, remote_addr=remote_addr, detail=detail)
         session.flush()
         return int(entry.id)
+
+
+def add_entry(
+    session: Session,
+    *,
+    at: datetime,
+    actor: str,
+    action: str,
+    target_kind: str | None = None,
+    target: str | None = None,
+    before: Any = None,
+    after: Any = None,
+    remote_addr: str | None = None,
+    detail: str | None = None,
+) -> AuditEntry:
+    """Add one entry to ``session``'s transaction, for a change that must be audited in the same commit
+    as itself (retention marks a study and audits it at once); :func:`record` otherwise."""
+    # Cut to the column sizes: PostgreSQL refuses longer values, and an entry must never be lost.
+    entry = AuditEntry(at=at, actor=actor[:64], action=action[:64],
+                       target_kind=None if target_kind is None else target_kind[:32],
+                       target=None if target is None else target[:255], before=_json(before),
+                       after=_json(after), remote_addr=None if remote_addr is None else remote_addr[:64],
+                       detail=detail)
+    session.add(entry)
+    return entry
 
 
 def _aware(value: datetime | None) -> datetime | None:

@@ -195,7 +195,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "dicom_node/stow.py", "dicom_node/held_results.py", "dicom_node/applicability_preview.py",
         "dicom_node/config_files.py", "dicom_node/config_service/**/*.py",
         "dicom_node/access.py", "dicom_node/web/**/*.py", "dicom_node/admin_cli.py", "dicom_node/users_cli.py",
-        "dicom_node/studies_cli.py", "dicom_node/study_actions.py",
+        "dicom_node/studies_cli.py", "dicom_node/study_actions.py", "dicom_node/retention.py",
+        "dicom_node/housekeeping_cli.py",
     ),
     "app": ("dicom_node/app/**/*.py", "dicom_node/__main__.py"),
 }

@@ -51,6 +51,7 @@ POLICY: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/studies"): V,
     ("GET", "/api/v1/studies/{study_instance_uid}"): V,
     ("GET", "/api/v1/studies/{study_instance_uid}/preview.png"): V,
+    ("GET", "/api/v1/studies/{study_instance_uid}/record"): A,  # carries the study's audit entries
     ("GET", "/api/v1/jobs"): V,
     ("GET", "/api/v1/jobs/{job_id}"): V,
     ("GET", "/api/v1/jobs/{job_id}/preview.png"): V,
