@@ -30,6 +30,9 @@ def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None
     listing = actions.add_parser("list", help="list received studies and their state (the default)")
     common(listing)
     _list_options(listing)
+    from dicom_node import housekeeping_cli
+
+    housekeeping_cli.add_commands(actions, common)  # purge (retention), export (the study's record)
     resend = actions.add_parser("resend", help="send a study's results again (to a destination added later too)")
     common(resend)
     resend.add_argument("study_uid", help="Study Instance UID")
@@ -53,6 +56,10 @@ def run(settings: Settings, sessions: sessionmaker[Session], args: argparse.Name
     command = getattr(args, "studies_command", None) or "list"
     if command == "list":
         return list_studies(sessions, as_json=args.json, limit=args.limit)
+    from dicom_node import housekeeping_cli
+
+    if command in housekeeping_cli.COMMANDS:
+        return housekeeping_cli.run(settings, sessions, args)
     if command in ("resend", "reprocess"):
         return _study_action(settings, sessions, args)
     raise AssertionError(f"unhandled studies command {command}")
