@@ -14,8 +14,9 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db import job_views, repo
+from dicom_node.db import repo, study_states
 from dicom_node.settings import Settings
+from dicom_node.study_status import NO_DESTINATION
 
 __all__ = ["add_commands", "list_studies", "run"]
 
@@ -66,9 +67,14 @@ def run(settings: Settings, sessions: sessionmaker[Session], args: argparse.Name
 
 
 def list_studies(sessions: sessionmaker[Session], *, as_json: bool, limit: int) -> int:
-    """Print the newest ``limit`` studies (a table, or JSON with ``as_json``); returns the exit code."""
+    """Print the newest ``limit`` studies (a table, or JSON with ``as_json``); returns the exit code.
+
+    ``state`` is the shown state (:mod:`dicom_node.study_status`, as on the web pages) with its
+    ``reason``; ``stored_state`` is how far routing went (receiving, complete, routed, ignored).
+    """
     studies = repo.list_studies(sessions, limit=limit)
-    job_counts = job_views.job_counts_by_study(sessions, [s.study_instance_uid for s in studies])
+    statuses = study_states.study_statuses_by_uid(sessions, [s.study_instance_uid for s in studies])
+    job_counts = {uid: status.job_counts for uid, status in statuses.items()}
     if as_json:
         rows = [
             {
@@ -77,7 +83,9 @@ def list_studies(sessions: sessionmaker[Session], *, as_json: bool, limit: int) 
                 "accession_number": s.accession_number,
                 "study_date": s.study_date,
                 "modalities": s.modalities.split(",") if s.modalities else [],
-                "state": s.state,
+                "state": statuses[s.study_instance_uid].state,
+                "reason": statuses[s.study_instance_uid].reason,
+                "stored_state": s.state,
                 "series": s.series_count,
                 "instances": s.instance_count,
                 "late_instances": s.late_instance_count,
@@ -85,6 +93,7 @@ def list_studies(sessions: sessionmaker[Session], *, as_json: bool, limit: int) 
                 "last_received_at": s.last_received_at.isoformat(),
                 "completed_at": s.completed_at.isoformat() if s.completed_at else None,
                 "jobs": job_counts.get(s.study_instance_uid, {}),
+                "deliveries": statuses[s.study_instance_uid].delivery_counts,
             }
             for s in studies
         ]
@@ -93,21 +102,30 @@ def list_studies(sessions: sessionmaker[Session], *, as_json: bool, limit: int) 
     if not studies:
         print("no studies received yet")
         return 0
-    header = (f"{'STATE':<10} {'SERIES':>6} {'IMAGES':>7} {'MOD':<8} {'FIRST RECEIVED (UTC)':<20} "
-              f"{'COMPLETED (UTC)':<20} {'JOBS':<24} STUDY INSTANCE UID")
+    header = (f"{'STATE':<11} {'SERIES':>6} {'IMAGES':>7} {'MOD':<8} {'FIRST RECEIVED (UTC)':<20} "
+              f"{'COMPLETED (UTC)':<20} {'JOBS':<24} STUDY INSTANCE UID / REASON")
     print(header)
     for s in studies:
         completed = f"{s.completed_at:%Y-%m-%d %H:%M:%S}" if s.completed_at else "-"
+        status = statuses[s.study_instance_uid]
         counts = job_counts.get(s.study_instance_uid, {})
         print(
-            f"{s.state:<10} {s.series_count:>6} {s.instance_count:>7} {s.modalities[:8]:<8} "
-            f"{s.first_received_at:%Y-%m-%d %H:%M:%S}  {completed:<20} {_job_summary(counts):<24} "
-            f"{s.study_instance_uid}"
+            f"{status.state.upper() if status.needs_person else status.state:<11} {s.series_count:>6} "
+            f"{s.instance_count:>7} {s.modalities[:8]:<8} {s.first_received_at:%Y-%m-%d %H:%M:%S}  {completed:<20} "
+            f"{_job_summary(counts):<24} {s.study_instance_uid}\n{'':<11} {status.reason}"
         )
+    failed = sum(1 for status in statuses.values() if status.state == "failed")
+    if failed:
+        print(f"\n{failed} study(ies) FAILED (a job or delivery is dead, or a job was cancelled): the reason names it; "
+              "retry with `dicom-node jobs retry JOB_ID`, re-send or re-process the study (`dicom-node studies -h`)")
     held = sum(1 for s in studies if job_counts.get(s.study_instance_uid, {}).get("held"))
     if held:
         print(f"\n{held} study(ies) have results HELD (judged implausible, not sent) waiting for an operator: "
               "see `dicom-node jobs list --state held`, then `dicom-node jobs release|discard JOB_ID`")
+    unsent = sum(1 for status in statuses.values() if status.state == "held" and NO_DESTINATION in status.reason)
+    if unsent:
+        print(f"\n{unsent} study(ies) have results that were never sent ({NO_DESTINATION}): add a destination, "
+              "then `dicom-node studies resend STUDY_UID`")
     return 0
 
 

@@ -42,13 +42,15 @@ from dataclasses import dataclass, field
 
 from dicom_node.db.models import DeliveryState, JobState, StudyState
 
-__all__ = ["SHOWN_STATES", "STATE_LABELS", "DeliveryFacts", "JobFacts", "StudyStatus", "one_line", "study_status"]
+__all__ = ["NO_DESTINATION", "SHOWN_STATES", "STATE_LABELS", "DeliveryFacts", "JobFacts", "StudyStatus", "one_line", "study_status"]
 
 #: The shown states, in the order lists and the dashboard show them.
 SHOWN_STATES = ("receiving", "waiting", "in_progress", "done", "held", "failed", "ignored")
 #: Words for people.
 STATE_LABELS = {"receiving": "receiving", "waiting": "waiting", "in_progress": "in progress", "done": "done",
                 "held": "held", "failed": "failed", "ignored": "ignored"}
+#: The reason's words for results that have no delivery at all (no destination existed when the job finished).
+NO_DESTINATION = "results not sent: no destination"
 #: How long an error or reason may be inside a one-line reason (the page shows the whole error beside the job).
 _MAX_DETAIL = 200
 
@@ -139,7 +141,7 @@ def _failures(jobs: Sequence[JobFacts], deliveries: Sequence[DeliveryFacts]) -> 
 def _holds(jobs: Sequence[JobFacts], delivered_jobs: set[int]) -> list[str]:
     found = [_with(f"{_job(j)} results held as implausible (release or discard)", j.note)
              for j in jobs if j.state == _J.HELD.value]
-    found += [f"results not sent: no destination ({_job(j)}, {j.results} object(s))"
+    found += [f"{NO_DESTINATION} ({_job(j)}, {j.results} object(s))"
               for j in jobs if j.state in _RESULTS_SENT and j.results and j.id not in delivered_jobs]
     return found
 

@@ -6,21 +6,13 @@ shares (the queue may be ``memory://`` inside the node or Redis between machines
 so queue depths, throughput and errors mean the same in the embedded and the
 distributed mode, and survive restarts.
 
-Study outcome, for a study (see :func:`classify_study`):
-
-* ``failed``: any of its jobs or deliveries is ``dead`` (needs a person);
-* ``held``: a job's results were judged implausible and wait for an operator to release
-  or discard them (needs a person; nothing of them was sent);
-* ``waiting``: not routed yet (``receiving`` or ``complete``);
-* ``ignored``: no rule matched, or every job was cancelled;
-* ``in_progress``: routed, with a job or delivery not finished yet (queued, running,
-  failed and waiting for a retry, pending, sending);
-* ``done``: routed, every job finished (cancelled ones aside) and every delivery delivered.
-  Finished: succeeded, not applicable (the model was not made for the series: a normal
-  outcome), released (held results an operator sent) or discarded (thrown away).
+Study outcome: the state a study is *shown* in (receiving, waiting, in_progress, done, held,
+failed, ignored; :mod:`dicom_node.study_status` says what each means and which wins), computed
+in SQL by :func:`dicom_node.db.study_states.shown_state_sql`, the expression the studies
+list filters with, so the dashboard's counts are the numbers of studies the list shows.
 
 The dashboard counts the studies *first received* in a window by their outcome now,
-so ``received = waiting + in_progress + done + held + failed + ignored``.
+so ``received = receiving + waiting + in_progress + done + held + failed + ignored``.
 
 Cost: these run on every dashboard refresh and scrape. Time windows over the two
 big, ever-growing tables (instances, studies) are found through the primary key
@@ -36,7 +28,7 @@ import logging
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -53,10 +45,11 @@ from dicom_node.db.models import (
     Job,
     JobState,
     Study,
-    StudyState,
     WorkerStatus,
     json_object,
 )
+from dicom_node.db.study_states import shown_state_sql
+from dicom_node.study_status import SHOWN_STATES
 
 __all__ = [
     "OUTCOMES",
@@ -66,7 +59,6 @@ __all__ = [
     "RecentError",
     "StudyCounts",
     "Throughput",
-    "classify_study",
     "database_status",
     "finished_job_stages",
     "job_briefs",
@@ -80,17 +72,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Study outcomes, in the order the dashboard shows them.
-OUTCOMES = ("waiting", "in_progress", "done", "held", "failed", "ignored")
+#: Study outcomes (shown states), in the order the dashboard shows them.
+OUTCOMES = SHOWN_STATES
 
 #: Job states that end a job's work: counted as done for the study.
 _FINISHED_JOB = (JobState.SUCCEEDED.value, JobState.NOT_APPLICABLE.value, JobState.RELEASED.value,
                  JobState.DISCARDED.value)
 #: Jobs whose worker run ended and whose stage times are final (a held job keeps its times when released).
 _RAN_JOB = _FINISHED_JOB + (JobState.HELD.value,)
-
-_UNFINISHED_JOB = {JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value}
-_UNFINISHED_DELIVERY = {DeliveryState.PENDING.value, DeliveryState.SENDING.value, DeliveryState.FAILED.value}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -142,67 +131,36 @@ def _aware(value: datetime | None) -> datetime | None:
 # --------------------------------------------------------------------------- study outcomes
 
 
-def classify_study(study_state: str, jobs: Counter[str], deliveries: Counter[str]) -> str:
-    """The outcome of one study from its state and the states of its jobs and deliveries (module docstring)."""
-    if jobs[JobState.DEAD.value] or deliveries[DeliveryState.DEAD.value]:
-        return "failed"
-    if jobs[JobState.HELD.value]:
-        return "held"
-    if study_state in (StudyState.RECEIVING.value, StudyState.COMPLETE.value):
-        return "waiting"
-    if study_state == StudyState.IGNORED.value:
-        return "ignored"
-    if any(jobs[s] for s in _UNFINISHED_JOB) or any(deliveries[s] for s in _UNFINISHED_DELIVERY):
-        return "in_progress"
-    if any(jobs[s] for s in _FINISHED_JOB):
-        return "done"
-    if jobs[JobState.CANCELLED.value]:
-        return "ignored"
-    return "in_progress"  # routed, jobs not recorded yet
-
-
 @dataclass
 class _StudyOutcome:
     id: int
-    state: str
+    outcome: str  # the shown state
     first_received_at: datetime
-    jobs: Counter[str] = field(default_factory=Counter)
-    deliveries: Counter[str] = field(default_factory=Counter)
-    finished_at: datetime | None = None  # last job finish or delivery
-
-    @property
-    def outcome(self) -> str:
-        return classify_study(self.state, self.jobs, self.deliveries)
+    finished_at: datetime | None = None  # last job finish or delivery (read for done studies only)
 
 
-def _study_outcomes(session: Session, condition: ColumnElement[bool]) -> list[_StudyOutcome]:
-    """Outcome of every study matching ``condition``, with three grouped queries."""
-    rows = session.execute(select(Study.id, Study.state, Study.first_received_at).where(condition)).all()
-    studies = {int(i): _StudyOutcome(int(i), str(s), t) for i, s, t in rows}
-    if not studies:
-        return []
-    ids = select(Study.id).where(condition).scalar_subquery()
-    for study_id, state, count, finished in session.execute(
-        select(Job.study_id, Job.state, func.count(), func.max(Job.finished_at))
-        .where(Job.study_id.in_(ids)).group_by(Job.study_id, Job.state)
+def _study_outcomes(session: Session, condition: ColumnElement[bool], *, finish_times: bool = False
+                    ) -> list[_StudyOutcome]:
+    """Outcome of every study matching ``condition`` (one query), and with ``finish_times`` when each
+    done one finished: its current jobs' last finish or its last delivery (two grouped queries)."""
+    rows = session.execute(select(Study.id, shown_state_sql(), Study.first_received_at).where(condition)).all()
+    studies = {int(i): _StudyOutcome(int(i), str(o), _aware(t) or t) for i, o, t in rows}
+    done = [i for i, s in studies.items() if s.outcome == "done"]
+    if not finish_times or not done:
+        return list(studies.values())
+    current = (Job.study_id.in_(done), Job.superseded_at.is_(None))
+    for study_id, finished in session.execute(
+        select(Job.study_id, func.max(Job.finished_at)).where(*current, Job.state.in_(_FINISHED_JOB))
+        .group_by(Job.study_id)
     ).all():
-        study = studies.get(int(study_id))
-        if study is None:
-            continue
-        study.jobs[str(state)] += int(count)
-        if state in _FINISHED_JOB:
-            study.finished_at = max(filter(None, (study.finished_at, _aware(finished))), default=None)
-    for study_id, state, count, delivered in session.execute(
-        select(Job.study_id, Delivery.state, func.count(), func.max(Delivery.delivered_at))
-        .join(Job, Job.id == Delivery.job_id)
-        .where(Job.study_id.in_(ids)).group_by(Job.study_id, Delivery.state)
+        study = studies[int(study_id)]
+        study.finished_at = max(filter(None, (study.finished_at, _aware(finished))), default=None)
+    for study_id, delivered in session.execute(
+        select(Job.study_id, func.max(Delivery.delivered_at)).join(Job, Job.id == Delivery.job_id)
+        .where(*current, Delivery.state == DeliveryState.DELIVERED.value).group_by(Job.study_id)
     ).all():
-        study = studies.get(int(study_id))
-        if study is None:
-            continue
-        study.deliveries[str(state)] += int(count)
-        if state == DeliveryState.DELIVERED.value:
-            study.finished_at = max(filter(None, (study.finished_at, _aware(delivered))), default=None)
+        study = studies[int(study_id)]
+        study.finished_at = max(filter(None, (study.finished_at, _aware(delivered))), default=None)
     return list(studies.values())
 
 
@@ -211,6 +169,7 @@ class StudyCounts:
     """Studies first received in a window, by outcome now (``received`` is their sum)."""
 
     received: int = 0
+    receiving: int = 0
     waiting: int = 0
     in_progress: int = 0
     done: int = 0
@@ -310,7 +269,7 @@ def throughput(sessions: sessionmaker[Session], *, now: datetime, hours: int = 2
             Study.id.in_(select(Job.study_id).join(Delivery, Delivery.job_id == Job.id)
                          .where(Delivery.delivered_at >= hour0)),
         )
-        done = [s.finished_at for s in _study_outcomes(session, touched)
+        done = [s.finished_at for s in _study_outcomes(session, touched, finish_times=True)
                 if s.outcome == "done" and s.finished_at is not None and s.finished_at >= hour0]
         first = _first_id_since(session, Instance.id, Instance.received_at, minute0)
         window = _window_filter(Instance.id, Instance.received_at, first, minute0)

@@ -8,48 +8,32 @@ API share one implementation. A study's jobs are read by
 :func:`dicom_node.db.job_views.job_rows` (shared with the job API); its timeline and
 findings are pure functions of the :class:`StudyDetail`
 (:mod:`dicom_node.db.study_timeline`), so the page, its live fragment and the API show
-exactly the same thing.
+exactly the same thing. A study's shown state (``status``: receiving, waiting, in progress,
+done, held, failed, ignored, with the reason) comes from :mod:`dicom_node.db.study_states`,
+as do the list's state filter and the dashboard's counts, so they all agree.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, func, select
+from sqlalchemy import ColumnElement, exists, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.db.job_views import (
-    DELIVERY_ACTIVE_STATES,
-    DELIVERY_TROUBLE_STATES,
-    JOB_ACTIVE_STATES,
-    JOB_TROUBLE_STATES,
-    JobRow,
-    ResultRow,
-    job_rows,
-    jobs_query,
-)
-from dicom_node.db.models import (
-    AssociationRecord,
-    AssociationStudy,
-    Delivery,
-    DeliveryState,
-    Job,
-    JobState,
-    ResultObject,
-    Series,
-    Study,
-    StudyEvent,
-)
+from dicom_node.db.job_views import JobRow, ResultRow, job_rows, jobs_query
+from dicom_node.db.models import AssociationRecord, AssociationStudy, Job, ResultObject, Series, Study, StudyEvent
+from dicom_node.db.study_states import state_condition, study_statuses
+from dicom_node.study_status import SHOWN_STATES, StudyStatus
 
 # ResultRow and JobRow are part of a StudyDetail (its jobs and their results): named here for its readers.
 __all__ = [
     "JOB_OUTCOMES",
     "NON_IMAGE_MODALITIES",
+    "SHOWN_STATES",
     "AssociationRow",
     "JobRow",
     "ResultRow",
@@ -60,19 +44,15 @@ __all__ = [
     "StudyHeader",
     "StudyPage",
     "StudyRow",
+    "StudyStatus",
     "list_studies",
     "study_detail",
 ]
 
 logger = logging.getLogger(__name__)
 
-#: The "jobs" filter of the studies list: what became of the study's jobs and deliveries.
-#: in_progress: a job queued, running or awaiting its retry, or a delivery not yet final;
-#: done: jobs exist and all finished - succeeded, not applicable (the model was not made for the
-#: series), released or discarded by an operator, or cancelled - and every delivery arrived;
-#: held: a job's results were judged implausible and wait for an operator (release or discard);
-#: failed: a job or delivery whose last attempt failed, or that is dead;
-#: none: no job at all (still receiving, ignored, or not yet routed).
+#: The older "jobs" filter of the studies list, kept for API clients: in_progress, done, held and failed
+#: select the studies *shown* in that state (the ``status`` filter, :data:`SHOWN_STATES`); none: no current job.
 JOB_OUTCOMES = ("in_progress", "done", "held", "failed", "none")
 
 #: Modalities of series that are not images (results, reports, presentation states).
@@ -87,7 +67,10 @@ class StudyFilters:
     """What the studies list may be narrowed by; ``None`` (or empty) means "any".
 
     Dates are DICOM dates (YYYYMMDD), inclusive. ``patient_name`` matches any part,
-    case-insensitively; the others match exactly. ``jobs`` is one of :data:`JOB_OUTCOMES`.
+    case-insensitively; the others match exactly. ``state`` is the stored state (receiving,
+    complete, routed, ignored); ``status`` the shown one (:data:`SHOWN_STATES`); ``jobs`` one of
+    :data:`JOB_OUTCOMES`; ``received_from``: first received at or after (ISO 8601, as the
+    dashboard links it).
     """
 
     patient_id: str | None = None
@@ -99,10 +82,13 @@ class StudyFilters:
     jobs: str | None = None
     modality: str | None = None
     source_ae: str | None = None
+    status: str | None = None
+    received_from: datetime | None = None
 
     def active(self) -> dict[str, str]:
         """The filters that are set, by name (for links that keep them)."""
-        return {name: value for name, value in self.__dict__.items() if value}
+        return {name: value.isoformat() if isinstance(value, datetime) else value
+                for name, value in self.__dict__.items() if value}
 
 
 @dataclass(frozen=True)
@@ -115,7 +101,18 @@ class StudyHeader:
     accession_number: str | None
     study_date: str | None
     study_description: str | None
-    state: str
+    state: str  # the stored state: receiving, complete, routed or ignored
+    status: StudyStatus  # the shown state, with its reason and the counts of current jobs and deliveries
+
+    @property
+    def job_counts(self) -> dict[str, int]:
+        """Current jobs (not superseded by a re-process) by state."""
+        return self.status.job_counts
+
+    @property
+    def delivery_counts(self) -> dict[str, int]:
+        """Deliveries of the current jobs by state."""
+        return self.status.delivery_counts
 
 
 @dataclass(frozen=True)
@@ -126,8 +123,6 @@ class StudyRow(StudyHeader):
     source_ae_titles: list[str]
     series_count: int
     instance_count: int
-    job_counts: dict[str, int]
-    delivery_counts: dict[str, int]
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime | None
@@ -191,6 +186,7 @@ class StudyDetail(StudyHeader):
     associations: list[AssociationRow]
     events: list[StudyEventRow]
     jobs: list[JobRow]
+    purged_at: datetime | None = None  # when retention removed its files (the record stays)
 
     @property
     def modalities(self) -> list[str]:
@@ -231,32 +227,21 @@ def _conditions(filters: StudyFilters) -> list[ColumnElement[bool]]:
             AssociationRecord.id == AssociationStudy.association_id,
             AssociationRecord.calling_ae_title == filters.source_ae,
         ))
+    if filters.status:
+        conditions.append(state_condition(filters.status))
     if filters.jobs:
         conditions.append(_outcome_condition(filters.jobs))
+    if filters.received_from:
+        conditions.append(Study.first_received_at >= filters.received_from)
     return conditions
 
 
 def _outcome_condition(outcome: str) -> ColumnElement[bool]:
-    def job_in(states: Sequence[str] | None) -> ColumnElement[bool]:
-        where = [Job.study_id == Study.id] + ([Job.state.in_(states)] if states is not None else [])
-        return exists().where(*where)
-
-    def delivery_in(states: Sequence[str]) -> ColumnElement[bool]:
-        return exists().where(Job.study_id == Study.id, Delivery.job_id == Job.id, Delivery.state.in_(states))
-
-    if outcome == "in_progress":
-        return job_in(JOB_ACTIVE_STATES) | delivery_in(DELIVERY_ACTIVE_STATES)
-    if outcome == "failed":
-        return job_in(JOB_TROUBLE_STATES) | delivery_in(DELIVERY_TROUBLE_STATES)
-    if outcome == "held":
-        return job_in((JobState.HELD.value,))
-    if outcome == "done":
-        unfinished_jobs = job_in(JOB_ACTIVE_STATES + (JobState.DEAD.value, JobState.HELD.value))
-        undelivered = exists().where(Job.study_id == Study.id, Delivery.job_id == Job.id,
-                                     Delivery.state != DeliveryState.DELIVERED.value)
-        return and_(job_in(None), ~unfinished_jobs, ~undelivered)
+    """The older ``jobs`` filter: a shown state, or ``none`` (no current job)."""
     if outcome == "none":
-        return ~job_in(None)
+        return ~exists().where(Job.study_id == Study.id, Job.superseded_at.is_(None))
+    if outcome in JOB_OUTCOMES:
+        return state_condition(outcome)
     raise ValueError(f"jobs filter {outcome!r} is not one of {', '.join(JOB_OUTCOMES)}")
 
 
@@ -265,8 +250,8 @@ def list_studies(
 ) -> StudyPage:
     """One page of studies matching ``filters``, the most recently received first, with their summaries.
 
-    Six queries whatever the page size: the count, the page, then series, senders,
-    job states and delivery states of the studies on the page.
+    Six or seven queries whatever the page size: the count, the page, then series and senders of the
+    studies on the page, and their shown states (:func:`~dicom_node.db.study_states.study_statuses`).
     """
     filters = filters or StudyFilters()
     conditions = _conditions(filters)
@@ -284,8 +269,7 @@ def list_studies(
         modalities: dict[int, set[str]] = defaultdict(set)
         series_counts: dict[int, int] = defaultdict(int)
         sources: dict[int, set[str]] = defaultdict(set)
-        job_counts: dict[int, dict[str, int]] = defaultdict(dict)
-        delivery_counts: dict[int, dict[str, int]] = defaultdict(dict)
+        statuses = study_statuses(session, {int(r[0]): str(r[7]) for r in rows})
         if ids:
             for study_id, modality in session.execute(
                 select(Series.study_id, Series.modality).where(Series.study_id.in_(ids))
@@ -299,23 +283,12 @@ def list_studies(
                 .where(AssociationStudy.study_id.in_(ids)).distinct()
             ):
                 sources[study_id].add(ae)
-            for study_id, state, count in session.execute(
-                select(Job.study_id, Job.state, func.count()).where(Job.study_id.in_(ids))
-                .group_by(Job.study_id, Job.state)
-            ):
-                job_counts[study_id][state] = int(count)
-            for study_id, state, count in session.execute(
-                select(Job.study_id, Delivery.state, func.count()).join(Job, Job.id == Delivery.job_id)
-                .where(Job.study_id.in_(ids)).group_by(Job.study_id, Delivery.state)
-            ):
-                delivery_counts[study_id][state] = int(count)
     items = [
         StudyRow(
             study_instance_uid=r[1], patient_id=r[2], patient_name=r[3], accession_number=r[4], study_date=r[5],
-            study_description=r[6], state=r[7], modalities=sorted(modalities[r[0]]),
+            study_description=r[6], state=r[7], status=statuses[r[0]], modalities=sorted(modalities[r[0]]),
             source_ae_titles=sorted(sources[r[0]]), series_count=series_counts[r[0]], instance_count=r[8],
-            job_counts=job_counts[r[0]], delivery_counts=delivery_counts[r[0]], first_received_at=r[9],
-            last_received_at=r[10], completed_at=r[11],
+            first_received_at=r[9], last_received_at=r[10], completed_at=r[11],
         )
         for r in rows
     ]
@@ -326,9 +299,10 @@ def list_studies(
 
 
 def study_detail(sessions: sessionmaker[Session], study_instance_uid: str) -> StudyDetail | None:
-    """A study with its series, senders, events, jobs, results and deliveries; None if unknown.
+    """A study with its series, senders, events, jobs, results and deliveries, and its shown state;
+    None if unknown.
 
-    Eight queries whatever the size of the study.
+    Ten or eleven queries whatever the size of the study.
     """
     with sessions() as session:
         study = session.scalars(select(Study).where(Study.study_instance_uid == study_instance_uid)).one_or_none()
@@ -353,10 +327,12 @@ def study_detail(sessions: sessionmaker[Session], study_instance_uid: str) -> St
         events = [StudyEventRow(at=e.at, kind=e.kind, detail=e.detail) for e in session.execute(
             select(StudyEvent).where(StudyEvent.study_id == study.id).order_by(StudyEvent.id)).scalars()]
         study_jobs = job_rows(session, jobs_query().where(Job.study_id == study.id).order_by(Job.id))
+        status = study_statuses(session, {study.id: study.state})[study.id]
         return StudyDetail(
             study_instance_uid=study.study_instance_uid, patient_id=study.patient_id, patient_name=study.patient_name,
             accession_number=study.accession_number, study_date=study.study_date,
-            study_description=study.study_description, state=study.state, instance_count=study.instance_count,
+            study_description=study.study_description, state=study.state, status=status,
+            instance_count=study.instance_count,
             late_instance_count=study.late_instance_count, first_received_at=study.first_received_at,
             last_received_at=study.last_received_at, receiving_since=study.receiving_since,
             completed_at=study.completed_at, state_changed_at=study.state_changed_at,
@@ -366,5 +342,5 @@ def study_detail(sessions: sessionmaker[Session], study_instance_uid: str) -> St
                 instance_count=s.instance_count, first_received_at=s.first_received_at,
                 last_received_at=s.last_received_at, is_result=s.series_instance_uid in result_series,
             ) for s in series_rows],
-            associations=associations, events=events, jobs=study_jobs,
+            associations=associations, events=events, jobs=study_jobs, purged_at=study.purged_at,
         )

@@ -18,7 +18,10 @@ the kind wins. Held results are not the study's picture until they are released.
 
 When there is no picture, :class:`PreviewError` says why in words the study page
 shows instead of a broken image (job queued or running, failed, not performed,
-discarded, drawn by an older node, file missing).
+discarded, drawn by an older node, the worker could not draw it, file missing because
+retention removed the study's files or the outbox was lost).
+:func:`study_preview_problem` and :func:`job_preview_problem` give that reason to the page
+without reading the pictures (they only look whether the files are there).
 """
 
 from __future__ import annotations
@@ -26,16 +29,19 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import job_views, study_views
-from dicom_node.db.models import JobState
+from dicom_node.db.models import JobState, Study
 from dicom_node.settings import Settings
 
-__all__ = ["Preview", "PreviewError", "job_preview", "study_preview", "study_preview_job"]
+__all__ = ["Preview", "PreviewError", "job_preview", "job_preview_problem", "study_preview", "study_preview_job",
+           "study_preview_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +79,9 @@ def job_preview(settings: Settings, sessions: sessionmaker[Session], job_id: int
     job = job_views.get_job(sessions, job_id)
     if job is None:
         raise PreviewError(404, f"job {job_id} does not exist")
-    return _read(settings.outbox_dir, job)
+    with sessions() as session:
+        purged_at = session.scalar(select(Study.purged_at).where(Study.study_instance_uid == job.study_instance_uid))
+    return _read(settings.outbox_dir, job, purged_at)
 
 
 def study_preview(settings: Settings, sessions: sessionmaker[Session], study_instance_uid: str) -> Preview:
@@ -81,7 +89,7 @@ def study_preview(settings: Settings, sessions: sessionmaker[Session], study_ins
     detail = study_views.study_detail(sessions, study_instance_uid)
     if detail is None:
         raise PreviewError(404, f"study {study_instance_uid} is not known")
-    return _read(settings.outbox_dir, study_preview_job(detail))
+    return _read(settings.outbox_dir, study_preview_job(detail), detail.purged_at)
 
 
 def study_preview_job(detail: study_views.StudyDetail) -> job_views.JobRow:
@@ -93,6 +101,43 @@ def study_preview_job(detail: study_views.StudyDetail) -> job_views.JobRow:
     if drawn:
         return min(drawn, key=lambda j: (_KIND_ORDER.get(str(j.summary.get("kind")), len(_KIND_ORDER)), -j.id))
     raise PreviewError(404, _no_study_preview(detail))
+
+
+def study_preview_problem(outbox: Path, detail: study_views.StudyDetail) -> str | None:
+    """Why the study page can show no preview picture (the reason it shows instead), None when it can."""
+    try:
+        job = study_preview_job(detail)
+    except PreviewError as exc:
+        return exc.message
+    return _missing_files(outbox, job, detail.purged_at)
+
+
+def job_preview_problem(outbox: Path, job: job_views.JobRow, purged_at: datetime | None = None) -> str | None:
+    """Why job ``job`` has no picture to link to (its reason), None when its files are in the outbox."""
+    if job.state not in _SHOWN or "png" not in _files(job):
+        return _no_job_preview(job)
+    return _missing_files(outbox, job, purged_at)
+
+
+def _missing_files(outbox: Path, job: job_views.JobRow, purged_at: datetime | None) -> str | None:
+    """Why the preview files that job ``job``'s summary names cannot be served, None when both are there."""
+    files = _files(job)
+    try:
+        present = all(_outbox_file(outbox, job, str(files[name])).is_file() for name in ("png", "facts"))
+    except KeyError:
+        return _no_job_preview(job)
+    except PreviewError as exc:
+        return exc.message
+    if present:
+        return None
+    return _missing_message(job, purged_at)
+
+
+def _missing_message(job: job_views.JobRow, purged_at: datetime | None) -> str:
+    name = f"job {job.id} ({job.pipeline})"
+    if purged_at is not None:
+        return f"{name}: its preview was removed with the study's files by retention on {purged_at:%Y-%m-%d %H:%M} UTC"
+    return f"{name}: its preview is missing from the outbox (removed by hand, or the outbox was lost)"
 
 
 def _files(job: job_views.JobRow) -> dict[str, Any]:
@@ -133,22 +178,27 @@ def _no_job_preview(job: job_views.JobRow) -> str:
     return f"{name} has no preview (its worker drew none: it ran before workers drew previews)"
 
 
-def _read(outbox: Path, job: job_views.JobRow) -> Preview:
-    """The picture and facts job ``job``'s worker wrote to the outbox."""
+def _read(outbox: Path, job: job_views.JobRow, purged_at: datetime | None = None) -> Preview:
+    """The picture and facts job ``job``'s worker wrote to the outbox (``purged_at``: when retention removed
+    the study's files, for the reason when they are gone)."""
     if job.state not in _SHOWN:
         raise PreviewError(404, _no_job_preview(job))
     files = _files(job)
     if "png" not in files or "facts" not in files:
         raise PreviewError(404, _no_job_preview(job))
+    problem = _missing_files(outbox, job, purged_at)
+    if problem is not None:
+        logger.warning("preview of job %d: %s", job.id, problem)
+        raise PreviewError(404, problem)
     try:
         png = _outbox_file(outbox, job, str(files["png"])).read_bytes()
         facts = json.loads(_outbox_file(outbox, job, str(files["facts"])).read_text(encoding="utf-8"))
         return Preview(png=png, job_id=job.id, series_instance_uid=job.series_instance_uid,
                        slice_index=int(facts["slice_index"]), slice_count=int(facts["slice_count"]),
                        overlay=bool(facts["overlay"]))
-    except FileNotFoundError as exc:
+    except FileNotFoundError as exc:  # removed between the look and the read
         logger.warning("preview of job %d: %s is missing from the outbox", job.id, exc.filename)
-        raise PreviewError(404, f"job {job.id} ({job.pipeline}): its preview is missing from the outbox") from exc
+        raise PreviewError(404, _missing_message(job, purged_at)) from exc
     except (OSError, ValueError, KeyError, TypeError) as exc:
         logger.warning("preview of job %d unreadable: %s: %s", job.id, type(exc).__name__, exc)
         raise PreviewError(422, f"job {job.id} ({job.pipeline}): its preview cannot be read: "

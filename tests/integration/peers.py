@@ -369,7 +369,7 @@ class NodeProcess:
         instances: int | None = None,
         timeout: float = 20.0,
     ) -> dict[str, Any]:
-        """Poll the studies CLI until the study is in ``state`` with ``instances`` instances.
+        """Poll the studies CLI until the study is in stored ``state`` with ``instances`` instances.
 
         ``state="complete"`` means completion was reached: the router moves a complete
         study on to ``routed`` or ``ignored`` within a sweep, so those count too.
@@ -380,7 +380,8 @@ class NodeProcess:
             study = self.study(study_instance_uid)
             if study is None:
                 return None
-            if state is not None and study["state"] not in wanted:
+            # "state" is the shown state (done, failed, ...); how far routing went is "stored_state"
+            if state is not None and study["stored_state"] not in wanted:
                 return None
             if instances is not None and study["instances"] != instances:
                 return None

@@ -18,9 +18,13 @@ from tests.web.conftest import LoggedIn, WebEnv, make_web_env
 from tests.web.ops_data import HOSTILE_ERROR, Scenario, build_scenario, make_series
 from training.phantoms.ct_series import GeneratedSeries
 
+# receiving: "waiting" (not complete); waiting: "in_progress" (its one job still queued, none started);
+# in_progress: "retrying" (a delivery waiting for its retry); done: "done" and, in the day, "old_done".
 EXPECTED = {
-    "hour": {"received": 6, "waiting": 1, "in_progress": 2, "done": 1, "held": 0, "failed": 1, "ignored": 1},
-    "day": {"received": 7, "waiting": 1, "in_progress": 2, "done": 2, "held": 0, "failed": 1, "ignored": 1},
+    "hour": {"received": 6, "receiving": 1, "waiting": 1, "in_progress": 1, "done": 1, "held": 0, "failed": 1,
+             "ignored": 1},
+    "day": {"received": 7, "receiving": 1, "waiting": 1, "in_progress": 1, "done": 2, "held": 0, "failed": 1,
+            "ignored": 1},
 }
 
 
@@ -55,6 +59,31 @@ def test_dashboard_counts_studies_by_outcome_in_each_window(filled: tuple[WebEnv
     assert _row_counts(page.text, "day") == EXPECTED["day"]
     api = viewer_of.client.get("/api/v1/dashboard").json()
     assert api["studies"] == EXPECTED
+
+
+def test_each_count_links_to_the_studies_the_list_shows_in_that_state(filled: tuple[WebEnv, Scenario],
+                                                                      viewer_of: LoggedIn) -> None:
+    env, scenario = filled
+    html = viewer_of.client.get("/dashboard/live").text
+    for window in ("hour", "day"):
+        row = re.search(rf'<tr data-window="{window}">(.*?)</tr>', html, re.S)
+        assert row
+        links = re.findall(r'<a href="/studies\?([^"]+)" data-count="(\w+)">(\d+)</a>', row.group(1))
+        assert {state for _, state, _ in links} == set(EXPECTED[window])
+        for query, state, count in links:
+            listed = viewer_of.client.get("/api/v1/studies?" + query.replace("&amp;", "&")).json()
+            assert listed["total"] == int(count) == EXPECTED[window][state], (window, state, listed)
+            if state != "received":
+                assert {item["status"]["state"] for item in listed["items"]} <= {state}
+            page = viewer_of.client.get("/studies?" + query.replace("&amp;", "&")).text
+            assert f'<span class="muted">({count})</span>' in page
+    # the studies the scenario made, each in its state, with the stage named
+    shown = {item["study_instance_uid"]: item["status"]
+             for item in viewer_of.client.get("/api/v1/studies").json()["items"]}
+    assert shown[scenario.uids["failed"]]["state"] == "failed"
+    assert shown[scenario.uids["failed"]]["reason"].startswith(f"job {scenario.job_ids['failed']} chest-seg dead: ")
+    assert shown[scenario.uids["retrying"]]["reason"].startswith(
+        "delivery 2 to pacs failed, will retry (attempt 1 of 5): C-STORE to pacs: association rejected")
 
 
 def test_queue_depths_come_from_job_and_delivery_states(viewer_of: LoggedIn) -> None:

@@ -205,7 +205,7 @@ def test_study_list_filters_and_counts_held_as_needing_attention(web: WebEnv, vi
     assert item["job_counts"] == {"held": 2, "not_applicable": 1}
     listing = viewer.client.get("/studies").text
     assert '<span class="badge held">2 held</span>' in listing and "1 not applicable" in listing
-    assert 'value="held" selected' in viewer.client.get("/studies", params={"jobs": "held"}).text
+    assert 'value="held" selected' in viewer.client.get("/studies", params={"status": "held"}).text
     counts = monitoring.study_counts(web.sessions, now=T0 + timedelta(hours=1), windows={"hour": timedelta(hours=1)})
     assert counts["hour"].held == 1 and counts["hour"].done == 0 and counts["hour"].received == 1
 
@@ -221,12 +221,6 @@ def test_study_list_filters_and_counts_held_as_needing_attention(web: WebEnv, vi
     assert found("done") == [ward.uid] and found("held") == []
     counts = monitoring.study_counts(web.sessions, now=T0 + timedelta(hours=1), windows={"hour": timedelta(hours=1)})
     assert counts["hour"].done == 1 and counts["hour"].held == 0
-    assert monitoring.classify_study("routed", _counter(discarded=1), _counter()) == "done"
-    assert monitoring.classify_study("routed", _counter(not_applicable=1, queued=1), _counter()) == "in_progress"
-
-
-def _counter(**states: int) -> "monitoring.Counter[str]":
-    return monitoring.Counter(states)
 
 
 def test_dashboard_and_metrics_count_the_new_states(web: WebEnv, viewer: LoggedIn, ward: Ward) -> None:

@@ -114,8 +114,10 @@ def test_list_filters_narrow_on_sqlite_and_postgresql(
     assert found(state="routed") == [d, b, a]
     assert found(jobs="done") == [a]
     assert found(jobs="failed") == [b]
-    assert found(jobs="in_progress") == [d]
+    assert found(jobs="in_progress") == []  # D's one job is queued, none started: waiting
     assert found(jobs="none") == [c]
+    assert found(status="waiting") == [d] and found(status="receiving") == [c]
+    assert found(status="failed") == [b] and found(status="done") == [a] and found(status="held") == []
     assert found(modality="ct") == [c, d, b, a]
     assert found(modality="MR") == []
     assert found(source_ae="PACS_B") == [b]
@@ -141,7 +143,10 @@ def test_list_page_shows_summaries_filters_and_paging(web: WebEnv, viewer: Logge
     assert page.status_code == 200
     text = page.text
     assert f'href="/studies/{h.uids["D"]}"' in text and h.uids["A"] not in text  # A is on page 2
-    assert "1 dead" in text and "1 queued" in text and '<span class="badge receiving">receiving</span>' in text
+    assert "1 dead" in text and "1 queued" in text
+    assert '<span class="badge status-receiving" title="stored state: receiving">receiving</span>' in text
+    assert '<span class="badge status-failed" title="stored state: routed">failed</span>' in text
+    assert f"job {h.job_ids['B']} chest-seg dead: VolumeError: series has a gap" in text
     assert "offset=3" in text  # link to the older page
     older = viewer.client.get("/studies", params={"limit": 3, "offset": 3}).text
     assert h.uids["A"] in older and "1 succeeded" in older and "1 delivered" in older and "PACS_A" in older

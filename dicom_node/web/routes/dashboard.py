@@ -33,17 +33,19 @@ _ERRORS_SHOWN = 20
 
 
 class StudyCountsOut(BaseModel):
-    """Studies first received in the window, by where each is now (received = the sum of the others)."""
+    """Studies first received in the window, by the state each is shown in now (the studies list's states:
+    ``/studies?status=...&received_from=...`` lists them); received = the sum of the others."""
 
     received: int
-    waiting: int = Field(description="not routed yet: still receiving, or complete and about to be routed")
-    in_progress: int = Field(description="routed; a job or delivery is not finished")
+    receiving: int = Field(description="instances still arriving")
+    waiting: int = Field(description="complete and about to be routed, or routed with every job queued")
+    in_progress: int = Field(description="a job or delivery under way, or waiting for its retry")
     done: int = Field(description="every job finished (succeeded, not applicable, released or discarded) and every "
                                   "delivery was delivered")
-    held: int = Field(description="a job's results were judged implausible and wait for an operator (release or "
-                                  "discard; needs a person)")
-    failed: int = Field(description="a job or a delivery is dead (needs a person)")
-    ignored: int = Field(description="no routing rule matched, or every job was cancelled")
+    held: int = Field(description="results judged implausible wait for an operator (release or discard), or results "
+                                  "have no destination to go to (needs a person)")
+    failed: int = Field(description="a job is dead or cancelled, or a delivery is dead (needs a person)")
+    ignored: int = Field(description="no routing rule matched")
 
 
 class QueueOut(BaseModel):
@@ -162,6 +164,8 @@ def _live_values(context: WebContext) -> dict[str, Any]:
     data = dashboard_data(context)
     return {
         "data": data,
+        # each count links to the studies list showing those studies (same state, same window)
+        "window_from": {name: (data.generated_at - length).isoformat() for name, length in WINDOWS.items()},
         "study_chart": _bars(data.throughput.studies_per_hour, 480),
         "instance_chart": _bars(data.throughput.instances_per_minute, 480),
         "stale_seconds": context.settings.web.worker_stale_seconds,

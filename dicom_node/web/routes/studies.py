@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Literal
 from urllib.parse import urlencode
 
@@ -23,10 +23,18 @@ from fastapi.responses import Response
 from dicom_node.db import job_views, study_timeline, study_views
 from dicom_node.db.models import Role, StudyState
 from dicom_node.db.study_views import StudyFilters
+from dicom_node.study_status import STATE_LABELS
 from dicom_node.web.auth import Principal, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
-from dicom_node.web.preview import Preview, PreviewError, job_preview, study_preview, study_preview_job
+from dicom_node.web.preview import (
+    Preview,
+    PreviewError,
+    job_preview,
+    job_preview_problem,
+    study_preview,
+    study_preview_problem,
+)
 from dicom_node.web.routes.job_actions import (
     action_notice,
     api_action,
@@ -50,6 +58,7 @@ router = APIRouter(route_class=EncodedSlashRoute)
 _UID = Path(..., min_length=1, max_length=64, description="Study Instance UID")
 _DATE_PATTERN = r"^(\d{4}-?\d{2}-?\d{2})?$"
 StudyStateName = Literal["", "receiving", "complete", "routed", "ignored"]
+ShownStateName = Literal["", "receiving", "waiting", "in_progress", "done", "held", "failed", "ignored"]
 JobOutcomeName = Literal["", "in_progress", "done", "held", "failed", "none"]
 JobStateName = Literal["", "queued", "running", "succeeded", "failed", "dead", "cancelled", "not_applicable", "held",
                        "released", "discarded"]
@@ -85,23 +94,29 @@ def study_filters(
     date_from: str | None = Query(None, max_length=10, pattern=_DATE_PATTERN,
                                   description="Study date from (YYYY-MM-DD or YYYYMMDD), inclusive"),
     date_to: str | None = Query(None, max_length=10, pattern=_DATE_PATTERN, description="Study date to, inclusive"),
-    state: StudyStateName | None = Query(None, description="Study state"),
+    state: StudyStateName | None = Query(None, description="Stored study state (how far routing went)"),
+    status: ShownStateName | None = Query(
+        None, description="Shown state (status.state): receiving, waiting, in_progress, done, held, failed, ignored"),
     jobs: JobOutcomeName | None = Query(
-        None, description="in_progress: a job or delivery not finished; done: every job finished (succeeded, "
-                          "not applicable, released, discarded or cancelled) and every delivery arrived; held: a "
-                          "job's results wait for an operator (release or discard); failed: a job or delivery "
-                          "failed or is dead; none: no job"),
+        None, description="Older form of status (in_progress, done, held, failed select the studies shown in that "
+                          "state); none: no current job"),
     modality: str | None = Query(None, max_length=16, description="Has a series of this modality (CT, MR, ...)"),
     source_ae: str | None = Query(None, max_length=16, description="Sent by this calling AE title"),
+    received_from: datetime | None = Query(
+        None, description="First received at or after this time (ISO 8601; UTC when it has no offset), as the "
+                          "dashboard's counts link it"),
 ) -> StudyFilters:
     """The studies filters from the query string (the list page's form uses the same names)."""
     start, end = _dicom_date("date_from", date_from), _dicom_date("date_to", date_to)
     if start and end and start > end:
         raise _bad_query("date_to", f"date_to {date_to} is before date_from {date_from}")
+    if received_from is not None and received_from.tzinfo is None:
+        received_from = received_from.replace(tzinfo=timezone.utc)
     return StudyFilters(
         patient_id=_clean(patient_id), patient_name=_clean(patient_name), accession_number=_clean(accession_number),
         date_from=start, date_to=end, state=state or None, jobs=jobs or None,
-        modality=(_clean(modality) or "").upper() or None, source_ae=_clean(source_ae),
+        modality=(_clean(modality) or "").upper() or None, source_ae=_clean(source_ae), status=status or None,
+        received_from=received_from,
     )
 
 
@@ -175,7 +190,7 @@ def studies_page(
     previous, following = _page_links(filters, limit, offset, page.total)
     return render(request, "studies.html", page=page, filters=filters, limit=limit, previous_url=previous,
                   next_url=following, study_states=[s.value for s in StudyState],
-                  job_outcomes=study_views.JOB_OUTCOMES, dicom=context.settings.dicom)
+                  shown_states=study_views.SHOWN_STATES, state_labels=STATE_LABELS, dicom=context.settings.dicom)
 
 
 @router.get("/studies/{study_instance_uid}", include_in_schema=False)
@@ -210,18 +225,13 @@ def _study_values(context: WebContext, detail: study_views.StudyDetail) -> dict[
         "study": detail,
         "timeline": study_timeline.timeline(detail, now=context.clock()),
         "findings": study_timeline.findings(detail),
-        "preview_missing": _preview_missing(detail),
+        # Why there is no picture, shown instead of an image that would break (None: the picture is there).
+        "preview_missing": study_preview_problem(context.settings.outbox_dir, detail),
+        "job_preview_missing": {
+            job.id: job_preview_problem(context.settings.outbox_dir, job, detail.purged_at) for job in detail.jobs
+            if isinstance(job.summary.get("preview"), dict)},
         "study_link": study_path(detail.study_instance_uid),
     }
-
-
-def _preview_missing(detail: study_views.StudyDetail) -> str | None:
-    """Why the study has no preview picture (shown instead of a broken image), None when it has one."""
-    try:
-        study_preview_job(detail)
-    except PreviewError as exc:
-        return exc.message
-    return None
 
 
 @router.get("/studies/{study_instance_uid}/preview.png", include_in_schema=False)

@@ -14,11 +14,26 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["ActionOut", "AssociationOut", "DeliveryOut", "EventOut", "FindingOut", "JobList", "JobOut", "ResultOut",
-           "SeriesOut", "StageOut", "StudyItem", "StudyList", "StudyOut", "TimelineOut"]
+           "SeriesOut", "StageOut", "StatusOut", "StudyItem", "StudyList", "StudyOut", "TimelineOut"]
 
 
 class _Out(BaseModel):
     model_config = ConfigDict(from_attributes=True)
+
+
+class StatusOut(_Out):
+    """The state a study is shown in: what became of its current jobs and their deliveries."""
+
+    state: Literal["receiving", "waiting", "in_progress", "done", "held", "failed", "ignored"] = Field(
+        description="receiving: instances arriving; waiting: not routed yet, or every job queued; in_progress: a job "
+                    "or delivery under way or waiting for its retry; done: every job finished (a model that declined "
+                    "the series counts) and every delivery delivered; held: results judged implausible, or results "
+                    "with no destination to go to (needs a person); failed: a job dead or cancelled, or a delivery "
+                    "dead (needs a person); ignored: no routing rule matched. First match in the order failed, held, "
+                    "in_progress, waiting, done, after receiving and waiting-to-be-routed")
+    label: str = Field(description="The state in words (\"in progress\")")
+    reason: str = Field(description="One line naming the stage, e.g. \"job 12 lung-nodule-detector dead: ...\", "
+                                    "\"delivery 7 to PACS dead: ...\", \"results not sent: no destination (...)\"")
 
 
 class StudyItem(_Out):
@@ -30,13 +45,16 @@ class StudyItem(_Out):
     accession_number: str | None
     study_date: str | None = Field(description="YYYYMMDD, as in the DICOM header")
     study_description: str | None
-    state: str = Field(description="receiving, complete, routed or ignored")
+    state: str = Field(description="The stored state: receiving, complete, routed or ignored (routing's progress; "
+                                   "see status for what became of the jobs and deliveries)")
+    status: StatusOut
     modalities: list[str]
     source_ae_titles: list[str] = Field(description="Calling AE titles of the associations that sent it")
     series_count: int
     instance_count: int
-    job_counts: dict[str, int] = Field(description="Jobs by state, e.g. {\"succeeded\": 2, \"held\": 1}")
-    delivery_counts: dict[str, int] = Field(description="Deliveries by state")
+    job_counts: dict[str, int] = Field(description="Current jobs (not replaced by a re-process) by state, e.g. "
+                                                   "{\"succeeded\": 2, \"held\": 1}")
+    delivery_counts: dict[str, int] = Field(description="Deliveries of the current jobs by state")
     first_received_at: datetime
     last_received_at: datetime
     completed_at: datetime | None
@@ -187,7 +205,8 @@ class StudyOut(_Out):
     accession_number: str | None
     study_date: str | None
     study_description: str | None
-    state: str
+    state: str = Field(description="The stored state: receiving, complete, routed or ignored")
+    status: StatusOut
     instance_count: int
     late_instance_count: int
     first_received_at: datetime

@@ -1,0 +1,145 @@
+"""Studies' shown states from the database: the inputs of :func:`dicom_node.study_status.study_status`
+read for many studies at once, and the same decision as one SQL expression.
+
+Why both: pages, the CLI and the API show each study's state with its reason, which needs
+the jobs' errors and the deliveries' destinations (:func:`study_statuses`, two or three
+queries for any number of studies, never one per study). The studies list's filter and the dashboard's
+counts must select and count *every* study in a state, not one page of them, so they use
+:func:`shown_state_sql`, a ``CASE`` over correlated ``EXISTS`` that follows the same
+precedence. The two are kept in step by a test that compares them on studies in every state
+(tests/db/test_study_states.py); change both together.
+
+Only *current* jobs count: a job whose ``superseded_at`` is set was replaced by a re-process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, exists, func, literal, select
+from sqlalchemy.orm import Session, aliased, sessionmaker
+
+from dicom_node.db.job_checks import outcome_reason
+from dicom_node.db.jobs import NOTICE_KIND
+from dicom_node.db.models import (
+    Delivery,
+    DeliveryState,
+    Job,
+    JobState,
+    ResultObject,
+    Study,
+    StudyEvent,
+    StudyState,
+    json_object,
+)
+from dicom_node.study_status import SHOWN_STATES, DeliveryFacts, JobFacts, StudyStatus, study_status
+
+__all__ = ["shown_state_sql", "state_condition", "study_statuses", "study_statuses_by_uid"]
+
+logger = logging.getLogger(__name__)
+
+_J, _D = JobState, DeliveryState
+
+
+def _current_job(*where: Any) -> ColumnElement[bool]:
+    """A current job of the study in the enclosing query matches ``where``."""
+    return exists().where(Job.study_id == Study.id, Job.superseded_at.is_(None), *where)
+
+
+def _delivery_of_current_job(states: Sequence[str]) -> ColumnElement[bool]:
+    return exists().where(Job.study_id == Study.id, Job.superseded_at.is_(None), Delivery.job_id == Job.id,
+                          Delivery.state.in_(states))
+
+
+def _results_without_delivery() -> ColumnElement[bool]:
+    """A current job whose results were to be sent (succeeded, released) has some but no delivery at all."""
+    result, delivery = aliased(ResultObject), aliased(Delivery)
+    return _current_job(
+        Job.state.in_((_J.SUCCEEDED.value, _J.RELEASED.value)),
+        exists().where(result.job_id == Job.id, result.kind != NOTICE_KIND),
+        ~exists().where(delivery.job_id == Job.id),
+    )
+
+
+def shown_state_sql() -> ColumnElement[str]:
+    """The shown state of the study of the enclosing ``select(... Study ...)``, as SQL (the precedence
+    of :mod:`dicom_node.study_status`; :func:`study_statuses` gives the same word with its reason)."""
+    any_job = _current_job()
+    started = _current_job(Job.state != _J.QUEUED.value)
+    return case(
+        (Study.state == StudyState.RECEIVING.value, literal("receiving")),
+        (Study.state == StudyState.COMPLETE.value, literal("waiting")),
+        (and_(~any_job, Study.state == StudyState.IGNORED.value), literal("ignored")),
+        (~any_job, literal("waiting")),
+        (_current_job(Job.state.in_((_J.DEAD.value, _J.CANCELLED.value)))
+         | _delivery_of_current_job((_D.DEAD.value,)), literal("failed")),
+        (_current_job(Job.state == _J.HELD.value) | _results_without_delivery(), literal("held")),
+        (_current_job(Job.state.in_((_J.RUNNING.value, _J.FAILED.value)))
+         | _delivery_of_current_job((_D.PENDING.value, _D.SENDING.value, _D.FAILED.value))
+         | and_(started, _current_job(Job.state == _J.QUEUED.value)), literal("in_progress")),
+        (~started, literal("waiting")),
+        else_=literal("done"),
+    )
+
+
+def state_condition(state: str) -> ColumnElement[bool]:
+    """Studies shown in ``state`` (one of :data:`dicom_node.study_status.SHOWN_STATES`)."""
+    if state not in SHOWN_STATES:
+        raise ValueError(f"study state {state!r} is not one of {', '.join(SHOWN_STATES)}")
+    return shown_state_sql() == state
+
+
+def study_statuses(session: Session, stored: Mapping[int, str]) -> dict[int, StudyStatus]:
+    """``{study id: StudyStatus}`` of the studies ``stored`` names (``{study id: stored state}``, which the
+    caller has read anyway): two queries, three when one of them is ignored (its router's reason)."""
+    ids = sorted(stored)
+    if not ids:
+        return {}
+    current = and_(Job.study_id.in_(ids), Job.superseded_at.is_(None))
+    results = (select(func.count()).where(ResultObject.job_id == Job.id, ResultObject.kind != NOTICE_KIND)
+               .correlate(Job).scalar_subquery())
+    rows = session.execute(
+        select(Job.id, Job.study_id, Job.pipeline, Job.state, Job.error, Job.attempts, Job.max_attempts, Job.checks,
+               results).where(current).order_by(Job.id)
+    ).all()
+    jobs: dict[int, list[JobFacts]] = defaultdict(list)
+    for job_id, study_id, pipeline, state, error, attempts, max_attempts, checks, result_count in rows:
+        note = None
+        if state in (_J.NOT_APPLICABLE.value, _J.HELD.value) and checks:
+            note = outcome_reason(state, json_object(checks, f"checks of job {job_id}"))
+        jobs[int(study_id)].append(JobFacts(
+            id=int(job_id), pipeline=str(pipeline), state=str(state), error=error, attempts=int(attempts),
+            max_attempts=int(max_attempts), results=int(result_count or 0), note=note))
+    deliveries: dict[int, list[DeliveryFacts]] = defaultdict(list)
+    for delivery_id, job_id, study_id, destination, state, error, attempts, max_attempts in session.execute(
+        select(Delivery.id, Delivery.job_id, Job.study_id, Delivery.destination, Delivery.state, Delivery.error,
+               Delivery.attempts, Delivery.max_attempts).join(Job, Job.id == Delivery.job_id)
+        .where(current).order_by(Delivery.id)
+    ):
+        deliveries[int(study_id)].append(DeliveryFacts(
+            id=int(delivery_id), job_id=int(job_id), destination=str(destination), state=str(state), error=error,
+            attempts=int(attempts), max_attempts=int(max_attempts)))
+    ignored = [i for i, s in stored.items() if s == StudyState.IGNORED.value and not jobs.get(i)]
+    reasons: dict[int, str | None] = {}
+    if ignored:
+        for study_id, detail in session.execute(
+            select(StudyEvent.study_id, StudyEvent.detail)
+            .where(StudyEvent.study_id.in_(ignored), StudyEvent.kind == "ignored").order_by(StudyEvent.id)
+        ):
+            reasons[int(study_id)] = detail  # the last one wins
+    return {i: study_status(state, jobs.get(i, []), deliveries.get(i, []), ignored_reason=reasons.get(i))
+            for i, state in stored.items()}
+
+
+def study_statuses_by_uid(sessions: sessionmaker[Session], study_uids: Sequence[str]) -> dict[str, StudyStatus]:
+    """``{Study Instance UID: StudyStatus}`` of the given studies (unknown UIDs left out)."""
+    if not study_uids:
+        return {}
+    with sessions() as session:
+        rows = session.execute(select(Study.id, Study.study_instance_uid, Study.state)
+                               .where(Study.study_instance_uid.in_(list(study_uids)))).all()
+        statuses = study_statuses(session, {int(i): str(state) for i, _, state in rows})
+    return {str(uid): statuses[int(i)] for i, uid, _ in rows}
