@@ -60,7 +60,7 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
     from dicom_node.config_files import import_destinations_file
     from dicom_node.config_service import CLI, DestinationsService, Refused
 
-    writes = args.sub in ("add", "import", "remove")
+    writes = args.sub in ("add", "import", "remove", "send-recent")
     sessions = _sessions(settings, writes=writes)
     if sessions is None:
         return 1
@@ -80,6 +80,8 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
         return _import_file(lambda: import_destinations_file(args.file, service, CLI), args.file, "destination")
     if args.sub == "remove":
         return _remove(lambda: service.delete(args.name, CLI), args.name, "destination")
+    if args.sub == "send-recent":
+        return _send_recent(settings, sessions, args.name, args.hours)
     listed = config_repo.list_destinations(sessions)
     if args.json:
         print(json.dumps([d.model_dump(mode="json", context={"reveal_secrets": False}) for d in listed], indent=2))
@@ -93,6 +95,24 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
         notice = "SR" if d.not_performed == "sr" else "nothing"
         print(f"{d.name:<20} {d.type:<9} {'yes' if d.default else 'no':<7} {','.join(sorted(d.outputs)):<13} "
               f"{notice:<13} {address}")
+    return 0
+
+
+def _send_recent(settings: Settings, sessions: sessionmaker[Session], name: str, hours: float) -> int:
+    """``destinations send-recent``: the results of the last ``hours`` that destination ``name`` never had."""
+    from dicom_node.config_service import CLI
+    from dicom_node.study_actions import StudyActionRefused, resend_recent
+
+    try:
+        targets = resend_recent(sessions, name, hours=hours, now=_now(), actor=CLI,
+                                delivery_max_attempts=settings.delivery.max_attempts)
+    except StudyActionRefused as refused:
+        print(f"dicom-node: {refused.message}", file=sys.stderr)
+        return 1
+    for target in targets:
+        print(f"job {target.job_id} ({target.pipeline}) -> {name}: delivery {target.delivery_id}")
+    print(f"{len(targets)} job(s)' results of the last {hours:g} hours will be sent to {name} by the running node"
+          if targets else f"nothing to send: no results of the last {hours:g} hours that {name} did not have")
     return 0
 
 
@@ -515,6 +535,9 @@ def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None
     command(destinations, "list", "list destinations").add_argument("--json", action="store_true")
     command(destinations, "import", "import destinations from a YAML file", file)
     command(destinations, "remove", "remove a destination", name)
+    command(destinations, "send-recent", "send a destination (e.g. one just added) the results of the last hours "
+            "that it never had", name).add_argument("--hours", type=float, default=24.0,
+                                                     help="how far back (default 24)")
 
     rules = group("rules", "routing rules")
     command(rules, "list", "list routing rules").add_argument("--json", action="store_true")

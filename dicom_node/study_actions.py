@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from sqlalchemy import select
@@ -32,6 +32,7 @@ from dicom_node.conductor import decide
 from dicom_node.db import config_repo
 from dicom_node.db.job_reruns import (
     RESENDABLE_JOB_STATES,
+    never_sent_to,
     Rerun,
     ResendTarget,
     job_destinations,
@@ -41,7 +42,7 @@ from dicom_node.db.job_reruns import (
 )
 from dicom_node.db.models import Job, JobState, Study, StudyState
 
-__all__ = ["Reprocessed", "Resent", "StudyActionRefused", "reprocess_study", "resend_results"]
+__all__ = ["Reprocessed", "Resent", "StudyActionRefused", "reprocess_study", "resend_recent", "resend_results"]
 
 logger = logging.getLogger(__name__)
 
@@ -180,3 +181,32 @@ def reprocess_study(
     logger.info("study %s: re-processed by %s: %d new job(s)", study_uid, actor.name,
                 sum(r.job_id is not None for r in reruns))
     return Reprocessed(study_uid, reruns)
+
+
+#: The longest look back of :func:`resend_recent`, in hours (90 days).
+MAX_RECENT_HOURS = 24 * 90
+
+
+def resend_recent(
+    sessions: sessionmaker[Session], destination: str, *, hours: float, now: datetime, actor: Actor,
+    delivery_max_attempts: int,
+) -> list[ResendTarget]:
+    """Send ``destination`` (typically just added) the results of the last ``hours`` it never had.
+
+    Every current job with results that finished in that window and has no delivery to the
+    destination gets one, due now. Refused (404) for an unknown destination, (422) for hours
+    outside 0-:data:`MAX_RECENT_HOURS`. Returns the deliveries (none when there was nothing to send).
+    """
+    if config_repo.get_destination(sessions, destination) is None:
+        raise StudyActionRefused(404, f"destination {destination!r} does not exist")
+    if not 0 < hours <= MAX_RECENT_HOURS:
+        raise StudyActionRefused(422, f"hours must be more than 0 and at most {MAX_RECENT_HOURS}, got {hours:g}")
+    job_ids = never_sent_to(sessions, destination, finished_since=now - timedelta(hours=hours))
+    targets = resend_deliveries(sessions, [(job_id, [destination]) for job_id in job_ids], now=now,
+                                max_attempts=delivery_max_attempts, by=actor.name)
+    record_change(sessions, now, actor, "destination.send_recent", target_kind="destination", target=destination,
+                  after={"hours": hours, "jobs": [t.job_id for t in targets],
+                         "deliveries": [t.delivery_id for t in targets]})
+    logger.info("destination %s: the results of %d job(s) of the last %g hours sent to it by %s", destination,
+                len(targets), hours, actor.name)
+    return targets

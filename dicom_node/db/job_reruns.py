@@ -52,6 +52,7 @@ __all__ = [
     "lineage",
     "mark_superseded",
     "new_generation",
+    "never_sent_to",
     "reprocess",
     "resend_deliveries",
     "result_count",
@@ -319,3 +320,19 @@ def reprocess(
                    f"job {r.job_id}" + (f" replaces job {r.supersedes_job_id}" if r.supersedes_job_id else " (new)"))
                 for r in reruns) or f"re-process requested by {by}: no model to run")))
     return reruns
+
+
+def never_sent_to(sessions: sessionmaker[Session], destination: str, *, finished_since: datetime) -> list[int]:
+    """Current jobs with results, finished since ``finished_since``, that ``destination`` never had a delivery of
+    (a destination added later: what it missed), oldest first; purged studies' jobs are left out."""
+    with sessions() as session:
+        had = select(Delivery.id).where(Delivery.job_id == Job.id, Delivery.destination == destination).exists()
+        with_results = select(ResultObject.id).where(ResultObject.job_id == Job.id,
+                                                     ResultObject.kind != _NOTICE_KIND).exists()
+        rows = session.execute(
+            select(Job.id).join(Study, Study.id == Job.study_id)
+            .where(Job.state.in_(RESENDABLE_JOB_STATES), Job.superseded_at.is_(None), Study.purged_at.is_(None),
+                   Job.finished_at >= finished_since, ~had, with_results)
+            .order_by(Job.finished_at, Job.id)
+        ).all()
+    return [int(r[0]) for r in rows]

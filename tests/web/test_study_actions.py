@@ -6,7 +6,7 @@ The study is received through the node's ingest path; its job finishes as the wo
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pydicom
@@ -141,3 +141,29 @@ def test_a_superseded_job_is_history_and_retry_says_what_to_do(web: WebEnv, oper
     assert f"dicom-node studies reprocess {uid}" in capsys.readouterr().err
     page = operator.client.get(f"/studies/{uid}")
     assert "Re-process requested" in page.text and "its results replace the earlier ones" in page.text
+
+
+def test_a_destination_added_later_gets_the_recent_results_it_never_had(
+        web: WebEnv, operator: LoggedIn, viewer: LoggedIn, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    uid, _, job_id = processed_without_destination(web, tmp_path)
+    add_pacs(web)
+    assert viewer.send("POST", "/api/v1/destinations/pacs/send-recent", json={"hours": 24}).status_code == 403
+    assert operator.send("POST", "/api/v1/destinations/pacs/send-recent", json={"hours": 0}).status_code == 422
+    assert operator.send("POST", "/api/v1/destinations/nowhere/send-recent", json={}).status_code == 404
+
+    with web.sessions.begin() as session:  # the job finished two days ago (the web app's clock is the real one)
+        session.get(Job, job_id).finished_at = datetime.now(timezone.utc) - timedelta(days=2)  # type: ignore[union-attr]
+    page = operator.post("/destinations/pacs/send-recent", {"hours": "24"})
+    assert page.status_code == 200 and "Nothing to send: no result of the last 24 hours that pacs did not have" in page.text
+    answer = operator.send("POST", "/api/v1/destinations/pacs/send-recent", json={"hours": 72})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["jobs"] == [job_id] and len(body["deliveries"]) == 1
+    assert deliveries_of(web, job_id)["pacs"].state == DeliveryState.FAILED.value
+    # Asked again, nothing more: it has a delivery of that job now.
+    assert operator.send("POST", "/api/v1/destinations/pacs/send-recent", json={"hours": 24 * 90}).json()["jobs"] == []
+    assert main(["destinations", "send-recent", "pacs", "--hours", "2160", "--data-dir", str(web.data_dir)]) == 0
+    assert "nothing to send" in capsys.readouterr().out
+    [entry, *_] = audit.list_entries(web.sessions, action="destination.send_recent")
+    assert entry.target == "pacs"
+    assert uid

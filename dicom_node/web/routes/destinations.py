@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Body, Depends, Form, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from dicom_node.config_service import Refused
 from dicom_node.config_service.base import FieldError
@@ -29,6 +29,7 @@ from dicom_node.config_service.destinations import KINDS, TestOutcome, UnusableT
 from dicom_node.db import config_repo
 from dicom_node.db.models import Role
 from dicom_node.destinations import ALL_OUTPUTS, DEFAULT_OUTPUTS, Destination, DicomDestination, DicomWebDestination
+from dicom_node.study_actions import MAX_RECENT_HOURS, StudyActionRefused, resend_recent
 from dicom_node.web.auth import Principal, require
 from dicom_node.web.context import WebContext, get_context
 from dicom_node.web.pages import render
@@ -178,12 +179,12 @@ def _place(state: DestinationForm, errors: Sequence[FieldError]) -> None:
 
 def _form_page(request: Request, context: WebContext, state: DestinationForm, *, original: str | None,
                record: config_repo.DestinationRecord | None = None, test: TestOutcome | None = None,
-               status_code: int = 200) -> Response:
+               status_code: int = 200, sent_recent: str | None = None) -> Response:
     stats = config_repo.destination_delivery_stats(context.sessions).get(original or "") if original else None
     used_by = config_repo.rules_using_destination(context.sessions, original) if original else []
     return render(request, "destination_form.html", status_code=status_code, form=state, original=original,
                   record=record, test=test, stats=stats, used_by=used_by, all_outputs=_OUTPUTS,
-                  not_performed_choices=NOT_PERFORMED_CHOICES,
+                  not_performed_choices=NOT_PERFORMED_CHOICES, sent_recent=sent_recent,
                   calling_ae_title=context.settings.delivery.calling_ae_title or context.settings.dicom.ae_title)
 
 
@@ -294,6 +295,57 @@ def test_destination_submit(
         failed = TestOutcome(False, f"not run: {exc}", 0.0, "not run")
         return _form_page(request, context, state, original=name, record=record, test=failed, status_code=422)
     return _form_page(request, context, state, original=name, record=record, test=outcome)
+
+
+@router.post("/destinations/{name}/send-recent", include_in_schema=False)
+def send_recent_submit(
+    request: Request, name: str, hours: float = Form(24.0), principal: Principal = Depends(require(Role.OPERATOR)),
+    context: WebContext = Depends(get_context),
+) -> Response:
+    """Send the destination the results of the last ``hours`` it never had; the outcome is shown on its page."""
+    record = _record(context, name)
+    state = DestinationForm.from_destination(record.destination)
+    try:
+        targets = resend_recent(context.sessions, name, hours=hours, now=context.clock(),
+                                actor=actor(request, principal), delivery_max_attempts=context.settings.delivery.max_attempts)
+    except StudyActionRefused as refused:
+        return _form_page(request, context, state, original=name, record=record, status_code=refused.status,
+                          sent_recent=refused.message)
+    said = (f"The results of {len(targets)} job(s) of the last {hours:g} hours will be sent at the node's next sweep."
+            if targets else f"Nothing to send: no result of the last {hours:g} hours that {name} did not have.")
+    return _form_page(request, context, state, original=name, record=record, sent_recent=said)
+
+
+class SendRecentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    hours: float = Field(24.0, gt=0, le=MAX_RECENT_HOURS, description="How far back")
+
+
+class SendRecentOut(BaseModel):
+    destination: str
+    hours: float
+    jobs: list[int] = Field(description="Jobs whose results are sent")
+    deliveries: list[int]
+
+
+@router.post("/api/v1/destinations/{name}/send-recent", tags=["destinations"], response_model=SendRecentOut,
+             responses={404: {"description": "No destination of that name"}})
+def api_send_recent(
+    request: Request, name: str, body: SendRecentIn | None = None,
+    principal: Principal = Depends(require(Role.OPERATOR)), context: WebContext = Depends(get_context),
+) -> SendRecentOut:
+    """Send the destination (typically just added) the results of the last ``hours`` that it never had; they go
+    at the node's next sweep."""
+    wanted = body or SendRecentIn()
+    _record(context, name)
+    try:
+        targets = resend_recent(context.sessions, name, hours=wanted.hours, now=context.clock(),
+                                actor=actor(request, principal, api=True),
+                                delivery_max_attempts=context.settings.delivery.max_attempts)
+    except StudyActionRefused as refused:
+        raise HTTPException(refused.status, refused.message) from None
+    return SendRecentOut(destination=name, hours=wanted.hours, jobs=[t.job_id for t in targets],
+                         deliveries=[t.delivery_id for t in targets])
 
 
 # --------------------------------------------------------------------------- API
