@@ -205,7 +205,9 @@ def test_admin_works_through_rules_study_retry_and_audit(
     driver.get(f"{base}/studies")
     link = wait_for(driver, f"table.studies a[href='/studies/{quote(study_uid, safe='')}']")
     listed = link.find_element(By.XPATH, "./ancestor::tr")
-    assert "routed" in listed.text and "12" in listed.text and "CT_SCANNER" in listed.text, listed.text
+    # shown failed (its delivery is dead), with the stage named
+    assert "failed" in listed.text and f"delivery {delivery_id} to" in listed.text, listed.text
+    assert "12" in listed.text and "CT_SCANNER" in listed.text, listed.text
     shot("06-studies")
     link.click()
     wait_for(driver, "ul.timeline")
@@ -252,7 +254,7 @@ def test_admin_works_through_rules_study_retry_and_audit(
     # 6. The other main pages.
     driver.get(f"{base}/")
     wait_for(driver, "#dashboard-live")
-    received = text_of(driver, "tr[data-window='hour'] td[data-count='received']")
+    received = text_of(driver, "tr[data-window='hour'] [data-count='received']")
     assert received == "1", received
     shot("10-dashboard")
 
