@@ -141,6 +141,10 @@ def test_a_superseded_job_is_history_and_retry_says_what_to_do(web: WebEnv, oper
     assert f"dicom-node studies reprocess {uid}" in capsys.readouterr().err
     page = operator.client.get(f"/studies/{uid}")
     assert "Re-process requested" in page.text and "its results replace the earlier ones" in page.text
+    assert 'class="badge superseded"' in page.text and "run 2</div>" in page.text
+    api = {j["id"]: j for j in operator.client.get(f"/api/v1/studies/{uid}").json()["jobs"]}
+    assert api[job_id]["superseded_at"] is not None and api[rerun["job_id"]]["supersedes_job_id"] == job_id
+    assert (api[job_id]["generation"], api[rerun["job_id"]]["generation"]) == (1, 2)
 
 
 def test_a_destination_added_later_gets_the_recent_results_it_never_had(

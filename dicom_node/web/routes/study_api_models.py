@@ -153,6 +153,11 @@ class JobOut(_Out):
     state_changed_at: datetime
     results: list[ResultOut]
     deliveries: list[DeliveryOut]
+    generation: int = Field(1, description="1 for the job routing made; 2, 3, ... for re-runs of the model on the "
+                                           "series (re-process, or the node's own after the series grew)")
+    supersedes_job_id: int | None = Field(None, description="The earlier job whose results this one replaces")
+    superseded_at: datetime | None = Field(None, description="When a later run's results replaced this job's: "
+                                                             "history, no longer counted in the study's state")
 
 
 class JobList(_Out):
