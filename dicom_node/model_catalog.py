@@ -308,6 +308,9 @@ class ModelEntry(BaseModel):
     plausibility: PlausibilityRules | None = None
     title: str | None = Field(default=None, min_length=1, max_length=40)
     series_number: int | None = Field(default=None, ge=1, le=2**31 - 100)
+    #: Seconds one job of this model is expected to take here, until the node has learned it from finished jobs
+    #: (the order in which workers take queued jobs: :mod:`dicom_node.db.job_scheduling`).
+    expected_seconds: float | None = Field(default=None, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelEntry:
@@ -400,11 +403,11 @@ def demo_entries() -> tuple[ModelEntry, ...]:
     return (
         ModelEntry(id="chest-ct-segmentation", kind="segmentation", format="monai_bundle",
                    path=f"{PACKAGE_SCHEME}workers/bundles/chest_ct_segmentation", version="0.1.0",
-                   title="AI chest anatomy", input_domain=DEMO_CHEST_CT,
+                   title="AI chest anatomy", expected_seconds=40, input_domain=DEMO_CHEST_CT,
                    plausibility=DEMO_SEGMENTATION_PLAUSIBILITY),
         ModelEntry(id="lung-nodule-detection", kind="detection", format="monai_bundle",
                    path=f"{PACKAGE_SCHEME}workers/bundles/lung_nodule_detection", version="0.1.0",
-                   title="AI lung nodules", input_domain=DEMO_CHEST_CT,
+                   title="AI lung nodules", expected_seconds=6, input_domain=DEMO_CHEST_CT,
                    plausibility=DEMO_DETECTION_PLAUSIBILITY),
     )
 

@@ -69,11 +69,14 @@ class WorkInFlight:
         return False
 
     def claim(self, kind: WorkKind, item_id: int, claim: Callable[[], C | None],
-              attempt_of: Callable[[C], int]) -> C | None:
+              attempt_of: Callable[[C], int], id_of: Callable[[C], int] | None = None) -> C | None:
         """Run ``claim`` (the database claim of job or delivery ``item_id``) and remember what it claimed.
 
-        Raises :class:`StopRequested` instead of claiming once the process stops. Returns
-        what ``claim`` returned (None: not claimed, e.g. a duplicate message).
+        ``id_of``: the id of what ``claim`` actually claimed, when it may be another than
+        ``item_id`` (a job message only wakes the worker up, and the scheduler picks the job);
+        what is remembered, released and handed back is that id. Raises
+        :class:`StopRequested` instead of claiming once the process stops. Returns what
+        ``claim`` returned (None: not claimed, e.g. a duplicate message).
         """
         with self._condition:
             if self._stopping:
@@ -86,7 +89,7 @@ class WorkInFlight:
             with self._condition:
                 self._claiming -= 1
                 if claimed is not None:
-                    self._claimed[(kind, item_id)] = attempt_of(claimed)
+                    self._claimed[(kind, item_id if id_of is None else id_of(claimed))] = attempt_of(claimed)
                 self._condition.notify_all()
         return claimed
 

@@ -12,7 +12,8 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Protocol
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.db.job_scheduling import CachedVolume
 from dicom_node.model_domain import InputDomain, SynonymTable
 from dicom_node.plausibility_rules import PlausibilityRules
 from dicom_node.queue import JobQueue
@@ -32,7 +34,7 @@ from workers.heartbeat import TrackedModels
 from workers.models.base import Model
 from workers.volume import FrameRef, Volume, load_series
 
-__all__ = ["ModelProvider", "WorkerContext", "build_worker_context", "preload_models"]
+__all__ = ["ModelProvider", "WorkerContext", "build_worker_context", "declared_seconds", "preload_models"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +59,20 @@ class VolumeCache:
     """The last series this worker loaded: the jobs of one study (segmentation, then detection) share it.
 
     Keyed by Series Instance UID and the exact list of files, so a series that
-    received more instances since is loaded again.
+    received more instances since is loaded again. It remembers what the load cost, so
+    that the scheduler can prefer the jobs that skip it (:meth:`cached`).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._key: tuple[str, tuple[str, ...]] | None = None
         self._volume: Volume | None = None
+        self._load_seconds = 0.0
+
+    def cached(self) -> CachedVolume | None:
+        """The series held now and the seconds its load took (None when nothing is held)."""
+        with self._lock:
+            return None if self._key is None else CachedVolume(self._key[0], self._load_seconds)
 
     def load(self, series_instance_uid: str, files: Sequence[Path]) -> Volume:
         key = (series_instance_uid, tuple(str(f) for f in files))
@@ -71,8 +80,9 @@ class VolumeCache:
             if self._key == key and self._volume is not None:
                 return self._volume
             self._key, self._volume = None, None  # release the old one before loading the next
+            started = time.perf_counter()
             volume = load_series(files)
-            self._key, self._volume = key, volume
+            self._key, self._volume, self._load_seconds = key, volume, time.perf_counter() - started
             return volume
 
 
@@ -95,6 +105,9 @@ class WorkerContext:
     volumes: VolumeCache = field(default_factory=VolumeCache)
     #: The jobs this process runs now; shared with its dispatcher, so that a stop hands back both.
     work: WorkInFlight = field(default_factory=WorkInFlight)
+    #: Model id -> the seconds its registry entry says one job takes (``expected_seconds``), for the order in
+    #: which queued jobs are taken until the node has learned it (:mod:`dicom_node.db.job_scheduling`).
+    expected_seconds: Mapping[str, float] = field(default_factory=dict)
 
 
 def build_worker_context(
@@ -124,7 +137,21 @@ def build_worker_context(
         worker_name=worker_name or f"{socket.gethostname()}:{os.getpid()}",
         job_slots=threading.Semaphore(job_concurrency),
         work=work if work is not None else WorkInFlight(),
+        expected_seconds=declared_seconds(models),
     )
+
+
+def declared_seconds(models: ModelProvider) -> dict[str, float]:
+    """Model id -> ``expected_seconds`` of its registry entry, for the models whose entry declares it."""
+    entry_of = getattr(models, "entry", None)
+    if entry_of is None:
+        return {}
+    declared = {}
+    for model_id in getattr(models, "ids", ()):
+        seconds = getattr(entry_of(model_id), "expected_seconds", None)
+        if seconds is not None:
+            declared[model_id] = float(seconds)
+    return declared
 
 
 def preload_models(models: ModelProvider) -> None:

@@ -39,7 +39,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 
 from dicom_node.contracts import AlgorithmInfo
-from dicom_node.db import config_repo, job_reruns, jobs
+from dicom_node.db import config_repo, job_reruns, job_scheduling, jobs
 from dicom_node.db.models import JobState
 from dicom_node.model_domain import Applicability
 from dicom_node.study_store import SeriesNotFound
@@ -195,25 +195,32 @@ def _encode_file(dataset: Dataset) -> bytes:
 
 
 def run_job(ctx: WorkerContext, job_id: int) -> str | None:
-    """Run job ``job_id`` if it is queued; returns its new state (None when it was not ours to run).
+    """Run the queued job that should run first, woken by the message of job ``job_id``; returns the new
+    state of the job it ran (None when no job was queued any more: others took them).
 
-    Waits for one of the context's job slots first (one job at a time per GPU). Raises
-    :class:`StopRequested` when the worker stops (``ctx.work``) before it claimed the
-    job: the job stays ``queued`` (the task sends its id back to the queue).
+    The message's job is not necessarily the one that runs: once this worker has one of
+    the context's job slots (one job at a time per GPU), it claims the best queued job
+    (:func:`dicom_node.db.job_scheduling.claim_next_job`: rule priority, expected
+    duration with aging, the series whose volume it holds), so a message waiting for a
+    slot pins no job. One message runs at most one job, and every queued job has a
+    message, so every queued job runs. Raises :class:`StopRequested` when the worker
+    stops (``ctx.work``) before it claimed a job: the jobs stay ``queued`` (the task
+    sends its id back to the queue).
     """
     if not ctx.work.acquire(ctx.job_slots):
-        raise StopRequested(f"not claiming job {job_id}: this worker is stopping")
+        raise StopRequested(f"not claiming a job for the message of job {job_id}: this worker is stopping")
     try:
-        claim = ctx.work.claim("job", job_id, lambda: jobs.claim_job(
-            ctx.sessions, job_id, worker=ctx.worker_name, now=ctx.clock(), lease_seconds=ctx.job_lease_seconds),
-            lambda claimed: claimed.attempt)
+        claim = ctx.work.claim("job", job_id, lambda: job_scheduling.claim_next_job(
+            ctx.sessions, worker=ctx.worker_name, now=ctx.clock(), lease_seconds=ctx.job_lease_seconds,
+            declared=ctx.expected_seconds, cached=ctx.volumes.cached()),
+            lambda claimed: claimed.attempt, lambda claimed: claimed.job_id)
         if claim is None:
-            logger.debug("job %d is not queued; message ignored", job_id)
+            logger.debug("message of job %d: no job is queued any more; nothing to run", job_id)
             return None
         try:
             return _run_claimed(ctx, claim)
         finally:
-            ctx.work.release("job", job_id)
+            ctx.work.release("job", claim.job_id)
     finally:
         ctx.job_slots.release()
 
