@@ -5,7 +5,8 @@ Why a module of its own: an incident report must show exactly what the node show
 study page's timeline, jobs and deliveries - plus who did what to it (the audit log), in a
 versioned format that can be read back years later. The document is built from the views
 the page uses (:func:`dicom_node.db.study_views.study_detail`,
-:func:`dicom_node.db.study_timeline.timeline`), a few columns those views do not carry
+:func:`dicom_node.db.study_timeline.timeline`, the shown state of
+:func:`dicom_node.db.study_states.study_statuses_by_uid`), a few columns those views do not carry
 (job generations, ``purged_at``), and the audit entries whose target is the study, one of
 its jobs or one of its deliveries (as the actions name them: ``study``/UID, ``job``/id,
 ``delivery``/id). Both front ends audit the export themselves (``study.export``).
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.audit import AuditView
 from dicom_node.db.models import AuditEntry, Job, Study
+from dicom_node.db.study_states import study_statuses_by_uid
 from dicom_node.db.study_timeline import timeline
 from dicom_node.db.study_views import study_detail
 
@@ -88,11 +90,13 @@ def study_record(sessions: sessionmaker[Session], study_instance_uid: str, *, no
         "study_instance_uid", "patient_id", "patient_name", "accession_number", "study_date", "study_description",
         "state", "instance_count", "late_instance_count", "first_received_at", "last_received_at",
         "receiving_since", "completed_at", "state_changed_at", "modalities", "source_ae_titles")}
+    status = study_statuses_by_uid(sessions, [study_instance_uid])[study_instance_uid]
     return {
         "format": FORMAT,
         "exported_at": now.isoformat(),
         "exported_by": exported_by,
-        "study": {**header, "purged_at": _plain(purged_at)},
+        "study": {**header, "purged_at": _plain(purged_at),
+                  "status": {"state": status.state, "label": status.label, "reason": status.reason}},
         "series": _plain(detail.series),
         "associations": _plain(detail.associations),
         "events": _plain(detail.events),

@@ -49,6 +49,7 @@ def test_the_record_holds_the_studys_timeline_jobs_deliveries_and_audit(web: Web
     assert (study["study_instance_uid"], study["patient_id"], study["state"], study["purged_at"]) == (
         scenario.uids["done"], "P-done", "routed", None)
     assert [(s["series_instance_uid"], s["instance_count"]) for s in record["series"]] == [(scenario.series["done"], 4)]
+    assert study["status"]["state"] == "done"  # the shown state, as the study page says it
     assert [(a["calling_ae_title"], a["outcome"], a["instances_stored"]) for a in record["associations"]] == [
         ("PACS_A", "released", 4)]
     kinds = [entry["kind"] for entry in record["timeline"]]
@@ -78,6 +79,7 @@ def test_the_record_holds_the_studys_timeline_jobs_deliveries_and_audit(web: Web
     retrying = _record(admin, scenario.uids["retrying"])
     assert [(e["action"], e["target"]) for e in retrying["audit"]] == [("delivery.retry", str(other_delivery))]
     assert retrying["deliveries"][0]["state"] == "failed" and retrying["deliveries"][0]["attempts"] == 0
+    assert retrying["study"]["status"]["state"] == "in_progress" and "pacs" in retrying["study"]["status"]["reason"]
 
     exported = _exports(web)
     assert [(e.actor, e.target, e.target_kind) for e in exported] == [

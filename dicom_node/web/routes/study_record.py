@@ -24,8 +24,8 @@ router = APIRouter(route_class=EncodedSlashRoute)
 
 _RESPONSES: dict[int | str, dict[str, object]] = {
     200: {"content": {"application/json": {}},
-          "description": f"The record, format {FORMAT!r}: study (header, purged_at), series, associations, events, "
-                         "timeline, jobs (state, generation, supersedes_job_id, superseded_at, error, checks, "
+          "description": f"The record, format {FORMAT!r}: study (header, purged_at, status: the shown state and "
+                         "its reason), series, associations, events, timeline, jobs (state, generation, supersedes_job_id, superseded_at, error, checks, "
                          "stage_seconds, results with their UIDs, delivery_ids), deliveries (state, attempts, error, "
                          "timestamps) and audit (entries about the study, its jobs and deliveries, oldest first)"},
     404: {"description": "Unknown study"},
