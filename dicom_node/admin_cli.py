@@ -263,7 +263,7 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if args.sub == "retry-delivery":
         if not jobs.retry_delivery(sessions, args.delivery_id, now=_now()):
-            print(f"dicom-node: delivery {args.delivery_id} does not exist or is not failed/dead", file=sys.stderr)
+            print(f"dicom-node: {_why_not_resent(sessions, args.delivery_id)}", file=sys.stderr)
             return 1
         _audit(sessions, "delivery.retry", "delivery", str(args.delivery_id), after={"state": "failed", "attempts": 0})
         print(f"delivery {args.delivery_id} will be sent again (the running node sends it within a second)")
@@ -492,6 +492,9 @@ def _why_not_retried(sessions: sessionmaker[Session], job_id: int) -> str:
     job = job_views.get_job(sessions, job_id)
     if job is None:
         return f"job {job_id} does not exist"
+    purged = job_views.study_purged_at(sessions, job.study_instance_uid)
+    if purged is not None:
+        return f"job {job_id} cannot run again: retention deleted its study's instances on {purged:%Y-%m-%d %H:%M} UTC"
     if job.superseded_at is not None:
         return (f"job {job_id} was superseded by a later run of {job.pipeline} on its series; to run it again: "
                 f"dicom-node studies reprocess {job.study_instance_uid}")
@@ -502,6 +505,18 @@ def _why_not_retried(sessions: sessionmaker[Session], job_id: int) -> str:
     if job.state == "held":
         return f"job {job_id} is held; release or discard its results: dicom-node jobs release|discard {job_id}"
     return f"job {job_id} is {job.state.replace('_', ' ')}; only failed, dead or cancelled jobs can be retried"
+
+
+def _why_not_resent(sessions: sessionmaker[Session], delivery_id: int) -> str:
+    """Why ``jobs retry-delivery`` did nothing."""
+    delivery = job_views.get_delivery(sessions, delivery_id)
+    if delivery is None:
+        return f"delivery {delivery_id} does not exist"
+    purged = job_views.study_purged_at(sessions, delivery.study_instance_uid)
+    if purged is not None:
+        return f"delivery {delivery_id} cannot be re-sent: retention deleted its results on {purged:%Y-%m-%d %H:%M} UTC"
+    return (f"delivery {delivery_id} is {delivery.state}; only failed or dead deliveries can be retried (to send "
+            f"delivered results again: dicom-node studies resend {delivery.study_instance_uid})")
 
 
 def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None]) -> None:

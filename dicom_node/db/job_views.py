@@ -230,6 +230,12 @@ def _kinds(text: str | None, delivery_id: int) -> tuple[str, ...] | None:
     return tuple(str(v) for v in value)
 
 
+def study_purged_at(sessions: sessionmaker[Session], study_instance_uid: str) -> datetime | None:
+    """When retention deleted the study's files (None: it did not, or no such study)."""
+    with sessions() as session:
+        return session.scalar(select(Study.purged_at).where(Study.study_instance_uid == study_instance_uid))
+
+
 def jobs_query() -> Any:
     """Jobs with their study's UID: what :func:`job_rows` reads (add ``where`` and ``order_by``)."""
     return select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)

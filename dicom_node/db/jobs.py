@@ -450,14 +450,20 @@ def hand_back_job(sessions: sessionmaker[Session], job_id: int, *, worker: str, 
     return True
 
 
+def _unpurged_studies() -> Any:
+    """The ids of studies whose files retention has not deleted (a subquery)."""
+    return select(Study.id).where(Study.purged_at.is_(None))
+
+
 def retry_job(sessions: sessionmaker[Session], job_id: int, *, now: datetime) -> bool:
     """Manual retry of a failed or dead job with a fresh attempt budget; the node's next sweep enqueues it.
 
-    A superseded job (a later run of its model on its series replaced it) is history: not retried."""
+    A superseded job (a later run of its model on its series replaced it) is history, and a job of a
+    purged study has no instances left: neither is retried."""
     with sessions.begin() as session:
         return bool(session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.superseded_at.is_(None),
+            .where(Job.id == job_id, Job.superseded_at.is_(None), Job.study_id.in_(_unpurged_studies()),
                    Job.state.in_([JobState.FAILED.value, JobState.DEAD.value, JobState.CANCELLED.value]))
             .values(state=JobState.FAILED.value, attempts=0, state_changed_at=now)
         ).rowcount)
@@ -705,11 +711,14 @@ def hand_back_delivery(
 
 
 def retry_delivery(sessions: sessionmaker[Session], delivery_id: int, *, now: datetime) -> bool:
-    """Manual retry of a failed or dead delivery, due now (the node's next sweep sends it; never re-runs inference)."""
+    """Manual retry of a failed or dead delivery, due now (the node's next sweep sends it; never re-runs inference).
+
+    Not for a purged study's delivery: its result files were deleted."""
+    unpurged_jobs = select(Job.id).where(Job.study_id.in_(_unpurged_studies()))
     with sessions.begin() as session:
         return bool(session.execute(
             update(Delivery)
-            .where(Delivery.id == delivery_id,
+            .where(Delivery.id == delivery_id, Delivery.job_id.in_(unpurged_jobs),
                    Delivery.state.in_([DeliveryState.FAILED.value, DeliveryState.DEAD.value]))
             .values(state=DeliveryState.FAILED.value, attempts=0, next_attempt_at=now, state_changed_at=now)
         ).rowcount)

@@ -1,7 +1,7 @@
 """The permission matrix: every route of the app x every principal, against an explicit table.
 
 The table below is the access policy written down independently of the code (viewer: read;
-operator: + retry/cancel jobs, re-send deliveries, test connections; admin: + routing rules,
+operator: + retry/cancel jobs, re-send deliveries and results, re-process studies, test connections; admin: + routing rules,
 destinations, models, users, API tokens, audit log). The test fails when the app has a route
 the table lacks or the table names a route the app lacks, so a new route cannot ship without
 someone deciding who may use it.
@@ -66,6 +66,12 @@ POLICY: dict[tuple[str, str], str] = {
     ("POST", "/api/v1/jobs/{job_id}/release"): O,
     ("POST", "/api/v1/jobs/{job_id}/discard"): O,
     ("POST", "/api/v1/deliveries/{delivery_id}/retry"): O,
+    # re-send a study's results, re-process it (issue 24): operators, like the job actions
+    ("GET", "/studies/{study_instance_uid}/resend"): O,
+    ("POST", "/studies/{study_instance_uid}/resend"): O,
+    ("POST", "/studies/{study_instance_uid}/reprocess"): O,
+    ("POST", "/api/v1/studies/{study_instance_uid}/resend"): O,
+    ("POST", "/api/v1/studies/{study_instance_uid}/reprocess"): O,
     # routing rules: read by all, changed by admins. Testing a rule (stored or draft) makes the node read
     # and evaluate a study on demand: admins, the role that edits rules (issue 20).
     ("GET", "/rules"): V,
@@ -96,12 +102,14 @@ POLICY: dict[tuple[str, str], str] = {
     ("POST", "/destinations/{name}"): A,
     ("POST", "/destinations/{name}/delete"): A,
     ("POST", "/destinations/{name}/test"): O,
+    ("POST", "/destinations/{name}/send-recent"): O,
     ("GET", "/api/v1/destinations"): V,
     ("POST", "/api/v1/destinations"): A,
     ("GET", "/api/v1/destinations/{name}"): V,
     ("PUT", "/api/v1/destinations/{name}"): A,
     ("DELETE", "/api/v1/destinations/{name}"): A,
     ("POST", "/api/v1/destinations/{name}/test"): O,
+    ("POST", "/api/v1/destinations/{name}/send-recent"): O,
     # models
     ("GET", "/models"): V,
     ("GET", "/api/v1/models"): V,

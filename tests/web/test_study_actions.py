@@ -15,7 +15,7 @@ from sqlalchemy import select
 
 from dicom_node.app.cli import main
 from dicom_node.db import audit, config_repo, jobs
-from dicom_node.db.models import Delivery, DeliveryState, Job, JobState
+from dicom_node.db.models import Delivery, DeliveryState, Job, JobState, Study
 from dicom_node.destinations import DicomDestination
 from dicom_node.routing import Rule
 from tests.web.conftest import LoggedIn, WebEnv
@@ -171,3 +171,25 @@ def test_a_destination_added_later_gets_the_recent_results_it_never_had(
     [entry, *_] = audit.list_entries(web.sessions, action="destination.send_recent")
     assert entry.target == "pacs"
     assert uid
+
+
+def test_nothing_of_a_purged_study_is_retried_or_resent(web: WebEnv, operator: LoggedIn, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    uid, _, job_id = processed_without_destination(web, tmp_path)
+    add_pacs(web)
+    [target] = operator.send("POST", f"/api/v1/studies/{uid}/resend", json={}).json()["deliveries"]
+    with web.sessions.begin() as session:  # the delivery died; the job died on a second run; retention came by
+        session.get(Delivery, target["delivery_id"]).state = DeliveryState.DEAD.value  # type: ignore[union-attr]
+        session.get(Job, job_id).state = JobState.DEAD.value  # type: ignore[union-attr]
+        study = session.scalars(select(Study).where(Study.study_instance_uid == uid)).one()
+        study.purged_at = T0 + timedelta(days=30)
+    job_refused = operator.send("POST", f"/api/v1/jobs/{job_id}/retry")
+    assert job_refused.status_code == 409 and "retention deleted its study's instances" in job_refused.text
+    delivery_refused = operator.send("POST", f"/api/v1/deliveries/{target['delivery_id']}/retry")
+    assert delivery_refused.status_code == 409 and "retention deleted its results" in delivery_refused.text
+    assert main(["jobs", "retry-delivery", str(target["delivery_id"]), "--data-dir", str(web.data_dir)]) == 1
+    assert "retention deleted its results" in capsys.readouterr().err
+    resend = operator.send("POST", f"/api/v1/studies/{uid}/resend", json={})
+    assert resend.status_code == 409 and "its results were deleted by retention" in resend.text
+    reprocess = operator.send("POST", f"/api/v1/studies/{uid}/reprocess", json={})
+    assert reprocess.status_code == 409 and "its instances were deleted by retention" in reprocess.text
