@@ -192,6 +192,9 @@ def record_routing(
                 detail += ("; not run again: " + "; ".join(kept) + " (finished jobs run again only on request, "
                            "`dicom-node studies reprocess`, or when a series they gave up on received more instances)")
             session.add(StudyEvent(study_id=study_id, at=now, kind="routed", detail=detail))
+        elif latest:  # completed again (late instances, our results coming back): its jobs stand
+            session.add(StudyEvent(study_id=study_id, at=now, kind="routed", detail=(
+                f"no new job: {decision.ignored_reason}; its {len(latest)} earlier job(s) stand")))
         else:
             session.add(StudyEvent(study_id=study_id, at=now, kind="ignored", detail=decision.ignored_reason))
         for outcome in decision.outcomes:  # a rule that cannot be applied is visible even when others matched
