@@ -5,9 +5,11 @@ Why both: pages, the CLI and the API show each study's state with its reason, wh
 the jobs' errors and the deliveries' destinations (:func:`study_statuses`, two or three
 queries for any number of studies, never one per study). The studies list's filter and the dashboard's
 counts must select and count *every* study in a state, not one page of them, so they use
-:func:`shown_state_sql`, a ``CASE`` over correlated ``EXISTS`` that follows the same
-precedence. The two are kept in step by a test that compares them on studies in every state
-(tests/db/test_study_states.py); change both together.
+:func:`state_condition` and :func:`shown_state_sql`, built from one list of rules (correlated
+``EXISTS``, study -> its jobs -> their deliveries, by the foreign-key indexes) that follows the
+same precedence. A test compares them with the reasoned state on studies in every state
+(tests/web/test_study_states.py); change both together. Measured on SQLite with 100,000 studies
+(2 jobs each): the list filtered to one state 0.7 s, the dashboard's counts over all of them 1.3 s.
 
 Only *current* jobs count: a job whose ``superseded_at`` is set was replaced by a re-process.
 """
@@ -19,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, exists, func, literal, select
+from sqlalchemy import ColumnElement, and_, case, exists, func, literal, or_, select
 from sqlalchemy.orm import Session, aliased, sessionmaker
 
 from dicom_node.db.job_checks import outcome_reason
@@ -44,52 +46,72 @@ logger = logging.getLogger(__name__)
 _J, _D = JobState, DeliveryState
 
 
+def _state(column: Any) -> ColumnElement[str]:
+    """A state column as a value that no index serves. The lookups here go study -> its jobs -> their
+    deliveries by the foreign-key indexes; without statistics SQLite's planner would rather take the
+    index on ``state`` for ``state = 'dead'`` and scan every dead delivery once per study (measured:
+    116 s instead of well under a second for the list filter over 20,000 studies)."""
+    return func.coalesce(column, "")
+
+
 def _current_job(*where: Any) -> ColumnElement[bool]:
     """A current job of the study in the enclosing query matches ``where``."""
     return exists().where(Job.study_id == Study.id, Job.superseded_at.is_(None), *where)
 
 
 def _delivery_of_current_job(states: Sequence[str]) -> ColumnElement[bool]:
-    return exists().where(Job.study_id == Study.id, Job.superseded_at.is_(None), Delivery.job_id == Job.id,
-                          Delivery.state.in_(states))
+    """A delivery of a current job is in one of ``states``. Nested (study -> its jobs -> their deliveries) so that
+    the database looks deliveries up by job, not every delivery in that state for every study."""
+    return _current_job(exists().where(Delivery.job_id == Job.id, _state(Delivery.state).in_(states)))
 
 
 def _results_without_delivery() -> ColumnElement[bool]:
     """A current job whose results were to be sent (succeeded, released) has some but no delivery at all."""
     result, delivery = aliased(ResultObject), aliased(Delivery)
     return _current_job(
-        Job.state.in_((_J.SUCCEEDED.value, _J.RELEASED.value)),
+        _state(Job.state).in_((_J.SUCCEEDED.value, _J.RELEASED.value)),
         exists().where(result.job_id == Job.id, result.kind != NOTICE_KIND),
         ~exists().where(delivery.job_id == Job.id),
     )
 
 
+def _rules() -> list[tuple[ColumnElement[bool], str]]:
+    """(condition, shown state) in the order of precedence of :mod:`dicom_node.study_status`; a study matching
+    none is done. The one source of :func:`shown_state_sql` and :func:`state_condition`."""
+    any_job = _current_job()
+    started = _current_job(_state(Job.state) != _J.QUEUED.value)
+    return [
+        (Study.state == StudyState.RECEIVING.value, "receiving"),
+        (Study.state == StudyState.COMPLETE.value, "waiting"),
+        (and_(Study.state == StudyState.IGNORED.value, ~any_job), "ignored"),
+        (~any_job, "waiting"),
+        (_current_job(_state(Job.state).in_((_J.DEAD.value, _J.CANCELLED.value)))
+         | _delivery_of_current_job((_D.DEAD.value,)), "failed"),
+        (_current_job(_state(Job.state) == _J.HELD.value) | _results_without_delivery(), "held"),
+        (_current_job(_state(Job.state).in_((_J.RUNNING.value, _J.FAILED.value)))
+         | _delivery_of_current_job((_D.PENDING.value, _D.SENDING.value, _D.FAILED.value))
+         | and_(started, _current_job(_state(Job.state) == _J.QUEUED.value)), "in_progress"),
+        (~started, "waiting"),
+    ]
+
+
 def shown_state_sql() -> ColumnElement[str]:
     """The shown state of the study of the enclosing ``select(... Study ...)``, as SQL (the precedence
     of :mod:`dicom_node.study_status`; :func:`study_statuses` gives the same word with its reason)."""
-    any_job = _current_job()
-    started = _current_job(Job.state != _J.QUEUED.value)
-    return case(
-        (Study.state == StudyState.RECEIVING.value, literal("receiving")),
-        (Study.state == StudyState.COMPLETE.value, literal("waiting")),
-        (and_(~any_job, Study.state == StudyState.IGNORED.value), literal("ignored")),
-        (~any_job, literal("waiting")),
-        (_current_job(Job.state.in_((_J.DEAD.value, _J.CANCELLED.value)))
-         | _delivery_of_current_job((_D.DEAD.value,)), literal("failed")),
-        (_current_job(Job.state == _J.HELD.value) | _results_without_delivery(), literal("held")),
-        (_current_job(Job.state.in_((_J.RUNNING.value, _J.FAILED.value)))
-         | _delivery_of_current_job((_D.PENDING.value, _D.SENDING.value, _D.FAILED.value))
-         | and_(started, _current_job(Job.state == _J.QUEUED.value)), literal("in_progress")),
-        (~started, literal("waiting")),
-        else_=literal("done"),
-    )
+    return case(*((condition, literal(state)) for condition, state in _rules()), else_=literal("done"))
 
 
 def state_condition(state: str) -> ColumnElement[bool]:
-    """Studies shown in ``state`` (one of :data:`dicom_node.study_status.SHOWN_STATES`)."""
+    """Studies shown in ``state`` (one of :data:`dicom_node.study_status.SHOWN_STATES`): the same rules as
+    :func:`shown_state_sql`, each state's own condition first, so that a study that does not match it
+    is left after a lookup or two instead of the whole ``CASE`` (about 2x faster on a list of every study)."""
     if state not in SHOWN_STATES:
         raise ValueError(f"study state {state!r} is not one of {', '.join(SHOWN_STATES)}")
-    return shown_state_sql() == state
+    rules = _rules()
+    if state == "done":
+        return and_(*(~condition for condition, _ in rules))
+    return or_(*(and_(condition, *(~earlier for earlier, _ in rules[:n]))
+                 for n, (condition, shown) in enumerate(rules) if shown == state))
 
 
 def study_statuses(session: Session, stored: Mapping[int, str]) -> dict[int, StudyStatus]:

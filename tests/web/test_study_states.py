@@ -23,8 +23,9 @@ from sqlalchemy import select, update
 from dicom_node.app.cli import main
 from dicom_node.db import jobs, repo
 from dicom_node.db.models import Job, JobState, Study
-from dicom_node.db.study_states import shown_state_sql, study_statuses
+from dicom_node.db.study_states import shown_state_sql, state_condition, study_statuses
 from dicom_node.ingest import utc_now
+from dicom_node.study_status import SHOWN_STATES
 from tests.web.conftest import LoggedIn, WebEnv, make_web_env
 from tests.web.studies_fixtures import (
     T0,
@@ -179,9 +180,13 @@ def test_the_sql_state_and_the_reasoned_state_agree_on_every_state(
     with env.sessions() as session:
         rows = session.execute(select(Study.id, Study.study_instance_uid, Study.state, shown_state_sql())).all()
         reasoned = study_statuses(session, {i: state for i, _, state, _ in rows})
+        selected = {state: set(session.scalars(select(Study.study_instance_uid).where(state_condition(state))))
+                    for state in SHOWN_STATES}
     by_uid = {uid: (sql_state, reasoned[i].state) for i, uid, _, sql_state in rows}
     for role, expected in EXPECTED.items():
         assert by_uid[clinic.uids[role]] == (expected, expected), role
+    # the list's filter selects each study in exactly the state the CASE gives it
+    assert selected == {state: {uid for uid, (shown, _) in by_uid.items() if shown == state} for state in SHOWN_STATES}
 
 
 # --------------------------------------------------------------------------- every view says the same
