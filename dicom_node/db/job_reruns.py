@@ -50,6 +50,7 @@ __all__ = [
     "job_destinations",
     "latest_jobs",
     "lineage",
+    "make_due",
     "mark_superseded",
     "new_generation",
     "never_sent_to",
@@ -196,6 +197,18 @@ def lineage(sessions: sessionmaker[Session], job_id: int) -> Lineage:
     return Lineage(generation, ())
 
 
+def make_due(delivery: Delivery, now: datetime) -> None:
+    """Make ``delivery`` carry all of its job's results, due now with a fresh attempt budget (``failed`` with no
+    attempt made, like a manual retry: the node's next sweep sends it)."""
+    delivery.kinds = None
+    delivery.state = DeliveryState.FAILED.value
+    delivery.attempts = 0
+    delivery.error = None
+    delivery.next_attempt_at = now
+    delivery.lease_expires_at = None
+    delivery.state_changed_at = now
+
+
 @dataclass(frozen=True)
 class ResendTarget:
     """One delivery made due again by a re-send: the job, the destination, the delivery row."""
@@ -232,13 +245,7 @@ def resend_deliveries(
                     delivery = Delivery(job_id=job_id, destination=name, max_attempts=max_attempts, created_at=now,
                                         objects_sent=0)
                     session.add(delivery)
-                delivery.kinds = None
-                delivery.state = DeliveryState.FAILED.value
-                delivery.attempts = 0
-                delivery.error = None
-                delivery.next_attempt_at = now
-                delivery.lease_expires_at = None
-                delivery.state_changed_at = now
+                make_due(delivery, now)
                 session.flush()
                 targets.append(ResendTarget(job_id, job.pipeline, name, delivery.id, created))
             if names:

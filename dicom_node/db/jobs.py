@@ -346,13 +346,7 @@ def release_job(
             delivery = existing.get(name)
             if delivery is None:
                 delivery = _new_delivery(session, job_id, DeliverySpec(name), now=now, max_attempts=delivery_max_attempts)
-            delivery.kinds = None
-            delivery.state = DeliveryState.FAILED.value
-            delivery.attempts = 0
-            delivery.error = None
-            delivery.next_attempt_at = now
-            delivery.lease_expires_at = None
-            delivery.state_changed_at = now
+            job_reruns.make_due(delivery, now)
             queued.append(delivery)
         session.add(StudyEvent(study_id=job.study_id, at=now, kind="job_released", detail=(
             f"job {job_id} ({job.pipeline}): held results released by {by} to "
