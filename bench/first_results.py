@@ -24,6 +24,7 @@ and compare the tables (docs/operations.md, "How jobs are ordered").
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -70,6 +71,7 @@ class StudyFigures:
     study_uid: str
     acknowledged: float
     jobs: list[tuple[int, str, str, float | None, float | None]]  # id, pipeline, state, started, finished
+    loads: dict[int, float]  # job id -> seconds of its load stage (about 0 when the volume was held already)
     deliveries: list[tuple[int, str, float | None]]  # job id, state, delivered_at
 
     def first_finished(self) -> tuple[float, str] | None:
@@ -91,18 +93,20 @@ def study_id(node: NodePeer, study_uid: str) -> int | None:
 
 def read_figures(node: NodePeer, number: int, study_uid: str, acknowledged: float) -> StudyFigures:
     sid = study_id(node, study_uid)
-    jobs = [] if sid is None else [
-        (int(job_id), str(pipeline), str(state), db_time(started), db_time(finished))
-        for job_id, pipeline, state, started, finished in node.query(
-            "SELECT id, pipeline, state, started_at, finished_at FROM jobs WHERE study_id = ? ORDER BY id", [sid])
-    ]
+    rows = [] if sid is None else node.query(
+        "SELECT id, pipeline, state, started_at, finished_at, stage_seconds FROM jobs WHERE study_id = ? ORDER BY id",
+        [sid])
+    jobs = [(int(job_id), str(pipeline), str(state), db_time(started), db_time(finished))
+            for job_id, pipeline, state, started, finished, _ in rows]
+    loads = {int(row[0]): float(json.loads(row[5])["load"]) for row in rows
+             if row[5] and "load" in json.loads(row[5])}
     deliveries = [] if sid is None else [
         (int(job_id), str(state), db_time(delivered))
         for job_id, state, delivered in node.query(
             "SELECT d.job_id, d.state, d.delivered_at FROM deliveries d JOIN jobs j ON j.id = d.job_id "
             "WHERE j.study_id = ? ORDER BY d.id", [sid])
     ]
-    return StudyFigures(number, study_uid, acknowledged, jobs, deliveries)
+    return StudyFigures(number, study_uid, acknowledged, jobs, loads, deliveries)
 
 
 def finished(figures: StudyFigures) -> bool:
@@ -178,6 +182,10 @@ def print_report(figures: Sequence[StudyFigures], started_pushing: float) -> Non
             if start is not None and end is not None:
                 runs.setdefault(SHORT_NAMES.get(pipeline, pipeline), []).append(end - start)
     print("job wall time, median: " + ", ".join(f"{name} {median(v):.1f} s" for name, v in sorted(runs.items())))
+    loads = [seconds for study in figures for seconds in study.loads.values()]
+    fresh = [seconds for seconds in loads if seconds >= 0.05]
+    print(f"volumes loaded {len(fresh)} times for {len(loads)} jobs (median load {median(fresh):.2f} s; the others "
+          "used the volume the worker held)")
 
 
 def main() -> int:
