@@ -315,6 +315,7 @@ class Job(Base):
     __table_args__ = (
         Index("ux_jobs_study_pipeline_series_generation", "study_id", "pipeline", "series_instance_uid",
               "generation", unique=True),
+        Index("ix_jobs_pipeline_finished", "pipeline", "finished_at"),
     )
 
 

@@ -12,6 +12,8 @@ incomplete series became complete); the unique index now includes it.
 finishes). ``jobs.input_instances``: how many instances the series had when the job was
 claimed, so that the node can tell a series that received more since. ``studies.purged_at``:
 when retention deleted the study's instances and results (its record stays).
+``ix_jobs_pipeline_finished``: the scheduler learns a model's duration from its latest finished
+jobs, on every claim, without reading the whole history.
 """
 
 from alembic import op
@@ -33,6 +35,7 @@ def upgrade() -> None:
         batch.drop_index('ux_jobs_study_pipeline_series')
         batch.create_index('ux_jobs_study_pipeline_series_generation',
                            ['study_id', 'pipeline', 'series_instance_uid', 'generation'], unique=True)
+        batch.create_index('ix_jobs_pipeline_finished', ['pipeline', 'finished_at'])
     with op.batch_alter_table('studies') as batch:
         batch.add_column(sa.Column('purged_at', sa.DateTime(), nullable=True))
 
@@ -42,6 +45,7 @@ def downgrade() -> None:
         batch.drop_column('purged_at')
     op.execute("DELETE FROM jobs WHERE generation > 1")
     with op.batch_alter_table('jobs') as batch:
+        batch.drop_index('ix_jobs_pipeline_finished')
         batch.drop_index('ux_jobs_study_pipeline_series_generation')
         batch.create_index('ux_jobs_study_pipeline_series', ['study_id', 'pipeline', 'series_instance_uid'],
                            unique=True)
