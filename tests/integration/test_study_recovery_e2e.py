@@ -129,7 +129,8 @@ def test_results_reach_a_destination_added_later_and_reprocessing_supersedes_the
         originals = results_of(node, first["id"])
         assert {kind for kind, _ in originals.values()} == {"SR", "GSPS"}
         wait_for("the results in the PACS", lambda: in_pacs(pacs, list(originals)), timeout=60)
-        assert delivered(node, first["id"])
+        # The PACS stores each object before the node records the delivery (after the association's release).
+        wait_for("the delivery recorded", lambda: delivered(node, first["id"]), timeout=30)
         assert shown(node, capsys, uid)["state"] == "done"
 
         # Re-process (say the model was updated): new objects in new series; the old ones superseded.
@@ -153,6 +154,7 @@ def test_results_reach_a_destination_added_later_and_reprocessing_supersedes_the
                         for ref in series_ref.ReferencedSOPSequence]
         assert predecessors == [old_sr_uid]
         assert "(run 2)" in str(new_sr.SeriesDescription)
+        wait_for("the re-run's delivery recorded", lambda: delivered(node, second["id"]), timeout=30)
         assert shown(node, capsys, uid)["state"] == "done"
         actions = [row[0] for row in node.query("SELECT action FROM audit_log WHERE actor = 'cli'")]
         assert {"destination.create", "study.resend", "study.reprocess"} <= set(actions), actions
