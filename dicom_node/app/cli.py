@@ -40,7 +40,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", type=Path, help="where the database, spool and quarantine live")
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The node's own commands: running one never imports ``training`` (serving never does; DESIGN.md, "Layers").
+NODE_COMMANDS = frozenset({"serve", "db", "studies", "worker", "destinations", "rules", "jobs", "models", "users",
+                           "tokens"})
+
+
+def build_parser(*, training: bool = True) -> argparse.ArgumentParser:
+    """The ``dicom-node`` parser; ``training``: also the commands of the training package (train, evaluate,
+    export, phantom), which imports it - left out when a node command runs."""
     parser = argparse.ArgumentParser(prog="dicom-node", description="DICOM AI node")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -70,11 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     admin_cli.add_commands(commands, _common)
     users_cli.add_commands(commands, _common)
 
-    # Making and checking the models the node serves (the training package owns them).
-    from training.cli import add_phantom_command, add_training_commands
+    if training:  # making and checking the models the node serves (the training package owns them)
+        from training.cli import add_phantom_command, add_training_commands
 
-    add_phantom_command(commands)
-    add_training_commands(commands)
+        add_phantom_command(commands)
+        add_training_commands(commands)
     return parser
 
 
@@ -125,7 +132,8 @@ _NEEDS_DATABASE = frozenset({"studies", "worker", "destinations", "rules", "jobs
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(training=not argv or argv[0] not in NODE_COMMANDS).parse_args(argv)
     if getattr(args, "handler", None) is not None:  # train, evaluate, phantom: no node settings
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
         return int(args.handler(args))

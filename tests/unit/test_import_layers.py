@@ -37,8 +37,8 @@ FORBIDDEN = "training"
 #: Modules allowed to import ``training``, each with the reason.
 ALLOWED = {
     # The command-line entry registers `dicom-node train ...` and `dicom-node phantom`, which run the training
-    # package on a machine that has it (the [train] extra). It is the CLI, not serving: `serve` and `worker`
-    # never reach those imports.
+    # package on a machine that has it (the [train] extra). It is the CLI, not serving: a node command (`serve`,
+    # `worker`, ...) builds its parser without them (test_node_commands_never_import_training).
     "dicom_node/app/cli.py": "registers the `dicom-node train` and `phantom` commands",
 }
 
@@ -302,3 +302,21 @@ def test_the_web_app_and_the_model_catalog_load_neither_workers_nor_torch_nor_mo
                               cwd=REPO_ROOT, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]", f"the web process loaded {done.stdout.strip()}"
+
+
+def test_node_commands_never_import_training() -> None:
+    """A node command (here ``studies``, which parses its arguments as ``serve`` and ``worker`` do) runs in a
+    fresh interpreter that then holds no module of ``training``; ``dicom-node --help`` still lists ``train``."""
+    script = (
+        "import sys\n"
+        "from dicom_node.app.cli import build_parser, main\n"
+        "code = main(['studies', '--data-dir', sys.argv[1]])\n"
+        "loaded = sorted({name.split('.')[0] for name in sys.modules} & {'training'})\n"
+        "help_text = build_parser().format_help()\n"
+        "print(code, loaded, 'train' in help_text and 'phantom' in help_text)\n"
+    )
+    with tempfile.TemporaryDirectory() as data_dir:
+        done = subprocess.run([sys.executable, "-c", script, data_dir], capture_output=True, text=True,
+                              cwd=REPO_ROOT, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "1 [] True", done.stdout
