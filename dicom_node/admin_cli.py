@@ -492,9 +492,9 @@ def _why_not_retried(sessions: sessionmaker[Session], job_id: int) -> str:
     job = job_views.get_job(sessions, job_id)
     if job is None:
         return f"job {job_id} does not exist"
-    purged = job_views.study_purged_at(sessions, job.study_instance_uid)
+    purged = job_views.deleted_by_retention(sessions, job.study_instance_uid, "study's instances")
     if purged is not None:
-        return f"job {job_id} cannot run again: retention deleted its study's instances on {purged:%Y-%m-%d %H:%M} UTC"
+        return f"job {job_id} cannot run again: {purged}"
     if job.superseded_at is not None:
         return (f"job {job_id} was superseded by a later run of {job.pipeline} on its series; to run it again: "
                 f"dicom-node studies reprocess {job.study_instance_uid}")
@@ -512,9 +512,9 @@ def _why_not_resent(sessions: sessionmaker[Session], delivery_id: int) -> str:
     delivery = job_views.get_delivery(sessions, delivery_id)
     if delivery is None:
         return f"delivery {delivery_id} does not exist"
-    purged = job_views.study_purged_at(sessions, delivery.study_instance_uid)
+    purged = job_views.deleted_by_retention(sessions, delivery.study_instance_uid, "results")
     if purged is not None:
-        return f"delivery {delivery_id} cannot be re-sent: retention deleted its results on {purged:%Y-%m-%d %H:%M} UTC"
+        return f"delivery {delivery_id} cannot be re-sent: {purged}"
     return (f"delivery {delivery_id} is {delivery.state}; only failed or dead deliveries can be retried (to send "
             f"delivered results again: dicom-node studies resend {delivery.study_instance_uid})")
 

@@ -40,11 +40,11 @@ from dicom_node.routing import JobSpec
 __all__ = [
     "ACTIVE_JOB_STATES",
     "GAVE_UP_STATES",
+    "NOTICE_KIND",
     "RESENDABLE_JOB_STATES",
     "Rerun",
     "Lineage",
     "ResendTarget",
-    "destinations_json",
     "grown_since",
     "input_instances_now",
     "job_destinations",
@@ -52,7 +52,7 @@ __all__ = [
     "lineage",
     "make_due",
     "mark_superseded",
-    "new_generation",
+    "add_job",
     "never_sent_to",
     "reprocess",
     "resend_deliveries",
@@ -69,7 +69,8 @@ RESENDABLE_JOB_STATES = (JobState.SUCCEEDED.value, JobState.RELEASED.value)
 #: States whose results a later generation replaces only once its own results are ready.
 _WITH_RESULTS = (JobState.SUCCEEDED.value, JobState.RELEASED.value, JobState.HELD.value)
 
-_NOTICE_KIND = "NOTICE"
+#: The kind of the "AI analysis not performed" SR (a result object like SEG or SR, sent only where asked).
+NOTICE_KIND = "NOTICE"
 
 
 def input_instances_now() -> ScalarSelect[Any]:
@@ -85,7 +86,7 @@ def input_instances_now() -> ScalarSelect[Any]:
     )
 
 
-def destinations_json(spec: JobSpec) -> str:
+def _destinations_json(spec: JobSpec) -> str:
     """A job spec's destinations as the ``jobs.destinations`` column stores them."""
     return json.dumps(spec.destinations if spec.destinations == "default" else list(spec.destinations))
 
@@ -108,27 +109,27 @@ def grown_since(session: Session, job: Job) -> int:
     return max(0, int(now_count) - int(job.input_instances))
 
 
-def new_generation(session: Session, earlier: Job, *, now: datetime, max_attempts: int, queued: bool,
-                   rule: str | None = None, destinations: str | None = None, priority: int | None = None) -> Job:
-    """Add the next generation of ``earlier`` (same study, model, series), due now, superseding it.
+def add_job(session: Session, study_id: int, spec: JobSpec, *, now: datetime, max_attempts: int, queued: bool,
+            earlier: Job | None = None) -> Job:
+    """Add a job for ``spec`` on study ``study_id``: the first of its model on its series, or the next generation
+    of ``earlier`` (the latest one), which it supersedes.
 
     ``queued``: the new job is ``queued`` and the caller sends its message after commit (the
     router); otherwise it is ``failed`` with no attempt made, like a manual retry, and the node's
-    next sweep queues it, so whoever asks needs no queue. Rule, destinations and priority default to
-    ``earlier``'s (re-processing passes the ones the rules decide now). An earlier job without
-    results to replace (dead, not applicable, cancelled, discarded) is marked superseded at once.
+    next sweep queues it, so whoever asks needs no queue. An earlier job without results to
+    replace (dead, not applicable, cancelled, discarded) is marked superseded at once.
     """
     job = Job(
-        study_id=earlier.study_id, series_instance_uid=earlier.series_instance_uid, pipeline=earlier.pipeline,
-        rule=earlier.rule if rule is None else rule,
-        destinations=earlier.destinations if destinations is None else destinations,
-        priority=earlier.priority if priority is None else priority,
-        state=(JobState.QUEUED if queued else JobState.FAILED).value, attempts=0, max_attempts=max_attempts, created_at=now, queued_at=now,
-        state_changed_at=now, generation=earlier.generation + 1, supersedes_job_id=earlier.id,
+        study_id=study_id, series_instance_uid=spec.series_instance_uid, pipeline=spec.pipeline, rule=spec.rule,
+        destinations=_destinations_json(spec), priority=spec.priority,
+        state=(JobState.QUEUED if queued else JobState.FAILED).value, attempts=0, max_attempts=max_attempts,
+        created_at=now, queued_at=now, state_changed_at=now,
+        generation=1 if earlier is None else earlier.generation + 1,
+        supersedes_job_id=None if earlier is None else earlier.id,
     )
     session.add(job)
     session.flush()
-    if earlier.state not in _WITH_RESULTS and earlier.superseded_at is None:
+    if earlier is not None and earlier.state not in _WITH_RESULTS and earlier.superseded_at is None:
         earlier.superseded_at = now
     return job
 
@@ -159,7 +160,7 @@ def supersede_on_success(session: Session, job_id: int, *, now: datetime) -> Non
     marked = mark_superseded(session, job, now=now)
     replaced = session.execute(
         select(ResultObject.kind, ResultObject.sop_instance_uid)
-        .where(ResultObject.job_id.in_(marked), ResultObject.kind != _NOTICE_KIND).order_by(ResultObject.id)
+        .where(ResultObject.job_id.in_(marked), ResultObject.kind != NOTICE_KIND).order_by(ResultObject.id)
     ).all() if marked else []
     if replaced:
         objects = ", ".join(f"{kind} {uid}" for kind, uid in replaced)
@@ -263,7 +264,7 @@ def job_destinations(job: Job) -> list[str] | str:
 def result_count(session: Session, job_id: int) -> int:
     """How many result objects (notices aside) job ``job_id`` has."""
     return int(session.scalar(select(func.count(ResultObject.id))
-                              .where(ResultObject.job_id == job_id, ResultObject.kind != _NOTICE_KIND)) or 0)
+                              .where(ResultObject.job_id == job_id, ResultObject.kind != NOTICE_KIND)) or 0)
 
 
 @dataclass(frozen=True)
@@ -302,30 +303,20 @@ def reprocess(
                 reruns.append(Rerun(spec.pipeline, spec.series_instance_uid, None, None, skipped=(
                     f"job {earlier.id} is still {earlier.state}; it runs with the current model and rules")))
                 continue
-            if earlier is None:
-                job = Job(
-                    study_id=study_id, series_instance_uid=spec.series_instance_uid, pipeline=spec.pipeline,
-                    rule=spec.rule, destinations=destinations_json(spec), priority=spec.priority,
-                    state=JobState.FAILED.value, attempts=0, max_attempts=max_attempts, created_at=now,
-                    queued_at=now, state_changed_at=now,
-                )
-                session.add(job)
-                session.flush()
-            else:
-                job = new_generation(session, earlier, now=now, max_attempts=max_attempts, queued=False,
-                                     rule=spec.rule, destinations=destinations_json(spec), priority=spec.priority)
+            job = add_job(session, study_id, spec, now=now, max_attempts=max_attempts, queued=False, earlier=earlier)
             reruns.append(Rerun(spec.pipeline, spec.series_instance_uid, job.id,
                                 None if earlier is None else earlier.id))
         started = [r for r in reruns if r.job_id is not None]
         if started and study.state in (StudyState.COMPLETE.value, StudyState.IGNORED.value):
             study.state = StudyState.ROUTED.value
             study.state_changed_at = now
-        session.add(StudyEvent(study_id=study_id, at=now, kind="reprocess", detail=(
-            f"re-process requested by {by}: " + "; ".join(
-                f"{r.pipeline} on {r.series_instance_uid}: "
-                + (f"not run again, {r.skipped}" if r.job_id is None else
-                   f"job {r.job_id}" + (f" replaces job {r.supersedes_job_id}" if r.supersedes_job_id else " (new)"))
-                for r in reruns) or f"re-process requested by {by}: no model to run")))
+        done = "; ".join(
+            f"{r.pipeline} on {r.series_instance_uid}: "
+            + (f"not run again, {r.skipped}" if r.job_id is None else
+               f"job {r.job_id}" + (f" replaces job {r.supersedes_job_id}" if r.supersedes_job_id else " (new)"))
+            for r in reruns)
+        session.add(StudyEvent(study_id=study_id, at=now, kind="reprocess",
+                               detail=f"re-process requested by {by}: {done or 'no model to run'}"))
     return reruns
 
 
@@ -335,7 +326,7 @@ def never_sent_to(sessions: sessionmaker[Session], destination: str, *, finished
     with sessions() as session:
         had = select(Delivery.id).where(Delivery.job_id == Job.id, Delivery.destination == destination).exists()
         with_results = select(ResultObject.id).where(ResultObject.job_id == Job.id,
-                                                     ResultObject.kind != _NOTICE_KIND).exists()
+                                                     ResultObject.kind != NOTICE_KIND).exists()
         rows = session.execute(
             select(Job.id).join(Study, Study.id == Job.study_id)
             .where(Job.state.in_(RESENDABLE_JOB_STATES), Job.superseded_at.is_(None), Study.purged_at.is_(None),

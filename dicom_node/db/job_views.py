@@ -230,10 +230,12 @@ def _kinds(text: str | None, delivery_id: int) -> tuple[str, ...] | None:
     return tuple(str(v) for v in value)
 
 
-def study_purged_at(sessions: sessionmaker[Session], study_instance_uid: str) -> datetime | None:
-    """When retention deleted the study's files (None: it did not, or no such study)."""
+def deleted_by_retention(sessions: sessionmaker[Session], study_instance_uid: str, what: str) -> str | None:
+    """"retention deleted its <what> on <when> UTC" when retention purged the study, else None: why a job or
+    delivery of it cannot run or be sent again."""
     with sessions() as session:
-        return session.scalar(select(Study.purged_at).where(Study.study_instance_uid == study_instance_uid))
+        purged = session.scalar(select(Study.purged_at).where(Study.study_instance_uid == study_instance_uid))
+    return None if purged is None else f"retention deleted its {what} on {purged:%Y-%m-%d %H:%M} UTC"
 
 
 def jobs_query() -> Any:

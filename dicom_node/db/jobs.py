@@ -104,8 +104,8 @@ class DeliverySpec:
     kinds: tuple[str, ...] | None = None
 
 
-#: The kind of the "AI analysis not performed" SR (a result object like SEG or SR, sent only where asked).
-NOTICE_KIND = "NOTICE"
+#: The kind of the "AI analysis not performed" SR (defined beside the re-runs, which leave it out of resends).
+NOTICE_KIND = job_reruns.NOTICE_KIND
 #: How a finished job ended: what the worker reports to :func:`finish_job`.
 FINISHED_STATES = (JobState.SUCCEEDED.value, JobState.NOT_APPLICABLE.value, JobState.HELD.value)
 
@@ -159,30 +159,21 @@ def record_routing(
         kept: list[str] = []
         for spec in decision.jobs:
             earlier = latest.get((spec.pipeline, spec.series_instance_uid))
-            if earlier is None:
-                job = Job(
-                    study_id=study_id, series_instance_uid=spec.series_instance_uid, pipeline=spec.pipeline,
-                    rule=spec.rule, destinations=job_reruns.destinations_json(spec), priority=spec.priority,
-                    state=JobState.QUEUED.value, attempts=0, max_attempts=max_attempts, created_at=now,
-                    queued_at=now, state_changed_at=now,
-                )
-                session.add(job)
-                session.flush()
-                new_ids.append(job.id)
-                continue
-            grown = job_reruns.grown_since(session, earlier) if earlier.state in job_reruns.GAVE_UP_STATES else 0
-            if not grown:
+            grown = job_reruns.grown_since(session, earlier) \
+                if earlier is not None and earlier.state in job_reruns.GAVE_UP_STATES else 0
+            if earlier is not None and not grown:
                 kept.append(f"{spec.pipeline} on {spec.series_instance_uid}: job {earlier.id} {earlier.state}")
                 continue
-            job = job_reruns.new_generation(session, earlier, now=now, max_attempts=max_attempts, queued=True,
-                                            rule=spec.rule, destinations=job_reruns.destinations_json(spec),
-                                            priority=spec.priority)
+            job = job_reruns.add_job(session, study_id, spec, now=now, max_attempts=max_attempts, queued=True,
+                                     earlier=earlier)
             new_ids.append(job.id)
-            why = earlier.error or outcome_reason(earlier.state, json_object(earlier.checks, f"checks of job {earlier.id}")) \
-                or earlier.state
-            session.add(StudyEvent(study_id=study_id, at=now, kind="rerun_on_more_instances", detail=(
-                f"job {job.id} runs {spec.pipeline} again on series {spec.series_instance_uid}: the series received "
-                f"{grown} more instance(s) since job {earlier.id} ended {earlier.state.replace('_', ' ')} ({why})")))
+            if earlier is not None:
+                checks = json_object(earlier.checks, f"checks of job {earlier.id}")
+                why = earlier.error or outcome_reason(earlier.state, checks) or earlier.state
+                session.add(StudyEvent(study_id=study_id, at=now, kind="rerun_on_more_instances", detail=(
+                    f"job {job.id} runs {spec.pipeline} again on series {spec.series_instance_uid}: the series "
+                    f"received {grown} more instance(s) since job {earlier.id} ended "
+                    f"{earlier.state.replace('_', ' ')} ({why})")))
         has_jobs = bool(decision.jobs) or bool(latest)
         study.state = (StudyState.ROUTED if has_jobs else StudyState.IGNORED).value
         study.state_changed_at = now

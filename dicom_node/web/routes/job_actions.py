@@ -64,10 +64,9 @@ def retry_job_action(context: WebContext, request: Request, principal: Principal
     job = _known_job(context, job_id)
     if job.state not in _RETRYABLE_JOB or not jobs.retry_job(context.sessions, job_id, now=context.clock()):
         current = _known_job(context, job_id)
-        purged = job_views.study_purged_at(context.sessions, job.study_instance_uid)
+        purged = job_views.deleted_by_retention(context.sessions, job.study_instance_uid, "study's instances")
         if purged is not None:
-            raise ActionRefused(409, f"job {job_id} cannot run again: retention deleted its study's instances on "
-                                     f"{purged:%Y-%m-%d %H:%M} UTC", current.state, job.study_instance_uid)
+            raise ActionRefused(409, f"job {job_id} cannot run again: {purged}", current.state, job.study_instance_uid)
         if current.superseded_at is not None:
             raise ActionRefused(409, f"job {job_id} was superseded by a later run of {job.pipeline} on its series; "
                                      "re-process the study to run it again", current.state, job.study_instance_uid)
@@ -108,10 +107,10 @@ def retry_delivery_action(
                                                                          now=context.clock()):
         current = job_views.get_delivery(context.sessions, delivery_id)
         state = current.state if current else found.state
-        purged = job_views.study_purged_at(context.sessions, found.study_instance_uid)
+        purged = job_views.deleted_by_retention(context.sessions, found.study_instance_uid, "results")
         if purged is not None:
-            raise ActionRefused(409, f"delivery {delivery_id} cannot be re-sent: retention deleted its results on "
-                                     f"{purged:%Y-%m-%d %H:%M} UTC", state, found.study_instance_uid)
+            raise ActionRefused(409, f"delivery {delivery_id} cannot be re-sent: {purged}", state,
+                                found.study_instance_uid)
         raise ActionRefused(409, f"delivery {delivery_id} is {state}; only failed or dead deliveries can be re-sent",
                             state, found.study_instance_uid)
     after = job_views.get_delivery(context.sessions, delivery_id) or found
