@@ -57,6 +57,7 @@ from pydantic import (
 
 from dicom_node.contracts import AlgorithmInfo, CodedConcept, SegmentLabel
 from dicom_node.model_domain import InputDomain, NumberRange
+from dicom_node.palette import label_colour
 from dicom_node.plausibility_rules import PlausibilityRules
 
 __all__ = [
@@ -125,17 +126,23 @@ class BundleLabel(BaseModel):
     name: str = Field(min_length=1)
     code: CodedConcept
     category: CodedConcept
-    color_rgb: tuple[int, int, int] = (255, 0, 0)
+    #: Display colour; None (or a grey): the palette's colour for ``value`` (:mod:`dicom_node.palette`).
+    color_rgb: tuple[int, int, int] | None = None
     bundle_value: int | None = Field(default=None, ge=0)
 
+    @property
+    def display_rgb(self) -> tuple[int, int, int]:
+        """The colour every output shows this label in: ``color_rgb``, else (or when grey) the palette's."""
+        return label_colour(self.value, self.color_rgb)
+
     def segment_label(self) -> SegmentLabel:
-        """The shared contract type of this label."""
+        """The shared contract type of this label, its colour settled (:attr:`display_rgb`)."""
         return SegmentLabel(
             value=self.value,
             name=self.name,
             property_category=self.category,
             property_type=self.code,
-            color_rgb=self.color_rgb,
+            color_rgb=self.display_rgb,
         )
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dicom_node.palette import palette_colour
+
 __all__ = [
     "BACKGROUND",
     "CHEST_LABELS",
@@ -65,16 +67,16 @@ class LabelSpec:
             raise ValueError(f"color_rgb must be three 0..255 values, got {self.color_rgb}")
 
 
-#: Labels of the synthetic chest CT phantom, in label-value order (1..5).
+#: Labels of the synthetic chest CT phantom, in label-value order (1..5), in the node's palette colours.
 #: ``body`` covers all soft tissue, fat, muscle, mediastinum and abdomen that
 #: no other label claims; pulmonary vessels inside the lungs are ``lung`` (as
 #: in public lung segmentation datasets); ``bone`` is every bone.
 CHEST_LABELS: tuple[LabelSpec, ...] = (
-    LabelSpec(1, "body", "38266002", "Entire body", *_ANATOMY, (177, 122, 101)),
-    LabelSpec(2, "lung", "39607008", "Lung", *_ANATOMY, (128, 174, 231)),
-    LabelSpec(3, "heart", "80891009", "Heart", *_ANATOMY, (206, 110, 84)),
-    LabelSpec(4, "bone", "272673000", "Bone structure", *_ANATOMY, (241, 214, 145)),
-    LabelSpec(5, "nodule", "27925004", "Nodule", *_ALTERED, (255, 230, 0)),
+    LabelSpec(1, "body", "38266002", "Entire body", *_ANATOMY, palette_colour(1)),
+    LabelSpec(2, "lung", "39607008", "Lung", *_ANATOMY, palette_colour(2)),
+    LabelSpec(3, "heart", "80891009", "Heart", *_ANATOMY, palette_colour(3)),
+    LabelSpec(4, "bone", "272673000", "Bone structure", *_ANATOMY, palette_colour(4)),
+    LabelSpec(5, "nodule", "27925004", "Nodule", *_ALTERED, palette_colour(5)),
 )
 
 

@@ -186,7 +186,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "dicom_node/model_files.py", "dicom_node/model_register.py", "dicom_node/plausibility_rules.py",
         "dicom_node/spool.py", "dicom_node/study_store.py", "dicom_node/queue.py", "dicom_node/work_in_flight.py",
         "dicom_node/stopping.py", "dicom_node/tls_files.py", "dicom_node/header.py", "dicom_node/codestream.py",
-        "dicom_node/dataset_layout.py", "dicom_node/study_status.py",
+        "dicom_node/dataset_layout.py", "dicom_node/study_status.py", "dicom_node/palette.py",
     ),
     "node": (
         "dicom_node/scp*.py", "dicom_node/scp_accel/**/*.py", "dicom_node/association_server.py", "dicom_node/ingest.py",

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from dicom_node.palette import palette_colour
 from training.bundle import ct_network_data_format
 from training.loop import Optimisation, Validation, fit
 from training.phantoms.chest import ChestPhantom, PhantomConfig, generate_chest_phantom
@@ -65,14 +66,15 @@ NODULE_KIND_WEIGHTS = (1.0, 0.0, 0.0)
 
 _NODULE = {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"}
 #: The classes as the bundle's dicom_node.labels: code = the answer (CID 241 Present / Absent),
-#: category = the question (SCT 27925004 Nodule), bundle_value = the network output.
+#: category = the question (SCT 27925004 Nodule), bundle_value = the network output; colours: green and
+#: orange of the node's palette (:mod:`dicom_node.palette`).
 CLASS_LABELS: tuple[dict[str, Any], ...] = (
     {"value": 1, "bundle_value": 0, "name": "nodule absent",
      "code": {"value": "272519000", "scheme": "SCT", "meaning": "Absent"}, "category": _NODULE,
-     "color_rgb": [0, 160, 0]},
+     "color_rgb": list(palette_colour(3))},
     {"value": 2, "bundle_value": 1, "name": "nodule present",
      "code": {"value": "52101004", "scheme": "SCT", "meaning": "Present"}, "category": _NODULE,
-     "color_rgb": [255, 200, 0]},
+     "color_rgb": list(palette_colour(5))},
 )
 
 

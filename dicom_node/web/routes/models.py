@@ -233,7 +233,7 @@ def _evaluations(meta: Mapping[str, Any]) -> list[EvaluationOut]:
 
 
 def _label(label: BundleLabel) -> LabelOut:
-    r, g, b = label.color_rgb
+    r, g, b = label.display_rgb
     return LabelOut(value=label.value, name=label.name, code=f"{label.code.scheme}:{label.code.value}",
                     meaning=label.code.meaning, category=label.category.meaning, color_hex=f"#{r:02x}{g:02x}{b:02x}")
 

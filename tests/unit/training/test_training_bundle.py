@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from dicom_node.palette import palette_colour
 from tests.zoo import model_zoo_bundle
 from training.bundle import (
     HAND_WRITTEN_MARKER,
@@ -136,7 +137,7 @@ def test_label_entries_follow_the_label_table() -> None:
     assert [e["value"] for e in entries] == [1, 2, 3, 4, 5]
     nodule = entries[-1]
     assert nodule["code"] == {"value": "27925004", "scheme": "SCT", "meaning": "Nodule"}
-    assert nodule["category"]["scheme"] == "SCT" and nodule["color_rgb"] == [255, 230, 0]
+    assert nodule["category"]["scheme"] == "SCT" and nodule["color_rgb"] == list(palette_colour(5))
 
 
 def test_record_evaluation_adds_held_out_figures(tmp_path: Path) -> None:
