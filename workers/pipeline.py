@@ -50,6 +50,7 @@ from workers.models.base import ClassificationResult, DetectionResult, Model, Se
 from workers.models.registry import UnknownModel
 from workers.outputs.common import SeriesIdentity
 from workers.outputs.preview import PreviewPicture, render_preview
+from workers.outputs.tracking import FindingTracker, tracked_findings
 from workers.plausibility import check_plausibility
 from workers.volume import Volume, VolumeError
 
@@ -119,12 +120,15 @@ def _replaced_reports(volume: Volume, lineage: job_reruns.Lineage) -> list[Datas
 
 
 def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any,
-                   lineage: job_reruns.Lineage = job_reruns.Lineage(1, ())) -> ResultObjects:
+                   lineage: job_reruns.Lineage = job_reruns.Lineage(1, ()),
+                   tracker: FindingTracker | None = None) -> ResultObjects:
     """The DICOM objects for one model result: SEG + SR for segmentations, SR + GSPS for detections,
     SR + PMAP + SC (the explanation map) for classifications.
 
     An empty result still gives an SR that says nothing was found. ``lineage``: for a re-run of the
-    model on the series, its generation (in the series descriptions) and the reports its SR replaces.
+    model on the series, its generation (in the series descriptions), the reports its SR replaces and the
+    findings they stated, whose tracking UIDs the same findings keep. ``tracker`` (default: one started from
+    ``lineage``) records the findings the SR states (the job keeps them in its summary).
     """
     from workers.outputs.gsps import build_gsps
     from workers.outputs.seg import build_seg
@@ -134,6 +138,8 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
     algorithm = model.algorithm
     model_id = algorithm.model_id
     replaces = _replaced_reports(volume, lineage)
+    if tracker is None:
+        tracker = FindingTracker(tracked_findings(lineage.earlier_tracking))
 
     def identity(kind: str) -> SeriesIdentity:
         return _identity(ctx, model_id, kind, lineage.generation)
@@ -143,10 +149,10 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
         if seg is not None:
             objects.append(("SEG", seg))
         objects.append(("SR", build_sr(volume, [SegmentationFindings(algorithm, result, seg)], identity("SR"),
-                                       replaces=replaces)))
+                                       replaces=replaces, tracker=tracker)))
     elif isinstance(result, DetectionResult):
         findings = DetectionFindings(algorithm, result.detections, model.labels)
-        objects.append(("SR", build_sr(volume, [findings], identity("SR"), replaces=replaces)))
+        objects.append(("SR", build_sr(volume, [findings], identity("SR"), replaces=replaces, tracker=tracker)))
         gsps = build_gsps(volume, result.detections, algorithm, identity("GSPS"))
         if gsps is not None:
             objects.append(("GSPS", gsps))
@@ -155,7 +161,7 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
         from workers.outputs.sr import ClassificationFindings
 
         objects.append(("SR", build_sr(volume, [ClassificationFindings(algorithm, result)], identity("SR"),
-                                       replaces=replaces)))
+                                       replaces=replaces, tracker=tracker)))
         if result.explanation is not None:  # sent only to destinations that ask for PMAP / SC
             objects.append(("PMAP", build_parametric_map(volume, result, algorithm, identity("PMAP"))))
             objects.extend(("SC", sc) for sc in build_overlay_sc(volume, result, algorithm,
@@ -319,9 +325,12 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
                             "; ".join(plausibility.reasons)
                         events.append(("job_held", f"job {job_id} ({model_id}): results held, not sent: {reason}"))
                 with stages.stage("encoding"):
-                    objects = encode_results(ctx, model, volume, result, job_reruns.lineage(ctx.sessions, job_id))
+                    lineage = job_reruns.lineage(ctx.sessions, job_id)
+                    tracker = FindingTracker(tracked_findings(lineage.earlier_tracking))
+                    objects = encode_results(ctx, model, volume, result, lineage, tracker)
                     preview = _render_preview(volume, result, model)
                 summary = _summary(result, volume)
+                summary["tracking"] = [finding.as_record() for finding in tracker.records]
             destinations = config_repo.resolve_destination_names(ctx.sessions, claim.destinations)
             noticed = _notice_destinations(ctx, destinations) if reason_code is not None else []
             if noticed:

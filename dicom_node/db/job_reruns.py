@@ -34,6 +34,7 @@ from dicom_node.db.models import (
     Study,
     StudyEvent,
     StudyState,
+    json_object,
 )
 from dicom_node.routing import JobSpec
 
@@ -178,6 +179,9 @@ class Lineage:
     #: (SOP Class UID, SOP Instance UID, Series Instance UID) of the reports (SR) of the nearest earlier run that
     #: made any: what this run's report replaces.
     replaced_reports: tuple[tuple[str, str, str], ...]
+    #: The findings that earlier run's report stated (its summary's ``tracking`` records: key, tracking UID,
+    #: where a detection lay), so that the same findings keep their tracking UIDs.
+    earlier_tracking: tuple[Any, ...] = ()
 
 
 def lineage(sessions: sessionmaker[Session], job_id: int) -> Lineage:
@@ -193,7 +197,10 @@ def lineage(sessions: sessionmaker[Session], job_id: int) -> Lineage:
                 .where(ResultObject.job_id == earlier_id, ResultObject.kind == "SR").order_by(ResultObject.id)
             ).all()
             if reports:
-                return Lineage(generation, tuple((str(a), str(b), str(c)) for a, b, c in reports))
+                summary = session.scalar(select(Job.summary).where(Job.id == earlier_id))
+                tracking = json_object(summary, f"summary of job {earlier_id}").get("tracking")
+                return Lineage(generation, tuple((str(a), str(b), str(c)) for a, b, c in reports),
+                               tuple(tracking) if isinstance(tracking, list) else ())
             earlier_id = session.scalar(select(Job.supersedes_job_id).where(Job.id == earlier_id))
     return Lineage(generation, ())
 

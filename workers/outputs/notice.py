@@ -22,7 +22,8 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicom_node.contracts import AlgorithmInfo
-from workers.outputs.common import SeriesIdentity
+from workers.outputs.common import SeriesIdentity, coded
+from workers.outputs.procedure import procedure_reported
 from workers.outputs.sr import comprehensive_3d_sr, device_observation_context, sr_algorithm_identification
 from workers.volume import Volume
 
@@ -49,8 +50,6 @@ REASON_CODES: dict[str, hd.sr.CodedConcept] = {
         ("implausible", "AINP-IMP", "Result implausible, held for review"),
     )
 }
-#: "Imaging procedure" (SNOMED CT): the notice does not claim a specific procedure.
-_IMAGING = hd.sr.CodedConcept(value="363679005", scheme_designator="SCT", meaning="Imaging")
 _COMMENT = hd.sr.CodedConcept(value="121106", scheme_designator="DCM", meaning="Comment")
 
 
@@ -75,7 +74,7 @@ def build_not_performed_sr(
         name=_COMMENT, value=reason[:1024], relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     report = hd.sr.MeasurementReport(
         observation_context=device_observation_context(series),
-        procedure_reported=_IMAGING,
+        procedure_reported=coded(procedure_reported(volume)),  # the source study's, as in every report
         imaging_measurements=[group],
         title=codes.DCM.ImagingMeasurementReport,
     )

@@ -10,7 +10,9 @@ Content tree (TID 1500):
 
 * Observation context: a *device* observer, the node (UID derived from its
   manufacturer / model / serial number, so it is stable across reports).
-* Procedure reported: ``procedure`` (default LOINC 24627-2 "CT Chest").
+* Procedure reported: the imaging procedure of the source study (its own
+  Procedure Code Sequence, else coded from modality and body region, e.g. LOINC
+  24627-2 "CT Chest": :mod:`workers.outputs.procedure`).
 * Image library (TID 1600), before Imaging Measurements: one group holding
   one bare TID 1601 entry per source instance of the volume - the IMAGE
   reference (SOP class and instance, and the frames used for a multi-frame
@@ -57,8 +59,11 @@ Content tree (TID 1500):
     "<label type>" = Absent (SCT 272519000, CID 241 "Present-Absent Only"),
     so that an empty result is reported explicitly, never silently omitted.
 
-Tracking UIDs are derived from the SR's SOP Instance UID and the group's
-position, so a build with configured UIDs is fully deterministic.
+Tracking: a finding keeps the Tracking Unique Identifier it had in the report
+this one replaces (a re-run of the model on the series: the same lung, the same
+nodule, see :mod:`workers.outputs.tracking`); a new finding's UID is derived from
+the SR's SOP Instance UID and the finding's position, so a build with configured
+UIDs is fully deterministic.
 """
 
 from __future__ import annotations
@@ -86,10 +91,12 @@ from workers.outputs.common import (
     source_image,
 )
 from workers.outputs.measurements import SegmentMeasurement, measure_segments
+from workers.outputs.procedure import procedure_reported
+from workers.outputs.sr_summary import add_summary
+from workers.outputs.tracking import FindingTracker, finding_key
 from workers.volume import Volume
 
 __all__ = [
-    "CT_CHEST",
     "ClassificationFindings",
     "DetectionFindings",
     "Findings",
@@ -102,8 +109,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Default procedure reported: LOINC 24627-2 "CT Chest" (CID 100 is extensible).
-CT_CHEST = CodedConcept(value="24627-2", scheme="LN", meaning="CT Chest")
 
 #: Category of normal anatomy labels (SNOMED CT): their structure is also their finding site.
 _ANATOMY_CATEGORIES = frozenset({("123037004", "SCT"), ("91723000", "SCT")})
@@ -191,14 +196,19 @@ def build_sr(
     findings: Sequence[Findings],
     series: SeriesIdentity,
     *,
-    procedure: CodedConcept = CT_CHEST,
+    procedure: CodedConcept | None = None,
     replaces: Sequence[Dataset] = (),
+    tracker: FindingTracker | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A Comprehensive 3D SR (TID 1500) of ``findings`` on ``volume``'s source series; see the module docstring.
 
+    ``procedure``: the procedure reported (default: the source study's, :func:`procedure_reported`).
     ``replaces``: the earlier SRs of the same model on the same series that this one supersedes (a
     re-run), each with StudyInstanceUID, SeriesInstanceUID, SOPClassUID and SOPInstanceUID; they are
     named in the Predecessor Documents Sequence, the standard way for a report to say what it replaces.
+    ``tracker``: hands out each finding's Tracking Unique Identifier, keeping those of the findings of the report
+    it replaces (:mod:`workers.outputs.tracking`); its records are what the report stated. Default: a fresh
+    tracker (every finding new).
 
     Pure: no I/O. Patient and study attributes are copied by highdicom from the
     source instances (the evidence). Raises ValueError when there is nothing to
@@ -207,26 +217,29 @@ def build_sr(
     if not findings:
         raise ValueError(f"series {volume.series_instance_uid}: no findings set to report")
     sop_instance_uid = series.sop_uid()
+    tracker = tracker if tracker is not None else FindingTracker()
+    tracker.start(str(sop_instance_uid))
     groups: list[_Group] = []
     evidence: list[Dataset] = list(volume.datasets)
     for findings_set in findings:
         if isinstance(findings_set, SegmentationFindings):
-            groups.extend(_segmentation_groups(volume, findings_set, sop_instance_uid, len(groups)))
+            groups.extend(_segmentation_groups(volume, findings_set, tracker))
             if findings_set.seg is not None:
                 evidence.append(findings_set.seg)
         elif isinstance(findings_set, ClassificationFindings):
-            groups.append(_classification_group(findings_set, sop_instance_uid, len(groups)))
+            groups.append(_classification_group(findings_set, tracker))
         else:
-            groups.extend(_detection_groups(volume, findings_set, sop_instance_uid, len(groups)))
+            groups.extend(_detection_groups(volume, findings_set, tracker))
 
     # The image library is added after construction: see _add_image_library for why.
     report = hd.sr.MeasurementReport(
         observation_context=device_observation_context(series),
-        procedure_reported=coded(procedure),
+        procedure_reported=coded(procedure if procedure is not None else procedure_reported(volume)),
         imaging_measurements=groups,
     )
     sr = comprehensive_3d_sr(evidence, report, series, sop_instance_uid, replaces=replaces)
     _add_image_library(sr, _image_library(volume))
+    add_summary(sr, [group[0] for group in groups])  # each template's first item is its measurement group
     logger.debug("SR %s of series %s: %d measurement groups", sop_instance_uid, volume.series_instance_uid, len(groups))
     return sr
 
@@ -365,10 +378,15 @@ class _Tracking:
         return hd.sr.TrackingIdentifier(uid=self.uid, identifier=self.identifier[:64])
 
 
-def _tracking(sop_instance_uid: str, index: int, identifier: str) -> _Tracking:
-    """Tracking of group ``index`` of the SR ``sop_instance_uid``; the UID derives from both (reproducible builds)."""
-    uid = generate_uid(entropy_srcs=[str(sop_instance_uid), "tracking", str(index)])
-    return _Tracking(uid=uid, identifier=identifier)
+def _tracking(tracker: FindingTracker, identifier: str, kind: str, concept: CodedConcept, name: str = "",
+              detection: Detection | None = None) -> _Tracking:
+    """Tracking of one finding: ``identifier`` (text) and the UID ``tracker`` hands out for it (the earlier
+    report's for the same finding, see :mod:`workers.outputs.tracking`)."""
+    key = finding_key(kind, concept, name)
+    if detection is None:
+        return _Tracking(uid=tracker.uid(key), identifier=identifier)
+    return _Tracking(uid=tracker.uid(key, centre_mm=detection.centre_mm, diameter_mm=detection.diameter_mm),
+                     identifier=identifier)
 
 
 def _absent_group(
@@ -473,9 +491,7 @@ def _segment_measurements(volume: Volume, measured: SegmentMeasurement) -> list[
     return result
 
 
-def _segmentation_groups(
-    volume: Volume, findings: SegmentationFindings, sop_instance_uid: str, first_index: int
-) -> list[_Group]:
+def _segmentation_groups(volume: Volume, findings: SegmentationFindings, tracker: FindingTracker) -> list[_Group]:
     """One volumetric group per SEG segment, one absent group per declared label without voxels."""
     labels = findings.result.labels
     if not labels:
@@ -502,7 +518,7 @@ def _segmentation_groups(
             groups.append(
                 hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                     tracking_identifier=_tracking(
-                        sop_instance_uid, first_index + len(groups), f"{label.name} (segment {segment.number})"
+                        tracker, f"{label.name} (segment {segment.number})", "segment", label.property_type, label.name
                     ).item(),
                     referenced_segment=hd.sr.ReferencedSegment(
                         sop_class_uid=str(seg.SOPClassUID),
@@ -525,7 +541,7 @@ def _segmentation_groups(
         )
     for label in labels:
         if label.value not in present:
-            tracking = _tracking(sop_instance_uid, first_index + len(groups), f"{label.name} (not found)")
+            tracking = _tracking(tracker, f"{label.name} (not found)", "absent", label.property_type, label.name)
             groups.append(_absent_group(label, findings.algorithm, tracking))
     return groups
 
@@ -566,14 +582,13 @@ def _finding_context(tracking: _Tracking, label: SegmentLabel, algorithm: Algori
     }
 
 
-def _detection_groups(
-    volume: Volume, findings: DetectionFindings, sop_instance_uid: str, first_index: int
-) -> list[_Group]:
+def _detection_groups(volume: Volume, findings: DetectionFindings, tracker: FindingTracker) -> list[_Group]:
     """Per detection a planar group (outline on its centre slice) and a volumetric group (ellipsoid box)."""
     groups: list[_Group] = []
     for number, detection in enumerate(findings.detections, start=1):
         label = detection.label
-        tracking = _tracking(sop_instance_uid, first_index + len(groups), f"{label.name} {number}")
+        tracking = _tracking(tracker, f"{label.name} {number}", "detection", label.property_type, label.name,
+                             detection)
         slice_index = nearest_slice(volume, detection.centre_mm)
         point = image_point(volume, slice_index, detection.centre_mm)
         dataset, frame_number = source_image(volume, slice_index)
@@ -610,7 +625,7 @@ def _detection_groups(
     found = {detection.label.value for detection in findings.detections}
     for label in findings.labels:
         if label.value not in found:
-            tracking = _tracking(sop_instance_uid, first_index + len(groups), f"{label.name} (not found)")
+            tracking = _tracking(tracker, f"{label.name} (not found)", "absent", label.property_type, label.name)
             groups.append(_absent_group(label, findings.algorithm, tracking))
     return groups
 
@@ -619,13 +634,13 @@ def _detection_groups(
 
 
 def _classification_group(
-    findings: ClassificationFindings, sop_instance_uid: str, index: int
+    findings: ClassificationFindings, tracker: FindingTracker
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group: question = the winning class, Certainty of Finding in %, each class's probability in %."""
     result = findings.result
     winner = result.winner
     question = coded(winner.property_category)
-    tracking = _tracking(sop_instance_uid, index, f"{question.meaning}: {winner.name}")
+    tracking = _tracking(tracker, f"{question.meaning}: {winner.name}", "classification", winner.property_category)
     measurements = [hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding, value=result.winner_probability * 100.0,
                                       unit=_PERCENT)]
     for label, probability in zip(result.labels, result.probabilities):

@@ -40,6 +40,7 @@ from workers.models.base import SegmentationResult
 from workers.outputs.common import SeriesIdentity
 from workers.outputs.seg import build_seg
 from workers.outputs.sr import DetectionFindings, SegmentationFindings, build_sr
+from workers.outputs.sr_summary import QUALITATIVE_EVALUATIONS
 from workers.volume import Volume
 
 DETECTOR = AlgorithmInfo(name="Nodule detector test net", version="0.9.1", model_id="nodule-detector-test")
@@ -444,7 +445,8 @@ def test_image_library_lists_exactly_the_source_instances_before_the_measurement
     dataset, _ = _write_and_read(sr, tmp_path / "sr.dcm")
 
     names = [item.ConceptNameCodeSequence[0].CodeValue for item in dataset.ContentSequence]
-    assert names[-2:] == [IMAGE_LIBRARY, IMAGING_MEASUREMENTS]  # where MeasurementReport(referenced_images=...) puts it
+    # where MeasurementReport(referenced_images=...) puts it; the summary's Qualitative Evaluations come last
+    assert names[-3:] == [IMAGE_LIBRARY, IMAGING_MEASUREMENTS, QUALITATIVE_EVALUATIONS.value]
     assert names.count(IMAGE_LIBRARY) == 1
     assert [item.ConceptNameCodeSequence[0].CodeValue for item in sr.content[0].ContentSequence] == names
     expected = sorted(
@@ -455,9 +457,9 @@ def test_image_library_lists_exactly_the_source_instances_before_the_measurement
         )
         for header in source.headers
     )
-    written = _library_references(dataset.ContentSequence[-2])
+    written = _library_references(dataset.ContentSequence[-3])
     assert sorted(written) == expected
-    assert _library_references(sr.content[0].ContentSequence[-2]) == written  # the parsed view is the document
+    assert _library_references(sr.content[0].ContentSequence[-3]) == written  # the parsed view is the document
 
 
 def test_a_rerun_report_names_the_report_it_replaces(sources: dict[str, Source], tmp_path: Path) -> None:
