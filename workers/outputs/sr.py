@@ -33,18 +33,31 @@ Content tree (TID 1500):
     (DCM 112031) mean / minimum / maximum in ``[hnsf'U]``, computed on the
     label map (:mod:`workers.outputs.measurements`). Anatomy segments carry
     their structure as finding site.
-  - **Detection** -> two groups sharing one tracking UID:
+  - **Detection** -> two groups sharing one tracking UID, the planar one first:
     a planar ROI group (TID 1410) on the source image (and frame) of the slice
-    nearest the centre: an image-region SCOORD POLYLINE circle of the
-    detection's diameter around the projected centre (what OHIF draws), a
-    Long Axis measurement in mm and Certainty of Finding (DCM 111012, as CAD
-    SR uses it) in percent = score x 100; and a volumetric ROI group (TID 1411)
-    whose volume surface is a SCOORD3D ELLIPSOID in the frame of reference:
-    its three axes are the box extents along patient x, y, z through the
-    centre, so the centre is the common midpoint of the axes and the box is
-    the ellipsoid's bounding box (TID 1411 allows one volume surface per group
-    and highdicom forbids coordinates on ROI-group measurements, so an
-    ellipsoid is the one SCOORD3D that carries both).
+    nearest the centre: an image-region SCOORD POLYLINE, the closed square
+    (5 points) of the detection's diameter around the projected centre, and
+    a Comment (DCM 121106) TEXT labelling it "<finding>, <diameter> mm,
+    <score> %" (e.g. "Lung nodule, 12 mm, 85 %"); and a volumetric ROI group
+    (TID 1411) whose volume surface is a SCOORD3D ELLIPSOID in the frame of
+    reference - its three axes are the box extents along patient x, y, z
+    through the centre, so the centre is the common midpoint of the axes and
+    the box is the ellipsoid's bounding box (TID 1411 allows one volume
+    surface per group and highdicom forbids coordinates on ROI-group
+    measurements, so an ellipsoid is the one SCOORD3D that carries both) -
+    holding the measurements: Long Axis in mm and Certainty of Finding
+    (DCM 111012, as CAD SR uses it) in percent = score x 100.
+
+    Why this shape (checked in the real OHIF 3.13.2 viewer, see
+    ``tests/browser/test_ohif_results.py``): OHIF lists a finding in its
+    measurement panel only when (1) the first SCOORD of the groups sharing
+    its tracking UID is an Image Region POLYLINE of 4 or 5 points (its only
+    standard-content mapping besides a POINT; a 36-point circle is shown but
+    never listed) and (2) the planar group has no NUM, or its first NUM holds
+    the SCOORD as INFERRED FROM (not allowed in TID 1410 groups), because the
+    Cornerstone adapters look for the coordinates there; the panel's title is
+    the group's Comment. No vendor tracking identifier is needed: the Tracking
+    Identifier stays human-readable ("Lung nodule 1").
   - **Classification** -> one TID 1501 group (measurements and qualitative
     evaluations, no region: the answer is about the whole series): finding
     type = the question (the classes' shared category, e.g. SCT 27925004
@@ -86,6 +99,7 @@ from workers.outputs.common import (
     AI_ALGORITHM_FAMILY,
     SeriesIdentity,
     coded,
+    contributing_equipment,
     image_point,
     nearest_slice,
     source_image,
@@ -121,8 +135,8 @@ _HU = codes.UCUM.HounsfieldUnit
 _PROBABILITY = codes.DCM.Probability
 #: Absent, from CID 241 "Present-Absent Only".
 _ABSENT = codes.SCT.Absent
-#: Points on a detection's outline circle (the polyline repeats the first to close it).
-_OUTLINE_POINTS = 36
+#: Comment (DCM 121106): the text a viewer shows as a finding's title (OHIF's measurement panel).
+_COMMENT = hd.sr.CodedConcept(value="121106", scheme_designator="DCM", meaning="Comment")
 
 
 @dataclass(frozen=True, eq=False)
@@ -237,7 +251,8 @@ def build_sr(
         procedure_reported=coded(procedure if procedure is not None else procedure_reported(volume)),
         imaging_measurements=groups,
     )
-    sr = comprehensive_3d_sr(evidence, report, series, sop_instance_uid, replaces=replaces)
+    sr = comprehensive_3d_sr(evidence, report, series, sop_instance_uid, replaces=replaces,
+                             algorithms=[findings_set.algorithm for findings_set in findings])
     _add_image_library(sr, _image_library(volume))
     add_summary(sr, [group[0] for group in groups])  # each template's first item is its measurement group
     logger.debug("SR %s of series %s: %d measurement groups", sop_instance_uid, volume.series_instance_uid, len(groups))
@@ -245,9 +260,11 @@ def build_sr(
 
 
 def comprehensive_3d_sr(evidence: Sequence[Dataset], report: hd.sr.MeasurementReport, series: SeriesIdentity,
-                        sop_instance_uid: str, *, replaces: Sequence[Dataset] = ()) -> hd.sr.Comprehensive3DSR:
+                        sop_instance_uid: str, *, replaces: Sequence[Dataset] = (),
+                        algorithms: Sequence[AlgorithmInfo] = ()) -> hd.sr.Comprehensive3DSR:
     """A complete Comprehensive 3D SR document of ``report`` in ``series``, identified as our results are;
-    ``replaces``: the earlier reports it supersedes (Predecessor Documents Sequence)."""
+    ``replaces``: the earlier reports it supersedes (Predecessor Documents Sequence); ``algorithms``: the
+    models whose findings it reports (Contributing Equipment Sequence)."""
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report,
@@ -262,6 +279,7 @@ def comprehensive_3d_sr(evidence: Sequence[Dataset], report: hd.sr.MeasurementRe
         series_description=series.series_description,
         is_complete=True,
         previous_versions=list(replaces) or None,
+        contributing_equipment=contributing_equipment(algorithms, series) or None,
     )
 
 
@@ -549,15 +567,23 @@ def _segmentation_groups(volume: Volume, findings: SegmentationFindings, tracker
 # --- detection -----------------------------------------------------------------------------------------------
 
 
-def _outline(volume: Volume, column: float, row: float, diameter_mm: float) -> npt.NDArray[np.float64]:
-    """A closed polyline circle of ``diameter_mm`` around (column, row), in image coordinates (column, row)."""
-    angles = np.linspace(0.0, 2.0 * np.pi, _OUTLINE_POINTS, endpoint=False)
-    radius = diameter_mm / 2.0
-    points = np.stack(
-        [column + radius / volume.spacing_mm[2] * np.cos(angles), row + radius / volume.spacing_mm[1] * np.sin(angles)],
-        axis=1,
-    )
-    return np.vstack([points, points[:1]])
+def _square(volume: Volume, column: float, row: float, diameter_mm: float) -> npt.NDArray[np.float64]:
+    """The closed 5-point polyline of the square of side ``diameter_mm`` around (column, row), in image
+    coordinates (column, row): the shape OHIF rehydrates as a rectangle ROI (see the module docstring)."""
+    half_columns = diameter_mm / 2.0 / volume.spacing_mm[2]
+    half_rows = diameter_mm / 2.0 / volume.spacing_mm[1]
+    corners = [(-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0), (-1.0, -1.0)]
+    return np.asarray([(column + dc * half_columns, row + dr * half_rows) for dc, dr in corners], dtype=np.float64)
+
+
+def _detection_title(detection: Detection) -> str:
+    """What a reader sees as a detection's title: "<finding>, <diameter> mm, <score> %"."""
+    return f"{detection.label.name}, {detection.diameter_mm:.0f} mm, {detection.score * 100:.0f} %"
+
+
+def _comment(text: str) -> hd.sr.TextContentItem:
+    """A group-level Comment (DCM 121106) TEXT item."""
+    return hd.sr.TextContentItem(name=_COMMENT, value=text, relationship_type=_CONTAINS)
 
 
 def _ellipsoid(detection: Detection) -> npt.NDArray[np.float64]:
@@ -583,7 +609,8 @@ def _finding_context(tracking: _Tracking, label: SegmentLabel, algorithm: Algori
 
 
 def _detection_groups(volume: Volume, findings: DetectionFindings, tracker: FindingTracker) -> list[_Group]:
-    """Per detection a planar group (outline on its centre slice) and a volumetric group (ellipsoid box)."""
+    """Per detection a planar group (titled square on its centre slice) and a volumetric group (ellipsoid box,
+    long axis, certainty)."""
     groups: list[_Group] = []
     for number, detection in enumerate(findings.detections, start=1):
         label = detection.label
@@ -594,23 +621,18 @@ def _detection_groups(volume: Volume, findings: DetectionFindings, tracker: Find
         dataset, frame_number = source_image(volume, slice_index)
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-            graphic_data=_outline(volume, point.column, point.row, detection.diameter_mm),
+            graphic_data=_square(volume, point.column, point.row, detection.diameter_mm),
             source_image=hd.sr.SourceImageForRegion(
                 referenced_sop_class_uid=str(dataset.SOPClassUID),
                 referenced_sop_instance_uid=str(dataset.SOPInstanceUID),
                 referenced_frame_numbers=[frame_number] if frame_number is not None else None,
             ),
         )
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                referenced_region=region,
-                measurements=[
-                    hd.sr.Measurement(name=codes.SCT.LongAxis, value=detection.diameter_mm, unit=_MM),
-                    hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding, value=detection.score * 100.0, unit=_PERCENT),
-                ],
-                **_finding_context(tracking, label, findings.algorithm),
-            )
+        planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            referenced_region=region, **_finding_context(tracking, label, findings.algorithm)
         )
+        planar[0].ContentSequence.append(_comment(_detection_title(detection)))
+        groups.append(planar)
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 referenced_volume_surface=hd.sr.VolumeSurface(
@@ -619,6 +641,10 @@ def _detection_groups(volume: Volume, findings: DetectionFindings, tracker: Find
                     frame_of_reference_uid=volume.frame_of_reference_uid,
                     source_series=hd.sr.SourceSeriesForSegmentation(volume.series_instance_uid),
                 ),
+                measurements=[
+                    hd.sr.Measurement(name=codes.SCT.LongAxis, value=detection.diameter_mm, unit=_MM),
+                    hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding, value=detection.score * 100.0, unit=_PERCENT),
+                ],
                 **_finding_context(tracking, label, findings.algorithm),
             )
         )

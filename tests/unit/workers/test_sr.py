@@ -278,7 +278,8 @@ def test_detections_are_outlined_on_the_slice_through_their_centre_and_boxed_in_
     assert len(planar) == len(volumetric) == len(detections)
     assert report.get_image_measurement_groups() == []  # the nodule label was found: nothing reported absent
     for found, flat, solid in zip(detections, planar, volumetric, strict=True):
-        # 2-D: a closed circle around the centre projected onto the nearest source image (and frame).
+        # 2-D: a closed square of the diameter around the centre projected onto the nearest source image (and
+        # frame), titled in words, without measurements: the shape OHIF lists in its measurement panel.
         uid, frame, column, row = _nearest_image(source, found.centre_mm)
         region = flat.roi
         assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
@@ -289,13 +290,16 @@ def test_detections_are_outlined_on_the_slice_through_their_centre_and_boxed_in_
         else:
             assert [int(f) for f in np.atleast_1d(image.ReferencedFrameNumber)] == [frame]
         points = np.asarray(region.value, dtype=np.float64)
-        assert np.array_equal(points[0], points[-1])
+        assert points.shape == (5, 2) and np.array_equal(points[0], points[-1])
         centre = points[:-1].mean(axis=0)
         np.testing.assert_allclose(centre, [column, row], atol=1e-3)
         row_spacing, column_spacing = volume.spacing_mm[1], volume.spacing_mm[2]
-        radii_mm = np.hypot((points[:, 0] - centre[0]) * column_spacing, (points[:, 1] - centre[1]) * row_spacing)
-        np.testing.assert_allclose(radii_mm, found.diameter_mm / 2.0, rtol=1e-4)
-        measured = {m.name.meaning: (m.value, m.unit.value) for m in flat.get_measurements()}
+        half_sides_mm = np.abs(points[:-1] - centre) * [column_spacing, row_spacing]
+        np.testing.assert_allclose(half_sides_mm, found.diameter_mm / 2.0, rtol=1e-4)
+        assert len({tuple(p) for p in points[:-1]}) == 4  # four distinct corners
+        assert flat.get_measurements() == []
+        assert _text(flat, "121106") == f"{NODULE.name}, {found.diameter_mm:.0f} mm, {found.score * 100:.0f} %"
+        measured = {m.name.meaning: (m.value, m.unit.value) for m in solid.get_measurements()}
         assert measured == {
             "Long axis": (found.diameter_mm, "mm"),
             "Certainty of Finding": (pytest.approx(found.score * 100), "%"),
