@@ -140,6 +140,26 @@ def test_reprocess_supersedes_only_when_the_new_results_are_ready(engine: Engine
         {r.sop_instance_uid for r in jobs.results_of_job(sessions, first)})
 
 
+def test_a_rerun_gets_the_findings_its_predecessor_reported_for_their_tracking_uids(engine: Engine) -> None:
+    sessions = make_session_factory(engine)
+    study_id = study_with_series(sessions, 96)
+    [first] = jobs.record_routing(sessions, study_id, decision("seg"), now=T0, max_attempts=3)
+    tracking = [{"key": "segment:SCT:39607008:Left lung", "uid": "2.25.11"},
+                {"key": "detection:SCT:27925004:Nodule", "uid": "2.25.12", "centre_mm": [1.0, 2.0, 3.0]}]
+    assert jobs.claim_job(sessions, first, worker="w", now=T0, lease_seconds=60) is not None
+    assert jobs.finish_job(sessions, first, now=T0, stage_seconds={}, summary={"kind": "segmentation",
+                                                                                "tracking": tracking},
+                           results=[jobs.ResultSpec("SR", "1.2.840.10008.5.1.4.1.1.88.34", "2.25.13", "2.25.14", "p")],
+                           delivery_max_attempts=5) is not None
+    assert job_reruns.lineage(sessions, first).earlier_tracking == ()  # a first run has no history
+
+    [rerun] = job_reruns.reprocess(sessions, study_id, decision("seg").jobs, now=T0, max_attempts=3, by="alice")
+    assert rerun.job_id is not None
+    found = job_reruns.lineage(sessions, rerun.job_id)
+    assert (found.generation, found.replaced_reports, found.earlier_tracking) == (
+        2, (("1.2.840.10008.5.1.4.1.1.88.34", "2.25.13", "2.25.14"),), tuple(tracking))
+
+
 def test_reprocess_of_an_ignored_study_routes_it_and_a_failed_rerun_leaves_the_old_results_current(
         engine: Engine) -> None:
     sessions = make_session_factory(engine)
