@@ -52,6 +52,7 @@ from workers.outputs.gsps import LUNG_WINDOW, detection_text, outline_slices
 from workers.volume import Volume
 
 __all__ = ["DISCLAIMER", "PREVIEW_FACTS_NAME", "PREVIEW_NAME", "LegendEntry", "PreviewPicture", "display_window",
+           "grey_rgb", "legend_font", "outline_mask",
            "key_slice", "render_preview"]
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,7 @@ def render_preview(volume: Volume, result: Any, algorithm: AlgorithmInfo) -> Pre
         raise TypeError(f"model {algorithm.model_id} returned {type(result).__name__}, not a known result type")
     k = key_slice(volume, result)
     window = display_window(volume, k)
-    image = Image.fromarray(_grey_rgb(volume, k, window), "RGB")
+    image = Image.fromarray(grey_rgb(volume, k, window), "RGB")
     legend: list[LegendEntry] = []
     if isinstance(result, SegmentationResult):
         legend += _draw_segments(image, np.asarray(result.label_map[k]), result.labels)
@@ -232,7 +233,7 @@ def _is_multi(value: Any) -> bool:
     return not isinstance(value, (str, bytes)) and hasattr(value, "__len__")
 
 
-def _grey_rgb(volume: Volume, k: int, window: tuple[float, float]) -> npt.NDArray[np.uint8]:
+def grey_rgb(volume: Volume, k: int, window: tuple[float, float]) -> npt.NDArray[np.uint8]:
     """Slice ``k`` windowed to grey (MONOCHROME1 inverted), as RGB to draw on."""
     level, width = window
     grey = np.clip((volume.array[k] - (level - width / 2)) / width * 255.0, 0, 255).astype(np.uint8)
@@ -267,13 +268,14 @@ def _draw_segments(image: Image.Image, labels_on_slice: npt.NDArray[Any],
         filled = mask.mean() <= _OUTLINE_ONLY_FRACTION
         if filled:
             out[mask] = out[mask] * (1 - _FILL_ALPHA) + colour * _FILL_ALPHA
-        out[_outline(mask)] = colour
+        out[outline_mask(mask)] = colour
         legend.append(LegendEntry(label.name, label_rgb(label), "fill" if filled else "outline"))
     image.paste(Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), "RGB"))
     return sorted(legend, key=lambda entry: entry.name)
 
 
-def _outline(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+def outline_mask(mask: npt.NDArray[np.bool_]) -> npt.NDArray[np.bool_]:
+    """The pixels of ``mask`` with a 4-neighbour outside it: its one-pixel outline."""
     inner = mask.copy()
     inner[1:, :] &= mask[:-1, :]
     inner[:-1, :] &= mask[1:, :]
@@ -305,7 +307,7 @@ def _draw_detections(image: Image.Image, volume: Volume, k: int,
             draw.ellipse((column - rc, row - rr, column + rc, row + rr), outline=DETECTION_RGB, width=width)
             if large:
                 draw.text((column + rc + 3, row - rr), detection_text(detection), fill=DETECTION_RGB,
-                          font=_font(image.size[0]))
+                          font=legend_font(image.size[0]))
             drawn.append(detection)
     legend = [LegendEntry(detection_text(d), DETECTION_RGB, "circle") for d in drawn[:_MAX_LEGEND_DETECTIONS]]
     if len(drawn) > _MAX_LEGEND_DETECTIONS:
@@ -326,14 +328,14 @@ def _draw_classification(image: Image.Image, result: ClassificationResult, k: in
         mask = explanation[k] >= _EXPLANATION_LEVEL * peak if peak > 0 else np.zeros(explanation.shape[1:], bool)
         if mask.any():
             rgb = np.asarray(image).copy()
-            rgb[_outline(mask)] = _EXPLANATION_RGB
+            rgb[outline_mask(mask)] = _EXPLANATION_RGB
             image.paste(Image.fromarray(rgb, "RGB"))
             method = result.explanation_method or "explanation"
             legend.append(LegendEntry(f"where it looked ({method}, >= {_EXPLANATION_LEVEL:.0%} of its peak)",
                                       _EXPLANATION_RGB, "outline"))
     text = f"{result.winner.name}: {result.winner_probability:.0%}"
     draw = ImageDraw.Draw(image)
-    font = _font(image.size[0])
+    font = legend_font(image.size[0])
     left, top, right, bottom = draw.textbbox((3, 3), text, font=font)
     draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=_BAND_RGB)
     draw.text((3, 3), text, fill=label_rgb(result.winner), font=font)
@@ -341,9 +343,9 @@ def _draw_classification(image: Image.Image, result: ClassificationResult, k: in
     return legend
 
 
-def _font(width: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's own font (no font file needed), about 12 px, larger on large images."""
-    size = max(12, round(width / 42))
+def legend_font(width: int, smallest: int = 12) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's own font (no font file needed), ``smallest`` px or more on large images (width / 42)."""
+    size = max(smallest, round(width / 42))
     try:
         return ImageFont.load_default(size=size)
     except (OSError, TypeError):  # a Pillow without FreeType: its bitmap font
@@ -352,7 +354,7 @@ def _font(width: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 
 def _with_legend(image: Image.Image, header: str, legend: list[LegendEntry]) -> Image.Image:
     """``image`` at the top left, a dark band below with the header, one line per legend entry and the disclaimer."""
-    font = _font(image.size[0])
+    font = legend_font(image.size[0])
     probe = ImageDraw.Draw(image)
     line = int(math.ceil(max(probe.textbbox((0, 0), "Ag", font=font)[3], 10) * 1.4))
     swatch = line - 6
