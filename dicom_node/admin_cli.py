@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import config_repo, job_views, jobs
+from dicom_node.destinations import ALL_OUTPUTS, DEFAULT_OUTPUTS
 from dicom_node.db.session import DatabaseNotReady, open_sessions
 from dicom_node.settings import Settings
 
@@ -542,8 +543,9 @@ def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None
     add.add_argument("--host", required=True)
     add.add_argument("--port", type=int, required=True)
     add.add_argument("--default", action="store_true", help="receives the results of default rules")
-    add.add_argument("--outputs", default="SEG,SR,GSPS",
-                     help="objects it receives, any of SEG,SR,GSPS,PMAP,SC (default SEG,SR,GSPS)")
+    add.add_argument("--outputs", default=",".join(sorted(DEFAULT_OUTPUTS)),
+                     help=f"objects it receives, any of {','.join(sorted(ALL_OUTPUTS))} "
+                          f"(default {','.join(sorted(DEFAULT_OUTPUTS))})")
     add.add_argument("--not-performed", choices=("none", "sr"), default="none",
                      help="when a model declines a study or its result is held: send nothing (none, the default) "
                           "or an 'AI analysis not performed' SR with the reason (sr)")

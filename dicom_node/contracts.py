@@ -16,6 +16,7 @@ from typing import Literal, Protocol, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "UID_PATTERN",
     "AlgorithmInfo",
     "require_unique_names",
     "CodedConcept",
@@ -25,8 +26,12 @@ __all__ = [
 ]
 
 #: The DICOM result objects a pipeline can produce and a destination can receive: PMAP (Parametric Map)
-#: and SC (colour Secondary Capture overlays) carry a classifier's explanation map.
-OutputKind = Literal["SEG", "SR", "GSPS", "PMAP", "SC"]
+#: and SC (colour Secondary Capture overlays) carry a classifier's explanation map; KO (Key Object Selection)
+#: flags the source images with findings.
+OutputKind = Literal["SEG", "SR", "GSPS", "PMAP", "SC", "KO"]
+
+#: A DICOM UID: dot-separated numbers without leading zeros (64 characters at most, checked per field).
+UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
 
 class _Frozen(BaseModel):
@@ -59,11 +64,21 @@ class SegmentLabel(_Frozen):
 
 
 class AlgorithmInfo(_Frozen):
-    """The model that produced a result, as named in SEG/SR/GSPS (algorithm name and version)."""
+    """The model that produced a result, as named in SEG/SR/GSPS (algorithm name and version).
+
+    ``device_uid`` and ``manufacturer`` identify the model as equipment (the Contributing Equipment
+    Sequence of every result object); the worker takes them from the model registry
+    (:meth:`dicom_node.model_catalog.ModelCatalog.identify`). None: not known (the item then carries
+    no Device UID, and the node's manufacturer).
+    """
 
     name: str = Field(min_length=1, max_length=64)
     version: str = Field(min_length=1, max_length=64)
     model_id: str = Field(min_length=1, description="Registry id of the model (config/models.yaml).")
+    device_uid: str | None = Field(default=None, max_length=64, pattern=UID_PATTERN,
+                                   description="Device UID of this model version (from the model registry).")
+    manufacturer: str | None = Field(default=None, min_length=1, max_length=64,
+                                     description="Who made the model (registry entry); None: the node's.")
 
 
 class Detection(_Frozen):

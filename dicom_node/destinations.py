@@ -48,12 +48,13 @@ __all__ = [
 ]
 
 #: Every result kind a destination can ask for (the form's choices).
-ALL_OUTPUTS: frozenset[OutputKind] = frozenset({"SEG", "SR", "GSPS", "PMAP", "SC"})
-#: What a destination receives when its ``outputs`` say nothing: SEG, SR and GSPS. A classifier's explanation
-#: map (PMAP: Parametric Map, SC: colour Secondary Capture overlays) must be asked for: many PACS do not accept
-#: the Parametric Map SOP class (the association would refuse it and the delivery fail), and colour overlay
-#: images are a series a reading list shows; destinations set up before they existed keep receiving what they did.
-DEFAULT_OUTPUTS: frozenset[OutputKind] = frozenset({"SEG", "SR", "GSPS"})
+ALL_OUTPUTS: frozenset[OutputKind] = frozenset({"SEG", "SR", "GSPS", "PMAP", "SC", "KO"})
+#: What a destination receives when its ``outputs`` say nothing: SEG, SR, GSPS and KO (the Key Object Selection
+#: of the images with findings: a SOP class PACS store and show as "key images", also where SEG and SR are not
+#: shown). A classifier's explanation map (PMAP: Parametric Map, SC: colour Secondary Capture overlays) must be
+#: asked for: many PACS do not accept the Parametric Map SOP class (the association would refuse it and the
+#: delivery fail), and colour overlay images are a series a reading list shows.
+DEFAULT_OUTPUTS: frozenset[OutputKind] = frozenset({"SEG", "SR", "GSPS", "KO"})
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]+$")  # DNS name, IPv4, IPv6 (with zone id)

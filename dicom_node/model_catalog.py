@@ -16,6 +16,8 @@ Registry file format (see ``config/models.yaml``)::
         path: package://workers/bundles/chest_ct_segmentation
         version: "0.1.0"                   # must match the bundle metadata's version
         name: Chest CT segmentation        # optional: algorithm name in SEG/SR (default: metadata name)
+        manufacturer: Example Hospital AI  # optional: who made the model (default: the node's manufacturer)
+        device_uid: "1.2.3.4.5"            # optional: the model version's Device UID (default: from its weights)
         labels:                            # optional for bundles with a dicom_node section
           - {value: 1, name: spleen, bundle_value: 1,
              code: {value: "78961009", scheme: SCT, meaning: Spleen},
@@ -55,7 +57,7 @@ from pydantic import (
     model_validator,
 )
 
-from dicom_node.contracts import AlgorithmInfo, CodedConcept, SegmentLabel
+from dicom_node.contracts import UID_PATTERN, AlgorithmInfo, CodedConcept, SegmentLabel
 from dicom_node.model_domain import InputDomain, NumberRange
 from dicom_node.palette import label_colour
 from dicom_node.plausibility_rules import PlausibilityRules
@@ -77,6 +79,7 @@ __all__ = [
     "bundle_version",
     "declared_modality",
     "demo_entries",
+    "derived_device_uid",
     "label_mapping",
     "metadata_labels",
     "output_channel_def",
@@ -93,7 +96,7 @@ ModelKind = Literal["segmentation", "detection", "classification"]
 #: nnunet: an nnU-Net v2 trained-model folder (dataset.json, plans.json, fold_*/checkpoint_*.pth).
 ModelFormat = Literal["monai_bundle", "torchscript", "onnx", "nnunet"]
 #: Series number of each kind of result, added to a model's base number (see ModelCatalog.result_series).
-RESULT_SERIES_OFFSETS = {"SEG": 1, "SR": 2, "GSPS": 3, "PMAP": 4, "SC": 5, "NOTICE": 9}
+RESULT_SERIES_OFFSETS = {"SEG": 1, "SR": 2, "GSPS": 3, "PMAP": 4, "SC": 5, "KO": 8, "NOTICE": 9}
 #: Prefix of paths inside an installed Python package.
 PACKAGE_SCHEME = "package://"
 
@@ -213,6 +216,13 @@ def algorithm_info(meta: Mapping[str, Any], bundle_dir: Path, model_id: str | No
     )
 
 
+def derived_device_uid(model_id: str, version: str) -> str:
+    """A Device UID made from a model's registry id and version: the same version always gets the same UID."""
+    from pydicom.uid import generate_uid
+
+    return str(generate_uid(entropy_srcs=["dicom-ai-node model", model_id, version]))
+
+
 def declared_modality(meta: Mapping[str, Any]) -> str | None:
     """The input modality the bundle declares (dicom_node section first, then network_data_format)."""
     node_modality = ((meta.get("dicom_node") or {}).get("input") or {}).get("modality")
@@ -307,6 +317,11 @@ class ModelEntry(BaseModel):
     path: str = Field(min_length=1)
     version: str = Field(min_length=1, max_length=64)
     name: str | None = Field(default=None, min_length=1, max_length=64)
+    #: Who made the model (Manufacturer of the results' Contributing Equipment item); None: the node's.
+    manufacturer: str | None = Field(default=None, min_length=1, max_length=64)
+    #: Device UID of this model version in every result's Contributing Equipment; None: derived from the weights
+    #: (:meth:`ModelCatalog.device_uid`). Give a new one with every new version.
+    device_uid: str | None = Field(default=None, max_length=64, pattern=UID_PATTERN)
     labels: tuple[BundleLabel, ...] | None = None
     overrides: dict[str, Any] = Field(default_factory=dict)
     preprocessing: TorchScriptPreprocessing | None = None
@@ -532,17 +547,39 @@ class ModelCatalog:
         self.entry(model_id)
         return self._paths[model_id]
 
-    def device_uid(self, model_id: str) -> str:
-        """The Device UID of ``model_id``'s weights: derived from their SHA-256, so the same weights give the
-        same UID and new weights a new one. The hash is cached per file path, mtime and size.
+    def device_uid(self, model_id: str, *, derive: bool = False) -> str:
+        """The Device UID of ``model_id``: its entry's ``device_uid`` when given, else derived from the SHA-256 of
+        its weights, so the same weights give the same UID and new weights a new one (the hash is cached per file
+        path, mtime and size).
 
-        Raises :class:`dicom_node.model_files.ModelFilesError` naming a missing weight file.
+        Raises :class:`dicom_node.model_files.ModelFilesError` naming a missing weight file, unless ``derive``:
+        then a model without readable weight files gets :func:`derived_device_uid` of its id and version (the
+        same version, the same UID).
         """
-        from dicom_node.model_files import cached_weights_digest, device_uid_for_digest, weight_files
+        from dicom_node.model_files import ModelFilesError, cached_weights_digest, device_uid_for_digest, weight_files
 
         entry = self.entry(model_id)
+        if entry.device_uid is not None:
+            return entry.device_uid
         path = self._paths[model_id]
-        return device_uid_for_digest(cached_weights_digest(weight_files(path, entry.format, entry), path))
+        try:
+            return device_uid_for_digest(cached_weights_digest(weight_files(path, entry.format, entry), path))
+        except (ModelFilesError, OSError) as exc:
+            if not derive:
+                raise
+            logger.warning("%s: model %r: Device UID from its id and version, not its weights: %s",
+                           self.source, model_id, exc)
+            return derived_device_uid(entry.id, entry.version)
+
+    def identify(self, model_id: str, loaded: AlgorithmInfo | None = None) -> AlgorithmInfo:
+        """``model_id`` as the equipment that made a result: ``loaded`` (what the loaded model calls itself;
+        default: the entry's name, else title, else id, and version) with the registry's Device UID
+        (:meth:`device_uid`, derived from id and version when the weights cannot be read) and manufacturer."""
+        entry = self.entry(model_id)
+        algorithm = loaded or AlgorithmInfo(name=(entry.name or entry.title or entry.id)[:64], version=entry.version,
+                                            model_id=entry.id)
+        return algorithm.model_copy(update={"device_uid": self.device_uid(model_id, derive=True),
+                                            "manufacturer": entry.manufacturer or algorithm.manufacturer})
 
     def input_domain(self, model_id: str) -> InputDomain:
         """What ``model_id`` was made for: its entry's ``input_domain``, else its bundle's
@@ -618,17 +655,17 @@ class ModelCatalog:
             return {}
 
     def result_series(self, model_id: str, kind: str) -> tuple[int, str]:
-        """Series number and description of ``model_id``'s results of ``kind`` (SEG, SR, GSPS, PMAP, SC, NOTICE).
+        """Series number and description of ``model_id``'s results of ``kind`` (SEG, SR, GSPS, PMAP, SC, KO, NOTICE).
 
         Each model has its own block of ten series numbers (``series_number`` in its entry, else
         9000 + 10 x its position in the registry, from 1): SEG +1, SR +2, GSPS +3, the explanation
-        map's Parametric Map +4 and colour overlay Secondary Captures +5, the "AI analysis
-        not performed" SR +9. The description names the model, the object and the version, for example
+        map's Parametric Map +4 and colour overlay Secondary Captures +5, the Key Object Selection
+        of the key images +8, the "AI analysis not performed" SR +9. The description names the model, the object and the version, for example
         "AI lung nodules - SR (lung-nodule-detection 0.1.0)", so two models' SRs never look alike.
         """
         entry = self.entry(model_id)
         base = entry.series_number if entry.series_number is not None else 9000 + 10 * (self.ids.index(model_id) + 1)
-        what = "not performed" if kind == "NOTICE" else kind
+        what = {"NOTICE": "not performed", "KO": "key images"}.get(kind, kind)
         tail = f" - {what} ({entry.id} {entry.version})"
         title = entry.title or f"AI {entry.name or entry.id}"
         description = (title[: max(8, 64 - len(tail))] + tail)[:64]

@@ -38,8 +38,8 @@ NO_REGION_WARNING = "no body region declared - runs on any region of its modalit
 #: The result objects each kind of model gives (workers.pipeline.encode_results), and the
 #: "AI analysis not performed" SR (NOTICE) any model gives on a series it was not made for.
 RESULT_KINDS: dict[str, tuple[str, ...]] = {
-    "segmentation": ("SEG", "SR", "NOTICE"),
-    "detection": ("SR", "GSPS", "NOTICE"),
+    "segmentation": ("SEG", "SR", "KO", "NOTICE"),
+    "detection": ("SR", "GSPS", "KO", "NOTICE"),
     "classification": ("SR", "PMAP", "SC", "NOTICE"),
 }
 
@@ -47,7 +47,8 @@ RESULT_KINDS: dict[str, tuple[str, ...]] = {
 class ResultSeries(BaseModel):
     """One series a model's results arrive in at the destinations."""
 
-    kind: str = Field(description="SEG, SR, GSPS, PMAP, SC, or NOTICE (the 'AI analysis not performed' SR)")
+    kind: str = Field(description="SEG, SR, GSPS, PMAP, SC, KO (the key images), or NOTICE (the 'AI analysis not "
+                                  "performed' SR)")
     series_number: int
     description: str = Field(description="the Series Description the objects carry")
 

@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.contracts import AlgorithmInfo
 from dicom_node.db.job_scheduling import CachedVolume
 from dicom_node.model_domain import InputDomain, SynonymTable
 from dicom_node.plausibility_rules import PlausibilityRules
@@ -49,6 +50,8 @@ class ModelProvider(Protocol):
     def plausibility(self, model_id: str) -> PlausibilityRules | None: ...
 
     def result_series(self, model_id: str, kind: str) -> tuple[int, str]: ...
+
+    def identify(self, model_id: str, loaded: AlgorithmInfo | None = None) -> AlgorithmInfo: ...
 
 
 def _utc_now() -> datetime:

@@ -123,7 +123,9 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
                    lineage: job_reruns.Lineage = job_reruns.Lineage(1, ()),
                    tracker: FindingTracker | None = None) -> ResultObjects:
     """The DICOM objects for one model result: SEG + SR for segmentations, SR + GSPS for detections,
-    SR + PMAP + SC (the explanation map) for classifications.
+    SR + PMAP + SC (the explanation map) for classifications; and a KO (Key Object Selection) of the source
+    images with findings, when there are any. Every object names the model, with the registry's Device UID,
+    as contributing equipment.
 
     An empty result still gives an SR that says nothing was found. ``lineage``: for a re-run of the
     model on the series, its generation (in the series descriptions), the reports its SR replaces and the
@@ -135,8 +137,8 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
     from workers.outputs.sr import DetectionFindings, SegmentationFindings, build_sr
 
     objects: ResultObjects = []
-    algorithm = model.algorithm
-    model_id = algorithm.model_id
+    model_id = model.algorithm.model_id
+    algorithm = ctx.models.identify(model_id, model.algorithm)  # with the registry's Device UID
     replaces = _replaced_reports(volume, lineage)
     if tracker is None:
         tracker = FindingTracker(tracked_findings(lineage.earlier_tracking))
@@ -168,6 +170,11 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
                                                                  identity("SC")))
     else:
         raise TypeError(f"model {algorithm.model_id} returned {type(result).__name__}, not a known result type")
+    from workers.outputs.key_images import build_key_object_selection
+
+    key_images = build_key_object_selection(volume, result, algorithm, identity("KO"))
+    if key_images is not None:
+        objects.append(("KO", key_images))
     return objects
 
 
@@ -238,9 +245,9 @@ def _notice_destinations(ctx: WorkerContext, names: list[str]) -> list[str]:
 
 
 def _algorithm(ctx: WorkerContext, model_id: str) -> AlgorithmInfo:
-    """Who declined, for the notice, without loading the network: the registry entry's id, name and version."""
-    entry = ctx.models.entry(model_id)
-    return AlgorithmInfo(name=(entry.name or entry.title or entry.id)[:64], version=entry.version, model_id=entry.id)
+    """Who declined, for the notice, without loading the network: the registry entry's id, name, version and
+    Device UID."""
+    return ctx.models.identify(model_id)
 
 
 def _job_folder(job_id: int) -> str:

@@ -1,8 +1,9 @@
-"""What every DICOM result builder (SEG, SR, GSPS) shares: identity, algorithm, source images, pixel coordinates.
+"""What every DICOM result builder (SEG, SR, GSPS, ...) shares: identity, algorithm, source images, pixel coordinates.
 
 Why: the builders must agree on how a result series is numbered and named (from
 configuration, never random), how the algorithm is identified (CID 7162
-"Artificial Intelligence" family, name, version), which source image and frame a
+"Artificial Intelligence" family, name, version; and as equipment, in the
+Contributing Equipment Sequence every object carries), which source image and frame a
 volume slice came from, and where a patient-space point falls on an image in
 DICOM image coordinates. Each of those is written once, here.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import highdicom as hd
@@ -27,11 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from dicom_node.contracts import AlgorithmInfo, CodedConcept
+from dicom_node.contracts import UID_PATTERN, AlgorithmInfo, CodedConcept
 from workers.volume import Volume
 
 __all__ = [
+    "PROCESSING_EQUIPMENT",
     "content_identity",
+    "contributing_equipment",
     "AI_ALGORITHM_FAMILY",
     "ImagePoint",
     "SeriesIdentity",
@@ -48,7 +52,8 @@ __all__ = [
 #: Algorithm family of every model this node runs: (123110, DCM, "Artificial Intelligence"), CID 7162.
 AI_ALGORITHM_FAMILY = codes.cid7162.ArtificialIntelligence
 
-_UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
+#: Purpose of reference of the model's Contributing Equipment item: (109102, DCM, "Processing Equipment"), CID 7005.
+PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment
 _NOT_CODE_STRING = re.compile(r"[^A-Z0-9 _]")
 
 
@@ -81,8 +86,8 @@ class SeriesIdentity(BaseModel):
     manufacturer_model_name: str = Field(default="dicom-ai-node", min_length=1, max_length=64)
     software_versions: str = Field(default_factory=_node_version, min_length=1, max_length=64)
     device_serial_number: str = Field(default="0", min_length=1, max_length=64)
-    series_instance_uid: str | None = Field(default=None, max_length=64, pattern=_UID_PATTERN)
-    sop_instance_uid: str | None = Field(default=None, max_length=64, pattern=_UID_PATTERN)
+    series_instance_uid: str | None = Field(default=None, max_length=64, pattern=UID_PATTERN)
+    sop_instance_uid: str | None = Field(default=None, max_length=64, pattern=UID_PATTERN)
 
     def series_uid(self) -> hd.UID:
         """The configured Series Instance UID, or a new one (call once per built object)."""
@@ -106,6 +111,37 @@ def algorithm_identification(algorithm: AlgorithmInfo) -> hd.AlgorithmIdentifica
         version=algorithm.version,
         parameters={"model_id": algorithm.model_id},
     )
+
+
+def contributing_equipment(algorithms: AlgorithmInfo | Sequence[AlgorithmInfo],
+                           series: SeriesIdentity) -> list[hd.ContributingEquipment]:
+    """Contributing Equipment Sequence items (SOP Common, 0018,A001): each model that made the object, once.
+
+    Why: IHE AI Results asks every result object to identify the algorithm that made it as
+    equipment, so that a reader (or an audit) can tell which model version produced it without
+    parsing the SR. The object's General Equipment module names this node (the software that
+    wrote the object); each item here names a model: purpose of reference "Processing
+    Equipment" (CID 7005), the model's manufacturer (else the node's), its name as the
+    manufacturer's model name, its version as the software version, and its Device UID from
+    the model registry (left out when not known).
+    """
+    items: list[hd.ContributingEquipment] = []
+    seen: set[tuple[str, str]] = set()
+    for algorithm in [algorithms] if isinstance(algorithms, AlgorithmInfo) else algorithms:
+        if (algorithm.model_id, algorithm.version) in seen:
+            continue
+        seen.add((algorithm.model_id, algorithm.version))
+        item = hd.ContributingEquipment(
+            manufacturer=algorithm.manufacturer or series.manufacturer,
+            purpose_of_reference=PROCESSING_EQUIPMENT,
+            manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.version,
+            contribution_description=f"AI model {algorithm.model_id} {algorithm.version}"[:1024],
+        )
+        if algorithm.device_uid is not None:
+            item.DeviceUID = algorithm.device_uid
+        items.append(item)
+    return items
 
 
 def code_string(text: str, max_length: int = 16) -> str:
@@ -216,7 +252,8 @@ def image_point(volume: Volume, slice_index: int, point_mm: tuple[float, float, 
 
 
 def content_identity(series: SeriesIdentity, algorithm: AlgorithmInfo) -> dict[str, Any]:
-    """The series, instance, equipment and content-label arguments highdicom's SEG and GSPS constructors share."""
+    """The series, instance, equipment and content-label arguments highdicom's SEG and GSPS constructors share
+    (the model as contributing equipment included)."""
     return {
         "series_instance_uid": series.series_uid(),
         "series_number": series.series_number,
@@ -226,6 +263,7 @@ def content_identity(series: SeriesIdentity, algorithm: AlgorithmInfo) -> dict[s
         "manufacturer_model_name": series.manufacturer_model_name,
         "software_versions": series.software_versions,
         "device_serial_number": series.device_serial_number,
+        "contributing_equipment": contributing_equipment(algorithm, series),
         "series_description": series.series_description,
         "content_label": code_string(algorithm.name),
         "content_description": f"{algorithm.name} {algorithm.version}"[:64],

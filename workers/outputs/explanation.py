@@ -35,6 +35,7 @@ from workers.models.base import ClassificationResult
 from workers.outputs.common import (
     SeriesIdentity,
     code_string,
+    contributing_equipment,
     copy_body_part,
     slice_sources,
 )
@@ -118,6 +119,7 @@ def build_parametric_map(volume: Volume, result: ClassificationResult, algorithm
         manufacturer_model_name=series.manufacturer_model_name,
         software_versions=series.software_versions,
         device_serial_number=series.device_serial_number,
+        contributing_equipment=contributing_equipment(algorithm, series),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
@@ -197,6 +199,7 @@ def build_overlay_sc(volume: Volume, result: ClassificationResult, algorithm: Al
     sources = slice_sources(volume)
     series_uid = series.series_uid()
     base = str(hd.UID())
+    equipment = contributing_equipment(algorithm, series)
     images = []
     for number, k in enumerate(overlay_slices(values), start=1):
         dataset, frame_number = sources[k]
@@ -216,6 +219,7 @@ def build_overlay_sc(volume: Volume, result: ClassificationResult, algorithm: Al
             series_description=series.series_description,
             manufacturer_model_name=series.manufacturer_model_name,
             software_versions=series.software_versions,
+            contributing_equipment=equipment,
         )
         sc.BurnedInAnnotation = "YES"
         sc.ImageComments = (f"{algorithm.name} {algorithm.version}: {_method(result)} of '{result.winner.name}' "

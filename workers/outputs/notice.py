@@ -78,7 +78,7 @@ def build_not_performed_sr(
         imaging_measurements=[group],
         title=codes.DCM.ImagingMeasurementReport,
     )
-    sr = comprehensive_3d_sr(list(volume.datasets), report, series, sop_instance_uid)
+    sr = comprehensive_3d_sr(list(volume.datasets), report, series, sop_instance_uid, algorithms=[algorithm])
     scheme = Dataset()
     scheme.CodingSchemeDesignator = SCHEME
     scheme.CodingSchemeName = "DICOM AI node: reasons AI analysis was not performed"

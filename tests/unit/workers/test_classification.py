@@ -293,7 +293,7 @@ def test_classification_outputs_validate_and_reference_the_source(classifier, tm
 
 def test_new_output_kinds_are_asked_for_and_numbered() -> None:
     plain = DicomDestination(name="pacs", ae_title="PACS", host="pacs.example", port=104)
-    assert plain.outputs == {"SEG", "SR", "GSPS"} and not plain.accepts("PMAP")
+    assert plain.outputs == {"SEG", "SR", "GSPS", "KO"} and not plain.accepts("PMAP")
     asking = DicomDestination(name="viewer", ae_title="V", host="v.example", port=104, outputs=frozenset({"SR", "SC"}))
     assert asking.accepts("SC") and not asking.accepts("PMAP")
     entry = ModelEntry(id="nodule-presence", kind="classification", format="monai_bundle", path="x", version="1",
