@@ -26,19 +26,12 @@ import logging
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
 
 from dicom_node.contracts import AlgorithmInfo
 from workers.models.base import ClassificationResult
-from workers.outputs.common import (
-    SeriesIdentity,
-    code_string,
-    contributing_equipment,
-    copy_body_part,
-    slice_sources,
-)
+from workers.outputs.common import SeriesIdentity, code_string, contributing_equipment, copy_body_part
+from workers.outputs.secondary_capture import instance_uid, slice_capture
 from workers.volume import Volume
 
 __all__ = ["MAX_OVERLAY_SLICES", "OVERLAY_SLICE_THRESHOLD", "build_overlay_sc", "build_parametric_map",
@@ -184,11 +177,6 @@ def overlay_rgb(hu: npt.NDArray[np.float32], values: npt.NDArray[np.float32]) ->
     return rgb
 
 
-def _instance_uid(series: SeriesIdentity, base: str, number: int) -> str:
-    """SOP Instance UID of overlay image ``number``: derived from the configured one (reproducible) or ``base``."""
-    return str(generate_uid(entropy_srcs=[str(series.sop_instance_uid or base), "overlay", str(number)]))
-
-
 def build_overlay_sc(volume: Volume, result: ClassificationResult, algorithm: AlgorithmInfo,
                      series: SeriesIdentity) -> list[hd.sc.SCImage]:
     """The explanation map burned into colour Secondary Captures of the slices where it matters (module docstring).
@@ -196,53 +184,18 @@ def build_overlay_sc(volume: Volume, result: ClassificationResult, algorithm: Al
     One series (``series``); instance numbers 1.. in slice order. Empty when the map is all zero.
     """
     values = _explanation(result, volume)
-    sources = slice_sources(volume)
     series_uid = series.series_uid()
     base = str(hd.UID())
     equipment = contributing_equipment(algorithm, series)
     images = []
     for number, k in enumerate(overlay_slices(values), start=1):
-        dataset, frame_number = sources[k]
-        sc = hd.sc.SCImage.from_ref_dataset(
-            ref_dataset=dataset,
-            pixel_array=overlay_rgb(volume.array[k], values[k]),
-            photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
-            bits_allocated=8,
-            coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=series_uid,
-            series_number=series.series_number,
-            sop_instance_uid=_instance_uid(series, base, number),
-            instance_number=number,
-            manufacturer=series.manufacturer,
-            pixel_spacing=(float(volume.spacing_mm[1]), float(volume.spacing_mm[2])),
-            patient_orientation=_patient_orientation(volume),
-            series_description=series.series_description,
-            manufacturer_model_name=series.manufacturer_model_name,
-            software_versions=series.software_versions,
-            contributing_equipment=equipment,
-        )
-        sc.BurnedInAnnotation = "YES"
-        sc.ImageComments = (f"{algorithm.name} {algorithm.version}: {_method(result)} of '{result.winner.name}' "
-                            f"({result.winner_probability:.0%}); NOT FOR DIAGNOSIS")[:10240]
-        sc.DerivationDescription = f"{_method(result)} map over the source slice, lung window"[:1024]
-        reference = Dataset()
-        reference.ReferencedSOPClassUID = dataset.SOPClassUID
-        reference.ReferencedSOPInstanceUID = dataset.SOPInstanceUID
-        if frame_number is not None:
-            reference.ReferencedFrameNumber = frame_number
-        sc.SourceImageSequence = [reference]
-        copy_body_part(sc, dataset)
-        images.append(sc)
+        images.append(slice_capture(
+            volume, k, overlay_rgb(volume.array[k], values[k]), series, series_uid=str(series_uid),
+            sop_instance_uid=instance_uid(series, base, number), number=number,
+            description=series.series_description,
+            comments=f"{algorithm.name} {algorithm.version}: {_method(result)} of '{result.winner.name}' "
+                     f"({result.winner_probability:.0%}); NOT FOR DIAGNOSIS",
+            derivation=f"{_method(result)} map over the source slice, lung window", equipment=equipment))
     logger.debug("%d overlay images of series %s", len(images), volume.series_instance_uid)
     return images
 
-
-def _patient_orientation(volume: Volume) -> tuple[str, str]:
-    """Patient Orientation (row direction, column direction) letters of the slices, e.g. ("L", "P") for axial."""
-    letters = (("L", "R"), ("P", "A"), ("H", "F"))
-
-    def letter(direction: npt.NDArray[np.float64]) -> str:
-        axis = int(np.argmax(np.abs(direction)))
-        return letters[axis][0] if direction[axis] > 0 else letters[axis][1]
-
-    return letter(volume.axes[2]), letter(volume.axes[1])
