@@ -121,7 +121,7 @@ def _replaced_reports(volume: Volume, lineage: job_reruns.Lineage) -> list[Datas
 
 def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any,
                    lineage: job_reruns.Lineage = job_reruns.Lineage(1, ()),
-                   tracker: FindingTracker | None = None) -> ResultObjects:
+                   tracker: FindingTracker | None = None, *, overlays: bool = False) -> ResultObjects:
     """The DICOM objects for one model result: SEG + SR for segmentations, SR + GSPS for detections,
     SR + PMAP + SC (the explanation map) for classifications; and a KO (Key Object Selection) of the source
     images with findings, when there are any. Every object names the model, with the registry's Device UID,
@@ -130,7 +130,9 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
     An empty result still gives an SR that says nothing was found. ``lineage``: for a re-run of the
     model on the series, its generation (in the series descriptions), the reports its SR replaces and the
     findings they stated, whose tracking UIDs the same findings keep. ``tracker`` (default: one started from
-    ``lineage``) records the findings the SR states (the job keeps them in its summary).
+    ``lineage``) records the findings the SR states (the job keeps them in its summary). ``overlays``: also
+    burn a segmentation's or detection's key slices into an "AI overlay" Secondary Capture series (SC), which
+    only destinations naming SC receive: built only when one of the job's destinations does (a few MB per job).
     """
     from workers.outputs.gsps import build_gsps
     from workers.outputs.seg import build_seg
@@ -152,12 +154,21 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
             objects.append(("SEG", seg))
         objects.append(("SR", build_sr(volume, [SegmentationFindings(algorithm, result, seg)], identity("SR"),
                                        replaces=replaces, tracker=tracker)))
+        if overlays:
+            from workers.outputs.overlay import build_segmentation_overlay
+
+            objects.extend(("SC", sc) for sc in build_segmentation_overlay(volume, result, algorithm, identity("SC")))
     elif isinstance(result, DetectionResult):
         findings = DetectionFindings(algorithm, result.detections, model.labels)
         objects.append(("SR", build_sr(volume, [findings], identity("SR"), replaces=replaces, tracker=tracker)))
         gsps = build_gsps(volume, result.detections, algorithm, identity("GSPS"))
         if gsps is not None:
             objects.append(("GSPS", gsps))
+        if overlays:
+            from workers.outputs.overlay import build_detection_overlay
+
+            objects.extend(("SC", sc) for sc in build_detection_overlay(volume, result.detections, algorithm,
+                                                                        identity("SC")))
     elif isinstance(result, ClassificationResult):
         from workers.outputs.explanation import build_overlay_sc, build_parametric_map
         from workers.outputs.sr import ClassificationFindings
@@ -238,6 +249,11 @@ def run_job(ctx: WorkerContext, job_id: int) -> str | None:
         ctx.job_slots.release()
 
 
+def _overlay_wanted(ctx: WorkerContext, names: list[str]) -> bool:
+    """Whether one of the destinations ``names`` receives the burned-in overlay series (outputs name SC)."""
+    return any(d.accepts("SC") for d in config_repo.list_destinations(ctx.sessions) if d.name in names)
+
+
 def _notice_destinations(ctx: WorkerContext, names: list[str]) -> list[str]:
     """Which of ``names`` asked for the "AI analysis not performed" SR (``not_performed: sr``)."""
     wanting = {d.name for d in config_repo.list_destinations(ctx.sessions) if d.not_performed == "sr"}
@@ -305,6 +321,7 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
     reason_code, reason = None, None
     try:
         with _lease_kept(ctx, job_id):
+            destinations = config_repo.resolve_destination_names(ctx.sessions, claim.destinations)
             with stages.stage("load"):
                 files = ctx.store.series_files(claim.series_instance_uid, study_instance_uid=claim.study_instance_uid)
                 volume = ctx.volumes.load(claim.series_instance_uid, files)
@@ -334,11 +351,11 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
                 with stages.stage("encoding"):
                     lineage = job_reruns.lineage(ctx.sessions, job_id)
                     tracker = FindingTracker(tracked_findings(lineage.earlier_tracking))
-                    objects = encode_results(ctx, model, volume, result, lineage, tracker)
+                    objects = encode_results(ctx, model, volume, result, lineage, tracker,
+                                             overlays=_overlay_wanted(ctx, destinations))
                     preview = _render_preview(volume, result, model)
                 summary = _summary(result, volume)
                 summary["tracking"] = [finding.as_record() for finding in tracker.records]
-            destinations = config_repo.resolve_destination_names(ctx.sessions, claim.destinations)
             noticed = _notice_destinations(ctx, destinations) if reason_code is not None else []
             if noticed:
                 assert reason_code is not None and reason is not None

@@ -37,7 +37,7 @@ from scipy import ndimage
 from dicom_node.contracts import AlgorithmInfo, Detection, SegmentLabel
 from dicom_node.palette import LOW_CONFIDENCE_RGB
 from workers.models.base import SegmentationResult
-from workers.outputs.common import SeriesIdentity
+from workers.outputs.common import SeriesIdentity, contributing_equipment
 from workers.outputs.confidence import LOW_CONFIDENCE_TEXT, is_low_confidence, outlined
 from workers.outputs.gsps import detection_text, outline_slices
 from workers.outputs.preview import display_window, grey_rgb, is_lesion, legend_font, outline_mask
@@ -172,9 +172,9 @@ def detection_rgb(volume: Volume, k: int, detections: Sequence[Detection],
 
 
 def _series_of_images(volume: Volume, slices: list[int], rgb_of: dict[int, npt.NDArray[np.uint8]],
-                      algorithm: AlgorithmInfo, series: SeriesIdentity, what: str,
-                      equipment: Sequence[hd.ContributingEquipment] | None) -> list[hd.sc.SCImage]:
+                      algorithm: AlgorithmInfo, series: SeriesIdentity, what: str) -> list[hd.sc.SCImage]:
     series_uid, base = str(series.series_uid()), str(hd.UID())
+    equipment = contributing_equipment(algorithm, series)  # the model that made it, as on every result
     images = [slice_capture(volume, k, rgb_of[k], series, series_uid=series_uid,
                             sop_instance_uid=instance_uid(series, base, number), number=number,
                             description=overlay_description(series.series_description),
@@ -186,23 +186,21 @@ def _series_of_images(volume: Volume, slices: list[int], rgb_of: dict[int, npt.N
 
 
 def build_segmentation_overlay(volume: Volume, result: SegmentationResult, algorithm: AlgorithmInfo,
-                               series: SeriesIdentity, *,
-                               equipment: Sequence[hd.ContributingEquipment] | None = None) -> list[hd.sc.SCImage]:
+                               series: SeriesIdentity) -> list[hd.sc.SCImage]:
     """The overlay series of a segmentation (module docstring); empty when nothing was segmented."""
     if result.label_map.shape != volume.shape:
         raise ValueError(f"label map shape {result.label_map.shape} differs from series "
                          f"{volume.series_instance_uid}'s {volume.shape}")
     slices = segmentation_key_slices(result.label_map, result.labels)
     rgb_of = {k: segmentation_rgb(volume, k, np.asarray(result.label_map[k]), result.labels) for k in slices}
-    return _series_of_images(volume, slices, rgb_of, algorithm, series, "segment outlines", equipment)
+    return _series_of_images(volume, slices, rgb_of, algorithm, series, "segment outlines")
 
 
 def build_detection_overlay(volume: Volume, detections: Sequence[Detection], algorithm: AlgorithmInfo,
                             series: SeriesIdentity, *, threshold: float | None = None,
-                            outline_low_confidence: bool = False,
-                            equipment: Sequence[hd.ContributingEquipment] | None = None) -> list[hd.sc.SCImage]:
+                            outline_low_confidence: bool = False) -> list[hd.sc.SCImage]:
     """The overlay series of a detection result (module docstring); empty when no detection is outlined."""
     shown = outlined(detections, threshold, outline_low_confidence)
     slices = detection_key_slices(volume, shown)
     rgb_of = {k: detection_rgb(volume, k, shown, threshold) for k in slices}
-    return _series_of_images(volume, slices, rgb_of, algorithm, series, "detection outlines", equipment)
+    return _series_of_images(volume, slices, rgb_of, algorithm, series, "detection outlines")
