@@ -14,12 +14,29 @@ command -v openssl >/dev/null 2>&1 || need+=(openssl)
 # Headless Chromium and its driver for the browser tests of the admin web UI.
 [ -x /usr/bin/chromium ] || need+=(chromium)
 [ -x /usr/bin/chromedriver ] || need+=(chromium-driver)
+# npm, to fetch the real OHIF viewer below.
+OHIF_VERSION=3.13.2
+OHIF_DIR="/opt/ohif-${OHIF_VERSION}"
+[ -e "$OHIF_DIR/dist/index.html" ] || command -v npm >/dev/null 2>&1 || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing ${need[*]}"
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# The real OHIF v3 viewer for tests/browser/test_ohif_results.py: the built viewer (dist/) of the npm package
+# @ohif/app at a pinned version (npm install cannot resolve its dependencies; the packed tarball holds the build).
+if [ ! -e "$OHIF_DIR/dist/index.html" ]; then
+  echo "installing OHIF ${OHIF_VERSION} into ${OHIF_DIR}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  pack="$(mktemp -d)"
+  (cd "$pack" && npm pack --silent "@ohif/app@${OHIF_VERSION}" >/dev/null)
+  $SUDO mkdir -p "$OHIF_DIR"
+  $SUDO tar -xzf "$pack/ohif-app-${OHIF_VERSION}.tgz" -C "$OHIF_DIR" --strip-components=1 package/dist
+  rm -rf "$pack"
 fi
 
 if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then

@@ -7,7 +7,7 @@ forwards those results back to the node, which must keep them and never run a jo
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,14 +27,16 @@ end
 
 @contextmanager
 def pacs_routing_to_node(work: Path, label: str, *, destination: Mapping[str, Any] | None = None,
-                         overrides: Mapping[str, Any] | None = None) -> Iterator[tuple[Orthanc, NodeProcess]]:
+                         overrides: Mapping[str, Any] | None = None,
+                         plugins: Iterable[str] = ()) -> Iterator[tuple[Orthanc, NodeProcess]]:
     """Orthanc auto-routing to a node (embedded worker) whose default destination is that Orthanc.
 
     ``destination``: extra fields of the ``pacs`` destination (e.g. ``not_performed``);
-    ``overrides``: more node settings (dotted keys, as :class:`peers.NodeProcess` takes them).
+    ``overrides``: more node settings (dotted keys, as :class:`peers.NodeProcess` takes them);
+    ``plugins``: Orthanc plugins to load (e.g. ``libOrthancDicomWeb.so``, for a viewer).
     """
     orthanc = Orthanc(work / "orthanc", aet="PACS", lua_scripts={"forward.lua": FORWARD_STABLE_STUDIES},
-                      extra_config={"StableAge": 2}, label=f"orthanc-{label}")
+                      plugins=plugins, extra_config={"StableAge": 2}, label=f"orthanc-{label}")
     orthanc.start()
     node: NodeProcess | None = None
     try:

@@ -298,7 +298,7 @@ def test_detections_are_outlined_on_the_slice_through_their_centre_and_boxed_in_
         np.testing.assert_allclose(half_sides_mm, found.diameter_mm / 2.0, rtol=1e-4)
         assert len({tuple(p) for p in points[:-1]}) == 4  # four distinct corners
         assert flat.get_measurements() == []
-        assert _text(flat, "121106") == f"{NODULE.name}, {found.diameter_mm:.0f} mm, {found.score * 100:.0f} %"
+        assert _text(flat, "121106") == f"{NODULE.name.capitalize()}, {found.diameter_mm:.0f} mm, {found.score * 100:.0f} %"
         measured = {m.name.meaning: (m.value, m.unit.value) for m in solid.get_measurements()}
         assert measured == {
             "Long axis": (found.diameter_mm, "mm"),
