@@ -84,6 +84,10 @@ class _DestinationBase(_Definition):
         default="none",
         description="When a model declined a study (not made for it) or its result was held: none sends nothing; "
                     "sr sends a short SR 'AI analysis not performed' with the coded reason and the model.")
+    outline_low_confidence: bool = Field(
+        default=False,
+        description="Outline in the GSPS and the overlay series (SC) also the findings under their model's display "
+                    "threshold, in grey and named 'low confidence' (the SR reports them either way).")
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("name")

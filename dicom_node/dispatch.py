@@ -4,7 +4,9 @@ Why: delivery is separate from inference (queue ``io``) so a destination that is
 down for minutes costs only retries, never a re-run of the model: the objects wait
 in the outbox, the delivery row carries attempts, the last error and when to try
 next (exponential backoff), and after ``max_attempts`` it is ``dead`` until an admin
-retries it. Each destination receives only the kinds of objects it asked for.
+retries it. Each destination receives only the kinds of objects it asked for, a job's
+low-confidence variants (``GSPS+LOW``) as its ``outline_low_confidence`` says now
+(:mod:`dicom_node.result_variants`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db import config_repo, jobs
 from dicom_node.delivery_types import DeliveryError, SendReport
 from dicom_node.destinations import DicomDestination, DicomWebDestination
+from dicom_node.result_variants import select_results
 from dicom_node.settings import DeliverySettings
 from dicom_node.work_in_flight import WorkInFlight
 
@@ -63,8 +66,9 @@ class Dispatcher:
             return self._fail(claim.delivery_id, f"destination {claim.destination!r} no longer exists",
                               retryable=False)
         kinds = set(destination.outputs) if claim.kinds is None else set(claim.kinds)
-        wanted = [r for r in jobs.results_of_job(self.sessions, claim.job_id)
-                  if r.kind in kinds and (r.kind in destination.outputs or r.kind == jobs.NOTICE_KIND)]
+        kinds &= set(destination.outputs) | {jobs.NOTICE_KIND}
+        wanted = select_results(jobs.results_of_job(self.sessions, claim.job_id), kinds,
+                                destination.outline_low_confidence)
         if not wanted:
             jobs.finish_delivery(self.sessions, delivery_id, now=self.clock(), objects_sent=0)
             logger.info("delivery %d to %s: nothing of kinds %s to send", delivery_id, destination.name,

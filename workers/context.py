@@ -53,6 +53,8 @@ class ModelProvider(Protocol):
 
     def identify(self, model_id: str, loaded: AlgorithmInfo | None = None) -> AlgorithmInfo: ...
 
+    def display_threshold(self, model_id: str) -> float | None: ...
+
 
 def _utc_now() -> datetime:
     return datetime.now(timezone.utc)

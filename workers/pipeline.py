@@ -31,8 +31,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -42,6 +43,7 @@ from dicom_node.contracts import AlgorithmInfo
 from dicom_node.db import config_repo, job_reruns, job_scheduling, jobs
 from dicom_node.db.models import JobState
 from dicom_node.model_domain import Applicability
+from dicom_node.result_variants import LOW_VARIANT_SUFFIX
 from dicom_node.study_store import SeriesNotFound
 from dicom_node.work_in_flight import StopRequested
 from workers.applicability import check_applicability
@@ -49,6 +51,7 @@ from workers.context import WorkerContext
 from workers.models.base import ClassificationResult, DetectionResult, Model, SegmentationResult
 from workers.models.registry import UnknownModel
 from workers.outputs.common import SeriesIdentity
+from workers.outputs.confidence import is_low_confidence, split_by_confidence
 from workers.outputs.preview import PreviewPicture, render_preview
 from workers.outputs.tracking import FindingTracker, tracked_findings
 from workers.plausibility import check_plausibility
@@ -121,7 +124,8 @@ def _replaced_reports(volume: Volume, lineage: job_reruns.Lineage) -> list[Datas
 
 def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any,
                    lineage: job_reruns.Lineage = job_reruns.Lineage(1, ()),
-                   tracker: FindingTracker | None = None, *, overlays: bool = False) -> ResultObjects:
+                   tracker: FindingTracker | None = None, *, overlays: bool = False,
+                   low_variants: frozenset[str] = frozenset()) -> ResultObjects:
     """The DICOM objects for one model result: SEG + SR for segmentations, SR + GSPS for detections,
     SR + PMAP + SC (the explanation map) for classifications; and a KO (Key Object Selection) of the source
     images with findings, when there are any. Every object names the model, with the registry's Device UID,
@@ -133,8 +137,12 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
     ``lineage``) records the findings the SR states (the job keeps them in its summary). ``overlays``: also
     burn a segmentation's or detection's key slices into an "AI overlay" Secondary Capture series (SC), which
     only destinations naming SC receive: built only when one of the job's destinations does (a few MB per job).
+
+    A detection model's display threshold (registry ``display_threshold``) keeps its low-confidence findings
+    out of the GSPS, the SC and the KO (the SR reports them, marked); ``low_variants`` names the kinds ("GSPS",
+    "SC") for which a variant with them outlined too is built (kind "GSPS+LOW", "SC+LOW"; only when there are
+    such findings), for the destinations that ask (:mod:`dicom_node.result_variants`).
     """
-    from workers.outputs.gsps import build_gsps
     from workers.outputs.seg import build_seg
     from workers.outputs.sr import DetectionFindings, SegmentationFindings, build_sr
 
@@ -159,16 +167,11 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
 
             objects.extend(("SC", sc) for sc in build_segmentation_overlay(volume, result, algorithm, identity("SC")))
     elif isinstance(result, DetectionResult):
-        findings = DetectionFindings(algorithm, result.detections, model.labels)
+        threshold = ctx.models.display_threshold(model_id)
+        findings = DetectionFindings(algorithm, result.detections, model.labels, display_threshold=threshold)
         objects.append(("SR", build_sr(volume, [findings], identity("SR"), replaces=replaces, tracker=tracker)))
-        gsps = build_gsps(volume, result.detections, algorithm, identity("GSPS"))
-        if gsps is not None:
-            objects.append(("GSPS", gsps))
-        if overlays:
-            from workers.outputs.overlay import build_detection_overlay
-
-            objects.extend(("SC", sc) for sc in build_detection_overlay(volume, result.detections, algorithm,
-                                                                        identity("SC")))
+        objects.extend(_detection_marks(volume, result, algorithm, identity, threshold, overlays, low_variants))
+        result = DetectionResult(split_by_confidence(result.detections, threshold)[0])  # the KO's key images
     elif isinstance(result, ClassificationResult):
         from workers.outputs.explanation import build_overlay_sc, build_parametric_map
         from workers.outputs.sr import ClassificationFindings
@@ -189,7 +192,31 @@ def encode_results(ctx: WorkerContext, model: Model, volume: Volume, result: Any
     return objects
 
 
-def _summary(result: Any, volume: Volume) -> dict[str, Any]:
+def _detection_marks(volume: Volume, result: DetectionResult, algorithm: AlgorithmInfo,
+                     identity: Callable[[str], SeriesIdentity], threshold: float | None, overlays: bool,
+                     low_variants: frozenset[str]) -> ResultObjects:
+    """A detection's GSPS (and SC when ``overlays``) without its low-confidence findings, and the variants
+    with them (``GSPS+LOW``, ``SC+LOW``) of the kinds in ``low_variants`` when there are such findings."""
+    from workers.outputs.gsps import build_gsps
+    from workers.outputs.overlay import build_detection_overlay
+
+    objects: ResultObjects = []
+    any_low = bool(split_by_confidence(result.detections, threshold)[1])
+    for outline_low in (False, True) if any_low else (False,):
+        suffix = LOW_VARIANT_SUFFIX if outline_low else ""
+        if not outline_low or "GSPS" in low_variants:
+            gsps = build_gsps(volume, result.detections, algorithm, identity("GSPS"), threshold=threshold,
+                              outline_low_confidence=outline_low)
+            if gsps is not None:
+                objects.append(("GSPS" + suffix, gsps))
+        if overlays and (not outline_low or "SC" in low_variants):
+            objects.extend(("SC" + suffix, sc) for sc in build_detection_overlay(
+                volume, result.detections, algorithm, identity("SC"), threshold=threshold,
+                outline_low_confidence=outline_low))
+    return objects
+
+
+def _summary(result: Any, volume: Volume, threshold: float | None = None) -> dict[str, Any]:
     if isinstance(result, SegmentationResult):
         # Voxel counts only (one pass): the SR already carries the full measurements.
         from workers.outputs.measurements import label_counts, voxel_volume_ml
@@ -204,9 +231,10 @@ def _summary(result: Any, volume: Volume) -> dict[str, Any]:
     return {
         "kind": "detection",
         "findings": len(result.detections),
+        "display_threshold": threshold,
         "detections": [
             {"centre_mm": [round(v, 1) for v in d.centre_mm], "diameter_mm": round(d.diameter_mm, 1),
-             "score": round(d.score, 3)}
+             "score": round(d.score, 3), "low_confidence": is_low_confidence(d, threshold)}
             for d in result.detections
         ],
     }
@@ -249,9 +277,21 @@ def run_job(ctx: WorkerContext, job_id: int) -> str | None:
         ctx.job_slots.release()
 
 
-def _overlay_wanted(ctx: WorkerContext, names: list[str]) -> bool:
-    """Whether one of the destinations ``names`` receives the burned-in overlay series (outputs name SC)."""
-    return any(d.accepts("SC") for d in config_repo.list_destinations(ctx.sessions) if d.name in names)
+@dataclass(frozen=True)
+class _Wanted:
+    """What the job's destinations ask for beyond the default objects."""
+
+    overlays: bool  # one names SC: build the burned-in overlay series
+    low_variants: frozenset[str]  # the kinds (GSPS, SC) one that outlines low-confidence findings receives
+
+
+def _outputs_wanted(ctx: WorkerContext, names: list[str]) -> _Wanted:
+    """Whether one of the destinations ``names`` receives the burned-in overlay series (outputs name SC), and
+    of which kinds a low-confidence variant is wanted (a destination with ``outline_low_confidence``)."""
+    chosen = [d for d in config_repo.list_destinations(ctx.sessions) if d.name in names]
+    return _Wanted(overlays=any(d.accepts("SC") for d in chosen),
+                   low_variants=frozenset(kind for d in chosen if d.outline_low_confidence
+                                          for kind in ("GSPS", "SC") if d.accepts(kind)))
 
 
 def _notice_destinations(ctx: WorkerContext, names: list[str]) -> list[str]:
@@ -282,10 +322,10 @@ def _write_objects(ctx: WorkerContext, job_id: int, objects: ResultObjects) -> l
     return specs
 
 
-def _render_preview(volume: Volume, result: Any, model: Model) -> PreviewPicture | str:
+def _render_preview(volume: Volume, result: Any, model: Model, threshold: float | None) -> PreviewPicture | str:
     """The job's preview picture, or why none could be drawn (a preview is not worth failing the job for)."""
     try:
-        return render_preview(volume, result, model.algorithm)
+        return render_preview(volume, result, model.algorithm, threshold=threshold)
     except Exception as exc:  # a drawing bug must cost the picture only
         logger.warning("no preview of series %s by %s: %s: %s", volume.series_instance_uid,
                        model.algorithm.model_id, type(exc).__name__, exc, exc_info=True)
@@ -351,10 +391,13 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
                 with stages.stage("encoding"):
                     lineage = job_reruns.lineage(ctx.sessions, job_id)
                     tracker = FindingTracker(tracked_findings(lineage.earlier_tracking))
+                    wanted = _outputs_wanted(ctx, destinations)
+                    threshold = ctx.models.display_threshold(model_id) if isinstance(result, DetectionResult) \
+                        else None
                     objects = encode_results(ctx, model, volume, result, lineage, tracker,
-                                             overlays=_overlay_wanted(ctx, destinations))
-                    preview = _render_preview(volume, result, model)
-                summary = _summary(result, volume)
+                                             overlays=wanted.overlays, low_variants=wanted.low_variants)
+                    preview = _render_preview(volume, result, model, threshold)
+                summary = _summary(result, volume, threshold)
                 summary["tracking"] = [finding.as_record() for finding in tracker.records]
             noticed = _notice_destinations(ctx, destinations) if reason_code is not None else []
             if noticed:

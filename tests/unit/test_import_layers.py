@@ -182,6 +182,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "shared": (
         "dicom_node/__init__.py", "dicom_node/contracts.py", "dicom_node/settings.py", "dicom_node/config_lookup.py",
         "dicom_node/db/**/*.py", "dicom_node/routing.py", "dicom_node/destinations.py", "dicom_node/delivery_types.py",
+        "dicom_node/result_variants.py",
         "dicom_node/model_catalog.py", "dicom_node/model_domain.py", "dicom_node/model_declarations.py",
         "dicom_node/model_files.py", "dicom_node/model_register.py", "dicom_node/plausibility_rules.py",
         "dicom_node/spool.py", "dicom_node/study_store.py", "dicom_node/queue.py", "dicom_node/work_in_flight.py",

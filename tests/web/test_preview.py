@@ -38,7 +38,8 @@ from workers.pipeline import run_job
 from workers.volume import load_series
 
 DETECTOR, SEGMENTER, STRICT = "lung-nodule-detection", "threshold-seg", "threshold-seg-strict"
-YELLOW = (255, 255, 0)
+#: The nodule's colour (the palette's orange, value 5), in the preview as in the SEG, GSPS and overlay series.
+NODULE_RGB = (230, 159, 0)
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +109,14 @@ def test_the_worker_draws_each_jobs_preview_and_the_study_shows_the_detection(
     assert answer.headers["x-preview-slice"] == f"{int(round(k)) + 1}/{volume.shape[0]}"
     assert answer.headers["x-preview-overlay"] == "yes"
     slice_rgb = rgb[:rows, :columns]
-    yellow = np.all(slice_rgb == YELLOW, axis=-1)
-    ys, xs = np.nonzero(yellow)
+    circled = np.all(slice_rgb == NODULE_RGB, axis=-1)
+    ys, xs = np.nonzero(circled)
     near = np.hypot(ys - row, xs - column) < largest["diameter_mm"] / 2 / volume.spacing_mm[1] + 3
-    assert near.sum() > 12, "a yellow circle around the largest detection"
-    assert not yellow[int(round(row)), int(round(column))], "an outline, not a disc"
+    assert near.sum() > 12, "a circle in the nodule's colour around the largest detection"
+    assert not circled[int(round(row)), int(round(column))], "an outline, not a disc"
     legend = rgb[rows:]
     assert legend.shape[0] > 40 and (legend.max(axis=-1) > 150).sum() > 300, "legend text under the slice"
-    assert np.all(legend == YELLOW, axis=-1).any(), "the finding's circle in the legend"
+    assert np.all(legend == NODULE_RGB, axis=-1).any(), "the finding's circle in the legend"
     r, g, b = (slice_rgb[..., i].astype(int) for i in range(3))
     grey = (r == g) & (g == b)
     assert grey.mean() > 0.95 and slice_rgb[grey].std() > 20, "the CT itself, greyscale, in a window showing it"

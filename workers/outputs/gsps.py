@@ -14,8 +14,12 @@ Circles are closed POLYLINEs (32 segments) in PIXEL units: viewers support
 POLYLINE more widely than ELLIPSE, and with non-square pixels a circle is not
 a circle in pixel units anyway. Coordinates follow PS3.3 C.10.5.1.2 (see
 :mod:`workers.outputs.common`); points falling outside the image are clamped
-to its border. All graphics go in one graphic layer named after the algorithm,
-one graphic group per detection. The presentation state references every image
+to its border. Each label's graphics go in a graphic layer named after it, in the
+label's colour (the one palette, :mod:`dicom_node.palette`: the SEG's, the overlay
+series' and the preview's); one graphic group per detection. Detections under the
+model's display threshold (:mod:`workers.outputs.confidence`) are left out unless
+``outline_low_confidence``; then they go in a layer of their own, "LOW CONFIDENCE",
+in :data:`~dicom_node.palette.LOW_CONFIDENCE_RGB`, their text saying so. The presentation state references every image
 of the series (so a viewer applies it, and its window, to the whole series)
 and sets a lung window unless told otherwise.
 
@@ -37,6 +41,7 @@ import numpy.typing as npt
 from pydicom.dataset import Dataset
 
 from dicom_node.contracts import AlgorithmInfo, Detection
+from dicom_node.palette import LOW_CONFIDENCE_RGB
 from workers.outputs.common import (
     ImagePoint,
     SeriesIdentity,
@@ -47,16 +52,17 @@ from workers.outputs.common import (
     nearest_slice,
     slice_sources,
 )
+from workers.outputs.confidence import LOW_CONFIDENCE_TEXT, is_low_confidence, outlined
 from workers.volume import Volume
 
-__all__ = ["LUNG_WINDOW", "VoiWindow", "build_gsps", "detection_text", "outline_slices"]
+__all__ = ["LOW_CONFIDENCE_LAYER", "LUNG_WINDOW", "VoiWindow", "build_gsps", "detection_text", "outline_slices"]
 
 logger = logging.getLogger(__name__)
 
 #: Segments of the closed polyline that approximates a circle.
 _CIRCLE_SEGMENTS = 32
-#: Colour of the algorithm's graphic layer (yellow, the usual CAD mark colour).
-_LAYER_RGB = (255, 255, 0)
+#: Name of the graphic layer of low-confidence detections (when they are outlined at all).
+LOW_CONFIDENCE_LAYER = "LOW CONFIDENCE"
 
 
 class VoiWindow(NamedTuple):
@@ -141,20 +147,51 @@ def _text_box(
     return (left, box_top, left + width, min(box_top + height, float(rows)))
 
 
+#: (slice index, layer name) -> the objects drawn there.
+_Drawn = dict[tuple[int, str], list[hd.pr.GraphicObject]]
+_Written = dict[tuple[int, str], list[hd.pr.TextObject]]
+
+
+def _layers(detections: Sequence[Detection], threshold: float | None,
+            algorithm: AlgorithmInfo) -> tuple[dict[int, str], list[hd.pr.GraphicLayer]]:
+    """The layer name of each detection (by position) and the layers: one per label in its colour, labels in
+    value order, and the low-confidence layer last (drawn on top)."""
+    names: dict[int, str] = {}
+    layers: dict[str, hd.pr.GraphicLayer] = {}
+    by_value = sorted(enumerate(detections), key=lambda item: (is_low_confidence(item[1], threshold),
+                                                              item[1].label.value))
+    for index, detection in by_value:
+        low = is_low_confidence(detection, threshold)
+        name = LOW_CONFIDENCE_LAYER if low else code_string(detection.label.name)
+        if name not in layers:
+            what = f"{LOW_CONFIDENCE_TEXT}: under the display threshold" if low else detection.label.name
+            layers[name] = hd.pr.GraphicLayer(
+                layer_name=name, order=len(layers) + 1,
+                description=f"{what} - {algorithm.name} {algorithm.version}"[:64],
+                display_color=hd.color.CIELabColor.from_rgb(*(LOW_CONFIDENCE_RGB if low
+                                                                else detection.label.color_rgb)))
+        names[index] = name
+    return names, list(layers.values())
+
+
 def _annotation_objects(
-    volume: Volume, detections: Sequence[Detection], rows: int, columns: int
-) -> tuple[list[hd.pr.GraphicGroup], dict[int, list[hd.pr.GraphicObject]], dict[int, list[hd.pr.TextObject]]]:
-    """Graphic groups (one per detection) and the graphic/text objects per slice index."""
+    volume: Volume, detections: Sequence[Detection], layer_of: dict[int, str], threshold: float | None,
+    rows: int, columns: int
+) -> tuple[list[hd.pr.GraphicGroup], _Drawn, _Written]:
+    """Graphic groups (one per detection) and the graphic/text objects per slice index and layer."""
     groups: list[hd.pr.GraphicGroup] = []
-    graphics: dict[int, list[hd.pr.GraphicObject]] = defaultdict(list)
-    texts: dict[int, list[hd.pr.TextObject]] = defaultdict(list)
+    graphics: _Drawn = defaultdict(list)
+    texts: _Written = defaultdict(list)
     for number, detection in enumerate(detections, start=1):
+        layer = layer_of[number - 1]
         text = detection_text(detection)
+        if is_low_confidence(detection, threshold):
+            text += f", {LOW_CONFIDENCE_TEXT}"
         group = hd.pr.GraphicGroup(graphic_group_id=number, label=f"{detection.label.name} {number}"[:64], description=text)
         groups.append(group)
         outlines = outline_slices(volume, detection)
         for outline in outlines:
-            graphics[outline.point.slice_index].append(
+            graphics[(outline.point.slice_index, layer)].append(
                 hd.pr.GraphicObject(
                     graphic_type=hd.pr.GraphicTypeValues.POLYLINE,
                     graphic_data=_circle(volume, outline, rows, columns),
@@ -166,7 +203,7 @@ def _annotation_objects(
         radius_rows = centre.radius_mm / volume.spacing_mm[1]
         column = min(max(centre.point.column, 0.0), float(columns))
         top = min(max(centre.point.row - radius_rows, 0.0), float(rows))
-        texts[centre.point.slice_index].append(
+        texts[(centre.point.slice_index, layer)].append(
             hd.pr.TextObject(
                 text_value=text,
                 units=hd.pr.AnnotationUnitsValues.PIXEL,
@@ -186,37 +223,39 @@ def build_gsps(
     series: SeriesIdentity,
     *,
     window: VoiWindow | None = LUNG_WINDOW,
+    threshold: float | None = None,
+    outline_low_confidence: bool = False,
 ) -> hd.pr.GrayscaleSoftcopyPresentationState | None:
-    """A GSPS outlining ``detections`` on ``volume``'s source images, or None when there are none.
+    """A GSPS outlining ``detections`` on ``volume``'s source images, or None when none is outlined.
+
+    ``threshold``: the model's display threshold; detections under it are outlined only with
+    ``outline_low_confidence``, and then in the low-confidence layer (module docstring).
 
     ``window`` is the VOI window the presentation state applies (default: lung
     window); None keeps the source images' own window. Patient and study
     attributes are copied from the source images by highdicom. Raises
     ValueError when a detection's centre lies outside the volume.
     """
+    detections = outlined(detections, threshold, outline_low_confidence)
     if not detections:
-        logger.info("detection by %s %s found nothing; no GSPS built", algorithm.name, algorithm.version)
+        logger.info("detection by %s %s outlines nothing; no GSPS built", algorithm.name, algorithm.version)
         return None
     sources = slice_sources(volume)
     first: Dataset = sources[0][0]
     rows, columns = int(first.Rows), int(first.Columns)
-    layer = hd.pr.GraphicLayer(
-        layer_name=code_string(algorithm.name),
-        order=1,
-        description=f"{algorithm.name} {algorithm.version}"[:64],
-        display_color=hd.color.CIELabColor.from_rgb(*_LAYER_RGB),
-    )
-    groups, graphics, texts = _annotation_objects(volume, detections, rows, columns)
+    layer_of, layers = _layers(detections, threshold, algorithm)
+    by_name = {str(layer.GraphicLayer): layer for layer in layers}
+    groups, graphics, texts = _annotation_objects(volume, detections, layer_of, threshold, rows, columns)
     annotations = []
-    for slice_index in sorted(set(graphics) | set(texts)):
+    for slice_index, name in sorted(set(graphics) | set(texts), key=lambda key: (key[0], by_name[key[1]].GraphicLayerOrder)):
         dataset, frame_number = sources[slice_index]
         annotations.append(
             hd.pr.GraphicAnnotation(
                 referenced_images=[dataset],
-                graphic_layer=layer,
+                graphic_layer=by_name[name],
                 referenced_frame_number=frame_number,
-                graphic_objects=graphics.get(slice_index) or None,
-                text_objects=texts.get(slice_index) or None,
+                graphic_objects=graphics.get((slice_index, name)) or None,
+                text_objects=texts.get((slice_index, name)) or None,
             )
         )
     referenced = list({str(ds.SOPInstanceUID): ds for ds, _ in sources}.values())
@@ -232,7 +271,7 @@ def build_gsps(
         referenced_images=referenced,
         **content_identity(series, algorithm),
         graphic_annotations=annotations,
-        graphic_layers=[layer],
+        graphic_layers=layers,
         graphic_groups=groups,
         voi_lut_transformations=voi,
     )

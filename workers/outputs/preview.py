@@ -26,8 +26,11 @@ their own window or the 1st..99th percentile of the slice; MONOCHROME1 is invert
 Colours: segments in their label's colour, the one the SEG gives as recommended
 display colour (a grey one, which would not stand out, gets a distinct colour),
 translucent with a solid outline; a segment covering more than half of the slice
-(the body, say) only as its outline. Detections are yellow circles as in the GSPS
-(the section through the sphere of their diameter). A classification's class and
+(the body, say) only as its outline. Detections are circles as in the GSPS (the
+section through the sphere of their diameter), in their label's colour (the one palette,
+:mod:`dicom_node.palette`). The picture shows what a destination sees by default: a
+detection under the model's display threshold (:mod:`workers.outputs.confidence`) is not
+drawn, and the legend lists it, grey, as "low confidence, not outlined". A classification's class and
 probability are written on the slice, with the outline of where its explanation
 map reaches half its peak.
 """
@@ -47,7 +50,9 @@ import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
 from dicom_node.contracts import AlgorithmInfo, Detection, SegmentLabel
+from dicom_node.palette import LOW_CONFIDENCE_RGB, label_colour
 from workers.models.base import ClassificationResult, DetectionResult, SegmentationResult
+from workers.outputs.confidence import LOW_CONFIDENCE_TEXT, split_by_confidence
 from workers.outputs.gsps import LUNG_WINDOW, detection_text, outline_slices
 from workers.volume import Volume
 
@@ -68,14 +73,9 @@ _CHEST_WORDS = re.compile(r"chest|lung|thora|thx|pulmo", re.IGNORECASE)
 _LESION_WORDS = re.compile(r"nodul|lesion|tumou?r|mass|neoplas|metasta|cancer|carcinom", re.IGNORECASE)
 _FILL_ALPHA = 0.4
 _OUTLINE_ONLY_FRACTION = 0.5
-#: Detections: the GSPS's colour (yellow, the usual CAD mark colour).
-DETECTION_RGB = (255, 255, 0)
 #: Outline of where a classifier's explanation reaches this fraction of its peak.
 _EXPLANATION_LEVEL = 0.5
 _EXPLANATION_RGB = (255, 128, 0)
-#: Colours for labels whose colour is a grey (distinct, none of them grey).
-_PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-            (240, 50, 230), (210, 245, 60))
 _BAND_RGB = (20, 20, 20)
 _TEXT_RGB = (235, 235, 235)
 _DISCLAIMER_RGB = (255, 190, 0)
@@ -126,8 +126,10 @@ class PreviewPicture:
                 "facts": (PREVIEW_FACTS_NAME, json.dumps(self.facts(), indent=1).encode())}
 
 
-def render_preview(volume: Volume, result: Any, algorithm: AlgorithmInfo) -> PreviewPicture:
-    """The preview of ``result`` (a segmentation, detection or classification of ``volume``); see the module doc."""
+def render_preview(volume: Volume, result: Any, algorithm: AlgorithmInfo, *,
+                   threshold: float | None = None) -> PreviewPicture:
+    """The preview of ``result`` (a segmentation, detection or classification of ``volume``); see the module doc.
+    ``threshold``: a detection model's display threshold (detections under it are listed, not drawn)."""
     if isinstance(result, SegmentationResult):
         kind = "segmentation"
         if np.shape(result.label_map) != volume.shape:
@@ -135,6 +137,9 @@ def render_preview(volume: Volume, result: Any, algorithm: AlgorithmInfo) -> Pre
                              f"differs from volume shape {volume.shape}")
     elif isinstance(result, DetectionResult):
         kind = "detection"
+        shown, low = split_by_confidence(result.detections, threshold)
+        if shown:  # the key slice is the largest outlined finding's
+            result = DetectionResult(shown)
     elif isinstance(result, ClassificationResult):
         kind = "classification"
     else:
@@ -149,8 +154,10 @@ def render_preview(volume: Volume, result: Any, algorithm: AlgorithmInfo) -> Pre
             legend.append(LegendEntry("no segment on this slice" if result.label_map.any() else "nothing segmented",
                                       _TEXT_RGB, "text"))
     elif isinstance(result, DetectionResult):
-        legend += _draw_detections(image, volume, k, result.detections)
-        if not result.detections:
+        legend += _draw_detections(image, volume, k, shown)
+        legend += [LegendEntry(f"{detection_text(d)} ({LOW_CONFIDENCE_TEXT}, not outlined)", LOW_CONFIDENCE_RGB,
+                               "text") for d in low[:_MAX_LEGEND_DETECTIONS]]
+        if not shown and not low:
             legend.append(LegendEntry("no findings", _TEXT_RGB, "text"))
     else:
         legend += _draw_classification(image, result, k)
@@ -246,11 +253,8 @@ def grey_rgb(volume: Volume, k: int, window: tuple[float, float]) -> npt.NDArray
 
 
 def label_rgb(label: SegmentLabel) -> tuple[int, int, int]:
-    """The label's colour (the SEG's recommended display colour); a grey one gets a distinct palette colour."""
-    r, g, b = label.color_rgb
-    if r == g == b:
-        return _PALETTE[(label.value - 1) % len(_PALETTE)]
-    return int(r), int(g), int(b)
+    """The label's colour (the SEG's recommended display colour); a grey one gets its palette colour."""
+    return label_colour(label.value, label.color_rgb)
 
 
 def _draw_segments(image: Image.Image, labels_on_slice: npt.NDArray[Any],
@@ -304,15 +308,16 @@ def _draw_detections(image: Image.Image, volume: Volume, k: int,
             column, row = outline.point.column - 0.5, outline.point.row - 0.5  # pixel-centre coordinates
             rc = max(outline.radius_mm / spacing_column, 1.5)
             rr = max(outline.radius_mm / spacing_row, 1.5)
-            draw.ellipse((column - rc, row - rr, column + rc, row + rr), outline=DETECTION_RGB, width=width)
+            colour = label_rgb(detection.label)
+            draw.ellipse((column - rc, row - rr, column + rc, row + rr), outline=colour, width=width)
             if large:
-                draw.text((column + rc + 3, row - rr), detection_text(detection), fill=DETECTION_RGB,
+                draw.text((column + rc + 3, row - rr), detection_text(detection), fill=colour,
                           font=legend_font(image.size[0]))
             drawn.append(detection)
-    legend = [LegendEntry(detection_text(d), DETECTION_RGB, "circle") for d in drawn[:_MAX_LEGEND_DETECTIONS]]
+    legend = [LegendEntry(detection_text(d), label_rgb(d.label), "circle") for d in drawn[:_MAX_LEGEND_DETECTIONS]]
     if len(drawn) > _MAX_LEGEND_DETECTIONS:
         legend.append(LegendEntry(f"and {len(drawn) - _MAX_LEGEND_DETECTIONS} more finding(s) on this slice",
-                                  DETECTION_RGB, "text"))
+                                  _TEXT_RGB, "text"))
     others = len(detections) - len(drawn)
     if others:
         legend.append(LegendEntry(f"{others} finding(s) on other slices", _TEXT_RGB, "text"))

@@ -46,7 +46,10 @@ Content tree (TID 1500):
     surface per group and highdicom forbids coordinates on ROI-group
     measurements, so an ellipsoid is the one SCOORD3D that carries both) -
     holding the measurements: Long Axis in mm and Certainty of Finding
-    (DCM 111012, as CAD SR uses it) in percent = score x 100.
+    (DCM 111012, as CAD SR uses it) in percent = score x 100. A detection under
+    the model's display threshold is titled "... (low confidence)" and its
+    volumetric group carries the Rendering Intent "Presentation Optional"
+    (:mod:`workers.outputs.confidence`), which the summary line shows too.
 
     Why this shape (checked in the real OHIF 3.13.2 viewer, see
     ``tests/browser/test_ohif_results.py``): OHIF lists a finding in its
@@ -104,6 +107,7 @@ from workers.outputs.common import (
     nearest_slice,
     source_image,
 )
+from workers.outputs.confidence import LOW_CONFIDENCE_TEXT, is_low_confidence, rendering_intent
 from workers.outputs.measurements import SegmentMeasurement, measure_segments
 from workers.outputs.procedure import procedure_reported
 from workers.outputs.sr_summary import add_summary
@@ -164,6 +168,8 @@ class DetectionFindings:
     algorithm: AlgorithmInfo
     detections: tuple[Detection, ...]
     labels: tuple[SegmentLabel, ...]
+    #: The model's display threshold: detections under it are reported as low-confidence; None: no threshold.
+    display_threshold: float | None = None
 
     def __post_init__(self) -> None:
         """Reject a findings set that could not say what was looked for."""
@@ -633,7 +639,10 @@ def _detection_groups(volume: Volume, findings: DetectionFindings, tracker: Find
         planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             referenced_region=region, **_finding_context(tracking, label, findings.algorithm)
         )
-        planar[0].ContentSequence.append(_comment(_detection_title(detection)))
+        low = is_low_confidence(detection, findings.display_threshold)
+        title = _detection_title(detection) + (f" ({LOW_CONFIDENCE_TEXT})" if low else "")
+        planar[0].ContentSequence.append(_comment(title))
+        intent = rendering_intent(detection, findings.display_threshold)
         groups.append(planar)
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -647,6 +656,7 @@ def _detection_groups(volume: Volume, findings: DetectionFindings, tracker: Find
                     hd.sr.Measurement(name=codes.SCT.LongAxis, value=detection.diameter_mm, unit=_MM),
                     hd.sr.Measurement(name=codes.DCM.CertaintyOfFinding, value=detection.score * 100.0, unit=_PERCENT),
                 ],
+                qualitative_evaluations=[intent] if intent is not None else None,
                 **_finding_context(tracking, label, findings.algorithm),
             )
         )

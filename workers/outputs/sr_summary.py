@@ -3,7 +3,7 @@
 Why: many PACS viewers render an SR as its content tree and cannot draw its
 regions; a radiologist there should still read, in one line per finding, what the
 AI found: "Left lung: 2412.5 mL, mean -846 HU", "Lung nodule 1: 12.0 mm, certainty
-85 %", "Lung nodule: not found". The summary is derived from the measurement groups
+85 %", "Lung nodule 2: low confidence, 6.0 mm, certainty 31 %", "Lung nodule: not found". The summary is derived from the measurement groups
 themselves (never computed twice, never disagreeing with them) and added as TID
 1500's "Qualitative Evaluations" container (UMLS C0034375) with one TEXT item
 "Summary" (DCM 121111), after Imaging Measurements.
@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
+
+from workers.outputs.confidence import LOW_CONFIDENCE_TEXT, PRESENTATION_OPTIONAL
 
 __all__ = ["QUALITATIVE_EVALUATIONS", "add_summary", "summary_lines"]
 
@@ -30,6 +32,7 @@ _MEAN = codes.SCT.Mean.value
 _LONG_AXIS = codes.SCT.LongAxis.value
 _CERTAINTY = codes.DCM.CertaintyOfFinding.value
 _ABSENT = codes.SCT.Absent.value
+_RENDERING_INTENT = codes.DCM.RenderingIntent.value
 
 
 def _code(item: Dataset, attribute: str = "ConceptNameCodeSequence") -> str:
@@ -75,12 +78,21 @@ def _group_line(group: Dataset) -> tuple[str, str] | None:
     absent = any(_code(i, "ConceptCodeSequence") == _ABSENT for i in items if i.get("ValueType") == "CODE")
     if absent:
         return uid, f"{name.removesuffix(' (not found)')}: not found"
-    qualitative = [str(i.ConceptCodeSequence[0].CodeMeaning) for i in items
+    qualitative = [_qualitative(i) for i in items
                    if i.get("ValueType") == "CODE" and _code(i) not in ("121071", "276214006", "363698007")
                    and i.get("RelationshipType") == "CONTAINS"]
+    qualitative = [text for text in qualitative if text]
     if not parts and not qualitative:
         return None
     return uid, f"{name}: {', '.join(qualitative + parts)}"
+
+
+def _qualitative(item: Dataset) -> str:
+    """How a qualitative evaluation reads in the summary: its meaning; a Rendering Intent only as "low
+    confidence" when it is "Presentation Optional" (under the model's display threshold), else not at all."""
+    if _code(item) == _RENDERING_INTENT:
+        return LOW_CONFIDENCE_TEXT if _code(item, "ConceptCodeSequence") == PRESENTATION_OPTIONAL.value else ""
+    return str(item.ConceptCodeSequence[0].CodeMeaning)
 
 
 def summary_lines(groups: Iterable[Dataset]) -> list[str]:

@@ -7,12 +7,14 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node.contracts import Detection
+from dicom_node.palette import LOW_CONFIDENCE_RGB
 from tests.unit.workers.outputs_fixtures import (
     ALGORITHM,
     AXIAL,
@@ -82,7 +84,7 @@ class Written:
         """{detection number: {slice index: [graphic and text objects]}} as read back."""
         found: dict[int, dict[int, list[Dataset]]] = defaultdict(lambda: defaultdict(list))
         for annotation in self.dataset.GraphicAnnotationSequence:
-            assert annotation.GraphicLayer == "CHEST ORGANS TES"
+            assert annotation.GraphicLayer == "NODULE"
             k = self.slice_of(annotation)
             for item in [*annotation.get("GraphicObjectSequence", []), *annotation.get("TextObjectSequence", [])]:
                 found[int(item.GraphicGroupID)][k].append(item)
@@ -93,6 +95,12 @@ class Written:
 def written(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Written:
     geometry = {"axial": AXIAL, "oblique": OBLIQUE}[request.param]
     return Written(tmp_path_factory.mktemp(f"gsps_{request.param}"), geometry, seed=31)
+
+
+def _rgb(layer: Dataset) -> tuple[int, int, int]:
+    """A graphic layer's recommended display colour (CIELab in the GSPS) back in sRGB, rounded."""
+    lab = hd.color.CIELabColor.from_dicom_value(layer.GraphicLayerRecommendedDisplayCIELabValue)
+    return tuple(int(v) for v in lab.to_rgb())  # type: ignore[return-value]
 
 
 def expected_outlines(volume: Volume, det: Detection) -> dict[int, float]:
@@ -155,9 +163,12 @@ def test_presentation_state_identification_window_and_references(written: Writte
     assert ds.BodyPartExamined == "CHEST"
     voi = ds.SoftcopyVOILUTSequence[0]
     assert (float(voi.WindowCenter), float(voi.WindowWidth), voi.WindowCenterWidthExplanation) == (-600.0, 1500.0, "LUNG")
-    layer = ds.GraphicLayerSequence[0]
-    assert layer.GraphicLayer == "CHEST ORGANS TES"
-    assert layer.GraphicLayerDescription == f"{ALGORITHM.name} {ALGORITHM.version}"
+    [layer] = ds.GraphicLayerSequence
+    assert layer.GraphicLayer == "NODULE"
+    assert layer.GraphicLayerDescription == f"nodule - {ALGORITHM.name} {ALGORITHM.version}"
+    # The label's palette colour (not the old CAD yellow), as the SEG, overlay series and preview show it.
+    assert NODULE.color_rgb == (230, 159, 0)
+    assert _rgb(layer) == NODULE.color_rgb
     referenced = ds.ReferencedSeriesSequence[0]
     assert referenced.SeriesInstanceUID == written.volume.series_instance_uid
     assert {str(i.ReferencedSOPInstanceUID) for i in referenced.ReferencedImageSequence} == {
@@ -230,3 +241,34 @@ def test_a_source_without_body_part_gives_a_valid_gsps_and_seg(tmp_path: Path) -
         assert errors == [], name
         assert "BodyPartExamined" not in built
         assert ("Laterality" in built) == (name == "gsps")
+
+
+def test_low_confidence_detections_are_left_out_or_drawn_in_their_own_grey_layer(tmp_path: Path) -> None:
+    """Under the display threshold: not outlined by default; with ``outline_low_confidence`` in the grey
+    "LOW CONFIDENCE" layer, text saying so, the certain ones still in their label's layer; valid either way."""
+    written = Written(tmp_path, AXIAL, seed=31)
+    volume, found = written.volume, written.detections  # scores 0.87, 0.5, 0.61
+    default = build_gsps(volume, found, ALGORITHM, IDENTITY, threshold=0.6)
+    assert default is not None
+    texts = sorted(str(t.UnformattedTextValue) for a in default.GraphicAnnotationSequence
+                   for t in a.get("TextObjectSequence", []))
+    assert texts == ["nodule 10 mm, 61%", "nodule 12 mm, 87%"]
+    assert [str(layer.GraphicLayer) for layer in default.GraphicLayerSequence] == ["NODULE"]
+    assert build_gsps(volume, found, ALGORITHM, IDENTITY, threshold=0.9) is None, "nothing outlined, no GSPS"
+
+    shown = build_gsps(volume, found, ALGORITHM, IDENTITY, threshold=0.6, outline_low_confidence=True)
+    assert shown is not None
+    layers = {str(layer.GraphicLayer): layer for layer in shown.GraphicLayerSequence}
+    assert list(layers) == ["NODULE", "LOW CONFIDENCE"]
+    assert _rgb(layers["LOW CONFIDENCE"]) == LOW_CONFIDENCE_RGB and _rgb(layers["NODULE"]) == NODULE.color_rgb
+    by_layer: dict[str, list[str]] = defaultdict(list)
+    for annotation in shown.GraphicAnnotationSequence:
+        by_layer[str(annotation.GraphicLayer)] += [str(t.UnformattedTextValue)
+                                                   for t in annotation.get("TextObjectSequence", [])]
+    assert by_layer["LOW CONFIDENCE"] == ["nodule 20 mm, 50%, low confidence"]
+    assert sorted(by_layer["NODULE"]) == ["nodule 10 mm, 61%", "nodule 12 mm, 87%"]
+    for name, gsps in (("default", default), ("shown", shown)):
+        path = tmp_path / f"{name}.dcm"
+        gsps.save_as(path, enforce_file_format=True)
+        errors, _ = dciodvfy_findings(path)
+        assert errors == [], (name, errors)

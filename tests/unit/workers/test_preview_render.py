@@ -16,11 +16,11 @@ import pytest
 from PIL import Image
 
 from dicom_node.contracts import CodedConcept, SegmentLabel
+from dicom_node.palette import LOW_CONFIDENCE_RGB
 from tests.unit.workers.outputs_fixtures import ALGORITHM, AXIAL, LABELS, detection, sphere_mask, volume_from_files, \
     voxel_centres_mm, write_phantom_series
 from workers.models.base import ClassificationResult, DetectionResult, SegmentationResult
 from workers.outputs.preview import (
-    DETECTION_RGB,
     DISCLAIMER,
     PREVIEW_FACTS_NAME,
     PREVIEW_NAME,
@@ -113,17 +113,36 @@ def test_the_largest_detection_decides_the_slice_and_is_circled_as_in_the_gsps(v
     picture = render_preview(volume, DetectionResult((small, big)), ALGORITHM)
     assert picture.slice_index == 18 and picture.overlay
     slice_rgb = pixels(picture)[:volume.shape[1], :volume.shape[2]]
-    yellow = np.all(slice_rgb == DETECTION_RGB, axis=-1)
-    rows, columns = np.nonzero(yellow)
+    assert NODULE.color_rgb == (230, 159, 0)  # the palette's orange, not the old CAD yellow
+    circled = np.all(slice_rgb == NODULE.color_rgb, axis=-1)
+    rows, columns = np.nonzero(circled)
     assert len(rows) > 12 and abs(rows.mean() - 30) < 1.5 and abs(columns.mean() - 32) < 1.5
-    assert not yellow[30, 32], "an outline, not a disc"
+    assert not circled[30, 32], "an outline, not a disc"
     radius = np.hypot(rows - 30, columns - 32)
     assert abs(np.median(radius) - 12.0 / 4.0) < 1.0, "the circle has the detection's diameter (4 mm pixels)"
-    assert [(e.name, e.mark) for e in picture.legend] == [("nodule 24 mm, 90%", "circle"),
-                                                          ("1 finding(s) on other slices", "text")]
+    assert [(e.name, e.mark, e.rgb) for e in picture.legend] == [
+        ("nodule 24 mm, 90%", "circle", NODULE.color_rgb), ("1 finding(s) on other slices", "text", (235, 235, 235))]
     none = render_preview(volume, DetectionResult(()), ALGORITHM)
     assert none.slice_index == volume.shape[0] // 2 and not none.overlay
     assert [e.name for e in none.legend] == ["no findings"]
+
+
+def test_low_confidence_detections_are_listed_not_drawn_as_a_default_destination_sees_them(volume: Volume) -> None:
+    big = detection(volume, (18, 30, 32), 24.0, 0.31, NODULE)  # under the threshold: not drawn, though largest
+    small = detection(volume, (5, 20, 20), 8.0, 0.6, NODULE)
+    picture = render_preview(volume, DetectionResult((small, big)), ALGORITHM, threshold=0.34)
+    assert picture.slice_index == 5, "the slice of the largest outlined finding"
+    slice_rgb = pixels(picture)[:volume.shape[1], :volume.shape[2]]
+    assert np.all(slice_rgb == NODULE.color_rgb, axis=-1).sum() > 4
+    assert [(e.name, e.mark, e.rgb) for e in picture.legend] == [
+        ("nodule 8 mm, 60%", "circle", NODULE.color_rgb),
+        ("nodule 24 mm, 31% (low confidence, not outlined)", "text", LOW_CONFIDENCE_RGB)]
+    only_low = render_preview(volume, DetectionResult((big,)), ALGORITHM, threshold=0.34)
+    assert only_low.slice_index == 18 and not only_low.overlay, "its slice, nothing drawn on it"
+    assert not np.all(pixels(only_low)[:volume.shape[1], :volume.shape[2]] == NODULE.color_rgb, axis=-1).any()
+    assert [e.name for e in only_low.legend] == ["nodule 24 mm, 31% (low confidence, not outlined)"]
+    legend = pixels(only_low)[volume.shape[1]:]
+    assert np.all(legend == LOW_CONFIDENCE_RGB, axis=-1).sum() > 10, "the legend line in the low-confidence grey"
 
 
 def test_a_classification_writes_its_class_on_the_explanation_peak_slice(volume: Volume) -> None:
