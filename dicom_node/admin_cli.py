@@ -71,7 +71,8 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
         try:
             destination, _ = service.save_or_replace({
                 "type": "dicom", "name": args.name, "ae_title": args.ae_title, "host": args.host, "port": args.port,
-                "default": args.default, "outputs": outputs, "not_performed": args.not_performed}, CLI)
+                "default": args.default, "outputs": outputs, "not_performed": args.not_performed,
+                "outline_low_confidence": args.outline_low_confidence}, CLI)
         except Refused as exc:
             print(f"dicom-node: {exc}", file=sys.stderr)
             return 2
@@ -549,6 +550,9 @@ def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None
     add.add_argument("--not-performed", choices=("none", "sr"), default="none",
                      help="when a model declines a study or its result is held: send nothing (none, the default) "
                           "or an 'AI analysis not performed' SR with the reason (sr)")
+    add.add_argument("--outline-low-confidence", action="store_true",
+                     help="outline also the findings under their model's display threshold (grey) in the GSPS and "
+                          "the overlay series; by default only the SR reports them")
     command(destinations, "list", "list destinations").add_argument("--json", action="store_true")
     command(destinations, "import", "import destinations from a YAML file", file)
     command(destinations, "remove", "remove a destination", name)

@@ -57,7 +57,8 @@ NOT_PERFORMED_CHOICES = (("none", "nothing"), ("sr", "'AI analysis not performed
 
 #: Form inputs that have an error slot of their own; other errors go to the top of the form.
 _FORM_KEYS = frozenset({
-    "name", "type", "default", "outputs", "not_performed", "timeout_seconds", "ae_title", "host", "port", "calling_ae_title", "max_pdu",
+    "name", "type", "default", "outputs", "not_performed", "outline_low_confidence", "timeout_seconds", "ae_title",
+    "host", "port", "calling_ae_title", "max_pdu",
     "tls", "tls-ca_certificates", "tls-certificate", "tls-private_key", "tls-check_hostname", "url", "auth",
     "auth-type", "auth-username", "auth-password", "auth-token", "verify_tls", "ca_certificates",
 })
@@ -98,6 +99,8 @@ class DestinationForm:
         values = {"name": destination.name, "timeout_seconds": f"{destination.timeout_seconds:g}",
                   "not_performed": destination.not_performed}
         checks = {"default"} if destination.default else set()
+        if destination.outline_low_confidence:
+            checks.add("outline_low_confidence")
         secrets: dict[str, bool] = {}
         if isinstance(destination, DicomDestination):
             values.update(ae_title=destination.ae_title, host=destination.host, port=str(destination.port),
@@ -139,12 +142,14 @@ def parse_destination_form(form: FormData, *, kind: str, name: str | None,
     state.values = {key: text(key) for key in keys}
     if name is not None:
         state.values["name"] = name
-    state.checks = {key for key in ("default", "tls", "tls-check_hostname", "verify_tls") if _checked(form, key)}
+    state.checks = {key for key in ("default", "outline_low_confidence", "tls", "tls-check_hostname", "verify_tls")
+                    if _checked(form, key)}
     if isinstance(stored, DicomWebDestination):
         state.stored_secret = {"password": hasattr(stored.auth, "password"), "token": hasattr(stored.auth, "token")}
     v = state.values
     data: dict[str, Any] = {"type": kind, "name": v["name"], "default": "default" in state.checks,
-                            "outputs": sorted(state.outputs), "not_performed": v["not_performed"] or "none"}
+                            "outputs": sorted(state.outputs), "not_performed": v["not_performed"] or "none",
+                            "outline_low_confidence": "outline_low_confidence" in state.checks}
     if v["timeout_seconds"]:
         data["timeout_seconds"] = v["timeout_seconds"]
     if kind == "dicom":
