@@ -32,7 +32,12 @@ Content tree (TID 1500):
     sum-of-segmented-voxels method; for CT also Attenuation Coefficient
     (DCM 112031) mean / minimum / maximum in ``[hnsf'U]``, computed on the
     label map (:mod:`workers.outputs.measurements`). Anatomy segments carry
-    their structure as finding site.
+    their structure as finding site. Before it, under the same tracking UID, a
+    planar ROI group (TID 1410) outlining the segment on the slice where it is
+    largest (closed SCOORD POLYLINE along the pixel border of its largest
+    component, :mod:`workers.outputs.segment_outline`), titled by a Comment
+    "<label>: <volume> mL, mean <HU> HU": without it a viewer has no image to
+    open the report on (OHIF showed a black viewport) and draws nothing.
   - **Detection** -> two groups sharing one tracking UID, the planar one first:
     a planar ROI group (TID 1410) on the source image (and frame) of the slice
     nearest the centre: an image-region SCOORD POLYLINE, the closed square
@@ -110,6 +115,7 @@ from workers.outputs.common import (
 from workers.outputs.confidence import LOW_CONFIDENCE_TEXT, is_low_confidence, rendering_intent
 from workers.outputs.measurements import SegmentMeasurement, measure_segments
 from workers.outputs.procedure import procedure_reported
+from workers.outputs.segment_outline import key_slice_outline
 from workers.outputs.sr_summary import add_summary
 from workers.outputs.tracking import FindingTracker, finding_key
 from workers.volume import Volume
@@ -539,11 +545,14 @@ def _segmentation_groups(volume: Volume, findings: SegmentationFindings, tracker
             referenced_values.add(label.value)
             category = (segment.property_category.value, segment.property_category.scheme_designator)
             sites = (segment.property_type,) if category in _ANATOMY_CATEGORIES else segment.anatomic_regions
+            tracking = _tracking(tracker, f"{label.name} (segment {segment.number})", "segment", label.property_type,
+                                 label.name)
+            outline = _segment_outline_group(volume, findings, label, segment, tracking, measured[label.value])
+            if outline is not None:
+                groups.append(outline)
             groups.append(
                 hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=_tracking(
-                        tracker, f"{label.name} (segment {segment.number})", "segment", label.property_type, label.name
-                    ).item(),
+                    tracking_identifier=tracking.item(),
                     referenced_segment=hd.sr.ReferencedSegment(
                         sop_class_uid=str(seg.SOPClassUID),
                         sop_instance_uid=str(seg.SOPInstanceUID),
@@ -568,6 +577,42 @@ def _segmentation_groups(volume: Volume, findings: SegmentationFindings, tracker
             tracking = _tracking(tracker, f"{label.name} (not found)", "absent", label.property_type, label.name)
             groups.append(_absent_group(label, findings.algorithm, tracking))
     return groups
+
+
+def _segment_title(label: SegmentLabel, measured: SegmentMeasurement, ct: bool) -> str:
+    """What a reader sees beside a segment's outline: "<label name>: <volume> mL[, mean <HU> HU]"."""
+    name = label.name[:1].upper() + label.name[1:]
+    title = f"{name}: {measured.volume_ml:.1f} mL"
+    return title + (f", mean {measured.mean:.0f} HU" if ct and measured.mean is not None else "")
+
+
+def _segment_outline_group(volume: Volume, findings: SegmentationFindings, label: SegmentLabel, segment: _SegSegment,
+                           tracking: _Tracking, measured: SegmentMeasurement,
+                           ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
+    """A TID 1410 group outlining the segment on the slice where it is largest, titled with its volume (Comment),
+    sharing the segment's tracking UID: what a viewer opens the report on and draws (see the module docstring)."""
+    outline = key_slice_outline(findings.result.label_map, label.value)
+    if outline is None:
+        return None
+    dataset, frame_number = source_image(volume, outline.slice_index)
+    region = hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=outline.points,
+        source_image=hd.sr.SourceImageForRegion(
+            referenced_sop_class_uid=str(dataset.SOPClassUID),
+            referenced_sop_instance_uid=str(dataset.SOPInstanceUID),
+            referenced_frame_numbers=[frame_number] if frame_number is not None else None,
+        ),
+    )
+    group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking.item(),
+        referenced_region=region,
+        finding_type=segment.property_type,
+        finding_category=segment.property_category,
+        algorithm_id=sr_algorithm_identification(findings.algorithm),
+    )
+    group[0].ContentSequence.append(_comment(_segment_title(label, measured, volume.modality == "CT")))
+    return group
 
 
 # --- detection -----------------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from tests.unit.workers.outputs_fixtures import (
 )
 from training.phantoms.ct_series import SeriesGeometry
 from workers.models.base import SegmentationResult
-from workers.outputs.common import SeriesIdentity
+from workers.outputs.common import SeriesIdentity, source_image
 from workers.outputs.seg import build_seg
 from workers.outputs.sr import DetectionFindings, SegmentationFindings, build_sr
 from workers.outputs.sr_summary import QUALITATIVE_EVALUATIONS
@@ -222,8 +222,29 @@ def test_segments_become_volumetric_groups_with_volume_hu_and_seg_references(
     assert (dataset.PatientID, dataset.StudyInstanceUID) == (volume.datasets[0].PatientID, volume.study_instance_uid)
     report = sr_back.content
     volumetric = report.get_volumetric_roi_measurement_groups()
-    assert report.get_planar_roi_measurement_groups() == []
     assert [g.tracking_identifier for g in volumetric] == ["lung (segment 1)", "nodule (segment 2)"]
+    # Each segment is also outlined on the slice where it is largest (what a viewer opens the report on), titled
+    # with its volume, under the same tracking UID; the outline follows the label's pixel border.
+    outlines = report.get_planar_roi_measurement_groups()
+    assert [g.tracking_uid for g in outlines] == [g.tracking_uid for g in volumetric]
+    for group, label in zip(outlines, (LUNG, NODULE), strict=True):
+        mask = result.label_map == label.value
+        key = int(np.argmax(mask.reshape(mask.shape[0], -1).sum(axis=1)))
+        region = group.roi
+        reference = region.ContentSequence[0].ReferencedSOPSequence[0]
+        slice_dataset, frame = source_image(volume, key)
+        assert reference.ReferencedSOPInstanceUID == slice_dataset.SOPInstanceUID
+        assert reference.get("ReferencedFrameNumber") == frame  # a multi-frame source's frame, by number
+        points = np.asarray(region.value, dtype=float)
+        assert region.graphic_type.value == "POLYLINE" and np.array_equal(points[0], points[-1])
+        rows, columns = np.nonzero(mask[key])
+        assert (points[:, 0].min(), points[:, 0].max()) == (columns.min(), columns.max() + 1)  # pixel corners
+        assert (points[:, 1].min(), points[:, 1].max()) == (rows.min(), rows.max() + 1)
+        x, y = points[:, 0], points[:, 1]
+        area = abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))) / 2.0
+        assert area == pytest.approx(int(mask[key].sum()), rel=0.1)
+        title = _text(group, "121106")
+        assert title.startswith(f"{label.name.capitalize()}: ") and " mL, mean " in title and title.endswith(" HU")
 
     unit_ml = geometry.pixel_spacing[0] * geometry.pixel_spacing[1] * geometry.slice_spacing / 1000.0
     for group, label in zip(volumetric, (LUNG, NODULE), strict=True):
