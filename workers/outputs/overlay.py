@@ -12,8 +12,9 @@ slices of the source series are sent again as RGB images with the result drawn o
 * drawn: segments as outlines in their label's colour, detections as the circle where
   their sphere cuts the slice (as the GSPS draws it) with "nodule 12 mm, 87%", in the
   label's colour (the palette, :mod:`dicom_node.palette`: the same colour as in the SEG and
-  the preview); a legend naming each label shown at the bottom; "AI overlay - not for
-  primary diagnosis" at the top, and in the series description;
+  the preview); a legend naming each label shown in a band below the slice; "AI overlay -
+  not for primary diagnosis" in a band above it, and in the series description (the bands
+  add rows, so nothing but the outlines covers the anatomy);
 * the slice in the preview's window (lung window for chest CT), at its own matrix and
   pixel spacing, referencing its source image (:mod:`workers.outputs.secondary_capture`).
 
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
 from dicom_node.contracts import AlgorithmInfo, Detection, SegmentLabel
@@ -44,7 +45,7 @@ from workers.outputs.preview import display_window, grey_rgb, is_lesion, legend_
 from workers.outputs.secondary_capture import instance_uid, slice_capture
 from workers.volume import Volume
 
-__all__ = ["MAX_KEY_SLICES", "OVERLAY_DISCLAIMER", "build_detection_overlay", "build_segmentation_overlay",
+__all__ = ["MAX_KEY_SLICES", "OVERLAY_DISCLAIMER", "band_rows", "build_detection_overlay", "build_segmentation_overlay",
            "detection_key_slices", "overlay_description", "segmentation_key_slices"]
 
 logger = logging.getLogger(__name__)
@@ -108,26 +109,44 @@ def detection_key_slices(volume: Volume, detections: Sequence[Detection], limit:
     return sorted(_first_unique(centres, limit))
 
 
-def _draw_text_lines(image: Image.Image, top: list[_Mark], bottom: list[_Mark]) -> None:
-    """Lines of text on dark bands: ``top`` from the top edge, ``bottom`` up from the bottom edge."""
-    draw = ImageDraw.Draw(image)
-    font = legend_font(image.size[0], _SMALLEST_FONT)
-    height = draw.textbbox((0, 0), "Ag", font=font)[3] + 3
-    for row, mark in enumerate(top):
+def _line_height(font: ImageFont.FreeTypeFont | ImageFont.ImageFont) -> int:
+    return int(ImageDraw.Draw(Image.new("RGB", (1, 1))).textbbox((0, 0), "Ag", font=font)[3]) + 3
+
+
+def band_rows(width: int, lines: int) -> int:
+    """Rows of a text band of ``lines`` lines over a slice ``width`` pixels wide (the disclaimer's: one line)."""
+    return max(1, lines) * _line_height(legend_font(width, _SMALLEST_FONT)) + 2
+
+
+def _text_band(width: int, marks: list[_Mark], font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+               swatches: bool) -> Image.Image:
+    """A dark band ``width`` wide with one line per mark (a colour swatch before it when ``swatches``)."""
+    height = _line_height(font)
+    band = Image.new("RGB", (width, band_rows(width, len(marks))), _BAND_RGB)
+    draw = ImageDraw.Draw(band)
+    for row, mark in enumerate(marks):
         y = 1 + row * height
-        draw.rectangle((0, y - 1, int(draw.textlength(mark.name, font=font)) + 4, y + height - 1), fill=_BAND_RGB)
-        draw.text((2, y), mark.name, fill=mark.rgb, font=font)
-    for row, mark in enumerate(reversed(bottom)):
-        y = image.size[1] - (row + 1) * height
-        draw.rectangle((0, y - 1, int(draw.textlength(mark.name, font=font)) + height + 4, y + height - 1),
-                       fill=_BAND_RGB)
-        draw.rectangle((2, y + 2, height - 2, y + height - 3), outline=mark.rgb, width=2)
-        draw.text((height + 2, y), mark.name, fill=mark.rgb, font=font)
+        x = 2
+        if swatches:
+            draw.rectangle((2, y + 2, height - 2, y + height - 3), outline=mark.rgb, width=2)
+            x = height + 2
+        draw.text((x, y), mark.name, fill=mark.rgb, font=font)
+    return band
 
 
 def _finish(image: Image.Image, legend: list[_Mark]) -> npt.NDArray[np.uint8]:
-    _draw_text_lines(image, [_Mark(OVERLAY_DISCLAIMER, _TEXT_RGB)], legend)
-    return np.asarray(image, dtype=np.uint8).copy()
+    """The slice with the disclaimer in a band above it and the legend in a band below: nothing drawn over the
+    anatomy but the outlines (a legend on a 512-pixel slice took a sixth of its height)."""
+    font = legend_font(image.size[0], _SMALLEST_FONT)
+    top = _text_band(image.size[0], [_Mark(OVERLAY_DISCLAIMER, _TEXT_RGB)], font, swatches=False)
+    bottom = _text_band(image.size[0], legend, font, swatches=True) if legend else None
+    height = top.size[1] + image.size[1] + (bottom.size[1] if bottom is not None else 0)
+    canvas = Image.new("RGB", (image.size[0], height), _BAND_RGB)
+    canvas.paste(top, (0, 0))
+    canvas.paste(image, (0, top.size[1]))
+    if bottom is not None:
+        canvas.paste(bottom, (0, top.size[1] + image.size[1]))
+    return np.asarray(canvas, dtype=np.uint8).copy()
 
 
 def segmentation_rgb(volume: Volume, k: int, labels_on_slice: npt.NDArray[np.integer],

@@ -45,15 +45,17 @@ def patient_orientation(volume: Volume) -> tuple[str, str]:
 def slice_capture(volume: Volume, slice_index: int, rgb: npt.NDArray[np.uint8], series: SeriesIdentity, *,
                   series_uid: str, sop_instance_uid: str, number: int, description: str, comments: str,
                   derivation: str, equipment: Sequence[hd.ContributingEquipment] | None = None) -> hd.sc.SCImage:
-    """``rgb`` (rows x columns x 3, the slice's own matrix) as an SC image of slice ``slice_index`` of ``volume``.
+    """``rgb`` (the slice's columns, at least its rows: text bands may be added above and below it; x 3) as an SC
+    image of slice ``slice_index`` of ``volume``, with the slice's pixel spacing.
 
     ``description`` is the Series Description (64 characters at most); ``comments`` and
     ``derivation`` go to Image Comments and Derivation Description; ``equipment``: the Contributing
     Equipment Sequence (the model that made the image).
     """
-    if rgb.shape != (*volume.shape[1:], 3) or rgb.dtype != np.uint8:
+    rows, columns = volume.shape[1:]
+    if rgb.ndim != 3 or rgb.shape[1:] != (columns, 3) or rgb.shape[0] < rows or rgb.dtype != np.uint8:
         raise ValueError(f"overlay of series {volume.series_instance_uid} slice {slice_index}: image "
-                         f"{rgb.shape} {rgb.dtype} is not the slice's {volume.shape[1:]} in uint8 RGB")
+                         f"{rgb.shape} {rgb.dtype} is not the slice's {volume.shape[1:]} (or taller) in uint8 RGB")
     dataset, frame_number = slice_sources(volume)[slice_index]
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=dataset,

@@ -26,6 +26,7 @@ from workers.outputs.confidence import outlined, split_by_confidence
 from workers.outputs.overlay import (
     MAX_KEY_SLICES,
     OVERLAY_DISCLAIMER,
+    band_rows,
     build_detection_overlay,
     build_segmentation_overlay,
     segmentation_key_slices,
@@ -87,12 +88,17 @@ def test_segmentation_overlay_shows_the_largest_nodule_sections_in_the_palette(
     assert centre.SOPInstanceUID != pydicom.dcmread(paths[0]).SOPInstanceUID
     assert _slice_of(volume, centre) == 12  # the nodule's centre slice
     pixels = centre.pixel_array
-    nodule = _coloured(pixels, palette_colour(5))
-    rows, columns = np.nonzero(nodule[10:40])  # the nodule's outline, between the disclaimer and the legend
-    assert rows.size >= 14 and abs(rows.mean() + 10 - 25) < 1.5 and abs(columns.mean() - 40) < 1.5
-    assert _coloured(pixels, palette_colour(2)).sum() > 50, "the lung's outline in its palette colour"
-    band = pixels[:9]
+    # The disclaimer in a band above the slice, the legend (lung, nodule) in a band below: the slice is whole.
+    top, size = band_rows(volume.shape[2], 1), volume.shape[1]
+    assert pixels.shape == (top + size + band_rows(volume.shape[2], 2), volume.shape[2], 3)
+    image = pixels[top:top + size]
+    rows, columns = np.nonzero(_coloured(image, palette_colour(5)))  # the nodule's outline, where it lies
+    assert rows.size >= 14 and abs(rows.mean() - 25) < 1.5 and abs(columns.mean() - 40) < 1.5
+    assert _coloured(image, palette_colour(2)).sum() > 50, "the lung's outline in its palette colour"
+    band = pixels[:top]
     assert (band.min(axis=-1) > 150).sum() > 10 and _coloured(band, (0, 0, 0)).sum() > 100, "the disclaimer on top"
+    legend = pixels[top + size:]
+    assert _coloured(legend, palette_colour(5)).any() and _coloured(legend, palette_colour(2)).any()
 
 
 def test_segmentation_overlay_bounds_and_falls_back_to_each_label(written: tuple[Volume, list[Path]]) -> None:
