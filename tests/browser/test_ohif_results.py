@@ -295,6 +295,30 @@ def test_burned_in_overlay_series_is_shown(delivered: Delivered, browser: WebDri
     assert (chroma > 60).sum() > 200, "the overlay series shows no coloured outline"
 
 
+def test_the_segmentation_report_opens_on_a_slice_with_its_outlines(delivered: Delivered, browser: WebDriver,
+                                                                    screenshot_dir: Path) -> None:
+    """Each segment's volume is outlined on its widest slice: OHIF opens the report there (it showed a black
+    viewport when no group had coordinates) and draws the outline with the segment's volume."""
+    report = delivered.instance(SEG_SR_SERIES)
+    outlined = [str(item.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                for group in _groups(report) for item in group.ContentSequence if item.ValueType == "SCOORD"]
+    titles = [str(item.TextValue) for group in _groups(report) for item in group.ContentSequence
+              if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeValue == "121106"]
+    assert outlined and len(titles) == len(outlined), (outlined, titles)
+    assert any(re.fullmatch(r"Lung: \d+\.\d mL, mean -\d+ HU", title) for title in titles), titles
+    assert set(outlined) <= set(delivered.ct)
+
+    open_study(browser, delivered)
+    load_series(browser, "AI chest anatomy - SR")
+    WebDriverWait(browser, 30).until(lambda d: any(uid in viewport_state(d)["imageId"] for uid in outlined))
+    time.sleep(1.5)
+    pixels = canvas_pixels(browser, viewport_state(browser))
+    shot(browser, screenshot_dir, "05-segmentation-report")
+    assert pixels.std() > 20, "the segmentation report opens on a blank viewport"
+    chroma = pixels.max(axis=2) - pixels.min(axis=2)
+    assert (chroma > 60).sum() > 100, "no outline is drawn on the report's slice"
+
+
 def _groups(report: pydicom.Dataset) -> list[pydicom.Dataset]:
     (measurements,) = [item for item in report.ContentSequence
                        if item.ConceptNameCodeSequence[0].CodeValue == "126010"]  # Imaging Measurements
