@@ -35,11 +35,12 @@ logger = logging.getLogger(__name__)
 #: Shown when a model names no body region: nothing keeps it off a series of another region.
 NO_REGION_WARNING = "no body region declared - runs on any region of its modality"
 
-#: The result objects each kind of model gives (workers.pipeline.encode_results), and the
-#: "AI analysis not performed" SR (NOTICE) any model gives on a series it was not made for.
+#: The result objects each kind of model gives (workers.pipeline.encode_results; SC, the burned-in overlay, for
+#: destinations that name it), and the "AI analysis not performed" SR (NOTICE) any model gives on a series it was
+#: not made for.
 RESULT_KINDS: dict[str, tuple[str, ...]] = {
-    "segmentation": ("SEG", "SR", "KO", "NOTICE"),
-    "detection": ("SR", "GSPS", "KO", "NOTICE"),
+    "segmentation": ("SEG", "SR", "SC", "KO", "NOTICE"),
+    "detection": ("SR", "GSPS", "SC", "KO", "NOTICE"),
     "classification": ("SR", "PMAP", "SC", "NOTICE"),
 }
 

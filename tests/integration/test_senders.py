@@ -640,7 +640,7 @@ def test_destination_definitions_validate_and_name_the_wrong_value() -> None:
     parsed = DestinationSet.model_validate({"destinations": [dicom(default=True), web(outputs=["SEG"], auth=basic)]})
     pacs, archive = parsed.destinations
     assert isinstance(pacs, DicomDestination) and isinstance(archive, DicomWebDestination)
-    assert pacs.outputs == {"SEG", "SR", "GSPS"} and pacs.calling_ae_title is None and parsed.defaults() == [pacs]
+    assert pacs.outputs == {"SEG", "SR", "GSPS", "KO"} and pacs.calling_ae_title is None and parsed.defaults() == [pacs]
     assert archive.url == "https://dw.local/dicom-web" and archive.accepts("SEG") and not archive.accepts("SR")
     assert "hunter2" not in repr(archive) and "hunter2" not in archive.model_dump_json()
     assert json.loads(archive.model_dump_json(context={"reveal_secrets": True}))["auth"]["password"] == "hunter2"

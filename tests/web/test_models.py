@@ -45,7 +45,7 @@ def test_models_page_shows_the_shipped_bundles_with_held_out_figures(web: WebEnv
     assert '<th scope="row">Found, nodules &lt; 6 mm (25)</th><td class="num">0.400</td>' in seg
     assert '<th scope="row">False nodules per case</th><td class="num">0.188</td>' in seg
     assert "2.2 × 2.2 × 2.5" in seg and "-1000.0 to 500.0" in seg
-    assert 'fill="#80aee7"' in seg and "SCT:39607008" in seg  # lung: colour swatch and code
+    assert 'fill="#56b4e9"' in seg and "SCT:39607008" in seg  # lung: colour swatch (the palette's) and code
     det_held_out = det.split('data-split="held_out"')[1].split('data-split="validation"')[0]
     assert "Sensitivity at false positives per scan" in det_held_out
     all_nodules = det_held_out.split('<th scope="row">all nodules (63)</th>')[1].split("</tr>")[0]
@@ -105,6 +105,8 @@ def test_each_model_shows_what_it_was_made_for_its_rules_and_its_series(web: Web
     assert squash(ids["model-chest-ct-segmentation-series"].text) == (
         "9011 AI chest anatomy - SEG (chest-ct-segmentation 0.1.0) "
         "9012 AI chest anatomy - SR (chest-ct-segmentation 0.1.0) "
+        "9015 AI chest anatomy - SC (chest-ct-segmentation 0.1.0) "
+        "9018 AI chest anatomy - key images (chest-ct-segmentation 0.1.0) "
         "9019 AI chest anatomy - not performed (chest-ct-segmentation 0.1.0)")
     assert "9023 AI lung nodules - GSPS (lung-nodule-detection 0.1.0)" in squash(
         ids["model-lung-nodule-detection-series"].text)
@@ -119,6 +121,7 @@ def test_each_model_shows_what_it_was_made_for_its_rules_and_its_series(web: Web
     assert "heart touches lung on both sides (within 10 mm)" in seg["plausibility_summary"]
     assert det["plausibility"] == {"findings_inside": "lungs", "findings_margin_mm": 5.0}
     assert [(s["kind"], s["series_number"]) for s in det["result_series"]] == [("SR", 9022), ("GSPS", 9023),
+                                                                               ("SC", 9025), ("KO", 9028),
                                                                                ("NOTICE", 9029)]
     assert seg["result_series"][0] == {"kind": "SEG", "series_number": 9011,
                                        "description": "AI chest anatomy - SEG (chest-ct-segmentation 0.1.0)"}
@@ -158,7 +161,7 @@ models:
     assert "plausibility names label(s) 'liver'" in liver["error"] and liver["made_for"] == "CT; chest"
     assert liver["plausibility"] is None and liver["plausibility_summary"] == []
     assert "dicom_node.input_domain is invalid" in thorax["error"] and thorax["input_domain"] is None
-    assert [s["series_number"] for s in thorax["result_series"]] == [9031, 9032, 9039]
+    assert [s["series_number"] for s in thorax["result_series"]] == [9031, 9032, 9035, 9038, 9039]
     for model_id, words in (("liver-rules", "plausibility names label(s) &#39;liver&#39;"),
                             ("thorax", "dicom_node.input_domain is invalid")):
         row = _section(answer.text, model_id)
@@ -185,7 +188,7 @@ models:
     path: copy
     version: "0.1.0"
     labels:
-      - {{value: 2, name: "<img src=x onerror=alert(1)>", code: {LUNG}, category: {ANATOMY}, color_rgb: [1, 2, 3]}}
+      - {{value: 2, name: "<img src=x onerror=alert(1)>", code: {LUNG}, category: {ANATOMY}, color_rgb: [200, 30, 60]}}
   - id: missing
     kind: segmentation
     format: monai_bundle
@@ -219,7 +222,7 @@ def test_broken_entries_show_their_error_and_the_page_still_renders(tmp_path: Pa
     assert "not valid JSON" in models["bad-json"]["error"]
     html = page.text
     assert "<img src=x" not in html and "&lt;img src=x onerror=alert(1)&gt;" in html
-    assert 'fill="#010203"' in html
+    assert 'fill="#c81e3c"' in html  # the configured colour (not a grey: greys take the palette's)
     for model_id in ("missing", "wrong-version", "bad-json"):
         row = html.split(f'data-model="{model_id}"')[1].split("</section>")[0]
         assert "model-error" in row, model_id

@@ -242,7 +242,7 @@ def test_models_list_shows_what_each_model_was_made_for(tmp_path: Path, capsys) 
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4  # two lines per model
     assert lines[0].split()[:3] == ["chest-ct-segmentation", "segmentation", "enabled"]
-    assert lines[0].endswith("series 9011 SEG, 9012 SR, 9018 KO, 9019 not performed")
+    assert lines[0].endswith("series 9011 SEG, 9012 SR, 9015 SC, 9018 KO, 9019 not performed")
     assert lines[1].startswith(f"    made for {CHEST_LINE} | results must pass: lung 1000-9000 mL; heart 100-1500 mL;")
     assert lines[3] == f"    made for {CHEST_LINE} | results must pass: findings inside the lungs (margin 5 mm)"
     assert main(["models", "list", "--json", *data]) == 0
@@ -254,6 +254,7 @@ def test_models_list_shows_what_each_model_was_made_for(tmp_path: Path, capsys) 
     assert det["result_series"] == [
         {"kind": "SR", "series_number": 9022, "description": "AI lung nodules - SR (lung-nodule-detection 0.1.0)"},
         {"kind": "GSPS", "series_number": 9023, "description": "AI lung nodules - GSPS (lung-nodule-detection 0.1.0)"},
+        {"kind": "SC", "series_number": 9025, "description": "AI lung nodules - SC (lung-nodule-detection 0.1.0)"},
         {"kind": "KO", "series_number": 9028, "description": "AI lung nodules - key images (lung-nodule-detection 0.1.0)"},
         {"kind": "NOTICE", "series_number": 9029,
          "description": "AI lung nodules - not performed (lung-nodule-detection 0.1.0)"}]
@@ -273,7 +274,7 @@ models:
     lines = capsys.readouterr().out.splitlines()
     assert lines[1] == ("    made for CT - WARNING: no body region declared - runs on any region of its modality"
                         " | results must pass: none")
-    assert lines[2].startswith("misfit ") and "series 9022 SR, 9023 GSPS, 9028 KO, 9029 not performed" in lines[2]
+    assert lines[2].startswith("misfit ") and "series 9022 SR, 9023 GSPS, 9025 SC, 9028 KO, 9029 not performed" in lines[2]
     assert lines[3].startswith("    ERROR: ") and "plausibility rule(s) volumes_ml cannot judge a detection" in lines[3]
 
 

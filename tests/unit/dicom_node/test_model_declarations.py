@@ -45,11 +45,13 @@ def test_demo_models_declare_chest_ct_rules_and_their_series() -> None:
     assert [(s.kind, s.series_number, s.description) for s in seg.result_series] == [
         ("SEG", 9011, "AI chest anatomy - SEG (chest-ct-segmentation 0.1.0)"),
         ("SR", 9012, "AI chest anatomy - SR (chest-ct-segmentation 0.1.0)"),
+        ("SC", 9015, "AI chest anatomy - SC (chest-ct-segmentation 0.1.0)"),
         ("KO", 9018, "AI chest anatomy - key images (chest-ct-segmentation 0.1.0)"),
         ("NOTICE", 9019, "AI chest anatomy - not performed (chest-ct-segmentation 0.1.0)")]
     det = model_declarations(catalog, "lung-nodule-detection")
     assert det.plausibility_summary == ["findings inside the lungs (margin 5 mm)"]
-    assert [(s.kind, s.series_number) for s in det.result_series] == [("SR", 9022), ("GSPS", 9023), ("KO", 9028),
+    assert [(s.kind, s.series_number) for s in det.result_series] == [("SR", 9022), ("GSPS", 9023), ("SC", 9025),
+                                                                      ("KO", 9028),
                                                                       ("NOTICE", 9029)]
 
 
@@ -79,7 +81,7 @@ models:
     assert thorax.error is not None and "dicom_node.input_domain is invalid" in thorax.error
     assert "'thorax'" in thorax.error
     assert thorax.input_domain is None and thorax.made_for is None
-    assert [s.series_number for s in thorax.result_series] == [9031, 9032, 9038, 9039]
+    assert [s.series_number for s in thorax.result_series] == [9031, 9032, 9035, 9038, 9039]
 
 
 def _facts(body_part: str, study_description: str) -> StudyFacts:

@@ -31,6 +31,7 @@ import torch
 
 from dicom_node.contracts import CodedConcept, SegmentLabel
 from dicom_node.model_catalog import BundleError, BundleLabel, ModelEntry
+from dicom_node.palette import palette_colour
 from tests.unit.workers.model_fixtures import (
     centred_geometry,
     oblique_orientation,
@@ -65,6 +66,7 @@ NODULE = SegmentLabel(
     name="nodule",
     property_category=CodedConcept(value="49755003", scheme="SCT", meaning="Morphologically Altered Structure"),
     property_type=CodedConcept(value="27925004", scheme="SCT", meaning="Nodule"),
+    color_rgb=palette_colour(1),  # the entry names no colour: the label takes its value's palette colour
 )
 NODULE_ENTRY_LABEL = BundleLabel(value=1, name="nodule", bundle_value=0, code=NODULE.property_type,
                                  category=NODULE.property_category)
