@@ -358,12 +358,21 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
-    __table_args__ = (Index("ux_deliveries_job_destination", "job_id", "destination", unique=True),)
+    __table_args__ = (
+        Index("ux_deliveries_job_destination", "job_id", "destination", unique=True),
+        Index("ix_deliveries_delivered_at", "delivered_at"),  # the dashboard's throughput
+        Index("ix_deliveries_state_changed", "state", "state_changed_at"),  # its newest errors
+    )
 
 
 class Role(str, enum.Enum):
-    """What a user of the web app and API may do; each role includes the ones before it."""
+    """What a user of the web app and API may do; each role includes the ones before it.
 
+    ``worker`` stands apart (below viewer): the account of a GPU worker on another machine, whose API token
+    reads series over DICOMweb and uploads results into the outbox, and nothing else of the app.
+    """
+
+    WORKER = "worker"  # DICOMweb reads + outbox uploads (routes that name it exactly), no page, no admin API
     VIEWER = "viewer"  # read everything (patient identifiers included)
     OPERATOR = "operator"  # + retry and cancel jobs, re-send deliveries, test connections
     ADMIN = "admin"  # + routing rules, destinations, models, users, API tokens, audit log
@@ -373,7 +382,7 @@ class Role(str, enum.Enum):
         return _ROLE_LEVELS[self]
 
 
-_ROLE_LEVELS = {Role.VIEWER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
+_ROLE_LEVELS = {Role.WORKER: 0, Role.VIEWER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
 
 
 class User(Base):
