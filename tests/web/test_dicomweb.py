@@ -135,3 +135,41 @@ def test_worker_settings_choose_the_http_store_and_outbox(node: WebEnv, tmp_path
         assert isinstance(store, HttpStudyStore) and isinstance(outbox, HttpOutbox)
         files = store.series_files(series, study_instance_uid=study)
     assert len(files) == 4 and all(p.is_relative_to(settings.series_cache_dir) for p in files)
+
+
+def test_a_fetch_that_is_not_the_series_qido_named_keeps_nothing(node: WebEnv, tmp_path: Path) -> None:
+    """A server whose WADO-RS answer is not the instances its QIDO-RS named (one missing, one extra), or
+    breaks off before its closing boundary: the fetch fails naming what is wrong, and the cache stays empty."""
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse, Response
+
+    from dicom_node.stow import multipart_body
+
+    study, series = _received(node, tmp_path, 4)
+    files = FileStudyStore(node.sessions, node.settings.spool_dir).series_files(series, study_instance_uid=study)
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files]
+    other = _received(node, tmp_path, 5)
+    stranger = FileStudyStore(node.sessions, node.settings.spool_dir).series_files(other[1])[0]
+    length, chunks = multipart_body([*files[:3], stranger], "cut")
+    body = b"".join(chunks)
+    answers = {"mismatch": body, "truncated": body[:length // 2]}
+    app = FastAPI()
+    mode = {"now": "mismatch"}
+
+    @app.get("/api/v1/dicomweb/studies/{st}/series/{se}/instances")
+    def instances(st: str, se: str) -> Response:
+        return JSONResponse([{"00080018": {"vr": "UI", "Value": [uid]}} for uid in uids])
+
+    @app.get("/api/v1/dicomweb/studies/{st}/series/{se}")
+    def retrieve(st: str, se: str) -> Response:
+        return Response(answers[mode["now"]], media_type='multipart/related; type="application/dicom"; boundary=cut')
+
+    cache = tmp_path / "cache"
+    with live_server(app) as url:
+        store = HttpStudyStore(NodeClient(url, "dnt_any"), cache, max_bytes=10**9)
+        with pytest.raises(SeriesFetchError, match=f"sent 4 instance.* names 4; missing {uids[3]}; not asked for"):
+            store.series_files(series, study_instance_uid=study)
+        mode["now"] = "truncated"
+        with pytest.raises(SeriesFetchError, match="before its closing boundary"):
+            store.series_files(series, study_instance_uid=study)
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
