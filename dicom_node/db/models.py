@@ -120,7 +120,10 @@ class Study(Base):
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
     events: Mapped[list[StudyEvent]] = relationship(back_populates="study", order_by="StudyEvent.id")
 
-    __table_args__ = (Index("ix_studies_state_activity", "state", "last_activity_at"),)
+    __table_args__ = (
+        Index("ix_studies_state_activity", "state", "last_activity_at"),
+        Index("ix_studies_last_received", "last_received_at", "id"),  # the studies list's order (keyset pages)
+    )
 
 
 class Series(Base):
@@ -180,6 +183,8 @@ class AssociationRecord(Base):
     instances_stored: Mapped[int] = mapped_column(Integer, default=0)
     instances_failed: Mapped[int] = mapped_column(Integer, default=0)
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (Index("ix_associations_outcome_started", "outcome", "started_at"),)  # rejected, newest first
 
 
 class AssociationStudy(Base):
@@ -316,6 +321,8 @@ class Job(Base):
         Index("ux_jobs_study_pipeline_series_generation", "study_id", "pipeline", "series_instance_uid",
               "generation", unique=True),
         Index("ix_jobs_pipeline_finished", "pipeline", "finished_at"),
+        Index("ix_jobs_finished_at", "finished_at"),  # the dashboard's throughput
+        Index("ix_jobs_state_changed", "state", "state_changed_at"),  # its newest errors
     )
 
 
