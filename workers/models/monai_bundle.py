@@ -282,7 +282,7 @@ class InferencePipeline:
 
     def run(self, volume: Volume) -> InferenceOutput:
         """Run on ``volume``: its label values (see :meth:`label_values`) and the low-confidence fraction."""
-        data = self.preprocessing({self.image_key: volume_to_metatensor(volume)})
+        data = self._preprocessed(volume)
         image = data[self.image_key]
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
             prediction = self.inferer(image[None].to(self.device), self.network)
@@ -295,6 +295,25 @@ class InferencePipeline:
             data = self._head(data)
             values = self._on_input_grid(data, volume)
         return InferenceOutput(values, fraction)
+
+    def _preprocessed(self, volume: Volume) -> dict[str, Any]:
+        """The preprocessing's output for ``volume``.
+
+        A plain MONAI ``Compose`` runs through ``execute_compose`` (what ``Compose``
+        calls) given the input dictionary directly: ``Compose.__call__`` would hold the
+        input - the volume's ``(X, Y, Z)`` copy, 1 GB for a 1,000-slice CT - until the
+        last transform, beside the reoriented copy and the respacing's float64 one.
+        """
+        from monai.transforms import Compose
+        from monai.transforms.compose import execute_compose
+
+        chain = self.preprocessing
+        if type(chain) is not Compose:
+            return chain({self.image_key: volume_to_metatensor(volume)})
+        return execute_compose(  # type: ignore[return-value]
+            {self.image_key: volume_to_metatensor(volume)}, chain.transforms, map_items=chain.map_items,
+            unpack_items=chain.unpack_items, lazy=chain.lazy, overrides=chain.overrides, log_stats=chain.log_stats,
+        )
 
     def _on_input_grid(self, data: dict[str, Any], volume: Volume) -> npt.NDArray[np.integer]:
         """The label values on the volume's ``[slice, row, column]`` grid.
