@@ -67,7 +67,7 @@ _ROWS: dict[str, tuple[str, str]] = {
     "associations": (
         "id, calling_ae_title, called_ae_title, peer_address, peer_port, tls, started_at, ended_at, outcome, "
         "instances_stored, instances_failed, bytes_received",
-        "(i - 1) / :per_assoc + 1, 'PACS_' || (i % 4), 'DICOM_NODE', '10.0.0.' || (i % 4), 104, 0, {ts}, {ts}, 'released', "
+        "(i - 1) / :per_assoc + 1, 'PACS_' || (i % 4), 'DICOM_NODE', '10.0.0.' || (i % 4), 104, FALSE, {ts}, {ts}, 'released', "
         ":per_assoc * :instances, 0, :per_assoc * :instances * 524288",
     ),
     "studies": (
@@ -118,7 +118,7 @@ _INSTANCES = (
     "id, series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, instance_number, path, size_bytes, "
     "received_at, association_id, late, duplicates_received",
     "(i - 1) * :instances + :k, i, '1.2.826.0.1.3680043.10.511.' || i || '.1.' || :k, "
-    "'1.2.840.10008.5.1.4.1.1.2', '1.2.840.10008.1.2.1', :k, 'spool/' || i || '/' || :k || '.dcm', 524288, {ts}, (i - 1) / :per_assoc + 1, 0, 0",
+    "'1.2.840.10008.5.1.4.1.1.2', '1.2.840.10008.1.2.1', :k, 'spool/' || i || '/' || :k || '.dcm', 524288, {ts}, (i - 1) / :per_assoc + 1, FALSE, 0",
 )
 
 
@@ -132,9 +132,11 @@ def _timestamp_sql(dialect: str) -> str:
 
 
 def _range_sql(dialect: str, rest: str) -> str:
+    """``rest`` (an INSERT ... SELECT ... FROM n) over the numbers :lo to :hi, in ``dialect``."""
     if dialect == "sqlite":
         return f"WITH RECURSIVE n(i) AS (SELECT :lo UNION ALL SELECT i + 1 FROM n WHERE i < :hi) {rest}"
-    return rest.replace(" FROM n", " FROM generate_series(:lo, :hi) AS n(i)")
+    rest = rest.replace("substr('0000' || (i % :names), -4)", "lpad((i % :names)::text, 4, '0')")
+    return rest.replace(" FROM n", " FROM generate_series(CAST(:lo AS bigint), CAST(:hi AS bigint)) AS n(i)")
 
 
 def fill(engine: Engine, studies: int, *, instances: int, days: int, now: datetime) -> float:
@@ -163,7 +165,10 @@ def fill(engine: Engine, studies: int, *, instances: int, days: int, now: dateti
         if dialect == "sqlite":
             connection.exec_driver_sql("ANALYZE")
             connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
-        else:
+        else:  # the rows carry their ids: move the sequences past them, so that the node can add rows
+            for table in [*(t for t in _ROWS if t != "association_studies"), "instances"]:
+                connection.exec_driver_sql(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
+                                           f"(SELECT max(id) FROM {table}))")
             connection.exec_driver_sql("ANALYZE")
     return time.perf_counter() - started
 
@@ -298,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             for suffix in ("", "-wal", "-shm"):
                 Path(f"{path}{suffix}").unlink(missing_ok=True)
     print()
-    keys = list(runs[0].figures) if runs else []
+    keys = list(dict.fromkeys(k for run in runs for k in run.figures))
     print(f"{'backend':10} {'studies':>9} " + " ".join(f"{k:>11}" for k in keys) + "   (median ms)")
     for run in runs:
         print(f"{run.backend:10} {run.studies:>9,} " + " ".join(f"{run.figures.get(k, float('nan')):11.1f}"

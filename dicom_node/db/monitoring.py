@@ -290,13 +290,14 @@ def throughput(sessions: sessionmaker[Session], *, now: datetime, hours: int = 2
     hour0 = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=hours - 1)
     minute0 = now.replace(second=0, microsecond=0) - timedelta(minutes=minutes - 1)
     with sessions() as session:
-        touched = or_(
-            Study.id.in_(select(Job.study_id).where(Job.finished_at >= hour0)),
-            Study.id.in_(select(Job.study_id).join(Delivery, Delivery.job_id == Job.id)
-                         .where(Delivery.delivered_at >= hour0)),
-        )
-        done = [s.finished_at for s in _study_outcomes(session, touched, finish_times=True)
-                if s.outcome == "done" and s.finished_at is not None and s.finished_at >= hour0]
+        # the studies a job finished or a delivery was delivered for in the window, read first by the
+        # finished_at / delivered_at indexes (as one OR of IN subqueries PostgreSQL scanned every study: 6 s
+        # for 10,000), then their outcomes by primary key
+        touched = set(session.scalars(select(Job.study_id).where(Job.finished_at >= hour0)).all())
+        touched.update(session.scalars(select(Job.study_id).join(Delivery, Delivery.job_id == Job.id)
+                                       .where(Delivery.delivered_at >= hour0)).all())
+        done = [s.finished_at for s in _study_outcomes(session, Study.id.in_(sorted(touched)), finish_times=True)
+                if s.outcome == "done" and s.finished_at is not None and s.finished_at >= hour0] if touched else []
         first = _first_id_since(session, Instance.id, Instance.received_at, minute0)
         window = _window_filter(Instance.id, Instance.received_at, first, minute0)
         key = _minute_key(session)
