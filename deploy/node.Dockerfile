@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The node: `dicom-node serve` (DICOM listener, web app and API, completion, routing, deliveries; the models
 # too when it runs them itself). Python 3.11, torch 2.13.0 CPU build (a node runs models on its CPU, if at
 # all: GPU inference belongs to worker.Dockerfile). Runs as the unprivileged user dicom-node (uid 10001).

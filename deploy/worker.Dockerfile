@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # A GPU worker: `dicom-node worker --queues gpu`, one per GPU. CUDA base image, Python 3.11, torch 2.13.0
 # CUDA build: the Linux x86_64 wheel of torch 2.13.0 on PyPI is built for CUDA 13.0 and installs the CUDA
 # 13.0 user-space libraries (cuBLAS, cuFFT, ... as cuda-toolkit 13.0.3 wheels) and cuDNN 9.20 itself,
