@@ -17,7 +17,7 @@ from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.growth import fill
-from dicom_node.db import monitoring, study_views
+from dicom_node.db import monitoring, repo, study_views
 from dicom_node.db.models import Study
 from dicom_node.db.session import make_engine, make_session_factory, upgrade
 from dicom_node.db.study_views import StudyCursor, StudyFilters
@@ -89,6 +89,10 @@ def test_list_and_name_filter_plans_use_the_indexes(sqlite_engine: Engine) -> No
     assert "ix_studies_last_received" in previous and "TEMP B-TREE" not in previous, previous
     named = _page_plan(engine, sessions, filters=StudyFilters(patient_name="family0042"), limit=50)
     assert "studies_patient_name VIRTUAL TABLE" in named and "SCAN studies\n" not in named + "\n", named
+    cli = [_plan(engine, *statement) for statement in _statements(engine, lambda: repo.list_studies(sessions, 20))]
+    assert "ix_studies_last_received" in cli[0] and "SCAN studies\n" not in cli[0] + "\n", cli  # `studies list`
+    assert [s.study_instance_uid for s in repo.list_studies(sessions, 3)] == _uids(
+        study_views.list_studies(sessions, limit=3))
 
 
 def test_dashboard_error_and_throughput_queries_use_the_indexes(sqlite_engine: Engine) -> None:
