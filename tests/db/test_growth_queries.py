@@ -26,15 +26,6 @@ NOW = datetime(2026, 12, 8, 12, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    """A migrated, empty database: SQLite, and PostgreSQL (its own throw-away database)."""
-    engine = make_engine(database_url)
-    upgrade(engine)
-    yield engine
-    engine.dispose()
-
-
-@pytest.fixture
 def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
     """A migrated, empty SQLite database (whose query plans the tests read)."""
     engine = make_engine(f"sqlite:///{tmp_path / 'growth.db'}")
@@ -45,6 +36,7 @@ def sqlite_engine(tmp_path: Path) -> Iterator[Engine]:
 
 @pytest.fixture
 def sessions(engine: Engine) -> sessionmaker[Session]:
+    """Sessions on tests/conftest.py's ``engine``: a migrated, empty SQLite and PostgreSQL database."""
     return make_session_factory(engine)
 
 
