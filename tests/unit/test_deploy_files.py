@@ -7,7 +7,8 @@ What can be checked without pulling a base image or having a cluster, and is che
 * every ``DICOM_NODE_*`` variable in them is a setting, and the environment the compose
   file and the rendered chart give each container loads as valid settings;
 * the files pass their own tools: ``hadolint`` (Dockerfiles), ``docker-compose config``
-  (Docker Compose v2), Helm's own render and ``lint --strict`` (the Helm 4 library),
+  (Docker Compose v2), Helm's own render and ``lint --strict`` (the Helm 4 library), the
+  rendered objects against the Kubernetes API schemas (``kubernetes-validate --strict``),
   ``systemd-analyze verify`` (units). The tools live in a venv of their own,
   ``/opt/dicom-node-deploy-tools`` (``tests/install-peers.sh``); without it these tests
   skip, except under CI, where they fail.
@@ -312,14 +313,38 @@ json.dump(out, sys.stdout)
 """
 
 
-def helm(values: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The chart's objects rendered by Helm with ``values``, and Helm's strict lint report."""
+#: Kubernetes versions the rendered objects must be valid for (strict: no field the API does not have).
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
+
+
+def helm(values: dict[str, Any], tmp_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The chart's objects rendered by Helm with ``values``, checked against the Kubernetes API schemas
+    (kubernetes-validate --strict), and Helm's strict lint report."""
     result = run([tool("python"), "-c", _HELM], input=json.dumps({"chart": str(CHART), "values": values}))
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)
-    objects = [doc for name, text in sorted(out["manifests"].items()) if name.endswith(".yaml")
-               for doc in yaml.safe_load_all(text) if doc]
+    manifests = {name: text for name, text in sorted(out["manifests"].items()) if name.endswith(".yaml")}
+    folder = tmp_path / f"rendered-{len(list(tmp_path.glob('rendered-*')))}"
+    folder.mkdir()
+    for name, text in manifests.items():
+        if text.strip():
+            (folder / Path(name).name).write_text(text, encoding="utf-8")
+    for version in KUBERNETES_VERSIONS:
+        checked = run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", version,
+                       *sorted(folder.iterdir())])
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+    objects = [doc for text in manifests.values() for doc in yaml.safe_load_all(text) if doc]
     return objects, out["lint"]
+
+
+def test_the_schema_check_finds_a_field_kubernetes_does_not_have(tmp_path: Path) -> None:
+    wrong = {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "x"},
+             "spec": {"selector": {"matchLabels": {"a": "b"}}, "template": {
+                 "metadata": {"labels": {"a": "b"}},
+                 "spec": {"terminationGracePeriod": 60, "containers": [{"name": "c", "image": "i"}]}}}}
+    (tmp_path / "wrong.yaml").write_text(yaml.safe_dump(wrong), encoding="utf-8")
+    result = run([tool("kubernetes-validate"), "--strict", "--quiet", tmp_path / "wrong.yaml"])
+    assert result.returncode != 0 and "terminationGracePeriod" in result.stdout + result.stderr
 
 
 def _container_environment(container: dict[str, Any], objects: list[dict[str, Any]]) -> dict[str, str]:
@@ -339,7 +364,7 @@ def _container_environment(container: dict[str, Any], objects: list[dict[str, An
 
 def test_helm_chart_renders_lints_and_its_settings_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # First install: built-in PostgreSQL and Redis, no worker token yet - so no workers.
-    objects, lint = helm({"postgresql": {"password": "pw"}})
+    objects, lint = helm({"postgresql": {"password": "pw"}}, tmp_path)
     assert not lint["errors"] and all(m["severity"] < 2 for m in lint["messages"]), lint
     kinds = {(o["kind"], o["metadata"]["name"]) for o in objects}
     assert ("StatefulSet", "dn-dicom-node-node") in kinds and not any(k == "Deployment" and n.endswith("-worker")
@@ -350,7 +375,7 @@ def test_helm_chart_renders_lints_and_its_settings_load(monkeypatch: pytest.Monk
                           "brokerUrl": "redis://redis.infra:6379/3",
                           "secrets": {"databaseUrl": "postgresql+psycopg://u:p@db.infra:5432/dicom_node",
                                       "workerToken": "dnt_example"},
-                          "worker": {"replicas": 3}})
+                          "worker": {"replicas": 3}}, tmp_path)
     assert not lint["errors"], lint
     by_kind = {(o["kind"], o["metadata"]["name"]): o for o in objects}
     assert not any(name.endswith(("-postgresql", "-redis")) for _, name in by_kind)
