@@ -227,8 +227,7 @@ def test_every_dicom_node_variable_in_the_deploy_files_is_a_setting() -> None:
     assert not unknown, f"not settings (docs/configuration.md): {unknown}"
 
 
-def assert_loads_as_settings(environment: dict[str, str], where: str, monkeypatch: pytest.MonkeyPatch,
-                             tmp_path: Path) -> Settings:
+def assert_loads_as_settings(environment: dict[str, str], where: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
     """The settings a process started with ``environment`` (and no settings file) would run on."""
     for name in [n for n in os.environ if n.startswith("DICOM_NODE_")]:
         monkeypatch.delenv(name)
@@ -284,18 +283,17 @@ def compose_config(*args: str) -> dict[str, Any]:
     return json.loads(result.stdout)
 
 
-def test_compose_file_is_valid_and_its_settings_load(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_compose_file_is_valid_and_its_settings_load(monkeypatch: pytest.MonkeyPatch) -> None:
     config = compose_config("--profile", "two-gpus")
     services = config["services"]
     assert set(services) == {"postgres", "redis", "node", "worker-gpu0", "worker-gpu1"}
     gpus = [s["deploy"]["resources"]["reservations"]["devices"][0] for s in services.values() if "deploy" in s]
     assert [(d["driver"], d["device_ids"], d["capabilities"]) for d in gpus] == [
         ("nvidia", ["0"], ["gpu"]), ("nvidia", ["1"], ["gpu"])]
-    node = assert_loads_as_settings(services["node"]["environment"], "compose node", monkeypatch, tmp_path)
+    node = assert_loads_as_settings(services["node"]["environment"], "compose node", monkeypatch)
     assert node.queue.embedded_worker_queues == ["io"] and node.queue.broker_url == "redis://redis:6379/0"
     assert node.resolved_database_url.startswith("postgresql+psycopg://dicom_node:pw@postgres:5432/")
-    worker = assert_loads_as_settings(services["worker-gpu0"]["environment"], "compose worker", monkeypatch,
-                                      tmp_path)
+    worker = assert_loads_as_settings(services["worker-gpu0"]["environment"], "compose worker", monkeypatch)
     assert worker.worker.node_access == "http" and worker.worker.node_url == "http://node:8080"
     assert worker.resolved_database_url == node.resolved_database_url
     assert set(compose_config()["services"]) == {"postgres", "redis", "node", "worker-gpu0"}  # no profile: 1 GPU
@@ -391,13 +389,12 @@ def test_helm_chart_renders_lints_and_its_settings_load(monkeypatch: pytest.Monk
         assert not problems_of(tuple(container["command"][1:])), container["command"]
         assert container["securityContext"]["runAsNonRoot"] is True
 
-    node = assert_loads_as_settings(_container_environment(node_container, objects), "chart node", monkeypatch,
-                                    tmp_path)
+    node = assert_loads_as_settings(_container_environment(node_container, objects), "chart node", monkeypatch)
     assert node.queue.broker_url == "redis://redis.infra:6379/3" and node.queue.embedded_worker_queues == ["io"]
     assert node.resolved_database_url == "postgresql+psycopg://u:p@db.infra:5432/dicom_node"
     assert str(node.data_dir) == "/var/lib/dicom-node" and node.web.host == "0.0.0.0"
     worker = assert_loads_as_settings(_container_environment(worker_container, objects), "chart worker",
-                                      monkeypatch, tmp_path)
+                                      monkeypatch)
     assert worker.worker.node_access == "http" and worker.worker.node_url == "http://dn-dicom-node-web:8080"
     assert worker.worker.token == "dnt_example"
     assert by_kind[("Service", "dn-dicom-node-web")]["spec"]["ports"][0]["port"] == node.web.port
