@@ -305,10 +305,19 @@ import json, sys
 from helm_python import chart
 request = json.load(sys.stdin)
 loaded = chart.Chart.load(request["chart"])
-out = {"manifests": loaded.render(values=request["values"], name="dn", namespace="pacs"),
-       "lint": chart.lint(request["chart"], values=request["values"], strict=True)}
+try:
+    out = {"manifests": loaded.render(values=request["values"], name="dn", namespace="pacs"),
+           "lint": chart.lint(request["chart"], values=request["values"], strict=True)}
+except Exception as exc:  # the values refused (values.schema.json, a `required`): Helm's message
+    out = {"refused": str(exc)}
 json.dump(out, sys.stdout)
 """
+
+
+def helm_output(values: dict[str, Any]) -> dict[str, Any]:
+    result = run([tool("python"), "-c", _HELM], input=json.dumps({"chart": str(CHART), "values": values}))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return dict(json.loads(result.stdout))
 
 
 #: Kubernetes versions the rendered objects must be valid for (strict: no field the API does not have).
@@ -318,9 +327,8 @@ KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
 def helm(values: dict[str, Any], tmp_path: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The chart's objects rendered by Helm with ``values``, checked against the Kubernetes API schemas
     (kubernetes-validate --strict), and Helm's strict lint report."""
-    result = run([tool("python"), "-c", _HELM], input=json.dumps({"chart": str(CHART), "values": values}))
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = json.loads(result.stdout)
+    out = helm_output(values)
+    assert "refused" not in out, out["refused"]
     manifests = {name: text for name, text in sorted(out["manifests"].items()) if name.endswith(".yaml")}
     folder = tmp_path / f"rendered-{len(list(tmp_path.glob('rendered-*')))}"
     folder.mkdir()
@@ -398,6 +406,18 @@ def test_helm_chart_renders_lints_and_its_settings_load(monkeypatch: pytest.Monk
     assert worker.worker.node_access == "http" and worker.worker.node_url == "http://dn-dicom-node-web:8080"
     assert worker.worker.token == "dnt_example"
     assert by_kind[("Service", "dn-dicom-node-web")]["spec"]["ports"][0]["port"] == node.web.port
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    ({"postgresql": {"password": "pw"}, "worker": {"replica": 2}}, "additional properties 'replica' not allowed"),
+    ({"postgresql": {"password": "pw"}, "settings": {"dicom_port": "104"}}, "invalid propertyName 'dicom_port'"),
+    ({"postgresql": {"password": "pw"}, "brokerUrl": "amqp://broker"}, "does not match pattern"),
+    ({}, "postgresql.password is required"),
+    ({"postgresql": {"enabled": False}}, "secrets.databaseUrl (or secrets.existingSecret) is required"),
+], ids=["misspelt key", "not a DICOM_NODE_ variable", "not a Redis URL", "no password", "no database"])
+def test_helm_chart_refuses_wrong_values_by_name(values: dict[str, Any], message: str) -> None:
+    refused = helm_output(values).get("refused", "")
+    assert message in refused, refused or "rendered"
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
