@@ -243,12 +243,14 @@ def assert_loads_as_settings(environment: dict[str, str], where: str, monkeypatc
 # --- the tools' own checks -------------------------------------------------------------------------------------
 
 
-def tool(name: str) -> Path:
-    """A program of the deploy tools venv (or of the system), else skip - or fail under CI."""
-    for candidate in (TOOLS / "bin" / name, Path(shutil.which(name) or "/nonexistent")):
+def tool(name: str, *, system: bool = True) -> Path:
+    """A program of the deploy tools venv (or, with ``system``, of the system), else skip - or fail under CI."""
+    candidates = [TOOLS / "bin" / name] + ([Path(shutil.which(name) or "/nonexistent")] if system else [])
+    for candidate in candidates:
         if candidate.exists():
             return candidate
-    message = f"{name} not installed (tests/install-peers.sh installs it into {TOOLS})"
+    what = name if system else f"{name} of the deploy tools venv (with helm-python-sdk)"
+    message = f"{what} not installed (tests/install-peers.sh installs it into {TOOLS})"
     if os.environ.get("CI", "").strip().lower() in ("1", "true", "yes"):
         pytest.fail(message)
     pytest.skip(message)
@@ -315,7 +317,7 @@ json.dump(out, sys.stdout)
 
 
 def helm_output(values: dict[str, Any]) -> dict[str, Any]:
-    result = run([tool("python"), "-c", _HELM], input=json.dumps({"chart": str(CHART), "values": values}))
+    result = run([tool("python", system=False), "-c", _HELM], input=json.dumps({"chart": str(CHART), "values": values}))
     assert result.returncode == 0, result.stderr[-3000:]
     return dict(json.loads(result.stdout))
 
