@@ -16,7 +16,12 @@ What: :func:`separable_nearest_indices` finds those index arrays for a pair of g
 ``grid_sample``'s nearest mode does on the coordinates ``Invertd`` computes - the
 same float64 steps (:func:`monai.networks.utils.to_norm_affine`, the normalised base
 grid, the un-normalisation of ``grid_sample``) - and clipping at the borders as its
-``border`` padding does. :func:`resample_nearest` applies them.
+``border`` padding does; :func:`input_grid_lookup` composes them with the exact
+flips and axis swaps of ``Orientationd`` from MONAI's record of the transforms applied
+(or says None for anything else: a crop, a pad, zero padding, an oblique grid, which
+are left to ``Invertd``). :func:`resample_nearest` applies them. Equality with
+``Invertd``, voxel for voxel, is tested on grids whose voxel centres fall exactly
+midway between two network voxels (``tests/unit/workers/test_label_resampling.py``).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = ["SeparableLookup", "input_grid_lookup", "resample_nearest", "separable_nearest_indices"]
+
 
 @dataclass(frozen=True)
 class SeparableLookup:
