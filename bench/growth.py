@@ -5,8 +5,9 @@ For each size it builds a new SQLite database (and PostgreSQL with ``--postgres 
 database the bench may fill and empty), migrated by the node's own migrations, and fills it with
 plain SQL (``INSERT ... SELECT`` from a generated row range, a few seconds per 100k studies):
 every study with one series, ``--instances`` instances (2 by default), its sender's association and,
-unless ignored or still receiving, one job with a SEG result and one delivery. Studies are spread
-evenly over ``--days`` (365) ending now, ids growing with time as the node writes them; one in 100
+unless ignored or still receiving, one job with a SEG result and one delivery. Studies arrive at a steady
+``--per-day`` (500 a day, ending now; so the dashboard's hour and day hold the same studies at every size and
+only the history grows), ids growing with time as the node writes them; one in 100
 is ignored, one in 100 receiving, and one in 100 each has a dead job, a held job, a failed delivery or
 a queued job; the rest are done. Patient names come from a pool of 5,000 (``FAMILY0042^GIVEN``).
 
@@ -24,7 +25,7 @@ Then it prints the median of ``--repeat`` (7) timings of, through the node's own
 
 followed by SQLite's ``EXPLAIN QUERY PLAN`` of the list and the name filter, to show which index each uses.
 
-    python bench/growth.py [--sizes 10000,100000,1000000] [--repeat 7] [--instances 2] [--days 365]
+    python bench/growth.py [--sizes 10000,100000,1000000] [--repeat 7] [--instances 2] [--per-day 500]
                            [--postgres postgresql+psycopg://user@host/db] [--keep DIR]
 """
 
@@ -139,13 +140,14 @@ def _range_sql(dialect: str, rest: str) -> str:
     return rest.replace(" FROM n", " FROM generate_series(CAST(:lo AS bigint), CAST(:hi AS bigint)) AS n(i)")
 
 
-def fill(engine: Engine, studies: int, *, instances: int, days: int, now: datetime) -> float:
-    """Insert ``studies`` studies (see the module docstring) into the empty, migrated database; seconds taken."""
+def fill(engine: Engine, studies: int, *, instances: int, days: float, now: datetime) -> float:
+    """Insert ``studies`` studies (see the module docstring), received evenly over the ``days`` before ``now``
+    (the last at ``now``), into the empty, migrated database; seconds taken."""
     dialect = engine.dialect.name
     ts = _timestamp_sql(dialect)
-    span_us = days * 86_400 * 1_000_000
-    base = now - timedelta(days=days)
-    params: dict[str, Any] = {"base": int(base.timestamp()), "step_us": span_us // studies, "names": NAMES,
+    step_us = int(days * 86_400 * 1_000_000) // studies
+    base = now - timedelta(microseconds=step_us * studies)
+    params: dict[str, Any] = {"base": int(base.timestamp()), "step_us": step_us, "names": NAMES,
                               "instances": instances, "per_assoc": 100}
     started = time.perf_counter()
     for lo in range(1, studies + 1, CHUNK):
@@ -197,7 +199,7 @@ def _has_cursor() -> bool:
     return "after" in inspect.signature(study_views.list_studies).parameters
 
 
-def measure(sessions: sessionmaker[Session], *, now: datetime, days: int, repeat: int, data_dir: Path
+def measure(sessions: sessionmaker[Session], *, now: datetime, days: float, repeat: int, data_dir: Path
             ) -> dict[str, float]:
     """``{query: median ms}`` of the module docstring's queries on a filled database."""
     every = study_views.StudyFilters()
@@ -265,9 +267,10 @@ def run_size(url: str, studies: int, args: argparse.Namespace, data_dir: Path) -
                 connection.exec_driver_sql("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
         upgrade(engine)
         now = datetime.now(timezone.utc).replace(microsecond=0)
-        fill_s = fill(engine, studies, instances=args.instances, days=args.days, now=now)
+        days = studies / args.per_day
+        fill_s = fill(engine, studies, instances=args.instances, days=days, now=now)
         sessions = make_session_factory(engine)
-        figures = measure(sessions, now=now + timedelta(seconds=1), days=args.days, repeat=args.repeat,
+        figures = measure(sessions, now=now + timedelta(seconds=1), days=days, repeat=args.repeat,
                           data_dir=data_dir)
         return Run(engine.dialect.name, studies, fill_s, figures, query_plans(engine))
     finally:
@@ -279,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", default="10000,100000,1000000", help="study counts, comma-separated")
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--instances", type=int, default=2, help="instances per study")
-    parser.add_argument("--days", type=int, default=365, help="days the studies are spread over")
+    parser.add_argument("--per-day", type=int, default=500, help="studies received per day")
     parser.add_argument("--postgres", help="an empty PostgreSQL database URL to run on as well")
     parser.add_argument("--keep", type=Path, help="keep the SQLite files in this directory")
     args = parser.parse_args(argv)
