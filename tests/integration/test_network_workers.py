@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from peers import NODE_COMMAND, NodeProcess, Orthanc, WorkerProcess, wait_for
-from tests.conftest import POSTGRES_ADMIN_URL
+from tests.conftest import postgres_database
 from training.data.dicom_pair import write_dicom_case
 from training.phantoms.chest import PhantomConfig, generate_chest_phantom
 
@@ -39,18 +38,8 @@ LEASE_SECONDS = 8.0
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A throw-away PostgreSQL database (the node's and both workers')."""
-    name = f"dicom_node_net_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                               {"n": name})
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
+    with postgres_database("dicom_node_net") as url:
+        yield url
 
 
 @pytest.fixture
