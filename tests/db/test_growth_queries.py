@@ -190,3 +190,23 @@ def test_patient_name_search_matches_a_substring_search(engine: Engine, sessions
         with engine.connect() as connection:
             assert connection.exec_driver_sql(
                 "SELECT 1 FROM pg_indexes WHERE indexname = 'ix_studies_patient_name_trgm'").first()
+
+
+def test_0010_indexes_the_names_of_studies_received_before_it_and_downgrades(database_url: str) -> None:
+    from alembic import command
+
+    from dicom_node.db.session import _alembic_config
+
+    engine = make_engine(database_url)
+    try:
+        upgrade(engine, "0009")
+        fill(engine, 50, instances=1, days=1, now=NOW)  # studies received before the upgrade
+        upgrade(engine)
+        sessions = make_session_factory(engine)
+        named = study_views.list_studies(sessions, StudyFilters(patient_name="family0042"))
+        assert _uids(named) == ["1.2.826.0.1.3680043.10.511.42"]
+        command.downgrade(_alembic_config(engine), "0009")
+        upgrade(engine)  # and up again: nothing of 0010 was left behind
+        assert _uids(study_views.list_studies(sessions, StudyFilters(patient_name="family0042"))) == _uids(named)
+    finally:
+        engine.dispose()
