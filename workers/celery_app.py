@@ -12,6 +12,7 @@ and hands it back to the queue after that.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -20,10 +21,10 @@ from typing import Any
 
 from celery import Celery
 
-from dicom_node.queue import GPU_QUEUE
+from dicom_node.queue import GPU_QUEUE, IO_QUEUE
 from dicom_node.work_in_flight import WorkInFlight
 
-__all__ = ["EmbeddedWorker", "make_celery_app"]
+__all__ = ["EmbeddedWorker", "local_worker_nodenames", "make_celery_app", "worker_nodename"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,19 @@ def make_celery_app(broker_url: str) -> Celery:
         | ({"polling_interval": 0.01} if broker_url.startswith("memory://") else {}),
     )
     return app
+
+
+def worker_nodename(queues: Sequence[str], host: str) -> str:
+    """The Celery node name of ``dicom-node worker --queues ...`` on ``host``: ``gpu+io@host``."""
+    return f"{'+'.join(queues)}@{host}"
+
+
+def local_worker_nodenames(host: str) -> list[str]:
+    """Every node name a ``dicom-node worker`` on ``host`` can have (each order of each set of the queues),
+    so that ``dicom-node worker --check`` finds it whatever ``--queues`` it was started with."""
+    queues = (GPU_QUEUE, IO_QUEUE)
+    return [worker_nodename(chosen, host)
+            for size in range(1, len(queues) + 1) for chosen in itertools.permutations(queues, size)]
 
 
 class EmbeddedWorker:

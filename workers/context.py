@@ -27,6 +27,7 @@ from dicom_node.db.job_scheduling import CachedVolume
 from dicom_node.model_domain import InputDomain, SynonymTable
 from dicom_node.plausibility_rules import PlausibilityRules
 from dicom_node.queue import JobQueue
+from dicom_node.remote_outbox import Outbox
 from dicom_node.settings import ResultsSettings, Settings
 from dicom_node.spool import Spool
 from dicom_node.study_store import FileStudyStore, StudyStore
@@ -35,7 +36,8 @@ from workers.heartbeat import TrackedModels
 from workers.models.base import Model
 from workers.volume import FrameRef, Volume, load_series
 
-__all__ = ["ModelProvider", "WorkerContext", "build_worker_context", "declared_seconds", "preload_models"]
+__all__ = ["ModelProvider", "WorkerContext", "build_worker_context", "declared_seconds", "node_access",
+           "preload_models"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ class WorkerContext:
     sessions: sessionmaker[Session]
     store: StudyStore
     models: ModelProvider
-    outbox: Spool
+    outbox: Outbox
     queue: JobQueue
     results: ResultsSettings
     synonyms: SynonymTable = field(default_factory=SynonymTable)
@@ -129,11 +131,12 @@ def build_worker_context(
         models = default_registry() if models_file is None else load_model_registry(models_file)
     if not isinstance(models, TrackedModels):  # load states for the worker's heartbeat (dashboard, models page)
         models = TrackedModels(models)
+    store, outbox = node_access(settings, sessions)
     return WorkerContext(
         sessions=sessions,
-        store=FileStudyStore(sessions, settings.spool_dir),
+        store=store,
         models=models,
-        outbox=Spool(settings.outbox_dir, fsync=settings.storage.fsync),
+        outbox=outbox,
         queue=queue,
         results=settings.results,
         synonyms=settings.applicability.synonym_table(),
@@ -144,6 +147,26 @@ def build_worker_context(
         work=work if work is not None else WorkInFlight(),
         expected_seconds=declared_seconds(models),
     )
+
+
+def node_access(settings: Settings, sessions: sessionmaker[Session]) -> tuple[StudyStore, Outbox]:
+    """How this worker reads series and writes results (``worker.node_access``): the node's spool and outbox
+    on a shared filesystem, or the node's DICOMweb and outbox uploads over HTTP (a cache in this data_dir)."""
+    if settings.worker.node_access == "shared_filesystem":
+        return (FileStudyStore(sessions, settings.spool_dir),
+                Spool(settings.outbox_dir, fsync=settings.storage.fsync))
+    from dicom_node.http_study_store import HttpStudyStore
+    from dicom_node.node_client import NodeClient, node_ssl_context
+    from dicom_node.remote_outbox import HttpOutbox
+
+    access = settings.worker
+    assert access.node_url is not None  # WorkerSettings checks it for http
+    client = NodeClient(access.node_url, access.resolved_token(), timeout_seconds=access.timeout_seconds,
+                        ssl_context=node_ssl_context(access.tls_verify, access.ca_certificates))
+    logger.info("worker reaches the node over HTTP at %s (series cache %s, %d MiB)", access.node_url,
+                settings.series_cache_dir, access.cache_max_mb)
+    return (HttpStudyStore(client, settings.series_cache_dir, max_bytes=access.cache_max_mb * 1_048_576),
+            HttpOutbox(client))
 
 
 def declared_seconds(models: ModelProvider) -> dict[str, float]:

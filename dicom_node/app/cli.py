@@ -56,6 +56,9 @@ def build_parser(*, training: bool = True) -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="DICOM port (dicom.port)")
     serve.add_argument("--web-port", type=int, help="admin web port (web.port)")
     serve.add_argument("--ae-title", help="this node's AE title (dicom.ae_title)")
+    serve.add_argument("--check", action="store_true",
+                       help="start nothing: ask the node running with these settings (its /readyz) and exit 0 "
+                            "when it is ready, 1 when not (for container health checks)")
 
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True)
@@ -71,6 +74,9 @@ def build_parser(*, training: bool = True) -> argparse.ArgumentParser:
     worker.add_argument("--queues", default="gpu", help="comma-separated queues: gpu, io (default gpu)")
     worker.add_argument("--concurrency", type=int, default=1, help="tasks at a time (1 per GPU for gpu)")
     worker.add_argument("--broker", help="broker URL (queue.broker_url), e.g. redis://host:6379/0")
+    worker.add_argument("--check", action="store_true",
+                        help="start nothing: ping the workers of this machine over the broker and exit 0 when one "
+                             "answers, 1 when none does (for container health checks)")
 
     from dicom_node import admin_cli, users_cli
 
@@ -145,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _configure_logging(settings.log_level)
     logger.debug("%s", choice.describe())
+    if getattr(args, "check", False):  # before the database check: a health check neither needs nor creates it
+        return _health_check(settings, args.command)
     if args.command in _NEEDS_DATABASE:
         missing = missing_database(settings.resolved_database_url)
         if missing is not None:
@@ -176,6 +184,16 @@ def main(argv: list[str] | None = None) -> int:
 
         return admin_cli.run(settings, args, image_check=_image_check())
     raise AssertionError(f"unhandled command {args.command}")
+
+
+def _health_check(settings: Settings, command: str) -> int:
+    """``serve --check`` / ``worker --check``: 0 when the running process answers, else 1; one line either way."""
+    from dicom_node.app.health_check import check_node, check_worker
+
+    result = check_node(settings) if command == "serve" else check_worker(settings)
+    print(f"dicom-node {command} --check: {'ok' if result.ok else 'failed'}: {result.detail}",
+          file=sys.stdout if result.ok else sys.stderr)
+    return 0 if result.ok else 1
 
 
 def _studies(settings: Settings, args: argparse.Namespace) -> int:

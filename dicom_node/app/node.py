@@ -279,7 +279,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
 
     from dicom_node.db.session import DatabaseNotReady, open_sessions
     from dicom_node.queue import IO_QUEUE
-    from workers.celery_app import make_celery_app
+    from workers.celery_app import make_celery_app, worker_nodename
 
     unknown = sorted(set(queues) - {GPU_QUEUE, IO_QUEUE})
     if unknown or not queues:
@@ -294,7 +294,7 @@ def run_worker(settings: Settings, queues: list[str], concurrency: int) -> int:
     app = make_celery_app(settings.queue.broker_url)
     parts = build_worker(settings, app, sessions, CeleryQueue(app), queues, utc_now, job_concurrency=concurrency,
                          pool_threads=concurrency + (1 if IO_QUEUE in queues else 0),
-                         hostname=f"{'+'.join(queues)}@{socket.gethostname()}")
+                         hostname=worker_nodename(queues, socket.gethostname()))
     parts.worker.start()  # the heartbeat, the models (gpu), then the queues, in a thread of its own
     signals.wait()
     parts.worker.stop(settings.queue.stop_grace_seconds)

@@ -120,7 +120,10 @@ class Study(Base):
     series: Mapped[list[Series]] = relationship(back_populates="study", order_by="Series.id")
     events: Mapped[list[StudyEvent]] = relationship(back_populates="study", order_by="StudyEvent.id")
 
-    __table_args__ = (Index("ix_studies_state_activity", "state", "last_activity_at"),)
+    __table_args__ = (
+        Index("ix_studies_state_activity", "state", "last_activity_at"),
+        Index("ix_studies_last_received", "last_received_at", "id"),  # the studies list's order (keyset pages)
+    )
 
 
 class Series(Base):
@@ -180,6 +183,8 @@ class AssociationRecord(Base):
     instances_stored: Mapped[int] = mapped_column(Integer, default=0)
     instances_failed: Mapped[int] = mapped_column(Integer, default=0)
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    __table_args__ = (Index("ix_associations_outcome_started", "outcome", "started_at"),)  # rejected, newest first
 
 
 class AssociationStudy(Base):
@@ -316,6 +321,8 @@ class Job(Base):
         Index("ux_jobs_study_pipeline_series_generation", "study_id", "pipeline", "series_instance_uid",
               "generation", unique=True),
         Index("ix_jobs_pipeline_finished", "pipeline", "finished_at"),
+        Index("ix_jobs_finished_at", "finished_at"),  # the dashboard's throughput
+        Index("ix_jobs_state_changed", "state", "state_changed_at"),  # its newest errors
     )
 
 
@@ -358,12 +365,21 @@ class Delivery(Base):
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     state_changed_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
-    __table_args__ = (Index("ux_deliveries_job_destination", "job_id", "destination", unique=True),)
+    __table_args__ = (
+        Index("ux_deliveries_job_destination", "job_id", "destination", unique=True),
+        Index("ix_deliveries_delivered_at", "delivered_at"),  # the dashboard's throughput
+        Index("ix_deliveries_state_changed", "state", "state_changed_at"),  # its newest errors
+    )
 
 
 class Role(str, enum.Enum):
-    """What a user of the web app and API may do; each role includes the ones before it."""
+    """What a user of the web app and API may do; each role includes the ones before it.
 
+    ``worker`` stands apart (below viewer): the account of a GPU worker on another machine, whose API token
+    reads series over DICOMweb and uploads results into the outbox, and nothing else of the app.
+    """
+
+    WORKER = "worker"  # DICOMweb reads + outbox uploads (routes that name it exactly), no page, no admin API
     VIEWER = "viewer"  # read everything (patient identifiers included)
     OPERATOR = "operator"  # + retry and cancel jobs, re-send deliveries, test connections
     ADMIN = "admin"  # + routing rules, destinations, models, users, API tokens, audit log
@@ -373,7 +389,7 @@ class Role(str, enum.Enum):
         return _ROLE_LEVELS[self]
 
 
-_ROLE_LEVELS = {Role.VIEWER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
+_ROLE_LEVELS = {Role.WORKER: 0, Role.VIEWER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
 
 
 class User(Base):

@@ -15,22 +15,34 @@ as do the list's state filter and the dashboard's counts, so they all agree.
 
 from __future__ import annotations
 
+import base64
 import logging
+import weakref
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, exists, func, select
+from sqlalchemy import ColumnElement, column, exists, func, literal, literal_column, select, table, tuple_
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.job_views import JobRow, ResultRow, job_rows, jobs_query
-from dicom_node.db.models import AssociationRecord, AssociationStudy, Job, ResultObject, Series, Study, StudyEvent
+from dicom_node.db.models import (
+    AssociationRecord,
+    AssociationStudy,
+    Job,
+    ResultObject,
+    Series,
+    Study,
+    StudyEvent,
+    UTCDateTime,
+)
 from dicom_node.db.study_states import state_condition, study_statuses
 from dicom_node.study_status import SHOWN_STATES, StudyStatus
 
 # ResultRow and JobRow are part of a StudyDetail (its jobs and their results): named here for its readers.
 __all__ = [
+    "COUNT_CAP",
     "JOB_OUTCOMES",
     "NON_IMAGE_MODALITIES",
     "SHOWN_STATES",
@@ -43,6 +55,7 @@ __all__ = [
     "StudyFilters",
     "StudyHeader",
     "StudyPage",
+    "StudyCursor",
     "StudyRow",
     "StudyStatus",
     "list_studies",
@@ -130,10 +143,16 @@ class StudyRow(StudyHeader):
 
 @dataclass(frozen=True)
 class StudyPage:
+    """One page of the studies list; ``total`` is exact when ``total_exact``, else a lower bound (the cap).
+    ``next_cursor`` / ``previous_cursor``: the pages of older / newer studies (None: there is none)."""
+
     items: list[StudyRow]
     total: int
     limit: int
     offset: int
+    total_exact: bool = True
+    next_cursor: str | None = None
+    previous_cursor: str | None = None
 
 
 @dataclass(frozen=True)
@@ -245,26 +264,117 @@ def _outcome_condition(outcome: str) -> ColumnElement[bool]:
     raise ValueError(f"jobs filter {outcome!r} is not one of {', '.join(JOB_OUTCOMES)}")
 
 
+#: The studies list counts matching studies up to this many; beyond it the page says "10,000+"
+#: (``StudyPage.total_exact`` false) unless exact counting is asked for. Counting every match
+#: costs a scan of them all on each page (0.1 s per 100,000 studies on SQLite).
+COUNT_CAP = 10_000
+
+
+@dataclass(frozen=True)
+class StudyCursor:
+    """A position in the studies list (its order: ``last_received_at`` then ``id``, newest first): the
+    page after it holds the studies below, the page before it those above. Sent as an opaque token."""
+
+    last_received_at: datetime
+    id: int
+
+    def token(self) -> str:
+        raw = f"{self.last_received_at.astimezone(timezone.utc).isoformat()}|{self.id}"
+        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+    @classmethod
+    def parse(cls, token: str) -> StudyCursor:
+        """The cursor a :meth:`token` names; ValueError naming the token when it is not one."""
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+            at, _, study_id = raw.partition("|")
+            when = datetime.fromisoformat(at)
+            if when.tzinfo is None:
+                raise ValueError("no time zone")
+            return cls(when, int(study_id))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"studies cursor {token[:80]!r} is not one this node gave ({exc})") from None
+
+
+def _name_search_table(session: Session) -> bool:
+    """Whether the database has the trigram table of patient names (SQLite, migration 0010), once per engine."""
+    bind = session.get_bind()
+    if bind.dialect.name != "sqlite":
+        return False
+    engine = getattr(bind, "engine", bind)
+    known = _NAME_SEARCH.get(engine)
+    if known is None:
+        known = session.execute(select(literal_column("1")).select_from(table("sqlite_master"))
+                                .where(literal_column("name") == NAME_SEARCH_TABLE)).first() is not None
+        _NAME_SEARCH[engine] = known
+    return known
+
+
+#: SQLite's FTS5 trigram table of ``studies.patient_name`` (migration 0010); its rowid is the study id.
+NAME_SEARCH_TABLE = "studies_patient_name"
+_NAME_SEARCH: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _name_lookup(session: Session, text: str) -> ColumnElement[bool] | None:
+    """The trigram lookup of a patient-name filter on SQLite (three characters or more), which narrows the
+    studies to those whose name holds every trigram of ``text`` before the exact ``LIKE`` decides."""
+    if len(text) < 3 or not _name_search_table(session):
+        return None
+    phrase = '"' + text.replace('"', '""') + '"'
+    names = table(NAME_SEARCH_TABLE, column("rowid"))
+    return Study.id.in_(select(names.c.rowid).where(literal_column(NAME_SEARCH_TABLE).op("MATCH")(phrase)))
+
+
+def _count(session: Session, conditions: list[ColumnElement[bool]], cap: int | None) -> tuple[int, bool]:
+    """(matching studies, exact): counted up to ``cap`` + 1 rows (None: all of them)."""
+    query = select(Study.id).where(*conditions)
+    if cap is None:
+        return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0), True
+    found = int(session.scalar(select(func.count()).select_from(query.limit(cap + 1).subquery())) or 0)
+    return (cap, False) if found > cap else (found, True)
+
+
 def list_studies(
-    sessions: sessionmaker[Session], filters: StudyFilters | None = None, *, limit: int = 50, offset: int = 0
+    sessions: sessionmaker[Session], filters: StudyFilters | None = None, *, limit: int = 50, offset: int = 0,
+    after: str | None = None, before: str | None = None, count_cap: int | None = COUNT_CAP,
 ) -> StudyPage:
     """One page of studies matching ``filters``, the most recently received first, with their summaries.
 
-    Six or seven queries whatever the page size: the count, the page, then series and senders of the
-    studies on the page, and their shown states (:func:`~dicom_node.db.study_states.study_statuses`).
+    Pages are found by ``offset`` (older clients; its cost grows with the offset) or, flat with the size of
+    the database, by a cursor: ``after`` (the page's ``next_cursor``: the older studies below it) or
+    ``before`` (``previous_cursor``: the newer ones above it), which walk the ``(last_received_at, id)``
+    index and stay right when studies arrive between two pages. ``total`` counts the matching studies up
+    to ``count_cap`` (None: exactly). Six or seven queries whatever the page size: the count, the page,
+    then series and senders of the studies on it, and their shown states
+    (:func:`~dicom_node.db.study_states.study_statuses`). ValueError names a cursor this node did not give.
     """
     filters = filters or StudyFilters()
     conditions = _conditions(filters)
+    cursor = StudyCursor.parse(after) if after else StudyCursor.parse(before) if before else None
+    key = tuple_(Study.last_received_at, Study.id)
+    newest_first = (Study.last_received_at.desc(), Study.id.desc())
     with sessions() as session:
-        total = int(session.scalar(select(func.count()).select_from(Study).where(*conditions)) or 0)
-        rows = session.execute(
-            select(Study.id, Study.study_instance_uid, Study.patient_id, Study.patient_name, Study.accession_number,
+        if filters.patient_name and (lookup := _name_lookup(session, filters.patient_name)) is not None:
+            conditions.append(lookup)
+        total, exact = _count(session, conditions, count_cap)
+        columns = (Study.id, Study.study_instance_uid, Study.patient_id, Study.patient_name, Study.accession_number,
                    Study.study_date, Study.study_description, Study.state, Study.instance_count,
                    Study.first_received_at, Study.last_received_at, Study.completed_at)
-            .where(*conditions)
-            .order_by(Study.last_received_at.desc(), Study.id.desc())
-            .limit(limit).offset(offset)
-        ).all()
+        query = select(*columns).where(*conditions)
+        if cursor is not None and after:
+            query = query.where(key < tuple_(literal(cursor.last_received_at, UTCDateTime()), literal(cursor.id)))
+            rows = session.execute(query.order_by(*newest_first).limit(limit + 1)).all()
+            more_after, more_before = len(rows) > limit, True
+            rows = rows[:limit]
+        elif cursor is not None:
+            query = query.where(key > tuple_(literal(cursor.last_received_at, UTCDateTime()), literal(cursor.id)))
+            rows = session.execute(query.order_by(Study.last_received_at, Study.id).limit(limit + 1)).all()
+            more_after, more_before = True, len(rows) > limit
+            rows = list(reversed(rows[:limit]))
+        else:
+            rows = session.execute(query.order_by(*newest_first).limit(limit + 1).offset(offset)).all()
+            more_after, more_before = len(rows) > limit, offset > 0
+            rows = rows[:limit]
         ids = [int(r[0]) for r in rows]
         modalities: dict[int, set[str]] = defaultdict(set)
         series_counts: dict[int, int] = defaultdict(int)
@@ -292,7 +402,11 @@ def list_studies(
         )
         for r in rows
     ]
-    return StudyPage(items=items, total=total, limit=limit, offset=offset)
+    return StudyPage(
+        items=items, total=total, limit=limit, offset=offset if cursor is None else 0, total_exact=exact,
+        next_cursor=StudyCursor(rows[-1][10], int(rows[-1][0])).token() if rows and more_after else None,
+        previous_cursor=StudyCursor(rows[0][10], int(rows[0][0])).token() if rows and more_before else None,
+    )
 
 
 # --------------------------------------------------------------------------- one study

@@ -468,14 +468,16 @@ class NodeProcess:
 
 
 class WorkerProcess:
-    """``dicom-node worker`` on the node's config and data, as its own process."""
+    """``dicom-node worker`` on the node's config and data, as its own process; or, with ``config`` and
+    ``data_dir``, on a configuration and data directory of its own (a worker on another machine)."""
 
-    def __init__(self, node: NodeProcess, work: Path, label: str) -> None:
+    def __init__(self, node: NodeProcess, work: Path, label: str, *, config: Path | None = None,
+                 data_dir: Path | None = None, queues: str = "gpu,io") -> None:
         self.log_path = work / f"{label}.log"
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [NODE_COMMAND, "worker", "--config", str(node.config_path), "--data-dir", str(node.data_dir),
-                 "--queues", "gpu,io"],
+                [NODE_COMMAND, "worker", "--config", str(config or node.config_path),
+                 "--data-dir", str(data_dir or node.data_dir), "--queues", queues],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=work,
             )

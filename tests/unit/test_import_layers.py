@@ -188,6 +188,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "dicom_node/spool.py", "dicom_node/study_store.py", "dicom_node/queue.py", "dicom_node/work_in_flight.py",
         "dicom_node/stopping.py", "dicom_node/tls_files.py", "dicom_node/header.py", "dicom_node/codestream.py",
         "dicom_node/dataset_layout.py", "dicom_node/study_status.py", "dicom_node/palette.py",
+        "dicom_node/node_client.py", "dicom_node/multipart_stream.py", "dicom_node/http_study_store.py",
+        "dicom_node/remote_outbox.py",
     ),
     "node": (
         "dicom_node/scp*.py", "dicom_node/scp_accel/**/*.py", "dicom_node/association_server.py", "dicom_node/ingest.py",

@@ -65,7 +65,8 @@ class Seeded:
         """A plausible value for path parameter ``name`` of ``path`` (an existing object where one exists)."""
         by_name = {
             "study_instance_uid": STUDY_UID, "study_uid": STUDY_UID, "uid": STUDY_UID,
-            "series_instance_uid": SERIES_UID, "series_uid": SERIES_UID,
+            "series_instance_uid": SERIES_UID, "series_uid": SERIES_UID, "sop_instance_uid": SERIES_UID + ".1",
+            "path": f"job-{self.job_id}/sr-{SERIES_UID}.9.dcm",  # a result file in the job's outbox folder
             "job_id": str(self.job_id), "delivery_id": str(self.delivery_id), "token_id": str(self.token_id),
             "entry_id": str(self.audit_id), "audit_id": str(self.audit_id), "study_id": str(self.study_id),
             "username": self.username, "user": self.username,

@@ -26,6 +26,8 @@ EXPECTED = {
     "day": {"received": 7, "receiving": 1, "waiting": 1, "in_progress": 1, "done": 2, "held": 0, "failed": 1,
             "ignored": 1},
 }
+#: As the API gives them: every window counted in full (far under monitoring.STUDY_COUNT_CAP).
+EXPECTED_API = {window: {"complete": True, **counts} for window, counts in EXPECTED.items()}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +60,7 @@ def test_dashboard_counts_studies_by_outcome_in_each_window(filled: tuple[WebEnv
     assert _row_counts(page.text, "hour") == EXPECTED["hour"]
     assert _row_counts(page.text, "day") == EXPECTED["day"]
     api = viewer_of.client.get("/api/v1/dashboard").json()
-    assert api["studies"] == EXPECTED
+    assert api["studies"] == EXPECTED_API
 
 
 def test_each_count_links_to_the_studies_the_list_shows_in_that_state(filled: tuple[WebEnv, Scenario],
@@ -185,7 +187,7 @@ def test_dashboard_numbers_are_the_same_on_every_database(tmp_path: Path, databa
     scenario = build_scenario(env.settings, env.sessions, series, utc_now())
     token = env.token("viewer")
     data = env.client().get("/api/v1/dashboard", headers={"Authorization": f"Bearer {token}"}).json()
-    assert data["studies"] == EXPECTED
+    assert data["studies"] == EXPECTED_API
     assert sum(b["count"] for b in data["throughput"]["instances_per_minute"]) == 6 * 4
     assert sum(b["count"] for b in data["throughput"]["studies_per_hour"]) == 2
     # The windows are found through the primary key: every cut-off gives the same as a plain filter.

@@ -2,28 +2,36 @@
 
 The table below is the access policy written down independently of the code (viewer: read;
 operator: + retry/cancel jobs, re-send deliveries and results, re-process studies, test connections; admin: + routing rules,
-destinations, models, users, API tokens, audit log). The test fails when the app has a route
+destinations, models, users, API tokens, audit log; worker: a GPU worker's account, which reads series over
+DICOMweb and uploads results into the outbox, and nothing else). The test fails when the app has a route
 the table lacks or the table names a route the app lacks, so a new route cannot ship without
 someone deciding who may use it.
 
-TO ADD A ROUTE: add ``("METHOD", "/path/{param}"): "viewer" | "operator" | "admin" | "public"``
+TO ADD A ROUTE: add ``("METHOD", "/path/{param}"): "worker" | "viewer" | "operator" | "admin" | "public"``
+(or "worker-only": the worker role itself, no other)
 to ``POLICY``. If its path parameter has a new name, teach ``Seeded.value`` in
 ``tests/web/security_support.py`` which seeded object to use (the CSRF test fails until then).
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.testclient import TestClient
 
+from dicom_node.db import audit, users
 from dicom_node.db.models import Role
-from tests.web.conftest import ROLES, LoggedIn, WebEnv
+from dicom_node.ingest import utc_now
+from dicom_node.web.passwords import hash_password
+from tests.web.conftest import PASSWORD, ROLES, LoggedIn, WebEnv
 from tests.web.security_support import STATE_CHANGING, app_routes, seed
 
-V, O, A = "viewer", "operator", "admin"
+W, V, O, A = "worker", "viewer", "operator", "admin"
+#: The worker role itself and no other (``require(Role.WORKER, only=True)``): result uploads.
+WORKER_ONLY = "worker-only"
 #: "public": anybody, logged in or not. "login": the login form, which has its own CSRF check
 #: (a post without the login-form cookie is refused with 403 for everybody, never redirected).
 POLICY: dict[tuple[str, str], str] = {
@@ -31,7 +39,7 @@ POLICY: dict[tuple[str, str], str] = {
     ("GET", "/login"): "public",
     ("POST", "/login"): "login",
     ("POST", "/logout"): V,
-    ("GET", "/api/v1/me"): V,
+    ("GET", "/api/v1/me"): W,  # a GPU worker checks its token with it
     ("GET", "/healthz"): "public",
     ("GET", "/readyz"): "public",
     ("GET", "/metrics"): "public",
@@ -135,6 +143,16 @@ POLICY: dict[tuple[str, str], str] = {
     ("DELETE", "/api/v1/tokens/{token_id}"): A,
     ("GET", "/audit"): A,
     ("GET", "/api/v1/audit"): A,
+    # DICOMweb reads (issue 26): GPU workers fetch their series; viewers read everything anyway
+    ("GET", "/api/v1/dicomweb/studies"): W,
+    ("GET", "/api/v1/dicomweb/series"): W,
+    ("GET", "/api/v1/dicomweb/studies/{study_instance_uid}/series"): W,
+    ("GET", "/api/v1/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}"): W,
+    ("GET", "/api/v1/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}/instances"): W,
+    ("GET", "/api/v1/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}"): W,
+    # results uploaded by GPU workers into the node's outbox: worker accounts only (no person places results)
+    ("PUT", "/api/v1/outbox/{path:path}"): WORKER_ONLY,
+    ("DELETE", "/api/v1/outbox/{path:path}"): WORKER_ONLY,
 }
 
 
@@ -166,6 +184,8 @@ def _expectation(least: str, principal: Principal, path: str) -> str:
         return "allowed"
     if principal.role is None:
         return "401" if path.startswith("/api/") else "to-login"
+    if least == WORKER_ONLY:
+        return "allowed" if principal.role is Role.WORKER else "403"
     return "allowed" if principal.role.level >= Role(least).level else "403"
 
 
@@ -199,6 +219,9 @@ def test_permission_matrix(web: WebEnv) -> None:
                                     client=_checked_client(web, session)))
     for role in ROLES:
         principals.append(Principal(f"{role.value} token", role, "bearer", token=web.token(role.value), client=raw))
+    # A worker account has API tokens only (its login is refused: test_worker_accounts_cannot_log_in).
+    users.create_user(web.sessions, "worker", hash_password(PASSWORD), Role.WORKER, now=utc_now())
+    principals.append(Principal("worker token", Role.WORKER, "bearer", token=web.token("worker"), client=raw))
 
     routes = [r for r in app_routes(web.app) if r in POLICY]
     # Reads first, destructive requests last, so that fewer allowed requests meet an object already deleted.
@@ -219,6 +242,23 @@ def test_permission_matrix(web: WebEnv) -> None:
     assert not outcome.failures, "permission matrix mismatches:\n" + "\n".join(outcome.failures)
     assert not outcome.crashes, "server errors:\n" + "\n".join(outcome.crashes)
     assert outcome.requests >= len(routes) * 5
+
+
+def test_worker_accounts_cannot_log_in(web: WebEnv) -> None:
+    """A GPU worker's account proves itself with API tokens only: the login form refuses it, right password
+    or not, and says so in the audit log; its token still works."""
+    users.create_user(web.sessions, "gpu-1", hash_password(PASSWORD), Role.WORKER, now=utc_now())
+    client = web.client()
+    token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text)
+    assert token
+    answer = client.post("/login", data={"username": "gpu-1", "password": PASSWORD, "csrf_token": token.group(1),
+                                         "next": "/"}, follow_redirects=False)
+    assert answer.status_code != 303 and "Wrong user name or password" in answer.text
+    assert client.get("/api/v1/me").status_code == 401
+    failed = [e for e in audit.list_entries(web.sessions) if e.action == "login.failed" and e.target == "gpu-1"]
+    assert [e.detail for e in failed] == ["worker accounts use API tokens only"]
+    me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {web.token('gpu-1')}"})
+    assert me.status_code == 200 and me.json()["role"] == "worker"
 
 
 def _checked_client(web: WebEnv, session: LoggedIn) -> TestClient:

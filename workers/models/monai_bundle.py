@@ -24,6 +24,11 @@ How a :class:`Volume` enters MONAI (:func:`volume_to_metatensor`): as the
 prediction back to that input grid (``Invertd``, as Model Zoo bundles do);
 :func:`label_map_to_volume` checks shape and affine and returns it on the volume's
 ``[slice, row, column]`` grid. Any other result is an error naming the bundle.
+When the postprocessing ends in such an ``Invertd`` and the preprocessing only
+reoriented and respaced the image, :class:`InferencePipeline` takes that last step
+itself, by a separable nearest-neighbour lookup (:mod:`workers.models.label_resampling`):
+the same label map, in uint8, without ``Invertd``'s float64 sampling grid of the
+series' size (1.9 GB and 12 s for a 300-slice CT).
 
 Labels: a bundle's output values are mapped to coded concepts by a
 ``{bundle value: SegmentLabel}`` mapping - from the registry entry
@@ -66,6 +71,7 @@ from workers.models.loading import (
     mapping_or_metadata,
     open_bundle,
 )
+from workers.models.label_resampling import SeparableLookup, input_grid_lookup, resample_nearest
 from workers.volume import Volume
 
 __all__ = [
@@ -137,29 +143,31 @@ def volume_to_metatensor(volume: Volume) -> Any:
     return MetaTensor(torch.from_numpy(array), affine=affine, meta=meta)
 
 
-def label_map_to_volume(prediction: Any, volume: Volume, source: str) -> npt.NDArray[np.int64]:
+def label_map_to_volume(prediction: Any, volume: Volume, source: str) -> npt.NDArray[np.integer]:
     """A postprocessed ``(1, X, Y, Z)`` label map back on the volume's ``[slice, row, column]`` grid.
 
     ``source`` names the model in errors. Raises :class:`BundleError` when the
     prediction has more than one channel, another shape, another affine than the
     input (postprocessing that does not invert back to the input grid) or
-    negative values.
+    negative values. The values are returned in the smallest integer type that
+    holds them (uint8 for up to 255 labels): a label map of a 1,000-slice CT is
+    262 MB in uint8, 2.1 GB in int64.
     """
     tensor = prediction if isinstance(prediction, torch.Tensor) else torch.as_tensor(np.asarray(prediction))
     affine = getattr(tensor, "affine", None)
-    array = tensor.detach().cpu().float().numpy()
+    tensor = tensor.detach().cpu()
     expected = tuple(reversed(volume.shape))
-    if array.ndim == 4:
-        if array.shape[0] != 1:
+    if tensor.ndim == 4:
+        if tensor.shape[0] != 1:
             raise BundleError(
-                f"{source}: postprocessing returned {array.shape[0]} channels; a segmentation model must end in a "
+                f"{source}: postprocessing returned {tensor.shape[0]} channels; a segmentation model must end in a "
                 "single-channel label map (e.g. AsDiscreted(argmax=True))"
             )
-        array = array[0]
-    if array.shape != expected:
+        tensor = tensor[0]
+    if tuple(tensor.shape) != expected:
         raise BundleError(
-            f"{source}: label map has shape {array.shape} (X, Y, Z) but series {volume.series_instance_uid} has "
-            f"{expected}; the postprocessing must invert the preprocessing back to the input grid (Invertd)"
+            f"{source}: label map has shape {tuple(tensor.shape)} (X, Y, Z) but series {volume.series_instance_uid} "
+            f"has {expected}; the postprocessing must invert the preprocessing back to the input grid (Invertd)"
         )
     if affine is not None:
         got = np.asarray(affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else affine, np.float64)
@@ -170,10 +178,33 @@ def label_map_to_volume(prediction: Any, volume: Volume, source: str) -> npt.NDA
                 f"{source}: label map affine differs from the input's by up to {worst:.3g} mm for series "
                 f"{volume.series_instance_uid}; the postprocessing must invert the preprocessing (Invertd)"
             )
-    labels = np.rint(array).astype(np.int64)
-    if labels.size and labels.min() < 0:
-        raise BundleError(f"{source}: label map has negative value {int(labels.min())}")
+    labels = label_values_array(tensor, source)
     return np.ascontiguousarray(labels.transpose(2, 1, 0))
+
+
+def label_values_array(labels: Any, source: str) -> npt.NDArray[np.integer]:
+    """``labels`` (a tensor or array of label values, any dtype) rounded into the smallest integer numpy type.
+
+    uint8 when every value fits (0..255), else uint16 or int32. Floating values are
+    rounded half to even, as ``np.rint`` does. Raises :class:`BundleError` (naming
+    ``source``) for a negative value.
+    """
+    array = labels.numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if array.size == 0:
+        return array.astype(np.uint8)
+    low, high = float(array.min()), float(array.max())
+    if np.rint(low) < 0:
+        raise BundleError(f"{source}: label map has negative value {int(np.rint(low))}")
+    dtype = np.uint8 if np.rint(high) <= 255 else np.uint16 if np.rint(high) <= 65535 else np.int32
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(dtype, copy=False)
+    if array.ndim < 2:
+        return np.rint(array).astype(dtype)
+    out = np.empty(array.shape, dtype=dtype)
+    # Slice by slice along the first axis: rounding a whole volume at once needs a float copy of it.
+    for index in range(array.shape[0]):
+        np.rint(array[index], out=out[index], casting="unsafe")
+    return out
 
 
 # --------------------------------------------------------------------------- running
@@ -207,7 +238,7 @@ def low_confidence_fraction(logits: torch.Tensor) -> float | None:
 class InferenceOutput:
     """What one run gives: the model's own label values on the volume's grid and its confidence signal."""
 
-    values: npt.NDArray[np.int64]
+    values: npt.NDArray[np.integer]
     low_confidence_fraction: float | None
 
 
@@ -234,23 +265,92 @@ class InferencePipeline:
     pred_key: str = "pred"
     softmax_output: bool = False
 
-    def label_values(self, volume: Volume) -> npt.NDArray[np.int64]:
+    def __post_init__(self) -> None:
+        """Split a final ``Invertd`` of the prediction off the postprocessing (``_head``, ``_invert``).
+
+        Only an ``Invertd`` that ends the chain, inverts ``pred_key`` with the image's
+        transforms, interpolates nearest and has no device or post function is split
+        off: :meth:`_on_input_grid` replaces it by a lookup with the same result.
+        """
+        self._head: Callable[[dict[str, Any]], dict[str, Any]] = self.postprocessing
+        self._invert: Any = None
+        transforms = getattr(self.postprocessing, "transforms", None)
+        last = transforms[-1] if transforms else None
+        if (type(last).__name__ == "Invertd" and list(last.keys) == [self.pred_key]
+                and list(last.orig_keys) == [self.image_key] and all(last.nearest_interp)
+                and all(f is None for f in last.post_func) and all(d is None for d in last.device)):
+            self._head, self._invert = without_last(self.postprocessing), last
+
+    def label_values(self, volume: Volume) -> npt.NDArray[np.integer]:
         """The model's output values on the volume's ``[slice, row, column]`` grid (its own label values)."""
         return self.run(volume).values
 
     def run(self, volume: Volume) -> InferenceOutput:
         """Run on ``volume``: its label values (see :meth:`label_values`) and the low-confidence fraction."""
-        data = self.preprocessing({self.image_key: volume_to_metatensor(volume)})
+        data = self._preprocessed(volume)
         image = data[self.image_key]
         with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp):
             prediction = self.inferer(image[None].to(self.device), self.network)
         if not isinstance(prediction, torch.Tensor):
             raise BundleError(f"{self.source}: inferer returned {type(prediction).__name__}, expected one tensor")
         data[self.pred_key] = prediction[0].float()
+        del prediction, image
         fraction = low_confidence_fraction(data[self.pred_key]) if self.softmax_output else None
         with torch.no_grad():
-            data = self.postprocessing(data)
-        return InferenceOutput(label_map_to_volume(data[self.pred_key], volume, self.source), fraction)
+            data = self._head(data)
+            values = self._on_input_grid(data, volume)
+        return InferenceOutput(values, fraction)
+
+    def _preprocessed(self, volume: Volume) -> dict[str, Any]:
+        """The preprocessing's output for ``volume``.
+
+        A plain MONAI ``Compose`` runs through ``execute_compose`` (what ``Compose``
+        calls) given the input dictionary directly: ``Compose.__call__`` would hold the
+        input - the volume's ``(X, Y, Z)`` copy, 1 GB for a 1,000-slice CT - until the
+        last transform, beside the reoriented copy and the respacing's float64 one.
+        """
+        from monai.transforms import Compose
+        from monai.transforms.compose import execute_compose
+
+        chain = self.preprocessing
+        if type(chain) is not Compose:
+            return chain({self.image_key: volume_to_metatensor(volume)})
+        return execute_compose(  # type: ignore[return-value]
+            {self.image_key: volume_to_metatensor(volume)}, chain.transforms, map_items=chain.map_items,
+            unpack_items=chain.unpack_items, lazy=chain.lazy, overrides=chain.overrides, log_stats=chain.log_stats,
+        )
+
+    def _on_input_grid(self, data: dict[str, Any], volume: Volume) -> npt.NDArray[np.integer]:
+        """The label values on the volume's ``[slice, row, column]`` grid.
+
+        With a final ``Invertd`` split off (:meth:`__post_init__`) and a
+        preprocessing that only reoriented and respaced the image, by a separable
+        nearest-neighbour lookup (:mod:`workers.models.label_resampling`) from the label
+        map on the network's grid, in its small integer type: the same values as
+        ``Invertd`` gives, without its float64 sampling grid of three coordinates per
+        voxel of the series. Otherwise by that ``Invertd``, then :func:`label_map_to_volume`.
+        """
+        prediction = data[self.pred_key]
+        image = data.get(self.image_key)
+        if self._invert is not None:
+            lookup = None
+            if isinstance(prediction, torch.Tensor) and prediction.ndim == 4 and prediction.shape[0] == 1 and \
+                    hasattr(image, "applied_operations") and tuple(prediction.shape[1:]) == tuple(image.shape[1:]):
+                lookup = input_grid_lookup(image.applied_operations, image.affine.numpy(), tuple(image.shape[1:]),
+                                           ras_affine(volume), tuple(reversed(volume.shape)))
+            if lookup is None:
+                data = self._invert(data)
+            else:
+                on_network_grid = label_values_array(prediction[0].detach().cpu(), self.source)
+                # The lookup is for the input's (X, Y, Z) axes; the volume's are (Z, Y, X).
+                zyx = SeparableLookup(source_axes=lookup.source_axes[::-1], indices=lookup.indices[::-1])
+                return resample_nearest(on_network_grid, zyx)
+        return label_map_to_volume(data[self.pred_key], volume, self.source)
+
+
+def without_last(compose: Any) -> Any:
+    """A copy of the MONAI ``Compose`` ``compose`` without its last transform."""
+    return _compose_like(compose, list(compose.transforms[:-1]))
 
 
 def without_transforms(compose: Any, names: Sequence[str], source: str, key: str) -> Any:
@@ -259,9 +359,15 @@ def without_transforms(compose: Any, names: Sequence[str], source: str, key: str
 
     if not isinstance(compose, Compose):
         raise BundleError(f"{source}: inference.json '{key}' must be a Compose, got {type(compose).__name__}")
-    kept = [t for t in compose.flatten().transforms if type(t).__name__ not in names]
+    return _compose_like(compose, [t for t in compose.flatten().transforms if type(t).__name__ not in names])
+
+
+def _compose_like(compose: Any, transforms: list[Any]) -> Any:
+    """A MONAI ``Compose`` of ``transforms`` with the options of ``compose``."""
+    from monai.transforms import Compose
+
     return Compose(
-        kept,
+        transforms,
         map_items=compose.map_items,
         unpack_items=compose.unpack_items,
         log_stats=compose.log_stats,
@@ -284,7 +390,7 @@ class SegmentationPipelineModel(LabelledModel):
     def kind(self) -> ModelKind:
         return "segmentation"
 
-    def predict_values(self, volume: Volume) -> npt.NDArray[np.int64]:
+    def predict_values(self, volume: Volume) -> npt.NDArray[np.integer]:
         """The model's own output values on the volume's ``[slice, row, column]`` grid (before label mapping)."""
         check_modality(self._modality, volume, self._pipeline.source)
         return self._pipeline.label_values(volume)

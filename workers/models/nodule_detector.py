@@ -48,7 +48,9 @@ _ALIGNED_TOLERANCE = 1e-4
 class AxialGrid:
     """A volume as :func:`~workers.models.detection_network.detect` takes it.
 
-    ``array``: HU, ``(z, y, x)`` with indices increasing along patient +z, +y, +x;
+    ``array``: HU, ``(z, y, x)`` with indices increasing along patient +z, +y, +x (for an
+    axis-aligned series a view of the volume's array, flipped and transposed, not a copy:
+    read it, do not write it);
     ``spacing_zyx_mm``; ``origin_xyz_mm``: LPS position of the centre of voxel (0, 0, 0).
     """
 
@@ -73,7 +75,9 @@ def axial_lps_grid(volume: Volume, resample_spacing_zyx_mm: tuple[float, float, 
     """``volume`` on an LPS-aligned ``(z, y, x)`` grid.
 
     Axis-aligned volumes (axial, coronal, sagittal, any slice order) are only
-    transposed and flipped, so every voxel keeps its value and position. Oblique
+    transposed and flipped, so every voxel keeps its value and position; the grid's
+    array is then a view of the volume's (:func:`~workers.models.detection_network.to_network_grid`
+    makes the one copy the network needs, so a 1,000-slice CT is not held three times). Oblique
     volumes are resampled (trilinear) at ``resample_spacing_zyx_mm`` onto the grid
     that covers them; voxels outside the series are air.
     """
@@ -90,7 +94,7 @@ def axial_lps_grid(volume: Volume, resample_spacing_zyx_mm: tuple[float, float, 
         order = [which.index(2 - j) for j in range(3)]
         origin = volume.index_to_world(corner)
         return AxialGrid(
-            array=np.ascontiguousarray(array.transpose(order), dtype=np.float32),
+            array=np.asarray(array.transpose(order), dtype=np.float32),
             spacing_zyx_mm=tuple(float(volume.spacing_mm[a]) for a in order),  # type: ignore[arg-type]
             origin_xyz_mm=(float(origin[0]), float(origin[1]), float(origin[2])),
         )
@@ -114,7 +118,7 @@ def _resample_oblique(volume: Volume, spacing_zyx: tuple[float, float, float]) -
     matrix = to_source @ to_world
     offset = to_source @ (lo - volume.affine[:3, 3])
     array = ndimage.affine_transform(
-        volume.array.astype(np.float32),
+        np.asarray(volume.array, dtype=np.float32),
         matrix,
         offset=offset,
         output_shape=tuple(int(n) for n in size_xyz[::-1]),

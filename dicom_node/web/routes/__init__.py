@@ -8,8 +8,10 @@ from dicom_node.web.routes import (
     audit_log,
     dashboard,
     destinations,
+    dicomweb,
     login,
     models,
+    outbox_upload,
     rules,
     studies,
     study_actions,
@@ -29,4 +31,6 @@ ROUTERS: tuple[APIRouter, ...] = (
     models.router,
     audit_log.router,
     users.router,
+    dicomweb.router,
+    outbox_upload.router,
 )

@@ -36,6 +36,8 @@ class StudyCountsOut(BaseModel):
     """Studies first received in the window, by the state each is shown in now (the studies list's states:
     ``/studies?status=...&received_from=...`` lists them); received = the sum of the others."""
 
+    complete: bool = Field(True, description="false: the window holds more studies than the dashboard counts "
+                                             "(5,000, the newest); the numbers are theirs, the window holds more")
     received: int
     receiving: int = Field(description="instances still arriving")
     waiting: int = Field(description="complete and about to be routed, or routed with every job queued")
@@ -169,6 +171,7 @@ def _live_values(context: WebContext) -> dict[str, Any]:
         "study_chart": _bars(data.throughput.studies_per_hour, 480),
         "instance_chart": _bars(data.throughput.instances_per_minute, 480),
         "stale_seconds": context.settings.web.worker_stale_seconds,
+        "count_cap": monitoring.STUDY_COUNT_CAP,
     }
 
 

@@ -163,14 +163,33 @@ def _job_preview_response(context: WebContext, job_id: int) -> Response:
     return _preview_response(lambda: job_preview(context.settings, context.sessions, job_id))
 
 
-def _page_links(filters: StudyFilters, limit: int, offset: int, total: int) -> tuple[str | None, str | None]:
+_CURSOR = Query(None, max_length=200, description="A page's next_cursor: the older studies below it (keyset "
+                                                   "pages: stable while studies arrive, flat with the database size)")
+_BEFORE = Query(None, max_length=200, description="A page's previous_cursor: the newer studies above it")
+_COUNT = Query("capped", description=f"capped: total counts matching studies up to {study_views.COUNT_CAP:,} "
+                                     "(total_exact false beyond); exact: all of them (slower on big databases)")
+
+
+def _study_page(context: WebContext, filters: StudyFilters, *, limit: int, offset: int, after: str | None,
+                before: str | None, count: str = "capped") -> study_views.StudyPage:
+    """The page the query asks for; a cursor the node did not give answers 422 naming it."""
+    try:
+        return study_views.list_studies(context.sessions, filters, limit=limit, offset=offset, after=after,
+                                        before=None if after else before,
+                                        count_cap=None if count == "exact" else study_views.COUNT_CAP)
+    except ValueError as exc:
+        raise _bad_query("after" if after else "before", str(exc)) from None
+
+
+def _page_links(filters: StudyFilters, limit: int, page: study_views.StudyPage) -> tuple[str | None, str | None]:
+    """Links to the newer and the older page (by cursor), keeping the filters."""
     base = filters.active()
 
-    def link(at: int) -> str:
-        return "/studies?" + urlencode({**base, "limit": limit, "offset": at})
+    def link(**cursor: str) -> str:
+        return "/studies?" + urlencode({**base, "limit": limit, **cursor})
 
-    previous = link(max(0, offset - limit)) if offset > 0 else None
-    following = link(offset + limit) if offset + limit < total else None
+    previous = link(before=page.previous_cursor) if page.previous_cursor else None
+    following = link(after=page.next_cursor) if page.next_cursor else None
     return previous, following
 
 
@@ -183,12 +202,15 @@ def studies_page(
     filters: StudyFilters = Depends(study_filters),
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0),
+    after: str | None = _CURSOR,
+    before: str | None = _BEFORE,
     principal: Principal = Depends(require(Role.VIEWER)),
     context: WebContext = Depends(get_context),
 ) -> Response:
-    page = study_views.list_studies(context.sessions, filters, limit=limit, offset=offset)
-    previous, following = _page_links(filters, limit, offset, page.total)
-    return render(request, "studies.html", page=page, filters=filters, limit=limit, previous_url=previous,
+    page = _study_page(context, filters, limit=limit, offset=offset, after=after, before=before)
+    previous, following = _page_links(filters, limit, page)
+    return render(request, "studies.html", page=page, filters=filters, limit=limit, paged=bool(offset or after or before),
+                  previous_url=previous,
                   next_url=following, study_states=[s.value for s in StudyState],
                   shown_states=study_views.SHOWN_STATES, state_labels=STATE_LABELS, dicom=context.settings.dicom)
 
@@ -297,12 +319,16 @@ def retry_delivery_page(
 def list_studies_api(
     filters: StudyFilters = Depends(study_filters),
     limit: int = Query(50, ge=1, le=500),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, description="Studies to skip (older clients; prefer after=next_cursor)"),
+    after: str | None = _CURSOR,
+    before: str | None = _BEFORE,
+    count: Literal["capped", "exact"] = _COUNT,
     principal: Principal = Depends(require(Role.VIEWER)),
     context: WebContext = Depends(get_context),
 ) -> StudyList:
-    """Studies matching the filters, most recently received first, one page at a time."""
-    page = study_views.list_studies(context.sessions, filters, limit=limit, offset=offset)
+    """Studies matching the filters, most recently received first, one page at a time: follow
+    ``next_cursor`` with ``after=`` (or ``previous_cursor`` with ``before=``); ``offset`` still works."""
+    page = _study_page(context, filters, limit=limit, offset=offset, after=after, before=before, count=count)
     return StudyList.model_validate(page)
 
 

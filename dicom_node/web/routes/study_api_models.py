@@ -62,9 +62,14 @@ class StudyItem(_Out):
 
 class StudyList(_Out):
     items: list[StudyItem]
-    total: int = Field(description="Studies matching the filters, all pages")
+    total: int = Field(description="Studies matching the filters, all pages; when total_exact is false, at least "
+                                   "this many (counting stops at the cap unless count=exact)")
     limit: int
-    offset: int
+    offset: int = Field(description="The offset asked for; 0 for a page found by cursor")
+    total_exact: bool = Field(True, description="false: total is the cap and more studies match")
+    next_cursor: str | None = Field(None, description="after=this gives the next (older) page; null on the last page")
+    previous_cursor: str | None = Field(None, description="before=this gives the previous (newer) page; null on the "
+                                                          "first")
 
 
 class SeriesOut(_Out):

@@ -68,3 +68,19 @@ def test_tls_needs_certificate_and_key() -> None:
 def test_missing_config_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_settings(tmp_path / "nope.yaml")
+
+
+def test_worker_node_access_over_http_needs_the_node_and_a_token(tmp_path: Path) -> None:
+    assert load_settings().worker.node_access == "shared_filesystem"
+    with pytest.raises(ValidationError, match="needs worker.node_url"):
+        load_settings(None, {"worker.node_access": "http", "worker.token": "dnt_x"})
+    with pytest.raises(ValidationError, match="needs worker.token or worker.token_file"):
+        load_settings(None, {"worker.node_access": "http", "worker.node_url": "https://node:8080"})
+    with pytest.raises(ValidationError, match="is not http"):
+        load_settings(None, {"worker.node_url": "ftp://node"})
+    token_file = tmp_path / "token"
+    token_file.write_text("dnt_from_file\n")
+    settings = load_settings(None, {"worker.node_access": "http", "worker.node_url": "https://node:8080",
+                                    "worker.token_file": str(token_file), "data_dir": str(tmp_path)})
+    assert settings.worker.resolved_token() == "dnt_from_file"
+    assert settings.series_cache_dir == tmp_path / "series-cache"
