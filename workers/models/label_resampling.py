@@ -2,14 +2,14 @@
 
 Why: a bundle's postprocessing ends in MONAI's ``Invertd``, which resamples the label
 map back to the input grid with ``grid_sample``: it builds a float64 sampling grid of
-three coordinates for every voxel of the series (79 M voxels, 1.9 GB, 12 s on 2 CPU
-threads for a 300-slice 512 x 512 CT) and a float64 copy of the result. When the
+three coordinates for every voxel of the series (79 M voxels, 1.9 GB for a 300-slice
+512 x 512 CT) and a float64 copy of the result: 4.2 GiB and 3.5 s there on 2 CPU threads. When the
 preprocessing only reorients and respaces the image (``Orientationd``, ``Spacingd``:
 the network grid's axes are the series' axes, flipped, permuted and scaled), the
 source voxel of every series voxel is separable: its index along each network axis
 depends only on its index along one series axis. Three short index arrays then give
-the whole label map in one gather, in the label map's own small integer type, about
-10x faster and with no memory beyond the output.
+the whole label map in one gather, in the label map's own small integer type: 0.6 s
+and 0.1 GiB (the output) on the same CT.
 
 What: :func:`separable_nearest_indices` finds those index arrays for a pair of grids
 (or None when the grids are not separable: an oblique resampling), rounding as

@@ -28,7 +28,7 @@ When the postprocessing ends in such an ``Invertd`` and the preprocessing only
 reoriented and respaced the image, :class:`InferencePipeline` takes that last step
 itself, by a separable nearest-neighbour lookup (:mod:`workers.models.label_resampling`):
 the same label map, in uint8, without ``Invertd``'s float64 sampling grid of the
-series' size (1.9 GB and 12 s for a 300-slice CT).
+series' size (4.2 GiB and 3.5 s for a 300-slice CT, against 0.1 GiB and 0.6 s).
 
 Labels: a bundle's output values are mapped to coded concepts by a
 ``{bundle value: SegmentLabel}`` mapping - from the registry entry
