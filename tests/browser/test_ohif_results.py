@@ -33,6 +33,7 @@ import pytest
 import requests
 from PIL import Image
 from selenium.webdriver.common.action_chains import ActionChains
+from selenium.common.exceptions import JavascriptException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
@@ -146,6 +147,13 @@ def show_slice(driver: WebDriver, sop_instance_uid: str) -> None:
         return window.cornerstone.utilities.jumpToSlice(vp.element, {imageIndex: index});""", sop_instance_uid)
     WebDriverWait(driver, 20).until(lambda d: sop_instance_uid in viewport_state(d)["imageId"])
     time.sleep(1.5)  # the render after the jump
+
+
+def showing(driver: WebDriver, sop_instance_uids: list[str], timeout: float = 30) -> None:
+    """Wait until the viewport shows one of ``sop_instance_uids`` (while OHIF builds the viewport, it has none
+    yet and the script reading it fails: that is "not yet")."""
+    WebDriverWait(driver, timeout, ignored_exceptions=[JavascriptException]).until(
+        lambda d: any(uid in viewport_state(d)["imageId"] for uid in sop_instance_uids))
 
 
 def canvas_pixels(driver: WebDriver, state: dict[str, Any]) -> npt.NDArray[np.int16]:
@@ -287,7 +295,7 @@ def test_burned_in_overlay_series_is_shown(delivered: Delivered, browser: WebDri
 
     open_study(browser, delivered)
     load_series(browser, OVERLAY_TEXT)
-    WebDriverWait(browser, 30).until(lambda d: any(uid in viewport_state(d)["imageId"] for uid in uids))
+    showing(browser, uids)
     time.sleep(1.5)
     pixels = canvas_pixels(browser, viewport_state(browser))
     shot(browser, screenshot_dir, "04-sc-overlay")
@@ -310,7 +318,7 @@ def test_the_segmentation_report_opens_on_a_slice_with_its_outlines(delivered: D
 
     open_study(browser, delivered)
     load_series(browser, "AI chest anatomy - SR")
-    WebDriverWait(browser, 30).until(lambda d: any(uid in viewport_state(d)["imageId"] for uid in outlined))
+    showing(browser, outlined)
     time.sleep(1.5)
     pixels = canvas_pixels(browser, viewport_state(browser))
     shot(browser, screenshot_dir, "05-segmentation-report")
