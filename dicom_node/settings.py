@@ -180,6 +180,11 @@ class WebSettings(_Section):
         description="IP addresses or CIDR networks of reverse proxies whose X-Forwarded-For is believed; "
         "empty: the header is ignored and the connecting address is the client.",
     )
+    stow_max_request_mb: int = Field(
+        default=8192, ge=1, description="Largest STOW-RS request body accepted, in MiB (each instance in it is "
+        "bounded by dicom.max_instance_mb); past it the request is answered 413.")
+    stow_max_requests: int = Field(
+        default=8, ge=1, description="STOW-RS requests received at once; one more is answered 503 with Retry-After.")
 
     @field_validator("trusted_proxies")
     @classmethod

@@ -37,6 +37,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 from dicom_node.db.models import (
     AssociationOutcome,
+    AssociationProtocol,
     AssociationRecord,
     Delivery,
     DeliveryState,
@@ -49,6 +50,7 @@ from dicom_node.db.models import (
     json_object,
 )
 from dicom_node.db.study_states import shown_state_sql
+from dicom_node.db.study_views import source_label
 from dicom_node.study_status import SHOWN_STATES
 
 __all__ = [
@@ -389,13 +391,15 @@ def recent_errors(sessions: sessionmaker[Session], *, limit: int = 20) -> list[R
                 at, "delivery", state, f"delivery {delivery_id} of job {job_id} to {destination} "
                 f"(attempt {attempts}/{max_attempts})", error or "(no error text)", uid, job_id=job_id,
                 delivery_id=delivery_id))
-        for at, calling, status, reason, sop in session.execute(
+        for at, calling, status, reason, sop, protocol, username in session.execute(
             select(IngestError.at, IngestError.calling_ae_title, IngestError.status, IngestError.reason,
-                   IngestError.sop_instance_uid)
+                   IngestError.sop_instance_uid, AssociationRecord.protocol, AssociationRecord.username)
+            .outerjoin(AssociationRecord, AssociationRecord.id == IngestError.association_id)
             .order_by(IngestError.at.desc(), IngestError.id.desc()).limit(limit)
         ).all():
+            sender = source_label(protocol or AssociationProtocol.DICOM.value, calling or "", username)
             found.append(RecentError(at, "ingest", f"0x{int(status):04X}",
-                                     f"instance {sop or '?'} from {calling or '?'} refused", reason))
+                                     f"instance {sop or '?'} from {sender or '?'} refused", reason))
         for at, calling, address, reason in session.execute(
             select(AssociationRecord.started_at, AssociationRecord.calling_ae_title, AssociationRecord.peer_address,
                    AssociationRecord.reject_reason)
@@ -437,6 +441,7 @@ class MetricsSnapshot:
     bytes_received: int
     associations: dict[str, int]  # finished associations by outcome
     associations_open: int
+    stow_requests: dict[str, int]  # STOW-RS requests by outcome (open, released: answered, aborted: cut off)
     rejected: dict[str, int]  # by normalised reason
     ingest_errors: dict[str, int]  # by status, 0xNNNN
     studies: dict[str, int]  # by state
@@ -450,22 +455,26 @@ class MetricsSnapshot:
 def metrics_snapshot(sessions: sessionmaker[Session], *, now: datetime, worker_stale_seconds: float) -> MetricsSnapshot:
     """Everything for one scrape.
 
-    Received instances and bytes come from finished associations (the SCP writes them
-    when an association ends). Failed delivery attempts are counted from the delivery
+    Received instances and bytes come from finished associations and STOW-RS requests
+    (written when each ends). Failed delivery attempts are counted from the delivery
     rows (attempts that did not end delivered or still sending); a manual retry resets
     a delivery's attempts, which Prometheus sees as a counter reset.
     """
     with sessions() as session:
         associations: dict[str, int] = {}
+        stow_requests: dict[str, int] = {}
         instances = received_bytes = open_count = 0
-        for outcome, count, stored, size in session.execute(
-            select(AssociationRecord.outcome, func.count(), func.coalesce(func.sum(AssociationRecord.instances_stored), 0),
+        for protocol, outcome, count, stored, size in session.execute(
+            select(AssociationRecord.protocol, AssociationRecord.outcome, func.count(),
+                   func.coalesce(func.sum(AssociationRecord.instances_stored), 0),
                    func.coalesce(func.sum(AssociationRecord.bytes_received), 0))
-            .group_by(AssociationRecord.outcome)
+            .group_by(AssociationRecord.protocol, AssociationRecord.outcome)
         ).all():
             instances += int(stored)
             received_bytes += int(size)
-            if outcome == AssociationOutcome.OPEN.value:
+            if protocol == AssociationProtocol.STOW_RS.value:
+                stow_requests[str(outcome)] = int(count)
+            elif outcome == AssociationOutcome.OPEN.value:
                 open_count = int(count)
             else:
                 associations[str(outcome)] = int(count)
@@ -496,7 +505,7 @@ def metrics_snapshot(sessions: sessionmaker[Session], *, now: datetime, worker_s
             WorkerStatus.last_seen_at >= now - timedelta(seconds=worker_stale_seconds))) or 0)
     return MetricsSnapshot(
         instances_received=instances, bytes_received=received_bytes, associations=associations,
-        associations_open=open_count, rejected=dict(rejected), ingest_errors=ingest, studies=studies, jobs=jobs,
+        associations_open=open_count, stow_requests=stow_requests, rejected=dict(rejected), ingest_errors=ingest, studies=studies, jobs=jobs,
         deliveries=deliveries, delivery_failures=dict(failures), queues=queues, workers_online=online,
     )
 

@@ -1,10 +1,10 @@
-"""The node's DICOMweb read endpoints: QIDO-RS searches and WADO-RS retrieval of the instances it received.
+"""The node's DICOMweb: QIDO-RS searches, WADO-RS retrieval of the instances it received, STOW-RS intake.
 
 Why: a GPU worker on another machine fetches its series here instead of reading the
 node's spool over a shared filesystem (issue 26), and PACS or scripts get a standard way
-to query the node. Base URL ``/api/v1/dicomweb`` (so an anonymous request gets 401, as
-the rest of the API); every route needs the ``worker`` role or more (a viewer reads
-everything anyway).
+to query the node and push studies into it. Base URL ``/api/v1/dicomweb`` (so an
+anonymous request gets 401, as the rest of the API); every read needs the ``worker`` role
+or a person's (a viewer reads everything anyway).
 
 * QIDO-RS (PS3.18 10.6): ``/studies``, ``/series``, ``/studies/{study}/series``,
   ``/studies/{study}/series/{series}/instances``; exact matching on the UIDs,
@@ -12,23 +12,33 @@ everything anyway).
 * WADO-RS (PS3.18 10.4): ``/studies/{study}/series/{series}`` and
   ``.../instances/{sop}`` as ``multipart/related; type="application/dicom"``, each part
   the stored file exactly as received (never transcoded), streamed from the spool.
+* STOW-RS (PS3.18 10.5): ``POST /studies`` and ``POST /studies/{study}``, for the
+  ``sender`` role (a PACS's or script's token) and operators; the body streams into the
+  node's ingest part by part (:mod:`dicom_node.stow_intake`), so a pushed study is
+  received, completed and routed as one sent by C-STORE.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path as FsPath
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from anyio import from_thread
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from dicom_node.db import dicomweb_index
 from dicom_node.db.dicomweb_index import IndexedInstance
 from dicom_node.db.models import Role
+from dicom_node.header import uid_problem
 from dicom_node.stow import multipart_body
-from dicom_node.web.auth import Principal, require
+from dicom_node.stow_intake import StowBodyError, StowBusy, StowMediaError, StowSender, stow_boundary
+from dicom_node.web.auth import Principal, client_address, require
 from dicom_node.web.context import WebContext, get_context
 
 __all__ = ["BASE", "router"]
@@ -39,6 +49,7 @@ BASE = "/api/v1/dicomweb"
 DICOM_JSON = "application/dicom+json"
 router = APIRouter(prefix=BASE, tags=["dicomweb"])
 _reader = require(Role.WORKER)
+_sender = require(Role.SENDER)
 _STUDY = Path(..., min_length=1, max_length=64, description="Study Instance UID")
 _SERIES = Path(..., min_length=1, max_length=64, description="Series Instance UID")
 _SOP = Path(..., min_length=1, max_length=64, description="SOP Instance UID")
@@ -155,3 +166,78 @@ def retrieve_instance(
     instances = dicomweb_index.find_instances(context.sessions, study_instance_uid, series_instance_uid,
                                               sop_instance_uid=sop_instance_uid)
     return _retrieve(context, instances, f"instance {sop_instance_uid} of series {series_instance_uid}")
+
+
+def _blocking(stream: AsyncIterator[bytes]) -> Iterator[bytes]:
+    """The request body's chunks for a thread of the pool: each one fetched from the event loop as it is needed
+    (the body is never held whole)."""
+    iterator = stream.__aiter__()
+
+    async def next_chunk() -> bytes | None:
+        try:
+            return await iterator.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    while (chunk := from_thread.run(next_chunk)) is not None:
+        if chunk:
+            yield chunk
+
+
+async def _store(request: Request, principal: Principal, context: WebContext, study: str | None) -> Response:
+    """STOW-RS: check the request, stream its body into the node's ingest, answer the Store Instances Response."""
+    intake = context.stow
+    if intake is None:
+        raise HTTPException(503, "this web application stores no instances")
+    try:
+        boundary = stow_boundary(request.headers.get("content-type", ""))
+    except StowMediaError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+    if study is not None and uid_problem(study) is not None:
+        raise HTTPException(400, f"the Study Instance UID in the URL {uid_problem(study)}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > intake.max_request_bytes:
+        raise HTTPException(413, f"the request body ({declared} bytes) is larger than "
+                                 f"{intake.max_request_bytes // 1_048_576} MiB (web.stow_max_request_mb); "
+                                 "send the instances in several requests")
+    sender = StowSender(principal.username, client_address(request) or "unknown",
+                        request.client.port if request.client else 0, request.url.scheme == "https")
+    try:
+        result = await run_in_threadpool(intake.receive, _blocking(request.stream()), boundary, sender,
+                                         study_instance_uid=study)
+    except StowBusy as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
+    except StowBodyError as exc:
+        raise HTTPException(exc.status, f"{exc}; {len(exc.result.stored)} instance(s) stored before "
+                                        "(sending them again is acknowledged as stored)") from exc
+    except ClientDisconnect:
+        logger.warning("STOW-RS from %s: the client went away before the body ended", principal.username)
+        return Response(status_code=400)
+    root = str(request.base_url).rstrip("/") + BASE
+    return JSONResponse(result.response(root, study), status_code=result.http_status, media_type=DICOM_JSON)
+
+
+_STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Every instance stored (ReferencedSOPSequence)"},
+    202: {"description": "Some instances stored, some failed (FailedSOPSequence with FailureReason)"},
+    409: {"description": "No instance stored"},
+    400: {"description": "Malformed multipart body"}, 413: {"description": "Body or an instance too large"},
+    415: {"description": "Not multipart/related; type=\"application/dicom\""},
+    503: {"description": "web.stow_max_requests requests being received; try again (Retry-After)"},
+}
+
+
+@router.post("/studies", summary="STOW-RS: store instances", responses=_STOW_RESPONSES)
+async def store_instances(
+    request: Request, principal: Principal = Depends(_sender), context: WebContext = Depends(get_context),
+) -> Response:
+    return await _store(request, principal, context, None)
+
+
+@router.post("/studies/{study_instance_uid}", summary="STOW-RS: store instances of one study",
+             responses=_STOW_RESPONSES)
+async def store_study_instances(
+    request: Request, study_instance_uid: str = _STUDY, principal: Principal = Depends(_sender),
+    context: WebContext = Depends(get_context),
+) -> Response:
+    return await _store(request, principal, context, study_instance_uid)

@@ -121,15 +121,21 @@ class NodeCollector(Collector):
 
 def _families(s: monitoring.MetricsSnapshot) -> Iterator[Metric]:
     yield CounterMetricFamily("dicom_node_instances_received", "Instances stored, counted when their association "
-                              "ended.", value=s.instances_received)
+                              "or STOW-RS request ended.", value=s.instances_received)
     yield CounterMetricFamily("dicom_node_bytes_received", "Bytes of stored instances, counted when their "
-                              "association ended.", value=s.bytes_received)
+                              "association or STOW-RS request ended.", value=s.bytes_received)
     associations = CounterMetricFamily("dicom_node_associations", "DICOM associations that ended, by outcome.",
                                        labels=["outcome"])
     for outcome in ("released", "aborted", "rejected", "interrupted"):
         associations.add_metric([outcome], s.associations.get(outcome, 0))
     yield associations
     yield GaugeMetricFamily("dicom_node_associations_open", "DICOM associations open now.", value=s.associations_open)
+    stow = CounterMetricFamily("dicom_node_stow_requests", "STOW-RS requests that ended, by outcome (released: "
+                               "answered, aborted: the body was cut off, too large or malformed).",
+                               labels=["outcome"])
+    for outcome in ("released", "aborted", "interrupted"):
+        stow.add_metric([outcome], s.stow_requests.get(outcome, 0))
+    yield stow
     rejected = CounterMetricFamily("dicom_node_associations_rejected", "Rejected associations, by reason.",
                                    labels=["reason"])
     for reason in ("called_ae_title", "calling_ae_title", "calling_address", "too_many_associations",
