@@ -50,6 +50,8 @@ MEDIA_TYPE = "application/dicom"
 #: PS3.18 Table 10.5.3-2 failure reasons for what a DICOM listener would refuse at negotiation.
 STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
 STATUS_TRANSFER_SYNTAX_NOT_SUPPORTED = 0xC122
+#: The longest multipart boundary taken.
+MAX_BOUNDARY = 200
 #: A part's File Meta Information must end within this many bytes of its start (it is a few hundred).
 MAX_META_BYTES = 64 * 1024
 #: Explicit VR Little Endian VRs whose length field has 4 bytes (PS3.5 7.1.2).
@@ -92,8 +94,10 @@ def stow_boundary(content_type: str) -> str:
         raise StowMediaError(415, f"STOW-RS parts must be of type {MEDIA_TYPE} (the node takes Part 10 files "
                                   f"only), not {part_type or 'unnamed'}")
     boundary = header.get_param("boundary")
-    if not isinstance(boundary, str) or not boundary or len(boundary) > 70:
-        raise StowMediaError(400, "the multipart/related Content-Type names no boundary (of 1-70 characters)")
+    # RFC 2046 allows 70 characters; Orthanc sends 73 (two UUIDs), so longer ones are taken, within reason.
+    if not isinstance(boundary, str) or not boundary or len(boundary) > MAX_BOUNDARY:
+        raise StowMediaError(400, f"the multipart/related Content-Type names no boundary (of 1-{MAX_BOUNDARY} "
+                                  "characters)")
     return boundary
 
 
