@@ -105,7 +105,7 @@ class Node:
         readiness = [("dicom listener", self.scp.listener_status)]
         app = create_app(self.settings, sessions=self.sessions, clock=self._clock, readiness=readiness,
                          ingest=self.ingest)
-        servers = [WebServer(app, web.host, web.port)]
+        servers = [WebServer(app, web.host, web.port, tls=web.tls)]
         if web.ops_port is not None:
             ops = create_ops_app(self.settings, sessions=self.sessions, clock=self._clock, readiness=readiness)
             servers.append(WebServer(ops, web.ops_host or web.host, web.ops_port, name="monitoring"))

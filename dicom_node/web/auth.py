@@ -167,7 +167,7 @@ def login_csrf_token(request: Request, context: WebContext) -> tuple[str, str | 
 
 def set_login_csrf_cookie(response: Response, context: WebContext, value: str) -> None:
     response.set_cookie(LOGIN_CSRF_COOKIE, value, httponly=True, samesite="strict",
-                        secure=context.settings.web.secure_cookies, path="/login")
+                        secure=context.settings.web.cookies_secure, path="/login")
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ def login(
                                         lifetime=timedelta(hours=web.session_hours), remote_addr=address)
     users.update_user(context.sessions, user.username, now=now, last_login_at=now)
     response.set_cookie(SESSION_COOKIE, _signer(context, "session").sign(token).decode(), httponly=True,
-                        samesite="lax", secure=web.secure_cookies, max_age=int(web.session_hours * 3600), path="/")
+                        samesite="lax", secure=web.cookies_secure, max_age=int(web.session_hours * 3600), path="/")
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     principal = Principal(user_id=user.id, username=user.username, role=user.role, via="session")
     audit_event(context, request, principal, "login", target_kind="user", target=user.username)

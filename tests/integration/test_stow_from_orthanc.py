@@ -3,6 +3,7 @@ one of its DICOMweb servers (``DicomWeb.Servers``) and a ``sender`` account's to
 ``POST /dicom-web/servers/node/stow``; the node (``dicom-node serve`` as a process) stores every instance
 through its ingest path, completes the study and routes it as one received over DICOM (the built-in rule
 makes jobs for a CT series of 10 slices or more), and records the push as a STOW-RS session of the account.
+Once over plain HTTP, once over HTTPS served by the node itself (``web.tls``), Orthanc verifying its certificate.
 """
 
 from __future__ import annotations
@@ -27,15 +28,19 @@ def _cli(node: NodeProcess, *args: str, stdin: str | None = None) -> str:
     return result.stdout
 
 
+@pytest.mark.parametrize("scheme", ["http", "https"])
 def test_orthanc_pushes_a_study_by_stow_rs(node_process: NodeProcessFactory, small_series: GeneratedSeries,
-                                           tmp_path: Path) -> None:
-    node = node_process()
+                                           tmp_path: Path, tls_files: dict[str, Path], scheme: str) -> None:
+    """Over plain HTTP, and over HTTPS served by the node itself (``web.tls``), Orthanc trusting the node's CA."""
+    tls = {"web.tls.certificate": str(tls_files["server.pem"]), "web.tls.private_key": str(tls_files["server.key"])}
+    node = node_process(tls if scheme == "https" else None)
     _cli(node, "users", "create", "pacs-push", "--role", "sender", "--password-stdin", stdin="unused-password-42\n")
     token = _cli(node, "tokens", "create", "pacs-push", "--name", "orthanc").strip()
     orthanc = Orthanc(tmp_path / "orthanc", aet="PACS", plugins=["libOrthancDicomWeb.so"], label="orthanc-stow",
-                      extra_config={"DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {"node": {
-                          "Url": f"http://127.0.0.1:{node.web_port}/api/v1/dicomweb/",
-                          "HttpHeaders": {"Authorization": f"Bearer {token}"}}}}})
+                      extra_config={"HttpsVerifyPeers": True, "HttpsCACertificates": str(tls_files["ca.pem"]),
+                                    "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "Servers": {"node": {
+                                        "Url": f"{scheme}://127.0.0.1:{node.web_port}/api/v1/dicomweb/",
+                                        "HttpHeaders": {"Authorization": f"Bearer {token}"}}}}})
     orthanc.start()
     try:
         uploaded = orthanc.upload_files(small_series.paths)
@@ -49,9 +54,9 @@ def test_orthanc_pushes_a_study_by_stow_rs(node_process: NodeProcessFactory, sma
     study_uid = str(pydicom.dcmread(small_series.paths[0], stop_before_pixels=True).StudyInstanceUID)
     study = node.wait_for_study(study_uid, state="routed", instances=len(small_series.paths), timeout=30)
     assert study["series"] == 1
-    sessions = node.query("SELECT protocol, username, outcome, instances_stored, instances_failed FROM associations"
-                          " WHERE calling_ae_title != 'ECHOSCU'")  # the start-up check's C-ECHO
-    assert sessions == [("stow-rs", "pacs-push", "released", len(small_series.paths), 0)]
+    sessions = node.query("SELECT protocol, username, outcome, instances_stored, instances_failed, tls"
+                          " FROM associations WHERE calling_ae_title != 'ECHOSCU'")  # the start-up check's C-ECHO
+    assert sessions == [("stow-rs", "pacs-push", "released", len(small_series.paths), 0, int(scheme == "https"))]
     jobs = node.query("SELECT pipeline FROM jobs ORDER BY pipeline")
     assert len(jobs) == 2, f"the built-in rule should run both demo models: {jobs}"
     stored = {row["sop_instance_uid"]: row for row in node.instances()}
