@@ -135,6 +135,9 @@ def test_a_study_pushed_by_our_stow_client_is_received_like_a_c_store(database_u
     assert [s["sources"] for s in listed] == [["STOW-RS by pacs-push"]]
     viewer_page = web.login("viewer").client.get(f"/studies/{study}")
     assert "STOW-RS by pacs-push" in viewer_page.text
+    metrics = web.client().get("/metrics").text
+    assert 'dicom_node_stow_requests_total{outcome="released"} 2.0' in metrics
+    assert "dicom_node_instances_received_total 6.0" in metrics
     # completion as for an association: quiet for quiet_seconds after the request ended
     last = record[-1].ended_at
     assert last is not None
@@ -190,6 +193,8 @@ def test_bad_parts_fail_one_by_one_with_the_status_ingest_answers(node: WebEnv, 
     assert answer.json()["00081190"]["Value"] == [f"http://testserver{BASE}/studies/1.2.826.0.1.3680043.99.77"]
     answer = _post(node, _body_of([mismatched.read_bytes()]), token=token, study=study)
     assert answer.status_code == 200 and _referenced(answer) == [_uid_of(mismatched)]
+    answer = _post(node, _body_of([mismatched.read_bytes()]), token=token, study="1.2.3%01")  # a hostile URL
+    assert answer.status_code == 400 and "Study Instance UID in the URL holds characters" in answer.json()["detail"]
 
 
 def test_size_limits_fail_the_part_or_the_request(tmp_path: Path) -> None:
