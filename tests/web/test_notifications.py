@@ -26,6 +26,7 @@ from fhir.resources.R4B.observation import Observation
 from hl7apy.consts import VALIDATION_LEVEL
 from hl7apy.parser import parse_message
 
+from dicom_node.app.cli import main
 from dicom_node.contracts import CodedConcept, Detection, SegmentLabel
 from dicom_node.db import config_repo, jobs
 from dicom_node.db.models import Delivery
@@ -37,6 +38,7 @@ from notification_peers import FhirServer, MllpListener
 from tests.web.conftest import LoggedIn, WebEnv
 from tests.web.studies_fixtures import T0, complete_and_route, finish_checked, ingest, write_study
 from tests.web.test_held_results import applies, declined, implausible
+from tests.web.test_rules import api, page
 from workers.models.base import DetectionResult
 from workers.outputs.reported import reported_findings
 
@@ -344,3 +346,56 @@ def test_not_performed_and_held_are_said_so_and_a_release_is_reported(node: Node
     assert report.status == "final" and len(observations) == 1 and len(report.result) == 1
     assert observations[0].bodySite.coding[0].display == "Lung"
     assert report.identifier[0].value == held_report.identifier[0].value, "the release updates the held report"
+
+
+# --------------------------------------------------------------------------- managing notification destinations
+
+
+def test_hl7_and_fhir_destinations_in_the_form_the_api_and_the_cli(web: WebEnv, admin: LoggedIn, operator: LoggedIn,
+                                                                    tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    with MllpListener() as ris, FhirServer() as ehr:
+        blank = admin.client.get("/destinations/new?type=hl7")
+        assert blank.status_code == 200 and "HL7 peer (MLLP)" in blank.text and 'name="outputs"' not in blank.text
+        created = admin.post("/destinations", {"type": "hl7", "name": "ris", "host": "127.0.0.1", "port": str(ris.port),
+                                               "sending_application": "DICOM_NODE", "receiving_application": "RIS",
+                                               "processing_id": "P", "notify": ["results", "held"],
+                                               "timeout_seconds": "5"})
+        assert created.status_code == 303, created.text
+        stored = config_repo.get_destination(web.sessions, "ris")
+        assert isinstance(stored, HL7Destination) and stored.notify == {"results", "held"}
+        assert stored.receiving_application == "RIS" and stored.sending_facility is None
+        ids = page(admin.client.get("/destinations/ris").text)
+        assert "checked" in ids["notify-held"].attrs and "checked" not in ids["notify-not_performed"].attrs
+        bad = admin.post("/destinations/ris", {"type": "hl7", "host": "127.0.0.1", "port": str(ris.port),
+                                               "receiving_facility": "A|B", "notify": []})
+        assert bad.status_code == 422
+        ids = page(bad.text)
+        assert "'A|B'" in ids["receiving_facility-error"].text and "notify is empty" in ids["notify-error"].text
+
+        headers = api(web)
+        fhir = {"type": "fhir", "name": "ehr", "url": ehr.url, "auth": {"type": "bearer", "token": "tok-SECRET"},
+                "patient_id_system": "urn:oid:1.2.3"}
+        answer = web.client().post("/api/v1/destinations", json=fhir, headers=headers)
+        assert answer.status_code == 201 and answer.json()["auth"]["token"] == "**********"
+        assert "tok-SECRET" not in admin.client.get("/destinations/ehr").text
+        listing = admin.client.get("/destinations").text
+        assert "report (ORU^R01)" in listing and "report (DiagnosticReport)" in listing
+        assert "mllp://127.0.0.1" in listing and "bearer auth" in listing
+
+        tested = operator.post("/destinations/ris/test")
+        assert "TCP connection accepted; no message sent" in tested.text and ris.messages == []
+        probe = web.client().post("/api/v1/destinations/ehr/test", headers=headers).json()
+        assert probe["ok"] and probe["kind"] == "fhir" and "FHIR version 4.0.1" in probe["detail"]
+        assert ehr.requests[-1][1] == "/fhir/metadata" and ehr.requests[-1][2]["Authorization"] == "Bearer tok-SECRET"
+
+    data = ["--data-dir", str(tmp_path / "cli")]
+    assert main(["db", "upgrade", *data]) == 0
+    assert main(["destinations", "add", "ris", "--type", "hl7", "--host", "10.0.0.9", "--port", "2575",
+                 "--receiving-application", "RIS", "--notify", "results", *data]) == 0
+    assert main(["destinations", "add", "ehr", "--type", "fhir", "--url", "https://ehr.example/fhir", "--default",
+                 *data]) == 0
+    assert main(["destinations", "add", "bad", "--type", "fhir", *data]) == 2
+    capsys.readouterr()
+    assert main(["destinations", "list", *data]) == 0
+    listed = capsys.readouterr().out
+    assert "mllp://10.0.0.9:2575" in listed and "https://ehr.example/fhir" in listed and "report" in listed
