@@ -17,6 +17,7 @@ at the RIS):
   OBX-4 sub-ID 1, 2, ...: what was found (DCM 121071 Finding = SCT code; a classification: its
   question = its answer), where (SCT 363698007 Finding Site), each measurement (NM with UCUM
   units: volume mL, long axis mm, certainty %) and the finding in words (DCM 121106 Comment).
+  Long text is sent as repetitions of OBX-5 (one line each, split between words).
 
 Text is escaped by hl7apy's own TX/ST encoding (``\\F\\``, ``\\S\\``, ...). An ACK's MSA-1 ``AA``/``CA``
 means delivered; ``AE``/``CE`` (an error while processing: the receiver's state) is retryable;
@@ -51,13 +52,28 @@ from dicom_node.report_codes import (
 __all__ = ["RESULT_STATUS", "Ack", "build_oru", "control_id", "read_ack"]
 
 VERSION = "2.5"
+_MAX_TEXT = 199  # characters of one OBX-5 repetition, escaped (see _text)
 #: OBR-25 per event: final results, incomplete (held for review), no results (not performed).
 RESULT_STATUS = {"results": "F", "held": "I", "not_performed": "X"}
 
 
-def _text(value: str) -> str:
-    """``value`` as ER7 text (HL7 separators escaped by hl7apy)."""
-    return str(TX(value).to_er7())
+def _text(value: str) -> list[str]:
+    """``value`` as ER7 text (HL7 separators escaped by hl7apy), in repetitions of OBX-5 that hl7apy takes: a
+    varies field's value is checked as ST, 199 characters at most, so a long conclusion is split between words
+    (each repetition a line of the TX value)."""
+    lines: list[str] = []
+    current = ""
+    for word in value.split(" "):
+        candidate = f"{current} {word}" if current else word
+        if current and len(str(TX(candidate).to_er7())) > _MAX_TEXT:
+            lines.append(current)
+            candidate = word
+        while len(str(TX(candidate).to_er7())) > _MAX_TEXT:  # one word longer than a line
+            lines.append(candidate[:_MAX_TEXT // 4])
+            candidate = candidate[_MAX_TEXT // 4:]
+        current = candidate
+    lines.append(current)
+    return [str(TX(line).to_er7()) for line in lines]
 
 
 def _st(value: str) -> str:
@@ -168,8 +184,9 @@ class _Lines:
     observed_at: datetime | None
     count: int = 0
 
-    def add(self, value_type: str, code: CodedConcept, value: str, sub_id: str | None = None, *,
+    def add(self, value_type: str, code: CodedConcept, value: str | list[str], sub_id: str | None = None, *,
             unit: CodedConcept | None = None) -> None:
+        """One OBX; ``value`` in ER7, a list for a value in repetitions (long text)."""
         self.count += 1
         obx = self.order.add_group("ORU_R01_OBSERVATION").obx
         obx.obx_1 = str(self.count)
@@ -177,7 +194,10 @@ class _Lines:
         obx.obx_3 = _coded(code)
         if sub_id is not None:
             obx.obx_4 = sub_id
-        obx.obx_5 = value
+        first, *more = [value] if isinstance(value, str) else value
+        obx.obx_5 = first
+        for repetition in more:
+            obx.add_field("OBX_5").value = repetition
         if unit is not None:
             obx.obx_6 = _coded(unit)
         obx.obx_11 = "F"
