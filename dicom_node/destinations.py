@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -70,6 +70,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]+$")  # DNS name, IPv4, IPv6 (with zone id)
 
 
+_S = TypeVar("_S", bound=frozenset[Any])
+
+
+def _some(field: str, value: _S, choices: frozenset[str]) -> _S:
+    """``value`` unless it is empty (a set field that must name at least one of ``choices``)."""
+    if not value:
+        raise ValueError(f"{field} is empty; name at least one of {', '.join(sorted(choices))}")
+    return value
+
+
 class _Definition(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -118,9 +128,7 @@ class _DestinationBase(_NamedDestination):
     @field_validator("outputs")
     @classmethod
     def _some_outputs(cls, value: frozenset[OutputKind]) -> frozenset[OutputKind]:
-        if not value:
-            raise ValueError(f"outputs is empty; name at least one of {', '.join(sorted(ALL_OUTPUTS))}")
-        return value
+        return _some("outputs", value, ALL_OUTPUTS)
 
     @field_serializer("outputs")
     def _sorted_outputs(self, value: frozenset[OutputKind]) -> list[str]:
@@ -307,9 +315,7 @@ class _NotificationBase(_NamedDestination):
     @field_validator("notify")
     @classmethod
     def _some_events(cls, value: frozenset[str]) -> frozenset[str]:
-        if not value:
-            raise ValueError(f"notify is empty; name at least one of {', '.join(sorted(NOTIFY_EVENTS))}")
-        return value
+        return _some("notify", value, NOTIFY_EVENTS)
 
     @field_serializer("notify")
     def _sorted_events(self, value: frozenset[str]) -> list[str]:

@@ -399,3 +399,51 @@ def test_hl7_and_fhir_destinations_in_the_form_the_api_and_the_cli(web: WebEnv, 
     assert main(["destinations", "list", *data]) == 0
     listed = capsys.readouterr().out
     assert "mllp://10.0.0.9:2575" in listed and "https://ehr.example/fhir" in listed and "report" in listed
+
+
+def test_the_last_two_deliveries_finishing_at_once_make_the_notifications_due_once(
+        database_url: str, tmp_path: Path) -> None:
+    """Two result deliveries of a job end at the same moment in two processes' transactions (threads here): on
+    PostgreSQL under READ COMMITTED neither may miss the other (no notification) nor both create them."""
+    import threading
+
+    from tests.web.conftest import make_web_env
+
+    env = make_web_env(tmp_path / "env", database_url)
+    for destination in (
+        DicomDestination(name="pacs", ae_title="PACS", host="127.0.0.1", port=11112, default=True),
+        DicomDestination(name="archive", ae_title="ARCH", host="127.0.0.1", port=11113, default=True),
+        HL7Destination(name="ris", host="127.0.0.1", port=9, default=True),
+        FhirDestination(name="ehr", url="http://127.0.0.1:9/fhir", default=True),
+    ):
+        config_repo.upsert_destination(env.sessions, destination, source="test", now=T0)
+    files = write_study(tmp_path / "study", seed=64, patient_id="PAT-64", patient_name="Race^Rita", accession="ACC-64",
+                        study_date="20260320", description="CT chest")
+    ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    ingest(env, files, calling_ae="PACS", at=T0)
+    job_ids = complete_and_route(env.sessions, str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                 [f"model-{n}" for n in range(6)], at=T0 + timedelta(seconds=30))
+    for job_id in job_ids:
+        created = finish_checked(env.sessions, job_id, at=T0 + timedelta(seconds=40), state="succeeded", checks={},
+                                 events=[], deliveries=[jobs.DeliverySpec("pacs"), jobs.DeliverySpec("archive")],
+                                 summary=detection_summary())
+        for delivery_id in created:
+            assert jobs.claim_delivery(env.sessions, delivery_id, now=T0 + timedelta(seconds=50), lease_seconds=60)
+        barrier, due = threading.Barrier(2), []
+
+        def finish(delivery_id: int) -> None:
+            barrier.wait()
+            due.append(jobs.finish_delivery(env.sessions, delivery_id, now=T0 + timedelta(seconds=51), objects_sent=1,
+                                            notify_max_attempts=3))
+
+        threads = [threading.Thread(target=finish, args=(delivery_id,)) for delivery_id in created]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        with env.sessions() as session:
+            rows = session.execute(select(Delivery.destination, Delivery.id, Delivery.state)
+                                   .where(Delivery.job_id == job_id)).all()
+        notified = {name: delivery_id for name, delivery_id, _ in rows if name in ("ris", "ehr")}
+        assert set(notified) == {"ris", "ehr"}, rows
+        assert sorted(map(sorted, due)) == [[], sorted(notified.values())], due
