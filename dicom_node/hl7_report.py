@@ -26,6 +26,7 @@ means delivered; ``AE``/``CE`` (an error while processing: the receiver's state)
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -50,6 +51,8 @@ from dicom_node.report_codes import (
 )
 
 __all__ = ["RESULT_STATUS", "Ack", "build_oru", "control_id", "read_ack"]
+
+logger = logging.getLogger(__name__)
 
 VERSION = "2.5"
 _MAX_TEXT = 199  # characters of one OBX-5 repetition, escaped (see _text)
@@ -111,7 +114,11 @@ def build_oru(destination: HL7Destination, facts: NotificationFacts, *, now: dat
     try:
         return _build(destination, facts, now)
     except HL7apyException as exc:
-        raise ValueError(f"ORU^R01 for job {facts.job_id} cannot be built: {type(exc).__name__}: {exc}") from exc
+        said = str(exc)
+        if any(part and part in said for part in (facts.patient_id, facts.patient_name)):
+            logger.debug("job %d: ORU^R01 refused by hl7apy: %s", facts.job_id, said)
+            said = "a patient identifier or name it cannot carry (details at DEBUG level)"
+        raise ValueError(f"ORU^R01 for job {facts.job_id} cannot be built: {type(exc).__name__}: {said}") from exc
 
 
 def _build(destination: HL7Destination, facts: NotificationFacts, now: datetime) -> str:

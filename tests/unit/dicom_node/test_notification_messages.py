@@ -107,3 +107,9 @@ def test_acks_of_every_kind() -> None:
         read_ack(head + "MSA|XX|DN21-F\r")
     with pytest.raises(ValueError, match="not an HL7 message"):
         read_ack("HTTP/1.1 400 Bad Request")
+
+
+def test_a_message_that_cannot_be_built_says_why_without_the_patient() -> None:
+    with pytest.raises(ValueError, match="MaxLengthReached: a patient identifier or name") as refused:
+        build_oru(RIS, facts(patient_id="P" * 300), now=NOW)
+    assert "PPPP" not in str(refused.value)
