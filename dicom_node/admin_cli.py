@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import config_repo, job_views, jobs
-from dicom_node.destinations import ALL_OUTPUTS, DEFAULT_OUTPUTS
+from dicom_node.destinations import ALL_OUTPUTS, DEFAULT_OUTPUTS, NOTIFY_EVENTS, FhirDestination, HL7Destination
 from dicom_node.db.session import DatabaseNotReady, open_sessions
 from dicom_node.settings import Settings
 
@@ -67,12 +67,8 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     service = DestinationsService(sessions, clock=_now)
     if args.sub == "add":
-        outputs = sorted(o.strip().upper() for o in args.outputs.split(",") if o.strip())
         try:
-            destination, _ = service.save_or_replace({
-                "type": "dicom", "name": args.name, "ae_title": args.ae_title, "host": args.host, "port": args.port,
-                "default": args.default, "outputs": outputs, "not_performed": args.not_performed,
-                "outline_low_confidence": args.outline_low_confidence}, CLI)
+            destination, _ = service.save_or_replace(_added_destination(args), CLI)
         except Refused as exc:
             print(f"dicom-node: {exc}", file=sys.stderr)
             return 2
@@ -93,11 +89,29 @@ def _destinations(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     print(f"{'NAME':<20} {'TYPE':<9} {'DEFAULT':<7} {'OUTPUTS':<13} {'NOT PERFORMED':<13} ADDRESS")
     for d in listed:
-        address = f"{d.ae_title}@{d.host}:{d.port}" if d.type == "dicom" else d.url  # type: ignore[union-attr]
-        notice = "SR" if d.not_performed == "sr" else "nothing"
-        print(f"{d.name:<20} {d.type:<9} {'yes' if d.default else 'no':<7} {','.join(sorted(d.outputs)):<13} "
-              f"{notice:<13} {address}")
+        if isinstance(d, (HL7Destination, FhirDestination)):
+            outputs, notice = "report", "report" if "not_performed" in d.notify else "nothing"
+        else:
+            outputs, notice = ",".join(sorted(d.outputs)), "SR" if d.not_performed == "sr" else "nothing"
+        print(f"{d.name:<20} {d.type:<9} {'yes' if d.default else 'no':<7} {outputs:<13} {notice:<13} {d.peer}")
     return 0
+
+
+def _added_destination(args: argparse.Namespace) -> dict[str, object]:
+    """The definition ``destinations add`` describes (validated by the service, which names a missing field)."""
+    data: dict[str, object] = {"type": args.type, "name": args.name, "default": args.default}
+    if args.type in ("hl7", "fhir"):
+        data["notify"] = sorted(e.strip() for e in args.notify.split(",") if e.strip())
+        if args.type == "hl7":
+            data.update(host=args.host, port=args.port, sending_facility=args.sending_facility,
+                        receiving_application=args.receiving_application,
+                        receiving_facility=args.receiving_facility, patient_id_authority=args.patient_id_authority)
+        else:
+            data.update(url=args.url, patient_id_system=args.patient_id_system)
+        return data
+    return {**data, "ae_title": args.ae_title, "host": args.host, "port": args.port,
+            "outputs": sorted(o.strip().upper() for o in args.outputs.split(",") if o.strip()),
+            "not_performed": args.not_performed, "outline_low_confidence": args.outline_low_confidence}
 
 
 def _send_recent(settings: Settings, sessions: sessionmaker[Session], name: str, hours: float) -> int:
@@ -539,11 +553,23 @@ def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None
     name, file, model = ("name", str), ("file", Path), ("model_id", str)
     job, delivery = ("job_id", int), ("delivery_id", int)
     destinations = group("destinations", "where results are sent")
-    add = command(destinations, "add", "add or replace a DICOM destination", name)
-    add.add_argument("--ae-title", required=True, help="the destination's AE title")
-    add.add_argument("--host", required=True)
-    add.add_argument("--port", type=int, required=True)
-    add.add_argument("--default", action="store_true", help="receives the results of default rules")
+    add = command(destinations, "add", "add or replace a DICOM destination, or an HL7 or FHIR notification "
+                                       "destination (--type; DICOMweb and FHIR credentials: `destinations import`)",
+                  name)
+    add.add_argument("--type", choices=("dicom", "hl7", "fhir"), default="dicom",
+                     help="dicom (C-STORE, the default), hl7 (ORU^R01 over MLLP) or fhir (DiagnosticReport)")
+    add.add_argument("--ae-title", help="the destination's AE title (dicom)")
+    add.add_argument("--host", help="dicom, hl7")
+    add.add_argument("--port", type=int, help="dicom, hl7")
+    add.add_argument("--url", help="the FHIR base URL (fhir)")
+    add.add_argument("--default", action="store_true", help="receives (is told about) the results of default rules")
+    add.add_argument("--notify", default=",".join(sorted(NOTIFY_EVENTS)),
+                     help=f"hl7, fhir: when it is told, any of {','.join(sorted(NOTIFY_EVENTS))} (default: all)")
+    add.add_argument("--sending-facility", help="hl7: MSH-4")
+    add.add_argument("--receiving-application", help="hl7: MSH-5")
+    add.add_argument("--receiving-facility", help="hl7: MSH-6")
+    add.add_argument("--patient-id-authority", help="hl7: PID-3's assigning authority")
+    add.add_argument("--patient-id-system", help="fhir: the identifier system (URI) of the DICOM Patient ID")
     add.add_argument("--outputs", default=",".join(sorted(DEFAULT_OUTPUTS)),
                      help=f"objects it receives, any of {','.join(sorted(ALL_OUTPUTS))} "
                           f"(default {','.join(sorted(DEFAULT_OUTPUTS))})")

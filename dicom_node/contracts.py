@@ -22,6 +22,8 @@ __all__ = [
     "CodedConcept",
     "Detection",
     "OutputKind",
+    "ReportedFinding",
+    "ReportedMeasurement",
     "SegmentLabel",
 ]
 
@@ -101,6 +103,34 @@ class Detection(_Frozen):
         if any(not v > 0 for v in value):
             raise ValueError(f"size_mm must be three positive extents, got {value}")
         return value
+
+
+class ReportedMeasurement(_Frozen):
+    """One measurement of a finding: what was measured (``name``), the number and its UCUM ``unit``."""
+
+    name: CodedConcept
+    value: float
+    unit: CodedConcept
+
+
+class ReportedFinding(_Frozen):
+    """One finding as a finished job keeps it in its summary (``summary["findings"]``), coded.
+
+    Why: the node tells hospital systems what a model found (HL7 OBX lines, FHIR Observations,
+    :mod:`dicom_node.notify`) without reading the DICOM results back and without the model's
+    label definitions, which only the worker has. ``type``: what was found or looked at (a
+    nodule, the lung; for a classification the question); ``value``: a coded answer (a
+    classification's class); ``site``: where (an anatomical structure); ``text``: one line for
+    people ("Nodule 1: 12.5 mm, certainty 93 %"); ``low_confidence``: under the model's display
+    threshold.
+    """
+
+    text: str = Field(min_length=1, max_length=200)
+    type: CodedConcept
+    value: CodedConcept | None = None
+    site: CodedConcept | None = None
+    measurements: tuple[ReportedMeasurement, ...] = ()
+    low_confidence: bool = False
 
 
 class _Named(Protocol):

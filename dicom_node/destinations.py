@@ -1,10 +1,13 @@
-"""Where results go: DICOM (C-STORE) and DICOMweb (STOW-RS) destinations as typed data.
+"""Where results go: DICOM (C-STORE) and DICOMweb (STOW-RS) destinations, and where the news of them goes:
+HL7 v2 (MLLP) and FHIR R4 notification destinations, as typed data.
 
 Why: admins list destinations in YAML, the DB or the UI; each is validated when it is
 loaded or saved (errors name the field and the wrong value), never when a delivery is
-already under way. ``type`` tells the two kinds apart (``dicom`` / ``dicomweb``), so
-:data:`Destination` parses either from one mapping. Sending lives elsewhere:
-:func:`dicom_node.scu.send_dicom` and :func:`dicom_node.stow.send_dicomweb`.
+already under way. ``type`` tells the kinds apart (``dicom`` / ``dicomweb`` receive the
+result objects, ``hl7`` / ``fhir`` are told about them), so :data:`Destination` parses any
+of them from one mapping, and routing rules name either kind the same way. Sending lives
+elsewhere: :func:`dicom_node.scu.send_dicom`, :func:`dicom_node.stow.send_dicomweb` and
+:func:`dicom_node.notify.send_notification`.
 
 Secrets (a basic-auth password, a bearer token) are :class:`pydantic.SecretStr`: they
 print as ``**********`` in reprs, logs and ``model_dump(mode="json")``; pass
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -25,6 +28,7 @@ from pydantic import (
     Field,
     SecretStr,
     SerializationInfo,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -44,7 +48,13 @@ __all__ = [
     "DicomTLS",
     "DicomWebAuth",
     "DicomWebDestination",
+    "FhirDestination",
+    "HL7Destination",
+    "NOTIFICATION_KINDS",
+    "NOTIFY_EVENTS",
     "NoAuth",
+    "NotificationDestination",
+    "ResultDestination",
 ]
 
 #: Every result kind a destination can ask for (the form's choices).
@@ -60,6 +70,16 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 _HOST = re.compile(r"^[A-Za-z0-9_.:\-\[\]%]+$")  # DNS name, IPv4, IPv6 (with zone id)
 
 
+_S = TypeVar("_S", bound=frozenset[Any])
+
+
+def _some(field: str, value: _S, choices: frozenset[str]) -> _S:
+    """``value`` unless it is empty (a set field that must name at least one of ``choices``)."""
+    if not value:
+        raise ValueError(f"{field} is empty; name at least one of {', '.join(sorted(choices))}")
+    return value
+
+
 class _Definition(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -71,23 +91,11 @@ def _reveal(value: SecretStr, info: SerializationInfo) -> str:
     return str(value)
 
 
-class _DestinationBase(_Definition):
-    """What every destination has: a unique name, which results it takes, default or not."""
+class _NamedDestination(_Definition):
+    """What every destination has: a unique name, default or not, a time-out per network operation."""
 
     name: str = Field(description="Unique name; routing rules refer to destinations by it.")
-    outputs: frozenset[OutputKind] = Field(
-        default=DEFAULT_OUTPUTS,
-        description="Result kinds this destination receives (SEG, SR, GSPS; PMAP and SC only when named)."
-    )
-    default: bool = Field(default=False, description="Receives the results of rules that name no destinations.")
-    not_performed: Literal["none", "sr"] = Field(
-        default="none",
-        description="When a model declined a study (not made for it) or its result was held: none sends nothing; "
-                    "sr sends a short SR 'AI analysis not performed' with the coded reason and the model.")
-    outline_low_confidence: bool = Field(
-        default=False,
-        description="Outline in the GSPS and the overlay series (SC) also the findings under their model's display "
-                    "threshold, in grey and named 'low confidence' (the SR reports them either way).")
+    default: bool = Field(default=False, description="Used by the rules that name no destinations.")
     timeout_seconds: float = Field(default=30.0, gt=0, le=3600)
 
     @field_validator("name")
@@ -100,12 +108,27 @@ class _DestinationBase(_Definition):
             )
         return value
 
+
+class _DestinationBase(_NamedDestination):
+    """A destination of result objects: which results it takes, and what it gets when AI was not performed."""
+
+    outputs: frozenset[OutputKind] = Field(
+        default=DEFAULT_OUTPUTS,
+        description="Result kinds this destination receives (SEG, SR, GSPS; PMAP and SC only when named)."
+    )
+    not_performed: Literal["none", "sr"] = Field(
+        default="none",
+        description="When a model declined a study (not made for it) or its result was held: none sends nothing; "
+                    "sr sends a short SR 'AI analysis not performed' with the coded reason and the model.")
+    outline_low_confidence: bool = Field(
+        default=False,
+        description="Outline in the GSPS and the overlay series (SC) also the findings under their model's display "
+                    "threshold, in grey and named 'low confidence' (the SR reports them either way).")
+
     @field_validator("outputs")
     @classmethod
     def _some_outputs(cls, value: frozenset[OutputKind]) -> frozenset[OutputKind]:
-        if not value:
-            raise ValueError(f"outputs is empty; name at least one of {', '.join(sorted(ALL_OUTPUTS))}")
-        return value
+        return _some("outputs", value, ALL_OUTPUTS)
 
     @field_serializer("outputs")
     def _sorted_outputs(self, value: frozenset[OutputKind]) -> list[str]:
@@ -224,15 +247,13 @@ class BearerAuth(_Definition):
 DicomWebAuth = Annotated[NoAuth | BasicAuth | BearerAuth, Field(discriminator="type")]
 
 
-class DicomWebDestination(_DestinationBase):
-    """A DICOMweb server reached by STOW-RS (``POST {url}/studies``).
+class _HttpService(_Definition):
+    """An HTTP(S) service root with its credentials and TLS settings (DICOMweb, FHIR).
 
-    ``url`` is the service root (for Orthanc ``http://host:8042/dicom-web``). With
-    ``verify_tls`` the server's certificate is checked against ``ca_certificates`` (PEM)
+    With ``verify_tls`` the server's certificate is checked against ``ca_certificates`` (PEM)
     or, without it, the system's trust store.
     """
 
-    type: Literal["dicomweb"] = "dicomweb"
     url: str
     auth: DicomWebAuth = Field(default_factory=NoAuth)
     verify_tls: bool = True
@@ -245,7 +266,7 @@ class DicomWebDestination(_DestinationBase):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"url {value!r} must be an http:// or https:// URL with a host")
         if parts.query or parts.fragment:
-            raise ValueError(f"url {value!r} must be the DICOMweb service root, without query or fragment")
+            raise ValueError(f"url {value!r} must be the service root, without query or fragment")
         if parts.username is not None or parts.password is not None:
             raise ValueError(
                 f"url {parts.scheme}://***@{parts.hostname}... must not carry credentials; "
@@ -254,7 +275,7 @@ class DicomWebDestination(_DestinationBase):
         return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _tls_options(self) -> DicomWebDestination:
+    def _tls_options(self) -> _HttpService:
         if self.ca_certificates is not None and not self.verify_tls:
             raise ValueError(
                 f"ca_certificates is set ({self.ca_certificates}) but verify_tls is false; drop one of them"
@@ -267,8 +288,106 @@ class DicomWebDestination(_DestinationBase):
         return self.url
 
 
-#: Either kind of destination, told apart by ``type`` ("dicom" or "dicomweb").
-Destination = Annotated[DicomDestination | DicomWebDestination, Field(discriminator="type")]
+class DicomWebDestination(_HttpService, _DestinationBase):
+    """A DICOMweb server reached by STOW-RS (``POST {url}/studies``); ``url`` is the service root (for
+    Orthanc ``http://host:8042/dicom-web``)."""
+
+    type: Literal["dicomweb"] = "dicomweb"
+
+
+#: When a notification destination is told: the job's results were delivered to its result destinations
+#: (``results``), the model declined the study (``not_performed``), or its result was held as implausible (``held``).
+NotifyEvent = Literal["results", "not_performed", "held"]
+NOTIFY_EVENTS: frozenset[str] = frozenset({"results", "not_performed", "held"})
+#: The ``type`` of the destinations that are told about results rather than sent them.
+NOTIFICATION_KINDS: frozenset[str] = frozenset({"hl7", "fhir"})
+_HL7_NAME = re.compile(r"^[^|^~\\&\r\n]{1,20}$")  # an HD namespace: no HL7 separator, 20 characters at most
+
+
+class _NotificationBase(_NamedDestination):
+    """A system told that a job's results exist (a RIS, an EHR): which events it is told of."""
+
+    notify: frozenset[NotifyEvent] = Field(
+        default=frozenset({"results", "not_performed", "held"}),
+        description="results: when a job's results reached its result destinations; not_performed: when a model "
+                    "declined the study; held: when a result was held as implausible (the message says which).")
+
+    @field_validator("notify")
+    @classmethod
+    def _some_events(cls, value: frozenset[str]) -> frozenset[str]:
+        return _some("notify", value, NOTIFY_EVENTS)
+
+    @field_serializer("notify")
+    def _sorted_events(self, value: frozenset[str]) -> list[str]:
+        return sorted(value)
+
+
+class HL7Destination(_NotificationBase):
+    """A RIS or interface engine told by an HL7 v2.5 ORU^R01 over MLLP (one message per job, ACK awaited).
+
+    ``sending_*``/``receiving_*`` fill MSH-3..6; ``patient_id_authority`` is PID-3's assigning
+    authority (the issuer of the DICOM Patient ID at this site). ``tls`` wraps the MLLP connection
+    (the same options as DICOM TLS).
+    """
+
+    type: Literal["hl7"] = "hl7"
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = Field(default="DICOM_NODE", description="MSH-3")
+    sending_facility: str | None = Field(default=None, description="MSH-4")
+    receiving_application: str | None = Field(default=None, description="MSH-5")
+    receiving_facility: str | None = Field(default=None, description="MSH-6")
+    patient_id_authority: str | None = Field(default=None, description="PID-3.4, the Patient ID's issuer")
+    processing_id: Literal["P", "D", "T"] = Field(default="P", description="MSH-11: production, debugging, training")
+    tls: DicomTLS | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        if not _HOST.match(value):
+            raise ValueError(f"host {value!r} is not a host name or IP address")
+        return value
+
+    @field_validator("sending_application", "sending_facility", "receiving_application", "receiving_facility",
+                     "patient_id_authority")
+    @classmethod
+    def _hd(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not _HL7_NAME.match(value):
+            raise ValueError(f"{info.field_name} {value!r} must be 1-20 characters without | ^ ~ \\ & or line breaks")
+        return value
+
+    @property
+    def peer(self) -> str:
+        """``mllp://host:port`` (``mllps`` with TLS), for messages and the UI."""
+        return f"mllp{'s' if self.tls else ''}://{self.host}:{self.port}"
+
+
+class FhirDestination(_HttpService, _NotificationBase):
+    """A FHIR R4 server told by a transaction Bundle (``POST {url}``): a DiagnosticReport and its Observations.
+
+    ``url`` is the FHIR base (``https://ehr.example/fhir``); ``patient_id_system`` the identifier
+    system (a URI) of the DICOM Patient ID at this site, by which the report names its subject.
+    """
+
+    type: Literal["fhir"] = "fhir"
+    patient_id_system: str | None = Field(default=None, max_length=255,
+                                          description="Identifier.system of the patient (a URI)")
+
+    @field_validator("patient_id_system")
+    @classmethod
+    def _system(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^(urn:|https?://)\S+$", value):
+            raise ValueError(f"patient_id_system {value!r} must be a URI (urn:..., http://... or https://...)")
+        return value
+
+
+#: A destination of result objects ("dicom" or "dicomweb").
+ResultDestination = DicomDestination | DicomWebDestination
+#: A destination told about results ("hl7" or "fhir").
+NotificationDestination = HL7Destination | FhirDestination
+#: Any kind of destination, told apart by ``type`` ("dicom", "dicomweb", "hl7" or "fhir").
+Destination = Annotated[DicomDestination | DicomWebDestination | HL7Destination | FhirDestination,
+                        Field(discriminator="type")]
 
 
 class DestinationSet(_Definition):
@@ -282,7 +401,7 @@ class DestinationSet(_Definition):
         require_unique_names(value, "destination")
         return value
 
-    def by_name(self, name: str) -> DicomDestination | DicomWebDestination:
+    def by_name(self, name: str) -> ResultDestination | NotificationDestination:
         """The destination called ``name``; KeyError naming it and the known names otherwise."""
         for destination in self.destinations:
             if destination.name == name:
@@ -290,6 +409,6 @@ class DestinationSet(_Definition):
         known = ", ".join(d.name for d in self.destinations) or "none"
         raise KeyError(f"no destination named {name!r} (known: {known})")
 
-    def defaults(self) -> list[DicomDestination | DicomWebDestination]:
+    def defaults(self) -> list[ResultDestination | NotificationDestination]:
         """The destinations marked ``default``, in file order."""
         return [d for d in self.destinations if d.default]

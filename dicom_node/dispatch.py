@@ -7,6 +7,10 @@ next (exponential backoff), and after ``max_attempts`` it is ``dead`` until an a
 retries it. Each destination receives only the kinds of objects it asked for, a job's
 low-confidence variants (``GSPS+LOW``) as its ``outline_low_confidence`` says now
 (:mod:`dicom_node.result_variants`).
+
+Notification destinations (HL7, FHIR) get the job's news rather than its objects
+(:mod:`dicom_node.notify`): a result delivery that completes the job's last one makes its
+notifications due (:mod:`dicom_node.db.notifications`), which the next sweep sends here.
 """
 
 from __future__ import annotations
@@ -21,7 +25,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import config_repo, jobs
 from dicom_node.delivery_types import DeliveryError, SendReport
-from dicom_node.destinations import DicomDestination, DicomWebDestination
+from dicom_node.db.notifications import notification_facts
+from dicom_node.destinations import (
+    DicomDestination,
+    DicomWebDestination,
+    FhirDestination,
+    HL7Destination,
+    NotificationDestination,
+)
 from dicom_node.result_variants import select_results
 from dicom_node.settings import DeliverySettings
 from dicom_node.work_in_flight import WorkInFlight
@@ -65,12 +76,14 @@ class Dispatcher:
         if destination is None:
             return self._fail(claim.delivery_id, f"destination {claim.destination!r} no longer exists",
                               retryable=False)
+        if isinstance(destination, (HL7Destination, FhirDestination)):
+            return self._notify(claim, destination)
         kinds = set(destination.outputs) if claim.kinds is None else set(claim.kinds)
         kinds &= set(destination.outputs) | {jobs.NOTICE_KIND}
         wanted = select_results(jobs.results_of_job(self.sessions, claim.job_id), kinds,
                                 destination.outline_low_confidence)
         if not wanted:
-            jobs.finish_delivery(self.sessions, delivery_id, now=self.clock(), objects_sent=0)
+            self._delivered(delivery_id, 0)
             logger.info("delivery %d to %s: nothing of kinds %s to send", delivery_id, destination.name,
                         sorted(kinds))
             return "delivered"
@@ -88,9 +101,36 @@ class Dispatcher:
             return self._fail(delivery_id, f"{type(exc).__name__}: {exc}", retryable=True)
         if not report.ok:
             return self._fail(delivery_id, report.summary(), retryable=report.retryable)
-        jobs.finish_delivery(self.sessions, delivery_id, now=self.clock(), objects_sent=len(report.stored))
+        self._delivered(delivery_id, len(report.stored))
         logger.info("delivery %d: %d object(s) stored at %s in %.2f s", delivery_id, len(report.stored),
                     destination.name, report.elapsed_seconds)
+        return "delivered"
+
+    def _delivered(self, delivery_id: int, objects_sent: int) -> None:
+        """Record a result delivery as delivered; the job's notifications become due if it was its last one."""
+        due = jobs.finish_delivery(self.sessions, delivery_id, now=self.clock(), objects_sent=objects_sent,
+                                   notify_max_attempts=self.policy.max_attempts)
+        if due:
+            logger.info("delivery %d was the job's last: notification(s) %s due", delivery_id, due)
+
+    def _notify(self, claim: jobs.DeliveryClaim, destination: NotificationDestination) -> str:
+        """Send the notification of delivery ``claim`` (HL7 or FHIR; :mod:`dicom_node.notify`)."""
+        from dicom_node.notify import send_notification
+
+        facts = notification_facts(self.sessions, claim.delivery_id)
+        if facts is None:
+            return self._fail(claim.delivery_id, f"job {claim.job_id} is in no state a notification reports "
+                                                 "(cancelled, discarded or failed since)", retryable=False)
+        try:
+            notified = send_notification(destination, facts, now=self.clock())
+        except DeliveryError as exc:
+            return self._fail(claim.delivery_id, str(exc), retryable=exc.retryable)
+        except Exception as exc:  # a builder bug must not kill the io worker; keep it visible and retry
+            logger.exception("notification %d to %s failed unexpectedly", claim.delivery_id, destination.name)
+            return self._fail(claim.delivery_id, f"{type(exc).__name__}: {exc}", retryable=True)
+        jobs.finish_delivery(self.sessions, claim.delivery_id, now=self.clock(), objects_sent=notified.sent)
+        logger.info("delivery %d: job %d %s notified to %s in %.2f s: %s", claim.delivery_id, claim.job_id,
+                    facts.event.replace("_", " "), destination.name, notified.seconds, notified.detail)
         return "delivered"
 
     def _send(self, destination: DicomDestination | DicomWebDestination, files: list[Path]) -> SendReport:

@@ -19,18 +19,11 @@ and 3xx are not.
 
 from __future__ import annotations
 
-import base64
-import email.utils
 import json
 import logging
-import ssl
-import time
-import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from email.message import Message
-from http.client import HTTPResponse
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +35,8 @@ from dicom_node.delivery_types import (
     Stopwatch,
     read_instance_files,
 )
-from dicom_node.destinations import BasicAuth, BearerAuth, DicomWebDestination
+from dicom_node.destinations import DicomWebDestination
+from dicom_node.http_exchange import RETRYABLE_HTTP, excerpt, exchange, retry_after, with_auth
 
 __all__ = ["check_dicomweb", "multipart_body", "parse_stow_response", "send_dicomweb"]
 
@@ -55,15 +49,6 @@ _FAILED_SOP_SEQUENCE = "00081198"
 _REFERENCED_SOP_INSTANCE_UID = "00081155"
 _FAILURE_REASON = "00081197"
 _WARNING_REASON = "00081196"
-_RETRYABLE_HTTP = frozenset({408, 429})
-_BODY_EXCERPT = 300
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    """Turn every redirect into an HTTPError (see the module docstring)."""
-
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
 
 
 def multipart_body(paths: Sequence[Path], boundary: str) -> tuple[int, Iterator[bytes]]:
@@ -92,30 +77,7 @@ def _request_headers(destination: DicomWebDestination, boundary: str, length: in
         "Accept": "application/dicom+json, application/json;q=0.9",
         "User-Agent": USER_AGENT,
     }
-    return _with_auth(destination, headers)
-
-
-def _with_auth(destination: DicomWebDestination, headers: dict[str, str]) -> dict[str, str]:
-    """``headers`` plus the destination's Authorization header, if it has credentials."""
-    auth = destination.auth
-    if isinstance(auth, BasicAuth):
-        token = base64.b64encode(f"{auth.username}:{auth.password.get_secret_value()}".encode()).decode("ascii")
-        headers["Authorization"] = f"Basic {token}"
-    elif isinstance(auth, BearerAuth):
-        headers["Authorization"] = f"Bearer {auth.token.get_secret_value()}"
-    return headers
-
-
-def _ssl_context(destination: DicomWebDestination) -> ssl.SSLContext | None:
-    if not destination.url.startswith("https:"):
-        return None
-    if not destination.verify_tls:
-        context = ssl.create_default_context()
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        return context
-    cafile = str(destination.ca_certificates) if destination.ca_certificates is not None else None
-    return ssl.create_default_context(cafile=cafile)
+    return with_auth(destination, headers)
 
 
 def _values(dataset: Mapping[str, Any], tag: str) -> list[Any]:
@@ -165,27 +127,6 @@ def parse_stow_response(body: bytes) -> tuple[dict[str, int], dict[str, int]] | 
     return referenced, failed
 
 
-def _retry_after(headers: Message | None) -> float | None:
-    """The ``Retry-After`` header in seconds (delta-seconds or an HTTP date), if any."""
-    value = headers.get("Retry-After") if headers is not None else None
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def _excerpt(body: bytes) -> str:
-    text = body[:_BODY_EXCERPT].decode("utf-8", "replace")
-    text = " ".join(text.split())
-    return text + ("..." if len(body) > _BODY_EXCERPT else "")
-
-
 def send_dicomweb(destination: DicomWebDestination, files: Sequence[Path]) -> SendReport:
     """STOW-RS ``files`` to ``destination`` in one request; see the module docstring.
 
@@ -225,7 +166,7 @@ def send_dicomweb(destination: DicomWebDestination, files: Sequence[Path]) -> Se
         method="POST",
     )
     logger.info("%s: posting %d instances (%d bytes)", label, len(items), length)
-    status, headers, answer = _exchange(destination, request, error)
+    status, headers, answer = exchange(destination, request, error)
 
     if status not in (200, 202, 409):
         problem = f"HTTP {status}"
@@ -234,9 +175,9 @@ def send_dicomweb(destination: DicomWebDestination, files: Sequence[Path]) -> Se
         elif status in (401, 403):
             problem += " (the credentials were refused)" if status == 401 else " (not allowed to store)"
         if answer:
-            problem += f": {_excerpt(answer)}"
-        retryable = status >= 500 or status in _RETRYABLE_HTTP
-        raise error(problem, retryable=retryable, retry_after=_retry_after(headers) if retryable else None)
+            problem += f": {excerpt(answer)}"
+        retryable = status >= 500 or status in RETRYABLE_HTTP
+        raise error(problem, retryable=retryable, retry_after=retry_after(headers) if retryable else None)
 
     outcomes = _outcomes(entries, status, parse_stow_response(answer), label)
     result = report(outcomes, status)
@@ -245,48 +186,6 @@ def send_dicomweb(destination: DicomWebDestination, files: Sequence[Path]) -> Se
     else:
         logger.warning("%s (HTTP %d)", result.summary(), status)
     return result
-
-
-def _exchange(
-    destination: DicomWebDestination, request: urllib.request.Request, error: Callable[..., DeliveryError]
-) -> tuple[int, Message | None, bytes]:
-    """Send ``request``; (HTTP status, headers, body), HTTP errors included. DeliveryError when no answer came."""
-    handlers: list[urllib.request.BaseHandler] = [_NoRedirect()]
-    try:
-        context = _ssl_context(destination)
-    except (OSError, ssl.SSLError) as exc:  # a wrong ca_certificates file: permanent, name the path
-        problem = exc.reason if isinstance(exc, ssl.SSLError) and exc.reason else (exc.strerror or exc)
-        raise error(f"cannot load ca_certificates {destination.ca_certificates}: {problem}", retryable=False) from exc
-    if context is not None:
-        handlers.append(urllib.request.HTTPSHandler(context=context))
-    opener = urllib.request.build_opener(*handlers)
-    try:
-        response: HTTPResponse = opener.open(request, timeout=destination.timeout_seconds)
-        with response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as exc:
-        try:
-            return exc.code, exc.headers, exc.read()
-        except OSError:
-            return exc.code, exc.headers, b""
-        finally:
-            exc.close()
-    except urllib.error.URLError as exc:
-        reason = exc.reason
-        if isinstance(reason, ssl.SSLCertVerificationError):
-            message = f"the server's TLS certificate is not trusted: {reason.verify_message}"
-            raise error(message, retryable=False) from exc
-        if isinstance(reason, ssl.SSLError):
-            raise error(f"TLS handshake failed: {reason.reason or reason}", retryable=False) from exc
-        if isinstance(reason, ConnectionRefusedError):
-            raise error("connection refused (nothing listening, or a firewall)", retryable=True) from exc
-        if isinstance(reason, TimeoutError):
-            raise error(f"no answer within {destination.timeout_seconds:g} s", retryable=True) from exc
-        raise error(f"cannot reach the server: {reason}", retryable=True) from exc
-    except TimeoutError as exc:
-        raise error(f"no answer within {destination.timeout_seconds:g} s", retryable=True) from exc
-    except OSError as exc:  # reset or closed while sending or reading
-        raise error(f"the connection failed: {exc}", retryable=True) from exc
 
 
 def check_dicomweb(destination: DicomWebDestination, timeout: float | None = None) -> tuple[bool, str, float]:
@@ -308,11 +207,11 @@ def check_dicomweb(destination: DicomWebDestination, timeout: float | None = Non
         return DeliveryError(probe.name, f"{label}: {problem}", retryable=retryable, retry_after_seconds=retry_after)
 
     request = urllib.request.Request(
-        url, headers=_with_auth(probe, {"Accept": "application/dicom+json, application/json;q=0.9",
+        url, headers=with_auth(probe, {"Accept": "application/dicom+json, application/json;q=0.9",
                                         "User-Agent": USER_AGENT}), method="GET",
     )
     try:
-        status, headers, body = _exchange(probe, request, error)
+        status, headers, body = exchange(probe, request, error)
     except DeliveryError as exc:
         logger.warning("DICOMweb test: %s", exc.message)
         return False, exc.message, stopwatch.seconds()
@@ -333,7 +232,7 @@ def check_dicomweb(destination: DicomWebDestination, timeout: float | None = Non
     elif status == 404:
         problem += " (no DICOMweb service at this URL: check the service root, e.g. http://host:8042/dicom-web)"
     if body:
-        problem += f": {_excerpt(body)}"
+        problem += f": {excerpt(body)}"
     logger.warning("DICOMweb test: %s: %s", label, problem)
     return False, f"{label}: {problem}", seconds
 

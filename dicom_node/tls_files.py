@@ -17,7 +17,7 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
-from dicom_node.destinations import DicomDestination, DicomWebDestination
+from dicom_node.destinations import Destination, DicomWebDestination, FhirDestination
 
 __all__ = ["MAX_PEM_BYTES", "FieldProblem", "ca_bundle_problem", "client_certificate_problems",
            "destination_tls_problems", "no_key_password"]
@@ -111,10 +111,10 @@ def _prefix_parts(prefix: str) -> tuple[str, ...]:
     return tuple(part for part in prefix.split(".") if part)
 
 
-def destination_tls_problems(destination: DicomDestination | DicomWebDestination) -> list[FieldProblem]:
+def destination_tls_problems(destination: Destination) -> list[FieldProblem]:
     """Every TLS file of ``destination`` that cannot be used, located at its field (``tls.ca_certificates``...)."""
     problems: list[FieldProblem] = []
-    if isinstance(destination, DicomWebDestination):
+    if isinstance(destination, (DicomWebDestination, FhirDestination)):
         if destination.ca_certificates is not None:
             problem = ca_bundle_problem(destination.ca_certificates)
             if problem is not None:

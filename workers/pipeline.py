@@ -9,6 +9,9 @@ Destinations that ask for it (``not_performed: sr``) receive an "AI analysis not
 performed" SR with the coded reason in both cases. Both decisions, their evidence and
 their cost are stored with the job and written on the study's timeline.
 
+The summary also keeps the findings coded (``summary["reported"]``, :mod:`workers.outputs.reported`)
+and the model's name and version (``summary["algorithm"]``): what HL7 and FHIR notifications report.
+
 With the results the worker draws a preview picture (:mod:`workers.outputs.preview`: the
 key slice with the result on it) from the volume and the result it holds, and writes it
 beside the result objects in the outbox; the job's summary names its files
@@ -53,6 +56,7 @@ from workers.models.registry import UnknownModel
 from workers.outputs.common import SeriesIdentity
 from workers.outputs.confidence import is_low_confidence, split_by_confidence
 from workers.outputs.preview import PreviewPicture, render_preview
+from workers.outputs.reported import reported_findings
 from workers.outputs.tracking import FindingTracker, tracked_findings
 from workers.plausibility import check_plausibility
 from workers.volume import Volume, VolumeError
@@ -296,7 +300,7 @@ def _outputs_wanted(ctx: WorkerContext, names: list[str]) -> _Wanted:
 
 def _notice_destinations(ctx: WorkerContext, names: list[str]) -> list[str]:
     """Which of ``names`` asked for the "AI analysis not performed" SR (``not_performed: sr``)."""
-    wanting = {d.name for d in config_repo.list_destinations(ctx.sessions) if d.not_performed == "sr"}
+    wanting = {d.name for d in config_repo.list_destinations(ctx.sessions) if d.name in names and d.not_performed == "sr"}
     return [name for name in names if name in wanting]
 
 
@@ -399,6 +403,8 @@ def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
                     preview = _render_preview(volume, result, model, threshold)
                 summary = _summary(result, volume, threshold)
                 summary["tracking"] = [finding.as_record() for finding in tracker.records]
+                summary["reported"] = reported_findings(result, summary.get("volumes_ml"), threshold)
+                summary["algorithm"] = {"name": model.algorithm.name, "version": model.algorithm.version}
             noticed = _notice_destinations(ctx, destinations) if reason_code is not None else []
             if noticed:
                 assert reason_code is not None and reason is not None

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config_service.base import Actor, AuditedStore, FieldError, Refused, pydantic_message
 from dicom_node.db import config_repo
-from dicom_node.destinations import Destination, DicomDestination, DicomWebDestination
+from dicom_node.destinations import Destination, DicomDestination, DicomWebDestination, FhirDestination
 from dicom_node.tls_files import destination_tls_problems
 
 __all__ = ["KINDS", "MASK", "DestinationsService", "SecretMoved", "TestOutcome", "UnusableTlsFiles",
@@ -36,7 +36,7 @@ MASK = "**********"
 #: A connection test waits at most this long, whatever the destination's own timeout.
 TEST_TIMEOUT_SECONDS = 15.0
 MAX_TEXT = 2000
-KINDS = ("dicom", "dicomweb")
+KINDS = ("dicom", "dicomweb", "hl7", "fhir")
 AUTH_KINDS = ("none", "basic", "bearer")
 _DESTINATION = TypeAdapter(Destination)
 
@@ -81,7 +81,7 @@ class SecretMoved:
 
 def _kept_auth(data: Any, stored: Destination | None) -> dict[str, Any] | None:
     """``data``'s auth when it is of the same kind as ``stored``'s (so blank or masked secrets may be kept)."""
-    if not isinstance(data, dict) or not isinstance(stored, DicomWebDestination):
+    if not isinstance(data, dict) or not isinstance(stored, (DicomWebDestination, FhirDestination)):
         return None
     auth = data.get("auth")
     return auth if isinstance(auth, dict) and auth.get("type") == stored.auth.type else None
@@ -184,8 +184,14 @@ class TestOutcome:
 
 
 def test_destination(destination: Destination, calling_ae_title: str) -> TestOutcome:
-    """C-ECHO a DICOM destination, or QIDO-RS a DICOMweb one; never raises for network trouble."""
+    """C-ECHO a DICOM destination, QIDO-RS a DICOMweb one, connect to an HL7 one (MLLP, nothing sent) or read a
+    FHIR server's CapabilityStatement; never raises for network trouble."""
     timeout = min(destination.timeout_seconds, TEST_TIMEOUT_SECONDS)
+    if destination.type in ("hl7", "fhir"):
+        from dicom_node.notify import check_notification_destination
+
+        ok, detail, seconds = check_notification_destination(destination, timeout)  # type: ignore[arg-type]
+        return TestOutcome(ok, detail, seconds, "MLLP connect" if destination.type == "hl7" else "GET /metadata")
     if isinstance(destination, DicomDestination):
         from dicom_node.scu import echo
 

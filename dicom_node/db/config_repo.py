@@ -19,7 +19,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.models import Delivery, DeliveryState, DestinationRow, RoutingRuleRow, Study
-from dicom_node.destinations import Destination
+from dicom_node.destinations import NOTIFICATION_KINDS, Destination
 from dicom_node.routing import Rule, load_stored_rule
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "list_rule_records",
     "list_rules",
     "move_rule",
+    "notification_destinations",
     "reorder_rules",
     "resolve_destination_names",
     "rule_count",
@@ -125,24 +126,46 @@ def get_destination(sessions: sessionmaker[Session], name: str) -> Destination |
     return None if row is None else _DESTINATION.validate_json(row[0])
 
 
-def default_destination_names(sessions: sessionmaker[Session]) -> list[str]:
+def default_destination_names(sessions: sessionmaker[Session], *, notification: bool = False) -> list[str]:
+    """The destinations flagged default: of result objects, or (``notification``) those told about results."""
     with sessions() as session:
-        rows = session.execute(
-            select(DestinationRow.name).where(DestinationRow.is_default.is_(True)).order_by(DestinationRow.name)
-        ).all()
+        return _default_names(session, notification)
+
+
+def _default_names(session: Session, notification: bool) -> list[str]:
+    kinds = DestinationRow.kind.in_(sorted(NOTIFICATION_KINDS))
+    rows = session.execute(
+        select(DestinationRow.name).where(DestinationRow.is_default.is_(True), kinds if notification else ~kinds)
+        .order_by(DestinationRow.name)
+    ).all()
     return [str(r[0]) for r in rows]
 
 
 def resolve_destination_names(sessions: sessionmaker[Session], wanted: list[str] | str) -> list[str]:
-    """The destinations a job's ``destinations`` field means now: ``"default"`` (every destination flagged
-    default) or the listed names that still exist (a name removed since is skipped with a warning)."""
+    """The result destinations (DICOM, DICOMweb) a job's ``destinations`` field means now: ``"default"`` (every
+    such destination flagged default) or the listed names that still exist (a name removed since is skipped with
+    a warning). Notification destinations (HL7, FHIR) the rule names are told by
+    :func:`dicom_node.db.notifications.notify_when_delivered` instead."""
     if wanted == "default":
         return default_destination_names(sessions)
-    known = {d.name for d in list_destinations(sessions)}
-    missing = [name for name in wanted if name not in known]
+    with sessions() as session:
+        kinds = {str(name): str(kind) for name, kind in session.execute(select(DestinationRow.name, DestinationRow.kind))}
+    missing = [name for name in wanted if name not in kinds]
     if missing:
         logger.warning("routing asked for unknown destination(s) %s; they are skipped", ", ".join(missing))
-    return [name for name in wanted if name in known]
+    return [name for name in wanted if name in kinds and kinds[name] not in NOTIFICATION_KINDS]
+
+
+def notification_destinations(session: Session, wanted: list[str] | str) -> list[Destination]:
+    """The notification destinations (HL7, FHIR) a job's ``destinations`` field means now, inside ``session``:
+    those flagged default for ``"default"``, else the listed ones that exist."""
+    names = _default_names(session, True) if wanted == "default" else list(wanted)
+    rows = session.execute(
+        select(DestinationRow.name, DestinationRow.definition)
+        .where(DestinationRow.name.in_(names), DestinationRow.kind.in_(sorted(NOTIFICATION_KINDS)))
+    ).all()
+    found = {name: _DESTINATION.validate_json(definition) for name, definition in rows}
+    return [found[name] for name in names if name in found]
 
 
 def delete_destination(sessions: sessionmaker[Session], name: str) -> bool:

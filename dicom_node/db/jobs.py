@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import job_reruns
 from dicom_node.db.job_checks import outcome_reason
+from dicom_node.db.notifications import notify_when_delivered
 from dicom_node.db.models import (
     Delivery,
     DeliveryState,
@@ -283,6 +284,7 @@ def finish_job(
         created = [_new_delivery(session, job_id, spec, now=now, max_attempts=delivery_max_attempts)
                    for spec in specs]
         session.flush()
+        notify_when_delivered(session, job_id, now=now, max_attempts=delivery_max_attempts)
         return [d.id for d in created]
 
 
@@ -344,6 +346,7 @@ def release_job(
             f"{', '.join(destinations) or 'no destination'}")))
         session.flush()
         job_reruns.supersede_on_success(session, job_id, now=now)
+        notify_when_delivered(session, job_id, now=now, max_attempts=delivery_max_attempts)
         return [d.id for d in queued]
 
 
@@ -551,13 +554,21 @@ def claim_delivery(
     return DeliveryClaim(delivery_id, int(row[0]), str(row[1]), int(row[2]), kinds)
 
 
-def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, now: datetime, objects_sent: int) -> None:
+def finish_delivery(sessions: sessionmaker[Session], delivery_id: int, *, now: datetime, objects_sent: int,
+                    notify_max_attempts: int | None = None) -> list[int]:
+    """Mark a delivery being sent ``delivered``. With ``notify_max_attempts``, in the same transaction, make the
+    job's notifications due when this was its last delivery outstanding
+    (:func:`dicom_node.db.notifications.notify_when_delivered`); returns their ids."""
     with sessions.begin() as session:
-        session.execute(
+        done = session.execute(
             update(Delivery).where(Delivery.id == delivery_id, Delivery.state == DeliveryState.SENDING.value)
             .values(state=DeliveryState.DELIVERED.value, delivered_at=now, objects_sent=objects_sent, error=None,
                     lease_expires_at=None, next_attempt_at=None, state_changed_at=now)
-        )
+        ).rowcount
+        if not done or notify_max_attempts is None:
+            return []
+        job_id = session.execute(select(Delivery.job_id).where(Delivery.id == delivery_id)).scalar_one()
+        return notify_when_delivered(session, job_id, now=now, max_attempts=notify_max_attempts)
 
 
 def fail_delivery(

@@ -76,6 +76,7 @@ _JOB_EVENTS = {
     "rerun_on_more_instances": ("job.rerun", "runs again: the series received more instances"),
     "results_superseded": ("job.superseded", "its results replace the earlier ones"),
     "results_resent": ("job.resent", "results sent again"),
+    "notification_due": ("job.notification_due", "HL7/FHIR notification due"),
 }
 _MERGED_JOB_EVENTS = frozenset({"job_not_applicable", "job_held"})
 _EVENT_JOB = re.compile(r"^job (\d+)\b")

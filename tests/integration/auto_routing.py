@@ -28,10 +28,12 @@ end
 @contextmanager
 def pacs_routing_to_node(work: Path, label: str, *, destination: Mapping[str, Any] | None = None,
                          overrides: Mapping[str, Any] | None = None,
-                         plugins: Iterable[str] = ()) -> Iterator[tuple[Orthanc, NodeProcess]]:
+                         plugins: Iterable[str] = (),
+                         more_destinations: Iterable[Mapping[str, Any]] = ()) -> Iterator[tuple[Orthanc, NodeProcess]]:
     """Orthanc auto-routing to a node (embedded worker) whose default destination is that Orthanc.
 
     ``destination``: extra fields of the ``pacs`` destination (e.g. ``not_performed``);
+    ``more_destinations``: other destinations of the node (e.g. an HL7 listener);
     ``overrides``: more node settings (dotted keys, as :class:`peers.NodeProcess` takes them);
     ``plugins``: Orthanc plugins to load (e.g. ``libOrthancDicomWeb.so``, for a viewer).
     """
@@ -43,7 +45,7 @@ def pacs_routing_to_node(work: Path, label: str, *, destination: Mapping[str, An
         destinations = work / "destinations.yaml"
         destinations.write_text(yaml.safe_dump({"destinations": [{
             "type": "dicom", "name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": orthanc.dicom_port,
-            "default": True, **(destination or {})}]}))
+            "default": True, **(destination or {})}, *map(dict, more_destinations)]}))
         node = NodeProcess(work / "node", overrides={
             "queue": {"broker_url": "memory://", "embedded_worker_queues": ["gpu", "io"],
                       "sweep_interval_seconds": 0.2},

@@ -199,7 +199,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "dicom_node/config_files.py", "dicom_node/config_service/**/*.py",
         "dicom_node/access.py", "dicom_node/web/**/*.py", "dicom_node/admin_cli.py", "dicom_node/users_cli.py",
         "dicom_node/studies_cli.py", "dicom_node/study_actions.py", "dicom_node/retention.py",
-        "dicom_node/housekeeping_cli.py",
+        "dicom_node/housekeeping_cli.py", "dicom_node/http_exchange.py", "dicom_node/notify.py",
+        "dicom_node/hl7_report.py", "dicom_node/fhir_report.py", "dicom_node/report_codes.py",
     ),
     "app": ("dicom_node/app/**/*.py", "dicom_node/__main__.py"),
 }

@@ -98,7 +98,7 @@ def test_api_validation_errors_name_the_field(web: WebEnv) -> None:
                              "username": "a:b", "password": "p"}}, headers=headers).json()["errors"]
     assert {e["field"] for e in web_errors} == {"url", "auth.username"}
     untyped = client.post("/api/v1/destinations", json={"name": "x"}, headers=headers).json()["errors"]
-    assert untyped == [{"field": "type", "message": "type must be one of dicom, dicomweb (got None)"}]
+    assert untyped == [{"field": "type", "message": "type must be one of dicom, dicomweb, hl7, fhir (got None)"}]
     odd_auth = client.post("/api/v1/destinations", json={**ARCHIVE, "auth": {"type": "kerberos"}},
                            headers=headers).json()["errors"]
     assert odd_auth[0]["field"] == "auth.type" and "'kerberos'" in odd_auth[0]["message"]

@@ -1,7 +1,7 @@
 """Destinations in the admin UI and the REST API: list with delivery statistics, edit, delete, test connection.
 
 Why: admins add and change where results go (a PACS by C-STORE, a DICOMweb server by
-STOW-RS) and need to see at a glance whether deliveries get through. Routes here only
+STOW-RS) and who is told of them (a RIS by HL7 v2 over MLLP, an EHR by FHIR) and need to see at a glance whether deliveries get through. Routes here only
 parse and render: :class:`dicom_node.config_service.DestinationsService` validates
 (each error at its field), keeps secrets on the server (pages show "(unchanged)" and
 keep the stored value when the field is left blank, the API answers ``**********`` and
@@ -28,7 +28,15 @@ from dicom_node.config_service.base import FieldError
 from dicom_node.config_service.destinations import KINDS, TestOutcome, UnusableTlsFiles, redacted, secret_moved
 from dicom_node.db import config_repo
 from dicom_node.db.models import Role
-from dicom_node.destinations import ALL_OUTPUTS, DEFAULT_OUTPUTS, Destination, DicomDestination, DicomWebDestination
+from dicom_node.destinations import (
+    ALL_OUTPUTS,
+    DEFAULT_OUTPUTS,
+    NOTIFY_EVENTS,
+    Destination,
+    DicomDestination,
+    FhirDestination,
+    HL7Destination,
+)
 from dicom_node.study_actions import MAX_RECENT_HOURS, StudyActionRefused, resend_recent
 from dicom_node.web.auth import Principal, require
 from dicom_node.web.context import WebContext, get_context
@@ -54,6 +62,9 @@ router = APIRouter()
 _OUTPUTS = sorted(ALL_OUTPUTS)
 #: The choices of ``not_performed`` as the form offers them: (value, label).
 NOT_PERFORMED_CHOICES = (("none", "nothing"), ("sr", "'AI analysis not performed' SR"))
+#: When a notification destination is told, as the form offers it: (value, label).
+NOTIFY_CHOICES = (("results", "results delivered"), ("not_performed", "AI not performed"),
+                  ("held", "results held for review"))
 
 #: Form inputs that have an error slot of their own; other errors go to the top of the form.
 _FORM_KEYS = frozenset({
@@ -61,7 +72,15 @@ _FORM_KEYS = frozenset({
     "host", "port", "calling_ae_title", "max_pdu",
     "tls", "tls-ca_certificates", "tls-certificate", "tls-private_key", "tls-check_hostname", "url", "auth",
     "auth-type", "auth-username", "auth-password", "auth-token", "verify_tls", "ca_certificates",
+    "notify", "sending_application", "sending_facility", "receiving_application", "receiving_facility",
+    "patient_id_authority", "processing_id", "patient_id_system",
 })
+#: What each kind of destination is called on the pages.
+KIND_LABELS = {"dicom": "DICOM (C-STORE)", "dicomweb": "DICOMweb (STOW-RS)", "hl7": "HL7 v2 (MLLP)",
+               "fhir": "FHIR R4"}
+_KIND_PATTERN = "^(" + "|".join(KIND_LABELS) + ")$"
+_HL7_TEXTS = ("sending_application", "sending_facility", "receiving_application", "receiving_facility",
+              "patient_id_authority", "processing_id")
 
 
 def _record(context: WebContext, name: str) -> config_repo.DestinationRecord:
@@ -79,6 +98,7 @@ class DestinationForm:
     values: dict[str, str] = field(default_factory=dict)
     checks: set[str] = field(default_factory=set)  # ticked checkboxes: default, tls, verify_tls, ...
     outputs: set[str] = field(default_factory=lambda: set(DEFAULT_OUTPUTS))
+    notify: set[str] = field(default_factory=lambda: set(NOTIFY_EVENTS))
     stored_secret: dict[str, bool] = field(default_factory=dict)  # password/token: a stored one exists
     errors: dict[str, list[str]] = field(default_factory=dict)
 
@@ -88,23 +108,48 @@ class DestinationForm:
     def error(self, key: str, message: str) -> None:
         self.errors.setdefault(key if key in _FORM_KEYS else "form", []).append(message)
 
+    @property
+    def notification(self) -> bool:
+        """An HL7 or FHIR destination: told about results, sent none."""
+        return self.kind in ("hl7", "fhir")
+
+    @property
+    def http(self) -> bool:
+        """A DICOMweb or FHIR destination: a URL with credentials."""
+        return self.kind in ("dicomweb", "fhir")
+
+    @property
+    def sockets(self) -> bool:
+        """A DICOM or HL7 destination: host, port and optional TLS."""
+        return self.kind in ("dicom", "hl7")
+
     @classmethod
     def blank(cls, kind: str) -> "DestinationForm":
         checks = {"tls-check_hostname", "verify_tls"}
         return cls(kind=kind, values={"timeout_seconds": "30", "max_pdu": "1048576", "auth-type": "none",
-                                      "not_performed": "none"}, checks=checks)
+                                      "not_performed": "none", "sending_application": "DICOM_NODE",
+                                      "processing_id": "P"}, checks=checks)
 
     @classmethod
     def from_destination(cls, destination: Destination) -> "DestinationForm":
-        values = {"name": destination.name, "timeout_seconds": f"{destination.timeout_seconds:g}",
-                  "not_performed": destination.not_performed}
+        values = {"name": destination.name, "timeout_seconds": f"{destination.timeout_seconds:g}"}
         checks = {"default"} if destination.default else set()
-        if destination.outline_low_confidence:
-            checks.add("outline_low_confidence")
         secrets: dict[str, bool] = {}
-        if isinstance(destination, DicomDestination):
-            values.update(ae_title=destination.ae_title, host=destination.host, port=str(destination.port),
-                          calling_ae_title=destination.calling_ae_title or "", max_pdu=str(destination.max_pdu))
+        form = cls(kind=destination.type, values=values, checks=checks)
+        if isinstance(destination, (HL7Destination, FhirDestination)):
+            form.notify = set(destination.notify)
+        else:
+            values["not_performed"] = destination.not_performed
+            form.outputs = set(destination.outputs)
+            if destination.outline_low_confidence:
+                checks.add("outline_low_confidence")
+        if isinstance(destination, (DicomDestination, HL7Destination)):
+            values.update(host=destination.host, port=str(destination.port))
+            if isinstance(destination, DicomDestination):
+                values.update(ae_title=destination.ae_title, calling_ae_title=destination.calling_ae_title or "",
+                              max_pdu=str(destination.max_pdu))
+            else:
+                values.update({key: getattr(destination, key) or "" for key in _HL7_TEXTS})
             tls = destination.tls
             if tls is not None:
                 checks.add("tls")
@@ -115,13 +160,15 @@ class DestinationForm:
                 checks.add("tls-check_hostname")
         else:
             values.update(url=destination.url, ca_certificates=str(destination.ca_certificates or ""))
+            if isinstance(destination, FhirDestination):
+                values["patient_id_system"] = destination.patient_id_system or ""
             values["auth-type"] = destination.auth.type
             values["auth-username"] = getattr(destination.auth, "username", "")
             secrets = {"password": hasattr(destination.auth, "password"), "token": hasattr(destination.auth, "token")}
             if destination.verify_tls:
                 checks.add("verify_tls")
-        return cls(kind=destination.type, values=values, checks=checks, outputs=set(destination.outputs),
-                   stored_secret=secrets)
+        form.stored_secret = secrets
+        return form
 
 
 def _checked(form: FormData, key: str) -> bool:
@@ -135,28 +182,43 @@ def parse_destination_form(form: FormData, *, kind: str, name: str | None,
     def text(key: str) -> str:
         return (form.get(key) or [""])[0].strip()
 
-    state = DestinationForm(kind=kind, outputs={o for o in form.get("outputs", []) if o})
-    keys = ["name", "timeout_seconds", "not_performed"] + (
-        ["ae_title", "host", "port", "calling_ae_title", "max_pdu", "tls-ca_certificates", "tls-certificate",
-         "tls-private_key"] if kind == "dicom" else ["url", "auth-type", "auth-username", "ca_certificates"])
+    state = DestinationForm(kind=kind, outputs={o for o in form.get("outputs", []) if o},
+                            notify={e for e in form.get("notify", []) if e})
+    keys = ["name", "timeout_seconds"] + ([] if state.notification else ["not_performed"])
+    if state.sockets:
+        keys += ["host", "port", "tls-ca_certificates", "tls-certificate", "tls-private_key"]
+        keys += ["ae_title", "calling_ae_title", "max_pdu"] if kind == "dicom" else list(_HL7_TEXTS)
+    else:
+        keys += ["url", "auth-type", "auth-username", "ca_certificates"] + (
+            ["patient_id_system"] if kind == "fhir" else [])
     state.values = {key: text(key) for key in keys}
     if name is not None:
         state.values["name"] = name
     state.checks = {key for key in ("default", "outline_low_confidence", "tls", "tls-check_hostname", "verify_tls")
                     if _checked(form, key)}
-    if isinstance(stored, DicomWebDestination):
-        state.stored_secret = {"password": hasattr(stored.auth, "password"), "token": hasattr(stored.auth, "token")}
+    if stored is not None and stored.type in ("dicomweb", "fhir"):
+        auth = getattr(stored, "auth")
+        state.stored_secret = {"password": hasattr(auth, "password"), "token": hasattr(auth, "token")}
     v = state.values
-    data: dict[str, Any] = {"type": kind, "name": v["name"], "default": "default" in state.checks,
-                            "outputs": sorted(state.outputs), "not_performed": v["not_performed"] or "none",
-                            "outline_low_confidence": "outline_low_confidence" in state.checks}
+    data: dict[str, Any] = {"type": kind, "name": v["name"], "default": "default" in state.checks}
+    if state.notification:
+        data["notify"] = sorted(state.notify)
+    else:
+        data.update(outputs=sorted(state.outputs), not_performed=v["not_performed"] or "none",
+                    outline_low_confidence="outline_low_confidence" in state.checks)
     if v["timeout_seconds"]:
         data["timeout_seconds"] = v["timeout_seconds"]
-    if kind == "dicom":
-        data.update(ae_title=v["ae_title"], host=v["host"], port=v["port"] or None,
-                    calling_ae_title=v["calling_ae_title"] or None)
-        if v["max_pdu"]:
-            data["max_pdu"] = v["max_pdu"]
+    if state.sockets:
+        data.update(host=v["host"], port=v["port"] or None)
+        if kind == "dicom":
+            data.update(ae_title=v["ae_title"], calling_ae_title=v["calling_ae_title"] or None)
+            if v["max_pdu"]:
+                data["max_pdu"] = v["max_pdu"]
+        else:
+            data.update({key: v[key] or None for key in _HL7_TEXTS if key != "processing_id"})
+            data["processing_id"] = v["processing_id"] or "P"
+            if not v["sending_application"]:
+                del data["sending_application"]
         if "tls" in state.checks:
             data["tls"] = {"ca_certificates": v["tls-ca_certificates"] or None,
                            "certificate": v["tls-certificate"] or None, "private_key": v["tls-private_key"] or None,
@@ -170,6 +232,8 @@ def parse_destination_form(form: FormData, *, kind: str, name: str | None,
             auth["token"] = (form.get("auth-token") or [""])[0]
         data.update(url=v["url"], auth=auth, verify_tls="verify_tls" in state.checks,
                     ca_certificates=v["ca_certificates"] or None)
+        if kind == "fhir":
+            data["patient_id_system"] = v["patient_id_system"] or None
     return state, data
 
 
@@ -177,8 +241,8 @@ def _place(state: DestinationForm, errors: Sequence[FieldError]) -> None:
     for location, message in errors:
         parts = [str(p) for p in location if not isinstance(p, int)]
         key = "-".join(parts) if parts else "form"
-        if parts[:1] == ["outputs"]:
-            key = "outputs"
+        if parts[:1] in (["outputs"], ["notify"]):
+            key = parts[0]
         state.error(key, message)
 
 
@@ -189,6 +253,7 @@ def _form_page(request: Request, context: WebContext, state: DestinationForm, *,
     used_by = config_repo.rules_using_destination(context.sessions, original) if original else []
     return render(request, "destination_form.html", status_code=status_code, form=state, original=original,
                   record=record, test=test, stats=stats, used_by=used_by, all_outputs=_OUTPUTS,
+                  notify_events=NOTIFY_CHOICES, kind_labels=KIND_LABELS,
                   not_performed_choices=NOT_PERFORMED_CHOICES, sent_recent=sent_recent,
                   calling_ae_title=context.settings.delivery.calling_ae_title or context.settings.dicom.ae_title)
 
@@ -202,7 +267,8 @@ _DONE = {"created": "Destination {} created.", "updated": "Destination {} saved.
 
 @router.get("/destinations", include_in_schema=False)
 def destinations_page(
-    request: Request, q: str = Query("", max_length=200), kind: str = Query("", pattern="^(|dicom|dicomweb)$"),
+    request: Request, q: str = Query("", max_length=200),
+    kind: str = Query("", pattern="^(|dicom|dicomweb|hl7|fhir)$"),
     done: str = Query(""), destination: str = Query("", max_length=64),
     principal: Principal = Depends(require(Role.VIEWER)), context: WebContext = Depends(get_context),
 ) -> Response:
@@ -215,12 +281,13 @@ def destinations_page(
         records = [r for r in records if r.destination.type == kind]
     message = _DONE[done].format(destination) if done in _DONE and destination else None
     return render(request, "destinations.html", records=records, total=total, q=q, kind=kind, message=message,
+                  kind_labels=KIND_LABELS,
                   stats=config_repo.destination_delivery_stats(context.sessions))
 
 
 @router.get("/destinations/new", include_in_schema=False)
 def new_destination_page(
-    request: Request, type: str = Query("dicom", pattern="^(dicom|dicomweb)$"),
+    request: Request, type: str = Query("dicom", pattern=_KIND_PATTERN),
     principal: Principal = Depends(require(Role.ADMIN)), context: WebContext = Depends(get_context),
 ) -> Response:
     return _form_page(request, context, DestinationForm.blank(type), original=None)
@@ -356,7 +423,8 @@ def api_send_recent(
 # --------------------------------------------------------------------------- API
 
 _BODY = {"requestBody": {"required": True, "content": {"application/json": {"schema": {"oneOf": [
-    {"$ref": "#/components/schemas/DicomDestination"}, {"$ref": "#/components/schemas/DicomWebDestination"}],
+    {"$ref": "#/components/schemas/DicomDestination"}, {"$ref": "#/components/schemas/DicomWebDestination"},
+    {"$ref": "#/components/schemas/HL7Destination"}, {"$ref": "#/components/schemas/FhirDestination"}],
     "discriminator": {"propertyName": "type"}}}}}}
 _ERRORS = {404: {"description": "No destination of that name"},
            409: {"description": "The name is taken, or rules still send to the destination"},
@@ -367,7 +435,7 @@ class ConnectionTestResult(BaseModel):
     """The answer of ``POST /api/v1/destinations/{name}/test``."""
 
     destination: str
-    kind: Literal["dicom", "dicomweb"]
+    kind: Literal["dicom", "dicomweb", "hl7", "fhir"]
     method: str
     ok: bool
     detail: str
@@ -422,7 +490,8 @@ def api_test_destination(
     request: Request, name: str, principal: Principal = Depends(require(Role.OPERATOR)),
     context: WebContext = Depends(get_context),
 ) -> ConnectionTestResult | Response:
-    """C-ECHO (DICOM) or QIDO-RS (DICOMweb) the stored destination; ``ok`` false explains why in ``detail``."""
+    """C-ECHO (DICOM), QIDO-RS (DICOMweb), an MLLP connection (HL7, nothing sent) or ``GET /metadata`` (FHIR)
+    to the stored destination; ``ok`` false explains why in ``detail``."""
     destination = _record(context, name).destination
     try:
         outcome = destinations_service(context).test(destination, actor(request, principal, api=True))
