@@ -349,19 +349,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="dicom-node-scale-"))
     print(f"work directory {workdir}; {os.cpu_count()} CPU cores", flush=True)
     tables: list[tuple[str, str, str, list[str]]] = []
-    try:
-        for part in args.parts:
-            print(f"\n== {part}: load average {load_average()}", flush=True)
-            before = load_average()
+    failed = None
+    for part in args.parts:
+        print(f"\n== {part}: load average {load_average()}", flush=True)
+        before = load_average()
+        try:
             lines = PART_FUNCTIONS[part](args, workdir)
-            tables.append((part, before, load_average(), lines))
-    except BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        print(f"(work directory kept: {workdir})", file=sys.stderr)
-        return 1
-    for part, before, after, lines in tables:
+        except BenchError as exc:
+            failed = f"{part}: {exc}"
+            break
+        tables.append((part, before, load_average(), lines))
+    for part, before, after, lines in tables:  # the parts that finished, also when a later one failed
         print(f"\n### {part} (load average {before} at the start, {after} at the end)\n")
         print("\n".join(lines))
+    if failed is not None:
+        print(f"error: {failed}\n(work directory kept: {workdir})", file=sys.stderr)
+        return 1
     if args.keep:
         print(f"\nwork directory kept: {workdir}")
     else:

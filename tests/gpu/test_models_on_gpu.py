@@ -67,10 +67,13 @@ def test_model_on_cuda_gives_the_cpu_result(model_id: str, registry: ModelRegist
                                             runs: dict[str, dict[str, Timed]]) -> None:
     timed = runs[model_id]
     kind = registry.entry(model_id).kind
-    # AMP where the loaders use it: the convolutions of the segmentation and detection models ran in float16;
-    # the classifier runs in float32 (docs/configuration.md, worker section).
-    assert timed["warm"].dtypes == ({"float32"} if kind == "classification" else {"float16"}), timed["warm"].dtypes
-    assert timed["cpu"].dtypes == {"float32"}
+    # AMP where the loaders use it: convolutions of the segmentation and detection models ran in float16; the
+    # classifier runs in float32 (docs/configuration.md, worker section); nothing in float16 on the CPU.
+    if kind == "classification":
+        assert timed["warm"].dtypes == {"float32"}, timed["warm"].dtypes
+    else:
+        assert "float16" in timed["warm"].dtypes, timed["warm"].dtypes
+    assert "float16" not in timed["cpu"].dtypes and timed["cpu"].dtypes, timed["cpu"].dtypes
     threshold = detection_threshold(registry, model_id) if kind == "detection" else 0.0
     problems = result_differences(timed["cpu"].result, timed["warm"].result, threshold)
     assert not problems, f"{model_id}: cuda (AMP) and cpu differ:\n" + "\n".join(problems)
