@@ -179,15 +179,12 @@ def wait_for_echo(node: NodePeer, timeout: float = 90.0) -> None:
     )
 
 
-@contextmanager
-def node_running(
-    work_dir: Path, orthanc: Orthanc, pipelines: Sequence[str], quiet_seconds: float
-) -> Iterator[NodePeer]:
-    """Start the node with Orthanc as its default destination and a rule running ``pipelines`` on CT."""
-    work_dir.mkdir(parents=True)
+def write_routing_files(work_dir: Path, orthanc: Orthanc, pipelines: Sequence[str]) -> tuple[Path, Path]:
+    """The rules file (every CT study: ``pipelines``) and the destinations file (``orthanc`` the default) of a
+    benchmarked node, written into ``work_dir``; returns (rules, destinations)."""
     destinations = work_dir / "destinations.yaml"
     destinations.write_text(yaml.safe_dump({"destinations": [{
-        "type": "dicom", "name": "pacs", "ae_title": ORTHANC_AE, "host": LOCALHOST, "port": orthanc.dicom_port,
+        "type": "dicom", "name": "pacs", "ae_title": orthanc.aet, "host": LOCALHOST, "port": orthanc.dicom_port,
         "default": True,
     }]}))
     rules = work_dir / "rules.yaml"
@@ -196,6 +193,16 @@ def node_running(
         "match": "all", "conditions": [{"attribute": "modality", "in": ["CT"]}], "series": {"prefer": "thinnest"},
         "pipelines": list(pipelines), "destinations": "default", "priority": 0,
     }]}, sort_keys=False))
+    return rules, destinations
+
+
+@contextmanager
+def node_running(
+    work_dir: Path, orthanc: Orthanc, pipelines: Sequence[str], quiet_seconds: float
+) -> Iterator[NodePeer]:
+    """Start the node with Orthanc as its default destination and a rule running ``pipelines`` on CT."""
+    work_dir.mkdir(parents=True)
+    rules, destinations = write_routing_files(work_dir, orthanc, pipelines)
     config = work_dir / "node.yaml"
     config.write_text(yaml.safe_dump({
         "log_level": "INFO",

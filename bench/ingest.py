@@ -30,16 +30,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.integration.peers import peer_env  # noqa: E402  (read at each start: PYTHONPATH reaches the node)
 from training.phantoms.ct_series import SeriesGeometry, generate_ct_series  # noqa: E402
 
-ENV = {**os.environ, "TCP_NODELAY": "1"}
 #: Whether the measured nodes run their embedded worker too (``--with-worker``).
 WITH_WORKER = False
 
@@ -54,7 +55,7 @@ def wait_for_echo(port: int, ae_title: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         done = subprocess.run(
-            ["echoscu", "-aec", ae_title, "127.0.0.1", str(port)], env=ENV, capture_output=True
+            ["echoscu", "-aec", ae_title, "127.0.0.1", str(port)], env=peer_env(), capture_output=True
         )
         if done.returncode == 0:
             return
@@ -72,7 +73,7 @@ def our_node(workdir: Path, fsync: bool = True, accelerate: bool = False) -> Ite
         [str(Path(sys.executable).with_name("dicom-node")), "serve", "--data-dir", str(data), "--port", str(port),
          "--web-port", str(free_port())],
         env={
-            **ENV,
+            **peer_env(),
             "DICOM_NODE_STORAGE__MIN_FREE_MB": "0",
             "DICOM_NODE_STORAGE__FSYNC": str(fsync).lower(),
             "DICOM_NODE_DICOM__ACCELERATE": str(accelerate).lower(),
@@ -99,7 +100,8 @@ def storescp(workdir: Path, fork: bool) -> Iterator[tuple[int, str]]:
     command = ["storescp", "--output-directory", str(out), "--accept-all"]
     if fork:
         command.append("--fork")
-    process = subprocess.Popen([*command, str(port)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([*command, str(port)], env=peer_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     try:
         wait_for_echo(port, "ANY-SCP")
         yield port, "ANY-SCP"
@@ -110,22 +112,27 @@ def storescp(workdir: Path, fork: bool) -> Iterator[tuple[int, str]]:
 
 def push(port: int, ae_title: str, files: list[Path], associations: int) -> float:
     """Send ``files`` split over ``associations`` parallel storescu processes; return images/s."""
-    parts = [files[i::associations] for i in range(associations)]
+    return push_parts(port, ae_title, [files[i::associations] for i in range(associations)])
+
+
+def push_parts(port: int, ae_title: str, parts: Sequence[Sequence[Path]]) -> float:
+    """Send each of ``parts`` with a storescu process of its own (one association each), all at once;
+    return images/s over all of them (bench/scale.py sends whole studies per part this way)."""
     started = time.perf_counter()
     senders = [
         subprocess.Popen(
             ["storescu", "-aec", ae_title, "127.0.0.1", str(port), *map(str, part)],
-            env=ENV,
+            env=peer_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
         for part in parts
     ]
     for sender in senders:
-        _, errors = sender.communicate(timeout=600)
+        _, errors = sender.communicate(timeout=3600)
         if sender.returncode != 0:
             raise RuntimeError(f"storescu failed: {errors.decode(errors='replace')[-500:]}")
-    return len(files) / (time.perf_counter() - started)
+    return sum(len(part) for part in parts) / (time.perf_counter() - started)
 
 
 def measure(target, workdir: Path, files: list[Path], associations: int, repeat: int) -> float:  # type: ignore[no-untyped-def]
@@ -151,6 +158,40 @@ TARGETS = {
 }
 
 
+def ingest_series(workdir: Path, slices: int) -> list[Path]:
+    """The measured series: ``slices`` CT slices of 512x512 written under ``workdir``/series."""
+    return generate_ct_series(
+        workdir / "series", geometry=SeriesGeometry(rows=512, columns=512, slices=slices), seed=2024
+    ).paths
+
+
+def measure_targets(chosen: Sequence[str], workdir: Path, files: list[Path], repeat: int,
+                    show: Callable[[str], None] = partial(print, flush=True)) -> dict[tuple[str, int], float]:
+    """(target name, associations) -> median images/s, for each of ``chosen`` (names of :data:`TARGETS`)
+    with 1 and 4 associations; each figure is shown as it comes."""
+    results: dict[tuple[str, int], float] = {}
+    for associations in (1, 4):
+        for name in chosen:
+            results[name, associations] = measure(TARGETS[name], workdir, files, associations, repeat)
+            show(f"  {name:<30} {associations} assoc: {results[name, associations]:7.0f} images/s")
+    return results
+
+
+def ratio_table(results: dict[tuple[str, int], float], chosen: Sequence[str]) -> list[str]:
+    """The markdown table of each node target against storescp and storescp --fork (those measured)."""
+    lines = ["| node | associations | img/s | storescp img/s | ratio | storescp --fork img/s | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for name in (name for name in chosen if name.startswith("dicom-node")):
+        for associations in (1, 4):
+            ours = results[name, associations]
+            cells = [f"| {name} | {associations} | {ours:.0f} "]
+            for peer in ("storescp", "storescp --fork"):
+                theirs = results.get((peer, associations))
+                cells.append(f"| {theirs:.0f} | {ours / theirs:.2f} " if theirs else "| - | - ")
+            lines.append("".join(cells) + "|")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
@@ -169,31 +210,15 @@ def main() -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="dicom-node-bench-"))
     print(f"generating {args.slices}-slice 512x512 CT series in {workdir} ...", flush=True)
-    series = generate_ct_series(
-        workdir / "series", geometry=SeriesGeometry(rows=512, columns=512, slices=args.slices), seed=2024
-    )
-    files = series.paths
+    files = ingest_series(workdir, args.slices)
     size_mb = sum(path.stat().st_size for path in files) / 1e6
     print(f"{len(files)} files, {size_mb:.0f} MB; median of {args.repeat} runs each; node "
           f"{'with' if WITH_WORKER else 'without'} its embedded worker; load average {_load()}\n", flush=True)
 
-    results: dict[tuple[str, int], float] = {}
-    for associations in (1, 4):
-        for name in chosen:
-            results[name, associations] = measure(TARGETS[name], workdir, files, associations, args.repeat)
-            print(f"  {name:<30} {associations} assoc: {results[name, associations]:7.0f} images/s", flush=True)
-
+    results = measure_targets(chosen, workdir, files, args.repeat)
     print("\nratios against storescp (no fsync, serial associations) and storescp --fork:")
-    print("| node | associations | img/s | storescp img/s | ratio | storescp --fork img/s | ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for name in (name for name in chosen if name.startswith("dicom-node")):
-        for associations in (1, 4):
-            ours = results[name, associations]
-            cells = [f"| {name} | {associations} | {ours:.0f} "]
-            for peer in ("storescp", "storescp --fork"):
-                theirs = results.get((peer, associations))
-                cells.append(f"| {theirs:.0f} | {ours / theirs:.2f} " if theirs else "| - | - ")
-            print("".join(cells) + "|")
+    for line in ratio_table(results, chosen):
+        print(line)
     print(f"\nload average at the end: {_load()}")
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)

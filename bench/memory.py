@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -196,20 +197,45 @@ def measure(model_key: str, series_dir: Path, args: argparse.Namespace) -> dict[
     return json.loads(lines[-1])
 
 
-def _table(rows: list[tuple[int, dict[str, Any]]], show: Callable[[str], None] = print) -> None:
-    show(f"{'model':<6}{'slices':>7}{'load s':>8}{'load MiB':>10}{'predict s':>11}{'predict MiB':>13}"
-         f"{'seg s':>7}{'seg MiB':>9}{'maxrss MiB':>12}  result")
+def markdown_table(rows: list[tuple[int, dict[str, Any]]]) -> list[str]:
+    """One markdown row per model and size: seconds and peak MiB per stage, and what the result was."""
+    lines = ["| model | slices | load s | load MiB | predict s | predict MiB | seg s | seg MiB | maxrss MiB | result |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for slices, r in rows:
         if "error" in r:
-            show(f"{r['model']:<6}{slices:>7}  DID NOT FINISH: {r['error']}")
+            lines.append(f"| {r['model']} | {slices} | DID NOT FINISH: {r['error']} |||||||||")
             continue
-        seg = f"{r['seg_s']:>7.1f}{r['seg_peak_mib']:>9}" if "seg_s" in r else f"{'-':>7}{'-':>9}"
+        seg = f"{r['seg_s']:.1f} | {r['seg_peak_mib']}" if "seg_s" in r else "- | -"
         what = (f"{r['label_dtype']} labels sha1 {r['label_sha1'][:10]}, SEG {r['seg_mib']} MiB" if r["model"] == "seg"
                 else f"{r['detections']} detections, sha1 {r['detections_sha1'][:10]}")
         if "predict_gpu_mib" in r:
             what = f"GPU peak {r['predict_gpu_mib']} MiB; " + what
-        show(f"{r['model']:<6}{slices:>7}{r['load_s']:>8.1f}{r['load_peak_mib']:>10}{r['predict_s']:>11.1f}"
-             f"{r['predict_peak_mib']:>13}{seg}{r['maxrss_mib']:>12}  {what}")
+        lines.append(f"| {r['model']} | {slices} | {r['load_s']:.1f} | {r['load_peak_mib']} | {r['predict_s']:.1f} "
+                     f"| {r['predict_peak_mib']} | {seg} | {r['maxrss_mib']} | {what} |")
+    return lines
+
+
+def measure_sizes(sizes: list[int], models: list[str], args: argparse.Namespace,
+                  show: Callable[[str], None] = partial(print, flush=True)) -> list[tuple[int, dict[str, Any]]]:
+    """(slices, figures) for each size and model (``args``: threads, device, timeout, keep), each size's phantom
+    written once (or reused under ``args.keep``); each child's JSON line is shown as it comes."""
+    rows: list[tuple[int, dict[str, Any]]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
+        base = args.keep or Path(tmp)
+        for slices in sizes:
+            case = base / f"ct-{slices}"
+            series_dir = case / "series"
+            if not any(series_dir.glob("*.dcm")):
+                started = time.perf_counter()
+                code, _, err = _run([sys.executable, __file__, "--generate", str(slices), str(case)], args.timeout)
+                if code != 0:
+                    raise SystemExit(f"phantom of {slices} slices not written (exit {code}): {err}")
+                show(f"phantom {slices} x 512 x 512 written in {time.perf_counter() - started:.0f} s")
+            for model_key in models:
+                r = measure(model_key, series_dir, args)
+                rows.append((slices, r))
+                show(json.dumps({"slices": slices, **r}))
+    return rows
 
 
 def main() -> int:
@@ -233,24 +259,9 @@ def main() -> int:
         parser.error(f"--models: unknown {unknown} (known: {', '.join(MODELS)})")
     print(f"{os.cpu_count()} CPUs, torch threads {args.threads}, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
-    rows: list[tuple[int, dict[str, Any]]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        base = args.keep or Path(tmp)
-        for slices in (int(v) for v in args.slices.split(",")):
-            case = base / f"ct-{slices}"
-            series_dir = case / "series"
-            if not any(series_dir.glob("*.dcm")):
-                started = time.perf_counter()
-                code, _, err = _run([sys.executable, __file__, "--generate", str(slices), str(case)], args.timeout)
-                if code != 0:
-                    raise SystemExit(f"phantom of {slices} slices not written (exit {code}): {err}")
-                print(f"phantom {slices} x 512 x 512 written in {time.perf_counter() - started:.0f} s", flush=True)
-            for model_key in models:
-                r = measure(model_key, series_dir, args)
-                rows.append((slices, r))
-                print(json.dumps({"slices": slices, **r}), flush=True)
+    rows = measure_sizes([int(v) for v in args.slices.split(",")], models, args)
     print(f"load average after {' '.join(f'{v:.2f}' for v in os.getloadavg())}\n")
-    _table(rows)
+    print("\n".join(markdown_table(rows)))
     return 0
 
 

@@ -283,7 +283,8 @@ class ResultsSettings(_Section):
 
 
 class WorkerSettings(_Section):
-    """How a GPU worker (``dicom-node worker``) reaches the node's instances and outbox."""
+    """How a GPU worker (``dicom-node worker``) reaches the node's instances and outbox, and how it runs its models
+    (``cudnn_benchmark`` applies to the embedded worker of ``serve`` too)."""
 
     node_access: Literal["shared_filesystem", "http"] = Field(
         default="shared_filesystem",
@@ -298,6 +299,9 @@ class WorkerSettings(_Section):
     cache_max_mb: int = Field(
         default=4096, ge=1, description="Series fetched from the node are kept in data_dir/series-cache up to this "
         "size (least recently used removed first; the series in use is always kept).")
+    cudnn_benchmark: bool = Field(
+        default=True, description="On a GPU: let cuDNN time its convolution algorithms for each new input shape "
+        "and keep the fastest (torch.backends.cudnn.benchmark); the first job of each new shape pays the timing.")
 
     @field_validator("node_url")
     @classmethod

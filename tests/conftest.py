@@ -13,22 +13,19 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
-import uuid
 from collections.abc import Callable, Generator, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, text
+from sqlalchemy import Engine
 
 from dicom_node.db.session import make_engine, upgrade
 from dicom_node.app.node import Node
 from dicom_node.settings import Settings, load_settings
-from peers import PEER_LOGS, tail
+from peers import PEER_LOGS, postgres_database, tail
 from training.phantoms.ct_series import GeneratedSeries, SeriesGeometry, generate_ct_series
 
-POSTGRES_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,6 +36,23 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed:
         for label, path in list(PEER_LOGS.items()):
             report.sections.append((f"peer log: {label}", tail(path)))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``gpu`` where PyTorch sees no CUDA device: the hardware is absent (CI, the development
+    machines), not a dependency; they run on GPU machines (tests/gpu, bench/gpu.py). torch is imported only when
+    such a test was collected, and a missing torch is an error, not a skip."""
+    marked = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not marked:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: torch.cuda.is_available() is False on this machine "
+                            f"(torch {torch.__version__}); run on a GPU machine")
+    for item in marked:
+        item.add_marker(skip)
 
 
 def free_port() -> int:
@@ -70,24 +84,6 @@ def second_series(tmp_path_factory: pytest.TempPathFactory) -> GeneratedSeries:
         geometry=SeriesGeometry(rows=64, columns=64, slices=6, pixel_spacing=(2.0, 2.0), slice_spacing=5.0),
         seed=12,
     )
-
-
-@contextmanager
-def postgres_database(prefix: str = "dicom_node_test") -> Iterator[str]:
-    """The URL of a throw-away PostgreSQL database, dropped afterwards (its connections ended first)."""
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with admin.connect() as connection:
-            connection.execute(
-                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name}
-            )
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

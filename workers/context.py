@@ -124,6 +124,9 @@ def build_worker_context(
     """The context of a worker (embedded or separate) from the node's settings; at most ``job_concurrency``
     jobs run at once in this process (one per GPU). ``work``: the process's :class:`WorkInFlight` (new if none);
     ``worker_name``: how its job claims name it (default host:pid)."""
+    from workers.models.loading import use_cudnn_benchmark
+
+    use_cudnn_benchmark(settings.worker.cudnn_benchmark)
     if models is None:
         from workers.models.registry import default_registry, load_model_registry
 

@@ -13,33 +13,19 @@ results exactly once (one SEG series and one SR series of one instance each).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 
 from acking_sender import read_acks, read_failures, start_sender
 from crash_trials import check_spool
-from peers import LOCALHOST, NodeProcess, Orthanc, WorkerProcess, wait_for
+from peers import LOCALHOST, Orthanc, PostgresNode, WorkerProcess, wait_for
 from pipeline_setup import delivered_once, pipeline_settings, result_series_in_pacs, small_ct
 from private_servers import PostgresServer, RedisServer
 
 pytestmark = pytest.mark.slow
-
-
-class PostgresNode(NodeProcess):
-    """A :class:`NodeProcess` whose database is PostgreSQL: :meth:`query` reads it there."""
-
-    def __init__(self, work_dir: Path, *, database_url: str, **kwargs: Any) -> None:
-        super().__init__(work_dir, **kwargs)
-        self.conninfo = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-
-    def query(self, sql: str, parameters: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
-        """A read-only query (``?`` placeholders, as for SQLite)."""
-        with psycopg.connect(self.conninfo, connect_timeout=5) as connection:
-            return list(connection.execute(sql.replace("?", "%s"), tuple(parameters)).fetchall())
 
 
 @pytest.fixture(scope="module")

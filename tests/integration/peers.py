@@ -26,12 +26,15 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
 import yaml
+from sqlalchemy import create_engine, text
 
 T = TypeVar("T")
 
@@ -39,6 +42,8 @@ T = TypeVar("T")
 PEER_LOGS: dict[str, Path] = {}
 
 LOCALHOST = "127.0.0.1"
+#: The PostgreSQL server the tests (and bench/scale.py) make their throw-away databases on.
+POSTGRES_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 
 def _venv_script(name: str) -> str:
@@ -462,6 +467,39 @@ class NodeProcess:
 
     def __repr__(self) -> str:
         return f"NodeProcess({self.label}, port={self.port}, data_dir={self.data_dir})"
+
+
+class PostgresNode(NodeProcess):
+    """A :class:`NodeProcess` whose database is PostgreSQL: :meth:`query` reads it there."""
+
+    def __init__(self, work_dir: Path, *, database_url: str, **kwargs: Any) -> None:
+        super().__init__(work_dir, **kwargs)
+        self.conninfo = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    def query(self, sql: str, parameters: Iterable[Any] = ()) -> list[tuple[Any, ...]]:
+        """A read-only query (``?`` placeholders, as for SQLite)."""
+        import psycopg  # here: a machine that runs no PostgreSQL test (the GPU machines) need not have it
+
+        with psycopg.connect(self.conninfo, connect_timeout=5) as connection:
+            return list(connection.execute(sql.replace("?", "%s"), tuple(parameters)).fetchall())
+
+
+@contextmanager
+def postgres_database(prefix: str = "dicom_node_test") -> Iterator[str]:
+    """The URL of a throw-away PostgreSQL database, dropped afterwards (its connections ended first)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.connect() as connection:
+            connection.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :name"), {"name": name}
+            )
+            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}"'))
+        admin.dispose()
 
 
 # -- Orthanc ---------------------------------------------------------------------------

@@ -49,6 +49,7 @@ __all__ = [
     "mapping_or_metadata",
     "open_bundle",
     "resolve_device",
+    "use_cudnn_benchmark",
 ]
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,18 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} requested, but CUDA is not available on this machine")
     return dev
+
+
+def use_cudnn_benchmark(enabled: bool) -> None:
+    """Set ``torch.backends.cudnn.benchmark`` for this process (``worker.cudnn_benchmark``).
+
+    Why: cuDNN then times its convolution algorithms once per input shape and keeps the fastest; a worker
+    runs the same models on similar shapes for its whole life, so the timing pays for itself. Process-wide
+    (torch has no per-model switch); no effect without a GPU.
+    """
+    torch.backends.cudnn.benchmark = bool(enabled)
+    logger.info("cuDNN benchmark mode %s%s", "on" if enabled else "off",
+                "" if torch.cuda.is_available() else " (no GPU here: no effect)")
 
 
 def check_modality(expected: str | None, volume: Volume, source: str) -> None:

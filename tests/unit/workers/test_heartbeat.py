@@ -75,6 +75,22 @@ def test_heartbeat_interval_must_be_positive(tmp_path: Path) -> None:
         WorkerHeartbeat(sessions, name="x:1", queues=["gpu"], device=None, interval_seconds=0)
 
 
+def test_worker_context_sets_cudnn_benchmark_from_the_settings(tmp_path: Path) -> None:
+    """``worker.cudnn_benchmark`` reaches torch when a worker (embedded or not) builds its context."""
+    import torch
+
+    sessions = make_session_factory(make_engine(f"sqlite:///{tmp_path / 'node.db'}"))
+    before = torch.backends.cudnn.benchmark
+    try:
+        for wanted in (False, True, False):
+            settings = load_settings(None, {"data_dir": tmp_path / "data", "worker.cudnn_benchmark": wanted})
+            build_worker_context(settings, sessions, CeleryQueue(make_celery_app("memory://")))
+            assert torch.backends.cudnn.benchmark is wanted
+        assert load_settings(None, {"data_dir": tmp_path}).worker.cudnn_benchmark is True  # the default
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
 def _routed_job(engine: Engine, series: str = "1.2.9.1") -> int:
     """One study indexed, completed and routed through the node's functions; returns its job id."""
     sessions = make_session_factory(engine)
