@@ -10,6 +10,13 @@ much of the difference is the price of durability (the disk) and how much is sof
 Each node row is measured twice: with pynetdicom's public API (the default) and with
 ``dicom.accelerate: true`` (docs/receive-acceleration.md). ``--targets`` runs a subset.
 
+The disk's floor is measured in the same run: the node's own spool writes each file of
+the series durably (staged, fsync'd, renamed into its series directory, directory
+fsync'd: what a C-STORE must wait for before its success status), with no network, no
+parsing and no index, from one thread and from four. No receiver that makes every
+instance durable before answering can be faster than that on this disk; the table
+gives each node row against it too.
+
 The node runs without its embedded worker (``queue.embedded_worker_queues: []``), so
 that, like storescp, it only receives: a node started for each run would otherwise load
 and warm up its models while the series arrives, and on a 2-core machine that measures
@@ -29,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -38,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dicom_node.spool import Spool  # noqa: E402
 from tests.integration.peers import peer_env  # noqa: E402  (read at each start: PYTHONPATH reaches the node)
 from training.phantoms.ct_series import SeriesGeometry, generate_ct_series  # noqa: E402
 
@@ -148,6 +157,34 @@ def measure(target, workdir: Path, files: list[Path], associations: int, repeat:
     return statistics.median(rates)
 
 
+#: The name of the disk floor's figures in :func:`measure_targets`' results.
+DISK_FLOOR = "disk floor"
+
+
+def disk_floor(workdir: Path, files: list[Path], associations: int, repeat: int) -> float:
+    """Median files/s the node's spool makes durable (as :meth:`Spool.write` does for each instance) from
+    ``associations`` threads, the files' bytes read beforehand: the floor under any receiver that fsyncs."""
+    blobs = [path.read_bytes() for path in files]
+    rates = []
+    for attempt in range(repeat):
+        spool = Spool(workdir / f"floor-{associations}-{attempt}-{time.monotonic_ns()}", fsync=True)
+        parts = [list(range(len(blobs)))[i::associations] for i in range(associations)]
+
+        def write(indexes: list[int], spool: Spool = spool) -> None:
+            for index in indexes:
+                spool.write(spool.relative_path("1.2.3", "1.2.3.4", f"1.2.3.4.{index}"), (blobs[index],))
+
+        threads = [threading.Thread(target=write, args=(part,)) for part in parts]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        rates.append(len(blobs) / (time.perf_counter() - started))
+        shutil.rmtree(spool.root, ignore_errors=True)
+    return statistics.median(rates)
+
+
 TARGETS = {
     "dicom-node": our_node,
     "dicom-node no-fsync": lambda d: our_node(d, fsync=False),
@@ -168,9 +205,12 @@ def ingest_series(workdir: Path, slices: int) -> list[Path]:
 def measure_targets(chosen: Sequence[str], workdir: Path, files: list[Path], repeat: int,
                     show: Callable[[str], None] = partial(print, flush=True)) -> dict[tuple[str, int], float]:
     """(target name, associations) -> median images/s, for each of ``chosen`` (names of :data:`TARGETS`)
-    with 1 and 4 associations; each figure is shown as it comes."""
+    and for the disk floor (:func:`disk_floor`), with 1 and 4 associations; each figure is shown as it comes."""
     results: dict[tuple[str, int], float] = {}
     for associations in (1, 4):
+        results[DISK_FLOOR, associations] = disk_floor(workdir, files, associations, repeat)
+        show(f"  {DISK_FLOOR + ' (fsync, no network)':<30} {associations} assoc: "
+             f"{results[DISK_FLOOR, associations]:7.0f} files/s")
         for name in chosen:
             results[name, associations] = measure(TARGETS[name], workdir, files, associations, repeat)
             show(f"  {name:<30} {associations} assoc: {results[name, associations]:7.0f} images/s")
@@ -178,14 +218,15 @@ def measure_targets(chosen: Sequence[str], workdir: Path, files: list[Path], rep
 
 
 def ratio_table(results: dict[tuple[str, int], float], chosen: Sequence[str]) -> list[str]:
-    """The markdown table of each node target against storescp and storescp --fork (those measured)."""
-    lines = ["| node | associations | img/s | storescp img/s | ratio | storescp --fork img/s | ratio |",
-             "|---|---|---|---|---|---|---|"]
+    """The markdown table of each node target against storescp, storescp --fork and the disk floor (those measured)."""
+    lines = ["| node | associations | img/s | storescp img/s | ratio | storescp --fork img/s | ratio "
+             "| disk floor files/s | ratio |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name in (name for name in chosen if name.startswith("dicom-node")):
         for associations in (1, 4):
             ours = results[name, associations]
             cells = [f"| {name} | {associations} | {ours:.0f} "]
-            for peer in ("storescp", "storescp --fork"):
+            for peer in ("storescp", "storescp --fork", DISK_FLOOR):
                 theirs = results.get((peer, associations))
                 cells.append(f"| {theirs:.0f} | {ours / theirs:.2f} " if theirs else "| - | - ")
             lines.append("".join(cells) + "|")
@@ -216,7 +257,7 @@ def main() -> int:
           f"{'with' if WITH_WORKER else 'without'} its embedded worker; load average {_load()}\n", flush=True)
 
     results = measure_targets(chosen, workdir, files, args.repeat)
-    print("\nratios against storescp (no fsync, serial associations) and storescp --fork:")
+    print("\nratios against storescp (no fsync, serial associations), storescp --fork and the disk floor:")
     for line in ratio_table(results, chosen):
         print(line)
     print(f"\nload average at the end: {_load()}")
