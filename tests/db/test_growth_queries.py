@@ -1,5 +1,5 @@
-"""The studies list and the dashboard stay flat as the database grows (issue 26, "Growth"): their queries
-use the indexes of migration 0010 (SQLite's EXPLAIN QUERY PLAN), keyset pages are stable and complete
+"""The studies, jobs and deliveries lists, the dashboard and /metrics stay flat as the database grows (issue 26,
+"Growth"): their queries use the indexes of migrations 0010 and 0011 (SQLite's EXPLAIN QUERY PLAN), keyset pages are stable and complete
 while studies arrive between two pages, the patient-name search finds what a substring match finds, and
 the bounded counts say when they stopped counting. The database is filled by the growth benchmark's
 own SQL (bench/growth.py), so that the benchmark measures the data these tests check.
@@ -17,7 +17,7 @@ from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.growth import fill
-from dicom_node.db import monitoring, repo, study_views
+from dicom_node.db import job_views, monitoring, repo, study_views
 from dicom_node.db.models import Study
 from dicom_node.db.session import make_engine, make_session_factory, upgrade
 from dicom_node.db.study_views import StudyCursor, StudyFilters
@@ -97,6 +97,38 @@ def test_dashboard_error_and_throughput_queries_use_the_indexes(sqlite_engine: E
                   "ix_jobs_finished_at", "ix_deliveries_delivered_at"):
         assert index in text, (index, text)
     assert "SCAN jobs\n" not in text + "\n" and "SCAN deliveries\n" not in text + "\n", text
+
+
+def test_jobs_and_deliveries_pages_use_the_indexes(sqlite_engine: Engine) -> None:
+    engine, sessions = sqlite_engine, make_session_factory(sqlite_engine)
+    fill(engine, 2_000, instances=1, days=30, now=NOW)
+    cursor = job_views.list_jobs(sessions, limit=50).next_cursor
+    cases = [
+        (lambda: job_views.list_jobs(sessions, limit=50, after=cursor), "jobs", "SEARCH jobs USING INTEGER PRIMARY KEY"),
+        (lambda: job_views.list_jobs(sessions, state="dead", limit=50), "jobs", "ix_jobs_state_id"),
+        (lambda: job_views.list_jobs(sessions, pipeline="chest-seg", limit=50), "jobs", "ix_jobs_pipeline_id"),
+        (lambda: job_views.list_deliveries(sessions, limit=50), "deliveries", "SCAN deliveries"),  # by rowid, newest
+        (lambda: job_views.list_deliveries(sessions, state="failed", limit=50), "deliveries",
+         "ix_deliveries_state_id"),
+        (lambda: job_views.list_deliveries(sessions, destination="pacs", limit=50), "deliveries",
+         "ix_deliveries_destination_id"),
+    ]
+    for action, table, index in cases:
+        statements = [(s, p) for s, p in _statements(engine, action) if f"ORDER BY {table}.id DESC" in s]
+        assert len(statements) == 1, statements
+        plan = _plan(engine, *statements[0])
+        assert index in plan and "TEMP B-TREE" not in plan, (index, plan)  # one page of an index, no sort
+
+
+def test_a_metrics_scrape_reads_no_table_that_grows(sqlite_engine: Engine) -> None:
+    """Everything /metrics reads: the kept counts, the open associations (by index) and the workers."""
+    engine, sessions = sqlite_engine, make_session_factory(sqlite_engine)
+    fill(engine, 2_000, instances=1, days=30, now=NOW)
+    plans = "\n".join(_plan(engine, s, p) for s, p in _statements(engine, lambda: monitoring.metrics_snapshot(
+        sessions, now=NOW, worker_stale_seconds=60)))
+    for grows in ("studies", "jobs", "deliveries", "associations", "ingest_errors", "instances"):
+        assert f"SCAN {grows}\n" not in plans + "\n" and f"SCAN {grows} " not in plans, (grows, plans)
+    assert "SEARCH associations USING COVERING INDEX ix_associations_outcome" in plans, plans
 
 
 def _add_study(sessions: sessionmaker[Session], number: int, at: datetime) -> None:
