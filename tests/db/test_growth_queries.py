@@ -1,8 +1,8 @@
 """The studies, jobs and deliveries lists, the dashboard and /metrics stay flat as the database grows (issue 26,
-"Growth"): their queries use the indexes of migrations 0010 and 0011 (SQLite's EXPLAIN QUERY PLAN), keyset pages are stable and complete
-while studies arrive between two pages, the patient-name search finds what a substring match finds, and
-the bounded counts say when they stopped counting. The database is filled by the growth benchmark's
-own SQL (bench/growth.py), so that the benchmark measures the data these tests check.
+"Growth"): their queries use the indexes of migrations 0010 and 0011 (SQLite's EXPLAIN QUERY PLAN), keyset pages
+are stable and complete while studies arrive between two pages, the patient-name search finds what a substring
+match finds, and the bounded counts say when they stopped counting. The database is filled by the growth
+benchmark's own SQL (bench/growth.py), so that the benchmark measures the data these tests check.
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def test_jobs_and_deliveries_pages_use_the_indexes(sqlite_engine: Engine) -> Non
     fill(engine, 2_000, instances=1, days=30, now=NOW)
     cursor = job_views.list_jobs(sessions, limit=50).next_cursor
     cases = [
-        (lambda: job_views.list_jobs(sessions, limit=50, after=cursor), "jobs", "SEARCH jobs USING INTEGER PRIMARY KEY"),
+        (lambda: job_views.list_jobs(sessions, limit=50, after=cursor), "jobs",
+         "SEARCH jobs USING INTEGER PRIMARY KEY"),
         (lambda: job_views.list_jobs(sessions, state="dead", limit=50), "jobs", "ix_jobs_state_id"),
         (lambda: job_views.list_jobs(sessions, pipeline="chest-seg", limit=50), "jobs", "ix_jobs_pipeline_id"),
         (lambda: job_views.list_deliveries(sessions, limit=50), "deliveries", "SCAN deliveries"),  # by rowid, newest

@@ -12,7 +12,7 @@ from collections import Counter
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, select, text, update
 
 from bench.growth import fill
 from dicom_node.db import counters, jobs, monitoring, repo
@@ -61,7 +61,8 @@ def full_counts(engine: Engine) -> dict[str, Any]:
                     sums[(stage, pipeline)] += seconds
         return {
             "studies": dict(rows("SELECT state, count(*) FROM studies GROUP BY state")),
-            "jobs": {(s, p): n for s, p, n in rows("SELECT state, pipeline, count(*) FROM jobs GROUP BY state, pipeline")},
+            "jobs": {(s, p): n for s, p, n in rows(
+                "SELECT state, pipeline, count(*) FROM jobs GROUP BY state, pipeline")},
             "deliveries": {(s, d): n for s, d, n in rows(
                 "SELECT state, destination, count(*) FROM deliveries GROUP BY state, destination")},
             "associations": {o: n for o, n, _, _ in ended},
@@ -69,7 +70,8 @@ def full_counts(engine: Engine) -> dict[str, Any]:
             "bytes_received": sum(int(b) for _, _, _, b in ended),
             "rejected": dict(Counter(monitoring.normalise_reject_reason(r) for (r,) in rows(
                 "SELECT reject_reason FROM associations WHERE outcome = 'rejected'"))),
-            "ingest_errors": {f"0x{s:04X}": n for s, n in rows("SELECT status, count(*) FROM ingest_errors GROUP BY status")},
+            "ingest_errors": {f"0x{s:04X}": n for s, n in rows(
+                "SELECT status, count(*) FROM ingest_errors GROUP BY status")},
             "stage_buckets": dict(stages),
             "stage_seconds": dict(sums),
         }
@@ -127,8 +129,8 @@ def life(engine: Engine, prefix: str, at: datetime) -> int:
         repo.close_association(sessions, association, outcome=AssociationOutcome.RELEASED, now=at,
                                instances_stored=6, instances_failed=1, bytes_received=6000)
         repo.record_ingest_error(sessions, now=at, association_id=association, calling_ae_title="PACS",
-                                 sop_class_uid=CT, sop_instance_uid=f"{prefix}.bad", status=0xC210, reason="cannot decode",
-                                 quarantine_path=None)
+                                 sop_class_uid=CT, sop_instance_uid=f"{prefix}.bad", status=0xC210,
+                                 reason="cannot decode", quarantine_path=None)
         repo.record_ingest_error(sessions, now=at, association_id=None, calling_ae_title="PACS", sop_class_uid=CT,
                                  sop_instance_uid=None, status=0xA700, reason="disk full", quarantine_path=None)
         for reason in REASONS:
@@ -151,10 +153,9 @@ def life(engine: Engine, prefix: str, at: datetime) -> int:
                                    max_attempts=2) == []  # ignored
         # seg succeeds and is delivered to one destination; its other delivery has a hard time
         assert jobs.claim_job(sessions, seg, worker="w", now=later, lease_seconds=60)
-        pacs, archive = jobs.finish_job(sessions, seg, now=later, stage_seconds={"load": 0.2, "inference": 42.0,
-                                                                                  "note": "not a number"},  # type: ignore[dict-item]
-                                        summary={}, results=[], destinations=["pacs", "archive"],
-                                        delivery_max_attempts=3) or []
+        stages: dict[str, Any] = {"load": 0.2, "inference": 42.0, "note": "not a number"}
+        pacs, archive = jobs.finish_job(sessions, seg, now=later, stage_seconds=stages, summary={}, results=[],
+                                        destinations=["pacs", "archive"], delivery_max_attempts=3) or []
         assert jobs.claim_delivery(sessions, pacs, now=later, lease_seconds=60)
         jobs.finish_delivery(sessions, pacs, now=later, objects_sent=1)
         backoff = {"backoff_initial_seconds": 1.0, "backoff_max_seconds": 1.0}
@@ -245,8 +246,9 @@ def test_rejected_associations_are_labelled_as_monitoring_labels_them(engine: En
                               peer_port=1, tls=False, now=T0, reject_reason=reason)
     with sessions.begin() as session:  # a reason changed afterwards, and one set to NULL
         first, second = session.scalars(select(AssociationRecord.id).order_by(AssociationRecord.id).limit(2)).all()
-        session.get(AssociationRecord, first).reject_reason = "too many associations open (9)"  # type: ignore[union-attr]
-        session.get(AssociationRecord, second).reject_reason = None  # type: ignore[union-attr]
+        for association_id, reason in ((first, "too many associations open (9)"), (second, None)):
+            session.execute(update(AssociationRecord).where(AssociationRecord.id == association_id)
+                            .values(reject_reason=reason))
     kept = monitoring.metrics_snapshot(sessions, now=T0, worker_stale_seconds=60).rejected
     labels = {label: n for label, n in kept.items() if n}  # a reason changed away from a label leaves it at 0
     assert labels == full_counts(engine)["rejected"]
@@ -268,7 +270,8 @@ def test_every_counting_trigger_is_there_at_the_head_revision(engine: Engine) ->
     """A later migration that rebuilds one of these tables on SQLite (batch mode) drops its triggers; this
     names the ones missing."""
     found = _triggers(engine)
-    expected = {f"metric_{t}_{op}": t for t in ("studies", "jobs", "deliveries") for op in ("insert", "update", "delete")}
+    expected = {f"metric_{t}_{op}": t for t in ("studies", "jobs", "deliveries")
+                for op in ("insert", "update", "delete")}
     expected |= {"metric_job_stages_update": "jobs", "metric_delivery_failures": "deliveries",
                  "metric_associations_insert": "associations", "metric_associations_update": "associations",
                  "metric_ingest_errors_insert": "ingest_errors"}
