@@ -24,7 +24,7 @@ Then it prints the median of ``--repeat`` (7) timings of, through the node's own
 * ``counts all``: the dashboard's study counts with a window holding every study (the case "all rows are
   recent", which took 2.5 s for 100k studies before the counts were bounded);
 * ``metrics``: a ``/metrics`` scrape (the text Prometheus reads) of a running web process; ``metrics 1st``:
-  the first scrape of a new process (before schema 0011 it read every finished job's stage times then);
+  the first scrape of a new process (before schema 0012 it read every finished job's stage times then);
 * ``jobs``, ``jobs p2``, ``jobs dead``: the first page of ``/api/v1/jobs`` (100, newest first, with results
   and deliveries, its count), the next page (by cursor where the node has keyset pages, else ``offset``),
   the first page of dead jobs; ``deliveries``, ``deliv failed``: the same of ``/api/v1/deliveries``;

@@ -26,13 +26,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import repo
 from dicom_node.header import (
+    STATUS_INVALID_UID,
+    STATUS_MISSING_UID,
     STATUS_OUT_OF_RESOURCES,
+    STATUS_SOP_CLASS_MISMATCH,
     STATUS_TOO_LARGE,
     InstanceHeader,
     InvalidDataset,
     parse_header_file,
+    uid_problem,
 )
 from dicom_node.indexer import IndexRecord, InstanceIndexer
+from dicom_node.settings import Settings
 from dicom_node.spool import Spool, StagingFile, file_meta_bytes, free_bytes, uid_to_filename
 
 logger = logging.getLogger(__name__)
@@ -59,12 +64,17 @@ class StoreRequest:
 
 @dataclass(frozen=True)
 class StoreOutcome:
-    """The C-STORE status to answer and, for failures, why (sent as Error Comment)."""
+    """The C-STORE status to answer and, for failures, why (sent as Error Comment).
+
+    A stored instance names its study and series (a STOW-RS response links each one).
+    """
 
     status: int
     reason: str | None = None
     late: bool = False
     duplicate: bool = False
+    study_instance_uid: str | None = None
+    series_instance_uid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,26 @@ class IngestService:
         self._quarantine_lock = threading.Lock()
         self._quarantine_bytes = sum(entry.stat().st_size for entry in os.scandir(quarantine_dir) if entry.is_file())
 
+    @classmethod
+    def from_settings(cls, settings: Settings, sessions: sessionmaker[Session], indexer: InstanceIndexer,
+                      clock: Callable[[], datetime] = utc_now) -> "IngestService":
+        """The node's ingest service as its settings describe it (the listener and STOW-RS share one)."""
+        return cls(
+            spool=Spool(settings.spool_dir, fsync=settings.storage.fsync),
+            quarantine_dir=settings.quarantine_dir,
+            sessions=sessions,
+            indexer=indexer,
+            duplicate_policy=settings.dicom.duplicate_policy,
+            min_free_bytes=settings.storage.min_free_mb * 1_048_576,
+            max_instance_bytes=settings.dicom.max_instance_mb * 1_048_576,
+            quarantine_max_bytes=settings.storage.quarantine_max_mb * 1_048_576,
+            clock=clock,
+        )
+
+    @property
+    def spool(self) -> Spool:
+        return self._spool
+
     def begin(self, request: StoreRequest) -> IncomingInstance:
         """Open the staging file for an instance about to arrive (refused at once when the disk is low)."""
         meta = file_meta_bytes(request.sop_class_uid, request.sop_instance_uid, request.transfer_syntax_uid,
@@ -187,8 +217,28 @@ class IngestService:
         incoming.write(body)
         return self.finish(incoming)
 
-    def finish(self, incoming: IncomingInstance) -> StoreOutcome:
-        """Check the complete instance and keep it (success), or quarantine it; never raises for bad input."""
+    def refuse_unusable_uids(self, request: StoreRequest, source: str) -> StoreOutcome | None:
+        """The failure (recorded) for a request whose SOP Class or SOP Instance UID is unusable, else None.
+
+        Checked before the data set is looked at, whichever way the instance came:
+        ``source`` names where the UIDs were read ("the C-STORE request's Affected",
+        "the STOW-RS part's Media Storage").
+        """
+        for uid, what in ((request.sop_class_uid, "SOP Class"), (request.sop_instance_uid, "SOP Instance")):
+            problem = uid_problem(uid)
+            if problem is not None:
+                status = STATUS_MISSING_UID if not uid.strip("\0 ") else STATUS_INVALID_UID
+                reason = f"{source} {what} UID {problem}"
+                self.record_failure(request, status, reason)
+                return StoreOutcome(status, reason)
+        return None
+
+    def finish(self, incoming: IncomingInstance, *, expected_study: str | None = None) -> StoreOutcome:
+        """Check the complete instance and keep it (success), or quarantine it; never raises for bad input.
+
+        ``expected_study``: the instance must belong to this study (a STOW-RS request to
+        ``/studies/{study}``), else it fails with 0xA900 and is not stored.
+        """
         request = incoming.request
         if incoming.refusal is not None:
             incoming.discard()
@@ -210,6 +260,11 @@ class IngestService:
             reason = f"cannot read the received instance back: {exc.strerror or exc}"
             self.record_failure(request, STATUS_OUT_OF_RESOURCES, reason)
             return StoreOutcome(STATUS_OUT_OF_RESOURCES, reason)
+        if expected_study is not None and header.study_instance_uid != expected_study:
+            reason = (f"Study Instance UID {header.study_instance_uid} is not the study {expected_study} "
+                      "the request was sent to")
+            self.record_failure(request, STATUS_SOP_CLASS_MISMATCH, reason, rejected=staging)
+            return StoreOutcome(STATUS_SOP_CLASS_MISMATCH, reason)
         return self._keep(incoming, staging, header)
 
     def _keep(self, incoming: IncomingInstance, staging: StagingFile, header: InstanceHeader) -> StoreOutcome:
@@ -231,7 +286,8 @@ class IngestService:
                         header.sop_instance_uid,
                         request.calling_ae_title,
                     )
-                    return StoreOutcome(STATUS_SUCCESS, duplicate=True)
+                    return StoreOutcome(STATUS_SUCCESS, duplicate=True, study_instance_uid=header.study_instance_uid,
+                                        series_instance_uid=header.series_instance_uid)
             except Exception as exc:
                 incoming.discard()
                 return self._database_failure(request, exc)
@@ -261,7 +317,8 @@ class IngestService:
                 return self._index_failed(request, header, relative, existing, exc)
             if existing is not None and existing.path != relative:
                 self._spool.remove(existing.path)
-        return StoreOutcome(STATUS_SUCCESS, late=record.late, duplicate=existing is not None)
+        return StoreOutcome(STATUS_SUCCESS, late=record.late, duplicate=existing is not None,
+                            study_instance_uid=header.study_instance_uid, series_instance_uid=header.series_instance_uid)
 
     def _index_failed(self, request: StoreRequest, header: InstanceHeader, relative: str,
                       existing: repo.ExistingInstance | None, error: Exception) -> StoreOutcome:
@@ -277,7 +334,8 @@ class IngestService:
         if indexed is not None and indexed.path == relative and (existing is None or existing.path != relative):
             logger.warning("indexing SOP Instance %s reported %s but its row was committed", header.sop_instance_uid,
                            type(error).__name__)
-            return StoreOutcome(STATUS_SUCCESS)
+            return StoreOutcome(STATUS_SUCCESS, study_instance_uid=header.study_instance_uid,
+                                series_instance_uid=header.series_instance_uid)
         if existing is None or existing.path != relative:
             self._spool.remove(relative)
         return self._database_failure(request, error)

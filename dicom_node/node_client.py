@@ -9,7 +9,8 @@ sent to another host).
 
 Errors: :class:`NodeHttpError` carries the status and the node's ``detail``;
 ``retryable`` is true for network failures, 5xx, 408 and 429 (the job is retried),
-false for the rest (a wrong token, a path the node refuses).
+false for the rest (a wrong token, a path the node refuses, a node certificate the
+worker does not trust).
 """
 
 from __future__ import annotations
@@ -95,6 +96,10 @@ class NodeClient:
             try:
                 connection.request(method, target, body=body, headers=sent)
                 response = connection.getresponse()
+            except ssl.SSLCertVerificationError as exc:  # retrying cannot help: the worker's settings must change
+                raise NodeHttpError(f"{what}: the node's TLS certificate is not trusted ({exc.verify_message}); "
+                                    "worker.ca_certificates must name the CA that signed it", status=None,
+                                    retryable=False) from exc
             except (OSError, http.client.HTTPException) as exc:
                 raise NodeHttpError(f"{what}: the node did not answer: {type(exc).__name__}: {exc}", status=None,
                                     retryable=True) from exc

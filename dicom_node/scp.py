@@ -30,7 +30,6 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.sop_class import Verification
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,38 +37,15 @@ from dicom_node.access import AccessPolicy
 from dicom_node.association_server import serve_in_thread
 from dicom_node.db import repo
 from dicom_node.db.models import AssociationOutcome
-from dicom_node.header import STATUS_INVALID_UID, STATUS_MISSING_UID, uid_problem
+from dicom_node.header import uid_problem
 from dicom_node.ingest import STATUS_SUCCESS, IncomingInstance, IngestService, StoreOutcome, StoreRequest, utc_now
 from dicom_node.scp_transport import ANSWERED_OVERSHOOT, GuardedAssociationServer, GuardedSSLSocket
 from dicom_node.settings import DicomSettings
 from dicom_node.spool import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicom_node.storage_classes import STORAGE_SOP_CLASSES, SUPPORTED_TRANSFER_SYNTAXES
 from dicom_node.tls_files import ca_bundle_problem, client_certificate_problems, no_key_password
 
 logger = logging.getLogger(__name__)
-
-
-# Accepted as sent and stored unchanged (PS3.5 Section 10 and Annex A), in order of
-# preference when a sender offers several for one SOP class: lossless compression first
-# (the sender keeps its encoding and the link carries less), then uncompressed, and lossy
-# compression last, so the node never asks a sender to compress lossily images it holds
-# uncompressed, which would degrade what the models see.
-SUPPORTED_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless Only
-    "1.2.840.10008.1.2.4.201",  # High-Throughput JPEG 2000 Lossless Only
-    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, First-Order Prediction (Process 14 SV1)
-    "1.2.840.10008.1.2.4.57",  # JPEG Lossless, Non-Hierarchical (Process 14)
-    "1.2.840.10008.1.2.5",  # RLE Lossless
-    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
-    "1.2.840.10008.1.2",  # Implicit VR Little Endian
-    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
-    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired)
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.203",  # High-Throughput JPEG 2000
-    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (Process 1)
-    "1.2.840.10008.1.2.4.51",  # JPEG Extended (Process 2 & 4)
-)
 
 
 def build_ssl_context(settings: DicomSettings) -> ssl.SSLContext | None:
@@ -220,8 +196,8 @@ class StorageSCP:
         ae.require_calling_aet = []
         ae.maximum_associations = self._settings.max_associations + self._settings.max_pending_connections + 64
         ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, list(SUPPORTED_TRANSFER_SYNTAXES))
+        for sop_class in STORAGE_SOP_CLASSES:
+            ae.add_supported_context(sop_class, list(SUPPORTED_TRANSFER_SYNTAXES))
         return ae
 
     @property
@@ -473,22 +449,11 @@ class StorageSCP:
 
     def _finish(self, incoming: IncomingInstance) -> StoreOutcome:
         """Refuse a request without usable UIDs before its data set is looked at; else let ingest decide."""
-        refusal = self._refuse_unusable_uids(incoming.request)
+        refusal = self._ingest.refuse_unusable_uids(incoming.request, "the C-STORE request's Affected")
         if refusal is not None:
             incoming.discard()
             return refusal
         return self._ingest.finish(incoming)
-
-    def _refuse_unusable_uids(self, request: StoreRequest) -> StoreOutcome | None:
-        """The failure (recorded) for a C-STORE request whose Affected SOP Class or Instance UID is unusable."""
-        for uid, what in ((request.sop_class_uid, "SOP Class"), (request.sop_instance_uid, "SOP Instance")):
-            problem = uid_problem(uid)
-            if problem is not None:
-                status = STATUS_MISSING_UID if not uid.strip("\0 ") else STATUS_INVALID_UID
-                reason = f"the C-STORE request's Affected {what} UID {problem}"
-                self._ingest.record_failure(request, status, reason)
-                return StoreOutcome(status, reason)
-        return None
 
     def _on_dimse_received(self, event: evt.Event) -> None:
         """Answer a C-STORE request with an unusable UID that pynetdicom would drop (public-API path only).
@@ -511,7 +476,7 @@ class StorageSCP:
         request = StoreRequest(sop_class_uid=class_uid, sop_instance_uid=instance_uid, transfer_syntax_uid="",
                                calling_ae_title=connection.calling_ae_title if connection else "",
                                association_id=association_id if association_id and association_id > 0 else None)
-        outcome = self._refuse_unusable_uids(request)
+        outcome = self._ingest.refuse_unusable_uids(request, "the C-STORE request's Affected")
         assert outcome is not None
         if connection is not None:
             connection.failed += 1

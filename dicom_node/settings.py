@@ -148,6 +148,23 @@ class RetentionSettings(_Section):
         default=True, description="Delete the study's result objects and previews in the outbox too.")
 
 
+class WebTLSSettings(_Section):
+    """HTTPS on the web application's port (uvicorn's TLS), so that workers and STOW-RS clients need no proxy."""
+
+    certificate: Path | None = Field(default=None, description="PEM certificate (chain) the web app presents.")
+    private_key: Path | None = Field(default=None, description="PEM private key of the certificate (unencrypted).")
+
+    @model_validator(mode="after")
+    def _pair(self) -> "WebTLSSettings":
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("web.tls needs both certificate and private_key (or neither, for plain HTTP)")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
 class WebSettings(_Section):
     """The admin web application, its REST API and the monitoring endpoints."""
 
@@ -180,6 +197,12 @@ class WebSettings(_Section):
         description="IP addresses or CIDR networks of reverse proxies whose X-Forwarded-For is believed; "
         "empty: the header is ignored and the connecting address is the client.",
     )
+    stow_max_request_mb: int = Field(
+        default=8192, ge=1, description="Largest STOW-RS request body accepted, in MiB (each instance in it is "
+        "bounded by dicom.max_instance_mb); past it the request is answered 413.")
+    tls: WebTLSSettings = Field(default_factory=WebTLSSettings)
+    stow_max_requests: int = Field(
+        default=8, ge=1, description="STOW-RS requests received at once; one more is answered 503 with Retry-After.")
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -196,6 +219,11 @@ class WebSettings(_Section):
         if self.ops_host is not None and self.ops_port is None:
             raise ValueError("web.ops_host needs web.ops_port")
         return self
+
+    @property
+    def cookies_secure(self) -> bool:
+        """Whether cookies are marked Secure: asked for (a TLS proxy in front), or the app serves HTTPS itself."""
+        return self.secure_cookies or self.tls.enabled
 
 
 class RoutingSettings(_Section):

@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.jobs import own_result_series
-from dicom_node.db.models import AssociationRecord, AssociationStudy, Instance, Series, Study
+from dicom_node.db.models import AssociationProtocol, AssociationRecord, AssociationStudy, Instance, Series, Study
 from dicom_node.routing import SeriesFacts, StudyFacts, orientation_of
 
 __all__ = ["NON_IMAGE_SOP_CLASS_PREFIXES", "is_image_sop_class", "study_facts"]
@@ -201,7 +201,8 @@ def study_facts(sessions: sessionmaker[Session], spool_dir: Path, study_id: int)
         titles = session.execute(
             select(AssociationRecord.calling_ae_title, AssociationRecord.called_ae_title)
             .join(AssociationStudy, AssociationStudy.association_id == AssociationRecord.id)
-            .where(AssociationStudy.study_id == study_id)
+            .where(AssociationStudy.study_id == study_id,
+                   AssociationRecord.protocol == AssociationProtocol.DICOM.value)  # STOW-RS has no AE titles
             .distinct()
         ).all()
         first_instance = (

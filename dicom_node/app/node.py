@@ -33,7 +33,6 @@ from dicom_node.recovery import CLEAN_STOP_MARKER, reindex_orphans
 from dicom_node.retention import Retention, RetentionPolicy
 from dicom_node.scp import StorageSCP
 from dicom_node.settings import Settings
-from dicom_node.spool import Spool
 from dicom_node.stopping import StopSignals, run_bounded, start_step, wait_steps
 from dicom_node.work_in_flight import WorkInFlight, hand_back_unfinished
 
@@ -67,19 +66,9 @@ class Node:
         self.settings = settings
         self.engine = make_engine(settings.resolved_database_url)
         self.sessions = make_session_factory(self.engine)
-        self.spool = Spool(settings.spool_dir, fsync=settings.storage.fsync)
         self.indexer = InstanceIndexer(self.engine, settings.completion.reopen_on_late_instances)
-        self.ingest = IngestService(
-            spool=self.spool,
-            quarantine_dir=settings.quarantine_dir,
-            sessions=self.sessions,
-            indexer=self.indexer,
-            duplicate_policy=settings.dicom.duplicate_policy,
-            min_free_bytes=settings.storage.min_free_mb * 1_048_576,
-            max_instance_bytes=settings.dicom.max_instance_mb * 1_048_576,
-            quarantine_max_bytes=settings.storage.quarantine_max_mb * 1_048_576,
-            clock=clock,
-        )
+        self.ingest = IngestService.from_settings(settings, self.sessions, self.indexer, clock)
+        self.spool = self.ingest.spool
         self.scp = StorageSCP(settings.dicom, self.ingest, self.sessions, clock)
         self.completion = CompletionMonitor(self.sessions, settings.completion, clock)
         from workers.celery_app import make_celery_app
@@ -118,8 +107,9 @@ class Node:
 
         web = self.settings.web
         readiness = [("dicom listener", self.scp.listener_status)]
-        app = create_app(self.settings, sessions=self.sessions, clock=self._clock, readiness=readiness)
-        servers = [WebServer(app, web.host, web.port)]
+        app = create_app(self.settings, sessions=self.sessions, clock=self._clock, readiness=readiness,
+                         ingest=self.ingest)
+        servers = [WebServer(app, web.host, web.port, tls=web.tls)]
         if web.ops_port is not None:
             ops = create_ops_app(self.settings, sessions=self.sessions, clock=self._clock, readiness=readiness)
             servers.append(WebServer(ops, web.ops_host or web.host, web.ops_port, name="monitoring"))

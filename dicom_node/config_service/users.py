@@ -55,8 +55,8 @@ def _role(value: str | Role) -> Role:
     try:
         return Role(value)
     except ValueError:
-        raise Refused.invalid("request", [(("role",), f"role {str(value)[:64]!r} is not one of viewer, operator, "
-                                                      "admin")]) from None
+        raise Refused.invalid("request", [(("role",), f"role {str(value)[:64]!r} is not one of "
+                                                      f"{', '.join(r.value for r in Role)}")]) from None
 
 
 def _password_problems(password: str, repeated: str | None) -> list[FieldError]:

@@ -1,9 +1,9 @@
-"""The counts the database keeps as rows change (migration 0011): read them, and fold PostgreSQL's deltas.
+"""The counts the database keeps as rows change (migration 0012): read them, and fold PostgreSQL's deltas.
 
 Why: ``/metrics`` and the queue depths need how many studies, jobs and deliveries are in each state,
 how many associations ended, instances and bytes they stored, refused instances, failed delivery
 attempts and the stage times of finished jobs. Counting the rows on every scrape cost a scan of the
-whole history; triggers (migration 0011, whose docstring says what each metric counts) keep these
+whole history; triggers (migration 0012, whose docstring says what each metric counts) keep these
 numbers in ``metric_counts`` in the same transaction as the change they count, whichever process or
 tool made it, so a reader reads a few dozen rows and the numbers survive restarts.
 

@@ -266,7 +266,7 @@ def jobs_query() -> Any:
 
 
 #: The jobs list's and the deliveries list's order, newest first: by id (the primary key, or the (state, id),
-#: (pipeline, id) and (destination, id) indexes of migration 0011 when filtered).
+#: (pipeline, id) and (destination, id) indexes of migration 0012 when filtered).
 _JOB_ORDER = Keyset(Job.id, lambda row: Cursor(None, int(row[0])), what="jobs")
 _DELIVERY_ORDER = Keyset(Delivery.id, lambda row: Cursor(None, int(row[0])), what="deliveries")
 

@@ -165,8 +165,18 @@ class Instance(Base):
     duplicates_received: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class AssociationProtocol(str, enum.Enum):
+    """How a sending session came in: a DICOM association, or one STOW-RS request (recorded alike)."""
+
+    DICOM = "dicom"
+    STOW_RS = "stow-rs"
+
+
 class AssociationRecord(Base):
-    """One DICOM association: who, from where, when, and how it went."""
+    """One DICOM association, or one STOW-RS request: who, from where, when, and how it went.
+
+    A STOW-RS request has no AE titles (both empty); ``username`` names the account that sent it.
+    """
 
     __tablename__ = "associations"
 
@@ -183,6 +193,9 @@ class AssociationRecord(Base):
     instances_stored: Mapped[int] = mapped_column(Integer, default=0)
     instances_failed: Mapped[int] = mapped_column(Integer, default=0)
     bytes_received: Mapped[int] = mapped_column(BigInteger, default=0)
+    protocol: Mapped[str] = mapped_column(String(16), default=AssociationProtocol.DICOM.value,
+                                          server_default=AssociationProtocol.DICOM.value)
+    username: Mapped[str | None] = mapped_column(String(64))
 
     __table_args__ = (Index("ix_associations_outcome_started", "outcome", "started_at"),)  # rejected, newest first
 
@@ -377,23 +390,46 @@ class Delivery(Base):
 
 
 class Role(str, enum.Enum):
-    """What a user of the web app and API may do; each role includes the ones before it.
+    """What a user of the web app and API may do.
 
-    ``worker`` stands apart (below viewer): the account of a GPU worker on another machine, whose API token
-    reads series over DICOMweb and uploads results into the outbox, and nothing else of the app.
+    The roles of people form a ladder: each includes the ones before it (viewer, operator,
+    admin). The two service roles stand apart, for machines with API tokens only (no login,
+    no page): ``worker``, a GPU worker on another machine, whose token reads series over
+    DICOMweb and uploads results into the outbox; ``sender``, a PACS or script that pushes
+    studies in by STOW-RS. A service account passes the checks of its own role and no
+    other; a check for a service role also lets people in from a rung of the ladder up
+    (:meth:`admits`): viewers read what workers read, operators may push studies as
+    senders do (it makes jobs run, like re-processing a study).
     """
 
     WORKER = "worker"  # DICOMweb reads + outbox uploads (routes that name it exactly), no page, no admin API
+    SENDER = "sender"  # STOW-RS into the receive path, nothing else
     VIEWER = "viewer"  # read everything (patient identifiers included)
-    OPERATOR = "operator"  # + retry and cancel jobs, re-send deliveries, test connections
+    OPERATOR = "operator"  # + retry and cancel jobs, re-send deliveries, test connections, STOW-RS
     ADMIN = "admin"  # + routing rules, destinations, models, users, API tokens, audit log
 
     @property
     def level(self) -> int:
+        """The rung of a person's role (0 for the service roles, which are not on the ladder)."""
         return _ROLE_LEVELS[self]
 
+    @property
+    def is_service(self) -> bool:
+        """A machine's role (worker, sender): API tokens only, never a login."""
+        return self in _PERSON_FLOOR
 
-_ROLE_LEVELS = {Role.WORKER: 0, Role.VIEWER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
+    def admits(self, holder: "Role") -> bool:
+        """Whether a holder of role ``holder`` passes a check that asks for this role."""
+        if holder is self:
+            return True
+        if holder.is_service:
+            return False
+        return holder.level >= _PERSON_FLOOR.get(self, self).level
+
+
+_ROLE_LEVELS = {Role.WORKER: 0, Role.SENDER: 0, Role.VIEWER: 1, Role.OPERATOR: 2, Role.ADMIN: 3}
+#: The least person role that also passes a check for each service role.
+_PERSON_FLOOR = {Role.WORKER: Role.VIEWER, Role.SENDER: Role.OPERATOR}
 
 
 class User(Base):
@@ -524,7 +560,7 @@ class ModelRegistration(Base):
 
 
 class MetricCount(Base):
-    """A count the database keeps as rows change (triggers of migration 0011, which says what each metric
+    """A count the database keeps as rows change (triggers of migration 0012, which says what each metric
     counts): ``/metrics`` and the queue depths read these few rows instead of counting the history."""
 
     __tablename__ = "metric_counts"

@@ -37,6 +37,7 @@ from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 from dicom_node.db import counters
 from dicom_node.db.models import (
     AssociationOutcome,
+    AssociationProtocol,
     AssociationRecord,
     Delivery,
     DeliveryState,
@@ -49,6 +50,7 @@ from dicom_node.db.models import (
     json_object,
 )
 from dicom_node.db.study_states import shown_state_sql
+from dicom_node.db.study_views import source_label
 from dicom_node.study_status import SHOWN_STATES
 
 __all__ = [
@@ -386,13 +388,15 @@ def recent_errors(sessions: sessionmaker[Session], *, limit: int = 20) -> list[R
                 at, "delivery", state, f"delivery {delivery_id} of job {job_id} to {destination} "
                 f"(attempt {attempts}/{max_attempts})", error or "(no error text)", uid, job_id=job_id,
                 delivery_id=delivery_id))
-        for at, calling, status, reason, sop in session.execute(
+        for at, calling, status, reason, sop, protocol, username in session.execute(
             select(IngestError.at, IngestError.calling_ae_title, IngestError.status, IngestError.reason,
-                   IngestError.sop_instance_uid)
+                   IngestError.sop_instance_uid, AssociationRecord.protocol, AssociationRecord.username)
+            .outerjoin(AssociationRecord, AssociationRecord.id == IngestError.association_id)
             .order_by(IngestError.at.desc(), IngestError.id.desc()).limit(limit)
         ).all():
+            sender = source_label(protocol or AssociationProtocol.DICOM.value, calling or "", username)
             found.append(RecentError(at, "ingest", f"0x{int(status):04X}",
-                                     f"instance {sop or '?'} from {calling or '?'} refused", reason))
+                                     f"instance {sop or '?'} from {sender or '?'} refused", reason))
         for at, calling, address, reason in session.execute(
             select(AssociationRecord.started_at, AssociationRecord.calling_ae_title, AssociationRecord.peer_address,
                    AssociationRecord.reject_reason)
@@ -422,7 +426,7 @@ def normalise_reject_reason(reason: str | None) -> str:
     """One of called_ae_title, calling_ae_title, calling_address, too_many_associations, invalid_request, other.
 
     The database's counter of rejected associations labels them with the same rules, in SQL (migration
-    0011); tests/db/test_metric_counters.py checks that both agree."""
+    0012); tests/db/test_metric_counters.py checks that both agree."""
     for pattern, label in _REJECT_REASONS:
         if reason and pattern.search(reason):
             return label
@@ -437,6 +441,7 @@ class MetricsSnapshot:
     bytes_received: int
     associations: dict[str, int]  # finished associations by outcome
     associations_open: int
+    stow_requests: dict[str, int]  # ended STOW-RS requests by outcome (released: answered, aborted: cut off)
     rejected: dict[str, int]  # by normalised reason
     ingest_errors: dict[str, int]  # by status, 0xNNNN
     studies: dict[str, int]  # by state
@@ -451,24 +456,24 @@ class MetricsSnapshot:
 
 
 def metrics_snapshot(sessions: sessionmaker[Session], *, now: datetime, worker_stale_seconds: float) -> MetricsSnapshot:
-    """Everything for one scrape, in a fixed number of small queries whatever the size of the history: the
-    counts the database keeps (:mod:`dicom_node.db.counters`; migration 0011 says what each counts), the
-    open associations (by the index on ``outcome``) and the workers' heartbeats.
+    """Everything for one scrape, in two small queries whatever the size of the history: the counts the
+    database keeps (:mod:`dicom_node.db.counters`; migration 0012 says what each counts) and the workers'
+    heartbeats.
 
-    Received instances and bytes are counted when their association ends. A failed delivery attempt is
-    one that left ``sending`` without delivering (a hand-back does not count); a manual retry no longer
-    resets the count."""
+    Received instances and bytes are counted when their association or STOW-RS request ends. A failed
+    delivery attempt is one that left ``sending`` without delivering (a hand-back does not count); a manual
+    retry no longer resets the count."""
     with sessions() as session:
         kept = counters.read(session)
-        open_count = int(session.scalar(select(func.count()).select_from(AssociationRecord).where(
-            AssociationRecord.outcome == AssociationOutcome.OPEN.value)) or 0)
         online = int(session.scalar(select(func.count()).select_from(WorkerStatus).where(
             WorkerStatus.last_seen_at >= now - timedelta(seconds=worker_stale_seconds))) or 0)
         queues = _queue_depths(session, kept)
     return MetricsSnapshot(
         instances_received=kept.total("instances_received"), bytes_received=kept.total("bytes_received"),
-        associations=kept.labelled("associations"), associations_open=open_count,
-        rejected=kept.labelled("associations_rejected"),
+        associations=kept.labelled("associations"),
+        associations_open=sum(n for protocol, n in kept.labelled("associations_open").items()
+                              if protocol != AssociationProtocol.STOW_RS.value),
+        stow_requests=kept.labelled("stow_requests"), rejected=kept.labelled("associations_rejected"),
         ingest_errors={f"0x{int(status):04X}": n for status, n in kept.labelled("ingest_errors").items()},
         studies=kept.labelled("studies"), jobs=kept.of("jobs", 2),  # type: ignore[arg-type]
         deliveries=kept.of("deliveries", 2),  # type: ignore[arg-type]

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.models import (
     AssociationOutcome,
+    AssociationProtocol,
     AssociationRecord,
     AssociationStudy,
     IngestError,
@@ -42,10 +43,15 @@ def open_association(
     tls: bool,
     now: datetime,
     reject_reason: str | None = None,
+    protocol: AssociationProtocol = AssociationProtocol.DICOM,
+    username: str | None = None,
 ) -> int:
-    """Record an association request: open, or rejected with ``reject_reason``."""
+    """Record an association request (or a STOW-RS request, ``protocol``, by ``username``): open, or rejected
+    with ``reject_reason``."""
     with sessions.begin() as session:
         record = AssociationRecord(
+            protocol=protocol.value,
+            username=username[:64] if username else None,
             calling_ae_title=calling_ae_title[:16],
             called_ae_title=called_ae_title[:16],
             peer_address=peer_address,

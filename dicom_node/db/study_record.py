@@ -89,7 +89,7 @@ def study_record(sessions: sessionmaker[Session], study_instance_uid: str, *, no
     header = {name: _plain(getattr(detail, name)) for name in (
         "study_instance_uid", "patient_id", "patient_name", "accession_number", "study_date", "study_description",
         "state", "instance_count", "late_instance_count", "first_received_at", "last_received_at",
-        "receiving_since", "completed_at", "state_changed_at", "modalities", "source_ae_titles")}
+        "receiving_since", "completed_at", "state_changed_at", "modalities", "source_ae_titles", "sources")}
     status = study_statuses_by_uid(sessions, [study_instance_uid])[study_instance_uid]
     return {
         "format": FORMAT,

@@ -138,7 +138,7 @@ def timeline(detail: StudyDetail, *, now: datetime) -> list[TimelineEntry]:
         duration_seconds=_span(detail.first_received_at, detail.last_received_at),
         duration_label="first to last instance",
         detail=f"{detail.instance_count} instance(s) in {len(detail.series)} series"
-        + (f" from {', '.join(detail.source_ae_titles)}" if detail.source_ae_titles else "")
+        + (f" from {', '.join(detail.sources)}" if detail.sources else "")
         + f"; last instance {detail.last_received_at:%Y-%m-%d %H:%M:%S}",
     )]
     jobs_by_id = {job.id: job for job in detail.jobs}

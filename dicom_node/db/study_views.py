@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db.job_views import JobRow, ResultRow, job_rows, jobs_query
 from dicom_node.db.keyset import COUNT_CAP, Cursor, Keyset, capped_count
 from dicom_node.db.models import (
+    AssociationProtocol,
     AssociationRecord,
     AssociationStudy,
     Job,
@@ -132,7 +133,8 @@ class StudyRow(StudyHeader):
     """One line of the studies list."""
 
     modalities: list[str]
-    source_ae_titles: list[str]
+    source_ae_titles: list[str]  # calling AE titles of its DICOM associations
+    sources: list[str]  # who sent it, readable: AE titles and "STOW-RS by <user>" (source_label)
     series_count: int
     instance_count: int
     first_received_at: datetime
@@ -171,8 +173,18 @@ class SeriesRow:
         return not self.is_result and (self.modality or "").upper() not in NON_IMAGE_MODALITIES
 
 
+def source_label(protocol: str, calling_ae_title: str, username: str | None) -> str:
+    """Who sent a study, as the pages show it: the calling AE title of a DICOM association,
+    ``STOW-RS by <user>`` for a STOW-RS request (which has no AE title)."""
+    if protocol == AssociationProtocol.STOW_RS.value:
+        return f"STOW-RS by {username or '?'}"
+    return calling_ae_title
+
+
 @dataclass(frozen=True)
 class AssociationRow:
+    """A DICOM association, or a STOW-RS request (``protocol``, with the ``username`` that sent it)."""
+
     id: int
     calling_ae_title: str
     peer_address: str
@@ -180,6 +192,12 @@ class AssociationRow:
     ended_at: datetime | None
     outcome: str
     instances_stored: int
+    protocol: str = AssociationProtocol.DICOM.value
+    username: str | None = None
+
+    @property
+    def source(self) -> str:
+        return source_label(self.protocol, self.calling_ae_title, self.username)
 
 
 @dataclass(frozen=True)
@@ -212,7 +230,14 @@ class StudyDetail(StudyHeader):
 
     @property
     def source_ae_titles(self) -> list[str]:
-        return sorted({a.calling_ae_title for a in self.associations})
+        """Calling AE titles of the DICOM associations that sent it."""
+        return sorted({a.calling_ae_title for a in self.associations
+                       if a.protocol == AssociationProtocol.DICOM.value})
+
+    @property
+    def sources(self) -> list[str]:
+        """Who sent it, readable (:func:`source_label`)."""
+        return sorted({a.source for a in self.associations})
 
 
 # --------------------------------------------------------------------------- studies list
@@ -327,6 +352,7 @@ def list_studies(
         ids = [int(r[0]) for r in rows]
         modalities: dict[int, set[str]] = defaultdict(set)
         series_counts: dict[int, int] = defaultdict(int)
+        source_aes: dict[int, set[str]] = defaultdict(set)
         sources: dict[int, set[str]] = defaultdict(set)
         statuses = study_statuses(session, {int(r[0]): str(r[7]) for r in rows})
         if ids:
@@ -336,17 +362,20 @@ def list_studies(
                 series_counts[study_id] += 1
                 if modality:
                     modalities[study_id].add(modality)
-            for study_id, ae in session.execute(
-                select(AssociationStudy.study_id, AssociationRecord.calling_ae_title)
+            for study_id, ae, protocol, username in session.execute(
+                select(AssociationStudy.study_id, AssociationRecord.calling_ae_title, AssociationRecord.protocol,
+                       AssociationRecord.username)
                 .join(AssociationRecord, AssociationRecord.id == AssociationStudy.association_id)
                 .where(AssociationStudy.study_id.in_(ids)).distinct()
             ):
-                sources[study_id].add(ae)
+                sources[study_id].add(source_label(protocol, ae, username))
+                if protocol == AssociationProtocol.DICOM.value:
+                    source_aes[study_id].add(ae)
     items = [
         StudyRow(
             study_instance_uid=r[1], patient_id=r[2], patient_name=r[3], accession_number=r[4], study_date=r[5],
             study_description=r[6], state=r[7], status=statuses[r[0]], modalities=sorted(modalities[r[0]]),
-            source_ae_titles=sorted(sources[r[0]]), series_count=series_counts[r[0]], instance_count=r[8],
+            source_ae_titles=sorted(source_aes[r[0]]), sources=sorted(sources[r[0]]), series_count=series_counts[r[0]], instance_count=r[8],
             first_received_at=r[9], last_received_at=r[10], completed_at=r[11],
         )
         for r in rows
@@ -380,7 +409,7 @@ def study_detail(sessions: sessionmaker[Session], study_instance_uid: str) -> St
         associations = [
             AssociationRow(id=a.id, calling_ae_title=a.calling_ae_title, peer_address=a.peer_address,
                            started_at=a.started_at, ended_at=a.ended_at, outcome=a.outcome,
-                           instances_stored=a.instances_stored)
+                           instances_stored=a.instances_stored, protocol=a.protocol, username=a.username)
             for a in session.execute(
                 select(AssociationRecord).join(AssociationStudy, AssociationStudy.association_id == AssociationRecord.id)
                 .where(AssociationStudy.study_id == study.id).order_by(AssociationRecord.started_at)

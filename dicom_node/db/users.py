@@ -90,7 +90,8 @@ class Principal:
     csrf_token: str | None = None  # sessions only: state-changing requests must echo it
 
     def allows(self, required: Role) -> bool:
-        return self.role.level >= required.level
+        """Whether this principal passes a check for ``required`` (see :meth:`Role.admits`)."""
+        return required.admits(self.role)
 
 
 @dataclass(frozen=True)

@@ -15,8 +15,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException
 from urllib.parse import quote
 
-from dicom_node.ingest import utc_now
+from dicom_node.indexer import InstanceIndexer
+from dicom_node.ingest import IngestService, utc_now
 from dicom_node.settings import Settings
+from dicom_node.stow_intake import StowIntake
 from dicom_node.web.auth import LoginRequired, is_api
 from dicom_node.web.client_address import TrustedProxies
 from dicom_node.web.context import PasswordVerifier, ReadinessCheck, WebContext, load_or_create_secret
@@ -39,15 +41,30 @@ _SECURITY_HEADERS = {
 }
 
 
-def _context(settings: Settings, sessions: sessionmaker[Session] | None, clock: Callable[[], datetime],
-             readiness: Sequence[ReadinessCheck], verify_password: PasswordVerifier = argon2_verify) -> WebContext:
+def _sessions(settings: Settings, sessions: sessionmaker[Session] | None) -> sessionmaker[Session]:
     if sessions is None:
         from dicom_node.db.session import make_engine, make_session_factory
 
         sessions = make_session_factory(make_engine(settings.resolved_database_url))
+    return sessions
+
+
+def _context(settings: Settings, sessions: sessionmaker[Session], clock: Callable[[], datetime],
+             readiness: Sequence[ReadinessCheck], verify_password: PasswordVerifier = argon2_verify,
+             stow: StowIntake | None = None) -> WebContext:
     return WebContext(settings=settings, sessions=sessions, clock=clock, secret_key=load_or_create_secret(settings),
                       readiness=tuple(readiness), verify_password=verify_password,
-                      proxies=TrustedProxies(settings.web.trusted_proxies))
+                      proxies=TrustedProxies(settings.web.trusted_proxies), stow=stow)
+
+
+def _stow_intake(settings: Settings, sessions: sessionmaker[Session], clock: Callable[[], datetime],
+                 ingest: IngestService | None) -> StowIntake:
+    """STOW-RS into ``ingest`` (the node's own), or into one made here on the same database and spool."""
+    if ingest is None:
+        indexer = InstanceIndexer(sessions.kw["bind"], settings.completion.reopen_on_late_instances)
+        ingest = IngestService.from_settings(settings, sessions, indexer, clock)
+    return StowIntake(ingest, sessions, clock, max_request_bytes=settings.web.stow_max_request_mb * 1_048_576,
+                      max_requests=settings.web.stow_max_requests)
 
 
 def create_app(
@@ -57,17 +74,22 @@ def create_app(
     clock: Callable[[], datetime] = utc_now,
     readiness: Sequence[ReadinessCheck] = (),
     verify_password: PasswordVerifier = argon2_verify,
+    ingest: IngestService | None = None,
 ) -> FastAPI:
     """The admin app: pages, ``/api/v1`` and (unless ``web.ops_port`` moves them) the monitoring endpoints.
 
     ``sessions``: the node's database; none opens ``settings.resolved_database_url``.
+    ``ingest``: where STOW-RS requests store their instances (the node passes the one its
+    DICOM listener uses); none: one is made on the same database and spool.
     ``readiness``: extra checks ``/readyz`` runs (the node adds its DICOM listener).
     ``verify_password``: how login checks a password against its stored hash (argon2id);
     tests pass a wrapper to count the checks.
     """
     from dicom_node.web.routes import ROUTERS, ops
 
-    context = _context(settings, sessions, clock, readiness, verify_password)
+    sessions = _sessions(settings, sessions)
+    context = _context(settings, sessions, clock, readiness, verify_password,
+                       stow=_stow_intake(settings, sessions, clock, ingest))
     app = FastAPI(
         title="DICOM AI node", version="1", docs_url="/api/docs", redoc_url=None, openapi_url="/api/v1/openapi.json",
         description="Admin API of the DICOM AI node: studies, jobs, deliveries, routing rules, destinations, "
@@ -95,7 +117,7 @@ def create_ops_app(
     from dicom_node.web.routes import ops
 
     app = FastAPI(title="DICOM AI node monitoring", docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.context = _context(settings, sessions, clock, readiness)
+    app.state.context = _context(settings, _sessions(settings, sessions), clock, readiness)
     app.include_router(ops.router)
     return app
 

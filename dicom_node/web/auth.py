@@ -110,9 +110,10 @@ async def _submitted_csrf(request: Request) -> str | None:
     return None
 
 
-def require(role: Role, *, only: bool = False) -> Callable[..., Awaitable[Principal]]:
-    """FastAPI dependency: the principal, if it holds at least ``role`` (and a valid CSRF token when needed);
-    with ``only``, exactly ``role`` (the outbox uploads of GPU workers: no person's account may write results)."""
+def require(role: Role | None, *, only: bool = False) -> Callable[..., Awaitable[Principal]]:
+    """FastAPI dependency: the principal, if ``role`` admits it (:meth:`Role.admits`; None: anybody signed in),
+    with a valid CSRF token when needed; with ``only``, exactly ``role`` (the outbox uploads of GPU workers: no
+    person's account may write results)."""
 
     async def dependency(request: Request, context: WebContext = Depends(get_context)) -> Principal:
         principal = current_principal(request, context)
@@ -125,7 +126,7 @@ def require(role: Role, *, only: bool = False) -> Callable[..., Awaitable[Princi
             submitted = await _submitted_csrf(request)
             if not _same_secret(submitted, principal.csrf_token):
                 raise HTTPException(403, "CSRF token missing or wrong: reload the page and try again")
-        if not principal.allows(role) or (only and principal.role != role):
+        if role is not None and (not principal.allows(role) or (only and principal.role != role)):
             needed = f"the {role.value} role{' itself' if only else ''}"
             raise HTTPException(403, f"this needs {needed}; {principal.username} is {principal.role.value}")
         request.state.principal = principal
@@ -166,7 +167,7 @@ def login_csrf_token(request: Request, context: WebContext) -> tuple[str, str | 
 
 def set_login_csrf_cookie(response: Response, context: WebContext, value: str) -> None:
     response.set_cookie(LOGIN_CSRF_COOKIE, value, httponly=True, samesite="strict",
-                        secure=context.settings.web.secure_cookies, path="/login")
+                        secure=context.settings.web.cookies_secure, path="/login")
 
 
 @dataclass(frozen=True)
@@ -197,15 +198,15 @@ def login(
                     detail=f"{by_user - 1} failures for the user, {max(by_addr - 1, 0)} from the address")
         return LoginResult("rate_limited", retry_after=int(web.login_window_seconds))
     found = users.password_hash_of(context.sessions, username)
-    # A worker account (a GPU worker's) proves itself with API tokens only: it has no page to see.
+    # A service account (a GPU worker's, a STOW-RS sender's) proves itself with API tokens only: it has no page.
     ok = (context.verify_password(found[1] if found else None, password) and found is not None
-          and not found[0].disabled and found[0].role != Role.WORKER)
+          and not found[0].disabled and not found[0].role.is_service)
     if ok:
         users.settle_login_attempt(context.sessions, attempt)
     if not ok or found is None:
         reason = "no such user" if found is None else ("user disabled" if found[0].disabled else
-                                                       "worker accounts use API tokens only"
-                                                       if found[0].role == Role.WORKER else "wrong password")
+                                                       f"{found[0].role.value} accounts use API tokens only"
+                                                       if found[0].role.is_service else "wrong password")
         audit_event(context, request, username or "anonymous", "login.failed", target_kind="user", target=username,
                     detail=reason)
         return LoginResult("invalid")
@@ -217,7 +218,7 @@ def login(
                                         lifetime=timedelta(hours=web.session_hours), remote_addr=address)
     users.update_user(context.sessions, user.username, now=now, last_login_at=now)
     response.set_cookie(SESSION_COOKIE, _signer(context, "session").sign(token).decode(), httponly=True,
-                        samesite="lax", secure=web.secure_cookies, max_age=int(web.session_hours * 3600), path="/")
+                        samesite="lax", secure=web.cookies_secure, max_age=int(web.session_hours * 3600), path="/")
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/login")
     principal = Principal(user_id=user.id, username=user.username, role=user.role, via="session")
     audit_event(context, request, principal, "login", target_kind="user", target=user.username)

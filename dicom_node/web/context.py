@@ -14,6 +14,7 @@ from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.settings import Settings
+from dicom_node.stow_intake import StowIntake
 from dicom_node.web.client_address import TrustedProxies
 from dicom_node.web.passwords import verify_password
 
@@ -32,7 +33,8 @@ class WebContext:
     """Settings, database and clock of the web app, plus the probes the node lends it.
 
     ``verify_password`` is the one function login uses to check a password (argon2 by
-    default); ``proxies`` the reverse proxies whose ``X-Forwarded-For`` is believed.
+    default); ``proxies`` the reverse proxies whose ``X-Forwarded-For`` is believed;
+    ``stow`` receives STOW-RS requests into the node's ingest service.
     """
 
     settings: Settings
@@ -42,6 +44,7 @@ class WebContext:
     readiness: Sequence[ReadinessCheck] = field(default_factory=tuple)
     verify_password: PasswordVerifier = verify_password
     proxies: TrustedProxies = field(default_factory=lambda: TrustedProxies(()))
+    stow: StowIntake | None = None  # STOW-RS into the node's ingest (None: the monitoring app takes none)
 
 
 def get_context(request: Request) -> WebContext:

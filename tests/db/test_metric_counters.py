@@ -1,4 +1,4 @@
-"""The counts the database keeps for /metrics and the queue depths (migration 0011) equal a full count of the
+"""The counts the database keeps for /metrics and the queue depths (migration 0012) equal a full count of the
 rows after every kind of change the node makes - associations, refused instances, indexing, routing, jobs
 and deliveries through all their states - across a restart (a new engine on the same database), before
 and after PostgreSQL's deltas are folded; on SQLite and on PostgreSQL. Also: the migration starts them
@@ -18,6 +18,7 @@ from bench.growth import fill
 from dicom_node.db import counters, jobs, monitoring, repo
 from dicom_node.db.models import (
     AssociationOutcome,
+    AssociationProtocol,
     AssociationRecord,
     Delivery,
     DeliveryState,
@@ -42,11 +43,12 @@ REASONS = ("called AE title 'OTHER' is not this node's (NODE)", "calling AE titl
 
 
 def full_counts(engine: Engine) -> dict[str, Any]:
-    """What /metrics says, counted from every row (how it was computed before migration 0011)."""
+    """What /metrics says, counted from every row (how it was computed before migration 0012)."""
     with engine.connect() as connection:
         rows = lambda sql: connection.execute(text(sql)).all()  # noqa: E731
-        ended = rows("SELECT outcome, count(*), coalesce(sum(instances_stored), 0), coalesce(sum(bytes_received), 0) "
-                     "FROM associations WHERE outcome <> 'open' GROUP BY outcome")
+        ended = rows("SELECT protocol, outcome, count(*), coalesce(sum(instances_stored), 0), "
+                     "coalesce(sum(bytes_received), 0) FROM associations WHERE outcome <> 'open' "
+                     "GROUP BY protocol, outcome")
         stages: Counter[tuple[str, str, str]] = Counter()
         sums: Counter[tuple[str, str]] = Counter()
         for pipeline, raw in rows(f"SELECT pipeline, stage_seconds FROM jobs WHERE state IN {RAN} "
@@ -65,9 +67,12 @@ def full_counts(engine: Engine) -> dict[str, Any]:
                 "SELECT state, pipeline, count(*) FROM jobs GROUP BY state, pipeline")},
             "deliveries": {(s, d): n for s, d, n in rows(
                 "SELECT state, destination, count(*) FROM deliveries GROUP BY state, destination")},
-            "associations": {o: n for o, n, _, _ in ended},
-            "instances_received": sum(int(i) for _, _, i, _ in ended),
-            "bytes_received": sum(int(b) for _, _, _, b in ended),
+            "associations": {o: n for p, o, n, _, _ in ended if p != "stow-rs"},
+            "stow_requests": {o: n for p, o, n, _, _ in ended if p == "stow-rs"},
+            "instances_received": sum(int(i) for _, _, _, i, _ in ended),
+            "bytes_received": sum(int(b) for _, _, _, _, b in ended),
+            "associations_open": dict(rows("SELECT protocol, count(*) FROM associations WHERE outcome = 'open' "
+                                           "GROUP BY protocol")),
             "rejected": dict(Counter(monitoring.normalise_reject_reason(r) for (r,) in rows(
                 "SELECT reject_reason FROM associations WHERE outcome = 'rejected'"))),
             "ingest_errors": {f"0x{s:04X}": n for s, n in rows(
@@ -79,12 +84,16 @@ def full_counts(engine: Engine) -> dict[str, Any]:
 
 def kept_counts(engine: Engine) -> dict[str, Any]:
     """The same, as /metrics reads it now (the counts the database keeps)."""
-    s = monitoring.metrics_snapshot(make_session_factory(engine), now=T0, worker_stale_seconds=60)
+    sessions = make_session_factory(engine)
+    s = monitoring.metrics_snapshot(sessions, now=T0, worker_stale_seconds=60)
+    with sessions() as session:
+        open_now = counters.read(session, ("associations_open",)).labelled("associations_open")
+    assert s.associations_open == sum(n for protocol, n in open_now.items() if protocol != "stow-rs")
     nonzero = lambda d: {k: v for k, v in d.items() if v}  # noqa: E731 - a gauge may keep a row at 0
     return {
         "studies": nonzero(s.studies), "jobs": nonzero(s.jobs), "deliveries": nonzero(s.deliveries),
-        "associations": s.associations, "instances_received": s.instances_received,
-        "bytes_received": s.bytes_received, "rejected": nonzero(s.rejected), "ingest_errors": s.ingest_errors,
+        "associations": s.associations, "stow_requests": s.stow_requests, "instances_received": s.instances_received,
+        "bytes_received": s.bytes_received, "associations_open": nonzero(open_now), "rejected": nonzero(s.rejected), "ingest_errors": s.ingest_errors,
         "stage_buckets": s.stage_buckets, "stage_seconds": s.stage_seconds,
     }
 
@@ -113,7 +122,7 @@ def decision(*pipelines: str, series: str) -> RoutingDecision:
 
 def life(engine: Engine, prefix: str, at: datetime) -> int:
     """A day of the node, through its own functions: studies received in associations (one released, one
-    interrupted, one rejected per reason), refused instances, studies completed and routed (one ignored),
+    interrupted, one rejected per reason; a STOW-RS request), refused instances, studies completed and routed (one ignored),
     jobs that succeed, fail and retry, die, are held and released, deliveries delivered, failed, handed
     back, lost to an expired lease, dead and retried. Returns the delivery attempts that failed."""
     sessions = make_session_factory(engine)
@@ -136,6 +145,11 @@ def life(engine: Engine, prefix: str, at: datetime) -> int:
         for reason in REASONS:
             repo.open_association(sessions, calling_ae_title="X", called_ae_title="NODE", peer_address="10.9.9.9",
                                   peer_port=1, tls=False, now=at, reject_reason=reason)
+        stow = repo.open_association(sessions, calling_ae_title="", called_ae_title="NODE", peer_address="10.0.0.2",
+                                     peer_port=443, tls=True, now=at, protocol=AssociationProtocol.STOW_RS,
+                                     username="sender")
+        repo.close_association(sessions, stow, outcome=AssociationOutcome.RELEASED, now=at, instances_stored=0,
+                               instances_failed=0, bytes_received=100)
         repo.open_association(sessions, calling_ae_title="PACS", called_ae_title="NODE", peer_address="10.0.0.1",
                               peer_port=104, tls=False, now=at)
         repo.interrupt_open_associations(sessions, at)  # the node stopped while one was open
@@ -184,6 +198,9 @@ def life(engine: Engine, prefix: str, at: datetime) -> int:
                         results=[], delivery_max_attempts=3, state="held")
         assert jobs.release_job(sessions, held, now=later, destinations=["pacs"], delivery_max_attempts=3,
                                 by="tester") is not None
+        for protocol in (AssociationProtocol.DICOM, AssociationProtocol.STOW_RS):  # open when the day ends
+            repo.open_association(sessions, calling_ae_title="PACS", called_ae_title="NODE", peer_address="10.0.0.1",
+                                  peer_port=104, tls=False, now=later, protocol=protocol)
         return 3
     finally:
         indexer.stop()
@@ -207,7 +224,7 @@ def test_kept_counts_equal_a_full_count_through_every_change_and_a_restart(engin
         upgrade(restarted)
         sessions = make_session_factory(restarted)
         before = kept_counts(restarted)
-        assert before["studies"] and before["instances_received"] == 6
+        assert before["studies"] and before["instances_received"] == 6 and before["stow_requests"] == {"released": 1}
         failures += life(restarted, "2.25.2", T0 + timedelta(hours=1))
         with sessions() as session:
             pending = session.scalar(select(func.count()).select_from(MetricDelta))
@@ -229,12 +246,16 @@ def test_kept_counts_equal_a_full_count_through_every_change_and_a_restart(engin
             delivery_states[DeliveryState.PENDING.value] + delivery_states[DeliveryState.FAILED.value],
             delivery_states[DeliveryState.FAILED.value]) and depths["io"].waiting == 4  # retried, released: x 2
         # a row deleted: the gauges follow, the counters of what happened do not go back
+        assert snapshot.associations_open == 1
         with sessions.begin() as session:
             session.execute(Delivery.__table__.delete())
             session.execute(IngestError.__table__.delete())
+            session.execute(AssociationRecord.__table__.delete())
         after = monitoring.metrics_snapshot(sessions, now=T0, worker_stale_seconds=60)
         assert not any(after.deliveries.values()) and after.ingest_errors == snapshot.ingest_errors
-        assert after.delivery_failures == snapshot.delivery_failures
+        assert after.delivery_failures == snapshot.delivery_failures and after.associations_open == 0
+        assert after.associations == snapshot.associations and after.stow_requests == snapshot.stow_requests == {
+            "released": 2, "interrupted": 1}  # the STOW-RS request open at the end of the first day was interrupted
     finally:
         restarted.dispose()
 
@@ -274,20 +295,21 @@ def test_every_counting_trigger_is_there_at_the_head_revision(engine: Engine) ->
                 for op in ("insert", "update", "delete")}
     expected |= {"metric_job_stages_update": "jobs", "metric_delivery_failures": "deliveries",
                  "metric_associations_insert": "associations", "metric_associations_update": "associations",
+                 "metric_associations_delete": "associations",
                  "metric_ingest_errors_insert": "ingest_errors"}
     if engine.dialect.name == "sqlite":  # PostgreSQL counts inserted finished jobs in metric_jobs_insert
         expected["metric_job_stages_insert"] = "jobs"
     assert found == expected
 
 
-def test_0011_starts_from_the_rows_there_and_goes_down_and_up(database_url: str) -> None:
+def test_0012_starts_from_the_rows_there_and_goes_down_and_up(database_url: str) -> None:
     from alembic import command
 
     from dicom_node.db.session import _alembic_config
 
     engine = make_engine(database_url)
     try:
-        upgrade(engine, "0010")
+        upgrade(engine, "0011")
         fill(engine, 300, instances=1, days=1, now=T0)  # a history written before the counters existed
         with engine.begin() as connection:
             connection.execute(text("UPDATE jobs SET stage_seconds = :s WHERE state = 'succeeded' AND id % 7 = 0"),
@@ -300,7 +322,7 @@ def test_0011_starts_from_the_rows_there_and_goes_down_and_up(database_url: str)
         sessions = make_session_factory(engine)
         assert monitoring.metrics_snapshot(sessions, now=T0, worker_stale_seconds=60).delivery_failures == {
             "pacs": failed_attempts}
-        command.downgrade(_alembic_config(engine), "0010")
+        command.downgrade(_alembic_config(engine), "0011")
         assert _triggers(engine) == {}
         fill_more = life(engine, "2.25.9", T0)  # changes while the counters are gone
         upgrade(engine)  # and up again: counted afresh from the rows

@@ -193,7 +193,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "node": (
         "dicom_node/scp*.py", "dicom_node/scp_accel/**/*.py", "dicom_node/association_server.py", "dicom_node/ingest.py",
-        "dicom_node/indexer.py", "dicom_node/recovery.py", "dicom_node/completion.py", "dicom_node/conductor.py",
+        "dicom_node/indexer.py", "dicom_node/storage_classes.py", "dicom_node/stow_intake.py", "dicom_node/recovery.py", "dicom_node/completion.py", "dicom_node/conductor.py",
         "dicom_node/study_facts.py", "dicom_node/periodic.py", "dicom_node/dispatch.py", "dicom_node/scu.py",
         "dicom_node/stow.py", "dicom_node/held_results.py", "dicom_node/applicability_preview.py",
         "dicom_node/config_files.py", "dicom_node/config_service/**/*.py",

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import httpx
 from fastapi import FastAPI
 
+from dicom_node.settings import WebTLSSettings
 from dicom_node.web.auth import LOGIN_CSRF_COOKIE
 from dicom_node.web.server import WebServer
 from tests.integration.peers import free_port
@@ -23,13 +24,13 @@ _CSRF_INPUT = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 @contextmanager
-def live_server(app: FastAPI) -> Iterator[str]:
-    """``app`` served by uvicorn on 127.0.0.1 and a free port; yields its base URL."""
+def live_server(app: FastAPI, tls: WebTLSSettings | None = None) -> Iterator[str]:
+    """``app`` served by uvicorn on 127.0.0.1 and a free port (HTTPS with ``tls``); yields its base URL."""
     port = free_port()
-    server = WebServer(app, "127.0.0.1", port, name="test-web")
+    server = WebServer(app, "127.0.0.1", port, name="test-web", tls=tls)
     server.start()
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield server.url
     finally:
         server.stop()
 

@@ -3,12 +3,13 @@
 The table below is the access policy written down independently of the code (viewer: read;
 operator: + retry/cancel jobs, re-send deliveries and results, re-process studies, test connections; admin: + routing rules,
 destinations, models, users, API tokens, audit log; worker: a GPU worker's account, which reads series over
-DICOMweb and uploads results into the outbox, and nothing else). The test fails when the app has a route
+DICOMweb and uploads results into the outbox, and nothing else; sender: a PACS's or script's account, which
+pushes studies in by STOW-RS, and nothing else - operators and admins may push too). The test fails when the app has a route
 the table lacks or the table names a route the app lacks, so a new route cannot ship without
 someone deciding who may use it.
 
-TO ADD A ROUTE: add ``("METHOD", "/path/{param}"): "worker" | "viewer" | "operator" | "admin" | "public"``
-(or "worker-only": the worker role itself, no other)
+TO ADD A ROUTE: add ``("METHOD", "/path/{param}"): "worker" | "sender" | "viewer" | "operator" | "admin" |
+"public"`` (or "worker-only": the worker role itself, no other; "any": anybody signed in, of any role)
 to ``POLICY``. If its path parameter has a new name, teach ``Seeded.value`` in
 ``tests/web/security_support.py`` which seeded object to use (the CSRF test fails until then).
 """
@@ -29,7 +30,9 @@ from dicom_node.web.passwords import hash_password
 from tests.web.conftest import PASSWORD, ROLES, LoggedIn, WebEnv
 from tests.web.security_support import STATE_CHANGING, app_routes, seed
 
-W, V, O, A = "worker", "viewer", "operator", "admin"
+W, S, V, O, A = "worker", "sender", "viewer", "operator", "admin"
+#: Anybody signed in, whatever the role (``require(None)``).
+ANY = "any"
 #: The worker role itself and no other (``require(Role.WORKER, only=True)``): result uploads.
 WORKER_ONLY = "worker-only"
 #: "public": anybody, logged in or not. "login": the login form, which has its own CSRF check
@@ -39,7 +42,7 @@ POLICY: dict[tuple[str, str], str] = {
     ("GET", "/login"): "public",
     ("POST", "/login"): "login",
     ("POST", "/logout"): V,
-    ("GET", "/api/v1/me"): W,  # a GPU worker checks its token with it
+    ("GET", "/api/v1/me"): ANY,  # a GPU worker or a STOW-RS sender checks its token with it
     ("GET", "/healthz"): "public",
     ("GET", "/readyz"): "public",
     ("GET", "/metrics"): "public",
@@ -151,6 +154,9 @@ POLICY: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}"): W,
     ("GET", "/api/v1/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}/instances"): W,
     ("GET", "/api/v1/dicomweb/studies/{study_instance_uid}/series/{series_instance_uid}/instances/{sop_instance_uid}"): W,
+    # STOW-RS (issue 26): PACS and scripts push studies in; operators may too (it makes jobs run, as re-processing)
+    ("POST", "/api/v1/dicomweb/studies"): S,
+    ("POST", "/api/v1/dicomweb/studies/{study_instance_uid}"): S,
     # results uploaded by GPU workers into the node's outbox: worker accounts only (no person places results)
     ("PUT", "/api/v1/outbox/{path:path}"): WORKER_ONLY,
     ("DELETE", "/api/v1/outbox/{path:path}"): WORKER_ONLY,
@@ -187,7 +193,9 @@ def _expectation(least: str, principal: Principal, path: str) -> str:
         return "401" if path.startswith("/api/") else "to-login"
     if least == WORKER_ONLY:
         return "allowed" if principal.role is Role.WORKER else "403"
-    return "allowed" if principal.role.level >= Role(least).level else "403"
+    if least == ANY:
+        return "allowed"
+    return "allowed" if Role(least).admits(principal.role) else "403"
 
 
 def _verdict(answer: Any) -> str:
@@ -223,6 +231,8 @@ def test_permission_matrix(web: WebEnv) -> None:
     # A worker account has API tokens only (its login is refused: test_worker_accounts_cannot_log_in).
     users.create_user(web.sessions, "worker", hash_password(PASSWORD), Role.WORKER, now=utc_now())
     principals.append(Principal("worker token", Role.WORKER, "bearer", token=web.token("worker"), client=raw))
+    users.create_user(web.sessions, "sender", hash_password(PASSWORD), Role.SENDER, now=utc_now())
+    principals.append(Principal("sender token", Role.SENDER, "bearer", token=web.token("sender"), client=raw))
 
     routes = [r for r in app_routes(web.app) if r in POLICY]
     # Reads first, destructive requests last, so that fewer allowed requests meet an object already deleted.
@@ -246,8 +256,8 @@ def test_permission_matrix(web: WebEnv) -> None:
 
 
 def test_worker_accounts_cannot_log_in(web: WebEnv) -> None:
-    """A GPU worker's account proves itself with API tokens only: the login form refuses it, right password
-    or not, and says so in the audit log; its token still works."""
+    """A GPU worker's account (and a STOW-RS sender's) proves itself with API tokens only: the login form refuses
+    it, right password or not, and says so in the audit log; its token still works."""
     users.create_user(web.sessions, "gpu-1", hash_password(PASSWORD), Role.WORKER, now=utc_now())
     client = web.client()
     token = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/login").text)
@@ -260,6 +270,12 @@ def test_worker_accounts_cannot_log_in(web: WebEnv) -> None:
     assert [e.detail for e in failed] == ["worker accounts use API tokens only"]
     me = client.get("/api/v1/me", headers={"Authorization": f"Bearer {web.token('gpu-1')}"})
     assert me.status_code == 200 and me.json()["role"] == "worker"
+    users.create_user(web.sessions, "pacs-push", hash_password(PASSWORD), Role.SENDER, now=utc_now())
+    answer = client.post("/login", data={"username": "pacs-push", "password": PASSWORD, "csrf_token": token.group(1),
+                                         "next": "/"}, follow_redirects=False)
+    assert answer.status_code != 303 and "Wrong user name or password" in answer.text
+    failed = [e for e in audit.list_entries(web.sessions) if e.action == "login.failed" and e.target == "pacs-push"]
+    assert [e.detail for e in failed] == ["sender accounts use API tokens only"]
 
 
 def _checked_client(web: WebEnv, session: LoggedIn) -> TestClient:

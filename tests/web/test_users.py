@@ -85,7 +85,7 @@ _BAD_USER_FORMS = [
     ({"username": "carol", "password": NEW_PASSWORD, "password2": NEW_PASSWORD + "x"}, 422, "password2",
      "the two passwords differ"),
     ({"username": "carol", "role": "root", "password": NEW_PASSWORD, "password2": NEW_PASSWORD}, 422, "role",
-     "is not one of viewer, operator, admin"),
+     "is not one of worker, sender, viewer, operator, admin"),
     ({"username": "operator", "password": NEW_PASSWORD, "password2": NEW_PASSWORD}, 409, "username",
      "already exists"),
 ]

@@ -1,35 +1,56 @@
-"""The node's DICOMweb read endpoints: QIDO-RS searches and WADO-RS retrieval of the instances it received.
+"""The node's DICOMweb: QIDO-RS searches, WADO-RS retrieval of the instances it received, STOW-RS intake.
 
 Why: a GPU worker on another machine fetches its series here instead of reading the
 node's spool over a shared filesystem (issue 26), and PACS or scripts get a standard way
-to query the node. Base URL ``/api/v1/dicomweb`` (so an anonymous request gets 401, as
-the rest of the API); every route needs the ``worker`` role or more (a viewer reads
-everything anyway).
+to query the node and push studies into it. Base URL ``/api/v1/dicomweb`` (so an
+anonymous request gets 401, as the rest of the API); every read needs the ``worker`` role
+or a person's (a viewer reads everything anyway).
 
 * QIDO-RS (PS3.18 10.6): ``/studies``, ``/series``, ``/studies/{study}/series``,
-  ``/studies/{study}/series/{series}/instances``; exact matching on the UIDs,
-  PatientID, AccessionNumber and Modality; ``limit``/``offset``; ``application/dicom+json``.
+  ``/studies/{study}/series/{series}/instances``; matching as :mod:`dicom_node.web.qido`
+  reads it and :mod:`dicom_node.db.dicomweb_index` applies it (wildcards, date ranges,
+  UID lists, ModalitiesInStudy, includefield); ``limit``/``offset``; ``application/dicom+json``.
 * WADO-RS (PS3.18 10.4): ``/studies/{study}/series/{series}`` and
   ``.../instances/{sop}`` as ``multipart/related; type="application/dicom"``, each part
   the stored file exactly as received (never transcoded), streamed from the spool.
+* STOW-RS (PS3.18 10.5): ``POST /studies`` and ``POST /studies/{study}``, for the
+  ``sender`` role (a PACS's or script's token) and operators; the body streams into the
+  node's ingest part by part (:mod:`dicom_node.stow_intake`), so a pushed study is
+  received, completed and routed as one sent by C-STORE.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path as FsPath
 from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Path, Query
+from anyio import from_thread
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from dicom_node.db import dicomweb_index
 from dicom_node.db.dicomweb_index import IndexedInstance
 from dicom_node.db.models import Role
+from dicom_node.header import uid_problem
 from dicom_node.stow import multipart_body
-from dicom_node.web.auth import Principal, require
+from dicom_node.stow_intake import StowBodyError, StowBusy, StowMediaError, StowSender, stow_boundary
+from dicom_node.web.auth import Principal, client_address, require
 from dicom_node.web.context import WebContext, get_context
+from dicom_node.web.qido import (
+    INSTANCE_ATTRIBUTES,
+    SERIES_ATTRIBUTES,
+    STUDY_ATTRIBUTES,
+    WARNING_AGENT,
+    QidoError,
+    QidoQuery,
+    parse_query,
+    render,
+)
 
 __all__ = ["BASE", "router"]
 
@@ -39,86 +60,73 @@ BASE = "/api/v1/dicomweb"
 DICOM_JSON = "application/dicom+json"
 router = APIRouter(prefix=BASE, tags=["dicomweb"])
 _reader = require(Role.WORKER)
+_sender = require(Role.SENDER)
 _STUDY = Path(..., min_length=1, max_length=64, description="Study Instance UID")
 _SERIES = Path(..., min_length=1, max_length=64, description="Series Instance UID")
 _SOP = Path(..., min_length=1, max_length=64, description="SOP Instance UID")
-_UID_QUERY: dict[str, Any] = {"default": None, "min_length": 1, "max_length": 64}
 _LIMIT = Query(100, ge=1, le=1000, description="at most this many results")
 _OFFSET = Query(0, ge=0, description="skip this many results")
 
 
-def _attribute(vr: str, value: Any) -> dict[str, Any]:
-    """One attribute of the DICOM JSON model (PS3.18 F.2): empty when the value is unknown."""
-    if value is None or value == "":
-        return {"vr": vr}
-    if vr == "PN":
-        return {"vr": vr, "Value": [{"Alphabetic": value}]}
-    return {"vr": vr, "Value": [value]}
+def _json(results: list[dict[str, Any]], warnings: tuple[str, ...] = ()) -> Response:
+    headers = {"Warning": ", ".join(f'299 {WARNING_AGENT} "{w}"' for w in warnings)} if warnings else None
+    return JSONResponse(results, media_type=DICOM_JSON, headers=headers)
 
 
-def _json(results: list[dict[str, Any]]) -> Response:
-    return JSONResponse(results, media_type=DICOM_JSON)
+def _query(request: Request, **named: str | None) -> QidoQuery:
+    try:
+        return parse_query(request.query_params, **named)
+    except QidoError as exc:
+        raise HTTPException(400, str(exc)) from exc
 
 
-@router.get("/studies", summary="QIDO-RS: search for studies")
+_QIDO_HELP = ("Matching keys by keyword or tag; ``*`` and ``?`` wildcards on PatientName (any case), PatientID, "
+              "AccessionNumber and StudyDescription; StudyDate YYYYMMDD or a range YYYYMMDD-YYYYMMDD; UID lists; "
+              "``includefield`` (keywords, tags or ``all``); ``fuzzymatching=false``.")
+
+
+@router.get("/studies", summary="QIDO-RS: search for studies", description=_QIDO_HELP)
 def search_studies(
-    StudyInstanceUID: str | None = Query(**_UID_QUERY), PatientID: str | None = Query(None, max_length=64),  # noqa: N803
-    AccessionNumber: str | None = Query(None, max_length=16), limit: int = _LIMIT, offset: int = _OFFSET,  # noqa: N803
-    principal: Principal = Depends(_reader), context: WebContext = Depends(get_context),
+    request: Request, limit: int = _LIMIT, offset: int = _OFFSET, principal: Principal = Depends(_reader),
+    context: WebContext = Depends(get_context),
 ) -> Response:
-    studies = dicomweb_index.find_studies(context.sessions, study_instance_uid=StudyInstanceUID, patient_id=PatientID,
-                                          accession_number=AccessionNumber, limit=limit, offset=offset)
-    return _json([{
-        "0020000D": _attribute("UI", s.study_instance_uid), "00100020": _attribute("LO", s.patient_id),
-        "00100010": _attribute("PN", s.patient_name), "00080050": _attribute("SH", s.accession_number),
-        "00080020": _attribute("DA", s.study_date), "00081030": _attribute("LO", s.study_description),
-        "00201208": _attribute("IS", s.instance_count),
-    } for s in studies])
+    query = _query(request)
+    studies = dicomweb_index.find_studies(context.sessions, query.study, limit=limit, offset=offset)
+    return _json(render(studies, STUDY_ATTRIBUTES, query.include), query.warnings)
 
 
-def _series_json(context: WebContext, study: str | None, series: str | None, modality: str | None, limit: int,
-                 offset: int) -> Response:
-    found = dicomweb_index.find_series(context.sessions, study_instance_uid=study, series_instance_uid=series,
-                                       modality=modality, limit=limit, offset=offset)
-    return _json([{
-        "0020000D": _attribute("UI", s.study_instance_uid), "0020000E": _attribute("UI", s.series_instance_uid),
-        "00080060": _attribute("CS", s.modality), "00200011": _attribute("IS", s.series_number),
-        "0008103E": _attribute("LO", s.series_description), "00201209": _attribute("IS", s.instance_count),
-    } for s in found])
+def _series_json(context: WebContext, query: QidoQuery, limit: int, offset: int) -> Response:
+    found = dicomweb_index.find_series(context.sessions, query.series, limit=limit, offset=offset)
+    return _json(render(found, SERIES_ATTRIBUTES, query.include), query.warnings)
 
 
-@router.get("/series", summary="QIDO-RS: search for series in all studies")
+@router.get("/series", summary="QIDO-RS: search for series in all studies", description=_QIDO_HELP)
 def search_all_series(
-    StudyInstanceUID: str | None = Query(**_UID_QUERY), SeriesInstanceUID: str | None = Query(**_UID_QUERY),  # noqa: N803
-    Modality: str | None = Query(None, max_length=16), limit: int = _LIMIT, offset: int = _OFFSET,  # noqa: N803
-    principal: Principal = Depends(_reader), context: WebContext = Depends(get_context),
+    request: Request, limit: int = _LIMIT, offset: int = _OFFSET, principal: Principal = Depends(_reader),
+    context: WebContext = Depends(get_context),
 ) -> Response:
-    return _series_json(context, StudyInstanceUID, SeriesInstanceUID, Modality, limit, offset)
+    return _series_json(context, _query(request), limit, offset)
 
 
-@router.get("/studies/{study_instance_uid}/series", summary="QIDO-RS: search for series of a study")
+@router.get("/studies/{study_instance_uid}/series", summary="QIDO-RS: search for series of a study",
+            description=_QIDO_HELP)
 def search_study_series(
-    study_instance_uid: str = _STUDY, SeriesInstanceUID: str | None = Query(**_UID_QUERY),  # noqa: N803
-    Modality: str | None = Query(None, max_length=16), limit: int = _LIMIT, offset: int = _OFFSET,  # noqa: N803
+    request: Request, study_instance_uid: str = _STUDY, limit: int = _LIMIT, offset: int = _OFFSET,
     principal: Principal = Depends(_reader), context: WebContext = Depends(get_context),
 ) -> Response:
-    return _series_json(context, study_instance_uid, SeriesInstanceUID, Modality, limit, offset)
+    return _series_json(context, _query(request, study_uid=study_instance_uid), limit, offset)
 
 
 @router.get("/studies/{study_instance_uid}/series/{series_instance_uid}/instances",
             summary="QIDO-RS: search for instances of a series")
 def search_instances(
-    study_instance_uid: str = _STUDY, series_instance_uid: str = _SERIES,
-    SOPInstanceUID: str | None = Query(**_UID_QUERY),  # noqa: N803
+    request: Request, study_instance_uid: str = _STUDY, series_instance_uid: str = _SERIES,
     principal: Principal = Depends(_reader), context: WebContext = Depends(get_context),
 ) -> Response:
+    query = _query(request, study_uid=study_instance_uid, series_uid=series_instance_uid)
     found = dicomweb_index.find_instances(context.sessions, study_instance_uid, series_instance_uid,
-                                          sop_instance_uid=SOPInstanceUID)
-    return _json([{
-        "0020000D": _attribute("UI", i.study_instance_uid), "0020000E": _attribute("UI", i.series_instance_uid),
-        "00080016": _attribute("UI", i.sop_class_uid), "00080018": _attribute("UI", i.sop_instance_uid),
-        "00200013": _attribute("IS", i.instance_number), "00083002": _attribute("UI", i.transfer_syntax_uid),
-    } for i in found])
+                                          sop_instance_uids=query.sop_instance_uids)
+    return _json(render(found, INSTANCE_ATTRIBUTES, query.include), query.warnings)
 
 
 def _retrieve(context: WebContext, instances: list[IndexedInstance], what: str) -> Response:
@@ -155,3 +163,78 @@ def retrieve_instance(
     instances = dicomweb_index.find_instances(context.sessions, study_instance_uid, series_instance_uid,
                                               sop_instance_uid=sop_instance_uid)
     return _retrieve(context, instances, f"instance {sop_instance_uid} of series {series_instance_uid}")
+
+
+def _blocking(stream: AsyncIterator[bytes]) -> Iterator[bytes]:
+    """The request body's chunks for a thread of the pool: each one fetched from the event loop as it is needed
+    (the body is never held whole)."""
+    iterator = stream.__aiter__()
+
+    async def next_chunk() -> bytes | None:
+        try:
+            return await iterator.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    while (chunk := from_thread.run(next_chunk)) is not None:
+        if chunk:
+            yield chunk
+
+
+async def _store(request: Request, principal: Principal, context: WebContext, study: str | None) -> Response:
+    """STOW-RS: check the request, stream its body into the node's ingest, answer the Store Instances Response."""
+    intake = context.stow
+    if intake is None:
+        raise HTTPException(503, "this web application stores no instances")
+    try:
+        boundary = stow_boundary(request.headers.get("content-type", ""))
+    except StowMediaError as exc:
+        raise HTTPException(exc.status, str(exc)) from exc
+    if study is not None and uid_problem(study) is not None:
+        raise HTTPException(400, f"the Study Instance UID in the URL {uid_problem(study)}")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > intake.max_request_bytes:
+        raise HTTPException(413, f"the request body ({declared} bytes) is larger than "
+                                 f"{intake.max_request_bytes // 1_048_576} MiB (web.stow_max_request_mb); "
+                                 "send the instances in several requests")
+    sender = StowSender(principal.username, client_address(request) or "unknown",
+                        request.client.port if request.client else 0, request.url.scheme == "https")
+    try:
+        result = await run_in_threadpool(intake.receive, _blocking(request.stream()), boundary, sender,
+                                         study_instance_uid=study)
+    except StowBusy as exc:
+        raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
+    except StowBodyError as exc:
+        raise HTTPException(exc.status, f"{exc}; {len(exc.result.stored)} instance(s) stored before "
+                                        "(sending them again is acknowledged as stored)") from exc
+    except ClientDisconnect:
+        logger.warning("STOW-RS from %s: the client went away before the body ended", principal.username)
+        return Response(status_code=400)
+    root = str(request.base_url).rstrip("/") + BASE
+    return JSONResponse(result.response(root, study), status_code=result.http_status, media_type=DICOM_JSON)
+
+
+_STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "Every instance stored (ReferencedSOPSequence)"},
+    202: {"description": "Some instances stored, some failed (FailedSOPSequence with FailureReason)"},
+    409: {"description": "No instance stored"},
+    400: {"description": "Malformed multipart body"}, 413: {"description": "Body or an instance too large"},
+    415: {"description": "Not multipart/related; type=\"application/dicom\""},
+    503: {"description": "web.stow_max_requests requests being received; try again (Retry-After)"},
+}
+
+
+@router.post("/studies", summary="STOW-RS: store instances", responses=_STOW_RESPONSES)
+async def store_instances(
+    request: Request, principal: Principal = Depends(_sender), context: WebContext = Depends(get_context),
+) -> Response:
+    return await _store(request, principal, context, None)
+
+
+@router.post("/studies/{study_instance_uid}", summary="STOW-RS: store instances of one study",
+             responses=_STOW_RESPONSES)
+async def store_study_instances(
+    request: Request, study_instance_uid: str = _STUDY, principal: Principal = Depends(_sender),
+    context: WebContext = Depends(get_context),
+) -> Response:
+    return await _store(request, principal, context, study_instance_uid)

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["monitoring"])
 
 #: Histogram buckets (seconds) of dicom_node_job_stage_seconds: from a fast outbox write to a long CPU inference.
-#: The database counts stage times into these (migration 0011): changing them needs a migration.
+#: The database counts stage times into these (migration 0012): changing them needs a migration.
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
@@ -71,7 +71,7 @@ class NodeCollector(Collector):
 
 def _stage_histogram(s: monitoring.MetricsSnapshot, buckets: tuple[float, ...] = STAGE_BUCKETS
                      ) -> HistogramMetricFamily:
-    """dicom_node_job_stage_seconds from the database's counts of stage times per bucket (migration 0011 keeps
+    """dicom_node_job_stage_seconds from the database's counts of stage times per bucket (migration 0012 keeps
     them with the buckets of :data:`STAGE_BUCKETS`), made cumulative as Prometheus wants them."""
     family = HistogramMetricFamily(
         "dicom_node_job_stage_seconds", "Seconds each stage of finished jobs took (load, applicability, model_load, "
@@ -97,15 +97,21 @@ def _stage_histogram(s: monitoring.MetricsSnapshot, buckets: tuple[float, ...] =
 
 def _families(s: monitoring.MetricsSnapshot) -> Iterator[Metric]:
     yield CounterMetricFamily("dicom_node_instances_received", "Instances stored, counted when their association "
-                              "ended.", value=s.instances_received)
+                              "or STOW-RS request ended.", value=s.instances_received)
     yield CounterMetricFamily("dicom_node_bytes_received", "Bytes of stored instances, counted when their "
-                              "association ended.", value=s.bytes_received)
+                              "association or STOW-RS request ended.", value=s.bytes_received)
     associations = CounterMetricFamily("dicom_node_associations", "DICOM associations that ended, by outcome.",
                                        labels=["outcome"])
     for outcome in ("released", "aborted", "rejected", "interrupted"):
         associations.add_metric([outcome], s.associations.get(outcome, 0))
     yield associations
     yield GaugeMetricFamily("dicom_node_associations_open", "DICOM associations open now.", value=s.associations_open)
+    stow = CounterMetricFamily("dicom_node_stow_requests", "STOW-RS requests that ended, by outcome (released: "
+                               "answered, aborted: the body was cut off, too large or malformed).",
+                               labels=["outcome"])
+    for outcome in ("released", "aborted", "interrupted"):
+        stow.add_metric([outcome], s.stow_requests.get(outcome, 0))
+    yield stow
     rejected = CounterMetricFamily("dicom_node_associations_rejected", "Rejected associations, by reason.",
                                    labels=["reason"])
     for reason in ("called_ae_title", "calling_ae_title", "calling_address", "too_many_associations",

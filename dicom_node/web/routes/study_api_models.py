@@ -50,7 +50,9 @@ class StudyItem(_Out):
                                    "see status for what became of the jobs and deliveries)")
     status: StatusOut
     modalities: list[str]
-    source_ae_titles: list[str] = Field(description="Calling AE titles of the associations that sent it")
+    source_ae_titles: list[str] = Field(description="Calling AE titles of the DICOM associations that sent it")
+    sources: list[str] = Field(description="Who sent it: calling AE titles, and \"STOW-RS by <user>\" for each "
+                                           "account that pushed instances by STOW-RS")
     series_count: int
     instance_count: int
     job_counts: dict[str, int] = Field(description="Current jobs (not replaced by a re-process) by state, e.g. "
@@ -91,7 +93,11 @@ class SeriesOut(_Out):
 
 
 class AssociationOut(_Out):
+    """A DICOM association, or a STOW-RS request (protocol stow-rs, no AE title, the account in username)."""
+
     id: int
+    protocol: str = Field(description="dicom or stow-rs")
+    username: str | None = Field(description="The account that sent a STOW-RS request")
     calling_ae_title: str
     peer_address: str
     started_at: datetime
@@ -232,6 +238,7 @@ class StudyOut(_Out):
     state_changed_at: datetime
     modalities: list[str]
     source_ae_titles: list[str]
+    sources: list[str]
     series: list[SeriesOut]
     associations: list[AssociationOut]
     events: list[EventOut]

@@ -1,7 +1,7 @@
 """growth: counters kept by the database for /metrics and the queue depths; indexes of the jobs and deliveries lists
 
-Revision ID: 0011
-Revises: 0010
+Revision ID: 0012
+Revises: 0011
 Create Date: 2026-12-08 04:00:00
 
 Why: ``/metrics`` counted every study, job, delivery, association and refused instance of the
@@ -14,8 +14,10 @@ plain SQL) keeps them right, and they survive restarts.
 
 * ``studies`` (state), ``jobs`` (state, pipeline), ``deliveries`` (state, destination): the rows in
   each state now (gauges: a row added, moved or deleted moves them);
-* ``associations`` (outcome), ``instances_received``, ``bytes_received``: associations that ended
-  (outcome not ``open``) and the instances and bytes they stored; ``associations_rejected``
+* ``associations`` (outcome): DICOM associations that ended (outcome not ``open``); ``stow_requests``
+  (outcome): STOW-RS requests that ended (``associations.protocol`` ``stow-rs``, migration 0011);
+  ``instances_received``, ``bytes_received``: the instances and bytes both stored; ``associations_open``
+  (protocol): those open now (a gauge; the only association metric a deleted row changes); ``associations_rejected``
   (reason, reduced to a few labels as ``dicom_node.db.monitoring.normalise_reject_reason`` does);
   ``ingest_errors`` (status, decimal); these only grow (a deleted row is not taken away);
 * ``delivery_failures`` (destination): attempts that ended without delivering - a delivery that
@@ -54,8 +56,8 @@ from alembic import op
 import sqlalchemy as sa
 
 
-revision = '0011'
-down_revision = '0010'
+revision = '0012'
+down_revision = '0011'
 branch_labels = None
 depends_on = None
 
@@ -125,13 +127,17 @@ def _gauge(metric: str, *labels: str) -> Part:
 _STUDIES = [_gauge('studies', 'state')]
 _JOBS = [_gauge('jobs', 'state', 'pipeline')]
 _DELIVERIES = [_gauge('deliveries', 'state', 'destination')]
+#: Associations and STOW-RS requests open now, by protocol (a gauge: one that ends or is deleted leaves it).
+_OPEN = [Part(("'associations_open'", "coalesce({r}.protocol, 'dicom')", "''", "''", '1'), where="{r}.outcome = 'open'")]
 _INGEST = [Part(("'ingest_errors'", 'CAST({r}.status AS TEXT)', "''", "''", '1'))]
 
 
 def _association_parts(dialect: str) -> list[Part]:
     ended = "{r}.outcome <> 'open'"
+    stow = "coalesce({r}.protocol, 'dicom') = 'stow-rs'"
     return [
-        Part(("'associations'", '{r}.outcome', "''", "''", '1'), where=ended),
+        Part(("'associations'", '{r}.outcome', "''", "''", '1'), where=f"{ended} AND NOT {stow}"),
+        Part(("'stow_requests'", '{r}.outcome', "''", "''", '1'), where=f"{ended} AND {stow}"),
         Part(("'instances_received'", "''", "''", "''", 'coalesce({r}.instances_stored, 0)'), where=ended),
         Part(("'bytes_received'", "''", "''", "''", 'coalesce({r}.bytes_received, 0)'), where=ended),
         Part(("'associations_rejected'", _reason_sql('{r}.reject_reason', dialect), "''", "''", '1'),
@@ -170,7 +176,7 @@ def _sqlite_body(parts: list[Part], row: str, sign: str) -> str:
 
 
 def _sqlite_triggers() -> list[str]:
-    association = _association_parts('sqlite')
+    association = _association_parts('sqlite') + _OPEN
     stages = _stage_parts('sqlite')
     counted = ('studies', _STUDIES, 'state'), ('jobs', _JOBS, 'state, pipeline'), \
         ('deliveries', _DELIVERIES, 'state, destination')
@@ -199,8 +205,10 @@ def _sqlite_triggers() -> list[str]:
         f"CREATE TRIGGER metric_associations_insert AFTER INSERT ON associations BEGIN "
         f"{_sqlite_body(association, 'new', '')} END",
         "CREATE TRIGGER metric_associations_update AFTER UPDATE OF outcome, instances_stored, bytes_received, "
-        "reject_reason ON associations BEGIN "
+        "reject_reason, protocol ON associations BEGIN "
         f"{_sqlite_body(association, 'old', '-')} {_sqlite_body(association, 'new', '')} END",
+        f"CREATE TRIGGER metric_associations_delete AFTER DELETE ON associations WHEN old.outcome = 'open' BEGIN "
+        f"{_sqlite_body(_OPEN, 'old', '-')} END",
         f"CREATE TRIGGER metric_ingest_errors_insert AFTER INSERT ON ingest_errors BEGIN "
         f"{_sqlite_body(_INGEST, 'new', '')} END",
     ]
@@ -222,7 +230,7 @@ def _pg_function(name: str, body: str) -> str:
 
 
 def _pg_triggers() -> list[str]:
-    association = _association_parts('postgresql')
+    association = _association_parts('postgresql') + _OPEN
     stages = _stage_parts('postgresql')
     ran = f"IN ({_RAN_SQL})"
     sql = [
@@ -266,10 +274,14 @@ def _pg_triggers() -> list[str]:
                      + _pg_insert(association, 'NEW', '')),
         "CREATE TRIGGER metric_associations_insert AFTER INSERT ON associations REFERENCING NEW TABLE AS new_rows "
         "FOR EACH STATEMENT EXECUTE FUNCTION metric_associations_inserted()",
+        _pg_function("metric_associations_deleted", _pg_insert(_OPEN, 'o', '-', 'old_rows')),
+        "CREATE TRIGGER metric_associations_delete AFTER DELETE ON associations REFERENCING OLD TABLE AS old_rows "
+        "FOR EACH STATEMENT EXECUTE FUNCTION metric_associations_deleted()",
         "CREATE TRIGGER metric_associations_update AFTER UPDATE ON associations FOR EACH ROW WHEN ("
         "OLD.outcome IS DISTINCT FROM NEW.outcome OR OLD.instances_stored IS DISTINCT FROM NEW.instances_stored "
         "OR OLD.bytes_received IS DISTINCT FROM NEW.bytes_received "
-        "OR OLD.reject_reason IS DISTINCT FROM NEW.reject_reason) EXECUTE FUNCTION metric_associations_updated()",
+        "OR OLD.reject_reason IS DISTINCT FROM NEW.reject_reason OR OLD.protocol IS DISTINCT FROM NEW.protocol) "
+        "EXECUTE FUNCTION metric_associations_updated()",
         _pg_function("metric_ingest_errors_inserted", _pg_insert(_INGEST, 'n', '', 'new_rows')),
         "CREATE TRIGGER metric_ingest_errors_insert AFTER INSERT ON ingest_errors REFERENCING NEW TABLE AS new_rows "
         "FOR EACH STATEMENT EXECUTE FUNCTION metric_ingest_errors_inserted()",
@@ -281,6 +293,7 @@ _PG_FUNCTIONS = ('metric_studies_inserted', 'metric_studies_deleted', 'metric_st
                  'metric_jobs_inserted', 'metric_jobs_deleted', 'metric_jobs_updated', 'metric_job_stages_ended',
                  'metric_deliveries_inserted', 'metric_deliveries_deleted', 'metric_deliveries_updated',
                  'metric_delivery_failed', 'metric_associations_inserted', 'metric_associations_updated',
+                 'metric_associations_deleted',
                  'metric_ingest_errors_inserted')
 
 
@@ -298,7 +311,7 @@ def _starting_counts(bind: sa.engine.Connection) -> Counter:
     counts: Counter = Counter()
     dialect = bind.dialect.name
     tables = [('studies', _STUDIES), ('jobs', _JOBS), ('deliveries', _DELIVERIES),
-              ('associations', _association_parts(dialect)), ('ingest_errors', _INGEST)]
+              ('associations', _association_parts(dialect) + _OPEN), ('ingest_errors', _INGEST)]
     for table, parts in tables:
         for part in parts:
             grouped = f"SELECT m, l1, l2, l3, sum(v) FROM ({part.over(table, 'r', '')}) AS c GROUP BY m, l1, l2, l3"
