@@ -25,7 +25,7 @@ from dicom_node.db.job_checks import ApplicabilityView, PlausibilityView, applic
     plausibility_view
 from dicom_node.db.job_reruns import job_destinations
 from dicom_node.db.jobs import NOTICE_KIND
-from dicom_node.db.keyset import COUNT_CAP, Cursor, Keyset, capped_count
+from dicom_node.db.keyset import COUNT_CAP, Cursor, Keyset, Page, capped_count
 from dicom_node.db.models import Delivery, DeliveryState, Job, JobState, ResultObject, Study, json_object
 
 __all__ = [
@@ -168,31 +168,9 @@ class JobRow:
         return (self.finished_at - self.started_at).total_seconds()
 
 
-@dataclass(frozen=True)
-class JobPage:
-    """One page of the jobs list; ``total`` is exact when ``total_exact``, else a lower bound (the cap).
-    ``next_cursor`` / ``previous_cursor``: the pages of older / newer jobs (None: there is none)."""
-
-    items: list[JobRow]
-    total: int
-    limit: int
-    offset: int
-    total_exact: bool = True
-    next_cursor: str | None = None
-    previous_cursor: str | None = None
-
-
-@dataclass(frozen=True)
-class DeliveryPage:
-    """One page of the deliveries list (as :class:`JobPage`)."""
-
-    items: list[DeliveryRow]
-    total: int
-    limit: int
-    offset: int
-    total_exact: bool = True
-    next_cursor: str | None = None
-    previous_cursor: str | None = None
+#: One page of the jobs list and of the deliveries list (:class:`~dicom_node.db.keyset.Page`).
+JobPage = Page[JobRow]
+DeliveryPage = Page[DeliveryRow]
 
 
 def job_rows(session: Session, query: Any) -> list[JobRow]:

@@ -13,7 +13,7 @@ import base64
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, Select, func, literal, select, tuple_
 from sqlalchemy.engine import Row
@@ -21,7 +21,9 @@ from sqlalchemy.orm import Session
 
 from dicom_node.db.models import UTCDateTime
 
-__all__ = ["COUNT_CAP", "Cursor", "Keyset", "KeysetRows", "capped_count"]
+__all__ = ["COUNT_CAP", "Cursor", "Keyset", "KeysetRows", "Page", "capped_count"]
+
+T = TypeVar("T")
 
 #: The lists count matching rows up to this many; beyond it they say "10,000+" (``total_exact`` false) unless
 #: exact counting is asked for. Counting every match costs a scan of them all on each page (0.1 s per
@@ -68,6 +70,20 @@ def capped_count(session: Session, query: Select[Any], cap: int | None) -> tuple
         return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0), True
     found = int(session.scalar(select(func.count()).select_from(query.limit(cap + 1).subquery())) or 0)
     return (cap, False) if found > cap else (found, True)
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a list (studies, jobs, deliveries); ``total`` is exact when ``total_exact``, else a lower
+    bound (the cap). ``next_cursor`` / ``previous_cursor``: the pages of older / newer items (None: none)."""
+
+    items: list[T]
+    total: int
+    limit: int
+    offset: int
+    total_exact: bool = True
+    next_cursor: str | None = None
+    previous_cursor: str | None = None
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from sqlalchemy import ColumnElement, column, exists, func, literal_column, sele
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.job_views import JobRow, ResultRow, job_rows, jobs_query
-from dicom_node.db.keyset import COUNT_CAP, Cursor, Keyset, capped_count
+from dicom_node.db.keyset import COUNT_CAP, Cursor, Keyset, Page, capped_count
 from dicom_node.db.models import (
     AssociationProtocol,
     AssociationRecord,
@@ -142,18 +142,8 @@ class StudyRow(StudyHeader):
     completed_at: datetime | None
 
 
-@dataclass(frozen=True)
-class StudyPage:
-    """One page of the studies list; ``total`` is exact when ``total_exact``, else a lower bound (the cap).
-    ``next_cursor`` / ``previous_cursor``: the pages of older / newer studies (None: there is none)."""
-
-    items: list[StudyRow]
-    total: int
-    limit: int
-    offset: int
-    total_exact: bool = True
-    next_cursor: str | None = None
-    previous_cursor: str | None = None
+#: One page of the studies list (:class:`~dicom_node.db.keyset.Page`).
+StudyPage = Page[StudyRow]
 
 
 @dataclass(frozen=True)
