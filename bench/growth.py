@@ -1,14 +1,15 @@
-"""Growth benchmark: do the studies list, its patient-name filter and the dashboard stay flat as the
-database grows? One command fills a fresh database with 10k, 100k and 1M studies and times each query.
+"""Growth benchmark: do the studies, jobs and deliveries lists, the patient-name filter, the dashboard and
+/metrics stay flat as the database grows? One command fills a fresh database with 10k, 100k and 1M studies
+and times each query.
 
 For each size it builds a new SQLite database (and PostgreSQL with ``--postgres URL``: an empty
 database the bench may fill and empty), migrated by the node's own migrations, and fills it with
 plain SQL (``INSERT ... SELECT`` from a generated row range, a few seconds per 100k studies):
 every study with one series, ``--instances`` instances (2 by default), its sender's association and,
-unless ignored or still receiving, one job with a SEG result and one delivery. Studies arrive at a steady
-``--per-day`` (500 a day, ending now; so the dashboard's hour and day hold the same studies at every size and
-only the history grows), ids growing with time as the node writes them; one in 100
-is ignored, one in 100 receiving, and one in 100 each has a dead job, a held job, a failed delivery or
+unless ignored or still receiving, one job (with its stage times) with a SEG result and one delivery.
+Studies arrive at a steady ``--per-day`` (500 a day, ending now; so the dashboard's hour and day hold the
+same studies at every size and only the history grows), ids growing with time as the node writes them; one
+in 100 is ignored, one in 100 receiving, and one in 100 each has a dead job, a held job, a failed delivery or
 a queued job; the rest are done. Patient names come from a pool of 5,000 (``FAMILY0042^GIVEN``).
 
 Then it prints the median of ``--repeat`` (7) timings of, through the node's own functions:
@@ -22,6 +23,11 @@ Then it prints the median of ``--repeat`` (7) timings of, through the node's own
   queue depths, throughput, errors, workers);
 * ``counts all``: the dashboard's study counts with a window holding every study (the case "all rows are
   recent", which took 2.5 s for 100k studies before the counts were bounded);
+* ``metrics``: a ``/metrics`` scrape (the text Prometheus reads) of a running web process; ``metrics 1st``:
+  the first scrape of a new process (before schema 0012 it read every finished job's stage times then);
+* ``jobs``, ``jobs p2``, ``jobs dead``: the first page of ``/api/v1/jobs`` (100, newest first, with results
+  and deliveries, its count), the next page (by cursor where the node has keyset pages, else ``offset``),
+  the first page of dead jobs; ``deliveries``, ``deliv failed``: the same of ``/api/v1/deliveries``;
 
 followed by SQLite's ``EXPLAIN QUERY PLAN`` of the list and the name filter, to show which index each uses.
 
@@ -49,16 +55,22 @@ if str(REPO) not in sys.path:
 from sqlalchemy import Engine, text  # noqa: E402
 from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
+from prometheus_client import generate_latest  # noqa: E402
+from prometheus_client.registry import CollectorRegistry  # noqa: E402
+
 from dicom_node.db import monitoring, study_views  # noqa: E402
 from dicom_node.db.session import make_engine, make_session_factory, upgrade  # noqa: E402
 from dicom_node.settings import load_settings  # noqa: E402
 from dicom_node.web.context import WebContext  # noqa: E402
 from dicom_node.web.routes.dashboard import dashboard_data  # noqa: E402
+from dicom_node.web.routes.ops import NodeCollector  # noqa: E402
 
 #: Rows inserted per statement while filling (one transaction each).
 CHUNK = 100_000
 #: Size of the pool of patient family names.
 NAMES = 5_000
+#: Stage times of every job that ran (JSON, as workers record them).
+STAGES = '{"load": 0.4, "applicability": 0.05, "model_load": 0.01, "inference": 12.5, "encoding": 0.8, "outbox": 0.02}'
 
 # --------------------------------------------------------------------------- fill
 
@@ -88,11 +100,12 @@ _ROWS: dict[str, tuple[str, str]] = {
     "association_studies": ("association_id, study_id", "(i - 1) / :per_assoc + 1, i"),
     "jobs": (
         "id, study_id, series_instance_uid, pipeline, rule, destinations, priority, state, attempts, max_attempts, "
-        "error, created_at, queued_at, started_at, finished_at, state_changed_at, generation",
+        "error, created_at, queued_at, started_at, finished_at, state_changed_at, generation, stage_seconds",
         "i, i, '1.2.826.0.1.3680043.10.511.' || i || '.1', 'chest-seg', 'ct-chest', '\"default\"', 0, "
         "CASE i % 100 WHEN 2 THEN 'dead' WHEN 3 THEN 'held' WHEN 5 THEN 'queued' ELSE 'succeeded' END, "
         "CASE i % 100 WHEN 5 THEN 0 ELSE 1 END, 3, CASE i % 100 WHEN 2 THEN 'VolumeError: series has a gap' END, "
-        "{ts}, {ts}, {ts}, CASE i % 100 WHEN 5 THEN NULL ELSE {ts} END, {ts}, 1",
+        "{ts}, {ts}, {ts}, CASE i % 100 WHEN 5 THEN NULL ELSE {ts} END, {ts}, 1, "
+        "CASE i % 100 WHEN 5 THEN NULL ELSE :stages END",
     ),
     "result_objects": (
         "id, job_id, kind, sop_class_uid, sop_instance_uid, series_instance_uid, path, created_at",
@@ -148,7 +161,7 @@ def fill(engine: Engine, studies: int, *, instances: int, days: float, now: date
     step_us = int(days * 86_400 * 1_000_000) // studies
     base = now - timedelta(microseconds=step_us * studies)
     params: dict[str, Any] = {"base": int(base.timestamp()), "step_us": step_us, "names": NAMES,
-                              "instances": instances, "per_assoc": 100}
+                              "instances": instances, "per_assoc": 100, "stages": STAGES}
     started = time.perf_counter()
     for lo in range(1, studies + 1, CHUNK):
         hi = min(studies, lo + CHUNK - 1)
@@ -220,7 +233,50 @@ def measure(sessions: sessionmaker[Session], *, now: datetime, days: float, repe
     figures["dashboard"] = median_ms(lambda: dashboard_data(context), repeat)
     figures["counts all"] = median_ms(lambda: monitoring.study_counts(
         sessions, now=now, windows={"all": timedelta(days=days + 1)}), repeat)
+    registry = _metrics_registry(context)
+    figures["metrics"] = median_ms(lambda: generate_latest(registry), repeat)
+    figures["metrics 1st"] = median_ms(lambda: generate_latest(_metrics_registry(context)), repeat)
+    figures.update(_list_pages(sessions, repeat))
     return figures
+
+
+def _metrics_registry(context: WebContext) -> CollectorRegistry:
+    """A registry with the node's /metrics collector, as a new web process makes it on its first scrape."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(context))
+    return registry
+
+
+def _list_pages(sessions: sessionmaker[Session], repeat: int) -> dict[str, float]:
+    """The first page (100, the API's default) of the jobs list, the next one, its dead jobs, and the first
+    page of the deliveries list and of its failed ones (by cursor where the node has keyset pages)."""
+    import inspect
+
+    from dicom_node.db import job_views
+
+    figures = {"jobs": median_ms(lambda: job_views.list_jobs(sessions, limit=100), repeat)}
+    first = job_views.list_jobs(sessions, limit=100)
+    if "after" in inspect.signature(job_views.list_jobs).parameters:
+        figures["jobs p2"] = median_ms(lambda: job_views.list_jobs(sessions, limit=100, after=first.next_cursor),
+                                       repeat)
+    else:
+        figures["jobs p2"] = median_ms(lambda: job_views.list_jobs(sessions, limit=100, offset=100), repeat)
+    figures["jobs dead"] = median_ms(lambda: job_views.list_jobs(sessions, state="dead", limit=100), repeat)
+    if hasattr(job_views, "list_deliveries"):  # the node before it had no deliveries list
+        figures["deliveries"] = median_ms(lambda: job_views.list_deliveries(sessions, limit=100), repeat)
+        figures["deliv failed"] = median_ms(lambda: job_views.list_deliveries(sessions, state="failed", limit=100),
+                                            repeat)
+    return figures
+
+
+def fold_counters(engine: Engine) -> None:
+    """What the running node does every few seconds: fold PostgreSQL's metric deltas (the bulk fill appended
+    them) into the counts; nothing on SQLite, or on a node before the counters."""
+    try:
+        from dicom_node.db import counters
+    except ImportError:
+        return
+    counters.fold(make_session_factory(engine))
 
 
 def query_plans(engine: Engine) -> list[str]:
@@ -269,6 +325,7 @@ def run_size(url: str, studies: int, args: argparse.Namespace, data_dir: Path) -
         now = datetime.now(timezone.utc).replace(microsecond=0)
         days = studies / args.per_day
         fill_s = fill(engine, studies, instances=args.instances, days=days, now=now)
+        fold_counters(engine)
         sessions = make_session_factory(engine)
         figures = measure(sessions, now=now + timedelta(seconds=1), days=days, repeat=args.repeat,
                           data_dir=data_dir)

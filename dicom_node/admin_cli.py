@@ -286,7 +286,13 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
         return 0
     if args.sub in ("release", "discard"):
         return _held_job(settings, sessions, args.sub, args.job_id)
-    listed = job_views.list_jobs(sessions, state=args.state, limit=args.limit, study_instance_uid=args.study).items
+    try:
+        page = job_views.list_jobs(sessions, state=args.state, limit=args.limit, study_instance_uid=args.study,
+                                   after=args.after)
+    except ValueError as exc:
+        print(f"dicom-node: --after: {exc}", file=sys.stderr)
+        return 2
+    listed = page.items
     if args.json:
         print(json.dumps([
             {"id": j.id, "study_instance_uid": j.study_instance_uid, "series_instance_uid": j.series_instance_uid,
@@ -316,6 +322,8 @@ def _jobs(settings: Settings, args: argparse.Namespace) -> int:
         for d in j.deliveries:
             if d.error and d.state != "delivered":
                 print(f"      delivery {d.id} to {d.destination}: {d.error}")
+    if page.next_cursor:
+        print(f"older jobs: --after {page.next_cursor}")
     return 0
 
 
@@ -601,6 +609,8 @@ def add_commands(commands: Any, common: Callable[[argparse.ArgumentParser], None
     listing.add_argument("--state", choices=[s.value for s in JobState],
                          help="only jobs in this state (held: results waiting for an operator)")
     listing.add_argument("--limit", type=int, default=100)
+    listing.add_argument("--after", metavar="CURSOR", help="the older jobs below a page (the cursor the last "
+                         "line of a full page names)")
     command(job_commands, "retry", "run a failed or dead job again", job)
     command(job_commands, "release", "send a held job's results (judged implausible) to its destinations after all",
             job)

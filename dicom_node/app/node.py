@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.completion import CompletionMonitor
 from dicom_node.conductor import Conductor
 from dicom_node.config_files import import_configuration
-from dicom_node.db import repo
+from dicom_node.db import counters, repo
 from dicom_node.db.session import make_engine, make_session_factory, upgrade
 from dicom_node.indexer import InstanceIndexer
 from dicom_node.dispatch import Dispatcher
@@ -87,6 +87,10 @@ class Node:
         #: Runs retention every retention.check_interval_seconds, when a limit is set (off by default).
         self.retention_loop = Periodic("retention", settings.retention.check_interval_seconds,
                                        lambda: self.retention.run(actor="system")) if retention.active else None
+        #: Folds the metric deltas PostgreSQL's triggers append into their counts (a no-op on SQLite), so that
+        #: /metrics and the queue depths add a few rows, not every change since the start.
+        self.counter_fold = Periodic("metric-counters", counters.FOLD_INTERVAL_SECONDS,
+                                     lambda: counters.fold(self.sessions))
         self.worker: EmbeddedWorker | None = None
         self.heartbeat: WorkerHeartbeat | None = None
         if settings.queue.embedded_worker_queues:
@@ -134,6 +138,7 @@ class Node:
         self.conductor.start()
         if self.retention_loop is not None:
             self.retention_loop.start()
+        self.counter_fold.start()
 
     def stop(self) -> bool:
         """Stop in bounded time; True when every part stopped (a handed-back job counts as stopped).
@@ -150,7 +155,8 @@ class Node:
         listener_closed = run_bounded("DICOM listener", lambda: self.scp.stop(drain_seconds=LISTENER_DRAIN_SECONDS),
                                       LISTENER_STOP_SECONDS)
         parts = [start_step(f"{server.name} server", server.stop) for server in self.web_servers]
-        parts += [start_step("completion monitor", self.completion.stop), start_step("router", self.conductor.stop)]
+        parts += [start_step("completion monitor", self.completion.stop), start_step("router", self.conductor.stop),
+                  start_step("metric counters", self.counter_fold.stop)]
         if self.retention_loop is not None:
             self.retention.request_stop()  # between two studies; a purge cut short is finished by the next run
             parts.append(start_step("retention", self.retention_loop.stop))

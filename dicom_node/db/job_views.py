@@ -25,6 +25,7 @@ from dicom_node.db.job_checks import ApplicabilityView, PlausibilityView, applic
     plausibility_view
 from dicom_node.db.job_reruns import job_destinations
 from dicom_node.db.jobs import NOTICE_KIND
+from dicom_node.db.keyset import COUNT_CAP, Cursor, Keyset, Page, capped_count
 from dicom_node.db.models import Delivery, DeliveryState, Job, JobState, ResultObject, Study, json_object
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "JOB_ENDED_STATES",
     "JOB_RESULTS_SENT_STATES",
     "JOB_TROUBLE_STATES",
+    "DeliveryPage",
     "DeliveryRow",
     "JobPage",
     "JobRow",
@@ -43,6 +45,7 @@ __all__ = [
     "job_counts_by_study",
     "job_rows",
     "jobs_query",
+    "list_deliveries",
     "list_jobs",
 ]
 
@@ -165,12 +168,9 @@ class JobRow:
         return (self.finished_at - self.started_at).total_seconds()
 
 
-@dataclass(frozen=True)
-class JobPage:
-    items: list[JobRow]
-    total: int
-    limit: int
-    offset: int
+#: One page of the jobs list and of the deliveries list (:class:`~dicom_node.db.keyset.Page`).
+JobPage = Page[JobRow]
+DeliveryPage = Page[DeliveryRow]
 
 
 def job_rows(session: Session, query: Any) -> list[JobRow]:
@@ -243,23 +243,64 @@ def jobs_query() -> Any:
     return select(Job, Study.study_instance_uid).join(Study, Study.id == Job.study_id)
 
 
+#: The jobs list's and the deliveries list's order, newest first: by id (the primary key, or the (state, id),
+#: (pipeline, id) and (destination, id) indexes of migration 0012 when filtered).
+_JOB_ORDER = Keyset(Job.id, lambda row: Cursor(None, int(row[0])), what="jobs")
+_DELIVERY_ORDER = Keyset(Delivery.id, lambda row: Cursor(None, int(row[0])), what="deliveries")
+
+
 def list_jobs(
     sessions: sessionmaker[Session], *, state: str | None = None, pipeline: str | None = None,
-    study_instance_uid: str | None = None, limit: int = 100, offset: int = 0,
+    study_instance_uid: str | None = None, limit: int = 100, offset: int = 0, after: str | None = None,
+    before: str | None = None, count_cap: int | None = COUNT_CAP,
 ) -> JobPage:
-    """The newest jobs first, optionally of one state, pipeline and/or study, with results and deliveries."""
+    """The newest jobs first, optionally of one state, pipeline and/or study, with results and deliveries.
+
+    Pages as the studies list's (:mod:`dicom_node.db.keyset`): by cursor (``after`` a page's ``next_cursor``,
+    ``before`` its ``previous_cursor``), flat with the size of the database, or by ``offset``; ``total``
+    counts up to ``count_cap`` (None: exactly). ValueError names a cursor this node did not give."""
     conditions = []
     if state:
         conditions.append(Job.state == state)
     if pipeline:
         conditions.append(Job.pipeline == pipeline)
-    if study_instance_uid:
-        conditions.append(Study.study_instance_uid == study_instance_uid)
+    if study_instance_uid:  # by the study's unique UID, then its jobs by the study_id index
+        conditions.append(Job.study_id.in_(select(Study.id).where(Study.study_instance_uid == study_instance_uid)))
     with sessions() as session:
-        total = int(session.scalar(select(func.count()).select_from(Job).join(Study, Study.id == Job.study_id)
-                                   .where(*conditions)) or 0)
-        items = job_rows(session, jobs_query().where(*conditions).order_by(Job.id.desc()).limit(limit).offset(offset))
-    return JobPage(items=items, total=total, limit=limit, offset=offset)
+        total, exact = capped_count(session, select(Job.id).where(*conditions), count_cap)
+        page = _JOB_ORDER.page(session, select(Job.id).where(*conditions), limit=limit, offset=offset, after=after,
+                               before=None if after else before)
+        ids = [int(row[0]) for row in page.rows]
+        by_id = {job.id: job for job in job_rows(session, jobs_query().where(Job.id.in_(ids)))} if ids else {}
+    return JobPage(items=[by_id[i] for i in ids if i in by_id], total=total, limit=limit,
+                   offset=0 if after or before else offset, total_exact=exact, next_cursor=page.next_cursor,
+                   previous_cursor=page.previous_cursor)
+
+
+def list_deliveries(
+    sessions: sessionmaker[Session], *, state: str | None = None, destination: str | None = None, limit: int = 100,
+    offset: int = 0, after: str | None = None, before: str | None = None, count_cap: int | None = COUNT_CAP,
+) -> DeliveryPage:
+    """The newest deliveries first, optionally of one state and/or destination, paged and counted as
+    :func:`list_jobs`. ValueError names a cursor this node did not give."""
+    conditions = []
+    if state:
+        conditions.append(Delivery.state == state)
+    if destination:
+        conditions.append(Delivery.destination == destination)
+    with sessions() as session:
+        total, exact = capped_count(session, select(Delivery.id).where(*conditions), count_cap)
+        page = _DELIVERY_ORDER.page(session, select(Delivery.id).where(*conditions), limit=limit, offset=offset,
+                                    after=after, before=None if after else before)
+        ids = [int(row[0]) for row in page.rows]
+        rows = session.execute(
+            select(Delivery, Study.study_instance_uid).join(Job, Job.id == Delivery.job_id)
+            .join(Study, Study.id == Job.study_id).where(Delivery.id.in_(ids))
+        ).all() if ids else []
+    by_id = {delivery.id: _delivery_row(delivery, uid) for delivery, uid in rows}
+    return DeliveryPage(items=[by_id[i] for i in ids if i in by_id], total=total, limit=limit,
+                        offset=0 if after or before else offset, total_exact=exact, next_cursor=page.next_cursor,
+                        previous_cursor=page.previous_cursor)
 
 
 def job_counts_by_study(sessions: sessionmaker[Session], study_uids: Sequence[str]) -> dict[str, dict[str, int]]:

@@ -305,7 +305,7 @@ class Job(Base):
     rule: Mapped[str] = mapped_column(String(64))
     destinations: Mapped[str] = mapped_column(Text, doc="JSON list of destination names, or \"default\".")
     priority: Mapped[int] = mapped_column(Integer, default=0)
-    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value, index=True)
+    state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     error: Mapped[str | None] = mapped_column(Text)
@@ -336,6 +336,8 @@ class Job(Base):
         Index("ix_jobs_pipeline_finished", "pipeline", "finished_at"),
         Index("ix_jobs_finished_at", "finished_at"),  # the dashboard's throughput
         Index("ix_jobs_state_changed", "state", "state_changed_at"),  # its newest errors
+        Index("ix_jobs_state_id", "state", "id"),  # the jobs list by state, newest first (and the workers' claims)
+        Index("ix_jobs_pipeline_id", "pipeline", "id"),  # the jobs list by pipeline
     )
 
 
@@ -365,7 +367,7 @@ class Delivery(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     destination: Mapped[str] = mapped_column(String(64))
-    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value, index=True)
+    state: Mapped[str] = mapped_column(String(16), default=DeliveryState.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=10)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), index=True)
@@ -382,6 +384,8 @@ class Delivery(Base):
         Index("ux_deliveries_job_destination", "job_id", "destination", unique=True),
         Index("ix_deliveries_delivered_at", "delivered_at"),  # the dashboard's throughput
         Index("ix_deliveries_state_changed", "state", "state_changed_at"),  # its newest errors
+        Index("ix_deliveries_state_id", "state", "id"),  # the deliveries list by state, newest first
+        Index("ix_deliveries_destination_id", "destination", "id"),  # the deliveries list by destination
     )
 
 
@@ -553,3 +557,31 @@ class ModelRegistration(Base):
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime())
     registered_by: Mapped[str] = mapped_column(String(64), doc="Username, or 'cli'.")
     registry_file: Mapped[str | None] = mapped_column(Text, doc="The registry file the entry was added to.")
+
+
+class MetricCount(Base):
+    """A count the database keeps as rows change (triggers of migration 0012, which says what each metric
+    counts): ``/metrics`` and the queue depths read these few rows instead of counting the history."""
+
+    __tablename__ = "metric_counts"
+
+    metric: Mapped[str] = mapped_column(String(40), primary_key=True)
+    label1: Mapped[str] = mapped_column(Text, primary_key=True)
+    label2: Mapped[str] = mapped_column(Text, primary_key=True)
+    label3: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+
+
+class MetricDelta(Base):
+    """A change to a :class:`MetricCount` not yet added to it (PostgreSQL's triggers append these, so that
+    concurrent transactions never wait on a counter row; ``dicom_node.db.counters.fold`` adds them up)."""
+
+    __tablename__ = "metric_deltas"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    metric: Mapped[str] = mapped_column(String(40))
+    label1: Mapped[str] = mapped_column(Text)
+    label2: Mapped[str] = mapped_column(Text)
+    label3: Mapped[str] = mapped_column(Text)
+    delta: Mapped[int] = mapped_column(BigInteger)

@@ -23,18 +23,18 @@ than by scanning them.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import re
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, or_, select, text
+from sqlalchemy import ColumnElement, func, select, text
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
+from dicom_node.db import counters
 from dicom_node.db.models import (
     AssociationOutcome,
     AssociationProtocol,
@@ -63,7 +63,6 @@ __all__ = [
     "StudyCounts",
     "Throughput",
     "database_status",
-    "finished_job_stages",
     "job_briefs",
     "metrics_snapshot",
     "normalise_reject_reason",
@@ -89,8 +88,6 @@ _ERROR_DELIVERY = (DeliveryState.FAILED.value, DeliveryState.DEAD.value)
 #: Why: each study's state is a handful of index lookups (about 25 us on SQLite), so a day holding 100,000
 #: studies took 2.5 s per refresh; 5,000 stay under 0.15 s whatever the size of the database.
 STUDY_COUNT_CAP = 5_000
-#: Jobs whose worker run ended and whose stage times are final (a held job keeps its times when released).
-_RAN_JOB = _FINISHED_JOB + (JobState.HELD.value,)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -237,16 +234,16 @@ class QueueDepth:
     dead: int
 
 
-def _queue_depths(session: Session) -> list[QueueDepth]:
-    jobs = Counter({str(s): int(n) for s, n in session.execute(
-        select(Job.state, func.count()).where(Job.state.in_([
-            JobState.QUEUED.value, JobState.RUNNING.value, JobState.FAILED.value, JobState.DEAD.value]))
-        .group_by(Job.state)).all()})
-    deliveries = Counter({str(s): int(n) for s, n in session.execute(
-        select(Delivery.state, func.count()).where(Delivery.state.in_([
-            DeliveryState.PENDING.value, DeliveryState.SENDING.value, DeliveryState.FAILED.value,
-            DeliveryState.DEAD.value]))
-        .group_by(Delivery.state)).all()})
+def _queue_depths(session: Session, kept: counters.Counts | None = None) -> list[QueueDepth]:
+    """From the counts the database keeps (:mod:`dicom_node.db.counters`): the dead jobs and deliveries of the
+    whole history are counted without reading them."""
+    kept = kept or counters.read(session, ("jobs", "deliveries"))
+    jobs: Counter[str] = Counter()
+    for (state, _), count in kept.of("jobs", 2).items():
+        jobs[state] += count
+    deliveries: Counter[str] = Counter()
+    for (state, _), count in kept.of("deliveries", 2).items():
+        deliveries[state] += count
     return [
         QueueDepth("gpu", waiting=jobs[JobState.QUEUED.value] + jobs[JobState.FAILED.value],
                    active=jobs[JobState.RUNNING.value], retrying=jobs[JobState.FAILED.value],
@@ -426,7 +423,10 @@ _REJECT_REASONS = (
 
 
 def normalise_reject_reason(reason: str | None) -> str:
-    """One of called_ae_title, calling_ae_title, calling_address, too_many_associations, invalid_request, other."""
+    """One of called_ae_title, calling_ae_title, calling_address, too_many_associations, invalid_request, other.
+
+    The database's counter of rejected associations labels them with the same rules, in SQL (migration
+    0012); tests/db/test_metric_counters.py checks that both agree."""
     for pattern, label in _REJECT_REASONS:
         if reason and pattern.search(reason):
             return label
@@ -441,7 +441,7 @@ class MetricsSnapshot:
     bytes_received: int
     associations: dict[str, int]  # finished associations by outcome
     associations_open: int
-    stow_requests: dict[str, int]  # STOW-RS requests by outcome (open, released: answered, aborted: cut off)
+    stow_requests: dict[str, int]  # ended STOW-RS requests by outcome (released: answered, aborted: cut off)
     rejected: dict[str, int]  # by normalised reason
     ingest_errors: dict[str, int]  # by status, 0xNNNN
     studies: dict[str, int]  # by state
@@ -450,94 +450,37 @@ class MetricsSnapshot:
     delivery_failures: dict[str, int]  # failed attempts by destination
     queues: list[QueueDepth]
     workers_online: int
+    #: Stage times of jobs whose run ended: {(stage, pipeline, upper bound or "+Inf"): jobs} (not cumulative)
+    stage_buckets: dict[tuple[str, str, str], int] = field(default_factory=dict)
+    stage_seconds: dict[tuple[str, str], float] = field(default_factory=dict)  # their sum, by (stage, pipeline)
 
 
 def metrics_snapshot(sessions: sessionmaker[Session], *, now: datetime, worker_stale_seconds: float) -> MetricsSnapshot:
-    """Everything for one scrape.
+    """Everything for one scrape, in two small queries whatever the size of the history: the counts the
+    database keeps (:mod:`dicom_node.db.counters`; migration 0012 says what each counts) and the workers'
+    heartbeats.
 
-    Received instances and bytes come from finished associations and STOW-RS requests
-    (written when each ends). Failed delivery attempts are counted from the delivery
-    rows (attempts that did not end delivered or still sending); a manual retry resets
-    a delivery's attempts, which Prometheus sees as a counter reset.
-    """
+    Received instances and bytes are counted when their association or STOW-RS request ends. A failed
+    delivery attempt is one that left ``sending`` without delivering (a hand-back does not count); a manual
+    retry no longer resets the count."""
     with sessions() as session:
-        associations: dict[str, int] = {}
-        stow_requests: dict[str, int] = {}
-        instances = received_bytes = open_count = 0
-        for protocol, outcome, count, stored, size in session.execute(
-            select(AssociationRecord.protocol, AssociationRecord.outcome, func.count(),
-                   func.coalesce(func.sum(AssociationRecord.instances_stored), 0),
-                   func.coalesce(func.sum(AssociationRecord.bytes_received), 0))
-            .group_by(AssociationRecord.protocol, AssociationRecord.outcome)
-        ).all():
-            instances += int(stored)
-            received_bytes += int(size)
-            if protocol == AssociationProtocol.STOW_RS.value:
-                stow_requests[str(outcome)] = int(count)
-            elif outcome == AssociationOutcome.OPEN.value:
-                open_count = int(count)
-            else:
-                associations[str(outcome)] = int(count)
-        rejected: Counter[str] = Counter()
-        for reason, count in session.execute(
-            select(AssociationRecord.reject_reason, func.count())
-            .where(AssociationRecord.outcome == AssociationOutcome.REJECTED.value)
-            .group_by(AssociationRecord.reject_reason)
-        ).all():
-            rejected[normalise_reject_reason(reason)] += int(count)
-        ingest = {f"0x{int(status):04X}": int(count) for status, count in session.execute(
-            select(IngestError.status, func.count()).group_by(IngestError.status)).all()}
-        studies = {str(state): int(count) for state, count in session.execute(
-            select(Study.state, func.count()).group_by(Study.state)).all()}
-        jobs = {(str(state), str(pipeline)): int(count) for state, pipeline, count in session.execute(
-            select(Job.state, Job.pipeline, func.count()).group_by(Job.state, Job.pipeline)).all()}
-        deliveries: dict[tuple[str, str], int] = {}
-        failures: Counter[str] = Counter()
-        for state, destination, count, attempts in session.execute(
-            select(Delivery.state, Delivery.destination, func.count(), func.coalesce(func.sum(Delivery.attempts), 0))
-            .group_by(Delivery.state, Delivery.destination)
-        ).all():
-            deliveries[(str(state), str(destination))] = int(count)
-            in_flight_or_done = state in (DeliveryState.DELIVERED.value, DeliveryState.SENDING.value)
-            failures[str(destination)] += max(0, int(attempts) - (int(count) if in_flight_or_done else 0))
-        queues = _queue_depths(session)
+        kept = counters.read(session)
         online = int(session.scalar(select(func.count()).select_from(WorkerStatus).where(
             WorkerStatus.last_seen_at >= now - timedelta(seconds=worker_stale_seconds))) or 0)
+        queues = _queue_depths(session, kept)
     return MetricsSnapshot(
-        instances_received=instances, bytes_received=received_bytes, associations=associations,
-        associations_open=open_count, stow_requests=stow_requests, rejected=dict(rejected), ingest_errors=ingest, studies=studies, jobs=jobs,
-        deliveries=deliveries, delivery_failures=dict(failures), queues=queues, workers_online=online,
+        instances_received=kept.total("instances_received"), bytes_received=kept.total("bytes_received"),
+        associations=kept.labelled("associations"),
+        associations_open=sum(n for protocol, n in kept.labelled("associations_open").items()
+                              if protocol != AssociationProtocol.STOW_RS.value),
+        stow_requests=kept.labelled("stow_requests"), rejected=kept.labelled("associations_rejected"),
+        ingest_errors={f"0x{int(status):04X}": n for status, n in kept.labelled("ingest_errors").items()},
+        studies=kept.labelled("studies"), jobs=kept.of("jobs", 2),  # type: ignore[arg-type]
+        deliveries=kept.of("deliveries", 2),  # type: ignore[arg-type]
+        delivery_failures=kept.labelled("delivery_failures"), queues=queues,
+        workers_online=online, stage_buckets=kept.of("job_stage_bucket", 3),  # type: ignore[arg-type]
+        stage_seconds={k: v / 1_000_000 for k, v in kept.of("job_stage_sum_us", 2).items()},  # type: ignore[misc]
     )
-
-
-def finished_job_stages(
-    sessions: sessionmaker[Session], *, finished_since: datetime | None = None, exclude: Iterable[int] = ()
-) -> list[tuple[int, str, datetime, dict[str, float]]]:
-    """(job id, pipeline, finished_at, {stage: seconds}) of jobs whose run ended - succeeded, not applicable,
-    held, released or discarded - at or after ``finished_since``.
-
-    Their stage times never change again (releasing or discarding a held job keeps its
-    finished_at and stages), so a caller can count each once (``exclude``: ids it has seen).
-    """
-    skip = set(exclude)
-    query = select(Job.id, Job.pipeline, Job.finished_at, Job.stage_seconds).where(
-        Job.state.in_(_RAN_JOB), Job.finished_at.is_not(None))
-    if finished_since is not None:
-        query = query.where(Job.finished_at >= finished_since)
-    result = []
-    with sessions() as session:
-        for job_id, pipeline, finished, raw in session.execute(query.order_by(Job.finished_at, Job.id)).all():
-            if int(job_id) in skip:
-                continue
-            try:
-                stages = json.loads(raw) if raw else {}
-            except json.JSONDecodeError:
-                logger.warning("job %s: stage_seconds is not JSON; left out of the metrics", job_id)
-                stages = {}
-            clean = {str(k): float(v) for k, v in stages.items() if isinstance(v, (int, float))} \
-                if isinstance(stages, dict) else {}
-            result.append((int(job_id), str(pipeline), finished, clean))
-    return result
 
 
 # --------------------------------------------------------------------------- readiness

@@ -15,18 +15,18 @@ as do the list's state filter and the dashboard's counts, so they all agree.
 
 from __future__ import annotations
 
-import base64
 import logging
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, column, exists, func, literal, literal_column, select, table, tuple_
+from sqlalchemy import ColumnElement, column, exists, func, literal_column, select, table
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db.job_views import JobRow, ResultRow, job_rows, jobs_query
+from dicom_node.db.keyset import COUNT_CAP, Cursor, Keyset, Page, capped_count
 from dicom_node.db.models import (
     AssociationProtocol,
     AssociationRecord,
@@ -36,7 +36,6 @@ from dicom_node.db.models import (
     Series,
     Study,
     StudyEvent,
-    UTCDateTime,
 )
 from dicom_node.db.study_states import state_condition, study_statuses
 from dicom_node.study_status import SHOWN_STATES, StudyStatus
@@ -143,18 +142,8 @@ class StudyRow(StudyHeader):
     completed_at: datetime | None
 
 
-@dataclass(frozen=True)
-class StudyPage:
-    """One page of the studies list; ``total`` is exact when ``total_exact``, else a lower bound (the cap).
-    ``next_cursor`` / ``previous_cursor``: the pages of older / newer studies (None: there is none)."""
-
-    items: list[StudyRow]
-    total: int
-    limit: int
-    offset: int
-    total_exact: bool = True
-    next_cursor: str | None = None
-    previous_cursor: str | None = None
+#: One page of the studies list (:class:`~dicom_node.db.keyset.Page`).
+StudyPage = Page[StudyRow]
 
 
 @dataclass(frozen=True)
@@ -289,36 +278,10 @@ def _outcome_condition(outcome: str) -> ColumnElement[bool]:
     raise ValueError(f"jobs filter {outcome!r} is not one of {', '.join(JOB_OUTCOMES)}")
 
 
-#: The studies list counts matching studies up to this many; beyond it the page says "10,000+"
-#: (``StudyPage.total_exact`` false) unless exact counting is asked for. Counting every match
-#: costs a scan of them all on each page (0.1 s per 100,000 studies on SQLite).
-COUNT_CAP = 10_000
-
-
-@dataclass(frozen=True)
-class StudyCursor:
-    """A position in the studies list (its order: ``last_received_at`` then ``id``, newest first): the
-    page after it holds the studies below, the page before it those above. Sent as an opaque token."""
-
-    last_received_at: datetime
-    id: int
-
-    def token(self) -> str:
-        raw = f"{self.last_received_at.astimezone(timezone.utc).isoformat()}|{self.id}"
-        return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-    @classmethod
-    def parse(cls, token: str) -> StudyCursor:
-        """The cursor a :meth:`token` names; ValueError naming the token when it is not one."""
-        try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
-            at, _, study_id = raw.partition("|")
-            when = datetime.fromisoformat(at)
-            if when.tzinfo is None:
-                raise ValueError("no time zone")
-            return cls(when, int(study_id))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"studies cursor {token[:80]!r} is not one this node gave ({exc})") from None
+#: A position in the studies list (a :class:`~dicom_node.db.keyset.Cursor` of ``(last_received_at, id)``).
+StudyCursor = Cursor
+#: The studies list's order, newest first: the ``(last_received_at, id)`` index (migration 0010).
+_ORDER = Keyset(Study.id, lambda row: Cursor(row.last_received_at, int(row.id)), Study.last_received_at, "studies")
 
 
 def _name_search_table(session: Session) -> bool:
@@ -350,15 +313,6 @@ def _name_lookup(session: Session, text: str) -> ColumnElement[bool] | None:
     return Study.id.in_(select(names.c.rowid).where(literal_column(NAME_SEARCH_TABLE).op("MATCH")(phrase)))
 
 
-def _count(session: Session, conditions: list[ColumnElement[bool]], cap: int | None) -> tuple[int, bool]:
-    """(matching studies, exact): counted up to ``cap`` + 1 rows (None: all of them)."""
-    query = select(Study.id).where(*conditions)
-    if cap is None:
-        return int(session.scalar(select(func.count()).select_from(query.subquery())) or 0), True
-    found = int(session.scalar(select(func.count()).select_from(query.limit(cap + 1).subquery())) or 0)
-    return (cap, False) if found > cap else (found, True)
-
-
 def list_studies(
     sessions: sessionmaker[Session], filters: StudyFilters | None = None, *, limit: int = 50, offset: int = 0,
     after: str | None = None, before: str | None = None, count_cap: int | None = COUNT_CAP,
@@ -375,31 +329,16 @@ def list_studies(
     """
     filters = filters or StudyFilters()
     conditions = _conditions(filters)
-    cursor = StudyCursor.parse(after) if after else StudyCursor.parse(before) if before else None
-    key = tuple_(Study.last_received_at, Study.id)
-    newest_first = (Study.last_received_at.desc(), Study.id.desc())
     with sessions() as session:
         if filters.patient_name and (lookup := _name_lookup(session, filters.patient_name)) is not None:
             conditions.append(lookup)
-        total, exact = _count(session, conditions, count_cap)
+        total, exact = capped_count(session, select(Study.id).where(*conditions), count_cap)
         columns = (Study.id, Study.study_instance_uid, Study.patient_id, Study.patient_name, Study.accession_number,
                    Study.study_date, Study.study_description, Study.state, Study.instance_count,
                    Study.first_received_at, Study.last_received_at, Study.completed_at)
-        query = select(*columns).where(*conditions)
-        if cursor is not None and after:
-            query = query.where(key < tuple_(literal(cursor.last_received_at, UTCDateTime()), literal(cursor.id)))
-            rows = session.execute(query.order_by(*newest_first).limit(limit + 1)).all()
-            more_after, more_before = len(rows) > limit, True
-            rows = rows[:limit]
-        elif cursor is not None:
-            query = query.where(key > tuple_(literal(cursor.last_received_at, UTCDateTime()), literal(cursor.id)))
-            rows = session.execute(query.order_by(Study.last_received_at, Study.id).limit(limit + 1)).all()
-            more_after, more_before = True, len(rows) > limit
-            rows = list(reversed(rows[:limit]))
-        else:
-            rows = session.execute(query.order_by(*newest_first).limit(limit + 1).offset(offset)).all()
-            more_after, more_before = len(rows) > limit, offset > 0
-            rows = rows[:limit]
+        page = _ORDER.page(session, select(*columns).where(*conditions), limit=limit, offset=offset, after=after,
+                           before=None if after else before)
+        rows = page.rows
         ids = [int(r[0]) for r in rows]
         modalities: dict[int, set[str]] = defaultdict(set)
         series_counts: dict[int, int] = defaultdict(int)
@@ -432,9 +371,8 @@ def list_studies(
         for r in rows
     ]
     return StudyPage(
-        items=items, total=total, limit=limit, offset=offset if cursor is None else 0, total_exact=exact,
-        next_cursor=StudyCursor(rows[-1][10], int(rows[-1][0])).token() if rows and more_after else None,
-        previous_cursor=StudyCursor(rows[0][10], int(rows[0][0])).token() if rows and more_before else None,
+        items=items, total=total, limit=limit, offset=0 if after or before else offset, total_exact=exact,
+        next_cursor=page.next_cursor, previous_cursor=page.previous_cursor,
     )
 
 

@@ -1,12 +1,13 @@
-"""The studies list and the dashboard stay flat as the database grows (issue 26, "Growth"): their queries
-use the indexes of migration 0010 (SQLite's EXPLAIN QUERY PLAN), keyset pages are stable and complete
-while studies arrive between two pages, the patient-name search finds what a substring match finds, and
-the bounded counts say when they stopped counting. The database is filled by the growth benchmark's
-own SQL (bench/growth.py), so that the benchmark measures the data these tests check.
+"""The studies, jobs and deliveries lists, the dashboard and /metrics stay flat as the database grows (issue 26,
+"Growth"): their queries use the indexes of migrations 0010 and 0012 (SQLite's EXPLAIN QUERY PLAN), keyset pages
+are stable and complete while studies arrive between two pages, the patient-name search finds what a substring
+match finds, and the bounded counts say when they stopped counting. The database is filled by the growth
+benchmark's own SQL (bench/growth.py), so that the benchmark measures the data these tests check.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -17,7 +18,7 @@ from sqlalchemy import Engine, event, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from bench.growth import fill
-from dicom_node.db import monitoring, repo, study_views
+from dicom_node.db import job_views, monitoring, repo, study_views
 from dicom_node.db.models import Study
 from dicom_node.db.session import make_engine, make_session_factory, upgrade
 from dicom_node.db.study_views import StudyCursor, StudyFilters
@@ -97,6 +98,38 @@ def test_dashboard_error_and_throughput_queries_use_the_indexes(sqlite_engine: E
                   "ix_jobs_finished_at", "ix_deliveries_delivered_at"):
         assert index in text, (index, text)
     assert "SCAN jobs\n" not in text + "\n" and "SCAN deliveries\n" not in text + "\n", text
+
+
+def test_jobs_and_deliveries_pages_use_the_indexes(sqlite_engine: Engine) -> None:
+    engine, sessions = sqlite_engine, make_session_factory(sqlite_engine)
+    fill(engine, 2_000, instances=1, days=30, now=NOW)
+    cursor = job_views.list_jobs(sessions, limit=50).next_cursor
+    cases = [
+        (lambda: job_views.list_jobs(sessions, limit=50, after=cursor), "jobs",
+         "SEARCH jobs USING INTEGER PRIMARY KEY"),
+        (lambda: job_views.list_jobs(sessions, state="dead", limit=50), "jobs", "ix_jobs_state_id"),
+        (lambda: job_views.list_jobs(sessions, pipeline="chest-seg", limit=50), "jobs", "ix_jobs_pipeline_id"),
+        (lambda: job_views.list_deliveries(sessions, limit=50), "deliveries", "SCAN deliveries"),  # by rowid, newest
+        (lambda: job_views.list_deliveries(sessions, state="failed", limit=50), "deliveries",
+         "ix_deliveries_state_id"),
+        (lambda: job_views.list_deliveries(sessions, destination="pacs", limit=50), "deliveries",
+         "ix_deliveries_destination_id"),
+    ]
+    for action, table, index in cases:
+        statements = [(s, p) for s, p in _statements(engine, action) if f"ORDER BY {table}.id DESC" in s]
+        assert len(statements) == 1, statements
+        plan = _plan(engine, *statements[0])
+        assert index in plan and "TEMP B-TREE" not in plan, (index, plan)  # one page of an index, no sort
+
+
+def test_a_metrics_scrape_reads_no_table_that_grows(sqlite_engine: Engine) -> None:
+    """Everything /metrics reads: the kept counts (schema 0012) and the workers' heartbeats."""
+    engine, sessions = sqlite_engine, make_session_factory(sqlite_engine)
+    fill(engine, 2_000, instances=1, days=30, now=NOW)
+    plans = "\n".join(_plan(engine, s, p) for s, p in _statements(engine, lambda: monitoring.metrics_snapshot(
+        sessions, now=NOW, worker_stale_seconds=60)))
+    read = set(re.findall(r"(?:SCAN|SEARCH) (\w+)", plans))
+    assert read <= {"metric_counts", "metric_deltas", "worker_status", "anon_1"}, plans
 
 
 def _add_study(sessions: sessionmaker[Session], number: int, at: datetime) -> None:

@@ -39,7 +39,7 @@ def study_row(sessions, uid: str = "1.2.9") -> Study:  # type: ignore[no-untyped
 
 def test_migrations_are_idempotent_and_at_head(engine: Engine) -> None:
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0011"
+    assert current_revision(engine) == head_revision() == "0012"
 
 
 def test_index_creates_study_series_instances_and_counts(engine: Engine) -> None:

@@ -64,6 +64,7 @@ POLICY: dict[tuple[str, str], str] = {
     ("GET", "/api/v1/studies/{study_instance_uid}/preview.png"): V,
     ("GET", "/api/v1/studies/{study_instance_uid}/record"): A,  # carries the study's audit entries
     ("GET", "/api/v1/jobs"): V,
+    ("GET", "/api/v1/deliveries"): V,
     ("GET", "/api/v1/jobs/{job_id}"): V,
     ("GET", "/api/v1/jobs/{job_id}/preview.png"): V,
     ("GET", "/jobs/{job_id}/preview.png"): V,

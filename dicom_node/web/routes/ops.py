@@ -9,7 +9,9 @@ for ``/healthz`` and ``/readyz`` (401 without it). With ``web.ops_port`` they ar
 served on their own port only (:func:`dicom_node.web.app.create_ops_app`) and the
 admin app does not have them.
 
-``/metrics`` is computed at scrape time from the database by :class:`NodeCollector`,
+``/metrics`` is computed at scrape time from the database by :class:`NodeCollector`, from
+the counts the database keeps as rows change (:mod:`dicom_node.db.counters`): a scrape reads
+a few dozen rows whatever the size of the history, and its counters survive restarts. It is
 registered in a :class:`~prometheus_client.CollectorRegistry` of the app's own
 (never the process-global registry), so every app - and every test - has its own.
 """
@@ -20,7 +22,6 @@ import logging
 import secrets
 import threading
 from collections.abc import Iterator
-from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -41,57 +42,8 @@ logger = logging.getLogger(__name__)
 router = APIRouter(tags=["monitoring"])
 
 #: Histogram buckets (seconds) of dicom_node_job_stage_seconds: from a fast outbox write to a long CPU inference.
+#: The database counts stage times into these (migration 0012): changing them needs a migration.
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-#: Jobs that finished up to this long before the newest one seen are looked at again on the next scrape,
-#: in case their commit was late (several workers, clocks a little apart).
-_STAGE_OVERLAP = timedelta(minutes=15)
-
-
-class _StageHistograms:
-    """dicom_node_job_stage_seconds, kept incrementally: each finished job's stage times are added once.
-
-    Finished: succeeded, not applicable, held, released or discarded (a not applicable job has
-    only the load and applicability stages). Their stage times never change, so the first
-    scrape reads them all and later scrapes read only jobs finished since the newest one
-    seen (less an overlap, with the ids in the overlap remembered so none is counted twice).
-    """
-
-    def __init__(self, buckets: tuple[float, ...] = STAGE_BUCKETS) -> None:
-        self._buckets = buckets
-        self._lock = threading.Lock()
-        self._series: dict[tuple[str, str], list[Any]] = {}  # (stage, pipeline) -> [bucket counts, sum, count]
-        self._newest: datetime | None = None
-        self._recent: dict[int, datetime] = {}
-
-    def update(self, context: WebContext) -> None:
-        with self._lock:
-            since = None if self._newest is None else self._newest - _STAGE_OVERLAP
-            for job_id, pipeline, finished, stages in monitoring.finished_job_stages(
-                    context.sessions, finished_since=since, exclude=self._recent):
-                for stage, seconds in stages.items():
-                    series = self._series.setdefault((stage, pipeline), [[0] * len(self._buckets), 0.0, 0])
-                    for i, bound in enumerate(self._buckets):
-                        if seconds <= bound:
-                            series[0][i] += 1
-                    series[1] += seconds
-                    series[2] += 1
-                self._recent[job_id] = finished
-                if self._newest is None or finished > self._newest:
-                    self._newest = finished
-            if self._newest is not None:
-                keep_after = self._newest - _STAGE_OVERLAP
-                self._recent = {i: t for i, t in self._recent.items() if t >= keep_after}
-
-    def metric(self) -> HistogramMetricFamily:
-        family = HistogramMetricFamily(
-            "dicom_node_job_stage_seconds", "Seconds each stage of finished jobs took (load, applicability, model_load, "
-            "inference, plausibility, encoding, outbox); finished: succeeded, not_applicable, held, released or "
-            "discarded.", labels=["stage", "pipeline"])
-        with self._lock:
-            for (stage, pipeline), (counts, total, count) in sorted(self._series.items()):
-                buckets = [(repr(float(b)), c) for b, c in zip(self._buckets, counts)] + [("+Inf", count)]
-                family.add_metric([stage, pipeline], buckets, total)
-        return family
 
 
 class NodeCollector(Collector):
@@ -99,7 +51,6 @@ class NodeCollector(Collector):
 
     def __init__(self, context: WebContext) -> None:
         self._context = context
-        self._stages = _StageHistograms()
 
     def collect(self) -> Iterator[Metric]:
         context = self._context
@@ -107,7 +58,6 @@ class NodeCollector(Collector):
         try:
             snapshot = monitoring.metrics_snapshot(
                 context.sessions, now=context.clock(), worker_stale_seconds=context.settings.web.worker_stale_seconds)
-            self._stages.update(context)
         except Exception as exc:  # a scrape must say the database is away, not fail with a 500
             logger.warning("metrics: database not readable: %s", exc)
             up.add_metric([], 0)
@@ -116,7 +66,33 @@ class NodeCollector(Collector):
         up.add_metric([], 1)
         yield up
         yield from _families(snapshot)
-        yield self._stages.metric()
+        yield _stage_histogram(snapshot)
+
+
+def _stage_histogram(s: monitoring.MetricsSnapshot, buckets: tuple[float, ...] = STAGE_BUCKETS
+                     ) -> HistogramMetricFamily:
+    """dicom_node_job_stage_seconds from the database's counts of stage times per bucket (migration 0012 keeps
+    them with the buckets of :data:`STAGE_BUCKETS`), made cumulative as Prometheus wants them."""
+    family = HistogramMetricFamily(
+        "dicom_node_job_stage_seconds", "Seconds each stage of finished jobs took (load, applicability, model_load, "
+        "inference, plausibility, encoding, outbox); finished: succeeded, not_applicable, held, released or "
+        "discarded.", labels=["stage", "pipeline"])
+    labels = [repr(float(b)) for b in buckets]
+    per_series: dict[tuple[str, str], dict[str, int]] = {}
+    for (stage, pipeline, le), count in s.stage_buckets.items():
+        per_series.setdefault((stage, pipeline), {})[le] = count
+    for (stage, pipeline), counts in sorted(per_series.items()):
+        unknown = set(counts) - set(labels) - {"+Inf"}
+        if unknown:  # buckets of another version of the node: counted in +Inf only, never misplaced
+            logger.warning("metrics: stage %s of %s has buckets %s, not those of this version", stage, pipeline,
+                           sorted(unknown))
+        running, cumulative = 0, []
+        for label in labels:
+            running += counts.get(label, 0)
+            cumulative.append((label, running))
+        cumulative.append(("+Inf", sum(counts.values())))
+        family.add_metric([stage, pipeline], cumulative, s.stage_seconds.get((stage, pipeline), 0.0))
+    return family
 
 
 def _families(s: monitoring.MetricsSnapshot) -> Iterator[Metric]:

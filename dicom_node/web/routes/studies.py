@@ -45,7 +45,7 @@ from dicom_node.web.routes.job_actions import (
     retry_delivery_action,
     retry_job_action,
 )
-from dicom_node.web.routes.study_api_models import ActionOut, JobList, JobOut, StudyList, StudyOut
+from dicom_node.web.routes.study_api_models import ActionOut, DeliveryList, JobList, JobOut, StudyList, StudyOut
 from dicom_node.web.urls import EncodedSlashRoute, api_study_path, header_text, study_path
 
 __all__ = ["router"]
@@ -62,6 +62,7 @@ ShownStateName = Literal["", "receiving", "waiting", "in_progress", "done", "hel
 JobOutcomeName = Literal["", "in_progress", "done", "held", "failed", "none"]
 JobStateName = Literal["", "queued", "running", "succeeded", "failed", "dead", "cancelled", "not_applicable", "held",
                        "released", "discarded"]
+DeliveryStateName = Literal["", "pending", "sending", "delivered", "failed", "dead"]
 
 
 # --------------------------------------------------------------------------- filters
@@ -163,22 +164,28 @@ def _job_preview_response(context: WebContext, job_id: int) -> Response:
     return _preview_response(lambda: job_preview(context.settings, context.sessions, job_id))
 
 
-_CURSOR = Query(None, max_length=200, description="A page's next_cursor: the older studies below it (keyset "
-                                                   "pages: stable while studies arrive, flat with the database size)")
-_BEFORE = Query(None, max_length=200, description="A page's previous_cursor: the newer studies above it")
-_COUNT = Query("capped", description=f"capped: total counts matching studies up to {study_views.COUNT_CAP:,} "
+_CURSOR = Query(None, max_length=200, description="A page's next_cursor: the older items below it (keyset "
+                                                   "pages: stable while items arrive, flat with the database size)")
+_BEFORE = Query(None, max_length=200, description="A page's previous_cursor: the newer items above it")
+_COUNT = Query("capped", description=f"capped: total counts matching items up to {study_views.COUNT_CAP:,} "
                                      "(total_exact false beyond); exact: all of them (slower on big databases)")
+
+
+def _paged(load: Callable[..., Any], *, after: str | None, before: str | None, count: str, **kwargs: Any) -> Any:
+    """The page a list (studies, jobs, deliveries) is asked for; a cursor the node did not give answers 422
+    naming it."""
+    try:
+        return load(after=after, before=None if after else before,
+                    count_cap=None if count == "exact" else study_views.COUNT_CAP, **kwargs)
+    except ValueError as exc:
+        raise _bad_query("after" if after else "before", str(exc)) from None
 
 
 def _study_page(context: WebContext, filters: StudyFilters, *, limit: int, offset: int, after: str | None,
                 before: str | None, count: str = "capped") -> study_views.StudyPage:
     """The page the query asks for; a cursor the node did not give answers 422 naming it."""
-    try:
-        return study_views.list_studies(context.sessions, filters, limit=limit, offset=offset, after=after,
-                                        before=None if after else before,
-                                        count_cap=None if count == "exact" else study_views.COUNT_CAP)
-    except ValueError as exc:
-        raise _bad_query("after" if after else "before", str(exc)) from None
+    return _paged(study_views.list_studies, sessions=context.sessions, filters=filters, limit=limit, offset=offset,
+                  after=after, before=before, count=count)
 
 
 def _page_links(filters: StudyFilters, limit: int, page: study_views.StudyPage) -> tuple[str | None, str | None]:
@@ -376,14 +383,38 @@ def list_jobs_api(
     state: JobStateName | None = Query(None),
     pipeline: str | None = Query(None, max_length=64),
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, description="Jobs to skip (older clients; prefer after=next_cursor)"),
+    after: str | None = _CURSOR,
+    before: str | None = _BEFORE,
+    count: Literal["capped", "exact"] = _COUNT,
     principal: Principal = Depends(require(Role.VIEWER)),
     context: WebContext = Depends(get_context),
 ) -> JobList:
-    """Jobs, newest first, optionally of one state and/or pipeline, with their results and deliveries."""
-    page = job_views.list_jobs(context.sessions, state=state or None, pipeline=_clean(pipeline), limit=limit,
-                                 offset=offset)
+    """Jobs, newest first, optionally of one state and/or pipeline, with their results and deliveries, one page
+    at a time: follow ``next_cursor`` with ``after=`` (or ``previous_cursor`` with ``before=``)."""
+    page = _paged(job_views.list_jobs, sessions=context.sessions, state=state or None, pipeline=_clean(pipeline),
+                  limit=limit, offset=offset, after=after, before=before, count=count)
     return JobList.model_validate(page)
+
+
+@router.get("/api/v1/deliveries", response_model=DeliveryList, tags=["jobs"])
+def list_deliveries_api(
+    state: DeliveryStateName | None = Query(None),
+    destination: str | None = Query(None, max_length=64),
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0, description="Deliveries to skip (older clients; prefer after=next_cursor)"),
+    after: str | None = _CURSOR,
+    before: str | None = _BEFORE,
+    count: Literal["capped", "exact"] = _COUNT,
+    principal: Principal = Depends(require(Role.VIEWER)),
+    context: WebContext = Depends(get_context),
+) -> DeliveryList:
+    """Deliveries, newest first, optionally of one state and/or destination (e.g. every dead delivery to one
+    PACS), one page at a time as ``/api/v1/jobs``."""
+    page = _paged(job_views.list_deliveries, sessions=context.sessions, state=state or None,
+                  destination=_clean(destination), limit=limit, offset=offset, after=after, before=before,
+                  count=count)
+    return DeliveryList.model_validate(page)
 
 
 @router.get("/api/v1/jobs/{job_id}", response_model=JobOut, tags=["jobs"])

@@ -1,4 +1,5 @@
-"""The JSON the studies and jobs API answers with (``/api/v1/studies``, ``/api/v1/jobs``, the actions).
+"""The JSON the studies and jobs API answers with (``/api/v1/studies``, ``/api/v1/jobs``, ``/api/v1/deliveries``,
+the actions).
 
 Why a module of its own: these models are the API's published contract (OpenAPI schema,
 field descriptions); they change when the API changes, not when a page does. They are
@@ -13,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["ActionOut", "AssociationOut", "DeliveryOut", "EventOut", "FindingOut", "JobList", "JobOut", "ResultOut",
+__all__ = ["ActionOut", "AssociationOut", "DeliveryList", "DeliveryOut", "EventOut", "FindingOut", "JobList", "JobOut", "ResultOut",
            "SeriesOut", "StageOut", "StatusOut", "StudyItem", "StudyList", "StudyOut", "TimelineOut"]
 
 
@@ -62,16 +63,21 @@ class StudyItem(_Out):
     completed_at: datetime | None
 
 
-class StudyList(_Out):
-    items: list[StudyItem]
-    total: int = Field(description="Studies matching the filters, all pages; when total_exact is false, at least "
+class _Page(_Out):
+    """What every list (studies, jobs, deliveries) says about its page: keyset cursors and a capped count."""
+
+    total: int = Field(description="Items matching the filters, all pages; when total_exact is false, at least "
                                    "this many (counting stops at the cap unless count=exact)")
     limit: int
     offset: int = Field(description="The offset asked for; 0 for a page found by cursor")
-    total_exact: bool = Field(True, description="false: total is the cap and more studies match")
+    total_exact: bool = Field(True, description="false: total is the cap and more items match")
     next_cursor: str | None = Field(None, description="after=this gives the next (older) page; null on the last page")
     previous_cursor: str | None = Field(None, description="before=this gives the previous (newer) page; null on the "
                                                           "first")
+
+
+class StudyList(_Page):
+    items: list[StudyItem]
 
 
 class SeriesOut(_Out):
@@ -171,11 +177,12 @@ class JobOut(_Out):
                                                              "history, no longer counted in the study's state")
 
 
-class JobList(_Out):
+class JobList(_Page):
     items: list[JobOut]
-    total: int
-    limit: int
-    offset: int
+
+
+class DeliveryList(_Page):
+    items: list[DeliveryOut]
 
 
 class StageOut(BaseModel):
