@@ -30,7 +30,7 @@ from scipy import ndimage
 from dicom_node.contracts import AlgorithmInfo
 from workers.models.base import DetectionResult, SegmentationResult
 from workers.outputs.common import SeriesIdentity, contributing_equipment, nearest_slice, slice_sources
-from workers.outputs.preview import is_lesion
+from workers.outputs.preview import is_lesion, lesion_voxels_per_slice
 from workers.volume import Volume
 
 __all__ = ["KEY_IMAGES_TITLE", "MAX_KEY_IMAGES", "build_key_object_selection", "key_slices"]
@@ -56,13 +56,17 @@ def key_slices(volume: Volume, result: Any) -> list[int]:
     elif isinstance(result, SegmentationResult):
         label_map = np.asarray(result.label_map)
         lesions = [label.value for label in result.labels if is_lesion(label)]
-        if lesions:
-            components, count = ndimage.label(np.isin(label_map, lesions))
+        on_slice = lesion_voxels_per_slice(label_map, lesions)
+        if on_slice.any():
+            # Connected lesions are found in the slab of slices that hold lesion voxels (every lesion lies in it
+            # whole, so the components are the volume's): a few slices to label instead of the whole series.
+            first, last = np.flatnonzero(on_slice)[[0, -1]]
+            components, count = ndimage.label(np.isin(label_map[first:last + 1], lesions))
             for number, found in enumerate(ndimage.find_objects(components), start=1):
                 if found is None:
                     continue
                 per_slice = (components[found] == number).reshape(found[0].stop - found[0].start, -1).sum(axis=1)
-                ranked.append((float(per_slice.sum()), found[0].start + int(np.argmax(per_slice))))
+                ranked.append((float(per_slice.sum()), int(first) + found[0].start + int(np.argmax(per_slice))))
             logger.debug("%d lesion(s) in the segmentation of series %s", count, volume.series_instance_uid)
     chosen: list[int] = []
     for _, k in sorted(ranked, key=lambda item: -item[0]):
