@@ -255,7 +255,8 @@ class ResultsSettings(_Section):
 
 
 class WorkerSettings(_Section):
-    """How a GPU worker (``dicom-node worker``) reaches the node's instances and outbox."""
+    """How a GPU worker (``dicom-node worker``, or the one ``serve`` embeds) reaches the node's instances and outbox,
+    and how many finished inferences it may encode while the next model runs."""
 
     node_access: Literal["shared_filesystem", "http"] = Field(
         default="shared_filesystem",
@@ -270,6 +271,10 @@ class WorkerSettings(_Section):
     cache_max_mb: int = Field(
         default=4096, ge=1, description="Series fetched from the node are kept in data_dir/series-cache up to this "
         "size (least recently used removed first; the series in use is always kept).")
+    pending_encodes: int = Field(
+        default=1, ge=0, le=4, description="Jobs whose model ran that a worker may hand to its encoder thread (DICOM "
+        "objects, outbox, finishing the job) while the next job's model runs; each holds its volume and result in "
+        "memory until it is encoded. 0: each job is encoded in its own job slot, before the next model starts.")
 
     @field_validator("node_url")
     @classmethod
