@@ -58,10 +58,13 @@ def key_slices(volume: Volume, result: Any) -> list[int]:
         lesions = [label.value for label in result.labels if is_lesion(label)]
         on_slice = lesion_voxels_per_slice(label_map, lesions)
         if on_slice.any():
-            # Connected lesions are found in the slab of slices that hold lesion voxels (every lesion lies in it
-            # whole, so the components are the volume's): a few slices to label instead of the whole series.
+            # Connected lesions are labelled in the box that holds every lesion voxel (so the components are the
+            # volume's): the slices that hold some (from the per-slice counts), cropped to their rows and columns.
             first, last = np.flatnonzero(on_slice)[[0, -1]]
-            components, count = ndimage.label(np.isin(label_map[first:last + 1], lesions))
+            in_slab = label_map[first:last + 1]
+            slab = in_slab == lesions[0] if len(lesions) == 1 else np.isin(in_slab, lesions)
+            rows, columns = np.flatnonzero(slab.any(axis=(0, 2))), np.flatnonzero(slab.any(axis=(0, 1)))
+            components, count = ndimage.label(slab[:, rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1])
             for number, found in enumerate(ndimage.find_objects(components), start=1):
                 if found is None:
                     continue
