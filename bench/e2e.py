@@ -18,6 +18,7 @@ segments of the critical path:
     routing           study complete -> first job queued
     queue             time after the first job was queued when no job of the study was running
     load, model_load, inference, encoding (+outbox)   the job's own stage timers
+    checks            the job's applicability (before the model) and plausibility (after it) checks
     encoder wait      a job's model done, waiting for the worker's encoder to take its objects (the
                       previous job's still being encoded: worker.pending_encodes)
     job bookkeeping   job started -> finished, minus its stage timers (claim, commit, lease)
@@ -39,7 +40,7 @@ plain pydicom read of the same spool files into a float32 volume, and against
 ``workers.volume.load_series`` run in this process. Prints medians and ratios.
 
     python bench/e2e.py [--repeat 3] [--slices 300] [--pipelines chest-ct-segmentation,lung-nodule-detection]
-                        [--quiet-seconds 1.0] [--timeout 1200] [--keep]
+                        [--quiet-seconds 1.0] [--pending-encodes N] [--timeout 1200] [--keep]
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ STAGES = (
     "queue",
     "load",
     "model_load",
+    "checks",
     "inference",
     "encoding (+outbox)",
     "encoder wait",
@@ -244,8 +246,8 @@ def breakdown(acknowledged: float, seen: float, completed_at: float, jobs: Seque
     for job in jobs:
         timed = 0.0
         for name, seconds in job.stages.items():
-            key = {"encoding": "encoding (+outbox)", "outbox": "encoding (+outbox)",
-                   "encoder_wait": "encoder wait"}.get(name, name)
+            key = {"encoding": "encoding (+outbox)", "outbox": "encoding (+outbox)", "encoder_wait": "encoder wait",
+                   "applicability": "checks", "plausibility": "checks"}.get(name, name)
             if key not in stages:
                 key = "job bookkeeping"
             stages[key] += seconds
@@ -491,6 +493,9 @@ def main() -> int:
     parser.add_argument("--pipelines", default=",".join(ALL_PIPELINES), help="comma-separated model ids")
     parser.add_argument("--quiet-seconds", type=float, default=1.0, help="the node's completion.quiet_seconds")
     parser.add_argument("--timeout", type=float, default=1200.0, help="seconds to wait for one study's results")
+    parser.add_argument("--pending-encodes", type=int, default=None,
+                        help="the node's worker.pending_encodes (default: its default, 1); 0 encodes each job in its "
+                        "job slot, before the next model starts")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, data)")
     args = parser.parse_args()
     pipelines = [p.strip() for p in args.pipelines.split(",") if p.strip()]
@@ -518,7 +523,7 @@ def main() -> int:
         print(f"phantom {args.slices}x512x512 generated in {generation:.1f} s "
               f"({len(phantom.nodules)} nodules); work directory {workdir}", flush=True)
         with orthanc_running(workdir / "orthanc") as orthanc, \
-                node_running(workdir / "node", orthanc, pipelines, args.quiet_seconds) as node:
+                node_running(workdir / "node", orthanc, pipelines, args.quiet_seconds, args.pending_encodes) as node:
             files, study_uid = write_study(warmup_phantom, workdir / "warmup", seed=7)
             print(f"warm-up: {len(files)}-slice study (model loading, first calls) ...", flush=True)
             warm = measure(node, orthanc, files, study_uid, args.timeout)
