@@ -82,6 +82,19 @@ def busy(context: WorkerContext) -> threading.Event:
     return gate
 
 
+def one_job_waiting_for_the_encoder(tmp_path: Path, files: list[Path], registry: ModelRegistry, name: str,
+                                    ) -> tuple[WebEnv, int, WorkerContext, threading.Event]:
+    """A study routed to the threshold model, whose job ran on worker ``name`` and waits for its busy encoder:
+    the environment, the job, the worker and the event that frees its encoder."""
+    env = environment(tmp_path, pending=2)
+    study, series = received(env, files)
+    [job_id] = complete_and_route(env.sessions, study, series, [SEGMENTER], at=T0 + timedelta(minutes=1))
+    context = worker(env, registry, name)
+    gate = busy(context)
+    assert run_job(context, job_id) == "running"
+    return env, job_id, context, gate
+
+
 def job_row(env: WebEnv, job_id: int) -> tuple[str, str | None, object, dict[str, float] | None]:
     """(state, worker, lease_expires_at, stage_seconds) of a job."""
     with env.sessions() as session:
@@ -139,12 +152,7 @@ def test_the_next_model_runs_while_the_finished_jobs_objects_wait_for_the_encode
 def test_a_job_taken_over_while_its_objects_waited_is_finished_once_by_the_worker_that_took_it(
     tmp_path: Path, files: list[Path], registry: ModelRegistry
 ) -> None:
-    env = environment(tmp_path, pending=2)
-    study, series = received(env, files)
-    [job_id] = complete_and_route(env.sessions, study, series, [SEGMENTER], at=T0 + timedelta(minutes=1))
-    stalled = worker(env, registry, "gpu-stalled")
-    gate = busy(stalled)
-    assert run_job(stalled, job_id) == "running"
+    env, job_id, stalled, gate = one_job_waiting_for_the_encoder(tmp_path, files, registry, "gpu-stalled")
 
     # The stalled worker stops renewing the lease (as a killed one would): the job is queued again and runs elsewhere.
     assert jobs.requeue_jobs(env.sessions, now=utc_now() + timedelta(hours=1)) == [job_id]
@@ -164,12 +172,7 @@ def test_a_job_taken_over_while_its_objects_waited_is_finished_once_by_the_worke
 def test_a_stopping_worker_hands_back_a_job_whose_objects_were_not_made_in_time(
     tmp_path: Path, files: list[Path], registry: ModelRegistry
 ) -> None:
-    env = environment(tmp_path, pending=2)
-    study, series = received(env, files)
-    [job_id] = complete_and_route(env.sessions, study, series, [SEGMENTER], at=T0 + timedelta(minutes=1))
-    context = worker(env, registry, "gpu-1")
-    gate = busy(context)
-    assert run_job(context, job_id) == "running"
+    env, job_id, context, gate = one_job_waiting_for_the_encoder(tmp_path, files, registry, "gpu-1")
 
     context.work.request_stop()
     assert not context.work.wait_finished(0.2), "the job waiting for the encoder is unfinished work of the worker"
