@@ -7,7 +7,7 @@ covering realistic fractions of the volume) and 10 nodule detections, then
 times each stage - the segment measurements, ``build_seg``, ``build_sr`` (one
 SegmentationFindings with the SEG plus one DetectionFindings), ``build_gsps``, the
 key images (KO) of the segmentation's nodules and of the detections, the preview
-picture of each, and writing each object to bytes (``save_as`` into a BytesIO) -
+picture of each, and writing each object to bytes (as the pipeline does, :func:`dicom_bytes`) -
 and prints the median of ``--repeat`` runs per stage with the size of each object.
 The label map is handed over as a model gives it (:class:`SegmentationResult`, which
 holds it in C order); ``--fortran-labels`` hands it over transposed, as the demo
@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +54,7 @@ from workers.outputs.measurements import measure_segments  # noqa: E402
 from workers.outputs.preview import render_preview  # noqa: E402
 from workers.outputs.seg import build_seg  # noqa: E402
 from workers.outputs.sr import DetectionFindings, SegmentationFindings, build_sr  # noqa: E402
+from workers.outputs.writing import dicom_bytes  # noqa: E402
 from workers.volume import Volume, load_series  # noqa: E402
 
 SEGMENTER = AlgorithmInfo(name="Chest organs bench net", version="1.0.0", model_id="chest-organs-bench")
@@ -115,10 +115,8 @@ def detections(volume: Volume, count: int = 10) -> tuple[Detection, ...]:
 
 
 def encoded(dataset: Any) -> bytes:
-    """The object as a DICOM file in memory, the way the pipeline encodes it."""
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    """The object as a DICOM file in memory, the way the pipeline encodes it (:func:`dicom_bytes`)."""
+    return dicom_bytes(dataset)
 
 
 class Stages:

@@ -38,7 +38,6 @@ from functools import partial
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 
 from dicom_node.contracts import AlgorithmInfo
 from dicom_node.db import config_repo, job_reruns, job_scheduling, jobs
@@ -55,6 +54,7 @@ from workers.outputs.common import SeriesIdentity
 from workers.outputs.confidence import is_low_confidence, split_by_confidence
 from workers.outputs.preview import PreviewPicture, render_preview
 from workers.outputs.tracking import FindingTracker, tracked_findings
+from workers.outputs.writing import dicom_bytes
 from workers.plausibility import check_plausibility
 from workers.volume import Volume, VolumeError
 
@@ -241,12 +241,6 @@ def _summary(result: Any, volume: Volume, threshold: float | None = None) -> dic
     }
 
 
-def _encode_file(dataset: Dataset) -> bytes:
-    buffer = DicomBytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def run_job(ctx: WorkerContext, job_id: int) -> str | None:
     """Run the queued job that should run first, woken by the message of job ``job_id``; returns the new
     state of the job it ran (None when no job was queued any more: others took them; ``running`` when its
@@ -334,7 +328,7 @@ def _job_folder(job_id: int) -> str:
 def _write_objects(ctx: WorkerContext, job_id: int, objects: ResultObjects) -> list[jobs.ResultSpec]:
     specs = []
     for kind, dataset in objects:
-        data = _encode_file(dataset)
+        data = dicom_bytes(dataset)
         relative = f"{_job_folder(job_id)}/{kind.lower()}-{dataset.SOPInstanceUID}.dcm"
         ctx.outbox.write(relative, [data])
         specs.append(jobs.ResultSpec(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
