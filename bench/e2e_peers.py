@@ -198,9 +198,11 @@ def write_routing_files(work_dir: Path, orthanc: Orthanc, pipelines: Sequence[st
 
 @contextmanager
 def node_running(
-    work_dir: Path, orthanc: Orthanc, pipelines: Sequence[str], quiet_seconds: float
+    work_dir: Path, orthanc: Orthanc, pipelines: Sequence[str], quiet_seconds: float,
+    pending_encodes: int | None = None,
 ) -> Iterator[NodePeer]:
-    """Start the node with Orthanc as its default destination and a rule running ``pipelines`` on CT."""
+    """Start the node with Orthanc as its default destination and a rule running ``pipelines`` on CT;
+    ``pending_encodes``: its ``worker.pending_encodes`` (None: the default)."""
     work_dir.mkdir(parents=True)
     rules, destinations = write_routing_files(work_dir, orthanc, pipelines)
     config = work_dir / "node.yaml"
@@ -211,7 +213,7 @@ def node_running(
         "completion": {"quiet_seconds": quiet_seconds, "check_interval_seconds": 0.1},
         "queue": {"sweep_interval_seconds": 0.1},
         "routing": {"rules_file": str(rules), "destinations_file": str(destinations)},
-    }, sort_keys=False))
+    } | ({} if pending_encodes is None else {"worker": {"pending_encodes": pending_encodes}}), sort_keys=False))
     port = free_port()
     data_dir = work_dir / "data"
     log_path = work_dir / "node.log"

@@ -5,15 +5,21 @@ loads it with ``workers.volume.load_series`` (as the workers do), makes a
 5-label chest label map (nested body / lung / heart / bone / nodule shapes
 covering realistic fractions of the volume) and 10 nodule detections, then
 times each stage - the segment measurements, ``build_seg``, ``build_sr`` (one
-SegmentationFindings with the SEG plus one DetectionFindings), ``build_gsps``
-and writing each object to bytes (``save_as`` into a BytesIO) - and prints the
-median of ``--repeat`` runs per stage with the size of each object.
+SegmentationFindings with the SEG plus one DetectionFindings), ``build_gsps``, the
+key images (KO) of the segmentation's nodules and of the detections, the preview
+picture of each, and writing each object to bytes (as the pipeline does, :func:`dicom_bytes`) -
+and prints the median of ``--repeat`` runs per stage with the size of each object.
+The label map is handed over as a model gives it (:class:`SegmentationResult`, which
+holds it in C order); ``--fortran-labels`` hands it over transposed, as the demo
+segmentation bundle gave it before its lookup was fixed, to see what that costs when
+a builder walks it directly.
 
 Why: the product budget for everything outside inference (load + encode +
 write + deliver) is 3 s for a 300-slice 512x512 study; this is the one command
 that says where the builders stand against it.
 
     python bench/encode.py [--repeat 3] [--slices 300] [--size 512] [--profile STAGE] [--freeze-gc]
+                           [--fortran-labels]
 """
 
 from __future__ import annotations
@@ -28,7 +34,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +46,15 @@ sys.path.insert(0, str(REPO))
 from dicom_node.contracts import AlgorithmInfo, Detection  # noqa: E402
 from tests.unit.workers.outputs_fixtures import LABELS  # noqa: E402
 from training.phantoms.ct_series import generate_ct_series  # noqa: E402
-from workers.models.base import SegmentationResult  # noqa: E402
+from workers.models.base import DetectionResult, SegmentationResult  # noqa: E402
 from workers.outputs.common import SeriesIdentity  # noqa: E402
 from workers.outputs.gsps import build_gsps  # noqa: E402
+from workers.outputs.key_images import build_key_object_selection  # noqa: E402
 from workers.outputs.measurements import measure_segments  # noqa: E402
+from workers.outputs.preview import render_preview  # noqa: E402
 from workers.outputs.seg import build_seg  # noqa: E402
 from workers.outputs.sr import DetectionFindings, SegmentationFindings, build_sr  # noqa: E402
+from workers.outputs.writing import dicom_bytes  # noqa: E402
 from workers.volume import Volume, load_series  # noqa: E402
 
 SEGMENTER = AlgorithmInfo(name="Chest organs bench net", version="1.0.0", model_id="chest-organs-bench")
@@ -54,6 +62,7 @@ DETECTOR = AlgorithmInfo(name="Nodule detector bench net", version="1.0.0", mode
 SEG_SERIES = SeriesIdentity(series_number=901, series_description="AI segmentation")
 SR_SERIES = SeriesIdentity(series_number=902, series_description="AI measurements")
 GSPS_SERIES = SeriesIdentity(series_number=903, series_description="AI nodule marks")
+KO_SERIES = SeriesIdentity(series_number=904, series_description="AI key images")
 NODULE = LABELS[4]
 
 
@@ -106,10 +115,8 @@ def detections(volume: Volume, count: int = 10) -> tuple[Detection, ...]:
 
 
 def encoded(dataset: Any) -> bytes:
-    """The object as a DICOM file in memory, the way the pipeline encodes it."""
-    buffer = BytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
+    """The object as a DICOM file in memory, the way the pipeline encodes it (:func:`dicom_bytes`)."""
+    return dicom_bytes(dataset)
 
 
 class Stages:
@@ -136,9 +143,9 @@ class Stages:
         return value
 
 
-def one_run(volume: Volume, labels: npt.NDArray[np.uint8], found: tuple[Detection, ...], stages: Stages) -> None:
+def one_run(volume: Volume, result: SegmentationResult, found: tuple[Detection, ...], stages: Stages) -> None:
     """Every builder stage once, in the order the pipeline runs them."""
-    result = SegmentationResult(label_map=labels, labels=LABELS)
+    labels = result.label_map
     stages.run("measurements", lambda: measure_segments(volume, labels, [label.value for label in LABELS]))
     seg = stages.run("build_seg", lambda: build_seg(volume, result, SEGMENTER, SEG_SERIES))
     stages.sizes["SEG"] = len(stages.run("write_seg", lambda: encoded(seg)))
@@ -147,6 +154,11 @@ def one_run(volume: Volume, labels: npt.NDArray[np.uint8], found: tuple[Detectio
     stages.sizes["SR"] = len(stages.run("write_sr", lambda: encoded(sr)))
     gsps = stages.run("build_gsps", lambda: build_gsps(volume, found, DETECTOR, GSPS_SERIES))
     stages.sizes["GSPS"] = len(stages.run("write_gsps", lambda: encoded(gsps)))
+    detected = DetectionResult(found)
+    ko = stages.run("build_ko", lambda: (build_key_object_selection(volume, result, SEGMENTER, KO_SERIES),
+                                         build_key_object_selection(volume, detected, DETECTOR, KO_SERIES)))
+    stages.sizes["KO"] = len(stages.run("write_ko", lambda: b"".join(encoded(k) for k in ko if k is not None)))
+    stages.run("previews", lambda: (render_preview(volume, result, SEGMENTER), render_preview(volume, detected, DETECTOR)))
 
 
 def main() -> None:
@@ -162,6 +174,8 @@ def main() -> None:
         help="gc.freeze() once the inputs are ready, as a worker could after loading its model: full garbage "
         "collections (about 0.1-0.2 s each here) then no longer scan every long-lived object",
     )
+    parser.add_argument("--fortran-labels", action="store_true",
+                        help="hand the builders the label map transposed (Fortran order), bypassing SegmentationResult")
     args = parser.parse_args()
 
     stages = Stages(args.profile)
@@ -181,13 +195,16 @@ def main() -> None:
     if args.freeze_gc:
         gc.collect()
         gc.freeze()
+    result = SegmentationResult(label_map=labels, labels=LABELS)
+    if args.fortran_labels:  # as a loader that bypassed the C-order copy would hand it over
+        object.__setattr__(result, "label_map", np.asfortranarray(labels))
     for _ in range(args.repeat):
-        one_run(volume, labels, found, stages)
+        one_run(volume, result, found, stages)
 
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs "
           "(cpu s = this process's CPU time: close to the wall time of an idle machine)")
     print(f"\n{'stage':<14}{'median s':>10}{'min s':>9}{'max s':>9}{'cpu s':>9}   size")
-    object_of = {"write_seg": "SEG", "write_sr": "SR", "write_gsps": "GSPS"}
+    object_of = {"write_seg": "SEG", "write_sr": "SR", "write_gsps": "GSPS", "write_ko": "KO"}
     for stage, values in stages.times.items():
         size = f"{stages.sizes[object_of[stage]] / 2**20:.2f} MiB" if stage in object_of else ""
         cpu = statistics.median(stages.cpu[stage])
@@ -195,7 +212,7 @@ def main() -> None:
         print(f"{stage:<14}{spread}{cpu:>9.3f}   {size}")
     encode = sum(statistics.median(v) for k, v in stages.times.items() if k != "load_series")
     encode_cpu = sum(statistics.median(v) for k, v in stages.cpu.items() if k != "load_series")
-    print(f"{'encode total':<14}{encode:>10.3f}{'':>18}{encode_cpu:>9.3f}   (measurements + builds + writes, medians)")
+    print(f"{'encode total':<14}{encode:>10.3f}{'':>18}{encode_cpu:>9.3f}   (measurements + builds + writes + previews, medians)")
     if stages.profile is not None:
         print(f"\ncProfile of {args.profile} (first run), by cumulative time:")
         pstats.Stats(stages.profile).sort_stats("cumulative").print_stats(40)

@@ -283,8 +283,8 @@ class ResultsSettings(_Section):
 
 
 class WorkerSettings(_Section):
-    """How a GPU worker (``dicom-node worker``) reaches the node's instances and outbox, and how it runs its models
-    (``cudnn_benchmark`` applies to the embedded worker of ``serve`` too)."""
+    """How a GPU worker (``dicom-node worker``, or the one ``serve`` embeds) reaches the node's instances and outbox,
+    how it runs its models and how many finished inferences it may encode while the next model runs."""
 
     node_access: Literal["shared_filesystem", "http"] = Field(
         default="shared_filesystem",
@@ -302,6 +302,10 @@ class WorkerSettings(_Section):
     cudnn_benchmark: bool = Field(
         default=True, description="On a GPU: let cuDNN time its convolution algorithms for each new input shape "
         "and keep the fastest (torch.backends.cudnn.benchmark); the first job of each new shape pays the timing.")
+    pending_encodes: int = Field(
+        default=1, ge=0, le=4, description="Jobs whose model ran that a worker may hand to its encoder thread (DICOM "
+        "objects, outbox, finishing the job) while the next job's model runs; each holds its volume and result in "
+        "memory until it is encoded. 0: each job is encoded in its own job slot, before the next model starts.")
 
     @field_validator("node_url")
     @classmethod

@@ -32,6 +32,7 @@ from dicom_node.settings import ResultsSettings, Settings
 from dicom_node.spool import Spool
 from dicom_node.study_store import FileStudyStore, StudyStore
 from dicom_node.work_in_flight import WorkInFlight
+from workers.encoder import ResultEncoder
 from workers.heartbeat import TrackedModels
 from workers.models.base import Model
 from workers.volume import FrameRef, Volume, load_series
@@ -115,6 +116,9 @@ class WorkerContext:
     #: Model id -> the seconds its registry entry says one job takes (``expected_seconds``), for the order in
     #: which queued jobs are taken until the node has learned it (:mod:`dicom_node.db.job_scheduling`).
     expected_seconds: Mapping[str, float] = field(default_factory=dict)
+    #: Encodes and finishes the jobs whose model ran, so that the next model runs meanwhile
+    #: (:mod:`workers.encoder`); None: each job is encoded in its own job slot.
+    encoder: ResultEncoder | None = None
 
 
 def build_worker_context(
@@ -149,6 +153,7 @@ def build_worker_context(
         job_slots=threading.Semaphore(job_concurrency),
         work=work if work is not None else WorkInFlight(),
         expected_seconds=declared_seconds(models),
+        encoder=ResultEncoder(settings.worker.pending_encodes) if settings.worker.pending_encodes else None,
     )
 
 

@@ -35,12 +35,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
 
 from dicom_node.contracts import AlgorithmInfo
 from dicom_node.db import config_repo, job_reruns, job_scheduling, jobs
@@ -58,6 +58,7 @@ from workers.outputs.confidence import is_low_confidence, split_by_confidence
 from workers.outputs.preview import PreviewPicture, render_preview
 from workers.outputs.reported import reported_findings
 from workers.outputs.tracking import FindingTracker, tracked_findings
+from workers.outputs.writing import dicom_bytes
 from workers.plausibility import check_plausibility
 from workers.volume import Volume, VolumeError
 
@@ -244,15 +245,10 @@ def _summary(result: Any, volume: Volume, threshold: float | None = None) -> dic
     }
 
 
-def _encode_file(dataset: Dataset) -> bytes:
-    buffer = DicomBytesIO()
-    dataset.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def run_job(ctx: WorkerContext, job_id: int) -> str | None:
     """Run the queued job that should run first, woken by the message of job ``job_id``; returns the new
-    state of the job it ran (None when no job was queued any more: others took them).
+    state of the job it ran (None when no job was queued any more: others took them; ``running`` when its
+    objects are being encoded by the context's encoder, which finishes it).
 
     The message's job is not necessarily the one that runs: once this worker has one of
     the context's job slots (one job at a time per GPU), it claims the best queued job
@@ -262,6 +258,12 @@ def run_job(ctx: WorkerContext, job_id: int) -> str | None:
     message, so every queued job runs. Raises :class:`StopRequested` when the worker
     stops (``ctx.work``) before it claimed a job: the jobs stay ``queued`` (the task
     sends its id back to the queue).
+
+    The job slot is held while the series loads, the checks and the model run; with an encoder
+    (``ctx.encoder``, :mod:`workers.encoder`) the rest - DICOM objects, outbox, finishing the job
+    and queueing its deliveries - is handed to it and the slot freed for the next job's model, the
+    job staying ``running`` (lease renewed, claim held) until it is finished. Without one, it is
+    all done here, in the slot.
     """
     if not ctx.work.acquire(ctx.job_slots):
         raise StopRequested(f"not claiming a job for the message of job {job_id}: this worker is stopping")
@@ -273,10 +275,22 @@ def run_job(ctx: WorkerContext, job_id: int) -> str | None:
         if claim is None:
             logger.debug("message of job %d: no job is queued any more; nothing to run", job_id)
             return None
-        try:
-            return _run_claimed(ctx, claim)
-        finally:
-            ctx.work.release("job", claim.job_id)
+        with ExitStack() as held:  # what the job holds until it is finished: its claim, its lease
+            held.callback(ctx.work.release, "job", claim.job_id)
+            held.enter_context(_lease_kept(ctx, claim.job_id))
+            ran = _run_model(ctx, claim)
+            if not isinstance(ran, _Ran):
+                return ran
+            if ctx.encoder is None:
+                return _encode_and_finish(ctx, ran)
+            handed = held.pop_all()
+            try:
+                with ran.stages.stage("encoder_wait"):  # only while the encoder still has `pending` jobs
+                    ctx.encoder.submit(partial(_finish_handed_over, ctx, ran, handed))
+            except BaseException:
+                handed.close()
+                raise
+            return JobState.RUNNING.value
     finally:
         ctx.job_slots.release()
 
@@ -318,7 +332,7 @@ def _job_folder(job_id: int) -> str:
 def _write_objects(ctx: WorkerContext, job_id: int, objects: ResultObjects) -> list[jobs.ResultSpec]:
     specs = []
     for kind, dataset in objects:
-        data = _encode_file(dataset)
+        data = dicom_bytes(dataset)
         relative = f"{_job_folder(job_id)}/{kind.lower()}-{dataset.SOPInstanceUID}.dcm"
         ctx.outbox.write(relative, [data])
         specs.append(jobs.ResultSpec(kind, str(dataset.SOPClassUID), str(dataset.SOPInstanceUID),
@@ -350,102 +364,135 @@ def _write_preview(ctx: WorkerContext, job_id: int, preview: PreviewPicture | st
     return written
 
 
-def _run_claimed(ctx: WorkerContext, claim: jobs.JobClaim) -> str | None:
+@dataclass
+class _Ran:
+    """A claimed job whose series was loaded and checked and whose model ran (or was found not to apply):
+    what encoding its objects and finishing it need."""
+
+    claim: jobs.JobClaim
+    stages: _Stages
+    destinations: list[str]
+    volume: Volume
+    applicability: Applicability
+    checks: dict[str, Any]
+    events: list[tuple[str, str]]
+    state: str = JobState.SUCCEEDED.value
+    model: Model | None = None
+    result: Any = None
+    reason_code: str | None = None
+    reason: str | None = None
+
+
+def _run_model(ctx: WorkerContext, claim: jobs.JobClaim) -> _Ran | str | None:
+    """Load and check the series, run the model and check its result: the part of a job that needs the job slot
+    (the GPU). Returns what the rest of the job needs, or the state of a job that failed here."""
     job_id = claim.job_id
     model_id = claim.pipeline
     logger.info("job %d: %s on series %s (attempt %d)", job_id, model_id, claim.series_instance_uid,
                 claim.attempt)
     stages = _Stages()
-    checks: dict[str, Any] = {}
-    events: list[tuple[str, str]] = []
-    objects: ResultObjects = []
-    state, summary, result = JobState.SUCCEEDED.value, None, None
-    preview: PreviewPicture | str | None = None
-    preview_files: dict[str, str] = {}
-    reason_code, reason = None, None
     try:
-        with _lease_kept(ctx, job_id):
-            destinations = config_repo.resolve_destination_names(ctx.sessions, claim.destinations)
-            with stages.stage("load"):
-                files = ctx.store.series_files(claim.series_instance_uid, study_instance_uid=claim.study_instance_uid)
-                volume = ctx.volumes.load(claim.series_instance_uid, files)
-            with stages.stage("applicability"):
-                checked = check_applicability(model_id, ctx.models.input_domain(model_id), volume, ctx.synonyms)
-            applicability = checked.applicability
-            checks["applicability"] = applicability.as_record()
-            events.append(("job_checked", f"job {job_id}: {applicability.summary()} ({_evidence(applicability)}; "
-                                          f"{applicability.seconds:.2f} s)"))
-            if not applicability.applies:
-                state, reason_code, reason = JobState.NOT_APPLICABLE.value, applicability.reason_code, \
-                    applicability.reason
-            else:
-                with stages.stage("model_load"):
-                    model = ctx.models.load(model_id)
-                with stages.stage("inference"):
-                    result = model.predict(volume)
-                rules = ctx.models.plausibility(model_id)
-                if rules is not None:
-                    with stages.stage("plausibility"):
-                        plausibility = check_plausibility(model_id, rules, result, volume, checked.survey)
-                    checks["plausibility"] = plausibility.as_record()
-                    if not plausibility.plausible:
-                        state, reason_code, reason = JobState.HELD.value, "implausible", \
-                            "; ".join(plausibility.reasons)
-                        events.append(("job_held", f"job {job_id} ({model_id}): results held, not sent: {reason}"))
-                with stages.stage("encoding"):
-                    lineage = job_reruns.lineage(ctx.sessions, job_id)
-                    tracker = FindingTracker(tracked_findings(lineage.earlier_tracking))
-                    wanted = _outputs_wanted(ctx, destinations)
-                    threshold = ctx.models.display_threshold(model_id) if isinstance(result, DetectionResult) \
-                        else None
-                    objects = encode_results(ctx, model, volume, result, lineage, tracker,
-                                             overlays=wanted.overlays, low_variants=wanted.low_variants)
-                    preview = _render_preview(volume, result, model, threshold)
-                summary = _summary(result, volume, threshold)
-                summary["tracking"] = [finding.as_record() for finding in tracker.records]
-                summary["reported"] = reported_findings(result, summary.get("volumes_ml"), threshold)
-                summary["algorithm"] = {"name": model.algorithm.name, "version": model.algorithm.version}
-            noticed = _notice_destinations(ctx, destinations) if reason_code is not None else []
-            if noticed:
-                assert reason_code is not None and reason is not None
-                with stages.stage("encoding"):
-                    from workers.outputs.notice import build_not_performed_sr
+        destinations = config_repo.resolve_destination_names(ctx.sessions, claim.destinations)
+        with stages.stage("load"):
+            files = ctx.store.series_files(claim.series_instance_uid, study_instance_uid=claim.study_instance_uid)
+            volume = ctx.volumes.load(claim.series_instance_uid, files)
+        with stages.stage("applicability"):
+            checked = check_applicability(model_id, ctx.models.input_domain(model_id), volume, ctx.synonyms)
+        applicability = checked.applicability
+        ran = _Ran(claim, stages, destinations, volume, applicability, {"applicability": applicability.as_record()},
+                   [("job_checked", f"job {job_id}: {applicability.summary()} ({_evidence(applicability)}; "
+                                    f"{applicability.seconds:.2f} s)")])
+        if not applicability.applies:
+            ran.state, ran.reason_code, ran.reason = JobState.NOT_APPLICABLE.value, applicability.reason_code, \
+                applicability.reason
+            return ran
+        with stages.stage("model_load"):
+            ran.model = ctx.models.load(model_id)
+        with stages.stage("inference"):
+            ran.result = ran.model.predict(volume)
+        rules = ctx.models.plausibility(model_id)
+        if rules is not None:
+            with stages.stage("plausibility"):
+                plausibility = check_plausibility(model_id, rules, ran.result, volume, checked.survey)
+            ran.checks["plausibility"] = plausibility.as_record()
+            if not plausibility.plausible:
+                ran.state, ran.reason_code, ran.reason = JobState.HELD.value, "implausible", \
+                    "; ".join(plausibility.reasons)
+                ran.events.append(("job_held", f"job {job_id} ({model_id}): results held, not sent: {ran.reason}"))
+        return ran
+    except Exception as exc:
+        return _failed(ctx, job_id, exc, stages)
 
-                    objects.append((jobs.NOTICE_KIND, build_not_performed_sr(
-                        volume, _algorithm(ctx, model_id), reason_code, reason,
-                        _identity(ctx, model_id, jobs.NOTICE_KIND))))
-            with stages.stage("outbox"):
-                specs = _write_objects(ctx, job_id, objects)
-                if summary is not None and preview is not None:
-                    summary["preview"] = preview_files = _write_preview(ctx, job_id, preview)
-    except (VolumeError, SeriesNotFound, UnknownModel) as exc:
-        return _fail(ctx, job_id, str(exc), retryable=False, stages=stages)
-    except Exception as exc:  # a model or encoder bug must fail this job, not the worker
-        logger.exception("job %d failed", job_id)
-        return _fail(ctx, job_id, f"{type(exc).__name__}: {exc}", retryable=True, stages=stages)
-    if state == JobState.NOT_APPLICABLE.value:
-        events.append(("job_not_applicable", f"job {job_id}: {applicability.summary()}"))
-    if state == JobState.SUCCEEDED.value:
-        deliveries = [jobs.DeliverySpec(name) for name in destinations]
+
+def _finish_handed_over(ctx: WorkerContext, ran: _Ran, held: ExitStack) -> str | None:
+    """The encoder thread's part of a job: :func:`_encode_and_finish`, then release its lease and claim."""
+    with held:
+        return _encode_and_finish(ctx, ran)
+
+
+def _encode_and_finish(ctx: WorkerContext, ran: _Ran) -> str | None:
+    """The DICOM objects of a job whose model ran, written to the outbox; the job finished with its deliveries
+    queued. Returns its new state (None when it was no longer this worker's: its objects are discarded)."""
+    job_id, model_id, stages = ran.claim.job_id, ran.claim.pipeline, ran.stages
+    volume, result, model = ran.volume, ran.result, ran.model
+    objects: ResultObjects = []
+    summary: dict[str, Any] | None = None
+    preview: PreviewPicture | str | None = None
+    try:
+        if model is not None:
+            with stages.stage("encoding"):
+                lineage = job_reruns.lineage(ctx.sessions, job_id)
+                tracker = FindingTracker(tracked_findings(lineage.earlier_tracking))
+                wanted = _outputs_wanted(ctx, ran.destinations)
+                threshold = ctx.models.display_threshold(model_id) if isinstance(result, DetectionResult) else None
+                objects = encode_results(ctx, model, volume, result, lineage, tracker,
+                                         overlays=wanted.overlays, low_variants=wanted.low_variants)
+                preview = _render_preview(volume, result, model, threshold)
+            summary = _summary(result, volume, threshold)
+            summary["tracking"] = [finding.as_record() for finding in tracker.records]
+            summary["reported"] = reported_findings(result, summary.get("volumes_ml"), threshold)
+            summary["algorithm"] = {"name": model.algorithm.name, "version": model.algorithm.version}
+        noticed = _notice_destinations(ctx, ran.destinations) if ran.reason_code is not None else []
+        if noticed:
+            assert ran.reason_code is not None and ran.reason is not None
+            with stages.stage("encoding"):
+                from workers.outputs.notice import build_not_performed_sr
+
+                objects.append((jobs.NOTICE_KIND, build_not_performed_sr(
+                    volume, _algorithm(ctx, model_id), ran.reason_code, ran.reason,
+                    _identity(ctx, model_id, jobs.NOTICE_KIND))))
+        with stages.stage("outbox"):
+            specs = _write_objects(ctx, job_id, objects)
+            if summary is not None and preview is not None:
+                summary["preview"] = _write_preview(ctx, job_id, preview)
+    except Exception as exc:
+        return _failed(ctx, job_id, exc, stages)
+    events = list(ran.events)
+    if ran.state == JobState.NOT_APPLICABLE.value:
+        events.append(("job_not_applicable", f"job {job_id}: {ran.applicability.summary()}"))
+    if ran.state == JobState.SUCCEEDED.value:
+        deliveries = [jobs.DeliverySpec(name) for name in ran.destinations]
     else:
         deliveries = [jobs.DeliverySpec(name, (jobs.NOTICE_KIND,)) for name in noticed]
     delivery_ids = jobs.finish_job(
         ctx.sessions, job_id, now=ctx.clock(), stage_seconds=stages.seconds, summary=summary,
         results=specs, deliveries=deliveries, delivery_max_attempts=ctx.delivery_max_attempts,
-        worker=ctx.worker_name, state=state, checks=checks, events=events,
+        worker=ctx.worker_name, state=ran.state, checks=ran.checks, events=events,
     )
     if delivery_ids is None:
-        for path in [spec.path for spec in specs] + [path for role, path in preview_files.items() if role != "error"]:
-            ctx.outbox.remove(path)
+        # Only this attempt's objects (named by their SOP Instance UIDs): the preview's files are the job's, the
+        # same for every attempt, and may be those of the attempt that took the job over and finished it.
+        for spec in specs:
+            ctx.outbox.remove(spec.path)
         logger.info("job %d was cancelled, handed back or taken over while it ran; its results are discarded",
                     job_id)
         return None
     for delivery_id in delivery_ids:
         ctx.queue.enqueue_delivery(delivery_id)
-    logger.info("job %d %s: %s; stages %s; %d delivery(ies)%s", job_id, state,
+    logger.info("job %d %s: %s; stages %s; %d delivery(ies)%s", job_id, ran.state,
                 ", ".join(spec.kind for spec in specs) or "no objects", stages.seconds, len(delivery_ids),
-                f"; {reason}" if reason else "")
-    return state
+                f"; {ran.reason}" if ran.reason else "")
+    return ran.state
 
 
 def _evidence(applicability: Applicability) -> str:
@@ -454,6 +501,16 @@ def _evidence(applicability: Applicability) -> str:
     if applicability.image_regions is not None:
         parts.append(f"image: {', '.join(applicability.image_regions) or 'no region found'}")
     return "; ".join(parts)
+
+
+def _failed(ctx: WorkerContext, job_id: int, exc: Exception, stages: _Stages) -> str | None:
+    """Fail job ``job_id`` for ``exc``: at once (``dead``) when retrying cannot help - a series that cannot become a
+    trustworthy volume, a pipeline not in the registry - else ``failed``, retried while attempts remain."""
+    if isinstance(exc, (VolumeError, SeriesNotFound, UnknownModel)):
+        return _fail(ctx, job_id, str(exc), retryable=False, stages=stages)
+    # A model or encoder bug must fail this job, not the worker.
+    logger.error("job %d failed", job_id, exc_info=exc)
+    return _fail(ctx, job_id, f"{type(exc).__name__}: {exc}", retryable=True, stages=stages)
 
 
 def _fail(ctx: WorkerContext, job_id: int, error: str, *, retryable: bool, stages: _Stages) -> str | None:

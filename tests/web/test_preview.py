@@ -75,6 +75,7 @@ def run_jobs(env: WebEnv, registry: ModelRegistry, study: str, series: str, pipe
     context = build_worker_context(env.settings, env.sessions, CeleryQueue(make_celery_app("memory://")), registry)
     for job_id in job_ids:
         run_job(context, job_id)
+    assert context.encoder is not None and context.encoder.wait_idle(timeout=120), "the encoder finishes the jobs"
     return job_ids
 
 

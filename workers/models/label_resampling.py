@@ -168,9 +168,12 @@ def input_grid_lookup(
 def resample_nearest(source: npt.NDArray[np.generic], lookup: SeparableLookup) -> npt.NDArray[np.generic]:
     """The destination array: voxel ``(i, j, k)`` is ``source``'s voxel that ``lookup`` gives for it.
 
-    Three gathers in ``source``'s dtype, one axis at a time, the last one writing the
-    C-contiguous destination (0.13 s for 300 x 512 x 512 voxels of uint8).
+    Three gathers in ``source``'s dtype, one axis at a time, each writing a C-contiguous array,
+    the last one the destination (0.15 s for 300 x 512 x 512 voxels of uint8). ``np.take``,
+    not indexing: ``array[:, :, k]`` returns its result in Fortran order (strides 1, 300,
+    153,600 for that series), and every later pass over such a label map (the SEG's frames,
+    the SR's measurements) reads it across the cache lines: encoding took 11 s instead of 3.
     """
     ordered = np.transpose(source, lookup.source_axes)  # axis a of `ordered` is source axis source_axes[a]
     i, j, k = lookup.indices
-    return np.take(ordered, i, axis=0)[:, j][:, :, k]
+    return np.take(np.take(np.take(ordered, i, axis=0), j, axis=1), k, axis=2)

@@ -30,7 +30,7 @@ from scipy import ndimage
 from dicom_node.contracts import AlgorithmInfo
 from workers.models.base import DetectionResult, SegmentationResult
 from workers.outputs.common import SeriesIdentity, contributing_equipment, nearest_slice, slice_sources
-from workers.outputs.preview import is_lesion
+from workers.outputs.preview import is_lesion, lesion_voxels_per_slice
 from workers.volume import Volume
 
 __all__ = ["KEY_IMAGES_TITLE", "MAX_KEY_IMAGES", "build_key_object_selection", "key_slices"]
@@ -56,13 +56,20 @@ def key_slices(volume: Volume, result: Any) -> list[int]:
     elif isinstance(result, SegmentationResult):
         label_map = np.asarray(result.label_map)
         lesions = [label.value for label in result.labels if is_lesion(label)]
-        if lesions:
-            components, count = ndimage.label(np.isin(label_map, lesions))
+        on_slice = lesion_voxels_per_slice(label_map, lesions)
+        if on_slice.any():
+            # Connected lesions are labelled in the box that holds every lesion voxel (so the components are the
+            # volume's): the slices that hold some (from the per-slice counts), cropped to their rows and columns.
+            first, last = np.flatnonzero(on_slice)[[0, -1]]
+            in_slab = label_map[first:last + 1]
+            slab = in_slab == lesions[0] if len(lesions) == 1 else np.isin(in_slab, lesions)
+            rows, columns = np.flatnonzero(slab.any(axis=(0, 2))), np.flatnonzero(slab.any(axis=(0, 1)))
+            components, count = ndimage.label(slab[:, rows[0]:rows[-1] + 1, columns[0]:columns[-1] + 1])
             for number, found in enumerate(ndimage.find_objects(components), start=1):
                 if found is None:
                     continue
                 per_slice = (components[found] == number).reshape(found[0].stop - found[0].start, -1).sum(axis=1)
-                ranked.append((float(per_slice.sum()), found[0].start + int(np.argmax(per_slice))))
+                ranked.append((float(per_slice.sum()), int(first) + found[0].start + int(np.argmax(per_slice))))
             logger.debug("%d lesion(s) in the segmentation of series %s", count, volume.series_instance_uid)
     chosen: list[int] = []
     for _, k in sorted(ranked, key=lambda item: -item[0]):

@@ -16,7 +16,11 @@ few slices at a time as runs (where the value changes); every statistic is one
 one small per-label reduction of the run results. No per-label mask and no
 ``bincount`` over every voxel (which converts each voxel to a 64-bit index)
 is needed. :func:`label_counts` is the same walk without intensities, for
-callers that only need to know which labels are present (the SEG builder).
+callers that only need to know which labels are present (the SEG builder), and
+:func:`slice_label_counts` the same again per slice (runs end with their slice),
+for callers that look for a label's key slice or the slices it spans (the SR's
+outlines, the key images, the preview): one walk of about 0.04 s instead of a
+full-volume comparison per label (about 0.06 s each).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import numpy.typing as npt
 
 from workers.volume import Volume
 
-__all__ = ["SegmentMeasurement", "label_counts", "measure_segments", "voxel_volume_ml"]
+__all__ = ["SegmentMeasurement", "label_counts", "measure_segments", "slice_label_counts", "voxel_volume_ml"]
 
 #: Cubic millimetres per millilitre.
 _MM3_PER_ML = 1000.0
@@ -82,21 +86,28 @@ def _table_length(labels: npt.NDArray[np.integer]) -> int:
 
 
 def _run_walk(
-    flat_labels: npt.NDArray[np.integer],
-) -> Iterator[tuple[slice, npt.NDArray[np.intp], npt.NDArray[np.integer], npt.NDArray[np.intp]]]:
-    """The runs of equal values of a 1-D label map, chunk by chunk.
+    labels: npt.NDArray[np.integer],
+) -> Iterator[tuple[slice, npt.NDArray[np.intp], npt.NDArray[np.integer], npt.NDArray[np.intp], npt.NDArray[np.intp]]]:
+    """The runs of equal values of a label map (axis 0: slices) in C order, a few whole slices at a time.
 
-    Yields per chunk: its slice of the map, the start offset of each run in
-    the chunk, the run's label value and its length. A run that crosses a
-    chunk boundary comes as two runs, which every statistic here tolerates.
+    Yields per chunk: its slice of the flattened map, the start offset of each
+    run in the chunk, the run's label value, its length and the index of its
+    slice. A run ends where its slice ends (so it lies in one slice); a run of
+    one value across slices comes as several runs, which every statistic here
+    tolerates.
     """
-    for offset in range(0, flat_labels.size, _CHUNK_VOXELS):
-        where = slice(offset, min(offset + _CHUNK_VOXELS, flat_labels.size))
-        chunk = flat_labels[where]
-        starts = np.flatnonzero(chunk[1:] != chunk[:-1])
+    flat = labels.reshape(-1)
+    per_slice = max(1, flat.size // labels.shape[0]) if labels.ndim and labels.shape[0] else 1
+    step = max(1, _CHUNK_VOXELS // per_slice) * per_slice
+    for offset in range(0, flat.size, step):
+        where = slice(offset, min(offset + step, flat.size))
+        chunk = flat[where]
+        change = chunk[1:] != chunk[:-1]
+        change[per_slice - 1::per_slice] = True  # the last voxel of each slice ends its run
+        starts = np.flatnonzero(change)
         starts += 1
         starts = np.concatenate((np.zeros(1, dtype=starts.dtype), starts))
-        yield where, starts, chunk[starts], np.diff(starts, append=chunk.size)
+        yield where, starts, chunk[starts], np.diff(starts, append=chunk.size), offset // per_slice + starts // per_slice
 
 
 def label_counts(label_map: npt.ArrayLike) -> npt.NDArray[np.int64]:
@@ -106,9 +117,26 @@ def label_counts(label_map: npt.ArrayLike) -> npt.NDArray[np.int64]:
     """
     labels = _checked_labels(label_map, "label counts")
     counts = np.zeros(_table_length(labels), dtype=np.int64)
-    for _, _, run_labels, lengths in _run_walk(labels.reshape(-1)):
+    for _, _, run_labels, lengths, _ in _run_walk(labels):
         np.add.at(counts, run_labels, lengths)
     return counts
+
+
+def slice_label_counts(label_map: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """Voxels per slice and label value: ``counts[k, v]`` voxels of slice ``k`` (axis 0) of ``label_map`` hold ``v``
+    (at least 256 columns). ``counts.sum(axis=0)`` is :func:`label_counts`.
+
+    Raises ValueError when the map does not hold non-negative integers.
+    """
+    labels = _checked_labels(label_map, "label counts")
+    slices = labels.shape[0] if labels.ndim else 1
+    length = _table_length(labels)
+    counts = np.zeros(slices * length, dtype=np.int64)
+    for _, _, run_labels, lengths, run_slices in _run_walk(labels):
+        # One weighted bincount over (slice, value) cells; float64 counts are exact far beyond any slice's voxels.
+        counts += np.bincount(run_slices * length + run_labels, weights=lengths,
+                              minlength=counts.size).astype(np.int64)
+    return counts.reshape(slices, length)
 
 
 def measure_segments(
@@ -144,9 +172,8 @@ def measure_segments(
     sums = np.zeros(length, dtype=np.float64)
     minima = np.full(length, np.inf, dtype=np.float64)
     maxima = np.full(length, -np.inf, dtype=np.float64)
-    flat_labels = labels.reshape(-1)
     flat_values = np.asarray(volume.array).reshape(-1)
-    for where, starts, run_labels, lengths in _run_walk(flat_labels):
+    for where, starts, run_labels, lengths, _ in _run_walk(labels):
         values = flat_values[where]
         np.add.at(counts, run_labels, lengths)
         np.add.at(sums, run_labels, np.add.reduceat(values.astype(np.float64), starts))

@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -54,11 +55,12 @@ from dicom_node.palette import LOW_CONFIDENCE_RGB, label_colour
 from workers.models.base import ClassificationResult, DetectionResult, SegmentationResult
 from workers.outputs.confidence import LOW_CONFIDENCE_TEXT, split_by_confidence
 from workers.outputs.gsps import LUNG_WINDOW, detection_text, outline_slices
+from workers.outputs.measurements import slice_label_counts
 from workers.volume import Volume
 
 __all__ = ["DISCLAIMER", "PREVIEW_FACTS_NAME", "PREVIEW_NAME", "LegendEntry", "PreviewPicture", "display_window",
            "grey_rgb", "legend_font", "outline_mask",
-           "key_slice", "render_preview"]
+           "is_lesion", "key_slice", "lesion_voxels_per_slice", "render_preview"]
 
 logger = logging.getLogger(__name__)
 
@@ -187,12 +189,9 @@ def key_slice(volume: Volume, result: Any) -> int:
                 return k
         return middle
     if isinstance(result, SegmentationResult):
-        label_map = np.asarray(result.label_map)
+        counts = slice_label_counts(result.label_map)  # voxels per slice and label, one walk of the map
         lesions = [label.value for label in result.labels if is_lesion(label)]
-        for mask in ((np.isin(label_map, lesions) if lesions else None), label_map != 0):
-            if mask is None:
-                continue
-            per_slice = mask.reshape(mask.shape[0], -1).sum(axis=1)
+        for per_slice in (_columns_sum(counts, lesions), counts[:, 1:].sum(axis=1)):
             if per_slice.max(initial=0) > 0:
                 return int(np.argmax(per_slice))
         return middle
@@ -201,6 +200,19 @@ def key_slice(volume: Volume, result: Any) -> int:
         if explanation.shape == volume.shape and explanation.size and explanation.max() > 0:
             return int(np.argmax(explanation.reshape(explanation.shape[0], -1).max(axis=1)))
     return middle
+
+
+def _columns_sum(counts: npt.NDArray[np.int64], values: Sequence[int]) -> npt.NDArray[np.int64]:
+    """Per slice, the voxels of ``counts`` (:func:`slice_label_counts`) holding one of ``values``."""
+    inside = [v for v in values if v < counts.shape[1]]
+    return counts[:, inside].sum(axis=1) if inside else np.zeros(counts.shape[0], dtype=np.int64)
+
+
+def lesion_voxels_per_slice(label_map: npt.NDArray[np.integer], lesions: Sequence[int]) -> npt.NDArray[np.int64]:
+    """Per slice (axis 0) of ``label_map``, its voxels holding one of the label values ``lesions`` (zeros if none)."""
+    if not lesions:
+        return np.zeros(np.shape(label_map)[0], dtype=np.int64)
+    return _columns_sum(slice_label_counts(label_map), lesions)
 
 
 def is_lesion(label: SegmentLabel) -> bool:

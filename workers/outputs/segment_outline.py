@@ -20,6 +20,8 @@ import numpy as np
 import numpy.typing as npt
 from scipy import ndimage
 
+from workers.outputs.measurements import slice_label_counts
+
 __all__ = ["SliceOutline", "key_slice_outline", "trace_outline"]
 
 #: Simplification tolerance in pixels: the polygon stays within half a pixel of the pixel border.
@@ -118,11 +120,20 @@ def _simplified(closed: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return closed[keep]
 
 
-def key_slice_outline(label_map: npt.NDArray[np.integer], value: int) -> SliceOutline | None:
-    """The outline of label ``value`` on the slice (axis 0) where it has the most voxels; None when absent."""
-    mask = np.asarray(label_map) == value
-    areas = mask.reshape(mask.shape[0], -1).sum(axis=1)
+def key_slice_outline(label_map: npt.NDArray[np.integer], value: int,
+                      per_slice: npt.NDArray[np.integer] | None = None) -> SliceOutline | None:
+    """The outline of label ``value`` on the slice (axis 0) where it has the most voxels; None when absent.
+
+    ``per_slice``: the map's :func:`~workers.outputs.measurements.slice_label_counts`, when the caller outlines
+    several labels (one walk of the map for all of them); computed here otherwise.
+    """
+    label_map = np.asarray(label_map)
+    if per_slice is None:
+        per_slice = slice_label_counts(label_map)
+    if value >= per_slice.shape[1]:
+        return None
+    areas = per_slice[:, value]
     if not areas.any():
         return None
     k = int(np.argmax(areas))
-    return SliceOutline(slice_index=k, points=trace_outline(mask[k]), area_px=int(areas[k]))
+    return SliceOutline(slice_index=k, points=trace_outline(label_map[k] == value), area_px=int(areas[k]))

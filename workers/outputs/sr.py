@@ -113,7 +113,7 @@ from workers.outputs.common import (
     source_image,
 )
 from workers.outputs.confidence import LOW_CONFIDENCE_TEXT, is_low_confidence, rendering_intent
-from workers.outputs.measurements import SegmentMeasurement, measure_segments
+from workers.outputs.measurements import SegmentMeasurement, measure_segments, slice_label_counts
 from workers.outputs.procedure import procedure_reported
 from workers.outputs.segment_outline import key_slice_outline
 from workers.outputs.sr_summary import add_summary
@@ -536,6 +536,7 @@ def _segmentation_groups(volume: Volume, findings: SegmentationFindings, tracker
     referenced_values: set[int] = set()
     if seg is not None:
         source_series = _check_seg_source(volume, seg)
+        per_slice = slice_label_counts(findings.result.label_map)  # every segment's key slice, in one walk
         for segment in _seg_segments(seg):
             label = _matching_label(segment, labels, str(seg.SOPInstanceUID))
             if label.value not in present:
@@ -547,7 +548,8 @@ def _segmentation_groups(volume: Volume, findings: SegmentationFindings, tracker
             sites = (segment.property_type,) if category in _ANATOMY_CATEGORIES else segment.anatomic_regions
             tracking = _tracking(tracker, f"{label.name} (segment {segment.number})", "segment", label.property_type,
                                  label.name)
-            outline = _segment_outline_group(volume, findings, label, segment, tracking, measured[label.value])
+            outline = _segment_outline_group(volume, findings, label, segment, tracking, measured[label.value],
+                                             per_slice)
             if outline is not None:
                 groups.append(outline)
             groups.append(
@@ -587,11 +589,12 @@ def _segment_title(label: SegmentLabel, measured: SegmentMeasurement, ct: bool) 
 
 
 def _segment_outline_group(volume: Volume, findings: SegmentationFindings, label: SegmentLabel, segment: _SegSegment,
-                           tracking: _Tracking, measured: SegmentMeasurement,
+                           tracking: _Tracking, measured: SegmentMeasurement, per_slice: npt.NDArray[np.int64],
                            ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations | None:
     """A TID 1410 group outlining the segment on the slice where it is largest, titled with its volume (Comment),
-    sharing the segment's tracking UID: what a viewer opens the report on and draws (see the module docstring)."""
-    outline = key_slice_outline(findings.result.label_map, label.value)
+    sharing the segment's tracking UID: what a viewer opens the report on and draws (see the module docstring).
+    ``per_slice``: the label map's voxels per slice and label (:func:`slice_label_counts`)."""
+    outline = key_slice_outline(findings.result.label_map, label.value, per_slice)
     if outline is None:
         return None
     dataset, frame_number = source_image(volume, outline.slice_index)

@@ -118,7 +118,9 @@ def test_separable_indices_round_half_to_even_and_clip_at_the_border() -> None:
     lookup = separable_nearest_indices(swapped, (5, 6, 7), (6, 5, 7))
     assert lookup is not None and lookup.source_axes == (1, 0, 2)
     source = np.arange(6 * 5 * 7).reshape(6, 5, 7)
-    assert np.array_equal(resample_nearest(source, lookup), source.transpose(1, 0, 2))
+    resampled = resample_nearest(source, lookup)
+    assert np.array_equal(resampled, source.transpose(1, 0, 2))
+    assert resampled.flags.c_contiguous  # the builders read it frame by frame (see resample_nearest)
     sheared = np.eye(4)
     sheared[0, 1] = 0.1
     assert separable_nearest_indices(sheared, (4, 4, 4), (4, 4, 4)) is None

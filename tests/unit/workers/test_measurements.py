@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workers.outputs.measurements import label_counts, measure_segments, voxel_volume_ml
+from workers.outputs.measurements import label_counts, measure_segments, slice_label_counts, voxel_volume_ml
 from workers.volume import FrameRef, Volume
 
 
@@ -145,3 +145,20 @@ def test_negative_label_values_are_rejected_with_the_value() -> None:
         label_counts(labels)
     with pytest.raises(ValueError, match=r"series 1\.2\.3\.4: label map holds negative value -3"):
         measure_segments(_volume((2, 2, 2), (1.0, 1.0, 1.0)), labels)
+
+
+def test_slice_label_counts_match_numpy_per_slice_and_sum_to_the_label_counts() -> None:
+    """Runs of one value across slice ends and across the walk's chunks are counted in their own slices."""
+    rng = np.random.default_rng(17)
+    labels = rng.integers(0, 3, size=(20, 256, 256), dtype=np.uint8)  # 20 slices: more than one chunk
+    labels[3:18, 100:256, :] = 4  # a run from the middle of each slice into the next one
+    labels[19, -1, -1] = 255
+    counts = slice_label_counts(labels)
+    assert counts.shape == (20, 256)
+    for k in range(20):
+        assert np.array_equal(counts[k], np.bincount(labels[k].ravel(), minlength=256)), k
+    assert np.array_equal(counts.sum(axis=0), label_counts(labels))
+    wide = np.zeros((3, 4, 4), np.uint16)
+    wide[2, 1, 1] = 300
+    assert slice_label_counts(wide)[2, 300] == 1 and slice_label_counts(wide).shape == (3, 301)
+    assert slice_label_counts(np.zeros((0, 4, 4), np.uint8)).shape == (0, 256)

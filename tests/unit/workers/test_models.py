@@ -227,6 +227,14 @@ def test_remap_labels_maps_bundle_values_and_drops_unmapped_ones() -> None:
     assert remap_labels(raw, {2: SPLEEN, 7: other}).tolist() == [[0, 0, 1, 9]]
 
 
+def test_a_segmentation_result_holds_its_label_map_in_c_order() -> None:
+    in_c_order = np.zeros((3, 4, 5), dtype=np.uint8)
+    assert SegmentationResult(in_c_order, (SPLEEN,)).label_map is in_c_order  # no copy
+    transposed = np.arange(60, dtype=np.uint8).reshape(5, 4, 3).transpose(2, 1, 0)
+    held = SegmentationResult(transposed, (SPLEEN,)).label_map
+    assert held.flags.c_contiguous and np.array_equal(held, transposed)
+
+
 def test_resolve_device_picks_cuda_only_when_present() -> None:
     assert resolve_device(None) == torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == torch.device("cpu")
@@ -248,6 +256,7 @@ def test_chest_bundle_serves_its_coded_labels_on_the_volume_grid(chest_bundle: P
     result = model.predict(small_chest)
     assert isinstance(result, SegmentationResult)
     assert result.label_map.shape == small_chest.shape and result.label_map.dtype == np.uint8
+    assert result.label_map.flags.c_contiguous  # the encoders walk it slice by slice
     assert set(np.unique(result.label_map)) <= {0, 1, 2, 3, 4, 5}
     assert not (chest_bundle / "eval").exists()  # SaveImaged was left out
 
