@@ -14,15 +14,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from pydicom.sr.coding import Code
+from pydicom.sr.codedict import codes
+
 from dicom_node.contracts import CodedConcept, ReportedFinding, ReportedMeasurement, SegmentLabel
 from workers.models.base import ClassificationResult, DetectionResult, SegmentationResult
 from workers.outputs.confidence import is_low_confidence
 
 __all__ = ["reported_findings"]
 
-VOLUME = CodedConcept(value="118565006", scheme="SCT", meaning="Volume")
-LONG_AXIS = CodedConcept(value="103339001", scheme="SCT", meaning="Long axis")
-CERTAINTY = CodedConcept(value="111012", scheme="DCM", meaning="Certainty of Finding")
+
+def _concept(code: Code) -> CodedConcept:
+    """The contract's form of a pydicom code: the measurement names the SR uses (sr.py), from the same dictionary."""
+    return CodedConcept(value=code.value, scheme=code.scheme_designator, meaning=code.meaning)
+
+
+VOLUME = _concept(codes.SCT.Volume)
+LONG_AXIS = _concept(codes.SCT.LongAxis)
+CERTAINTY = _concept(codes.DCM.CertaintyOfFinding)
 MILLILITER = CodedConcept(value="mL", scheme="UCUM", meaning="milliliter")
 MILLIMETER = CodedConcept(value="mm", scheme="UCUM", meaning="millimeter")
 PERCENT = CodedConcept(value="%", scheme="UCUM", meaning="percent")
